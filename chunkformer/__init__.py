@@ -1,0 +1,47 @@
+"""chunkformer: dynamic chunking for diffusion transformers (DC-DiT).
+
+    import torch, chunkformer as cf
+    enc, router = cf.ChunkEncoder(4, dim=64), cf.Router(64)
+    dec = cf.DeChunkDecoder(64, out_channels=8)
+    x, c = torch.randn(2, 4, 16, 16), torch.randn(2, 64)
+    tokens = enc(x, c)                                  # (2, 256, 64)
+    routed = router(tokens, grid=(16, 16))              # RouterOutput
+    plan = cf.ChunkPlan.from_router(routed)             # packed by default
+    y = plan.chunk(tokens) + plan.position_embedding(64)  # (T, 64): run any backbone here
+    assert dec(y, plan, routed, tokens, c).shape == (2, 8, 16, 16)
+"""
+
+from ._typing import TYPECHECK
+from .attention import chunk_attention
+from .budget import TimestepAdaptiveBudget, ratio_loss, tail_drop
+from .dechunk import dechunk, smooth_dense, smooth_windowed, ste_ones
+from .grid import grid_coords, sincos_embed, to_grid, to_tokens
+from .plan import ChunkPlan, nearest_kept
+from .routing import Router, RouterOutput
+from .scaffold import ChunkEncoder, DeChunkDecoder, FinalLayer, ResBlock
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TYPECHECK",
+    "ChunkEncoder",
+    "ChunkPlan",
+    "DeChunkDecoder",
+    "FinalLayer",
+    "ResBlock",
+    "Router",
+    "RouterOutput",
+    "TimestepAdaptiveBudget",
+    "chunk_attention",
+    "dechunk",
+    "grid_coords",
+    "nearest_kept",
+    "ratio_loss",
+    "sincos_embed",
+    "smooth_dense",
+    "smooth_windowed",
+    "ste_ones",
+    "tail_drop",
+    "to_grid",
+    "to_tokens",
+]

@@ -1,0 +1,69 @@
+"""Shape annotations and the one switch that turns runtime shape checks on.
+
+Every public function and module ``forward`` carries jaxtyping annotations such as
+``Float[Tensor, "batch tokens dim"]``. They are *checked* (by beartype, through
+jaxtyping) only when the environment variable ``CHUNKFORMER_TYPECHECK`` is set to
+``1`` **before** ``chunkformer`` is imported. The decision is made once, at import
+time: with the switch off, :func:`typechecked` returns the function itself, so
+there is no wrapper left for ``torch.compile`` to trace or recompile on.
+
+The test suite turns the switch on (``tests/conftest.py``); users get plain
+functions by default.
+
+Value checks that shapes cannot express (probabilities that are NaN, budgets out
+of range) are plain Python and always on; see :func:`check_finite`.
+"""
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from jaxtyping import Bool, Float, Int, Shaped  # noqa: F401  (re-exported)
+from torch import Tensor  # noqa: F401  (re-exported)
+
+__all__ = [
+    "TYPECHECK",
+    "typechecked",
+    "check_finite",
+    "Bool",
+    "Float",
+    "Int",
+    "Shaped",
+    "Tensor",
+]
+
+TYPECHECK: bool = os.environ.get("CHUNKFORMER_TYPECHECK", "0").lower() in ("1", "true", "yes")
+
+F = TypeVar("F", bound=Callable)
+
+if TYPECHECK:
+    from beartype import beartype
+    from jaxtyping import jaxtyped
+
+    def typechecked(fn: F) -> F:
+        """Check ``fn``'s jaxtyping annotations on every call (switch is on)."""
+        return jaxtyped(typechecker=beartype)(fn)
+
+else:
+
+    def typechecked(fn: F) -> F:
+        """Return ``fn`` unchanged (switch is off: no wrapper, nothing to trace)."""
+        return fn
+
+
+def check_finite(name: str, value: Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``value`` holds NaN or inf.
+
+    Skipped while ``torch.compile`` traces (a data-dependent check would break
+    the graph); elsewhere it costs one device-to-host sync on CUDA.
+    """
+    if torch.compiler.is_compiling():
+        return
+    if not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(
+            f"{name} must be finite, but {bad} of {value.numel()} entries are NaN or inf; "
+            f"check the inputs that produced {name} (the noisy latent, timestep and labels) "
+            "and the loss scale."
+        )

@@ -1,0 +1,278 @@
+"""ChunkPlan: which tokens each sample keeps, and how to move tokens in and out.
+
+A plan is the only object that knows which token came from where. It stores, per
+sample, a permutation ``order`` of the ``L`` grid positions (kept tokens first, in
+raster order, then the rest by descending keep probability) and the kept count
+``lengths``. Everything else is derived:
+
+* ``gather``: ``(B, L, d)`` grid tokens -> ``(B, M, d)`` slots; slot ``j < lengths[b]``
+  holds kept token ``j`` of sample ``b``; slots beyond hold the next most probable
+  *real* tokens, so a backbone that knows nothing about masks still sees sensible input.
+* ``pack`` / ``unpack``: ``(B, M, d)`` <-> ``(T, d)``, ``T = sum(lengths)``; samples
+  are contiguous runs delimited by ``cu_seqlens`` (varlen attention, no padding compute).
+* ``plug_back``: ``(B, M, d)`` -> ``(B, L, d)``; every grid position takes the value
+  of its nearest kept token (Euclidean on the grid; ties go to the earliest in raster order).
+
+Three batching modes decide what :meth:`ChunkPlan.chunk` returns:
+
+============  ======================  ==================================================
+mode          chunk(x) shape          use
+============  ======================  ==================================================
+``packed``    ``(T, d)``              default; varlen attention via ``cu_seqlens``
+``padded``    ``(B, max_len, d)``     any backbone unmodified; pad slots are real tokens
+``fixed``     ``(B, capacity, d)``    static shapes for torch.compile / CUDA graphs
+============  ======================  ==================================================
+
+``packed`` and ``padded`` read ``max(lengths)`` once when the plan is built (one
+host sync); ``fixed`` never syncs: a sample that keeps more than ``capacity`` tokens
+loses its least probable ones.
+
+Plans concatenate like tensors (``torch.cat([cond_plan, uncond_plan])`` for CFG)
+and index like tensors (``plan[:4]``).
+"""
+
+import math
+from typing import Literal
+
+import torch
+from tensordict import tensorclass
+
+from ._typing import Bool, Float, Int, Tensor, check_finite, typechecked
+from .grid import GridShape, check_grid, grid_coords, sincos_embed
+
+__all__ = ["ChunkPlan", "PlanMode", "PLAN_MODES", "nearest_kept"]
+
+PlanMode = Literal["packed", "padded", "fixed"]
+PLAN_MODES: tuple[str, ...] = ("packed", "padded", "fixed")
+
+
+@tensorclass
+class ChunkPlan:
+    """Per-sample token selection over a grid; see the module docstring.
+
+    Attributes:
+        order: ``(B, L)`` int64 permutation of grid positions: kept ones first in raster
+            order, then the rest by descending keep probability.
+        lengths: ``(B,)`` int64 kept tokens per sample (``<= width``).
+        grid: grid shape the positions index into.
+        width: slots per sample ``M`` in the chunked ``(B, M, d)`` layout.
+        mode: ``"packed"``, ``"padded"`` or ``"fixed"``.
+    """
+
+    order: torch.Tensor
+    lengths: torch.Tensor
+    grid: tuple
+    width: int
+    mode: str
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_mask(
+        cls,
+        mask: Bool[Tensor, "batch tokens"],
+        probs: Float[Tensor, "batch tokens"] | None = None,
+        *,
+        grid: GridShape,
+        mode: PlanMode = "packed",
+        capacity: int | None = None,
+    ) -> "ChunkPlan":
+        """Build a plan from a boundary mask (``True`` = keep) over a grid.
+
+        ``probs`` orders the tokens that are not kept (pad slots) and, in ``fixed``
+        mode, chooses which kept tokens survive when a sample keeps more than
+        ``capacity``. Without it, pad slots follow raster order.
+        """
+        return _build_plan(mask, probs, grid=grid, mode=mode, capacity=capacity)
+
+    @classmethod
+    def from_router(cls, out, *, mode: PlanMode = "packed", capacity: int | None = None) -> "ChunkPlan":
+        """Build a plan from a :class:`~chunkformer.routing.RouterOutput`."""
+        return _build_plan(out.mask, out.probs, grid=out.grid, mode=mode, capacity=capacity)
+
+    @classmethod
+    def cat(cls, plans: "list[ChunkPlan]") -> "ChunkPlan":
+        """Concatenate plans along the batch (for CFG); same grid and mode required."""
+        plans = list(plans)
+        first = plans[0]
+        for p in plans[1:]:
+            if p.grid != first.grid:
+                raise ValueError(f"cannot concatenate plans over grids {first.grid} and {p.grid}")
+            if p.mode != first.mode:
+                raise ValueError(f"cannot concatenate plans of modes {first.mode!r} and {p.mode!r}")
+            if first.mode == "fixed" and p.width != first.width:
+                raise ValueError(
+                    f"cannot concatenate fixed-capacity plans of capacities {first.width} and {p.width}"
+                )
+        return cls(
+            order=torch.cat([p.order for p in plans]),
+            lengths=torch.cat([p.lengths for p in plans]),
+            grid=first.grid,
+            width=max(p.width for p in plans),
+            mode=first.mode,
+            batch_size=[sum(p.batch_size[0] for p in plans)],
+        )
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.cat:
+            tensors = args[0] if args else kwargs["tensors"]
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else 0) if kwargs else (args[1] if len(args) > 1 else 0)
+            if dim != 0:
+                raise ValueError("ChunkPlans concatenate along the batch (dim=0) only")
+            return cls.cat(tensors)
+        return NotImplemented
+
+    # ------------------------------------------------------------------ derived geometry
+    @property
+    def num_tokens(self) -> int:
+        """``L``: tokens in the full grid."""
+        return self.order.shape[-1]
+
+    @property
+    def positions(self) -> Int[Tensor, "batch width"]:
+        """Raster position of every slot, ``(B, M)``."""
+        return self.order[:, : self.width]
+
+    @property
+    def valid(self) -> Bool[Tensor, "batch width"]:
+        """``(B, M)``: slot ``j`` of sample ``b`` holds a kept token (not padding)."""
+        return torch.arange(self.width, device=self.order.device) < self.lengths[:, None]
+
+    @property
+    def coords(self) -> Float[Tensor, "batch width ndim"]:
+        """Original grid coordinates of every slot, ``(B, M, ndim)`` float."""
+        table = grid_coords(self.grid, device=self.order.device)  # (L, ndim)
+        return table[self.positions]
+
+    @property
+    def cu_seqlens(self) -> Int[Tensor, "batch_plus_one"]:
+        """``(B + 1,)`` int32 offsets of each sample's run in the packed sequence."""
+        return torch.nn.functional.pad(self.lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+    @property
+    def kept_mask(self) -> Bool[Tensor, "batch tokens"]:
+        """``(B, L)`` bool: which grid positions are kept."""
+        m = torch.zeros(self.order.shape, dtype=torch.bool, device=self.order.device)
+        return m.scatter(1, self.positions, self.valid)
+
+    def segment_ids(self) -> Int[Tensor, "total"]:
+        """``(T,)`` sample index of every packed token."""
+        B = self.lengths.shape[0]
+        return torch.repeat_interleave(torch.arange(B, device=self.lengths.device), self.lengths)
+
+    # ------------------------------------------------------------------ moving tokens
+    @typechecked
+    def gather(self, x: Float[Tensor, "batch tokens dim"]) -> Float[Tensor, "batch width dim"]:
+        """``(B, L, d)`` -> ``(B, M, d)``: kept tokens first (raster order), real tokens as padding."""
+        self._check_tokens(x)
+        return torch.take_along_dim(x, self.positions[..., None], dim=1)
+
+    @typechecked
+    def pack(self, x: Float[Tensor, "batch width dim"]) -> Float[Tensor, "total dim"]:
+        """``(B, M, d)`` -> ``(T, d)``: drop padding, samples contiguous (host sync for ``T``)."""
+        return x[self.valid]
+
+    @typechecked
+    def unpack(self, x: Float[Tensor, "total dim"]) -> Float[Tensor, "batch width dim"]:
+        """``(T, d)`` -> ``(B, M, d)`` with zeros in the padding slots; inverse of :meth:`pack`."""
+        valid = self.valid
+        out = x.new_zeros(*valid.shape, x.shape[-1])
+        return out.masked_scatter(valid[..., None], x)
+
+    def chunk(self, x: Float[Tensor, "batch tokens dim"]) -> Tensor:
+        """Grid tokens -> what the backbone runs on: ``(T, d)`` if packed, else ``(B, M, d)``."""
+        out = self.gather(x)
+        return self.pack(out) if self.mode == "packed" else out
+
+    def unchunk(self, y: Tensor) -> Float[Tensor, "batch width dim"]:
+        """Backbone output -> ``(B, M, d)`` slots (inverse layout of :meth:`chunk`)."""
+        return self.unpack(y) if self.mode == "packed" else y
+
+    @typechecked
+    def plug_back(self, y: Float[Tensor, "batch width dim"]) -> Float[Tensor, "batch tokens dim"]:
+        """``(B, M, d)`` -> ``(B, L, d)``: every position takes its nearest kept token's value."""
+        idx = self.nearest()  # (B, L) slot index
+        return torch.take_along_dim(y, idx[..., None], dim=1)
+
+    def nearest(self) -> Int[Tensor, "batch tokens"]:
+        """``(B, L)`` slot index of each grid position's nearest kept token."""
+        return nearest_kept(self.coords, self.valid, self.grid)
+
+    def position_embedding(self, dim: int) -> Tensor:
+        """Sin-cos embedding of the kept tokens' original coordinates, in :meth:`chunk`'s layout."""
+        pe = sincos_embed(self.coords, dim)  # (B, M, dim)
+        return self.pack(pe) if self.mode == "packed" else pe
+
+    # ------------------------------------------------------------------ helpers
+    def _check_tokens(self, x: Tensor) -> None:
+        B, L = self.order.shape
+        if x.ndim != 3 or x.shape[0] != B or x.shape[1] != L:
+            raise ValueError(
+                f"expected grid tokens of shape (batch={B}, tokens={L}, dim) for grid {self.grid}, "
+                f"got {tuple(x.shape)}"
+            )
+
+
+def _build_plan(
+    mask: Tensor, probs: Tensor | None, *, grid: GridShape, mode: str, capacity: int | None
+) -> ChunkPlan:
+    grid = check_grid(grid)
+    if mask.ndim != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a (batch, tokens) bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+    B, L = mask.shape
+    if L != math.prod(grid):
+        raise ValueError(f"mask has {L} tokens but grid {grid} holds {math.prod(grid)}")
+    if mode not in PLAN_MODES:
+        raise ValueError(f"mode must be one of {PLAN_MODES}, got {mode!r}")
+    if probs is None:
+        probs = mask.float()
+    elif probs.shape != mask.shape:
+        raise ValueError(f"probs {tuple(probs.shape)} must match mask {tuple(mask.shape)}")
+    else:
+        check_finite("probs", probs)
+    probs = probs.detach().float()
+    pos = torch.arange(L, device=mask.device, dtype=torch.float32)
+
+    if mode == "fixed":
+        if capacity is None or not 1 <= capacity <= L:
+            raise ValueError(
+                f"mode='fixed' needs capacity in [1, {L}] (tokens per sample), got {capacity}"
+            )
+        # keep the `capacity` most probable kept tokens (sync-free), ties to earlier positions
+        key = torch.where(mask, -probs, torch.inf)
+        ranks = torch.arange(L, device=mask.device).expand(B, L)
+        rank = torch.empty_like(ranks).scatter(1, torch.argsort(key, dim=1, stable=True), ranks)
+        mask = mask & (rank < capacity)
+    elif capacity is not None:
+        raise ValueError(f"capacity is only used with mode='fixed', got capacity={capacity} with mode={mode!r}")
+
+    # kept: raster order first (keys < -1), then the rest by descending probability (keys in [-1, 0])
+    key = torch.where(mask, pos - L - 1.0, -probs)
+    order = torch.argsort(key, dim=1, stable=True)
+    lengths = mask.sum(1)
+    width = capacity if mode == "fixed" else max(int(lengths.max()), 1) if B else 1
+    return ChunkPlan(order=order, lengths=lengths, grid=grid, width=width, mode=mode, batch_size=[B])
+
+
+@typechecked
+def nearest_kept(
+    coords: Float[Tensor, "batch width ndim"],
+    valid: Bool[Tensor, "batch width"],
+    grid: GridShape,
+    *,
+    block: int = 4096,
+) -> Int[Tensor, "batch tokens"]:
+    """Slot index of the nearest valid slot for every grid position.
+
+    Exact squared Euclidean distances on integer coordinates; ties go to the lowest
+    slot (earliest raster position). Processes grid positions in blocks so memory
+    stays ``O(B * block * M)``. A sample with no valid slot maps everything to slot 0.
+    """
+    points = grid_coords(grid, device=coords.device)  # (L, ndim)
+    out = []
+    for start in range(0, points.shape[0], block):
+        p = points[start : start + block]  # (l, ndim)
+        d2 = ((p[None, :, None, :] - coords[:, None, :, :]) ** 2).sum(-1)  # (B, l, M)
+        d2 = d2.masked_fill(~valid[:, None, :], torch.inf)
+        out.append(d2.argmin(-1))
+    return torch.cat(out, dim=1)

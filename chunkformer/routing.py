@@ -1,0 +1,191 @@
+"""Routers: score every grid token and decide which ones the backbone sees.
+
+Three variants, all run in fp32 with autocast off:
+
+* ``"predictability"`` (default, DC-DiT v2): ``z = Conv1x1(x)`` to ``d/4``; the
+  residual ``r = z - Conv3x3(z)`` measures how badly a token is predicted by its
+  neighbours; ``Conv3x3 -> GroupNorm -> SiLU -> Conv1x1`` turns it into a keep logit
+  (bias ``-1.1``, so about a quarter of the tokens pass at initialisation).
+* ``"cosine"`` (DC-DiT v1, any rank >= 2): ``p = (1 - q . k_bar) / 2`` with unit
+  ``q = W_q x``, ``k = W_k x`` and ``k_bar`` a learnable depthwise 3^n average of ``k``.
+* ``"cosine1d"`` (H-Net, rank 1): ``p_t = (1 - cos(q_t, k_{t-1})) / 2``, ``p_1 = 1``.
+
+The first and last token are always kept. A token is kept when ``p > 0.5``;
+``rho`` then tail-drops the least confident kept tokens (:func:`~chunkformer.budget.tail_drop`).
+
+    router = Router(dim=256)
+    out = router(tokens, grid=(16, 16))            # tokens: (B, 256, 256)
+    assert out.mask.shape == (B, 256) and out.mask[:, 0].all()
+"""
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from tensordict import tensorclass
+from torch import nn
+
+from ._typing import Float, Tensor, check_finite, typechecked
+from .budget import Rho, tail_drop
+from .grid import GridShape, check_grid, conv_nd, to_grid
+
+__all__ = ["Router", "RouterOutput", "RouterKind", "ROUTER_KINDS"]
+
+RouterKind = Literal["predictability", "cosine", "cosine1d"]
+ROUTER_KINDS: tuple[str, ...] = ("predictability", "cosine", "cosine1d")
+
+
+@tensorclass
+class RouterOutput:
+    """What a router decided, batch dimension first.
+
+    Attributes:
+        probs: ``(B, L)`` fp32 keep probabilities ``p`` (first and last token are 1).
+        mask: ``(B, L)`` bool, the tokens the backbone sees (after tail drop).
+        natural_mask: ``(B, L)`` bool, ``p > 0.5`` before tail drop (the ratio loss uses it).
+        confidence: ``(B, L)`` fp32 ``c_sel = p`` where the natural mask keeps a token, else
+            ``1 - p``; the de-chunker gates its output with ``STE(c_sel)``.
+        grid: the grid shape the ``L`` tokens came from.
+    """
+
+    probs: torch.Tensor
+    mask: torch.Tensor
+    natural_mask: torch.Tensor
+    confidence: torch.Tensor
+    grid: tuple
+
+    @property
+    def kept(self) -> Tensor:
+        """Tokens kept per sample, ``(B,)``."""
+        return self.mask.sum(-1)
+
+    @property
+    def kept_fraction(self) -> Tensor:
+        """Fraction of tokens kept per sample, ``(B,)``."""
+        return self.mask.float().mean(-1)
+
+
+def _group_count(channels: int, preferred: int) -> int:
+    return math.gcd(channels, preferred)
+
+
+class Router(nn.Module):
+    """Score tokens of an N-D grid and pick the ones to keep.
+
+    Args:
+        dim: token width ``d`` of the encoder output the router reads.
+        ndim: grid rank (1, 2 or 3).
+        kind: ``"predictability"`` (default), ``"cosine"`` (rank >= 2) or ``"cosine1d"``
+            (rank 1). ``kind=None`` picks ``"cosine1d"`` for rank 1, else ``"predictability"``.
+        hidden: bottleneck width of the predictability router (default ``dim // 4``).
+        norm_groups: GroupNorm groups in the scorer (default 8; reduced to divide ``hidden``).
+        init_bias: initial keep-logit bias (``-1.1``: ``sigmoid ~ 0.25`` at start).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        ndim: int = 2,
+        kind: RouterKind | None = None,
+        *,
+        hidden: int | None = None,
+        norm_groups: int = 8,
+        init_bias: float = -1.1,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if ndim not in (1, 2, 3):
+            raise ValueError(f"ndim must be 1, 2 or 3 (grid rank), got {ndim}")
+        kind = kind or ("cosine1d" if ndim == 1 else "predictability")
+        if kind not in ROUTER_KINDS:
+            raise ValueError(f"kind must be one of {ROUTER_KINDS}, got {kind!r}")
+        if kind == "cosine1d" and ndim != 1:
+            raise ValueError(f"kind='cosine1d' needs a rank-1 grid (ndim=1), got ndim={ndim}; "
+                             "use kind='cosine' for images and video")
+        if kind == "cosine" and ndim == 1:
+            raise ValueError("kind='cosine' needs a grid of rank >= 2; use kind='cosine1d' for sequences")
+        self.dim, self.ndim, self.kind = dim, ndim, kind
+        fk = {"device": device, "dtype": dtype}
+
+        if kind == "predictability":
+            hidden = hidden or max(dim // 4, 1)
+            self.proj = conv_nd(ndim, dim, hidden, 1, **fk)
+            self.predictor = conv_nd(ndim, hidden, hidden, 3, padding=1, **fk)
+            self.scorer = nn.Sequential(
+                conv_nd(ndim, hidden, hidden, 3, padding=1, **fk),
+                nn.GroupNorm(_group_count(hidden, norm_groups), hidden, **fk),
+                nn.SiLU(),
+                conv_nd(ndim, hidden, 1, 1, **fk),
+            )
+            nn.init.constant_(self.scorer[-1].bias, init_bias)
+        else:
+            self.q_proj = nn.Linear(dim, dim, bias=False, **fk)
+            self.k_proj = nn.Linear(dim, dim, bias=False, **fk)
+            with torch.no_grad():  # H-Net's init: q = k = x, so p starts as (1 - cos) / 2
+                self.q_proj.weight.copy_(torch.eye(dim))
+                self.k_proj.weight.copy_(torch.eye(dim))
+            if kind == "cosine":
+                # depthwise 3^n neighbourhood average of k, learnable, uniform at start
+                self.k_average = conv_nd(ndim, dim, dim, 3, padding=1, groups=dim, bias=False, **fk)
+                nn.init.constant_(self.k_average.weight, 1.0 / 3**ndim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, ndim={self.ndim}, kind={self.kind!r}"
+
+    @typechecked
+    def scores(
+        self, x: Float[Tensor, "batch tokens dim"], grid: GridShape
+    ) -> Float[Tensor, "batch tokens"]:
+        """Raw keep probabilities ``p`` in fp32, before forcing first/last to 1."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            if self.kind == "predictability":
+                z = self.proj(to_grid(x, grid))  # (B, d/4, *grid)
+                logit = self.scorer(z - self.predictor(z))  # (B, 1, *grid)
+                return torch.sigmoid(logit.flatten(1))  # (B, L)
+            q = F.normalize(self.q_proj(x), dim=-1)  # (B, L, d)
+            k = F.normalize(self.k_proj(x), dim=-1)  # (B, L, d)
+            if self.kind == "cosine":
+                k_bar = self.k_average(to_grid(k, grid)).flatten(2).transpose(1, 2)  # (B, L, d)
+                return ((1 - (q * k_bar).sum(-1)) / 2).clamp(0, 1)
+            cos = (q[:, 1:] * k[:, :-1]).sum(-1)  # (B, L-1): token t against t-1
+            return F.pad((1 - cos) / 2, (1, 0), value=1.0).clamp(0, 1)
+
+    @typechecked
+    def forward(
+        self,
+        x: Float[Tensor, "batch tokens dim"],
+        grid: GridShape,
+        rho: Rho = 0.0,
+    ) -> RouterOutput:
+        """Route ``x`` (``(B, L, d)`` tokens of a grid of shape ``grid``).
+
+        ``rho`` (float or ``(B,)`` tensor in ``[0, 1)``) tail-drops that fraction of each
+        sample's kept tokens, lowest probability first.
+        """
+        grid = check_grid(grid)
+        B, L, d = x.shape
+        if L != math.prod(grid):
+            raise ValueError(f"x has {L} tokens but grid {grid} holds {math.prod(grid)}")
+        if d != self.dim:
+            raise ValueError(f"x has width {d} but this Router was built for dim={self.dim}")
+        if len(grid) != self.ndim:
+            raise ValueError(f"grid {grid} has rank {len(grid)} but this Router has ndim={self.ndim}")
+        p = self.scores(x, grid)  # (B, L) fp32
+        check_finite("router probabilities", p)
+        ends = torch.zeros(L, dtype=torch.bool, device=x.device)
+        ends[0] = ends[-1] = True
+        p = torch.where(ends, torch.ones_like(p), p)  # first and last token always kept
+        natural = p > 0.5
+        mask = tail_drop(p, natural, rho, protected=ends.expand(B, L)) if _nonzero(rho) else natural
+        confidence = torch.where(natural, p, 1 - p)
+        return RouterOutput(
+            probs=p, mask=mask, natural_mask=natural, confidence=confidence, grid=grid,
+            batch_size=[B],
+        )
+
+
+def _nonzero(rho: "float | Tensor") -> bool:
+    return torch.is_tensor(rho) or rho != 0.0

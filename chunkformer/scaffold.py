@@ -1,0 +1,234 @@
+"""The conv scaffold around a backbone: ``ChunkEncoder`` in front, ``DeChunkDecoder`` behind.
+
+    enc = ChunkEncoder(in_channels=4, dim=384)            # 3x3 embed + 2 ResBlocks at d/4 -> d
+    dec = DeChunkDecoder(dim=384, out_channels=8)         # de-chunk + 2 ResBlocks d -> d/4 + final layer
+    tokens = enc(x, c)                                    # (B, L, 384)
+    ...                                                   # router, plan, backbone on plan.chunk(tokens)
+    out = dec(backbone_out, plan, router_out, tokens, c)  # (B, 8, H, W)
+
+Both work on grids of rank 1, 2 or 3 (``Conv1d/2d/3d``). Conditioning ``c`` is the
+``(B, cond_dim)`` vector a DiT feeds its adaLN (timestep + label embedding).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._typing import Float, Tensor, typechecked
+from .dechunk import Smoothing, dechunk, ste_ones
+from .grid import conv_nd, to_grid, to_tokens
+from .plan import ChunkPlan
+
+__all__ = ["ResBlock", "ChunkEncoder", "DeChunkDecoder", "FinalLayer"]
+
+
+def _groups(channels: int, preferred: int = 32) -> int:
+    return math.gcd(channels, preferred)
+
+
+class ResBlock(nn.Module):
+    """Stable-Diffusion-style conv ResBlock on an N-D grid with additive conditioning.
+
+    ``GroupNorm -> SiLU -> Conv3 -> + Linear(SiLU(c)) -> GroupNorm -> SiLU -> Conv3``,
+    plus the input (through a 1x1 conv when widths differ). The inner width is
+    ``min(in_channels, out_channels)``, so a widening block widens in its second conv
+    and a narrowing block narrows in its first.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        cond_dim: int | None,
+        ndim: int = 2,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        inner = min(in_channels, out_channels)
+        self.norm1 = nn.GroupNorm(_groups(in_channels), in_channels, **fk)
+        self.conv1 = conv_nd(ndim, in_channels, inner, 3, padding=1, **fk)
+        self.cond = nn.Linear(cond_dim, inner, **fk) if cond_dim else None
+        self.norm2 = nn.GroupNorm(_groups(inner), inner, **fk)
+        self.conv2 = conv_nd(ndim, inner, out_channels, 3, padding=1, **fk)
+        self.skip = (
+            conv_nd(ndim, in_channels, out_channels, 1, **fk)
+            if in_channels != out_channels
+            else nn.Identity()
+        )
+
+    @typechecked
+    def forward(
+        self, x: Float[Tensor, "batch cin *grid"], c: Float[Tensor, "batch cond"] | None = None
+    ) -> Float[Tensor, "batch cout *grid"]:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, inner, *grid)
+        if self.cond is not None:
+            h = h + self.cond(F.silu(c)).reshape(*h.shape[:2], *([1] * (h.ndim - 2)))
+        h = self.conv2(F.silu(self.norm2(h)))  # (B, cout, *grid)
+        return h + self.skip(x)
+
+
+class ChunkEncoder(nn.Module):
+    """Embed a latent grid and encode it into ``(B, L, dim)`` tokens for the router.
+
+    3x3 conv embed ``in_channels -> width`` (default ``dim // 4``), ``depth`` ResBlocks at
+    ``width`` with the last one lifting to ``dim``, then RMSNorm.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        dim: int,
+        *,
+        ndim: int = 2,
+        depth: int = 2,
+        width: int | None = None,
+        cond_dim: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1 ResBlock, got {depth}")
+        fk = {"device": device, "dtype": dtype}
+        width = width or max(dim // 4, 1)
+        cond_dim = dim if cond_dim is None else cond_dim
+        self.in_channels, self.dim, self.ndim, self.width = in_channels, dim, ndim, width
+        self.embed = conv_nd(ndim, in_channels, width, 3, padding=1, **fk)
+        self.blocks = nn.ModuleList(
+            ResBlock(width, dim if i == depth - 1 else width, cond_dim, ndim, **fk) for i in range(depth)
+        )
+        self.norm = nn.RMSNorm(dim, eps=1e-5, **fk)
+
+    @typechecked
+    def forward(
+        self, x: Float[Tensor, "batch channels *grid"], c: Float[Tensor, "batch cond"] | None = None
+    ) -> Float[Tensor, "batch tokens dim"]:
+        if x.ndim != self.ndim + 2:
+            raise ValueError(
+                f"x must be (batch, channels, *grid) with a rank-{self.ndim} grid, got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels, expected in_channels={self.in_channels}")
+        h = self.embed(x)  # (B, width, *grid)
+        for block in self.blocks:
+            h = block(h, c)  # (B, width | dim, *grid)
+        return self.norm(to_tokens(h))  # (B, L, dim)
+
+
+class FinalLayer(nn.Module):
+    """DiT's output layer: ``LayerNorm`` modulated by ``c`` (adaLN), then a linear map (zero init)."""
+
+    def __init__(
+        self,
+        dim: int,
+        out_channels: int,
+        cond_dim: int | None,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.norm = nn.LayerNorm(dim, elementwise_affine=cond_dim is None, eps=1e-6, **fk)
+        self.modulation = nn.Linear(cond_dim, 2 * dim, **fk) if cond_dim else None
+        self.linear = nn.Linear(dim, out_channels, **fk)
+        for layer in (self.modulation, self.linear):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    @typechecked
+    def forward(
+        self, x: Float[Tensor, "batch tokens dim"], c: Float[Tensor, "batch cond"] | None = None
+    ) -> Float[Tensor, "batch tokens out"]:
+        h = self.norm(x)
+        if self.modulation is not None:
+            shift, scale = self.modulation(F.silu(c))[:, None].chunk(2, dim=-1)  # (B, 1, dim) each
+            h = h * (1 + scale) + shift
+        return self.linear(h)
+
+
+class DeChunkDecoder(nn.Module):
+    """De-chunk the backbone's output and decode it to the model's output channels.
+
+    ``z = dechunk(y) * STE(c_sel) + W_res enc_tokens`` (fp32; ``W_res`` zero-init, so a
+    new model starts as a gated identity around the backbone), then ``depth`` ResBlocks
+    narrowing ``dim -> width`` in the first, RMSNorm, and :class:`FinalLayer` at ``width``.
+
+    Args:
+        dim: backbone / encoder token width ``d``.
+        out_channels: output channels (``2 * in_channels`` for a learned-sigma DiT).
+        sigma: smoothing bandwidth in grid cells (DC-DiT: 1 at 32x32, 2 at 64x64).
+        smoothing: ``"windowed"`` (linear in L, default), ``"dense"`` (reference) or ``"none"``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        out_channels: int,
+        *,
+        ndim: int = 2,
+        depth: int = 2,
+        width: int | None = None,
+        cond_dim: int | None = None,
+        sigma: float = 1.0,
+        smoothing: Smoothing = "windowed",
+        truncate: float = 4.0,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1 ResBlock, got {depth}")
+        fk = {"device": device, "dtype": dtype}
+        width = width or max(dim // 4, 1)
+        cond_dim = dim if cond_dim is None else cond_dim
+        self.dim, self.ndim, self.width, self.out_channels = dim, ndim, width, out_channels
+        self.sigma, self.smoothing, self.truncate = sigma, smoothing, truncate
+        self.residual = nn.Linear(dim, dim, device=device, dtype=torch.float32)
+        nn.init.zeros_(self.residual.weight)
+        nn.init.zeros_(self.residual.bias)
+        self.blocks = nn.ModuleList(
+            ResBlock(dim if i == 0 else width, width, cond_dim, ndim, **fk) for i in range(depth)
+        )
+        self.norm = nn.RMSNorm(width, eps=1e-5, **fk)
+        self.final = FinalLayer(width, out_channels, cond_dim, **fk)
+
+    def merge(
+        self,
+        y: Tensor,
+        plan: ChunkPlan,
+        router_out,
+        enc_tokens: Float[Tensor, "batch tokens dim"],
+    ) -> Float[Tensor, "batch tokens dim"]:
+        """Backbone output (``plan.chunk`` layout) -> gated, residual-added ``(B, L, d)`` in fp32."""
+        with torch.autocast(device_type=enc_tokens.device.type, enabled=False):
+            full = dechunk(
+                plan.unchunk(y), router_out.probs, plan,
+                sigma=self.sigma, smoothing=self.smoothing, truncate=self.truncate,
+            )  # (B, L, d) fp32
+            gate = ste_ones(router_out.confidence.float())[..., None]  # (B, L, 1), == 1 forward
+            res = F.linear(enc_tokens.float(), self.residual.weight.float(), self.residual.bias.float())
+            return full * gate + res
+
+    @typechecked
+    def forward(
+        self,
+        y: Tensor,
+        plan: ChunkPlan,
+        router_out,
+        enc_tokens: Float[Tensor, "batch tokens dim"],
+        c: Float[Tensor, "batch cond"] | None = None,
+    ) -> Float[Tensor, "batch out *grid"]:
+        """``y``: backbone output in ``plan.chunk`` layout; returns ``(B, out_channels, *grid)``."""
+        z = self.merge(y, plan, router_out, enc_tokens).to(enc_tokens.dtype)  # (B, L, d)
+        h = to_grid(z, plan.grid)  # (B, d, *grid)
+        for block in self.blocks:
+            h = block(h, c)  # (B, width, *grid)
+        out = self.final(self.norm(to_tokens(h)), c)  # (B, L, out)
+        return to_grid(out, plan.grid)  # (B, out, *grid)
