@@ -48,6 +48,7 @@ def smoothing_weights(
     sigma: float,
 ) -> Float[Tensor, "batch width width"]:
     """Dense row-normalised weights ``W_ij`` among the valid slots of each sample."""
+    coords = coords.to(p.dtype)
     d2 = ((coords[:, :, None, :] - coords[:, None, :, :]) ** 2).sum(-1)  # (B, M, M)
     w = torch.exp(-d2 / (2 * sigma**2)) * (p * valid)[:, None, :]  # (B, M, M)
     return w / w.sum(-1, keepdim=True).clamp_min(1e-30)

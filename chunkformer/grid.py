@@ -20,6 +20,7 @@ __all__ = [
     "to_tokens",
     "to_grid",
     "conv_nd",
+    "norm_groups",
     "sincos_embed",
 ]
 
@@ -72,6 +73,17 @@ def to_grid(
     axes = _pattern(len(grid))
     sizes = dict(zip(_AXES, grid))
     return rearrange(x, f"b ({axes}) c -> b c {axes}", **sizes)
+
+
+def norm_groups(channels: int, preferred: int) -> int:
+    """GroupNorm group count: ``gcd(channels, preferred)``, with >= 2 channels per group when possible.
+
+    Two channels per group keep GroupNorm defined on a single-token grid.
+    """
+    g = math.gcd(channels, preferred)
+    while g > 1 and channels // g < 2:
+        g = math.gcd(channels, g // 2)
+    return g
 
 
 def conv_nd(ndim: int, *args, **kwargs) -> nn.Module:

@@ -29,6 +29,7 @@ from torch import nn
 from ._typing import Float, Tensor, check_finite, typechecked
 from .budget import Rho, tail_drop
 from .grid import GridShape, check_grid, conv_nd, to_grid
+from .grid import norm_groups as group_count
 
 __all__ = ["Router", "RouterOutput", "RouterKind", "ROUTER_KINDS"]
 
@@ -64,10 +65,6 @@ class RouterOutput:
     def kept_fraction(self) -> Tensor:
         """Fraction of tokens kept per sample, ``(B,)``."""
         return self.mask.float().mean(-1)
-
-
-def _group_count(channels: int, preferred: int) -> int:
-    return math.gcd(channels, preferred)
 
 
 class Router(nn.Module):
@@ -115,7 +112,7 @@ class Router(nn.Module):
             self.predictor = conv_nd(ndim, hidden, hidden, 3, padding=1, **fk)
             self.scorer = nn.Sequential(
                 conv_nd(ndim, hidden, hidden, 3, padding=1, **fk),
-                nn.GroupNorm(_group_count(hidden, norm_groups), hidden, **fk),
+                nn.GroupNorm(group_count(hidden, norm_groups), hidden, **fk),
                 nn.SiLU(),
                 conv_nd(ndim, hidden, 1, 1, **fk),
             )

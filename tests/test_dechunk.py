@@ -1,0 +1,100 @@
+"""De-chunking: identity when nothing is dropped, normalised weights, windowed == dense, isolation."""
+
+import math
+
+import torch
+from conftest import plan_inputs
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chunkformer import ChunkPlan, dechunk, smooth_dense, smooth_windowed, ste_ones
+from chunkformer.dechunk import smoothing_weights
+
+
+@given(plan_inputs(), st.sampled_from([torch.float32, torch.float64]))
+def test_all_kept_without_smoothing_is_exact_identity(inputs, dtype):
+    grid, _, probs, seed = inputs
+    mask = torch.ones_like(probs, dtype=torch.bool)
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid)
+    x = torch.randn(*mask.shape, 5, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    out = dechunk(plan.unchunk(plan.chunk(x)), probs, plan, smoothing="none")
+    assert torch.equal(out, x.float())
+    gate = ste_ones(torch.rand(*mask.shape, 1))
+    assert torch.equal(out * gate, x.float())  # the STE gate is exactly 1 forward
+
+
+@given(plan_inputs(), st.floats(0.3, 3.0))
+def test_smoothing_weights_are_normalised_over_valid_slots(inputs, sigma):
+    grid, mask, probs, _ = inputs
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid, mode="padded")
+    p = torch.take_along_dim(probs, plan.positions, 1).clamp(1e-4, 1 - 1e-4)
+    w = smoothing_weights(plan.coords, p, plan.valid, sigma)
+    valid = plan.valid
+    sums = w.sum(-1)[valid]
+    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+    assert torch.all(w >= 0)
+    assert torch.all(w.masked_select(~valid[:, None, :].expand_as(w)) == 0)  # never weighs padding
+
+
+@given(plan_inputs(max_tokens=64), st.floats(0.5, 2.5))
+def test_windowed_smoothing_equals_dense_when_window_covers_grid(inputs, sigma):
+    grid, mask, probs, seed = inputs
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid, mode="padded")
+    h = torch.randn(*plan.positions.shape, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    p = torch.take_along_dim(probs, plan.positions, 1).double().clamp(1e-4, 1 - 1e-4)
+    dense = smooth_dense(h, p, plan, sigma)
+    covering = (max(grid) + 1) / sigma  # radius >= grid extent: nothing truncated
+    wide = smooth_windowed(h, p, plan, sigma, truncate=covering)
+    v = plan.valid
+    assert torch.allclose(wide[v], dense[v], rtol=1e-9, atol=1e-9)
+
+
+def test_windowed_smoothing_default_truncation_is_close_to_dense():
+    torch.manual_seed(0)
+    grid = (32, 32)
+    mask = torch.rand(4, 1024) < 0.25
+    probs = torch.rand(4, 1024)
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid, mode="padded")
+    h = torch.randn(*plan.positions.shape, 8)
+    p = torch.take_along_dim(probs, plan.positions, 1).clamp(1e-4, 1 - 1e-4)
+    dense, fast = smooth_dense(h, p, plan, 1.0), smooth_windowed(h, p, plan, 1.0)
+    err = (dense - fast)[plan.valid].abs().max()
+    assert err < 1e-3, err  # truncation at 4 sigma
+
+
+@given(plan_inputs(max_batch=4), st.sampled_from(["windowed", "dense", "none"]), st.data())
+def test_a_sample_never_depends_on_another_samples_tokens(inputs, smoothing, data):
+    grid, mask, probs, seed = inputs
+    B, L = mask.shape
+    if B < 2:
+        return
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid, mode="padded")
+    y = torch.randn(*plan.positions.shape, 3, generator=torch.Generator().manual_seed(seed))
+    victim = data.draw(st.integers(0, B - 1))
+    y2 = y.clone()
+    y2[victim] += torch.randn_like(y2[victim]) * 10
+    probs2 = probs.clone()
+    probs2[victim] = torch.rand(L)
+    out1 = dechunk(y, probs, plan, smoothing=smoothing)
+    out2 = dechunk(y2, probs2, plan, smoothing=smoothing)
+    others = [b for b in range(B) if b != victim]
+    assert torch.equal(out1[others], out2[others])
+
+
+def test_ste_gate_passes_gradient_unchanged():
+    c = torch.rand(3, 7, requires_grad=True)
+    g = torch.randn(3, 7)
+    (ste_ones(c) * g).sum().backward()
+    assert torch.equal(c.grad, g)
+
+
+def test_dechunk_runs_fp32_under_autocast():
+    grid = (6, 6)
+    mask = torch.rand(2, 36) < 0.5
+    mask[:, 0] = True
+    plan = ChunkPlan.from_mask(mask, grid=grid)
+    y = torch.randn(int(mask.sum()), 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dechunk(plan.unchunk(y), torch.rand(2, 36), plan)
+    assert out.dtype == torch.float32 and out.shape == (2, 36, 4)
+    assert math.isfinite(out.sum().item())

@@ -1,0 +1,165 @@
+"""ChunkPlan: chunk / pack / plug-back round trips, nearest-kept reference, modes, concatenation."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import grids, masks, plan_inputs
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chunkformer import ChunkPlan
+
+
+def brute_force_nearest(mask_row: torch.Tensor, grid) -> list[int]:
+    """For each raster position, the raster position of its nearest kept token (ties: earliest)."""
+    coords = list(itertools.product(*[range(s) for s in grid]))
+    kept = [i for i, k in enumerate(mask_row.tolist()) if k]
+    out = []
+    for c in coords:
+        best, best_d = None, None
+        for j in kept:
+            d = sum((a - b) ** 2 for a, b in zip(c, coords[j]))
+            if best_d is None or d < best_d:
+                best, best_d = j, d
+        out.append(best)
+    return out
+
+
+@given(plan_inputs(), st.sampled_from(["packed", "padded"]), st.sampled_from([torch.float32, torch.float64]))
+def test_pack_unpack_and_chunk_unchunk_round_trip(inputs, mode, dtype):
+    grid, mask, probs, seed = inputs
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid, mode=mode)
+    B, L = mask.shape
+    x = torch.randn(B, L, 3, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    slots = plan.gather(x)
+    assert slots.shape == (B, int(mask.sum(1).max()), 3)
+    packed = plan.pack(slots)
+    assert packed.shape == (int(mask.sum()), 3)
+    # packed holds exactly the kept tokens, sample by sample, in raster order
+    assert torch.equal(packed, x[mask])
+    # unpack inverts pack on the valid slots, zeros elsewhere
+    back = plan.unpack(packed)
+    assert torch.equal(back[plan.valid], slots[plan.valid])
+    assert torch.all(back[~plan.valid] == 0)
+    # chunk / unchunk agree with gather for the valid slots
+    assert torch.equal(plan.unchunk(plan.chunk(x))[plan.valid], slots[plan.valid])
+    cu = plan.cu_seqlens
+    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == mask.sum()
+    assert torch.equal(cu.diff().long(), mask.sum(1))
+
+
+@given(plan_inputs())
+def test_plug_back_takes_nearest_kept_token(inputs):
+    grid, mask, probs, seed = inputs
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid)
+    B, L = mask.shape
+    x = torch.randn(B, L, 2, generator=torch.Generator().manual_seed(seed))
+    full = plan.plug_back(plan.gather(x))
+    for b in range(B):
+        ref = brute_force_nearest(mask[b], grid)
+        assert torch.equal(full[b], x[b, ref])
+        # kept positions keep their own value
+        assert torch.equal(full[b][mask[b]], x[b][mask[b]])
+
+
+@given(plan_inputs())
+def test_chunk_then_plug_back_all_kept_is_identity(inputs):
+    grid, _, probs, seed = inputs
+    mask = torch.ones_like(probs, dtype=torch.bool)
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid)
+    x = torch.randn(*mask.shape, 4, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(plan.plug_back(plan.unchunk(plan.chunk(x))), x)
+
+
+@given(plan_inputs(max_batch=3), plan_inputs(max_batch=3), st.sampled_from(["packed", "padded"]))
+def test_concatenated_plans_equal_plan_of_concatenated_batch(a, b, mode):
+    grid, mask_a, probs_a, _ = a
+    L = math.prod(grid)
+    # give b the same grid
+    g = torch.Generator().manual_seed(b[3])
+    mask_b = torch.rand(b[1].shape[0], L, generator=g) < 0.5
+    mask_b[:, 0] = True
+    probs_b = torch.rand(mask_b.shape, generator=g)
+    pa = ChunkPlan.from_mask(mask_a, probs_a, grid=grid, mode=mode)
+    pb = ChunkPlan.from_mask(mask_b, probs_b, grid=grid, mode=mode)
+    joint = ChunkPlan.from_mask(torch.cat([mask_a, mask_b]), torch.cat([probs_a, probs_b]), grid=grid, mode=mode)
+    for cat in (torch.cat([pa, pb]), ChunkPlan.cat([pa, pb])):
+        assert cat.width == joint.width and cat.grid == joint.grid and cat.mode == joint.mode
+        assert torch.equal(cat.order, joint.order)
+        assert torch.equal(cat.lengths, joint.lengths)
+        x = torch.randn(cat.batch_size[0], L, 3)
+        assert torch.equal(cat.chunk(x), joint.chunk(x))
+        assert torch.equal(cat.cu_seqlens, joint.cu_seqlens)
+
+
+@given(plan_inputs())
+def test_padding_slots_hold_next_most_probable_real_tokens(inputs):
+    grid, mask, probs, _ = inputs
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid, mode="padded")
+    order = plan.order
+    for b in range(mask.shape[0]):
+        n = int(mask[b].sum())
+        kept = order[b, :n]
+        assert torch.equal(kept, torch.nonzero(mask[b]).flatten())  # raster order
+        rest = order[b, n:]
+        assert not mask[b, rest].any()
+        p_rest = probs[b, rest]
+        assert torch.all(p_rest[:-1] >= p_rest[1:])  # descending probability
+        assert sorted(order[b].tolist()) == list(range(mask.shape[1]))  # a permutation
+
+
+@given(plan_inputs(), st.integers(1, 8))
+def test_fixed_capacity_keeps_most_probable_and_static_width(inputs, capacity):
+    grid, mask, probs, seed = inputs
+    L = math.prod(grid)
+    capacity = min(capacity, L)
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid, mode="fixed", capacity=capacity)
+    assert plan.width == capacity
+    assert torch.equal(plan.lengths, mask.sum(1).clamp(max=capacity))
+    x = torch.randn(mask.shape[0], L, 2, generator=torch.Generator().manual_seed(seed))
+    assert plan.chunk(x).shape == (mask.shape[0], capacity, 2)
+    kept = plan.kept_mask
+    assert not (kept & ~mask).any()  # only originally kept tokens survive
+    for b in range(mask.shape[0]):
+        dropped = mask[b] & ~kept[b]
+        if dropped.any():  # every survivor is at least as probable as every dropped token
+            assert probs[b][kept[b]].min() >= probs[b][dropped].max()
+
+
+@given(grids(), st.integers(1, 3), st.data())
+def test_position_embedding_follows_original_coordinates(grid, B, data):
+    from chunkformer import grid_coords, sincos_embed
+
+    L = math.prod(grid)
+    mask = data.draw(masks(B, L))
+    plan = ChunkPlan.from_mask(mask, grid=grid)
+    pe = plan.position_embedding(12)
+    table = sincos_embed(grid_coords(grid), 12)  # (L, 12)
+    expected = torch.cat([table[mask[b]] for b in range(B)])
+    assert torch.allclose(pe, expected)
+
+
+def test_bad_inputs_name_the_argument():
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    with pytest.raises(ValueError, match="grid"):
+        ChunkPlan.from_mask(mask, grid=(5, 5))
+    with pytest.raises(ValueError, match="rank 1, 2 or 3"):
+        ChunkPlan.from_mask(mask, grid=(1, 2, 2, 3))
+    with pytest.raises(ValueError, match="mode"):
+        ChunkPlan.from_mask(mask, grid=(3, 4), mode="ragged")
+    with pytest.raises(ValueError, match="capacity"):
+        ChunkPlan.from_mask(mask, grid=(3, 4), mode="fixed")
+    with pytest.raises(ValueError, match="capacity"):
+        ChunkPlan.from_mask(mask, grid=(3, 4), mode="fixed", capacity=13)
+    with pytest.raises(ValueError, match="probs"):
+        ChunkPlan.from_mask(mask, torch.full((2, 12), float("nan")), grid=(3, 4))
+    with pytest.raises(ValueError, match="bool"):
+        ChunkPlan.from_mask(mask.float(), grid=(3, 4))
+    plan = ChunkPlan.from_mask(mask, grid=(3, 4))
+    with pytest.raises(ValueError, match="tokens"):
+        plan.chunk(torch.randn(2, 11, 4))
+    other = ChunkPlan.from_mask(torch.ones(2, 12, dtype=torch.bool), grid=(4, 3))
+    with pytest.raises(ValueError, match="grids"):
+        torch.cat([plan, other])

@@ -1,0 +1,106 @@
+"""Routers: always-kept ends, fp32 under autocast, gradients, variants per rank, bad input."""
+
+import math
+
+import pytest
+import torch
+from conftest import grids
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chunkformer import ChunkEncoder, ChunkPlan, DeChunkDecoder, Router, TimestepAdaptiveBudget
+
+
+def kinds_for(ndim):
+    return ["cosine1d"] if ndim == 1 else ["predictability", "cosine"]
+
+
+@given(grids(), st.integers(1, 3), st.floats(0.0, 0.9), st.data())
+def test_router_output_contract(grid, B, rho, data):
+    ndim = len(grid)
+    kind = data.draw(st.sampled_from(kinds_for(ndim)))
+    torch.manual_seed(0)
+    router = Router(16, ndim=ndim, kind=kind, init_bias=data.draw(st.floats(-3, 3)))
+    x = torch.randn(B, math.prod(grid), 16)
+    out = router(x, grid, rho=rho)
+    L = math.prod(grid)
+    assert out.probs.shape == out.mask.shape == out.natural_mask.shape == out.confidence.shape == (B, L)
+    assert out.probs.dtype == torch.float32 and out.mask.dtype == torch.bool
+    assert out.mask[:, 0].all() and out.mask[:, -1].all()
+    assert torch.all(out.probs[:, [0, -1]] == 1)
+    assert torch.equal(out.natural_mask, out.probs > 0.5)
+    assert not (out.mask & ~out.natural_mask).any()
+    conf = torch.where(out.natural_mask, out.probs, 1 - out.probs)
+    assert torch.equal(out.confidence, conf)
+    assert torch.all(out.confidence >= 0.5)
+    assert out.grid == tuple(grid)
+
+
+def test_router_runs_fp32_under_bf16_autocast():
+    router = Router(32)
+    x = torch.randn(2, 64, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = router(x, (8, 8))
+    assert out.probs.dtype == torch.float32
+    assert torch.allclose(out.probs, router(x, (8, 8)).probs)
+
+
+def test_predictability_router_starts_near_a_quarter():
+    torch.manual_seed(0)
+    router = Router(64)
+    p = router.scores(torch.randn(4, 256, 64), (16, 16))
+    assert 0.15 < p.mean().item() < 0.4  # sigmoid(-1.1) = 0.25 at initialisation
+
+
+def test_cosine1d_router_compares_each_token_with_its_predecessor():
+    router = Router(8, ndim=1)
+    x = torch.randn(1, 6, 8)
+    x[0, 3] = x[0, 2] * 5  # same direction as its predecessor: cosine 1 -> p = 0
+    x[0, 4] = -x[0, 3]  # opposite direction: cosine -1 -> p = 1
+    p = router.scores(x, (6,))
+    assert p[0, 0] == 1.0
+    assert p[0, 3].item() == pytest.approx(0.0, abs=1e-6)
+    assert p[0, 4].item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind,grid", [("predictability", (8, 8)), ("cosine", (8, 8)), ("cosine1d", (64,)),
+                                        ("predictability", (4, 4, 4)), ("cosine", (4, 4, 4))])
+def test_router_gets_gradients_through_ste_and_ratio_loss(kind, grid):
+    torch.manual_seed(0)
+    ndim, d = len(grid), 32
+    enc = ChunkEncoder(3, d, ndim=ndim)
+    router = Router(d, ndim=ndim, kind=kind)
+    dec = DeChunkDecoder(d, 3, ndim=ndim)
+    torch.nn.init.normal_(dec.final.linear.weight, std=0.1)  # un-zero the output so a loss reaches the gate
+    x, c = torch.randn(2, 3, *grid), torch.randn(2, d)
+    tokens = enc(x, c)
+    out = router(tokens, grid)
+    plan = ChunkPlan.from_router(out)
+    y = plan.chunk(tokens) * 2.0  # stand-in backbone
+    (dec(y, plan, out, tokens, c) ** 2).mean().backward()
+    grads = [p.grad for p in router.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum() for g in grads) > 0  # through STE(c_sel)
+    router.zero_grad()
+    TimestepAdaptiveBudget().ratio_loss(router(tokens.detach(), grid)).backward()
+    grads = [p.grad for p in router.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum() for g in grads) > 0  # through G = mean(p)
+
+
+def test_router_rejects_bad_input_with_named_arguments():
+    router = Router(16)
+    with pytest.raises(ValueError, match="width 8 .* dim=16"):
+        router(torch.randn(2, 16, 8), (4, 4))
+    with pytest.raises(ValueError, match="17 tokens but grid"):
+        router(torch.randn(2, 17, 16), (4, 4))
+    with pytest.raises(ValueError, match="rank 1 .* ndim=2"):
+        router(torch.randn(2, 16, 16), (16,))
+    with pytest.raises(ValueError, match="rho"):
+        router(torch.randn(2, 16, 16), (4, 4), rho=1.0)
+    with pytest.raises(ValueError, match="router probabilities must be finite"):
+        router(torch.full((2, 16, 16), float("nan")), (4, 4))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Router(16, kind="topk")
+    with pytest.raises(ValueError, match="cosine1d"):
+        Router(16, ndim=2, kind="cosine1d")
+    with pytest.raises(ValueError, match="ndim must be 1, 2 or 3"):
+        Router(16, ndim=4)

@@ -1,0 +1,84 @@
+"""ChunkEncoder / DeChunkDecoder on rank-1, -2 and -3 grids; start-up identity; bad input."""
+
+import math
+
+import pytest
+import torch
+from conftest import grids
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chunkformer import ChunkEncoder, ChunkPlan, DeChunkDecoder, Router, TimestepAdaptiveBudget
+
+
+@given(grids(max_tokens=64), st.integers(1, 3), st.sampled_from(["packed", "padded", "fixed"]), st.floats(0, 0.6))
+def test_encoder_router_plan_decoder_shapes_on_every_rank(grid, B, mode, rho):
+    torch.manual_seed(0)
+    ndim, d, C = len(grid), 32, 3
+    enc, router, dec = ChunkEncoder(C, d, ndim=ndim), Router(d, ndim=ndim), DeChunkDecoder(d, 2 * C, ndim=ndim)
+    x, c = torch.randn(B, C, *grid), torch.randn(B, d)
+    tokens = enc(x, c)
+    L = math.prod(grid)
+    assert tokens.shape == (B, L, d)
+    out = router(tokens, grid, rho=rho)
+    capacity = max(1, L // 2) if mode == "fixed" else None
+    plan = ChunkPlan.from_router(out, mode=mode, capacity=capacity)
+    y = plan.chunk(tokens) + plan.position_embedding(d)
+    assert dec(y, plan, out, tokens, c).shape == (B, 2 * C, *grid)
+
+
+def test_encoder_widths_follow_the_paper():
+    enc = ChunkEncoder(4, 384)
+    assert enc.embed.out_channels == 96 and enc.embed.kernel_size == (3, 3)
+    assert [b.conv1.out_channels for b in enc.blocks] == [96, 96]  # inner width min(in, out)
+    assert [b.conv2.out_channels for b in enc.blocks] == [96, 384]  # last block lifts to d
+    dec = DeChunkDecoder(384, 8)
+    assert [b.conv1.out_channels for b in dec.blocks] == [96, 96]  # first block narrows in conv1
+    assert dec.residual.weight.dtype == torch.float32 and dec.final.linear.out_features == 8
+
+
+def test_new_decoder_starts_from_zero_output_and_zero_residual():
+    """Zero-init final layer and residual projection: a new model predicts zeros."""
+    torch.manual_seed(0)
+    enc, router, dec = ChunkEncoder(4, 32), Router(32), DeChunkDecoder(32, 8)
+    x, c = torch.randn(2, 4, 8, 8), torch.randn(2, 32)
+    tokens = enc(x, c)
+    out = router(tokens, (8, 8))
+    plan = ChunkPlan.from_router(out)
+    assert torch.equal(dec(plan.chunk(tokens), plan, out, tokens, c), torch.zeros(2, 8, 8, 8))
+    merged = dec.merge(plan.chunk(tokens), plan, out, tokens)  # residual starts at zero
+    assert torch.allclose(merged, plan.plug_back(plan.gather(tokens)), atol=1e-6)
+
+
+def test_a_few_steps_of_training_lower_the_loss():
+    torch.manual_seed(0)
+    d, grid = 32, (8, 8)
+    enc, router, dec = ChunkEncoder(1, d), Router(d), DeChunkDecoder(d, 1)
+    params = [*enc.parameters(), *router.parameters(), *dec.parameters()]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    budget = TimestepAdaptiveBudget()
+    x = torch.randn(8, 1, *grid)
+    target = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
+    c = torch.zeros(8, d)
+    losses = []
+    for _ in range(30):
+        tokens = enc(x, c)
+        out = router(tokens, grid)
+        plan = ChunkPlan.from_router(out)
+        pred = dec(plan.chunk(tokens), plan, out, tokens, c)
+        loss = ((pred - target) ** 2).mean() + budget.ratio_weight * budget.ratio_loss(out)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_scaffold_rejects_bad_input():
+    enc = ChunkEncoder(4, 32)
+    with pytest.raises(ValueError, match="in_channels=4"):
+        enc(torch.randn(2, 3, 8, 8), torch.randn(2, 32))
+    with pytest.raises(ValueError, match="rank-2 grid"):
+        enc(torch.randn(2, 4, 8, 8, 8), torch.randn(2, 32))
+    with pytest.raises(ValueError, match="depth"):
+        ChunkEncoder(4, 32, depth=0)
