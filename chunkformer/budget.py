@@ -21,7 +21,7 @@ from ._typing import Bool, Float, Tensor, check_finite, typechecked
 
 __all__ = ["TimestepAdaptiveBudget", "ratio_loss", "tail_drop", "check_rho"]
 
-Rho = float | Float[Tensor, "batch"] | Float[Tensor, ""]
+Rho = float | int | Float[Tensor, "batch"] | Float[Tensor, ""]
 
 
 def check_rho(rho: "float | Tensor", *, name: str = "rho") -> None:
@@ -54,9 +54,16 @@ def tail_drop(
     (the first and last grid position, by default) are never dropped; if a sample
     keeps fewer unprotected tokens than the drop count, all of them go.
     Ties in probability drop the earlier raster position first.
-    Sync-free: the count is computed on the device.
+    Validates ``probs`` and ``rho`` (one host sync each when they are tensors); the
+    drop itself is computed on the device.
     """
+    check_finite("probs", probs)
     check_rho(rho)
+    return _tail_drop(probs, mask, rho, protected)
+
+
+def _tail_drop(probs: Tensor, mask: Tensor, rho: "float | Tensor", protected: Tensor | None) -> Tensor:
+    """:func:`tail_drop` without input validation (callers have validated)."""
     B, L = probs.shape
     if protected is None:
         protected = torch.zeros_like(mask)

@@ -27,7 +27,7 @@ from tensordict import tensorclass
 from torch import nn
 
 from ._typing import Float, Tensor, check_finite, typechecked
-from .budget import Rho, tail_drop
+from .budget import Rho, _tail_drop, check_rho
 from .grid import GridShape, check_grid, conv_nd, to_grid
 from .grid import norm_groups as group_count
 
@@ -176,7 +176,11 @@ class Router(nn.Module):
         ends[0] = ends[-1] = True
         p = torch.where(ends, torch.ones_like(p), p)  # first and last token always kept
         natural = p > 0.5
-        mask = tail_drop(p, natural, rho, protected=ends.expand(B, L)) if _nonzero(rho) else natural
+        if _nonzero(rho):
+            check_rho(rho)
+            mask = _tail_drop(p, natural, rho, ends.expand(B, L))
+        else:
+            mask = natural
         confidence = torch.where(natural, p, 1 - p)
         return RouterOutput(
             probs=p, mask=mask, natural_mask=natural, confidence=confidence, grid=grid,

@@ -18,6 +18,7 @@ from ._typing import Float, Tensor, typechecked
 from .dechunk import Smoothing, dechunk, ste_ones
 from .grid import conv_nd, norm_groups, to_grid, to_tokens
 from .plan import ChunkPlan
+from .routing import RouterOutput
 
 __all__ = ["ResBlock", "ChunkEncoder", "DeChunkDecoder", "FinalLayer"]
 
@@ -197,7 +198,7 @@ class DeChunkDecoder(nn.Module):
         self,
         y: Tensor,
         plan: ChunkPlan,
-        router_out,
+        router_out: RouterOutput,
         enc_tokens: Float[Tensor, "batch tokens dim"],
     ) -> Float[Tensor, "batch tokens dim"]:
         """Backbone output (``plan.chunk`` layout) -> gated, residual-added ``(B, L, d)`` in fp32."""
@@ -215,7 +216,7 @@ class DeChunkDecoder(nn.Module):
         self,
         y: Tensor,
         plan: ChunkPlan,
-        router_out,
+        router_out: RouterOutput,
         enc_tokens: Float[Tensor, "batch tokens dim"],
         c: Float[Tensor, "batch cond"] | None = None,
     ) -> Float[Tensor, "batch out *grid"]:
