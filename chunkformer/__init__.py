@@ -15,7 +15,9 @@ from ._typing import TYPECHECK
 from .attention import chunk_attention
 from .budget import TimestepAdaptiveBudget, ratio_loss, tail_drop
 from .dechunk import dechunk, smooth_dense, smooth_windowed, ste_ones
+from .flops import FlopReport, count_flops, sampling_tflops
 from .grid import grid_coords, sincos_embed, to_grid, to_tokens
+from .models import DCDiT, DiT, create_model, list_models, load_weights, save_pretrained
 from .plan import ChunkPlan, nearest_kept
 from .routing import Router, RouterOutput
 from .scaffold import ChunkEncoder, DeChunkDecoder, FinalLayer, ResBlock
@@ -24,6 +26,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TYPECHECK",
+    "DCDiT",
+    "DiT",
+    "create_model",
+    "count_flops",
+    "sampling_tflops",
+    "FlopReport",
+    "list_models",
+    "load_weights",
+    "save_pretrained",
     "ChunkEncoder",
     "ChunkPlan",
     "DeChunkDecoder",

@@ -38,12 +38,15 @@ TYPECHECK: bool = os.environ.get("CHUNKFORMER_TYPECHECK", "0").lower() in ("1", 
 F = TypeVar("F", bound=Callable)
 
 if TYPECHECK:
-    from beartype import beartype
+    from beartype import BeartypeConf, beartype
     from jaxtyping import jaxtyped
+
+    # PEP 484's numeric tower: an ``int`` is accepted where a ``float`` is annotated.
+    _beartype = beartype(conf=BeartypeConf(is_pep484_tower=True))
 
     def typechecked(fn: F) -> F:
         """Check ``fn``'s jaxtyping annotations on every call (switch is on)."""
-        return jaxtyped(typechecker=beartype)(fn)
+        return jaxtyped(typechecker=_beartype)(fn)
 
 else:
 

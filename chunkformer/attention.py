@@ -1,21 +1,75 @@
 """Attention over chunked tokens, in whatever layout a :class:`ChunkPlan` produced.
 
+* dense ``(B, L, H, dh)`` (no plan): ordinary attention over the whole grid.
 * packed ``(T, H, dh)``: samples are contiguous runs (``plan.cu_seqlens``); a token
   attends only within its own run.
 * padded / fixed ``(B, M, H, dh)``: keys in padding slots are masked out, so the real
   tokens' outputs equal those of the packed layout; padding slots' outputs are ignored.
 
-This is the reference path (PyTorch SDPA with a boolean mask; runs and trains
-anywhere, including CPU). Faster varlen kernels plug in behind the same call.
+Backends (``backend=`` or :func:`set_attention_backend`; ``"auto"`` picks the first that fits):
+
+=========  =========================================  ==========================
+backend    packed sequences via                       where
+=========  =========================================  ==========================
+``flash``  ``flash_attn_varlen_func`` (cu_seqlens)    CUDA, fp16/bf16, if installed
+``flex``   FlexAttention with a document mask         CUDA (CPU: forward only)
+``sdpa``   unpack to ``(B, M)``, SDPA with key mask   anywhere, trainable on CPU
+``math``   SDPA with a ``(T, T)`` block-diagonal mask reference for tests
+=========  =========================================  ==========================
+
+All backends compute the same function (tested against each other).
 """
 
+import importlib.util
+from typing import Literal
+
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 
 from ._typing import Float, Tensor, typechecked
 from .plan import ChunkPlan
 
-__all__ = ["chunk_attention"]
+__all__ = ["chunk_attention", "dense_attention", "set_attention_backend", "resolve_backend", "BACKENDS"]
+
+Backend = Literal["auto", "flash", "flex", "sdpa", "math"]
+BACKENDS: tuple[str, ...] = ("auto", "flash", "flex", "sdpa", "math")
+_default_backend: str = "auto"
+_HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
+
+
+def set_attention_backend(backend: Backend) -> None:
+    """Set the process-wide default backend used when ``backend="auto"`` is not overridden."""
+    global _default_backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _default_backend = backend
+
+
+def resolve_backend(backend: Backend, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend ``"auto"`` stands for on ``device`` / ``dtype``."""
+    if backend == "auto":
+        backend = _default_backend
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        return backend
+    if device.type == "cuda":
+        if _HAS_FLASH and dtype in (torch.float16, torch.bfloat16):
+            return "flash"
+        return "flex"
+    return "sdpa"
+
+
+@typechecked
+def dense_attention(
+    q: Float[Tensor, "batch tokens heads head_dim"],
+    k: Float[Tensor, "batch tokens heads head_dim"],
+    v: Float[Tensor, "batch tokens heads head_dim"],
+) -> Float[Tensor, "batch tokens heads head_dim"]:
+    """Plain multi-head attention over whole sequences."""
+    q_, k_, v_ = (rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
+    return rearrange(F.scaled_dot_product_attention(q_, k_, v_), "b h l d -> b l h d")
 
 
 @typechecked
@@ -24,19 +78,62 @@ def chunk_attention(
     k: Float[Tensor, "*layout heads head_dim"],
     v: Float[Tensor, "*layout heads head_dim"],
     plan: ChunkPlan,
+    backend: Backend = "auto",
 ) -> Float[Tensor, "*layout heads head_dim"]:
     """Multi-head attention restricted to each sample's kept tokens; layout in == layout out."""
-    if plan.mode == "packed":
-        if q.ndim != 3:
-            raise ValueError(f"packed plans take (tokens, heads, head_dim) inputs, got {tuple(q.shape)}")
+    if plan.mode != "packed":
+        if q.ndim != 4:
+            raise ValueError(
+                f"{plan.mode} plans take (batch, slots, heads, head_dim) inputs, got {tuple(q.shape)}"
+            )
+        mask = plan.valid[:, None, None, :]  # (B, 1, 1, M): attend to real tokens only
+        q_, k_, v_ = (rearrange(t, "b m h d -> b h m d") for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
+        return rearrange(out, "b h m d -> b m h d")
+
+    if q.ndim != 3:
+        raise ValueError(f"packed plans take (tokens, heads, head_dim) inputs, got {tuple(q.shape)}")
+    backend = resolve_backend(backend, q.device, q.dtype)
+    if backend == "flash":
+        from flash_attn import flash_attn_varlen_func
+
+        cu = plan.cu_seqlens
+        return flash_attn_varlen_func(q, k, v, cu, cu, plan.width, plan.width)
+    if backend == "flex":
+        return _flex_packed(q, k, v, plan)
+    if backend == "math":
         seg = plan.segment_ids()  # (T,)
         mask = seg[:, None] == seg[None, :]  # (T, T) block diagonal
         q_, k_, v_ = (rearrange(t, "t h d -> 1 h t d") for t in (q, k, v))
         out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
         return rearrange(out, "1 h t d -> t h d")
-    if q.ndim != 4:
-        raise ValueError(f"{plan.mode} plans take (batch, slots, heads, head_dim) inputs, got {tuple(q.shape)}")
-    mask = plan.valid[:, None, None, :]  # (B, 1, 1, M): attend to real tokens only
-    q_, k_, v_ = (rearrange(t, "b m h d -> b h m d") for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
-    return rearrange(out, "b h m d -> b m h d")
+    # sdpa: unpack to (B, M), attend with a key mask, pack again
+    padded = [plan.unpack(rearrange(t, "t h d -> t (h d)")) for t in (q, k, v)]  # (B, M, H*dh)
+    H = q.shape[1]
+    q_, k_, v_ = (rearrange(t, "b m (h d) -> b h m d", h=H) for t in padded)
+    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=plan.valid[:, None, None, :])
+    return rearrange(plan.pack(rearrange(out, "b h m d -> b m (h d)")), "t (h d) -> t h d", h=H)
+
+
+_flex_compiled = None
+
+
+def _flex_packed(q: Tensor, k: Tensor, v: Tensor, plan: ChunkPlan) -> Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _flex_compiled
+    seg = plan.segment_ids()  # (T,)
+    T = seg.shape[0]
+
+    def same_sample(b, h, q_idx, kv_idx):
+        return seg[q_idx] == seg[kv_idx]
+
+    block_mask = create_block_mask(same_sample, None, None, T, T, device=q.device)
+    q_, k_, v_ = (rearrange(t, "t h d -> 1 h t d") for t in (q, k, v))
+    if q.device.type == "cuda":
+        if _flex_compiled is None:
+            _flex_compiled = torch.compile(flex_attention, dynamic=True)
+        out = _flex_compiled(q_, k_, v_, block_mask=block_mask)
+    else:
+        out = flex_attention(q_, k_, v_, block_mask=block_mask)
+    return rearrange(out, "1 h t d -> t h d")

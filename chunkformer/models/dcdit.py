@@ -1,0 +1,156 @@
+"""DC-DiT: a DiT backbone on a short, data-dependent token sequence.
+
+Data flows one way (shapes for a 2D grid, ``L = H W``, ``T = sum_b M_b``)::
+
+    x (B, C, H, W) --ChunkEncoder(c)--> tokens (B, L, d) --Router--> RouterOutput
+        --ChunkPlan--> plan.chunk(tokens) + pos (T, d) --DiT blocks(c)--> (T, d)
+        --DeChunkDecoder(c)--> (B, out, H, W)
+
+The patch size is 1: the scaffold's convs see every latent pixel and the router
+decides how many tokens the backbone gets.
+"""
+
+import math
+
+from torch import nn
+
+from .._typing import Float, Int, Tensor, typechecked
+from ..attention import Backend
+from ..budget import TimestepAdaptiveBudget
+from ..dechunk import Smoothing
+from ..plan import ChunkPlan, PlanMode
+from ..routing import Router, RouterKind
+from ..scaffold import ChunkEncoder, DeChunkDecoder
+from .checkpoint import capture_config
+from .dit import (
+    DiTBlock,
+    ForwardInfo,
+    LabelEmbedder,
+    TimestepEmbedder,
+    _check_input,
+    as_grid,
+    init_backbone_weights,
+)
+
+__all__ = ["DCDiT"]
+
+
+class DCDiT(nn.Module):
+    """Dynamic Chunking DiT.
+
+    Args:
+        input_size: latent grid (int for square, or a tuple of rank 1-3; non-square works).
+        in_channels: latent channels.
+        hidden_size, depth, num_heads, mlp_ratio: the backbone (DiT blocks).
+        class_dropout_prob, num_classes, learn_sigma: as in :class:`~chunkformer.models.dit.DiT`.
+        router: ``"predictability"`` (default), ``"cosine"`` or ``"cosine1d"``.
+        target_ratio: ``N``: the ratio loss aims at keeping ``1/N`` of the tokens.
+        encoder_depth, decoder_depth: conv ResBlocks in front of / behind the backbone (2 + 2).
+        scaffold_width: conv width (default ``hidden_size // 4``).
+        sigma: de-chunk smoothing bandwidth in grid cells (default ``max(grid) / 32``, at least 1).
+        smoothing: ``"windowed"`` (default), ``"dense"`` or ``"none"``.
+        plan_mode: ``"packed"`` (default), ``"padded"`` or ``"fixed"`` (needs ``capacity``).
+        capacity: tokens per sample in ``"fixed"`` mode (static shapes for torch.compile).
+        attn_backend: see :mod:`chunkformer.attention`.
+    """
+
+    supports_chunking = True
+
+    def __init__(
+        self,
+        input_size: int | tuple[int, ...] = 32,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        router: RouterKind | None = None,
+        target_ratio: float = 4.0,
+        encoder_depth: int = 2,
+        decoder_depth: int = 2,
+        scaffold_width: int | None = None,
+        sigma: float | None = None,
+        smoothing: Smoothing = "windowed",
+        plan_mode: PlanMode = "packed",
+        capacity: int | None = None,
+        attn_backend: Backend = "auto",
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.config = capture_config(locals())
+        fk = {"device": device, "dtype": dtype}
+        self.grid = as_grid(input_size)
+        self.ndim = len(self.grid)
+        self.in_channels, self.hidden_size = in_channels, hidden_size
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.plan_mode, self.capacity = plan_mode, capacity
+        if plan_mode == "fixed" and capacity is None:
+            raise ValueError("plan_mode='fixed' needs capacity (tokens per sample), e.g. capacity=L // 4")
+        sigma = max(1.0, max(self.grid) / 32) if sigma is None else sigma
+        self.budget = TimestepAdaptiveBudget(target_ratio=target_ratio)
+
+        self.t_embedder = TimestepEmbedder(hidden_size, **fk)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob, **fk)
+        self.encoder = ChunkEncoder(
+            in_channels, hidden_size, ndim=self.ndim, depth=encoder_depth, width=scaffold_width, **fk
+        )
+        self.router = Router(hidden_size, ndim=self.ndim, kind=router, **fk)
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, **fk) for _ in range(depth)
+        )
+        self.decoder = DeChunkDecoder(
+            hidden_size, self.out_channels, ndim=self.ndim, depth=decoder_depth, width=scaffold_width,
+            sigma=sigma, smoothing=smoothing, **fk,
+        )
+        init_backbone_weights(self)
+
+    @property
+    def null_class(self) -> int | None:
+        return self.y_embedder.null_class
+
+    @typechecked
+    def forward(
+        self,
+        x: Float[Tensor, "batch channels *grid"],
+        t: Float[Tensor, "batch"] | Int[Tensor, "batch"],
+        y: Int[Tensor, "batch"] | None = None,
+        *,
+        rho: float | Tensor | None = None,
+        return_info: bool = False,
+    ):
+        """``x``: ``(B, C, *grid)``; ``t``: ``(B,)``; ``y``: ``(B,)`` labels or ``None``.
+
+        ``rho``: tail-drop fraction (float or ``(B,)``); ``None`` follows the budget's
+        timestep schedule if it has one, else keeps the router's natural choice.
+        """
+        _check_input(self, x)
+        grid = tuple(x.shape[2:])
+        # 1. conditioning and encoder
+        c = self.t_embedder(t) + self.y_embedder(y, x.shape[0], x.device)  # (B, d)
+        tokens = self.encoder(x, c)  # (B, L, d)
+        # 2. route and plan
+        if rho is None:
+            rho = self.budget.rho_at(t) if self.budget.schedule is not None else 0.0
+        routed = self.router(tokens, grid, rho=rho)  # RouterOutput, (B, L) fields
+        plan = ChunkPlan.from_router(routed, mode=self.plan_mode, capacity=self.capacity)
+        # 3. backbone on the kept tokens, at their original positions
+        h = plan.chunk(tokens) + plan.position_embedding(self.hidden_size).to(tokens.dtype)  # (T, d) | (B, M, d)
+        for block in self.blocks:
+            h = block(h, c, plan)
+        # 4. de-chunk and decode
+        out = self.decoder(h, plan, routed, tokens, c)  # (B, out, *grid)
+        if not return_info:
+            return out
+        info = ForwardInfo(
+            ratio_loss=self.budget.ratio_loss(routed), kept=plan.lengths, tokens=math.prod(grid),
+            router=routed, plan=plan,
+        )
+        return out, info
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, target_ratio={self.budget.target_ratio}, plan_mode={self.plan_mode!r}"
