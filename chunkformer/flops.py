@@ -134,10 +134,10 @@ def _attention_flops(module: Attention, args, kwargs, output) -> float:
 
 
 def _dechunk_flops(module: DeChunkDecoder, args, kwargs, output) -> float:
-    """Smoothing plus the fp32 residual projection (called functionally, so no Linear hook sees it)."""
+    """Smoothing (the residual projection is an nn.Linear, counted by its own hook)."""
     plan = args[1] if len(args) > 1 else kwargs["plan"]
     B, L, d = plan.order.shape[0], plan.num_tokens, module.dim
-    flops = 2.0 * B * L * d * d  # residual projection of the encoder tokens
+    flops = 0.0
     if module.smoothing == "none" or module.sigma <= 0:
         return flops
     if module.smoothing == "dense":

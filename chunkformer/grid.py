@@ -24,7 +24,7 @@ __all__ = [
     "sincos_embed",
 ]
 
-GridShape = tuple[int, ...]
+GridShape = tuple[int, ...] | list[int]
 
 _AXES = ("g1", "g2", "g3")  # einops names for up to three grid axes
 

@@ -4,8 +4,10 @@ Three variants, all run in fp32 with autocast off:
 
 * ``"predictability"`` (default, DC-DiT v2): ``z = Conv1x1(x)`` to ``d/4``; the
   residual ``r = z - Conv3x3(z)`` measures how badly a token is predicted by its
-  neighbours; ``Conv3x3 -> GroupNorm -> SiLU -> Conv1x1`` turns it into a keep logit
-  (bias ``-1.1``, so about a quarter of the tokens pass at initialisation).
+  neighbours; ``Conv3x3 -> GroupNorm -> SiLU -> Conv1x1`` turns it into a keep logit.
+  Its bias starts at ``-1.1``: ``p ~ 0.25 = 1/N`` on average, so a new router keeps little
+  beyond the first and last token (``p > 0.5`` is rare) until the ratio loss pulls ``G``
+  up towards ``1/N`` and the diffusion loss teaches it where tokens matter.
 * ``"cosine"`` (DC-DiT v1, any rank >= 2): ``p = (1 - q . k_bar) / 2`` with unit
   ``q = W_q x``, ``k = W_k x`` and ``k_bar`` a learnable depthwise 3^n average of ``k``.
 * ``"cosine1d"`` (H-Net, rank 1): ``p_t = (1 - cos(q_t, k_{t-1})) / 2``, ``p_1 = 1``.
@@ -29,6 +31,7 @@ from torch import nn
 from ._typing import Float, Tensor, check_finite, typechecked
 from .budget import Rho, _tail_drop, check_rho
 from .grid import GridShape, check_grid, conv_nd, to_grid
+from .precision import FP32Module
 from .grid import norm_groups as group_count
 
 __all__ = ["Router", "RouterOutput", "RouterKind", "ROUTER_KINDS"]
@@ -67,7 +70,7 @@ class RouterOutput:
         return self.mask.float().mean(-1)
 
 
-class Router(nn.Module):
+class Router(FP32Module):
     """Score tokens of an N-D grid and pick the ones to keep.
 
     Args:
@@ -78,6 +81,8 @@ class Router(nn.Module):
         hidden: bottleneck width of the predictability router (default ``dim // 4``).
         norm_groups: GroupNorm groups in the scorer (default 8; reduced to divide ``hidden``).
         init_bias: initial keep-logit bias (``-1.1``: ``sigmoid ~ 0.25`` at start).
+
+    Parameters stay fp32 when the model is cast to bf16/fp16 (:class:`FP32Module`).
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class Router(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dtype = torch.float32 if dtype is not None and dtype.is_floating_point else dtype
         if ndim not in (1, 2, 3):
             raise ValueError(f"ndim must be 1, 2 or 3 (grid rank), got {ndim}")
         kind = kind or ("cosine1d" if ndim == 1 else "predictability")

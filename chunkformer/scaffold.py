@@ -18,9 +18,18 @@ from ._typing import Float, Tensor, typechecked
 from .dechunk import Smoothing, dechunk, ste_ones
 from .grid import conv_nd, norm_groups, to_grid, to_tokens
 from .plan import ChunkPlan
+from .precision import FP32Module
 from .routing import RouterOutput
 
 __all__ = ["ResBlock", "ChunkEncoder", "DeChunkDecoder", "FinalLayer"]
+
+
+def _require_cond(c: Tensor | None, cond_dim: int) -> None:
+    if c is None:
+        raise ValueError(
+            f"this block is conditioned: pass c of shape (batch, {cond_dim}) (timestep + label embedding), "
+            "or build it with cond_dim=0 for an unconditioned scaffold"
+        )
 
 
 class ResBlock(nn.Module):
@@ -62,6 +71,7 @@ class ResBlock(nn.Module):
     ) -> Float[Tensor, "batch cout *grid"]:
         h = self.conv1(F.silu(self.norm1(x)))  # (B, inner, *grid)
         if self.cond is not None:
+            _require_cond(c, self.cond.in_features)
             h = h + self.cond(F.silu(c)).reshape(*h.shape[:2], *([1] * (h.ndim - 2)))
         h = self.conv2(F.silu(self.norm2(h)))  # (B, cout, *grid)
         return h + self.skip(x)
@@ -143,9 +153,14 @@ class FinalLayer(nn.Module):
     ) -> Float[Tensor, "batch tokens out"]:
         h = self.norm(x)
         if self.modulation is not None:
+            _require_cond(c, self.modulation.in_features)
             shift, scale = self.modulation(F.silu(c))[:, None].chunk(2, dim=-1)  # (B, 1, dim) each
             h = h * (1 + scale) + shift
         return self.linear(h)
+
+
+class _FP32Linear(nn.Linear, FP32Module):
+    """A linear layer that stays fp32 when its model is cast to half precision."""
 
 
 class DeChunkDecoder(nn.Module):
@@ -180,12 +195,18 @@ class DeChunkDecoder(nn.Module):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1 ResBlock, got {depth}")
+        if smoothing not in ("windowed", "dense", "none"):
+            raise ValueError(f"smoothing must be 'windowed', 'dense' or 'none', got {smoothing!r}")
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0 grid cells (0 turns smoothing off), got {sigma}")
+        if truncate <= 0:
+            raise ValueError(f"truncate must be > 0 (window radius in units of sigma), got {truncate}")
         fk = {"device": device, "dtype": dtype}
         width = width or max(dim // 4, 1)
         cond_dim = dim if cond_dim is None else cond_dim
         self.dim, self.ndim, self.width, self.out_channels = dim, ndim, width, out_channels
         self.sigma, self.smoothing, self.truncate = sigma, smoothing, truncate
-        self.residual = nn.Linear(dim, dim, device=device, dtype=torch.float32)
+        self.residual = _FP32Linear(dim, dim, device=device, dtype=torch.float32)  # stays fp32
         nn.init.zeros_(self.residual.weight)
         nn.init.zeros_(self.residual.bias)
         self.blocks = nn.ModuleList(
@@ -208,7 +229,7 @@ class DeChunkDecoder(nn.Module):
                 sigma=self.sigma, smoothing=self.smoothing, truncate=self.truncate,
             )  # (B, L, d) fp32
             gate = ste_ones(router_out.confidence.float())[..., None]  # (B, L, 1), == 1 forward
-            res = F.linear(enc_tokens.float(), self.residual.weight.float(), self.residual.bias.float())
+            res = self.residual(enc_tokens.float())  # (B, L, d) fp32
             return full * gate + res
 
     @typechecked

@@ -204,3 +204,14 @@ def test_kept_tokens_fall_as_rho_rises():
     kept = [model(x, t, y, rho=r, return_info=True)[1].kept.sum().item() for r in (0.0, 0.3, 0.6)]
     assert kept[0] > kept[1] > kept[2]
     assert math.isclose(kept[2], kept[0] * 0.4, rel_tol=0.1)
+
+
+def test_router_and_residual_stay_fp32_when_the_model_is_cast_to_bf16():
+    model = tiny("DC-DiT-S").to(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in model.router.parameters())
+    assert model.decoder.residual.weight.dtype == torch.float32
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    x, t, y = batch()
+    out, info = model(x.bfloat16(), t, y, return_info=True)
+    assert out.dtype == torch.bfloat16 and info.router.probs.dtype == torch.float32
+    assert torch.isfinite(out.float()).all()

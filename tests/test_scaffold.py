@@ -82,3 +82,20 @@ def test_scaffold_rejects_bad_input():
         enc(torch.randn(2, 4, 8, 8, 8), torch.randn(2, 32))
     with pytest.raises(ValueError, match="depth"):
         ChunkEncoder(4, 32, depth=0)
+
+
+def test_missing_conditioning_and_bad_decoder_settings_are_named():
+    enc = ChunkEncoder(4, 32)
+    with pytest.raises(ValueError, match=r"pass c of shape \(batch, 32\)"):
+        enc(torch.randn(2, 4, 8, 8))
+    assert ChunkEncoder(4, 32, cond_dim=0)(torch.randn(2, 4, 8, 8)).shape == (2, 64, 32)
+    with pytest.raises(ValueError, match="smoothing"):
+        DeChunkDecoder(32, 8, smoothing="gaussian")
+    with pytest.raises(ValueError, match="sigma"):
+        DeChunkDecoder(32, 8, sigma=-1)
+
+
+def test_list_grids_work_with_shape_checks_on():
+    router = Router(16)
+    out = router(torch.randn(2, 64, 16), [8, 8])
+    assert out.grid == (8, 8)
