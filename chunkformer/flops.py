@@ -32,7 +32,7 @@ from torch import nn
 from .models.dit import Attention
 from .scaffold import DeChunkDecoder
 
-__all__ = ["FlopReport", "count_flops", "sampling_tflops", "COMPONENTS"]
+__all__ = ["FlopReport", "FlopCounter", "count_flops", "sampling_tflops", "COMPONENTS"]
 
 COMPONENTS: tuple[str, ...] = (
     "embed",
@@ -146,6 +146,56 @@ def _dechunk_flops(module: DeChunkDecoder, args, kwargs, output) -> float:
     return flops + 2.0 * B * L * (d + 1) * (2 * radius + 1) * len(plan.grid)
 
 
+class FlopCounter:
+    """Accumulate FLOPs (this module's convention) over every forward of ``model`` in a ``with`` block.
+
+        with FlopCounter(model) as counter:
+            samples = diffusion.sample(model_fn, shape)      # any number of forwards, CFG included
+        counter.total / shape[0]                             # FLOPs per generated image
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.tally: dict[str, float] = defaultdict(float)
+        self._handles: list = []
+
+    def _add(self, comp: str, value: float) -> None:
+        self.tally[comp] += value
+
+    def __enter__(self) -> "FlopCounter":
+        for name, module in self.model.named_modules():
+            comp = _component(name)
+            if isinstance(module, nn.Linear):
+                fn = _linear_flops
+            elif isinstance(module, nn.modules.conv._ConvNd):
+                fn = _conv_flops
+            else:
+                fn = None
+            if fn is not None:
+                self._handles.append(module.register_forward_hook(
+                    lambda m, a, o, fn=fn, comp=comp: self._add(comp, fn(m, a, o))))
+            if isinstance(module, Attention):
+                self._handles.append(module.register_forward_hook(
+                    lambda m, a, k, o, comp=comp: self._add(comp, _attention_flops(m, a, k, o)), with_kwargs=True))
+            if isinstance(module, DeChunkDecoder):
+                self._handles.append(module.register_forward_hook(
+                    lambda m, a, k, o: self._add("de-chunk", _dechunk_flops(m, a, k, o)), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def by_component(self) -> dict[str, float]:
+        return {name: float(self.tally.get(name, 0.0)) for name in COMPONENTS}
+
+    @property
+    def total(self) -> float:
+        return sum(self.tally.values())
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 **forward_kwargs) -> FlopReport:
@@ -154,41 +204,12 @@ def count_flops(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Ten
     Works on the ``meta`` device for models without data-dependent routing (plain DiTs),
     so paper-sized rows cost no memory.
     """
-    tally: dict[str, float] = defaultdict(float)
-    handles = []
-    for name, module in model.named_modules():
-        comp = _component(name)
-        if isinstance(module, nn.Linear):
-            fn = _linear_flops
-        elif isinstance(module, nn.modules.conv._ConvNd):
-            fn = _conv_flops
-        else:
-            fn = None
-        if fn is not None:
-            handles.append(module.register_forward_hook(
-                lambda m, a, o, fn=fn, comp=comp: tally.__setitem__(comp, tally[comp] + fn(m, a, o))
-            ))
-        if isinstance(module, Attention):
-            handles.append(module.register_forward_hook(
-                lambda m, a, k, o, comp=comp: tally.__setitem__(comp, tally[comp] + _attention_flops(m, a, k, o)),
-                with_kwargs=True,
-            ))
-        if isinstance(module, DeChunkDecoder):
-            handles.append(module.register_forward_hook(
-                lambda m, a, k, o: tally.__setitem__("de-chunk", tally["de-chunk"] + _dechunk_flops(m, a, k, o)),
-                with_kwargs=True,
-            ))
-    try:
+    with FlopCounter(model) as counter:
         result = model(x, t, y, return_info=True, **forward_kwargs)
-    finally:
-        for h in handles:
-            h.remove()
     info = result[1] if isinstance(result, tuple) else None
-    by_component = {name: float(tally.get(name, 0.0)) for name in COMPONENTS}
-    total = sum(by_component.values())
     B = x.shape[0]
-    kept = info.kept if info is not None else None
-    return FlopReport(total=total, per_sample=total / B, by_component=by_component, batch=B, kept=kept)
+    return FlopReport(total=counter.total, per_sample=counter.total / B, by_component=counter.by_component,
+                      batch=B, kept=info.kept if info is not None else None)
 
 
 def sampling_tflops(

@@ -14,7 +14,7 @@ import math
 
 from torch import nn
 
-from .._typing import Float, Int, Tensor, typechecked
+from .._typing import Bool, Float, Int, Tensor, typechecked
 from ..attention import Backend
 from ..budget import TimestepAdaptiveBudget
 from ..dechunk import Smoothing
@@ -122,16 +122,18 @@ class DCDiT(nn.Module):
         *,
         rho: float | Tensor | None = None,
         return_info: bool = False,
+        label_drop: Bool[Tensor, "batch"] | None = None,
     ):
         """``x``: ``(B, C, *grid)``; ``t``: ``(B,)``; ``y``: ``(B,)`` labels or ``None``.
 
         ``rho``: tail-drop fraction (float or ``(B,)``); ``None`` follows the budget's
         timestep schedule if it has one, else keeps the router's natural choice.
+        ``label_drop``: ``(B,)`` bool labels to replace by the null class (default: random in training).
         """
         _check_input(self, x)
         grid = tuple(x.shape[2:])
         # 1. conditioning and encoder
-        c = self.t_embedder(t) + self.y_embedder(y, x.shape[0], x.device)  # (B, d)
+        c = self.t_embedder(t) + self.y_embedder(y, x.shape[0], x.device, label_drop)  # (B, d)
         tokens = self.encoder(x, c)  # (B, L, d)
         # 2. route and plan
         if rho is None:

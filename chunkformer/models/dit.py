@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .._typing import Float, Int, Tensor, typechecked
+from .._typing import Bool, Float, Int, Tensor, typechecked
 from ..attention import Backend, chunk_attention, dense_attention
 from ..grid import conv_nd, grid_coords, sincos_embed
 from ..plan import ChunkPlan
@@ -83,11 +83,16 @@ class LabelEmbedder(nn.Module):
         """Index of the null (unconditional) label, or ``None`` if the model has none."""
         return self.num_classes if self.dropout > 0 else None
 
-    def forward(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
+    def forward(self, y: Tensor | None, batch: int, device: torch.device, drop: Tensor | None = None) -> Tensor:
+        """``drop``: optional ``(B,)`` bool mask of labels to replace by the null class; by default
+        a random ``dropout`` fraction is replaced in training mode."""
         if y is None:  # unconditional call: null label if there is one, else class 0
             y = torch.full((batch,), self.null_class or 0, device=device, dtype=torch.long)
-        elif self.training and self.dropout > 0:
-            drop = torch.rand(y.shape[0], device=y.device) < self.dropout
+        elif drop is not None or (self.training and self.dropout > 0):
+            if self.null_class is None:
+                raise ValueError("label dropout needs a null class: build the model with class_dropout_prob > 0")
+            if drop is None:
+                drop = torch.rand(y.shape[0], device=y.device) < self.dropout
             y = torch.where(drop, self.num_classes, y)
         return self.embedding_table(y)  # (B, d)
 
@@ -260,12 +265,13 @@ class DiT(nn.Module):
         sizes.update({p: self.patch_size for p in patches})
         return rearrange(x, f"{src} -> {dst}", **sizes)
 
-    def embed(self, x: Tensor, t: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+    def embed(self, x: Tensor, t: Tensor, y: Tensor | None, label_drop: Tensor | None = None
+              ) -> tuple[Tensor, Tensor]:
         """Shared by DiT and wrappers: patch tokens ``(B, L, d)`` (with position) and ``c`` ``(B, d)``."""
         h = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, L, d)
         patch_grid = tuple(s // self.patch_size for s in x.shape[2:])
         h = h + sincos_embed(grid_coords(patch_grid, device=x.device), self.hidden_size).to(h.dtype)
-        c = self.t_embedder(t) + self.y_embedder(y, x.shape[0], x.device)  # (B, d)
+        c = self.t_embedder(t) + self.y_embedder(y, x.shape[0], x.device, label_drop)  # (B, d)
         return h, c
 
     @typechecked
@@ -277,12 +283,17 @@ class DiT(nn.Module):
         *,
         rho: float | Tensor | None = None,
         return_info: bool = False,
+        label_drop: Bool[Tensor, "batch"] | None = None,
     ):
-        """``x``: ``(B, C, *grid)`` noisy latents, ``t``: ``(B,)`` timesteps, ``y``: ``(B,)`` labels."""
+        """``x``: ``(B, C, *grid)`` noisy latents, ``t``: ``(B,)`` timesteps, ``y``: ``(B,)`` labels.
+
+        ``label_drop``: ``(B,)`` bool, labels to replace by the null class (CFG training); by
+        default a random ``class_dropout_prob`` fraction in training mode.
+        """
         _check_input(self, x)
         if rho is not None and not (isinstance(rho, (int, float)) and rho == 0):
             raise ValueError("a plain DiT keeps every token: rho must be None or 0 (use a DC-DiT for budgets)")
-        h, c = self.embed(x, t, y)  # (B, L, d), (B, d)
+        h, c = self.embed(x, t, y, label_drop)  # (B, L, d), (B, d)
         for block in self.blocks:
             h = block(h, c)  # (B, L, d)
         out = self.unpatchify(self.final_layer(h, c), x.shape[2:])  # (B, out, *grid)

@@ -1,0 +1,86 @@
+"""Processes, devices and model wrapping for the recipes: one place owns DDP / FSDP2 / compile.
+
+A plain ``python -m recipes.train`` runs one process (no launcher needed); under
+``torchrun`` every process joins the group (NCCL on CUDA, gloo on CPU).
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["Dist", "init_distributed", "parallelize", "unwrap", "barrier", "all_reduce_mean"]
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed() -> Dist:
+    """Join the process group if launched by torchrun; pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def parallelize(model: nn.Module, d: Dist, *, parallel: str = "ddp", compile: bool = False) -> nn.Module:
+    """Compile (optional) and wrap for data parallelism: ``"ddp"`` or ``"fsdp"`` (FSDP2, per block)."""
+    if compile:
+        model = torch.compile(model)
+    if not d.enabled:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        inner = getattr(model, "_orig_mod", model)
+        for block in inner.blocks:
+            fully_shard(block)
+        fully_shard(inner)
+        return model
+    if parallel != "ddp":
+        raise ValueError(f"train.parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [d.local_rank] if d.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= d.world
+    return value

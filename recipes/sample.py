@@ -1,0 +1,121 @@
+"""Sample from a trained model: a PNG grid, and for evaluation an .npz of uint8 samples + a JSON of every setting.
+
+    python -m recipes.sample --ckpt results/tiny-cpu-DC-DiT-S --num 64
+    python -m recipes.sample --ckpt results/run/checkpoints/step-0005000.pt --num 5000 \\
+        --sampler ddim --steps 50 --guidance 1.5 --uncond-rho 0.9 --rho 0.2 --out samples/run-rho0.2
+    torchrun --nproc_per_node 8 -m recipes.sample --ckpt ... --num 50000   # each rank a share, merged on rank 0
+
+``--ckpt`` takes a run folder (its newest checkpoint), a checkpoint file, or a
+``save_pretrained`` directory. EMA weights are used unless ``--no-ema``. Writes
+``OUT.png`` (a grid of the first 64), ``OUT.npz`` (``samples``: uint8 ``(N, H, W, C)``,
+``labels``) and ``OUT.json`` (checkpoint, EMA, sampler, steps, guidance, rho, Lite-CFG rho,
+seed, kept-token fraction, TFLOPs per image).
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import chunkformer as cf
+from chunkformer.diffusion import create_diffusion
+from chunkformer.viz import save_image_grid
+from recipes.checkpoints import latest_checkpoint, load_checkpoint
+from recipes.config import from_dict
+from recipes.parallel import barrier, init_distributed
+from recipes.sampling import generate
+from recipes.train import build_model
+
+__all__ = ["main", "load_for_sampling", "to_uint8"]
+
+
+def load_for_sampling(ckpt: str, *, ema: bool = True, device="cpu"):
+    """``(model, diffusion, recipe_or_None, resolved_path)`` from a run folder, checkpoint or pretrained dir."""
+    path = Path(ckpt)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        model = cf.create_model(str(path)).to(device).eval()
+        learn_sigma = model.out_channels != model.in_channels
+        return model, create_diffusion("ddpm", learn_sigma=learn_sigma), None, path
+    if path.is_dir():
+        found = latest_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint under {path}")
+        path, state = found
+    else:
+        state = load_checkpoint(path)
+    cfg = from_dict(state["config"])
+    model = build_model(cfg, None, None, torch.device(device))
+    model.load_state_dict(state["ema" if ema else "model"])
+    diffusion = create_diffusion(cfg.diffusion.kind, num_timesteps=cfg.diffusion.num_timesteps,
+                                 schedule=cfg.diffusion.schedule, learn_sigma=model.out_channels != model.in_channels)
+    return model.eval(), diffusion, cfg, path
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """``(N, C, H, W)`` in ``[-1, 1]`` -> ``(N, H, W, C)`` uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="run folder, checkpoint file or save_pretrained directory")
+    p.add_argument("--out", default="", help="output stem (default: <run>/samples/eval-...)")
+    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--sampler", default=None, help="ddpm | ddim | euler (default: the recipe's)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the recipe's)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--rho", type=float, default=0.0, help="tail-drop fraction (elastic inference)")
+    p.add_argument("--uncond-rho", type=float, default=None, help="Lite-CFG: rho of the unconditional half")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-label", type=int, default=None, help="sample one class only")
+    args = p.parse_args(argv)
+
+    d = init_distributed()
+    model, diffusion, cfg, path = load_for_sampling(args.ckpt, ema=not args.no_ema, device=d.device)
+    sampler = args.sampler or (cfg.diffusion.sampler if cfg else "ddpm")
+    steps = args.steps or (cfg.diffusion.sample_steps if cfg else 250)
+    num_classes = model.y_embedder.num_classes
+    labels = torch.full((args.num,), args.class_label) if args.class_label is not None else torch.arange(args.num) % num_classes
+    share = torch.arange(args.num)[d.rank :: d.world]  # this rank's samples (interleaved, stable per seed)
+    out = generate(model, diffusion, num=len(share), shape=(model.in_channels, *model.grid), num_classes=num_classes,
+                   device=d.device, seed=args.seed * 1000 + d.rank, sampler=sampler, steps=steps,
+                   guidance=args.guidance, rho=args.rho, uncond_rho=args.uncond_rho, labels=labels[share],
+                   batch_size=args.batch, progress=d.is_main and os.isatty(2))
+    stem = Path(args.out) if args.out else Path(path).parent.parent / "samples" / (
+        f"eval-{sampler}{steps}-g{args.guidance:g}-rho{args.rho:g}" + (f"-u{args.uncond_rho:g}" if args.uncond_rho is not None else ""))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    part = stem.with_name(stem.name + f".rank{d.rank}.pt")
+    torch.save({"samples": out["samples"], "labels": out["labels"], "index": share, "kept": out["kept_fraction"],
+                "tflops": out["tflops_per_image"]}, part)
+    barrier(d)
+    if not d.is_main:
+        return {}
+    parts = [torch.load(stem.with_name(stem.name + f".rank{r}.pt")) for r in range(d.world)]
+    order = torch.cat([q["index"] for q in parts]).argsort()
+    samples = torch.cat([q["samples"] for q in parts])[order]
+    labels_out = torch.cat([q["labels"] for q in parts])[order]
+    for r in range(d.world):
+        stem.with_name(stem.name + f".rank{r}.pt").unlink()
+    np.savez(stem.with_suffix(".npz"), samples=to_uint8(samples), labels=labels_out.numpy())
+    save_image_grid(samples[:64].clamp(-1, 1), stem.with_suffix(".png"))
+    settings = {
+        "checkpoint": str(path), "ema": not args.no_ema, "sampler": sampler, "steps": steps,
+        "guidance": args.guidance, "rho": args.rho, "uncond_rho": args.uncond_rho, "seed": args.seed,
+        "num_samples": args.num, "world_size": d.world,
+        "kept_fraction": float(np.mean([q["kept"] for q in parts])),
+        "tflops_per_image": float(np.mean([q["tflops"] for q in parts])),
+        "npz": str(stem.with_suffix(".npz")), "grid": str(stem.with_suffix(".png")),
+    }
+    stem.with_suffix(".json").write_text(json.dumps(settings, indent=2))
+    print(f"wrote {settings['npz']} ({args.num} samples), {settings['grid']}, {stem.with_suffix('.json')} | "
+          f"kept {settings['kept_fraction']:.1%} | {settings['tflops_per_image']:.4f} TFLOPs/image")
+    return settings
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Shared by train / sample: generate images, and the figures that show what the router does.
+
+* :func:`generate`: samples from a model with every setting explicit (sampler, steps,
+  guidance, Lite-CFG, rho, seed), recording kept tokens per step and the FLOPs spent.
+* :func:`sample_images`: a PNG grid from the EMA model during training.
+* :func:`make_report_figures`: the end-of-run report: sample grid, boundary maps over
+  timesteps, kept tokens versus timestep, FLOPs by component; returns the metrics.
+"""
+
+from pathlib import Path
+
+import torch
+
+import chunkformer as cf
+from chunkformer.diffusion import guided_model_fn
+from chunkformer.flops import FlopCounter
+from chunkformer.viz import (
+    plot_boundary_maps,
+    plot_flops_by_component,
+    plot_kept_vs_timestep,
+    save_image_grid,
+)
+
+__all__ = ["generate", "sample_images", "make_report_figures"]
+
+
+@torch.no_grad()
+def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes: int, device,
+             seed: int = 0, sampler: str = "ddpm", steps: int = 250, guidance: float = 1.0,
+             rho: float = 0.0, uncond_rho: float | None = None, labels: torch.Tensor | None = None,
+             batch_size: int = 64, progress: bool = False) -> dict:
+    """Generate ``num`` samples; returns ``samples`` (N, C, *grid) float, ``labels``, ``kept_fraction``
+    (mean over forwards and samples), ``kept_by_t`` (per-step means) and ``tflops_per_image``."""
+    model.eval()
+    chunking = getattr(model, "supports_chunking", False)
+    if labels is None:
+        labels = torch.arange(num) % num_classes
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn((num, *shape), generator=g)
+    outs, kept_rows = [], []
+    with FlopCounter(model) as counter:
+        for start in range(0, num, batch_size):
+            y = labels[start : start + batch_size].to(device)
+            infos = []
+            fn = guided_model_fn(model, y, scale=guidance, null_class=getattr(model, "null_class", None),
+                                 rho=rho if chunking else None, uncond_rho=uncond_rho if chunking else None,
+                                 on_info=infos.append)
+            x = diffusion.sample(fn, (y.shape[0], *shape), sampler=sampler, steps=steps,
+                                 noise=noise[start : start + batch_size].to(device), progress=progress,
+                                 device=device)
+            outs.append(x.float().cpu())
+            kept_rows.append(torch.stack([i.kept.float() / i.tokens for i in infos]).cpu())  # (steps, B')
+    kept = torch.cat(kept_rows, dim=1)  # (forwards per sample, N or 2N with CFG)
+    return {
+        "samples": torch.cat(outs),
+        "labels": labels,
+        "kept_fraction": float(kept.mean()),
+        "kept_by_step": kept.mean(1).tolist(),
+        "tflops_per_image": counter.total / num / 1e12,
+        "flops_by_component": counter.by_component,
+    }
+
+
+def sample_images(model, diffusion, cfg, path: Path, *, device, num: int = 16) -> Path:
+    """An EMA sample grid during training (the recipe's sampler and step count, no guidance)."""
+    shape = (model.in_channels, *model.grid)
+    out = generate(model, diffusion, num=num, shape=shape, num_classes=model.y_embedder.num_classes,
+                   device=device, sampler=cfg.diffusion.sampler, steps=cfg.diffusion.sample_steps,
+                   seed=cfg.train.seed)
+    return save_image_grid(out["samples"].clamp(-1, 1), path)
+
+
+def _timestep_values(diffusion, fractions) -> list:
+    """Timesteps at the given fractions of the noise range (0 = clean, 1 = pure noise)."""
+    if getattr(diffusion, "kind", "ddpm") == "flow":
+        return [float(f) for f in fractions]
+    T = diffusion.num_timesteps
+    return [int(round(f * (T - 1))) for f in fractions]
+
+
+@torch.no_grad()
+def make_report_figures(model, diffusion, cfg, run_dir: Path, *, device, source) -> dict:
+    """Samples, boundary maps, kept-vs-timestep and FLOPs figures for a trained (EMA) model."""
+    model.eval()
+    figures = Path(run_dir) / "figures"
+    chunking = getattr(model, "supports_chunking", False)
+    shape = (model.in_channels, *model.grid)
+    metrics: dict = {}
+
+    # 1. samples
+    out = generate(model, diffusion, num=cfg.train.num_sample_images, shape=shape,
+                   num_classes=model.y_embedder.num_classes, device=device, sampler=cfg.diffusion.sampler,
+                   steps=cfg.diffusion.sample_steps, seed=cfg.train.seed)
+    metrics["samples"] = str(save_image_grid(out["samples"].clamp(-1, 1), Path(run_dir) / "samples" / "final.png"))
+    metrics["sampling_kept_fraction"] = out["kept_fraction"]
+    metrics["sampling_tflops_per_image"] = out["tflops_per_image"]
+    metrics["sampler"] = {"sampler": cfg.diffusion.sampler, "steps": cfg.diffusion.sample_steps, "ema": True,
+                          "guidance": 1.0, "seed": cfg.train.seed}
+    if not chunking:
+        return metrics
+
+    # 2. boundary maps: real images at several noise levels (x_t above, kept tokens below)
+    g = torch.Generator().manual_seed(1234)
+    idx = torch.randperm(len(source), generator=g)[:4]
+    x0, y = (v.to(device) for v in source.get(idx))
+    fractions = (0.9, 0.7, 0.5, 0.3, 0.1)
+    xs, masks, probs = [], [], []
+    for tv in _timestep_values(diffusion, fractions):
+        t = torch.full((x0.shape[0],), tv, device=device, dtype=torch.float32 if isinstance(tv, float) else torch.long)
+        x_t, _ = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(device))
+        _, info = model(x_t, diffusion.model_timesteps(t), y, return_info=True)
+        xs.append(x_t.cpu())
+        masks.append(info.router.mask.cpu())
+        probs.append(info.router.probs.cpu())
+    metrics["boundary_maps"] = str(plot_boundary_maps(xs, masks, fractions, figures / "boundary_maps.png",
+                                                      title="x_t (top) and kept tokens (bottom); noise level"))
+
+    # 3. kept fraction versus timestep over many real images
+    n = min(len(source), 512)
+    idx = torch.randperm(len(source), generator=g)[:n]
+    x0, y = (v.to(device) for v in source.get(idx))
+    levels = torch.rand(n, generator=g)
+    tvals = _timestep_values(diffusion, levels.tolist())
+    t = torch.tensor(tvals, device=device)
+    kept = []
+    for s in range(0, n, 128):
+        x_t, _ = diffusion.q_sample(x0[s : s + 128], t[s : s + 128], torch.randn(x0[s : s + 128].shape, generator=g).to(device))
+        _, info = model(x_t, diffusion.model_timesteps(t[s : s + 128]), y[s : s + 128], return_info=True)
+        kept.append(info.kept_fraction.cpu())
+    kept = torch.cat(kept)
+    metrics["kept_vs_timestep"] = str(plot_kept_vs_timestep(levels, kept, figures / "kept_vs_timestep.png"))
+    clean, noisy = kept[levels < 0.2], kept[levels > 0.8]
+    metrics["kept_fraction_clean"] = float(clean.mean()) if clean.numel() else None
+    metrics["kept_fraction_noisy"] = float(noisy.mean()) if noisy.numel() else None
+
+    # 4. FLOPs by component for one forward at mid noise
+    report = cf.count_flops(model, x_t[:1], diffusion.model_timesteps(t[:1]), y[:1])
+    metrics["flops_by_component"] = str(plot_flops_by_component(report.by_component, figures / "flops_by_component.png"))
+    return metrics

@@ -1,0 +1,273 @@
+"""Train a DC-DiT or DiT: ``python -m recipes.train --recipe NAME [section.key=value ...]``.
+
+    python -m recipes.train --recipe tiny-cpu                    # the README's main job (CPU, minutes)
+    python -m recipes.train --recipe DC-DiT-XL --print-config    # the paper's setting
+    python -m recipes.train --recipe DC-DiT-S --dry-run          # params and FLOPs, then exit
+    torchrun --nproc_per_node 8 -m recipes.train --recipe DC-DiT-XL data.path=/data/in256-latents
+    python -m recipes.train --recipe tiny-cpu train.resume=auto  # continue the latest run
+
+Phases: setup -> run folder -> model + EMA -> optimiser -> data -> resume -> loop -> final
+samples, figures and metrics. A run folder ``results/<run>/`` holds ``log.txt``,
+``metrics.jsonl``, ``config.json``, ``checkpoints/step-*.pt``, ``samples/`` and ``figures/``.
+Randomness of step ``s`` (timesteps, noise, label dropout, the multi-budget ``rho``) is drawn
+for the whole global batch from a generator seeded by ``(seed, s)``; each rank takes its slice.
+So a resumed run repeats an uninterrupted one bit for bit, and N processes make the same
+update as one process with the same global batch.
+"""
+
+import argparse
+import copy
+import json
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+import chunkformer as cf
+from chunkformer.diffusion import create_diffusion
+from recipes.checkpoints import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from recipes.config import PRESETS, Recipe, apply_overrides, get_recipe, to_dict, to_yaml
+from recipes.data import StepBatches, build_source
+from recipes.parallel import Dist, all_reduce_mean, barrier, init_distributed, parallelize, unwrap
+from recipes.sampling import make_report_figures, sample_images
+
+__all__ = ["main", "train", "build_model"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--recipe", default="tiny-cpu", choices=sorted(PRESETS), help="named preset")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true", help="build the model, print params and FLOPs, exit")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=1000 model.overrides.depth=4")
+    return p.parse_args(argv)
+
+
+def build_model(cfg: Recipe, source_shape: tuple[int, ...] | None, num_classes: int | None,
+                device: torch.device) -> torch.nn.Module:
+    """``create_model`` with the data's channels / grid / classes filled in where the recipe leaves them."""
+    kw = dict(cfg.model.overrides)
+    if source_shape is not None:
+        kw.setdefault("in_channels", source_shape[0])
+        kw.setdefault("input_size", list(source_shape[1:]))
+    if num_classes is not None:
+        kw.setdefault("num_classes", num_classes)
+    return cf.create_model(cfg.model.name, **kw).to(device)
+
+
+def _log(d: Dist, log_file, message: str) -> None:
+    if d.is_main:
+        print(message, flush=True)
+        if log_file is not None:
+            log_file.write(message + "\n")
+            log_file.flush()
+
+
+def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
+    """Run the recipe; returns the final metrics (rank 0) or an empty dict."""
+    # 1. setup ---------------------------------------------------------------------
+    d = init_distributed()
+    device = d.device
+    torch.manual_seed(cfg.train.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    use_bf16 = cfg.train.precision == "bf16" and device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    source = build_source(cfg.data.dataset, cfg.data.path, cfg.data.image_size)
+
+    # 2. model and EMA -----------------------------------------------------------------
+    model = build_model(cfg, source.sample_shape, source.num_classes, device)
+    chunking = getattr(model, "supports_chunking", False)
+    if chunking:
+        model.budget.group_size = cfg.budget.group_size
+    diffusion = create_diffusion(cfg.diffusion.kind, num_timesteps=cfg.diffusion.num_timesteps,
+                                 schedule=cfg.diffusion.schedule, learn_sigma=model.out_channels != model.in_channels)
+    n_params = sum(p.numel() for p in model.parameters())
+    if dry_run:
+        x = torch.randn(1, *source.sample_shape, device=device)
+        t = diffusion.model_timesteps(diffusion.sample_timesteps(1, device))
+        y = torch.zeros(1, dtype=torch.long, device=device)
+        with torch.no_grad():
+            report = cf.count_flops(model.eval(), x, t, y)
+        if d.is_main:
+            print(f"{cfg.model.name}: {n_params / 1e6:.2f}M parameters")
+            print(report.table())
+            print(f"per image, {cfg.diffusion.sample_steps} sampling steps: "
+                  f"{report.tflops_per_image(cfg.diffusion.sample_steps):.4f} TFLOPs (untrained router)")
+        return {"params": n_params, "flops_per_sample": report.per_sample}
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    ddp_model = parallelize(model, d, parallel=cfg.train.parallel, compile=cfg.train.compile)
+
+    # 3. run folder ------------------------------------------------------------------------
+    run_name = cfg.train.run_name or f"{cfg.name}-{cfg.model.name.replace('/', '_')}"
+    run_dir = Path(cfg.train.results_dir) / run_name
+    ckpt_dir = run_dir / "checkpoints"
+    log_file = None
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        log_file = open(run_dir / "log.txt", "a")
+    _log(d, log_file, f"run folder {run_dir} | {cfg.model.name} {n_params / 1e6:.2f}M params | "
+                      f"world {d.world} on {device} | data {cfg.data.dataset} ({len(source)} samples)")
+
+    # 4. optimiser ------------------------------------------------------------------------------
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                            betas=tuple(cfg.optim.betas))
+    warm = max(cfg.optim.warmup_steps, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    budget = cf.TimestepAdaptiveBudget(
+        target_ratio=model.budget.target_ratio if chunking else 4.0, ratio_weight=cfg.budget.ratio_weight,
+        group_size=cfg.budget.group_size, fractions=tuple(cfg.budget.fractions),
+        warmup_steps=cfg.budget.warmup_steps, seed=cfg.train.seed,
+    )
+
+    # 5. data -------------------------------------------------------------------------------------
+    batches = StepBatches(len(source), cfg.train.global_batch, cfg.train.seed, d.rank, d.world)
+
+    # 6. resume -------------------------------------------------------------------------------------
+    step = 0
+    resume = cfg.train.resume
+    found = None
+    if resume == "auto":
+        found = latest_checkpoint(ckpt_dir)
+    elif resume:
+        found = (Path(resume), load_checkpoint(resume))
+    if found is not None:
+        path, state = found
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        set_rng_state(state["rng"])
+        step = int(state["step"])
+        _log(d, log_file, f"resumed from {path} at step {step}")
+
+    def checkpoint() -> Path | None:
+        if not d.is_main:
+            return None
+        state = {
+            "model": unwrap(model).state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "sched": sched.state_dict(), "step": step, "rng": rng_state(), "data": batches.position(step),
+            "config": to_dict(cfg),
+        }
+        return save_checkpoint(state, ckpt_dir, step, keep=cfg.train.keep_checkpoints)
+
+    # 7. loop ----------------------------------------------------------------------------------------
+    ema_params = list(ema.parameters())
+    model_params = list(model.parameters())
+    null_class = model.null_class
+    p_drop = model.y_embedder.dropout if null_class is not None else 0.0
+    sample_shape = source.sample_shape
+    progress = _progress(d, cfg.train.steps, step)
+    t0, t_last, steps_since = time.time(), time.time(), 0
+    running: dict[str, float] = {}
+    model.train()
+    while step < cfg.train.steps:
+        # the global batch's randomness, identical on every rank; this rank takes its slice
+        g = torch.Generator(device="cpu").manual_seed(cfg.train.seed * 1_000_003 + step)
+        B, b, r = cfg.train.global_batch, batches.local_batch, d.rank
+        t_all = diffusion.sample_timesteps(B, torch.device("cpu"), generator=g)
+        noise_all = torch.randn((B, *sample_shape), generator=g)
+        drop_all = torch.rand(B, generator=g) < p_drop
+        sl = slice(r * b, (r + 1) * b)
+        x0, y = (v.to(device, non_blocking=True) for v in source.get(batches.indices(step)))
+        t, noise, drop = t_all[sl].to(device), noise_all[sl].to(device), drop_all[sl].to(device)
+        x_t, _ = diffusion.q_sample(x0, t, noise)
+        rho = budget.training_rho(step) if (chunking and cfg.budget.multi_budget) else 0.0
+
+        with autocast:
+            kwargs = {"rho": rho} if chunking else {}
+            out, info = ddp_model(x_t, diffusion.model_timesteps(t), y, return_info=True,
+                                  label_drop=drop if null_class is not None else None, **kwargs)
+        losses = diffusion.training_losses(out.float(), x0, x_t, t, noise)
+        loss = losses["loss"].mean() + cfg.budget.ratio_weight * info.ratio_loss
+        if not torch.isfinite(loss):
+            checkpoint()
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good state checkpointed in "
+                                     f"{ckpt_dir}. Lower optim.lr or check the data.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, model_params, 1.0 - cfg.optim.ema_decay)
+        step += 1
+        steps_since += 1
+
+        # bookkeeping (host syncs only here, every log_every steps)
+        for k, v in (("loss", losses["loss"].mean()), ("mse", losses["mse"].mean()),
+                     ("ratio_loss", info.ratio_loss), ("kept_fraction", info.kept.float().mean() / info.tokens),
+                     ("grad_norm", grad_norm)):
+            running[k] = running.get(k, 0.0) + v.detach().float()
+        if progress is not None:
+            progress.update(1)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            now = time.time()
+            stats = {k: all_reduce_mean(v / steps_since, d).item() for k, v in running.items()}
+            stats.update(step=step, rho=rho, lr=sched.get_last_lr()[0], steps_per_sec=steps_since / (now - t_last))
+            if d.is_main:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(stats) + "\n")
+                line = (f"step {step:>7d} | loss {stats['loss']:.4f} | ratio {stats['ratio_loss']:.3f} | "
+                        f"kept {stats['kept_fraction']:.1%} | {stats['steps_per_sec']:.2f} steps/s")
+                if progress is not None:
+                    progress.set_postfix_str(line.split("| ", 1)[1])
+                    if log_file is not None:
+                        log_file.write(line + "\n")
+                        log_file.flush()
+                else:
+                    _log(d, log_file, line)
+            running, steps_since, t_last = {}, 0, now
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+            checkpoint()
+        if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.steps and d.is_main:
+            sample_images(ema, diffusion, cfg, run_dir / "samples" / f"step-{step:07d}.png", device=device,
+                          num=cfg.train.num_sample_images)
+    if progress is not None:
+        progress.close()
+    barrier(d)
+
+    # 8. final samples, figures and metrics ----------------------------------------------------------
+    if not d.is_main:
+        return {}
+    wall = time.time() - t0
+    metrics = make_report_figures(ema, diffusion, cfg, run_dir, device=device, source=source)
+    metrics.update(step=step, wall_seconds=wall, params=n_params, run_dir=str(run_dir))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _log(d, log_file, f"done in {wall / 60:.1f} min. Outputs in {run_dir}/:")
+    for key in ("samples", "boundary_maps", "kept_vs_timestep", "flops_by_component"):
+        if key in metrics:
+            _log(d, log_file, f"  {key:<20} {metrics[key]}")
+    _log(d, log_file, f"  {'metrics':<20} {run_dir / 'metrics.json'}")
+    if log_file is not None:
+        log_file.close()
+    return metrics
+
+
+def _progress(d: Dist, total: int, initial: int):
+    """A tqdm bar on rank 0 when attached to a terminal; ``None`` otherwise (lines are logged)."""
+    if not d.is_main or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = apply_overrides(get_recipe(args.recipe), args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg))
+        return {}
+    return train(cfg, dry_run=args.dry_run)
+
+
+if __name__ == "__main__":
+    main()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
