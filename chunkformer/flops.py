@@ -13,7 +13,8 @@ Convention (what is counted, what is not):
 * Attention scores and mixing count ``H * sum_b M_b^2 * (4 d_head + 3)`` per layer: the
   paper's formula over each sample's *kept* length ``M_b`` (padding slots are not counted).
 * De-chunk counts the residual projection ``2 L d^2`` and the smoothing's multiply-adds:
-  the windowed form ``2 (d + 1) L (2r + 1)`` per grid axis, the dense form ``2 M^2 d``, per sample.
+  the windowed form ``2 (d + 1) L S`` per grid axis of length ``S`` (one banded matmul per
+  axis, zeros included as executed), the dense form ``2 M^2 d``, per sample.
 * Not counted: normalisations, activations, residual adds, modulation arithmetic, index
   computations (sorting, gathers, nearest-token search) and embedding look-ups.
 
@@ -142,8 +143,8 @@ def _dechunk_flops(module: DeChunkDecoder, args, kwargs, output) -> float:
         return flops
     if module.smoothing == "dense":
         return flops + 2.0 * float((plan.lengths.double() ** 2).sum()) * d
-    radius = max(1, math.ceil(module.truncate * module.sigma))
-    return flops + 2.0 * B * L * (d + 1) * (2 * radius + 1) * len(plan.grid)
+    # one (S, S) banded matmul per grid axis over B (d + 1) L / S rows
+    return flops + sum(2.0 * B * (d + 1) * L * size for size in plan.grid)
 
 
 class FlopCounter:
