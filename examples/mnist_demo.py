@@ -70,24 +70,8 @@ class Block(nn.Module):
 
     def forward(self, x, plan):
         q, k, v = rearrange(self.qkv(self.norm1(x)), "t (three h d) -> three t h d", three=3, h=self.heads)
-        x = x + self.proj(rearrange(packed_attention(q, k, v, plan), "t h d -> t (h d)"))  # (T, d)
+        x = x + self.proj(rearrange(cf.chunk_attention(q, k, v, plan), "t h d -> t (h d)"))  # (T, d)
         return x + self.mlp(self.norm2(x))  # (T, d)
-
-
-def packed_attention(q, k, v, plan, samples_per_call=4):
-    """cf.chunk_attention on the packed (T, h, dh) tokens, a few samples per call.
-
-    The reference backend masks a dense (T, T) score matrix, so one call over a batch of 32
-    costs 32x the FLOPs it needs; slicing the plan into groups of samples gives exactly the
-    same output at a fraction of the cost on CPU.
-    """
-    cu = plan.cu_seqlens.tolist()  # B + 1 offsets (the plan already synced to build itself)
-    out = []
-    for i in range(0, len(cu) - 1, samples_per_call):
-        j = min(i + samples_per_call, len(cu) - 1)
-        s = slice(cu[i], cu[j])
-        out.append(cf.chunk_attention(q[s], k[s], v[s], plan[i:j]))
-    return torch.cat(out)  # (T, h, dh)
 
 
 class TinyDCDiT(nn.Module):
@@ -100,7 +84,9 @@ class TinyDCDiT(nn.Module):
         self.encoder = cf.ChunkEncoder(in_channels=1, dim=dim)
         self.router = cf.Router(dim)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
-        self.decoder = cf.DeChunkDecoder(dim, out_channels=1)
+        # at 32x32 with ~256 kept tokens the dense (B, M, M) smoothing kernel is tiny, and on CPU it
+        # runs about 2x faster than the default windowed form (measured: 0.55 vs 1.05 s per step)
+        self.decoder = cf.DeChunkDecoder(dim, out_channels=1, smoothing="dense")
 
     def forward(self, x_t, t, y):
         c = self.cond(t, y)  # (B, d)
@@ -121,20 +107,22 @@ def noisy(x0, t, eps):
 
 @torch.no_grad()
 def evaluate(model, x0, y, seed):
-    """Kept tokens per sample and kept density on strokes / background at EVAL_TIMESTEPS."""
+    """Kept tokens per sample, kept density on strokes / background and eps MSE at EVAL_TIMESTEPS."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     strokes = (x0 > 0).flatten(1)  # (8, 1024): clean pixel > 0
     rows = []
     for t_val in EVAL_TIMESTEPS:
         t = torch.full((x0.shape[0],), t_val)
-        _, routed = model(noisy(x0, t, torch.randn(x0.shape, generator=gen)), t, y)
+        eps = torch.randn(x0.shape, generator=gen)  # (8, 1, 32, 32)
+        eps_hat, routed = model(noisy(x0, t, eps), t, y)
         mask = routed.mask  # (8, 1024)
         rows.append({
             "t": t_val,
             "kept": mask.sum(1).tolist(),
             "stroke_density": (mask & strokes).sum().item() / max(strokes.sum().item(), 1),
             "background_density": (mask & ~strokes).sum().item() / max((~strokes).sum().item(), 1),
+            "mse": F.mse_loss(eps_hat, eps).item(),
             "mask": mask.view(-1, *GRID),
         })
     model.train()
@@ -155,8 +143,9 @@ def save_figure(out_dir, x0, rows):
     for r, row in enumerate(rows):
         for i in range(n):
             ax = axes[r][i]
-            ax.imshow(x0[i, 0], cmap="gray", vmin=-1, vmax=1)
-            ax.imshow(row["mask"][i].float(), cmap="autumn", alpha=0.55 * row["mask"][i].float().numpy())
+            gray = ((x0[i, 0] + 1) / 2)[..., None].expand(*GRID, 3)  # (32, 32, 3) in [0, 1]
+            red = torch.tensor([1.0, 0.1, 0.1])
+            ax.imshow(torch.where(row["mask"][i][..., None], 0.45 * gray + 0.55 * red, gray).numpy())
             ax.set_xticks([]), ax.set_yticks([])
             ax.set_title(f"{row['kept'][i]}", fontsize=7)
         axes[r][0].set_ylabel(f"t={row['t']}", fontsize=8)
@@ -178,7 +167,7 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
-    # DC-DiT trains with 0.03; at this weight the router already moves within 150 steps
+    # DC-DiT's 0.03 suffices here: kept tokens go from ~2 to ~250 / 1024 within ~15 steps
     p.add_argument("--ratio-weight", type=float, default=0.03)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=25)
@@ -222,7 +211,7 @@ def main(argv=None):
         opt.step()
         stats = {"mse": mse.item(), "ratio": ratio.item(), "kept": routed.kept.float().mean().item()}
         if bar is not None:
-            bar.set_postfix(mse=f"{stats['mse']:.3f}", ratio=f"{stats['ratio']:.3f}", kept=f"{stats['kept']:.0f}")
+            bar.set_postfix({k: f"{v:.3f}" if k != "kept" else f"{v:.0f}" for k, v in stats.items()})
         elif step % args.log_every == 0 or step == args.steps - 1:
             print(f"step {step:4d}  mse {stats['mse']:.4f}  ratio {stats['ratio']:.3f}  "
                   f"kept {stats['kept']:.0f}/1024")
@@ -230,10 +219,12 @@ def main(argv=None):
 
     rows = evaluate(model, x_eval, y_eval, args.seed)
     print(f"\ntrained {args.steps} steps in {train_s:.1f}s; final mse {stats['mse']:.4f}")
-    print("held-out digits " + " ".join(f"{int(d):>5d}" for d in y_eval) + "  | kept density stroke / bg")
+    digits = " ".join(f"{int(d):>5d}" for d in y_eval)
+    print(f"held-out digits {digits}  | kept density stroke / bg | eps mse")
     for row in rows:
         kept = " ".join(f"{k:>5d}" for k in row["kept"])
-        print(f"t={row['t']:<4}  kept  {kept}  | {row['stroke_density']:.3f} / {row['background_density']:.3f}")
+        density = f"{row['stroke_density']:.3f} / {row['background_density']:.3f}"
+        print(f"t={row['t']:<4}  kept  {kept}  | {density}         | {row['mse']:.3f}")
     print("(kept tokens out of 1024 per sample; density = fraction of stroke / background pixels kept)")
     if args.out:
         save_figure(args.out, x_eval, rows)
@@ -246,6 +237,7 @@ def main(argv=None):
         "kept": [row["kept"] for row in rows],
         "stroke_density": [row["stroke_density"] for row in rows],
         "background_density": [row["background_density"] for row in rows],
+        "eval_mse": [row["mse"] for row in rows],
     }
 
 

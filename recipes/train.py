@@ -77,7 +77,7 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
     use_bf16 = cfg.train.precision == "bf16" and device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    source = build_source(cfg.data.dataset, cfg.data.path, cfg.data.image_size)
+    source = build_source(cfg.data.dataset, cfg.data.path, cfg.data.image_size, cfg.data.pixel_unshuffle)
 
     # 2. model and EMA -----------------------------------------------------------------
     model = build_model(cfg, source.sample_shape, source.num_classes, device)
