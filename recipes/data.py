@@ -65,9 +65,13 @@ class FolderSource:
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
-def build_source(dataset: str, path: str = "", image_size: int = 32, pixel_unshuffle: int = 1):
-    """The data source a :class:`~recipes.config.DataConfig` names (optionally space-to-depth)."""
+def build_source(dataset: str, path: str = "", image_size: int = 32, pixel_unshuffle: int = 1, limit: int = 0):
+    """The data source a :class:`~recipes.config.DataConfig` names (optionally space-to-depth, truncated)."""
     source = _build_source(dataset, path, image_size)
+    if limit:
+        if not isinstance(source, TensorSource):
+            raise ValueError("data.limit needs an in-memory source ('mnist' or 'latents')")
+        source.x, source.y = source.x[:limit], source.y[:limit]
     if pixel_unshuffle > 1:
         if not isinstance(source, TensorSource):
             raise ValueError("data.pixel_unshuffle needs an in-memory source ('mnist' or 'latents')")

@@ -25,6 +25,7 @@ from chunkformer.diffusion import create_diffusion
 from chunkformer.viz import save_image_grid
 from recipes.checkpoints import latest_checkpoint, load_checkpoint
 from recipes.config import from_dict
+from recipes.data import to_display
 from recipes.parallel import barrier, init_distributed
 from recipes.sampling import generate
 from recipes.train import build_model
@@ -98,6 +99,7 @@ def main(argv=None) -> dict:
     parts = [torch.load(stem.with_name(stem.name + f".rank{r}.pt")) for r in range(d.world)]
     order = torch.cat([q["index"] for q in parts]).argsort()
     samples = torch.cat([q["samples"] for q in parts])[order]
+    samples = to_display(samples, cfg.data.pixel_unshuffle if cfg else 1)  # undo space-to-depth
     labels_out = torch.cat([q["labels"] for q in parts])[order]
     for r in range(d.world):
         stem.with_name(stem.name + f".rank{r}.pt").unlink()

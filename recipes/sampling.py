@@ -45,7 +45,7 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
             infos = []
             fn = guided_model_fn(model, y, scale=guidance, null_class=getattr(model, "null_class", None),
                                  rho=rho if chunking else None, uncond_rho=uncond_rho if chunking else None,
-                                 on_info=infos.append)
+                                 learn_sigma=model.out_channels != model.in_channels, on_info=infos.append)
             x = diffusion.sample(fn, (y.shape[0], *shape), sampler=sampler, steps=steps,
                                  noise=noise[start : start + batch_size].to(device), progress=progress,
                                  device=device)

@@ -47,8 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_model(cfg: Recipe, source_shape: tuple[int, ...] | None, num_classes: int | None,
                 device: torch.device) -> torch.nn.Module:
-    """``create_model`` with the data's channels / grid / classes filled in where the recipe leaves them."""
-    kw = dict(cfg.model.overrides)
+    """``create_model`` with the data's channels / grid / classes filled in where the recipe leaves them.
+
+    The filled-in values are written back into ``cfg.model.overrides``, so the config saved with
+    every checkpoint rebuilds exactly this model.
+    """
+    kw = cfg.model.overrides
     if source_shape is not None:
         kw.setdefault("in_channels", source_shape[0])
         kw.setdefault("input_size", list(source_shape[1:]))
@@ -77,18 +81,19 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
     use_bf16 = cfg.train.precision == "bf16" and device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    source = build_source(cfg.data.dataset, cfg.data.path, cfg.data.image_size, cfg.data.pixel_unshuffle)
-
-    # 2. model and EMA -----------------------------------------------------------------
-    model = build_model(cfg, source.sample_shape, source.num_classes, device)
+    # 2. data, model and EMA (a dry run needs no data: the recipe's model overrides give the shapes)
+    source = None if dry_run else build_source(cfg.data.dataset, cfg.data.path, cfg.data.image_size,
+                                               cfg.data.pixel_unshuffle, cfg.data.limit)
+    model = build_model(cfg, source and source.sample_shape, source and source.num_classes, device)
     chunking = getattr(model, "supports_chunking", False)
     if chunking:
         model.budget.group_size = cfg.budget.group_size
+    learn_sigma = model.out_channels != model.in_channels
     diffusion = create_diffusion(cfg.diffusion.kind, num_timesteps=cfg.diffusion.num_timesteps,
-                                 schedule=cfg.diffusion.schedule, learn_sigma=model.out_channels != model.in_channels)
+                                 schedule=cfg.diffusion.schedule, learn_sigma=learn_sigma)
     n_params = sum(p.numel() for p in model.parameters())
     if dry_run:
-        x = torch.randn(1, *source.sample_shape, device=device)
+        x = torch.randn(1, model.in_channels, *model.grid, device=device)
         t = diffusion.model_timesteps(diffusion.sample_timesteps(1, device))
         y = torch.zeros(1, dtype=torch.long, device=device)
         with torch.no_grad():

