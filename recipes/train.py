@@ -120,7 +120,7 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
                       f"world {d.world} on {device} | data {cfg.data.dataset} ({len(source)} samples)")
 
     # 4. optimiser ------------------------------------------------------------------------------
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, foreach=True,
                             betas=tuple(cfg.optim.betas))
     warm = max(cfg.optim.warmup_steps, 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
