@@ -11,9 +11,9 @@ Backends (``backend=`` or :func:`set_attention_backend`; ``"auto"`` picks the fi
 =========  =========================================  ==========================
 backend    packed sequences via                       where
 =========  =========================================  ==========================
-``flash``  ``flash_attn_varlen_func`` (cu_seqlens)    CUDA, fp16/bf16, if installed
-``flex``   FlexAttention with a document mask         CUDA (CPU: forward only)
-``sdpa``   unpack to ``(B, M)``, SDPA with key mask   anywhere, trainable on CPU
+``flash``  ``flash_attn_varlen_func`` (cu_seqlens)    CUDA, fp16/bf16, if installed (auto)
+``flex``   FlexAttention with a document mask         opt-in; CUDA (CPU: forward only)
+``sdpa``   unpack to ``(B, M)``, SDPA with key mask   anywhere, trainable on CPU (auto otherwise)
 ``math``   SDPA with a ``(T, T)`` block-diagonal mask reference for tests
 =========  =========================================  ==========================
 
@@ -54,10 +54,10 @@ def resolve_backend(backend: Backend, device: torch.device, dtype: torch.dtype) 
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         return backend
-    if device.type == "cuda":
-        if _HAS_FLASH and dtype in (torch.float16, torch.bfloat16):
-            return "flash"
-        return "flex"
+    if device.type == "cuda" and _HAS_FLASH and dtype in (torch.float16, torch.bfloat16):
+        return "flash"
+    # FlexAttention stays opt-in: building its block mask per step costs more than the padded
+    # SDPA path saves (measured on an H200, benchmarks/results/step_time_h200_untuned.json)
     return "sdpa"
 
 
@@ -128,7 +128,8 @@ def _flex_packed(q: Tensor, k: Tensor, v: Tensor, plan: ChunkPlan) -> Tensor:
     def same_sample(b, h, q_idx, kv_idx):
         return seg[q_idx] == seg[kv_idx]
 
-    block_mask = create_block_mask(same_sample, None, None, T, T, device=q.device)
+    # compiled mask construction never materialises the (T, T) mask (eager would, at O(T^2) memory)
+    block_mask = create_block_mask(same_sample, None, None, T, T, device=q.device, _compile=q.device.type == "cuda")
     q_, k_, v_ = (rearrange(t, "t h d -> 1 h t d") for t in (q, k, v))
     if q.device.type == "cuda":
         if _flex_compiled is None:

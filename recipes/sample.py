@@ -100,21 +100,25 @@ def main(argv=None) -> dict:
     order = torch.cat([q["index"] for q in parts]).argsort()
     samples = torch.cat([q["samples"] for q in parts])[order]
     samples = to_display(samples, cfg.data.pixel_unshuffle if cfg else 1)  # undo space-to-depth
+    if cfg is not None and cfg.data.dataset == "latents":  # decode with the VAE recorded beside the cache
+        from recipes.extract_latents import decode
+
+        samples = decode(samples, cfg.data.path, device=d.device)
     labels_out = torch.cat([q["labels"] for q in parts])[order]
     for r in range(d.world):
         stem.with_name(stem.name + f".rank{r}.pt").unlink()
-    np.savez(stem.with_suffix(".npz"), samples=to_uint8(samples), labels=labels_out.numpy())
-    save_image_grid(samples[:64].clamp(-1, 1), stem.with_suffix(".png"))
+    np.savez(stem.with_name(stem.name + ".npz"), samples=to_uint8(samples), labels=labels_out.numpy())
+    save_image_grid(samples[:64].clamp(-1, 1), stem.with_name(stem.name + ".png"))
     settings = {
         "checkpoint": str(path), "ema": not args.no_ema, "sampler": sampler, "steps": steps,
         "guidance": args.guidance, "rho": args.rho, "uncond_rho": args.uncond_rho, "seed": args.seed,
         "num_samples": args.num, "world_size": d.world,
         "kept_fraction": float(np.mean([q["kept"] for q in parts])),
         "tflops_per_image": float(np.mean([q["tflops"] for q in parts])),
-        "npz": str(stem.with_suffix(".npz")), "grid": str(stem.with_suffix(".png")),
+        "npz": str(stem.with_name(stem.name + ".npz")), "grid": str(stem.with_name(stem.name + ".png")),
     }
-    stem.with_suffix(".json").write_text(json.dumps(settings, indent=2))
-    print(f"wrote {settings['npz']} ({args.num} samples), {settings['grid']}, {stem.with_suffix('.json')} | "
+    stem.with_name(stem.name + ".json").write_text(json.dumps(settings, indent=2))
+    print(f"wrote {settings['npz']} ({args.num} samples), {settings['grid']}, {stem.with_name(stem.name + '.json')} | "
           f"kept {settings['kept_fraction']:.1%} | {settings['tflops_per_image']:.4f} TFLOPs/image")
     return settings
 
