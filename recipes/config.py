@@ -61,6 +61,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     warmup_steps: int = 0  # linear learning-rate warm-up
+    schedule: str = "constant"  # "constant" or "cosine" (decay to 0 at train.steps) after warm-up
+    ema_warmup: bool = True  # EMA decay min(ema_decay, (1 + step) / (10 + step)): short runs don't sample from init
 
 
 @dataclass
@@ -141,10 +143,11 @@ PRESETS: dict[str, Recipe] = {
              "attn_backend": "sdpa"},
         ),
         data=DataConfig(dataset="mnist", pixel_unshuffle=2),
-        optim=OptimConfig(lr=1e-3, ema_decay=0.995, warmup_steps=100),
+        optim=OptimConfig(lr=1.5e-3, ema_decay=0.995, warmup_steps=100, schedule="cosine"),
         diffusion=DiffusionConfig(kind="flow", sample_steps=40, sampler="euler"),
-        budget=BudgetConfig(ratio_weight=0.03, group_size=16, warmup_steps=1000),
-        train=TrainConfig(steps=2000, global_batch=32, precision="fp32", log_every=50, ckpt_every=500,
+        # the demo spends its few minutes on quality: multi-budget training is off here (on in the paper presets)
+        budget=BudgetConfig(ratio_weight=0.03, group_size=16, multi_budget=False),
+        train=TrainConfig(steps=1300, global_batch=32, precision="fp32", log_every=50, ckpt_every=500,
                           sample_every=0, num_sample_images=40),
     ),
     **{f"DC-DiT-{s}": _imagenet(f"DC-DiT-{s}", f"DC-DiT-{s}") for s in ("S", "B", "L", "XL")},

@@ -18,6 +18,7 @@ update as one process with the same global batch.
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -122,8 +123,18 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
     # 4. optimiser ------------------------------------------------------------------------------
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, foreach=True,
                             betas=tuple(cfg.optim.betas))
-    warm = max(cfg.optim.warmup_steps, 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    warm, total = max(cfg.optim.warmup_steps, 0), cfg.train.steps
+    if cfg.optim.schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.optim.schedule!r}")
+
+    def lr_factor(s: int) -> float:
+        if warm and s < warm:
+            return (s + 1) / warm
+        if cfg.optim.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
+        return 1.0
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     budget = cf.TimestepAdaptiveBudget(
         target_ratio=model.budget.target_ratio if chunking else 4.0, ratio_weight=cfg.budget.ratio_weight,
         group_size=cfg.budget.group_size, fractions=tuple(cfg.budget.fractions),
@@ -199,8 +210,11 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         sched.step()
+        decay = cfg.optim.ema_decay
+        if cfg.optim.ema_warmup:
+            decay = min(decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, model_params, 1.0 - cfg.optim.ema_decay)
+            torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
         step += 1
         steps_since += 1
 
