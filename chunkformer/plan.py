@@ -115,8 +115,9 @@ class ChunkPlan:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if func is torch.cat:
-            tensors = args[0] if args else kwargs["tensors"]
-            dim = kwargs.get("dim", args[1] if len(args) > 1 else 0) if kwargs else (args[1] if len(args) > 1 else 0)
+            kwargs = kwargs or {}
+            tensors = kwargs.get("tensors", args[0] if args else None)
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
             if dim != 0:
                 raise ValueError("ChunkPlans concatenate along the batch (dim=0) only")
             return cls.cat(tensors)
