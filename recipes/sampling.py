@@ -22,7 +22,7 @@ from chunkformer.viz import (
 )
 from recipes.data import to_display
 
-__all__ = ["generate", "sample_images", "make_report_figures"]
+__all__ = ["generate", "sample_images", "plot_router_maps", "make_report_figures"]
 
 
 @torch.no_grad()
@@ -80,6 +80,29 @@ def _display_maps(x_t: torch.Tensor, mask: torch.Tensor, r: int) -> tuple[torch.
     return to_display(x_t, r), grid_map.flatten(1)
 
 
+@torch.no_grad()
+def plot_router_maps(model, diffusion, cfg, source, path: Path, *, device) -> Path:
+    """Boundary maps of four fixed real images at five noise levels (x_t above, kept tokens below)."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(1234)
+    idx = torch.randperm(len(source), generator=g)[:4]
+    x0, y = (v.to(device) for v in source.get(idx))
+    fractions = (0.9, 0.7, 0.5, 0.3, 0.1)
+    r = cfg.data.pixel_unshuffle
+    xs, masks = [], []
+    for tv in _timestep_values(diffusion, fractions):
+        dtype = torch.float32 if isinstance(tv, float) else torch.long
+        t = torch.full((x0.shape[0],), tv, device=device, dtype=dtype)
+        x_t, _ = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(device))
+        _, info = model(x_t, diffusion.model_timesteps(t), y, return_info=True)
+        shown, mask = _display_maps(x_t.cpu(), info.router.mask.cpu(), r)
+        xs.append(shown)
+        masks.append(mask > 0.5)
+    model.train(was_training)
+    return plot_boundary_maps(xs, masks, fractions, path, title="x_t (top) and kept tokens (bottom); noise level")
+
+
 def _timestep_values(diffusion, fractions) -> list:
     """Timesteps at the given fractions of the noise range (0 = clean, 1 = pure noise)."""
     if isinstance(diffusion, FlowMatching):
@@ -113,19 +136,8 @@ def make_report_figures(model, diffusion, cfg, run_dir: Path, *, device, source)
 
     # 2. boundary maps: real images at several noise levels (x_t above, kept tokens below)
     g = torch.Generator().manual_seed(1234)
-    idx = torch.randperm(len(source), generator=g)[:4]
-    x0, y = (v.to(device) for v in source.get(idx))
-    fractions = (0.9, 0.7, 0.5, 0.3, 0.1)
-    xs, masks = [], []
-    for tv in _timestep_values(diffusion, fractions):
-        t = torch.full((x0.shape[0],), tv, device=device, dtype=torch.float32 if isinstance(tv, float) else torch.long)
-        x_t, _ = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(device))
-        _, info = model(x_t, diffusion.model_timesteps(t), y, return_info=True)
-        shown, mask = _display_maps(x_t.cpu(), info.router.mask.cpu(), r)
-        xs.append(shown)
-        masks.append(mask > 0.5)
-    metrics["boundary_maps"] = str(plot_boundary_maps(xs, masks, fractions, figures / "boundary_maps.png",
-                                                      title="x_t (top) and kept tokens (bottom); noise level"))
+    metrics["boundary_maps"] = str(plot_router_maps(model, diffusion, cfg, source, figures / "boundary_maps.png",
+                                                    device=device))
 
     # 3. kept fraction versus timestep over many real images
     n = min(len(source), 512)

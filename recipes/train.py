@@ -32,7 +32,7 @@ from recipes.checkpoints import latest_checkpoint, load_checkpoint, rng_state, s
 from recipes.config import PRESETS, Recipe, apply_overrides, get_recipe, to_dict, to_yaml
 from recipes.data import StepBatches, build_source
 from recipes.parallel import Dist, all_reduce_mean, barrier, init_distributed, parallelize, unwrap
-from recipes.sampling import make_report_figures, sample_images
+from recipes.sampling import make_report_figures, plot_router_maps, sample_images
 
 __all__ = ["main", "train", "build_model"]
 
@@ -247,6 +247,9 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.steps and d.is_main:
             sample_images(ema, diffusion, cfg, run_dir / "samples" / f"step-{step:07d}.png", device=device,
                           num=cfg.train.num_sample_images)
+            if chunking:
+                plot_router_maps(ema, diffusion, cfg, source, run_dir / "figures" / f"boundary-maps-{step:07d}.png",
+                                 device=device)
     if progress is not None:
         progress.close()
     barrier(d)

@@ -143,7 +143,9 @@ def test_two_processes_make_the_same_update_as_one(tmp_path):
 @needs_digits
 def test_loss_falls_when_overfitting_64_images_and_outputs_are_written(tmp_path):
     run = run_train(tmp_path, "train.steps=60", "train.global_batch=16", "train.log_every=10",
-                    "optim.lr=2e-3", "data.limit=64", name="overfit")
+                    "optim.lr=2e-3", "data.limit=64", "train.sample_every=30", name="overfit")
+    assert (run / "samples" / "step-0000030.png").is_file()  # periodic EMA grid ...
+    assert (run / "figures" / "boundary-maps-0000030.png").is_file()  # ... and boundary maps
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["loss"] < 0.8 * lines[0]["loss"]
     metrics = json.loads((run / "metrics.json").read_text())
