@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Dist", "init_distributed", "parallelize", "unwrap", "barrier", "all_reduce_mean"]
+__all__ = ["Dist", "init_distributed", "parallelize", "unwrap", "barrier", "all_reduce_mean", "full_tensors",
+           "model_state", "optimizer_state", "load_training_state"]
 
 
 @dataclass
@@ -84,3 +85,58 @@ def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
         dist.all_reduce(value)
         value /= d.world
     return value
+
+
+# ---------------------------------------------------------------------------- FSDP2-aware state
+def _sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Whole tensors (all-gathered from FSDP2 shards where needed), e.g. for the EMA update."""
+    from torch.distributed.tensor import DTensor
+
+    return [t.full_tensor() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def model_state(model: nn.Module) -> dict:
+    """A full, unsharded state dict (a collective under FSDP2: call it on every rank)."""
+    if _sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=_options())
+    return unwrap(model).state_dict()
+
+
+def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """A full optimizer state dict (a collective under FSDP2: call it on every rank)."""
+    if _sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=_options())
+    return opt.state_dict()
+
+
+def load_training_state(model: nn.Module, opt: torch.optim.Optimizer, model_sd: dict, opt_sd: dict) -> None:
+    """Load full state dicts into a (possibly FSDP2-sharded) model and its optimizer."""
+    if _sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_sd, options=options)
+        set_optimizer_state_dict(model, opt, opt_sd, options=options)
+        return
+    unwrap(model).load_state_dict(model_sd)
+    opt.load_state_dict(opt_sd)

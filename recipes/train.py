@@ -31,7 +31,17 @@ from chunkformer.diffusion import create_diffusion
 from recipes.checkpoints import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from recipes.config import PRESETS, Recipe, apply_overrides, get_recipe, to_dict, to_yaml
 from recipes.data import StepBatches, build_source
-from recipes.parallel import Dist, all_reduce_mean, barrier, init_distributed, parallelize, unwrap
+from recipes.parallel import (
+    Dist,
+    all_reduce_mean,
+    barrier,
+    full_tensors,
+    init_distributed,
+    load_training_state,
+    model_state,
+    optimizer_state,
+    parallelize,
+)
 from recipes.sampling import make_report_figures, plot_router_maps, sample_images
 
 __all__ = ["main", "train", "build_model"]
@@ -154,19 +164,19 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
         found = (Path(resume), load_checkpoint(resume))
     if found is not None:
         path, state = found
-        model.load_state_dict(state["model"])
+        load_training_state(model, opt, state["model"], state["opt"])
         ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         set_rng_state(state["rng"])
         step = int(state["step"])
         _log(d, log_file, f"resumed from {path} at step {step}")
 
     def checkpoint() -> Path | None:
+        model_sd, opt_sd = model_state(model), optimizer_state(model, opt)  # collectives under FSDP2
         if not d.is_main:
             return None
         state = {
-            "model": unwrap(model).state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "model": model_sd, "ema": ema.state_dict(), "opt": opt_sd,
             "sched": sched.state_dict(), "step": step, "rng": rng_state(), "data": batches.position(step),
             "config": to_dict(cfg),
         }
@@ -207,14 +217,14 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
                                      f"{ckpt_dir}. Lower optim.lr or check the data.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        grad_norm = full_tensors([torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)])[0]
         opt.step()
         sched.step()
         decay = cfg.optim.ema_decay
         if cfg.optim.ema_warmup:
             decay = min(decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+            torch._foreach_lerp_(ema_params, full_tensors(model_params), 1.0 - decay)
         step += 1
         steps_since += 1
 

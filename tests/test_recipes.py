@@ -132,12 +132,14 @@ def test_resume_continues_bit_identically(tmp_path):
 
 
 @needs_digits
-def test_two_processes_make_the_same_update_as_one(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_make_the_same_update_as_one(tmp_path, parallel):
     one = run_train(tmp_path, "train.steps=2", name="one")
-    two = run_train(tmp_path, "train.steps=2", name="two", torchrun=2)
+    two = run_train(tmp_path, "train.steps=2", f"train.parallel={parallel}", name="two", torchrun=2)
     a, b = final_state(one), final_state(two)
-    for name, tensor in a["model"].items():
-        assert torch.allclose(tensor, b["model"][name], atol=1e-5, rtol=1e-4), name
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.allclose(tensor, b[key][name], atol=1e-5, rtol=1e-4), (key, name)
 
 
 @needs_digits
