@@ -183,3 +183,22 @@ def test_dry_run_prints_params_and_flops(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "parameters" in res.stdout and "backbone attention" in res.stdout
+
+
+def test_pareto_plot_from_evaluation_jsons(tmp_path):
+    from recipes.pareto import collect, main
+
+    paths = []
+    for run, pts in (("dcdit", [(0.0, 0.6, 9.0), (0.4, 0.4, 11.0)]), ("multi", [(0.0, 0.6, 9.5), (0.4, 0.4, 10.0)])):
+        for rho, tf, fid in pts:
+            path = tmp_path / f"{run}-{rho}.fid.json"
+            path.write_text(json.dumps({"fid": fid, "tflops_per_image": tf,
+                                        "sampling": {"rho": rho, "checkpoint": f"results/{run}/checkpoints/s.pt"}}))
+            paths.append(str(path))
+    curves = collect(paths)
+    assert set(curves) == {"dcdit", "multi"} and sorted(curves["dcdit"]) == [(0.4, 11.0, "rho=0.4"), (0.6, 9.0, "rho=0")]
+    out = main([*paths, "--out", str(tmp_path / "pareto.png")])
+    assert out.is_file() and out.stat().st_size > 1000
+    (tmp_path / "bad.json").write_text(json.dumps({"fid": 3.0}))
+    with pytest.raises(ValueError, match="tflops_per_image"):
+        collect([str(tmp_path / "bad.json")])
