@@ -1,7 +1,7 @@
 """The elastic Pareto curve: FID against TFLOPs per image across budgets, from evaluation JSONs.
 
     for rho in 0 0.2 0.4 0.6; do
-        python -m recipes.sample --ckpt RUN --num 5000 --rho $rho --out evals/rho$rho
+        python -m recipes.sample --ckpt RUN --num-samples 5000 --rho $rho --out evals/rho$rho
         python -m recipes.evaluate --samples evals/rho$rho.npz
     done
     python -m recipes.pareto evals/*.fid.json --out pareto.png

@@ -1,9 +1,9 @@
 """Sample from a trained model: a PNG grid, and for evaluation an .npz of uint8 samples + a JSON of every setting.
 
-    python -m recipes.sample --ckpt results/tiny-cpu-DC-DiT-S --num 64
-    python -m recipes.sample --ckpt results/run/checkpoints/step-0005000.pt --num 5000 \\
+    python -m recipes.sample --ckpt results/tiny-cpu-DC-DiT-S --num-samples 64
+    python -m recipes.sample --ckpt results/run/checkpoints/step-0005000.pt --num-samples 5000 \\
         --sampler ddim --steps 50 --guidance 1.5 --uncond-rho 0.9 --rho 0.2 --out samples/run-rho0.2
-    torchrun --nproc_per_node 8 -m recipes.sample --ckpt ... --num 50000   # each rank a share, merged on rank 0
+    torchrun --nproc_per_node 8 -m recipes.sample --ckpt ... --num-samples 50000   # each rank a share, merged on rank 0
 
 ``--ckpt`` takes a run folder (its newest checkpoint), a checkpoint file, or a
 ``save_pretrained`` directory. EMA weights are used unless ``--no-ema``. Writes
@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="run folder, checkpoint file or save_pretrained directory")
     p.add_argument("--out", default="", help="output stem (default: <run>/samples/eval-...)")
-    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--sampler", default=None, help="ddpm | ddim | euler (default: the recipe's)")
@@ -81,8 +81,8 @@ def main(argv=None) -> dict:
     sampler = args.sampler or (cfg.diffusion.sampler if cfg else "ddpm")
     steps = args.steps or (cfg.diffusion.sample_steps if cfg else 250)
     num_classes = model.y_embedder.num_classes
-    labels = torch.full((args.num,), args.class_label) if args.class_label is not None else torch.arange(args.num) % num_classes
-    share = torch.arange(args.num)[d.rank :: d.world]  # this rank's samples (interleaved, stable per seed)
+    labels = torch.full((args.num_samples,), args.class_label) if args.class_label is not None else torch.arange(args.num_samples) % num_classes
+    share = torch.arange(args.num_samples)[d.rank :: d.world]  # this rank's samples (interleaved, stable per seed)
     out = generate(model, diffusion, num=len(share), shape=(model.in_channels, *model.grid), num_classes=num_classes,
                    device=d.device, seed=args.seed * 1000 + d.rank, sampler=sampler, steps=steps,
                    guidance=args.guidance, rho=args.rho, uncond_rho=args.uncond_rho, labels=labels[share],
@@ -112,13 +112,13 @@ def main(argv=None) -> dict:
     settings = {
         "checkpoint": str(path), "ema": not args.no_ema, "sampler": sampler, "steps": steps,
         "guidance": args.guidance, "rho": args.rho, "uncond_rho": args.uncond_rho, "seed": args.seed,
-        "num_samples": args.num, "world_size": d.world,
+        "num_samples": args.num_samples, "world_size": d.world,
         "kept_fraction": float(np.mean([q["kept"] for q in parts])),
         "tflops_per_image": float(np.mean([q["tflops"] for q in parts])),
         "npz": str(stem.with_name(stem.name + ".npz")), "grid": str(stem.with_name(stem.name + ".png")),
     }
     stem.with_name(stem.name + ".json").write_text(json.dumps(settings, indent=2))
-    print(f"wrote {settings['npz']} ({args.num} samples), {settings['grid']}, {stem.with_name(stem.name + '.json')} | "
+    print(f"wrote {settings['npz']} ({args.num_samples} samples), {settings['grid']}, {stem.with_name(stem.name + '.json')} | "
           f"kept {settings['kept_fraction']:.1%} | {settings['tflops_per_image']:.4f} TFLOPs/image")
     return settings
 

@@ -165,7 +165,7 @@ def test_sampling_is_deterministic_for_a_seed_and_records_settings(tmp_path):
     outs = []
     for i in range(2):
         stem = tmp_path / f"draw{i}"
-        res = subprocess.run([sys.executable, "-m", "recipes.sample", "--ckpt", str(run), "--num", "6", "--steps", "3",
+        res = subprocess.run([sys.executable, "-m", "recipes.sample", "--ckpt", str(run), "--num-samples", "6", "--steps", "3",
                               "--seed", "7", "--guidance", "1.5", "--uncond-rho", "0.9", "--out", str(stem)],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -202,3 +202,22 @@ def test_pareto_plot_from_evaluation_jsons(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"fid": 3.0}))
     with pytest.raises(ValueError, match="tflops_per_image"):
         collect([str(tmp_path / "bad.json")])
+
+
+@needs_digits
+def test_sampling_with_two_processes_merges_every_sample_once(tmp_path):
+    import numpy as np
+
+    run = run_train(tmp_path, "train.steps=1", name="s2")
+    env = {**os.environ, "CHUNKFORMER_TYPECHECK": "0", "OMP_NUM_THREADS": "1"}
+    stem = tmp_path / "two"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "recipes.sample", "--ckpt", str(run), "--num-samples", "5", "--steps", "2", "--out", str(stem)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = np.load(str(stem) + ".npz")
+    assert out["samples"].shape == (5, 32, 32, 1)
+    assert out["labels"].tolist() == [0, 1, 2, 3, 4]  # merged back in the original order
+    settings = json.loads((tmp_path / "two.json").read_text())
+    assert settings["world_size"] == 2 and settings["num_samples"] == 5
+    assert not list(tmp_path.glob("two.rank*.pt"))  # per-rank parts cleaned up
