@@ -21,6 +21,8 @@ from .models import DCDiT, DiT, create_model, list_models, load_weights, save_pr
 from .plan import ChunkPlan, nearest_kept
 from .routing import Router, RouterOutput
 from .scaffold import ChunkEncoder, DeChunkDecoder, FinalLayer, ResBlock
+from .adapters import BackboneAdapter, Conditioning, UnsupportedModelError, register_adapter
+from .wrapping import ChunkWrapper, summary, unwrap, wrap
 
 __version__ = "0.1.0"
 
@@ -55,4 +57,12 @@ __all__ = [
     "tail_drop",
     "to_grid",
     "to_tokens",
+    "wrap",
+    "unwrap",
+    "summary",
+    "ChunkWrapper",
+    "BackboneAdapter",
+    "Conditioning",
+    "UnsupportedModelError",
+    "register_adapter",
 ]

@@ -35,6 +35,8 @@ __all__ = ["chunk_attention", "dense_attention", "set_attention_backend", "resol
 Backend = Literal["auto", "flash", "flex", "sdpa", "math"]
 BACKENDS: tuple[str, ...] = ("auto", "flash", "flex", "sdpa", "math")
 _default_backend: str = "auto"
+# FLOP counters listen here: observer(heads, head_dim, sum_of_squared_lengths) per attention call
+_observers: list = []
 _HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
 
 
@@ -68,8 +70,15 @@ def dense_attention(
     v: Float[Tensor, "batch tokens heads head_dim"],
 ) -> Float[Tensor, "batch tokens heads head_dim"]:
     """Plain multi-head attention over whole sequences."""
+    if _observers:
+        _notify(q, float(q.shape[0] * q.shape[1] ** 2))
     q_, k_, v_ = (rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
     return rearrange(F.scaled_dot_product_attention(q_, k_, v_), "b h l d -> b l h d")
+
+
+def _notify(q: Tensor, sum_sq: float) -> None:
+    for observer in _observers:
+        observer(q.shape[-2], q.shape[-1], sum_sq)
 
 
 @typechecked
@@ -81,6 +90,8 @@ def chunk_attention(
     backend: Backend = "auto",
 ) -> Float[Tensor, "*layout heads head_dim"]:
     """Multi-head attention restricted to each sample's kept tokens; layout in == layout out."""
+    if _observers:  # padding slots are masked out, so only kept lengths count
+        _notify(q, float((plan.lengths.double() ** 2).sum()))
     if plan.mode != "packed":
         if q.ndim != 4:
             raise ValueError(

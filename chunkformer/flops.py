@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .models.dit import Attention
+from . import attention as _attention
 from .scaffold import DeChunkDecoder
 
 __all__ = ["FlopReport", "FlopCounter", "count_flops", "sampling_tflops", "COMPONENTS"]
@@ -86,24 +86,29 @@ class FlopReport:
 
 
 def _component(name: str) -> str:
-    """Map a module's qualified name to a FLOP component."""
+    """Map a module's qualified name to a FLOP component (chunkformer, wrapped and diffusers names)."""
     parts = name.split(".")
+    if parts[0] == "backbone":  # chunkformer.wrap: the adapter holds the blocks and embedders
+        parts = parts[1:] or [""]
+        name = ".".join(parts)
     head = parts[0]
-    if head in ("x_embedder",) or name.startswith("encoder.embed"):
+    if head in ("x_embedder", "pos_embed") or name.startswith("encoder.embed"):
         return "embed"
-    if head in ("t_embedder", "y_embedder"):
+    if head in ("t_embedder", "y_embedder", "cond_adaptor"):
         return "conditioning"
     if head == "encoder":
         return "encoder"
     if head == "router":
         return "router"
-    if head == "blocks":
-        if "attn" in parts:
+    if head in ("blocks", "transformer_blocks"):
+        if "emb" in parts:  # diffusers: each block embeds (t, y) itself
+            return "conditioning"
+        if any(p.startswith("attn") for p in parts):
             return "backbone attention"
-        if "mlp" in parts:
+        if "mlp" in parts or "ff" in parts:
             return "backbone MLP"
         return "backbone modulation"
-    if head == "final_layer" or name.startswith("decoder.final"):
+    if head in ("final_layer", "proj_out_1", "proj_out_2") or name.startswith("decoder.final"):
         return "final layer"
     if name.startswith("decoder.residual"):
         return "de-chunk"
@@ -122,16 +127,27 @@ def _conv_flops(module: nn.modules.conv._ConvNd, inputs, output) -> float:
     return 2.0 * output.numel() * (module.in_channels // module.groups) * kernel
 
 
-def _attention_flops(module: Attention, args, kwargs, output) -> float:
-    x = args[0]
-    plan = kwargs.get("plan", args[1] if len(args) > 1 else None)
-    heads = module.num_heads
-    d_head = x.shape[-1] // heads
-    if plan is None:  # dense (B, L, d)
-        sum_sq = x.shape[0] * x.shape[1] ** 2
-    else:
-        sum_sq = float((plan.lengths.double() ** 2).sum())
+def _attention_flops(heads: int, d_head: int, sum_sq: float) -> float:
+    """Scores and mixing: ``H * sum_b M_b^2 * (4 d_head + 3)``."""
     return heads * sum_sq * (4 * d_head + 3)
+
+
+def _foreign_attention_heads(module: nn.Module) -> int | None:
+    """Head count of a timm-style (``qkv``, ``num_heads``) or diffusers (``to_q``, ``heads``)
+    attention module whose forward does not go through :mod:`chunkformer.attention`."""
+    if isinstance(module, _attention_modules()):
+        return None
+    if isinstance(getattr(module, "qkv", None), nn.Linear) and isinstance(getattr(module, "num_heads", None), int):
+        return module.num_heads
+    if isinstance(getattr(module, "to_q", None), nn.Linear) and isinstance(getattr(module, "heads", None), int):
+        return module.heads
+    return None
+
+
+def _attention_modules() -> tuple:
+    from .models.dit import Attention
+
+    return (Attention,)
 
 
 def _dechunk_flops(module: DeChunkDecoder, args, kwargs, output) -> float:
@@ -175,18 +191,30 @@ class FlopCounter:
             if fn is not None:
                 self._handles.append(module.register_forward_hook(
                     lambda m, a, o, fn=fn, comp=comp: self._add(comp, fn(m, a, o))))
-            if isinstance(module, Attention):
+            heads = _foreign_attention_heads(module)
+            if heads is not None:  # dense attention inside someone else's module: count from its input
                 self._handles.append(module.register_forward_hook(
-                    lambda m, a, k, o, comp=comp: self._add(comp, _attention_flops(m, a, k, o)), with_kwargs=True))
+                    lambda m, a, k, o, heads=heads: self._add_dense_attention(heads, a, k), with_kwargs=True))
             if isinstance(module, DeChunkDecoder):
                 self._handles.append(module.register_forward_hook(
                     lambda m, a, k, o: self._add("de-chunk", _dechunk_flops(m, a, k, o)), with_kwargs=True))
+        _attention._observers.append(self._observe_attention)  # chunkformer's attention calls
         return self
+
+    def _observe_attention(self, heads: int, d_head: int, sum_sq: float) -> None:
+        self._add("backbone attention", _attention_flops(heads, d_head, sum_sq))
+
+    def _add_dense_attention(self, heads: int, args, kwargs) -> None:
+        x = args[0] if args else kwargs["hidden_states"]
+        B, N, d = x.shape[0], x.shape[-2], x.shape[-1]
+        self._add("backbone attention", _attention_flops(heads, d // heads, float(B * N**2)))
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._observe_attention in _attention._observers:
+            _attention._observers.remove(self._observe_attention)
 
     @property
     def by_component(self) -> dict[str, float]:

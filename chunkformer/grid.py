@@ -99,14 +99,15 @@ def sincos_embed(
 
     Each axis gets ``2 * (dim // (2 * ndim))`` channels, ``[sin(w x), cos(w x)]`` with
     ``w_k = base ** (-k / half)``; leftover channels (when ``dim`` is not a multiple of
-    ``2 * ndim``) are zero. Axis order follows the grid shape (rows before columns).
+    ``2 * ndim``) are zero. Axes come in reverse grid order (for 2D: the column, then the
+    row), so integer coordinates give exactly the 2D tables of DiT and diffusers.
     """
     ndim = coords.shape[-1]
     half = dim // (2 * ndim)
     if half == 0:
         raise ValueError(f"dim must be >= 2 * ndim = {2 * ndim} for sin-cos embeddings, got {dim}")
     omega = base ** (-torch.arange(half, device=coords.device, dtype=torch.float32) / half)
-    angles = coords.float().unsqueeze(-1) * omega  # (*batch, ndim, half)
+    angles = coords.float().flip(-1).unsqueeze(-1) * omega  # (*batch, ndim, half), last axis first
     emb = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (*batch, ndim * 2 half)
     pad = dim - emb.shape[-1]
     if pad:

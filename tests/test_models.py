@@ -94,7 +94,7 @@ def test_dcdit_with_every_token_kept_equals_backbone_on_the_unchunked_grid():
         h = tokens + cf.sincos_embed(cf.grid_coords((16, 16)), 32)
         for block in model.blocks:
             h = block(h, c)  # dense (B, L, d) path
-        z = h + model.decoder.residual(tokens)
+        z = model.norm(h) + model.decoder.residual(tokens)
         ref = cf.to_grid(z, (16, 16))
         for blk in model.decoder.blocks:
             ref = blk(ref, c)

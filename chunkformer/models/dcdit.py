@@ -3,7 +3,7 @@
 Data flows one way (shapes for a 2D grid, ``L = H W``, ``T = sum_b M_b``)::
 
     x (B, C, H, W) --ChunkEncoder(c)--> tokens (B, L, d) --Router--> RouterOutput
-        --ChunkPlan--> plan.chunk(tokens) + pos (T, d) --DiT blocks(c)--> (T, d)
+        --ChunkPlan--> plan.chunk(tokens) + pos (T, d) --DiT blocks(c), RMSNorm--> (T, d)
         --DeChunkDecoder(c)--> (B, out, H, W)
 
 The patch size is 1: the scaffold's convs see every latent pixel and the router
@@ -103,6 +103,7 @@ class DCDiT(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, **fk) for _ in range(depth)
         )
+        self.norm = nn.RMSNorm(hidden_size, eps=1e-5, **fk)  # the main network's output norm (H-Net)
         self.decoder = DeChunkDecoder(
             hidden_size, self.out_channels, ndim=self.ndim, depth=decoder_depth, width=scaffold_width,
             sigma=sigma, smoothing=smoothing, **fk,
@@ -144,6 +145,7 @@ class DCDiT(nn.Module):
         h = plan.chunk(tokens) + plan.position_embedding(self.hidden_size).to(tokens.dtype)  # (T, d) | (B, M, d)
         for block in self.blocks:
             h = block(h, c, plan)
+        h = self.norm(h)
         # 4. de-chunk and decode
         out = self.decoder(h, plan, routed, tokens, c)  # (B, out, *grid)
         if not return_info:

@@ -41,10 +41,15 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- embedders
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps ``(B,)`` -> ``(B, dim)``, ``[cos, sin]``."""
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps ``(B,)`` -> ``(B, dim)``, ``[cos, sin]``.
+
+    Frequencies ``max_period ** (-k / (half - freq_shift))``: DiT uses ``freq_shift=0``,
+    diffusers' ``DiTTransformer2DModel`` ``1``.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    k = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(max_period) * k / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
@@ -53,9 +58,10 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 class TimestepEmbedder(nn.Module):
     """``t`` -> sinusoidal features -> ``Linear -> SiLU -> Linear`` -> ``(B, d)``."""
 
-    def __init__(self, dim: int, frequency_dim: int = 256, *, device=None, dtype=None) -> None:
+    def __init__(self, dim: int, frequency_dim: int = 256, freq_shift: float = 0.0,
+                 *, device=None, dtype=None) -> None:
         super().__init__()
-        self.frequency_dim = frequency_dim
+        self.frequency_dim, self.freq_shift = frequency_dim, freq_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_dim, dim, device=device, dtype=dtype),
             nn.SiLU(),
@@ -63,7 +69,7 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: Tensor) -> Tensor:
-        freq = timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype)
+        freq = timestep_embedding(t, self.frequency_dim, freq_shift=self.freq_shift).to(self.mlp[0].weight.dtype)
         return self.mlp(freq)  # (B, d)
 
 
@@ -139,12 +145,12 @@ class DiTBlock(nn.Module):
     """adaLN-Zero transformer block: ``x += gate * f(modulate(norm(x)))`` for attention and MLP."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, backend: Backend = "auto",
-                 *, device=None, dtype=None) -> None:
+                 mlp_norm_eps: float = 1e-6, *, device=None, dtype=None) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6, **fk)
         self.attn = Attention(dim, num_heads, backend=backend, **fk)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6, **fk)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=mlp_norm_eps, **fk)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), **fk)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, **fk))
 
@@ -201,6 +207,9 @@ class DiT(nn.Module):
         num_classes: label count (1 for unconditional).
         learn_sigma: predict the variance too (``out_channels = 2 * in_channels``).
         attn_backend: see :mod:`chunkformer.attention`.
+        freq_shift, mlp_norm_eps: timestep-frequency shift and the MLP LayerNorm's eps; the
+            defaults are DiT's, ``1`` and ``1e-5`` reproduce diffusers' ``DiTTransformer2DModel``
+            exactly (set by :func:`~chunkformer.models.interop.from_diffusers`).
     """
 
     supports_chunking = False
@@ -218,6 +227,8 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         attn_backend: Backend = "auto",
+        freq_shift: float = 0.0,
+        mlp_norm_eps: float = 1e-6,
         *,
         device=None,
         dtype=None,
@@ -234,10 +245,10 @@ class DiT(nn.Module):
         self.hidden_size = hidden_size
 
         self.x_embedder = conv_nd(self.ndim, in_channels, hidden_size, patch_size, stride=patch_size, **fk)
-        self.t_embedder = TimestepEmbedder(hidden_size, **fk)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=freq_shift, **fk)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob, **fk)
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, **fk) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, mlp_norm_eps, **fk) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size**self.ndim * self.out_channels, hidden_size, **fk)
         self.initialize_weights()

@@ -1,0 +1,294 @@
+"""``chunkformer.wrap``: dynamic chunking around a DiT you already have.
+
+    import torch, chunkformer as cf
+    dit = cf.create_model("DiT-S/2", input_size=16, in_channels=4, num_classes=10, depth=2)
+    model = cf.wrap(dit, target_ratio=4)                  # owns dit's blocks (shared)
+    out, info = model(torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 2]), return_info=True)
+    assert out.shape == (2, 8, 16, 16) and cf.unwrap(model) is dit
+
+The wrapped model is a DC-DiT whose backbone is the given model's blocks: a P = 1 conv
+encoder (:class:`~chunkformer.scaffold.ChunkEncoder`), a :class:`~chunkformer.routing.Router`,
+the backbone on the kept tokens (positions at their original coordinates, in the backbone's
+patch units), and a :class:`~chunkformer.scaffold.DeChunkDecoder`. The backbone's patch
+embedding, position table and output layer are not used. Nothing in the given model is
+patched: ``unwrap`` hands it back as it was (its blocks are shared unless ``share_blocks=False``).
+"""
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from ._typing import Bool, Float, Int, Tensor, typechecked
+from .adapters import BackboneAdapter, find_adapter
+from .budget import TimestepAdaptiveBudget
+from .dechunk import Smoothing
+from .plan import ChunkPlan
+from .routing import Router, RouterKind
+from .scaffold import ChunkEncoder, DeChunkDecoder
+
+__all__ = ["ChunkWrapper", "wrap", "unwrap", "summary"]
+
+
+class ChunkWrapper(nn.Module):
+    """A DC-DiT around a foreign backbone; build it with :func:`wrap`.
+
+    Submodules: ``backbone`` (the adapter, holding the shared blocks and embedders),
+    ``cond_adaptor`` (a LayerNorm on the scaffold's conditioning, or identity), ``encoder``,
+    ``router``, ``norm`` (RMSNorm on the backbone's output), ``decoder``; ``budget`` holds the ratio-loss / tail-drop settings.
+    """
+
+    supports_chunking = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: BackboneAdapter,
+        *,
+        target_ratio: float = 4.0,
+        router: RouterKind | None = None,
+        encoder_depth: int = 2,
+        decoder_depth: int = 2,
+        scaffold_width: int | None = None,
+        sigma: float | None = None,
+        smoothing: Smoothing = "windowed",
+        plan_mode: str = "auto",
+        capacity: int | None = None,
+        cond_adaptor: bool = True,
+        coord_scale: float | None = None,
+        grid: tuple[int, ...] | None = None,
+        out_channels: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.__dict__["_original"] = model  # not a submodule: state_dict holds the blocks once, via backbone
+        self.backbone = adapter
+        d = adapter.hidden_size
+        self.hidden_size, self.in_channels = d, adapter.in_channels
+        self.out_channels = out_channels or adapter.out_channels
+        self.grid = tuple(grid or adapter.grid or ())
+        if not self.grid:
+            raise ValueError("the adapter does not know the backbone's latent grid: pass wrap(..., grid=(H, W))")
+        self.ndim = len(self.grid)
+        if plan_mode == "auto":
+            plan_mode = "packed" if adapter.attention_known else "padded"
+        if plan_mode not in ("packed", "padded", "fixed"):
+            raise ValueError(f"plan_mode must be 'auto', 'packed', 'padded' or 'fixed', got {plan_mode!r}")
+        if plan_mode == "packed" and not adapter.attention_known:
+            raise ValueError(
+                f"the {adapter.name!r} adapter cannot restrict this backbone's attention to a sample's tokens "
+                "(unknown attention implementation): use plan_mode='padded' or 'fixed', whose pad slots are real tokens"
+            )
+        if plan_mode == "fixed" and capacity is None:
+            raise ValueError("plan_mode='fixed' needs capacity (tokens per sample), e.g. capacity=L // 4")
+        self.plan_mode, self.capacity = plan_mode, capacity
+        self.coord_scale = 1.0 / adapter.patch_size if coord_scale is None else coord_scale
+        sigma = max(1.0, max(self.grid) / 32) if sigma is None else sigma
+        fk = {"device": device, "dtype": dtype}
+        self.budget = TimestepAdaptiveBudget(target_ratio=target_ratio)
+        self.cond_adaptor = nn.LayerNorm(d, eps=1e-6, **fk) if cond_adaptor else nn.Identity()
+        self.encoder = ChunkEncoder(self.in_channels, d, ndim=self.ndim, depth=encoder_depth, width=scaffold_width,
+                                    **fk)
+        self.router = Router(d, ndim=self.ndim, kind=router, **fk)
+        self.norm = nn.RMSNorm(d, eps=1e-5, **fk)  # backbone output norm, as in DC-DiT
+        self.decoder = DeChunkDecoder(d, self.out_channels, ndim=self.ndim, depth=decoder_depth,
+                                      width=scaffold_width, sigma=sigma, smoothing=smoothing, **fk)
+
+    @property
+    def null_class(self) -> int | None:
+        return self.backbone.null_class
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.backbone.blocks
+
+    def condition(self, t: Tensor, y: Tensor | None, label_drop: Tensor | None = None):
+        """``(Conditioning, c)``: the backbone's conditioning and the scaffold's ``(B, d)`` vector."""
+        cond = self.backbone.condition(t, y, label_drop)
+        return cond, self.cond_adaptor(cond.vector)
+
+    def run_backbone(self, h: Tensor, cond, plan: ChunkPlan | None) -> Tensor:
+        """Every block on ``h`` (``plan.chunk`` layout, or dense ``(B, L, d)`` with ``plan=None``)."""
+        for i in range(len(self.backbone.blocks)):
+            h = self.backbone.run_block(i, h, cond, plan)
+        return h
+
+    @typechecked
+    def forward(
+        self,
+        x: Float[Tensor, "batch channels *grid"],
+        t: Float[Tensor, "batch"] | Int[Tensor, "batch"],
+        y: Int[Tensor, "batch"] | None = None,
+        *,
+        rho: float | Tensor | None = None,
+        return_info: bool = False,
+        label_drop: Bool[Tensor, "batch"] | None = None,
+    ):
+        """Same contract as :class:`~chunkformer.models.dcdit.DCDiT`: ``(B, out, *grid)``
+        (and a :class:`~chunkformer.models.dit.ForwardInfo` with ``return_info=True``)."""
+        from .models.dit import ForwardInfo, _check_input
+
+        _check_input(self, x)
+        grid = tuple(x.shape[2:])
+        cond, c = self.condition(t, y, label_drop)  # c: (B, d)
+        tokens = self.encoder(x, c)  # (B, L, d)
+        if rho is None:
+            rho = self.budget.rho_at(t) if self.budget.schedule is not None else 0.0
+        routed = self.router(tokens, grid, rho=rho)
+        plan = ChunkPlan.from_router(routed, mode=self.plan_mode, capacity=self.capacity)
+        pos = self.backbone.position_embedding(plan.coords * self.coord_scale).to(tokens.dtype)  # (B, M, d)
+        h = plan.chunk(tokens) + (plan.pack(pos) if plan.mode == "packed" else pos)
+        h = self.norm(self.run_backbone(h, cond, plan))
+        out = self.decoder(h, plan, routed, tokens, c)  # (B, out, *grid)
+        if not return_info:
+            return out
+        info = ForwardInfo(ratio_loss=self.budget.ratio_loss(routed), kept=plan.lengths, tokens=math.prod(grid),
+                           router=routed, plan=plan)
+        return out, info
+
+    def attention_flops(self, plan: ChunkPlan) -> float:
+        """Attention scores + mixing FLOPs of the backbone (paper convention), for FLOP counting."""
+        heads = _num_heads(self.backbone.blocks[0])
+        d_head = self.hidden_size // heads
+        sum_sq = float((plan.lengths.double() ** 2).sum()) if plan.mode == "packed" else (
+            plan.lengths.shape[0] * plan.width**2)
+        return len(self.backbone.blocks) * heads * sum_sq * (4 * d_head + 3)
+
+    def extra_repr(self) -> str:
+        return (f"adapter={self.backbone.name!r}, grid={self.grid}, target_ratio={self.budget.target_ratio}, "
+                f"plan_mode={self.plan_mode!r}, coord_scale={self.coord_scale:g}")
+
+
+def _num_heads(block: nn.Module) -> int:
+    for name in ("attn", "attn1"):
+        attn = getattr(block, name, None)
+        for attr in ("num_heads", "heads"):
+            if attn is not None and isinstance(getattr(attn, attr, None), int):
+                return getattr(attn, attr)
+    raise AttributeError("cannot find the attention head count (attn.num_heads / attn1.heads)")
+
+
+def wrap(
+    model: nn.Module,
+    target_ratio: float = 4.0,
+    *,
+    router: RouterKind | None = None,
+    adapter: "str | type[BackboneAdapter] | BackboneAdapter | None" = None,
+    share_blocks: bool = True,
+    freeze_embedders: bool = False,
+    **kwargs,
+) -> ChunkWrapper:
+    """Turn a DiT into a DC-DiT that runs its blocks on dynamically chunked tokens.
+
+    Args:
+        model: chunkformer's ``DiT``, an original-DiT-layout model, diffusers'
+            ``DiTTransformer2DModel``, or anything a custom :class:`BackboneAdapter` drives.
+        target_ratio: ``N``: the ratio loss aims at keeping ``1/N`` of the tokens.
+        router: ``"predictability"`` (default), ``"cosine"``, ``"cosine1d"``.
+        adapter: a registered name (``"chunkformer"``, ``"dit"``, ``"diffusers"``), an adapter
+            class or instance; default: found by structure.
+        share_blocks: the wrapper uses the model's blocks themselves (training it trains them);
+            ``False`` deep-copies the model first.
+        freeze_embedders: freeze the backbone's timestep / label embedders (upcycling).
+        **kwargs: :class:`ChunkWrapper` options: ``encoder_depth``, ``decoder_depth``,
+            ``scaffold_width``, ``sigma``, ``smoothing``, ``plan_mode`` (``"auto"``: packed where the
+            attention is known, else padded with real tokens), ``capacity``, ``cond_adaptor``
+            (LayerNorm on the scaffold's conditioning, default on), ``coord_scale`` (default
+            ``1 / patch_size``: positions in the backbone's patch units), ``grid``,
+            ``out_channels``, ``device``, ``dtype``.
+
+    Raises:
+        UnsupportedModelError: no adapter fits; the message names what each one missed.
+    """
+    if isinstance(model, ChunkWrapper):
+        raise TypeError("this model is already wrapped; chunkformer.unwrap(model) returns the original")
+    if getattr(model, "supports_chunking", False):
+        raise TypeError(f"{type(model).__name__} already chunks its tokens; wrap a plain DiT")
+    original = model
+    if not share_blocks:
+        model = copy.deepcopy(model)
+    found = find_adapter(model, adapter)
+    if "device" not in kwargs:  # the scaffold lives where the backbone lives
+        p = next(model.parameters(), None)
+        if p is not None:
+            kwargs["device"] = p.device
+    wrapped = ChunkWrapper(original, found, target_ratio=target_ratio, router=router, **kwargs)
+    if freeze_embedders:
+        for module in found.embedders():
+            module.requires_grad_(False)
+    wrapped.wrap_config = {"adapter": found.name, "target_ratio": target_ratio, "router": router,
+                           "share_blocks": share_blocks, "freeze_embedders": freeze_embedders,
+                           **{k: v for k, v in kwargs.items() if k not in ("device", "dtype")}}
+    return wrapped
+
+
+def unwrap(wrapped: nn.Module) -> nn.Module:
+    """The model given to :func:`wrap`, as it was (no hooks or patches were ever added).
+
+    With ``share_blocks=True`` (default) its blocks are the wrapper's, so training the wrapper
+    changed them; with ``share_blocks=False`` it is untouched.
+    """
+    wrapped = getattr(wrapped, "module", wrapped)
+    wrapped = getattr(wrapped, "_orig_mod", wrapped)
+    if not isinstance(wrapped, ChunkWrapper):
+        raise TypeError(f"expected a model returned by chunkformer.wrap, got {type(wrapped).__name__}")
+    return wrapped._original
+
+
+def _count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+@torch.no_grad()
+def summary(wrapped: ChunkWrapper, x: Tensor | None = None, t: Tensor | None = None, y: Tensor | None = None,
+            *, rho: float = 0.0, print_fn=print) -> dict:
+    """Print (and return) what was wrapped, the parameters added, and, given an input, the
+    kept tokens and the FLOPs saved against the original model on the same input."""
+    from .flops import FlopCounter, count_flops
+
+    b = wrapped.backbone
+    shared = {id(p) for p in b.parameters()}
+    added = [p for p in wrapped.parameters() if id(p) not in shared]
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    info = {
+        "model": type(wrapped._original).__name__,
+        "adapter": b.name,
+        "blocks": len(b.blocks),
+        "hidden_size": b.hidden_size,
+        "patch_size": b.patch_size,
+        "attention": "packed varlen" if wrapped.plan_mode == "packed" else f"{wrapped.plan_mode} (pad = real tokens)",
+        "backbone_params": _count(b.parameters()),
+        "added_params": _count(added),
+        "trainable_params": _count(trainable),
+    }
+    lines = [
+        f"chunkformer.wrap({info['model']}) via the {b.name!r} adapter: {info['blocks']} blocks, d={b.hidden_size}, "
+        f"backbone patch {b.patch_size} -> chunked P=1 grid {wrapped.grid}",
+        f"  attention: {info['attention']}",
+        f"  parameters: backbone {info['backbone_params'] / 1e6:.2f}M (shared), added {info['added_params'] / 1e6:.2f}M "
+        f"(encoder, router, decoder, adaptor), trainable {info['trainable_params'] / 1e6:.2f}M",
+    ]
+    if x is not None:
+        if t is None:
+            t = torch.full((x.shape[0],), 500, device=x.device)
+        was_training = wrapped.training
+        wrapped.eval()
+        try:
+            report = count_flops(wrapped, x, t, y, rho=rho)
+            with FlopCounter(wrapped._original) as base:
+                b.call_original(wrapped._original, x, t, y)
+        finally:
+            wrapped.train(was_training)
+        kept = report.kept.float() / math.prod(x.shape[2:])
+        base_per_sample = base.total / x.shape[0]
+        info.update(kept_fraction=float(kept.mean()), gflops=report.per_sample / 1e9,
+                    original_gflops=base_per_sample / 1e9, flops_saved=1 - report.per_sample / base_per_sample)
+        lines.append(f"  on {tuple(x.shape)} at rho={rho}: kept {kept.mean():.1%} of {math.prod(x.shape[2:])} "
+                     f"P=1 tokens ({info['gflops']:.3f} GFLOPs/sample)")
+        lines.append(f"  original model: {info['original_gflops']:.3f} GFLOPs/sample -> "
+                     f"{info['flops_saved']:.1%} saved ({base_per_sample / report.per_sample:.2f}x fewer)")
+    if print_fn is not None:
+        print_fn("\n".join(lines))
+    return info
