@@ -37,7 +37,16 @@ BACKENDS: tuple[str, ...] = ("auto", "flash", "flex", "sdpa", "math")
 _default_backend: str = "auto"
 # FLOP counters listen here: observer(heads, head_dim, sum_of_squared_lengths) per attention call
 _observers: list = []
-_HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
+
+
+def _flash_installed() -> bool:
+    try:
+        return importlib.util.find_spec("flash_attn") is not None
+    except (ImportError, ValueError):  # a stand-in module without a spec: not the real package
+        return False
+
+
+_HAS_FLASH = _flash_installed()
 
 
 def set_attention_backend(backend: Backend) -> None:
