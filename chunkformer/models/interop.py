@@ -238,7 +238,7 @@ def _to_diffusers_key(key: str):
 def to_diffusers(model: DiT) -> tuple[dict, dict]:
     """``(config, state_dict)`` for diffusers' ``DiTTransformer2DModel(**config)``.
 
-    The embedders are copied into every block; position table included. Exact only for a
+    The embedders are copied into every block. Exact only for a
     ``DiT`` with ``freq_shift=1`` and ``mlp_norm_eps = config["norm_eps"]`` (as ``from_diffusers``
     builds); other DiTs convert with diffusers' slightly different timestep frequencies.
     """
@@ -263,9 +263,7 @@ def to_diffusers(model: DiT) -> tuple[dict, dict]:
                 state[dst.replace("transformer_blocks.0.", f"transformer_blocks.{i}.")] = v.clone()
         else:
             state[dst] = v.clone()
-    patch_grid = tuple(s // model.patch_size for s in model.grid)
-    state["pos_embed.pos_embed"] = sincos_embed(grid_coords(patch_grid), d)[None]
-    return config, state
+    return config, state  # diffusers rebuilds its position table (a non-persistent buffer)
 
 
 # ---------------------------------------------------------------------------- the authors' DC-DiT release
