@@ -180,8 +180,14 @@ class BackboneAdapter(nn.Module):
 
     @staticmethod
     def call_original(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """Run the unwrapped model once (FLOP baselines, distillation targets)."""
+        """Run the unwrapped model once (FLOP baselines)."""
         return model(x, t, y)
+
+    @staticmethod
+    def patch_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The unwrapped model's block-0 input: patch tokens with positions, ``(B, L_patch, d)``
+        (what upcycling distils from)."""
+        raise NotImplementedError("implement patch_tokens(model, x) on your adapter to distil from the original")
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, blocks={len(self.blocks)}, hidden_size={self.hidden_size}"
@@ -233,6 +239,12 @@ class ChunkformerDiTAdapter(BackboneAdapter):
 
     def embedders(self):
         return [self.t_embedder, self.y_embedder]
+
+    @staticmethod
+    def patch_tokens(model, x):
+        h = model.x_embedder(x).flatten(2).transpose(1, 2)  # (B, L, d)
+        patch_grid = tuple(s // model.patch_size for s in x.shape[2:])
+        return h + sincos_embed(grid_coords(patch_grid, device=x.device), model.hidden_size).to(h.dtype)
 
 
 # ---------------------------------------------------------------------------- original DiT layout
@@ -305,6 +317,10 @@ class OriginalDiTAdapter(BackboneAdapter):
 
     def embedders(self):
         return [self.t_embedder, self.y_embedder]
+
+    @staticmethod
+    def patch_tokens(model, x):
+        return model.x_embedder(x) + model.pos_embed
 
 
 # ---------------------------------------------------------------------------- diffusers
@@ -386,6 +402,10 @@ class DiffusersDiTAdapter(BackboneAdapter):
     @staticmethod
     def call_original(model, x, t, y):
         return model(x, timestep=t, class_labels=y).sample
+
+    @staticmethod
+    def patch_tokens(model, x):
+        return model.pos_embed(x)
 
 
 # ---------------------------------------------------------------------------- registry

@@ -101,6 +101,14 @@ class ChunkWrapper(nn.Module):
         return self.backbone.null_class
 
     @property
+    def num_classes(self) -> int:
+        return self.backbone.num_classes
+
+    @property
+    def label_dropout(self) -> float:
+        return self.backbone.class_dropout
+
+    @property
     def blocks(self) -> nn.ModuleList:
         return self.backbone.blocks
 
@@ -109,10 +117,13 @@ class ChunkWrapper(nn.Module):
         cond = self.backbone.condition(t, y, label_drop)
         return cond, self.cond_adaptor(cond.vector)
 
-    def run_backbone(self, h: Tensor, cond, plan: ChunkPlan | None) -> Tensor:
-        """Every block on ``h`` (``plan.chunk`` layout, or dense ``(B, L, d)`` with ``plan=None``)."""
+    def run_backbone(self, h: Tensor, cond, plan: ChunkPlan | None, keep: list | None = None) -> Tensor:
+        """Every block on ``h`` (``plan.chunk`` layout, or dense ``(B, L, d)`` with ``plan=None``);
+        each block's output is appended to ``keep`` if given."""
         for i in range(len(self.backbone.blocks)):
             h = self.backbone.run_block(i, h, cond, plan)
+            if keep is not None:
+                keep.append(h)
         return h
 
     @typechecked
@@ -125,9 +136,11 @@ class ChunkWrapper(nn.Module):
         rho: float | Tensor | None = None,
         return_info: bool = False,
         label_drop: Bool[Tensor, "batch"] | None = None,
+        block_outputs: bool = False,
     ):
         """Same contract as :class:`~chunkformer.models.dcdit.DCDiT`: ``(B, out, *grid)``
-        (and a :class:`~chunkformer.models.dit.ForwardInfo` with ``return_info=True``)."""
+        (and a :class:`~chunkformer.models.dit.ForwardInfo` with ``return_info=True``;
+        ``block_outputs=True`` fills its ``block_outputs``)."""
         from .models.dit import ForwardInfo, _check_input
 
         _check_input(self, x)
@@ -140,12 +153,13 @@ class ChunkWrapper(nn.Module):
         plan = ChunkPlan.from_router(routed, mode=self.plan_mode, capacity=self.capacity)
         pos = self.backbone.position_embedding(plan.coords * self.coord_scale).to(tokens.dtype)  # (B, M, d)
         h = plan.chunk(tokens) + (plan.pack(pos) if plan.mode == "packed" else pos)
-        h = self.norm(self.run_backbone(h, cond, plan))
+        keep = [] if block_outputs else None
+        h = self.norm(self.run_backbone(h, cond, plan, keep))
         out = self.decoder(h, plan, routed, tokens, c)  # (B, out, *grid)
         if not return_info:
             return out
         info = ForwardInfo(ratio_loss=self.budget.ratio_loss(routed), kept=plan.lengths, tokens=math.prod(grid),
-                           router=routed, plan=plan)
+                           router=routed, plan=plan, block_outputs=keep)
         return out, info
 
     def attention_flops(self, plan: ChunkPlan) -> float:

@@ -8,7 +8,8 @@ Presets: ``tiny-cpu`` (the README's main job: a small DC-DiT on the built-in dig
 2-core CPU in minutes), ``DC-DiT-{S,B,L,XL}`` and ``DiT-{S,B,L,XL}`` (the papers'
 hyper-parameters: AdamW lr 1e-4, wd 0, clip 1.0, EMA 0.9999, global batch 256, ratio loss
 0.03 with N = 4, multi-budget after warm-up, SD-VAE latents of ImageNet 256), and
-``mnist-dcdit-s`` / ``mnist-dit-s`` (GPU-sized runs on the digits).
+``mnist-dcdit-s`` / ``mnist-dit-s`` (GPU-sized runs on the digits), and ``mnist-upcycle-dcdit-s``
+(a DC-DiT-S upcycled from a finished ``mnist-dit-s`` run: ``upcycle.source``).
 """
 
 import copy
@@ -26,6 +27,7 @@ __all__ = [
     "DiffusionConfig",
     "BudgetConfig",
     "TrainConfig",
+    "UpcycleConfig",
     "PRESETS",
     "get_recipe",
     "apply_overrides",
@@ -84,6 +86,16 @@ class BudgetConfig:
 
 
 @dataclass
+class UpcycleConfig:
+    # a local pretrained DiT to build the DC-DiT on ("" = train from scratch): a chunkformer
+    # save_pretrained folder, an original-DiT-layout .pt / .safetensors, or a diffusers folder
+    source: str = ""
+    distill_steps: int = 0  # warm-up steps that add the block-output distillation loss (frozen original)
+    distill_weight: float = 1.0
+    num_heads: int = 0  # heads of an original-DiT checkpoint of unregistered width (0: from its width)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 400_000
     global_batch: int = 256
@@ -109,6 +121,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -133,6 +146,13 @@ def _mnist_gpu(name: str, model: str) -> Recipe:
     )
 
 
+def _upcycle(recipe: Recipe) -> Recipe:
+    recipe.model.overrides = {"target_ratio": 4.0}  # wrap() options; the backbone comes from the source
+    recipe.upcycle = UpcycleConfig(source="results/mnist-dit-s-DiT-S_2/final", distill_steps=500)
+    recipe.budget.warmup_steps = 500
+    return recipe
+
+
 PRESETS: dict[str, Recipe] = {
     # The README's main job: 2000 steps in 8.2 minutes on an idle 2-core CPU (measured).
     "tiny-cpu": Recipe(
@@ -154,6 +174,8 @@ PRESETS: dict[str, Recipe] = {
     **{f"DiT-{s}": _imagenet(f"DiT-{s}", f"DiT-{s}/2") for s in ("S", "B", "L", "XL")},
     "mnist-dcdit-s": _mnist_gpu("mnist-dcdit-s", "DC-DiT-S"),
     "mnist-dit-s": _mnist_gpu("mnist-dit-s", "DiT-S/2"),
+    # DC-DiT-S upcycled from a trained mnist-dit-s run (set upcycle.source to its final folder)
+    "mnist-upcycle-dcdit-s": _upcycle(_mnist_gpu("mnist-upcycle-dcdit-s", "DC-DiT-S")),
 }
 
 

@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     model, diffusion, cfg, path = load_for_sampling(args.ckpt, ema=not args.no_ema, device=d.device)
     sampler = args.sampler or (cfg.diffusion.sampler if cfg else "ddpm")
     steps = args.steps or (cfg.diffusion.sample_steps if cfg else 250)
-    num_classes = model.y_embedder.num_classes
+    num_classes = model.num_classes
     labels = torch.full((args.num_samples,), args.class_label) if args.class_label is not None else torch.arange(args.num_samples) % num_classes
     share = torch.arange(args.num_samples)[d.rank :: d.world]  # this rank's samples (interleaved, stable per seed)
     out = generate(model, diffusion, num=len(share), shape=(model.in_channels, *model.grid), num_classes=num_classes,

@@ -65,7 +65,7 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
 def sample_images(model, diffusion, cfg, path: Path, *, device, num: int = 16) -> Path:
     """An EMA sample grid during training (the recipe's sampler and step count, no guidance)."""
     shape = (model.in_channels, *model.grid)
-    out = generate(model, diffusion, num=num, shape=shape, num_classes=model.y_embedder.num_classes,
+    out = generate(model, diffusion, num=num, shape=shape, num_classes=model.num_classes,
                    device=device, sampler=cfg.diffusion.sampler, steps=cfg.diffusion.sample_steps,
                    seed=cfg.train.seed)
     return save_image_grid(to_display(out["samples"], cfg.data.pixel_unshuffle).clamp(-1, 1), path)
@@ -122,7 +122,7 @@ def make_report_figures(model, diffusion, cfg, run_dir: Path, *, device, source)
 
     # 1. samples
     out = generate(model, diffusion, num=cfg.train.num_sample_images, shape=shape,
-                   num_classes=model.y_embedder.num_classes, device=device, sampler=cfg.diffusion.sampler,
+                   num_classes=model.num_classes, device=device, sampler=cfg.diffusion.sampler,
                    steps=cfg.diffusion.sample_steps, seed=cfg.train.seed)
     r = cfg.data.pixel_unshuffle
     images = to_display(out["samples"], r).clamp(-1, 1)

@@ -63,6 +63,8 @@ def build_model(cfg: Recipe, source_shape: tuple[int, ...] | None, num_classes: 
     The filled-in values are written back into ``cfg.model.overrides``, so the config saved with
     every checkpoint rebuilds exactly this model.
     """
+    if cfg.upcycle.source:
+        return build_upcycled(cfg, source_shape, device)
     kw = cfg.model.overrides
     if source_shape is not None:
         kw.setdefault("in_channels", source_shape[0])
@@ -70,6 +72,33 @@ def build_model(cfg: Recipe, source_shape: tuple[int, ...] | None, num_classes: 
     if num_classes is not None:
         kw.setdefault("num_classes", num_classes)
     return cf.create_model(cfg.model.name, **kw).to(device)
+
+
+WRAP_OPTIONS = ("target_ratio", "router", "encoder_depth", "decoder_depth", "scaffold_width", "sigma", "smoothing",
+                "plan_mode", "capacity", "cond_adaptor", "coord_scale")
+
+
+def _pretrained(cfg: Recipe):
+    from chunkformer.upcycling import load_pretrained
+
+    source = Path(cfg.upcycle.source)
+    kw = {"num_heads": cfg.upcycle.num_heads} if cfg.upcycle.num_heads and source.is_file() else {}
+    return load_pretrained(source, **kw)
+
+
+def build_upcycled(cfg: Recipe, source_shape: tuple[int, ...] | None, device: torch.device) -> torch.nn.Module:
+    """A DC-DiT on the blocks of the pretrained DiT at ``upcycle.source`` (``model.overrides`` = wrap options)."""
+    from chunkformer.upcycling import upcycle
+
+    bad = sorted(set(cfg.model.overrides) - set(WRAP_OPTIONS))
+    if bad:
+        raise ValueError(f"when upcycling, model.overrides are chunkformer.wrap options {WRAP_OPTIONS}; "
+                         f"{bad} come from the pretrained model and cannot be changed")
+    student, _ = upcycle(_pretrained(cfg), **cfg.model.overrides)
+    if source_shape is not None and (student.in_channels, *student.grid) != tuple(source_shape):
+        raise ValueError(f"the pretrained model takes {(student.in_channels, *student.grid)} inputs but the data is "
+                         f"{tuple(source_shape)}: upcycle a model trained on this data's shape")
+    return student.to(device)
 
 
 def _log(d: Dist, log_file, message: str) -> None:
@@ -116,6 +145,11 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
                   f"{report.tflops_per_image(cfg.diffusion.sample_steps):.4f} TFLOPs (untrained router)")
         return {"params": n_params, "flops_per_sample": report.per_sample}
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    teacher = None
+    if cfg.upcycle.source and cfg.upcycle.distill_steps > 0:
+        from chunkformer.upcycling import DistillationTeacher
+
+        teacher = DistillationTeacher(_pretrained(cfg)).to(device)
     ddp_model = parallelize(model, d, parallel=cfg.train.parallel, compile=cfg.train.compile)
 
     # 3. run folder ------------------------------------------------------------------------
@@ -186,7 +220,7 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
     ema_params = list(ema.parameters())
     model_params = list(model.parameters())
     null_class = model.null_class
-    p_drop = model.y_embedder.dropout if null_class is not None else 0.0
+    p_drop = model.label_dropout if null_class is not None else 0.0
     sample_shape = source.sample_shape
     progress = _progress(d, cfg.train.steps, step)
     t0, t_last, steps_since = time.time(), time.time(), 0
@@ -205,12 +239,19 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
         x_t, _ = diffusion.q_sample(x0, t, noise)
         rho = budget.training_rho(step) if (chunking and cfg.budget.multi_budget) else 0.0
 
+        distill = teacher is not None and step < cfg.upcycle.distill_steps
+        label_drop = drop if null_class is not None else None
         with autocast:
             kwargs = {"rho": rho} if chunking else {}
+            if distill:
+                kwargs["block_outputs"] = True
             out, info = ddp_model(x_t, diffusion.model_timesteps(t), y, return_info=True,
-                                  label_drop=drop if null_class is not None else None, **kwargs)
+                                  label_drop=label_drop, **kwargs)
+            distill_loss = (teacher.distillation_loss(info, x_t, diffusion.model_timesteps(t), y, label_drop)
+                            if distill else torch.zeros((), device=device))
         losses = diffusion.training_losses(out.float(), x0, x_t, t, noise)
-        loss = losses["loss"].mean() + cfg.budget.ratio_weight * info.ratio_loss
+        loss = (losses["loss"].mean() + cfg.budget.ratio_weight * info.ratio_loss
+                + cfg.upcycle.distill_weight * distill_loss.float())
         if not torch.isfinite(loss):
             checkpoint()
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good state checkpointed in "
@@ -231,6 +272,7 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
         # bookkeeping (host syncs only here, every log_every steps)
         for k, v in (("loss", losses["loss"].mean()), ("mse", losses["mse"].mean()),
                      ("ratio_loss", info.ratio_loss), ("kept_fraction", info.kept.float().mean() / info.tokens),
+                     ("distill", distill_loss),
                      ("grad_norm", grad_norm)):
             running[k] = running.get(k, 0.0) + v.detach().float()
         if progress is not None:
@@ -268,6 +310,8 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
     if not d.is_main:
         return {}
     wall = time.time() - t0
+    if hasattr(ema, "config"):  # a chunkformer model: loadable with create_model(run_dir / "final")
+        cf.save_pretrained(ema, run_dir / "final")
     metrics = make_report_figures(ema, diffusion, cfg, run_dir, device=device, source=source)
     metrics.update(step=step, wall_seconds=wall, params=n_params, run_dir=str(run_dir))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

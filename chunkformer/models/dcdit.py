@@ -114,6 +114,15 @@ class DCDiT(nn.Module):
     def null_class(self) -> int | None:
         return self.y_embedder.null_class
 
+    @property
+    def num_classes(self) -> int:
+        return self.y_embedder.num_classes
+
+    @property
+    def label_dropout(self) -> float:
+        """Probability that a label is replaced by the null class in training."""
+        return self.y_embedder.dropout
+
     @typechecked
     def forward(
         self,

@@ -177,6 +177,8 @@ class ForwardInfo:
         tokens: backbone tokens per sample without chunking (``L`` of the patch grid).
         router: the :class:`RouterOutput` (``None`` for a plain DiT).
         plan: the :class:`ChunkPlan` (``None`` for a plain DiT).
+        block_outputs: each backbone block's output in ``plan.chunk`` layout, when asked for
+            (``block_outputs=True`` on a wrapped model; upcycling distils them).
     """
 
     ratio_loss: Tensor
@@ -184,6 +186,7 @@ class ForwardInfo:
     tokens: int
     router: RouterOutput | None = None
     plan: ChunkPlan | None = None
+    block_outputs: list | None = None
 
     @property
     def kept_fraction(self) -> Tensor:
@@ -265,6 +268,15 @@ class DiT(nn.Module):
     @property
     def null_class(self) -> int | None:
         return self.y_embedder.null_class
+
+    @property
+    def num_classes(self) -> int:
+        return self.y_embedder.num_classes
+
+    @property
+    def label_dropout(self) -> float:
+        """Probability that a label is replaced by the null class in training."""
+        return self.y_embedder.dropout
 
     def unpatchify(self, x: Tensor, grid: tuple[int, ...]) -> Tensor:
         """``(B, L, P^n C)`` -> ``(B, C, *grid)`` for any grid rank, square or not."""
