@@ -12,6 +12,7 @@
 """
 
 from ._typing import TYPECHECK
+from .adapters import BackboneAdapter, Conditioning, UnsupportedModelError, register_adapter
 from .attention import chunk_attention
 from .budget import TimestepAdaptiveBudget, ratio_loss, tail_drop
 from .dechunk import dechunk, smooth_dense, smooth_windowed, ste_ones
@@ -21,7 +22,6 @@ from .models import DCDiT, DiT, create_model, list_models, load_weights, save_pr
 from .plan import ChunkPlan, nearest_kept
 from .routing import Router, RouterOutput
 from .scaffold import ChunkEncoder, DeChunkDecoder, FinalLayer, ResBlock
-from .adapters import BackboneAdapter, Conditioning, UnsupportedModelError, register_adapter
 from .wrapping import ChunkWrapper, summary, unwrap, wrap
 
 __version__ = "0.1.0"

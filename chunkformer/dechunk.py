@@ -22,7 +22,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from ._typing import Bool, Float, Tensor, typechecked
 from .grid import to_grid, to_tokens

@@ -31,8 +31,8 @@ from torch import nn
 from ._typing import Float, Tensor, check_finite, typechecked
 from .budget import Rho, _tail_drop, check_rho
 from .grid import GridShape, check_grid, conv_nd, to_grid
-from .precision import FP32Module
 from .grid import norm_groups as group_count
+from .precision import FP32Module
 
 __all__ = ["Router", "RouterOutput", "RouterKind", "ROUTER_KINDS"]
 

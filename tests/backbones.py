@@ -130,7 +130,7 @@ def tiny_diffusers_dit(seed: int = 0):
     model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
                                   num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.normal_(0, 0.05 if p.ndim > 1 else 0.02)
         # converted DiT checkpoints carry one embedder, copied into every block
         first = model.transformer_blocks[0].norm1.emb

@@ -4,9 +4,6 @@ import copy
 
 import pytest
 import torch
-
-import chunkformer as cf
-from chunkformer.adapters import Conditioning
 from backbones import (
     OriginalLayoutDiT,
     TinyCustomAdapter,
@@ -14,6 +11,9 @@ from backbones import (
     call,
     tiny_diffusers_dit,
 )
+
+import chunkformer as cf
+from chunkformer.adapters import Conditioning
 
 LAYOUTS = ["chunkformer", "dit", "dit-opaque", "diffusers"]
 
