@@ -162,26 +162,9 @@ class ChunkWrapper(nn.Module):
                            router=routed, plan=plan, block_outputs=keep)
         return out, info
 
-    def attention_flops(self, plan: ChunkPlan) -> float:
-        """Attention scores + mixing FLOPs of the backbone (paper convention), for FLOP counting."""
-        heads = _num_heads(self.backbone.blocks[0])
-        d_head = self.hidden_size // heads
-        sum_sq = float((plan.lengths.double() ** 2).sum()) if plan.mode == "packed" else (
-            plan.lengths.shape[0] * plan.width**2)
-        return len(self.backbone.blocks) * heads * sum_sq * (4 * d_head + 3)
-
     def extra_repr(self) -> str:
         return (f"adapter={self.backbone.name!r}, grid={self.grid}, target_ratio={self.budget.target_ratio}, "
                 f"plan_mode={self.plan_mode!r}, coord_scale={self.coord_scale:g}")
-
-
-def _num_heads(block: nn.Module) -> int:
-    for name in ("attn", "attn1"):
-        attn = getattr(block, name, None)
-        for attr in ("num_heads", "heads"):
-            if attn is not None and isinstance(getattr(attn, attr, None), int):
-                return getattr(attn, attr)
-    raise AttributeError("cannot find the attention head count (attn.num_heads / attn1.heads)")
 
 
 def wrap(
