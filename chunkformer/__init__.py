@@ -14,7 +14,9 @@
 from ._typing import TYPECHECK
 from .adapters import BackboneAdapter, Conditioning, UnsupportedModelError, register_adapter
 from .attention import chunk_attention
+from . import merging
 from .budget import TimestepAdaptiveBudget, ratio_loss, tail_drop
+from .caching import StepCache
 from .dechunk import dechunk, smooth_dense, smooth_windowed, ste_ones
 from .flops import FlopReport, count_flops, sampling_tflops
 from .grid import grid_coords, sincos_embed, to_grid, to_tokens
@@ -65,4 +67,6 @@ __all__ = [
     "Conditioning",
     "UnsupportedModelError",
     "register_adapter",
+    "merging",
+    "StepCache",
 ]

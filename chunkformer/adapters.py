@@ -45,6 +45,7 @@ from torch import nn
 
 from .attention import chunk_attention, dense_attention
 from .grid import grid_coords, raster_index, sincos_embed
+from .models.dit import block_input
 from .plan import ChunkPlan
 
 __all__ = [
@@ -114,9 +115,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-def run_attention(q, k, v, plan: ChunkPlan | None, backend: str = "auto") -> torch.Tensor:
+def run_attention(q, k, v, plan: ChunkPlan | None, backend: str = "auto", key_bias=None) -> torch.Tensor:
     """``(..., H, dh)`` q/k/v in any layout -> attention within each sample's kept tokens."""
-    return dense_attention(q, k, v) if plan is None else chunk_attention(q, k, v, plan, backend)
+    if plan is None:
+        return dense_attention(q, k, v, key_bias)
+    return chunk_attention(q, k, v, plan, backend, key_bias)
+
+
+def call_attention(attn: nn.Module, x: torch.Tensor, plan: ChunkPlan | None, fn) -> torch.Tensor:
+    """``fn(attn, x, plan)``, unless ``attn`` takes the plan itself (a token-merging wrapper)."""
+    return attn(x, plan) if getattr(attn, "takes_plan", False) else fn(attn, x, plan)
 
 
 class BackboneAdapter(nn.Module):
@@ -169,6 +177,11 @@ class BackboneAdapter(nn.Module):
 
     def run_block(self, index: int, h: torch.Tensor, cond: Conditioning, plan: ChunkPlan | None) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement run_block(index, h, cond, plan)")
+
+    def block_input(self, h: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Block 0's attention input for dense ``(B, L, d)`` tokens (step caching's change signal);
+        the default, a plain LayerNorm, ignores the conditioning."""
+        return F.layer_norm(h, h.shape[-1:])
 
     def position_embedding(self, coords: torch.Tensor) -> torch.Tensor:
         """``(..., ndim)`` coordinates in backbone-patch units -> ``(..., d)``; sin-cos by default."""
@@ -237,6 +250,9 @@ class ChunkformerDiTAdapter(BackboneAdapter):
     def run_block(self, index, h, cond, plan):
         return self.blocks[index](h, cond.vector, plan)
 
+    def block_input(self, h, cond):
+        return block_input(self.blocks[0], h, cond.vector)
+
     def embedders(self):
         return [self.t_embedder, self.y_embedder]
 
@@ -259,11 +275,12 @@ def _timm_attention_known(attn: nn.Module) -> bool:
     return abs(scale - head_dim**-0.5) < 1e-9 and not isinstance(getattr(attn, "norm", None), nn.Module)
 
 
-def timm_attention(attn: nn.Module, x: torch.Tensor, plan: ChunkPlan | None) -> torch.Tensor:
+def timm_attention(attn: nn.Module, x: torch.Tensor, plan: ChunkPlan | None, key_bias=None) -> torch.Tensor:
     """A timm-style attention module applied to any plan layout (``q_norm`` / ``k_norm`` honoured)."""
     q, k, v = rearrange(attn.qkv(x), "... (three h d) -> three ... h d", three=3, h=attn.num_heads)
     q, k = getattr(attn, "q_norm", nn.Identity())(q), getattr(attn, "k_norm", nn.Identity())(k)
-    out = rearrange(run_attention(q, k, v, plan, getattr(attn, "backend", "auto")), "... h d -> ... (h d)")
+    out = run_attention(q, k, v, plan, getattr(attn, "backend", "auto"), key_bias)
+    out = rearrange(out, "... h d -> ... (h d)")
     return getattr(attn, "proj_drop", nn.Identity())(attn.proj(out))
 
 
@@ -308,9 +325,12 @@ class OriginalDiTAdapter(BackboneAdapter):
         ada = per_token(block.adaLN_modulation(cond.vector), plan, h.shape[0])
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada.chunk(6, dim=-1)
         a = modulate(block.norm1(h), shift_msa, scale_msa)
-        a = timm_attention(block.attn, a, plan) if self.attention_known else block.attn(a)
+        a = call_attention(block.attn, a, plan, timm_attention) if self.attention_known else block.attn(a)
         h = h + gate_msa * a
         return h + gate_mlp * block.mlp(modulate(block.norm2(h), shift_mlp, scale_mlp))
+
+    def block_input(self, h, cond):
+        return block_input(self.blocks[0], h, cond.vector)
 
     def position_embedding(self, coords):
         return super().position_embedding(coords) if self._lookup is None else self._lookup(coords)
@@ -337,10 +357,10 @@ def _diffusers_attention_known(attn: nn.Module) -> bool:
             and abs(attn.scale - head_dim**-0.5) < 1e-9 and not getattr(attn, "is_cross_attention", False))
 
 
-def diffusers_attention(attn: nn.Module, x: torch.Tensor, plan: ChunkPlan | None) -> torch.Tensor:
+def diffusers_attention(attn: nn.Module, x: torch.Tensor, plan: ChunkPlan | None, key_bias=None) -> torch.Tensor:
     """A diffusers ``Attention`` (SDPA processor) applied to any plan layout."""
     q, k, v = (rearrange(proj(x), "... (h d) -> ... h d", h=attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
-    out = rearrange(run_attention(q, k, v, plan), "... h d -> ... (h d)")
+    out = rearrange(run_attention(q, k, v, plan, key_bias=key_bias), "... h d -> ... (h d)")
     return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -389,9 +409,14 @@ class DiffusersDiTAdapter(BackboneAdapter):
         ada = per_token(block.norm1.linear(F.silu(e)), plan, h.shape[0])
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada.chunk(6, dim=-1)
         a = modulate(block.norm1.norm(h), shift_msa, scale_msa)
-        a = diffusers_attention(block.attn1, a, plan) if self.attention_known else block.attn1(a)
+        a = call_attention(block.attn1, a, plan, diffusers_attention) if self.attention_known else block.attn1(a)
         h = h + gate_msa * a
         return h + gate_mlp * block.ff(modulate(block.norm3(h), shift_mlp, scale_mlp))
+
+    def block_input(self, h, cond):
+        block = self.blocks[0]
+        shift, scale = block.norm1.linear(F.silu(cond.vector.to(h.dtype))).chunk(6, dim=-1)[:2]
+        return modulate(block.norm1.norm(h), shift[:, None], scale[:, None])
 
     def position_embedding(self, coords):
         return super().position_embedding(coords) if self._lookup is None else self._lookup(coords)

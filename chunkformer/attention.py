@@ -18,6 +18,10 @@ backend    packed sequences via                       where
 =========  =========================================  ==========================
 
 All backends compute the same function (tested against each other).
+
+``key_bias`` adds a per-key term to every attention logit (``log(size)`` for token merging's
+proportional attention): ``(B, L)`` dense, ``(T,)`` packed, ``(B, M)`` padded. flash has no
+such input, so biased packed calls take the sdpa path.
 """
 
 import importlib.util
@@ -77,12 +81,14 @@ def dense_attention(
     q: Float[Tensor, "batch tokens heads head_dim"],
     k: Float[Tensor, "batch tokens heads head_dim"],
     v: Float[Tensor, "batch tokens heads head_dim"],
+    key_bias: Float[Tensor, "batch tokens"] | None = None,
 ) -> Float[Tensor, "batch tokens heads head_dim"]:
-    """Plain multi-head attention over whole sequences."""
+    """Plain multi-head attention over whole sequences (``key_bias``: added to every logit per key)."""
     if _observers:
         _notify(q, float(q.shape[0] * q.shape[1] ** 2))
     q_, k_, v_ = (rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
-    return rearrange(F.scaled_dot_product_attention(q_, k_, v_), "b h l d -> b l h d")
+    bias = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
+    return rearrange(F.scaled_dot_product_attention(q_, k_, v_, attn_mask=bias), "b h l d -> b l h d")
 
 
 def _notify(q: Tensor, sum_sq: float) -> None:
@@ -97,8 +103,12 @@ def chunk_attention(
     v: Float[Tensor, "*layout heads head_dim"],
     plan: ChunkPlan,
     backend: Backend = "auto",
+    key_bias: Float[Tensor, "*keys"] | None = None,
 ) -> Float[Tensor, "*layout heads head_dim"]:
-    """Multi-head attention restricted to each sample's kept tokens; layout in == layout out."""
+    """Multi-head attention restricted to each sample's kept tokens; layout in == layout out.
+
+    ``key_bias``: ``(T,)`` packed or ``(B, M)`` padded, added to the logits of each key.
+    """
     if _observers:  # padding slots are masked out, so only kept lengths count
         _notify(q, float((plan.lengths.double() ** 2).sum()))
     if plan.mode != "packed":
@@ -106,7 +116,7 @@ def chunk_attention(
             raise ValueError(
                 f"{plan.mode} plans take (batch, slots, heads, head_dim) inputs, got {tuple(q.shape)}"
             )
-        mask = plan.valid[:, None, None, :]  # (B, 1, 1, M): attend to real tokens only
+        mask = _key_mask(plan.valid, key_bias, q.dtype)  # (B, 1, 1, M): attend to real tokens only
         q_, k_, v_ = (rearrange(t, "b m h d -> b h m d") for t in (q, k, v))
         out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
         return rearrange(out, "b h m d -> b m h d")
@@ -114,6 +124,8 @@ def chunk_attention(
     if q.ndim != 3:
         raise ValueError(f"packed plans take (tokens, heads, head_dim) inputs, got {tuple(q.shape)}")
     backend = resolve_backend(backend, q.device, q.dtype)
+    if key_bias is not None and backend in ("flash", "flex"):
+        backend = "sdpa"  # neither takes a per-key bias here
     if backend == "flash":
         from flash_attn import flash_attn_varlen_func
 
@@ -124,6 +136,8 @@ def chunk_attention(
     if backend == "math":
         seg = plan.segment_ids()  # (T,)
         mask = seg[:, None] == seg[None, :]  # (T, T) block diagonal
+        if key_bias is not None:
+            mask = torch.where(mask, key_bias[None, :].to(q.dtype), float("-inf"))
         q_, k_, v_ = (rearrange(t, "t h d -> 1 h t d") for t in (q, k, v))
         out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
         return rearrange(out, "1 h t d -> t h d")
@@ -131,8 +145,17 @@ def chunk_attention(
     padded = [plan.unpack(rearrange(t, "t h d -> t (h d)")) for t in (q, k, v)]  # (B, M, H*dh)
     H = q.shape[1]
     q_, k_, v_ = (rearrange(t, "b m (h d) -> b h m d", h=H) for t in padded)
-    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=plan.valid[:, None, None, :])
+    bias = None if key_bias is None else plan.unpack(key_bias[:, None])[..., 0]  # (B, M)
+    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=_key_mask(plan.valid, bias, q.dtype))
     return rearrange(plan.pack(rearrange(out, "b h m d -> b m (h d)")), "t (h d) -> t h d", h=H)
+
+
+def _key_mask(valid: Tensor, key_bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``(B, M)`` valid keys (+ optional ``(B, M)`` bias) -> an SDPA mask ``(B, 1, 1, M)``:
+    boolean without a bias, additive float (``-inf`` on invalid keys) with one."""
+    if key_bias is None:
+        return valid[:, None, None, :]
+    return torch.where(valid, key_bias.to(dtype), float("-inf"))[:, None, None, :]
 
 
 _flex_compiled = None

@@ -15,6 +15,9 @@ Convention (what is counted, what is not):
 * De-chunk counts the residual projection ``2 L d^2`` and the smoothing's multiply-adds:
   the windowed form ``2 (d + 1) L S`` per grid axis of length ``S`` (one banded matmul per
   axis, zeros included as executed), the dense form ``2 M^2 d``, per sample.
+* Token merging (:mod:`chunkformer.merging`) counts its similarity search, ``2 M D d`` per
+  sample and block (``D`` destination slots), under ``"merging"``; the blocks' own FLOPs fall
+  with the tokens they run on.
 * Not counted: normalisations, activations, residual adds, modulation arithmetic, index
   computations (sorting, gathers, nearest-token search) and embedding look-ups.
 
@@ -47,6 +50,7 @@ COMPONENTS: tuple[str, ...] = (
     "de-chunk",
     "decoder",
     "final layer",
+    "merging",
     "other",
 )
 
@@ -195,6 +199,9 @@ class FlopCounter:
             if heads is not None:  # dense attention inside someone else's module: count from its input
                 self._handles.append(module.register_forward_hook(
                     lambda m, a, k, o, heads=heads: self._add_dense_attention(heads, a, k), with_kwargs=True))
+            if hasattr(module, "last_flops") and getattr(module, "takes_plan", False):  # token merging's search
+                self._handles.append(module.register_forward_hook(
+                    lambda m, a, o: self._add("merging", m.last_flops)))
             if isinstance(module, DeChunkDecoder):
                 self._handles.append(module.register_forward_hook(
                     lambda m, a, k, o: self._add("de-chunk", _dechunk_flops(m, a, k, o)), with_kwargs=True))

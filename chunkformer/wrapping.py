@@ -23,6 +23,7 @@ from torch import nn
 from ._typing import Bool, Float, Int, Tensor, typechecked
 from .adapters import BackboneAdapter, find_adapter
 from .budget import TimestepAdaptiveBudget
+from .caching import run_backbone
 from .dechunk import Smoothing
 from .plan import ChunkPlan
 from .routing import Router, RouterKind
@@ -40,6 +41,7 @@ class ChunkWrapper(nn.Module):
     """
 
     supports_chunking = True
+    step_cache = None  # a StepCache installs itself here while sampling
 
     def __init__(
         self,
@@ -154,12 +156,15 @@ class ChunkWrapper(nn.Module):
         pos = self.backbone.position_embedding(plan.coords * self.coord_scale).to(tokens.dtype)  # (B, M, d)
         h = plan.chunk(tokens) + (plan.pack(pos) if plan.mode == "packed" else pos)
         keep = [] if block_outputs else None
-        h = self.norm(self.run_backbone(h, cond, plan, keep))
+        h = run_backbone(self, h, plan, lambda h: self.run_backbone(h, cond, plan, keep),
+                         lambda: self.backbone.block_input(tokens, cond))
+        h = self.norm(h)
         out = self.decoder(h, plan, routed, tokens, c)  # (B, out, *grid)
         if not return_info:
             return out
         info = ForwardInfo(ratio_loss=self.budget.ratio_loss(routed), kept=plan.lengths, tokens=math.prod(grid),
-                           router=routed, plan=plan, block_outputs=keep)
+                           router=routed, plan=plan, block_outputs=keep,
+                           cached=self.step_cache is not None and self.step_cache.last_skipped)
         return out, info
 
     def extra_repr(self) -> str:

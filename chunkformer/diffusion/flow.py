@@ -12,12 +12,14 @@ sampling integrates ``dx/dt = v`` from ``t = 1`` down to ``t = 0``. The interfac
     loss = flow.training_losses(out, x0, x_t, t, noise)["loss"].mean()
 """
 
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from .._typing import Float, Tensor, typechecked
+from ..caching import StepCache
 from .gaussian import ModelFn, StepCallback, initial_noise, mean_flat
 
 __all__ = ["FlowMatching"]
@@ -126,12 +128,14 @@ class FlowMatching:
         callback: StepCallback | None = None,
         clip_denoised: bool = False,
         device: "torch.device | str | None" = None,
+        cache: "StepCache | None" = None,
     ) -> Tensor:
         """Euler integration from ``t = 1`` (``noise``) to ``t = 0`` in ``steps`` equal steps.
 
         ``model_fn(x, t)`` gets ``model_timesteps`` of the current time, float ``(B,)``.
         ``eta`` and ``clip_denoised`` exist for a signature shared with
         :meth:`GaussianDiffusion.sample`; the ODE sampler has neither, so they must stay off.
+        ``cache``: a :class:`~chunkformer.caching.StepCache` on the model ``model_fn`` calls.
         """
         if sampler != "euler":
             raise ValueError(f"FlowMatching samples with 'euler', got {sampler!r}")
@@ -144,10 +148,13 @@ class FlowMatching:
         x = initial_noise(shape, noise, generator, device)  # x_T
         B, C = x.shape[:2]
         times = [1 - i / steps for i in range(steps + 1)]  # host floats: 1, ..., 0
-        for step in tqdm(range(steps), disable=not progress, desc="euler"):
-            t = self.model_timesteps(torch.full((B,), times[step], device=x.device))  # (B,) in [0, 999]
-            out = model_fn(x, t)
-            if callback is not None:
-                callback(step, t, x, out)
-            x = x + (times[step + 1] - times[step]) * self._velocity(out, C)
+        with nullcontext() if cache is None else cache.sampling(steps):
+            for step in tqdm(range(steps), disable=not progress, desc="euler"):
+                t = self.model_timesteps(torch.full((B,), times[step], device=x.device))  # (B,) in [0, 999]
+                if cache is not None:
+                    cache.at(step)
+                out = model_fn(x, t)
+                if callback is not None:
+                    callback(step, t, x, out)
+                x = x + (times[step + 1] - times[step]) * self._velocity(out, C)
         return x

@@ -19,12 +19,14 @@ floats, so the step loop issues no gathers and no host syncs.
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from .._typing import Float, Int, Tensor, typechecked
+from ..caching import StepCache
 from .respace import respaced_betas, space_timesteps
 
 __all__ = [
@@ -381,6 +383,7 @@ class GaussianDiffusion:
         callback: StepCallback | None = None,
         clip_denoised: bool = False,
         device: "torch.device | str | None" = None,
+        cache: "StepCache | None" = None,
     ) -> Tensor:
         """Draw ``x_0`` of ``shape`` ``(B, C, *grid)`` by ``steps`` evenly spaced steps.
 
@@ -389,7 +392,8 @@ class GaussianDiffusion:
         ``device`` defaults to ``noise``'s, then the generator's, then the CPU). ``eta``
         is DDIM's (``sampler="ddim"`` only). ``clip_denoised`` clamps each predicted ``x_0``
         to ``[-1, 1]`` (pixels; leave it off for latents). ``callback(step_index, t, x_t,
-        model_output)`` runs once per step.
+        model_output)`` runs once per step. ``cache``: a :class:`~chunkformer.caching.StepCache`
+        on the model ``model_fn`` calls, to skip backbone passes (``threshold=0`` changes nothing).
         """
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"GaussianDiffusion samples with 'ddpm' or 'ddim', got {sampler!r}")
@@ -398,13 +402,16 @@ class GaussianDiffusion:
         process = self.respace(steps)
         x = initial_noise(shape, noise, generator, device)  # x_T
         B = x.shape[0]
-        for step, i in enumerate(tqdm(range(steps - 1, -1, -1), disable=not progress, desc=sampler)):
-            t = torch.full((B,), process.timestep_map[i], device=x.device, dtype=torch.long)
-            out = model_fn(x, self.model_timesteps(t))
-            if callback is not None:
-                callback(step, t, x, out)
-            if sampler == "ddpm":
-                x = process.ddpm_step(out, x, i, generator=generator, clip_denoised=clip_denoised)
-            else:
-                x = process.ddim_step(out, x, i, eta=eta, generator=generator, clip_denoised=clip_denoised)
+        with nullcontext() if cache is None else cache.sampling(steps):
+            for step, i in enumerate(tqdm(range(steps - 1, -1, -1), disable=not progress, desc=sampler)):
+                t = torch.full((B,), process.timestep_map[i], device=x.device, dtype=torch.long)
+                if cache is not None:
+                    cache.at(step)
+                out = model_fn(x, self.model_timesteps(t))
+                if callback is not None:
+                    callback(step, t, x, out)
+                if sampler == "ddpm":
+                    x = process.ddpm_step(out, x, i, generator=generator, clip_denoised=clip_denoised)
+                else:
+                    x = process.ddim_step(out, x, i, eta=eta, generator=generator, clip_denoised=clip_denoised)
         return x

@@ -17,6 +17,7 @@ from torch import nn
 from .._typing import Bool, Float, Int, Tensor, typechecked
 from ..attention import Backend
 from ..budget import TimestepAdaptiveBudget
+from ..caching import run_backbone
 from ..dechunk import Smoothing
 from ..plan import ChunkPlan, PlanMode
 from ..routing import Router, RouterKind
@@ -29,6 +30,7 @@ from .dit import (
     TimestepEmbedder,
     _check_input,
     as_grid,
+    block_input,
     init_backbone_weights,
 )
 
@@ -55,6 +57,7 @@ class DCDiT(nn.Module):
     """
 
     supports_chunking = True
+    step_cache = None  # a StepCache installs itself here while sampling
 
     def __init__(
         self,
@@ -152,16 +155,20 @@ class DCDiT(nn.Module):
         plan = ChunkPlan.from_router(routed, mode=self.plan_mode, capacity=self.capacity)
         # 3. backbone on the kept tokens, at their original positions
         h = plan.chunk(tokens) + plan.position_embedding(self.hidden_size).to(tokens.dtype)  # (T, d) | (B, M, d)
-        for block in self.blocks:
-            h = block(h, c, plan)
-        h = self.norm(h)
+
+        def blocks(h):
+            for block in self.blocks:
+                h = block(h, c, plan)
+            return h
+
+        h = self.norm(run_backbone(self, h, plan, blocks, lambda: block_input(self.blocks[0], tokens, c)))
         # 4. de-chunk and decode
         out = self.decoder(h, plan, routed, tokens, c)  # (B, out, *grid)
         if not return_info:
             return out
         info = ForwardInfo(
             ratio_loss=self.budget.ratio_loss(routed), kept=plan.lengths, tokens=math.prod(grid),
-            router=routed, plan=plan,
+            router=routed, plan=plan, cached=self.step_cache is not None and self.step_cache.last_skipped,
         )
         return out, info
 

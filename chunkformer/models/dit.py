@@ -21,6 +21,7 @@ from torch import nn
 
 from .._typing import Bool, Float, Int, Tensor, typechecked
 from ..attention import Backend, chunk_attention, dense_attention
+from ..caching import run_backbone
 from ..grid import conv_nd, grid_coords, sincos_embed
 from ..plan import ChunkPlan
 from ..routing import RouterOutput
@@ -36,6 +37,7 @@ __all__ = [
     "LabelEmbedder",
     "ForwardInfo",
     "timestep_embedding",
+    "block_input",
     "init_backbone_weights",
 ]
 
@@ -120,12 +122,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, device=device, dtype=dtype)
         self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, plan: ChunkPlan | None = None) -> Tensor:
+    def forward(self, x: Tensor, plan: ChunkPlan | None = None, key_bias: Tensor | None = None) -> Tensor:
+        """``key_bias``: optional per-key logit offset (token merging's proportional attention)."""
         q, k, v = rearrange(self.qkv(x), "... (three h d) -> three ... h d", three=3, h=self.num_heads)
         if plan is None:
-            out = dense_attention(q, k, v)  # (B, L, H, dh)
+            out = dense_attention(q, k, v, key_bias)  # (B, L, H, dh)
         else:
-            out = chunk_attention(q, k, v, plan, self.backend)  # (T, H, dh) | (B, M, H, dh)
+            out = chunk_attention(q, k, v, plan, self.backend, key_bias)  # (T, H, dh) | (B, M, H, dh)
         return self.proj(rearrange(out, "... h d -> ... (h d)"))
 
 
@@ -166,6 +169,13 @@ class DiTBlock(nn.Module):
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
+def block_input(block: nn.Module, h: Tensor, c: Tensor) -> Tensor:
+    """What an adaLN block's attention sees: ``modulate(norm1(h))``, ``h`` ``(B, L, d)``, ``c`` ``(B, d)``
+    (step caching's change signal; any block with ``adaLN_modulation`` and ``norm1``)."""
+    shift, scale = block.adaLN_modulation(c).chunk(6, dim=-1)[:2]
+    return modulate(block.norm1(h), shift[:, None], scale[:, None])
+
+
 # ---------------------------------------------------------------------------- outputs
 @dataclass
 class ForwardInfo:
@@ -179,6 +189,10 @@ class ForwardInfo:
         plan: the :class:`ChunkPlan` (``None`` for a plain DiT).
         block_outputs: each backbone block's output in ``plan.chunk`` layout, when asked for
             (``block_outputs=True`` on a wrapped model; upcycling distils them).
+        merged: ``(blocks, B)`` tokens token merging folded away in each block
+            (:mod:`chunkformer.merging`; ``None`` without it).
+        cached: the backbone was skipped and its cached residual reused
+            (:class:`~chunkformer.caching.StepCache`).
     """
 
     ratio_loss: Tensor
@@ -187,6 +201,8 @@ class ForwardInfo:
     router: RouterOutput | None = None
     plan: ChunkPlan | None = None
     block_outputs: list | None = None
+    merged: Tensor | None = None
+    cached: bool = False
 
     @property
     def kept_fraction(self) -> Tensor:
@@ -216,6 +232,7 @@ class DiT(nn.Module):
     """
 
     supports_chunking = False
+    step_cache = None  # a StepCache installs itself here while sampling
 
     def __init__(
         self,
@@ -317,14 +334,20 @@ class DiT(nn.Module):
         if rho is not None and not (isinstance(rho, (int, float)) and rho == 0):
             raise ValueError("a plain DiT keeps every token: rho must be None or 0 (use a DC-DiT for budgets)")
         h, c = self.embed(x, t, y, label_drop)  # (B, L, d), (B, d)
-        for block in self.blocks:
-            h = block(h, c)  # (B, L, d)
+
+        def blocks(h):
+            for block in self.blocks:
+                h = block(h, c)  # (B, L, d)
+            return h
+
+        h = run_backbone(self, h, None, blocks, lambda: block_input(self.blocks[0], h, c))
         out = self.unpatchify(self.final_layer(h, c), x.shape[2:])  # (B, out, *grid)
         if not return_info:
             return out
         B, L = h.shape[:2]
         kept = torch.full((B,), L, device=x.device, dtype=torch.long)
-        return out, ForwardInfo(ratio_loss=h.new_zeros(()).float(), kept=kept, tokens=L)
+        return out, ForwardInfo(ratio_loss=h.new_zeros(()).float(), kept=kept, tokens=L,
+                                cached=self.step_cache is not None and self.step_cache.last_skipped)
 
 
 def _check_input(model: nn.Module, x: Tensor) -> None:
