@@ -73,7 +73,7 @@ def test_skipping_follows_the_threshold_and_the_limits():
 
 @torch.no_grad()
 def test_flops_of_a_cached_run_drop_with_merging_on_top():
-    model = MODELS["dcdit-packed"]()
+    model = MODELS["dit"]()  # every step sees all tokens, so skipped steps are whole steps' blocks
     fn, noise = sampler_inputs(model)
     diffusion = create_diffusion()
     totals = {}
@@ -88,7 +88,7 @@ def test_flops_of_a_cached_run_drop_with_merging_on_top():
     totals["both"] = counter.by_component
     mlp = "backbone MLP"
     assert totals["cached"][mlp] == pytest.approx(totals["plain"][mlp] * 2 / 6)  # 2 of 6 steps ran the blocks
-    assert totals["cached"]["encoder"] == totals["plain"]["encoder"]  # the scaffold runs every step
+    assert totals["cached"]["embed"] == totals["plain"]["embed"] > 0  # the rest runs every step
     assert totals["both"]["backbone attention"] < totals["cached"]["backbone attention"]
     assert totals["both"]["merging"] > 0
 
