@@ -132,8 +132,7 @@ def _split(valid, coords, grid, stride, generator):
     n = valid.sum(1)
     s = _cell_sizes(n, grid, stride)  # (B,)
     cell = coords.long() // s[:, None, None]  # (B, M, ndim)
-    radix = torch.tensor([math.prod(grid[k + 1:]) for k in range(len(grid))], device=valid.device)
-    cell_id = (cell * radix).sum(-1)  # (B, M) in [0, L)
+    cell_id = sum(cell[..., k] * math.prod(grid[k + 1:]) for k in range(len(grid)))  # (B, M) in [0, L)
     if generator is not None:
         key = torch.rand(B, M, device=valid.device, generator=generator)
     else:
@@ -209,8 +208,8 @@ def bipartite_merge(
             source = ChunkPlan.from_mask(valid, grid=grid, mode="fixed", capacity=M)
         order_full = torch.nn.functional.pad((~retained).to(torch.uint8), (0, source.num_tokens - M), value=1)
         new_order = torch.take_along_dim(source.order, torch.argsort(order_full, dim=1, stable=True), dim=1)
-        out_plan = ChunkPlan(order=new_order, lengths=lengths, grid=source.grid, width=width_out, mode=source.mode,
-                             batch_size=[B])
+        out_plan = ChunkPlan(order=new_order, lengths=lengths, grid=source.grid, width=width_out,
+                             mode=_merged_mode(source.mode, valid.device), batch_size=[B])
         if dense:
             source = None
     keep = torch.argsort((~retained).to(torch.uint8), dim=1, stable=True)[:, :width_out]  # (B, M')
@@ -220,6 +219,16 @@ def bipartite_merge(
     sizes = torch.take_along_dim(sizes, keep, dim=1).clamp_min(1.0)
     return TokenMerge(keep=keep, target=target, into=into, sizes=sizes, lengths=lengths, removed=r,
                       plan=out_plan, source=source, flops=2.0 * B * M * D * d)
+
+
+def _merged_mode(mode: str, device: torch.device) -> str:
+    """Merged tokens of a packed plan stay packed only for flash-attn's varlen kernel; otherwise
+    they go padded, which saves the pack/unpack round trips (and their host syncs) of sdpa."""
+    if mode != "packed":
+        return mode
+    from .attention import _HAS_FLASH
+
+    return "packed" if _HAS_FLASH and device.type == "cuda" else "padded"
 
 
 # ---------------------------------------------------------------------------- patching
