@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--threshold", type=float, default=None, help="step-cache threshold")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--compile-merge", action="store_true", help="merging.apply(..., compile=True)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     dit_name, dc_name, size, batch, steps, threshold = PRESETS[args.preset]
@@ -123,7 +124,7 @@ def main() -> None:
     rows, reference = [], None
     for label, model, ratio, cache in variants:
         if ratio:
-            cf.merging.apply(model, ratio=ratio, seed=0)
+            cf.merging.apply(model, ratio=ratio, seed=0, compile=args.compile_merge)
         with FlopCounter(model) as counter:
             sample, kept, skipped = run(model, noise, y, steps, cache)
         seconds = timed(model, noise, y, steps, cache, reps=args.reps)
@@ -154,7 +155,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
             "card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
-            "preset": args.preset, "batch": batch, "steps": steps, "latent": size, "rows": rows,
+            "preset": args.preset, "compile_merge": args.compile_merge, "batch": batch, "steps": steps, "latent": size, "rows": rows,
         }, indent=1))
 
 

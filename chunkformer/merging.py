@@ -105,16 +105,6 @@ class TokenMerge:
 _stride_tables: dict = {}
 
 
-def _cell_sizes(n: torch.Tensor, grid: tuple[int, ...], stride: int) -> torch.Tensor:
-    """``s(n) = max(1, round(stride * (L / n) ** (1 / ndim)))`` per sample, via a host-built
-    table so that the device and the static bounds below agree exactly."""
-    key = (grid, stride, n.device)
-    if key not in _stride_tables:
-        _stride_tables[key] = torch.tensor(
-            [_cell_size(k, grid, stride) for k in range(math.prod(grid) + 1)], device=n.device)
-    return _stride_tables[key][n]
-
-
 def _cell_size(n: int, grid: tuple[int, ...], stride: int) -> int:
     L = math.prod(grid)
     return max(1, round(stride * (L / max(n, 1)) ** (1 / len(grid))))
@@ -125,23 +115,52 @@ def _cells(n: int, grid: tuple[int, ...], stride: int) -> int:
     return math.prod(-(-g // s) for g in grid)
 
 
-@torch.no_grad()
-def _split(valid, coords, grid, stride, generator):
-    """Destinations: one token per occupied cell (lowest key); sources: the other valid tokens."""
-    B, M = valid.shape
+def _stride_table(grid: tuple[int, ...], stride: int, device: torch.device) -> torch.Tensor:
+    """``s(n)`` for ``n = 0..L``, built on the host so that device and host bounds agree exactly."""
+    key = (grid, stride, device)
+    if key not in _stride_tables:
+        _stride_tables[key] = torch.tensor([_cell_size(k, grid, stride) for k in range(math.prod(grid) + 1)],
+                                           device=device)
+    return _stride_tables[key]
+
+
+def _merge_indices(metric, valid, coords, key, table, rate, *, grid: tuple[int, ...], D: int, width_out: int):
+    """The tensor part of :func:`bipartite_merge` (no host syncs; ``torch.compile``-able)."""
+    B, M, _ = metric.shape
     n = valid.sum(1)
-    s = _cell_sizes(n, grid, stride)  # (B,)
-    cell = coords.long() // s[:, None, None]  # (B, M, ndim)
+    # 1. split: one destination per occupied cell (lowest key), the other tokens are sources
+    cell = coords.long() // table[n][:, None, None]  # (B, M, ndim)
     cell_id = sum(cell[..., k] * math.prod(grid[k + 1:]) for k in range(len(grid)))  # (B, M) in [0, L)
-    if generator is not None:
-        key = torch.rand(B, M, device=valid.device, generator=generator)
-    else:
-        key = torch.arange(M, device=valid.device, dtype=torch.float32).expand(B, M)
     key = torch.where(valid, key, torch.inf)
-    best = torch.full((B, math.prod(grid)), torch.inf, device=valid.device)
-    best = best.scatter_reduce(1, cell_id, key, "amin")
+    best = torch.full((B, math.prod(grid)), torch.inf, device=valid.device).scatter_reduce(1, cell_id, key, "amin")
     is_dst = valid & (key == best.gather(1, cell_id))
-    return is_dst, valid & ~is_dst
+    is_src = valid & ~is_dst
+    # 2. match each source to its most similar destination (destinations compacted to D slots)
+    dst_idx = torch.argsort((~is_dst).to(torch.uint8), dim=1, stable=True)[:, :D]  # (B, D) slots
+    dst_ok = torch.take_along_dim(is_dst, dst_idx, dim=1)
+    m = metric.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    sim = m @ torch.take_along_dim(m, dst_idx[..., None], dim=1).transpose(1, 2)  # (B, M, D)
+    score, match = sim.masked_fill(~dst_ok[:, None, :], -torch.inf).max(-1)  # (B, M)
+    score = torch.where(is_src, score, -torch.inf)
+    # 3. fold the r best-matched sources, r = min(floor(ratio n), sources); float64 like the host bounds
+    r = torch.minimum(torch.floor(rate * n.double()).long(), is_src.sum(1))  # (B,)
+    order = torch.argsort(-score, dim=1, stable=True)
+    slots = torch.arange(M, device=valid.device).expand(B, M)
+    rank = torch.empty_like(order).scatter_(1, order, slots)
+    folded = is_src & (rank < r[:, None])
+    into = torch.where(folded, torch.take_along_dim(dst_idx, match, dim=1), slots)
+    retained = valid & ~folded
+    # 4. where every slot's value goes and comes back from
+    keep = torch.argsort((~retained).to(torch.uint8), dim=1, stable=True)[:, :width_out]  # (B, M')
+    new_index = (torch.cumsum(retained.long(), 1) - 1).clamp_min(0)  # merged index of retained slots
+    target = torch.where(valid, torch.take_along_dim(new_index, into, dim=1), 0)
+    sizes = torch.zeros(B, M, device=valid.device).scatter_add_(1, into, valid.float())
+    sizes = torch.take_along_dim(sizes, keep, dim=1).clamp_min(1.0)
+    return keep, target, into, sizes, n - r, r, retained
+
+
+_compiled_indices = None
 
 
 def bipartite_merge(
@@ -154,6 +173,7 @@ def bipartite_merge(
     stride: int = 2,
     generator: torch.Generator | None = None,
     source: ChunkPlan | None = None,
+    compile: bool = False,
 ) -> TokenMerge:
     """Plan a merge of each sample's tokens (see the module docstring).
 
@@ -166,57 +186,47 @@ def bipartite_merge(
         stride: cell size on a dense grid (2 = tomesd's 2x2 windows).
         generator: picks random destinations; ``None`` takes the first in raster order.
         source: the block's plan; ``None`` for a dense ``(B, L, d)`` sequence.
+        compile: run the index computation through ``torch.compile`` (fewer kernel launches).
     """
+    global _compiled_indices
     grid = check_grid(grid)
     B, M, d = metric.shape
     dense = source is None
-    is_dst, is_src = _split(valid, coords, grid, stride, generator)
-    # destinations compacted to D slots; D is a host bound, so no device sync
+    # host bounds (no device sync): D destination slots, M' merged slots. floor(ratio n) is
+    # monotone in n, and a sample short of sources keeps at most D destinations.
     width = M if dense else source.width
     D = max(1, min(width, _cells(width, grid, stride)))
-    dst_idx = torch.argsort((~is_dst).to(torch.uint8), dim=1, stable=True)[:, :D]  # (B, D) slots
-    dst_ok = torch.take_along_dim(is_dst, dst_idx, dim=1)
-    m = metric.float()
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    sim = m @ torch.take_along_dim(m, dst_idx[..., None], dim=1).transpose(1, 2)  # (B, M, D)
-    sim = sim.masked_fill(~dst_ok[:, None, :], -torch.inf)
-    score, match = sim.max(-1)  # (B, M) best destination per token
-    score = torch.where(is_src, score, -torch.inf)
-    n = valid.sum(1)
-    # float64, as the host bounds below, so that both round alike
-    rate = ratio.to(valid.device).double().expand(B) if torch.is_tensor(ratio) else float(ratio)
-    want = torch.floor(rate * n.double()).long()
-    r = torch.minimum(want, is_src.sum(1))  # (B,)
-    order = torch.argsort(-score, dim=1, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(M, device=order.device).expand(B, M))
-    folded = is_src & (rank < r[:, None])
-    slots = torch.arange(M, device=valid.device).expand(B, M)
-    into = torch.where(folded, torch.take_along_dim(dst_idx, match, dim=1), slots)
-    retained = valid & ~folded
-    lengths = n - r
-
-    # merged width: a host bound on max(n - r) (floor(ratio n) is monotone; a sample short of
-    # sources keeps at most D destinations)
-    if dense and not torch.is_tensor(ratio):
-        sources = M - _cells(M, grid, stride)
-        width_out = M - min(math.floor(float(ratio) * M), sources)
-        out_plan = None
+    per_sample = torch.is_tensor(ratio)
+    if dense and not per_sample:
+        width_out = M - min(math.floor(float(ratio) * M), M - _cells(M, grid, stride))
     else:
-        low = float(ratio.double().min()) if torch.is_tensor(ratio) else float(ratio)
+        low = float(ratio.double().min()) if per_sample else float(ratio)
         width_out = min(width, max(width - math.floor(low * width), D))
+    if generator is not None:
+        key = torch.rand(B, M, device=valid.device, generator=generator)
+    else:
+        key = torch.arange(M, device=valid.device, dtype=torch.float32).expand(B, M)
+    rate = ratio.to(valid.device).double().expand(B) if per_sample else torch.full(
+        (B,), float(ratio), dtype=torch.float64, device=valid.device)
+    fn = _merge_indices
+    if compile:
+        if _compiled_indices is None:
+            _compiled_indices = torch.compile(_merge_indices, dynamic=True)
+        fn = _compiled_indices
+    with torch.no_grad():
+        keep, target, into, sizes, lengths, r, retained = fn(
+            metric, valid, coords, key, _stride_table(grid, stride, valid.device), rate,
+            grid=grid, D=D, width_out=width_out)
+    out_plan = None
+    if not dense or per_sample:
         if dense:  # per-sample ratios on a dense grid: an every-token plan in fixed mode
-            source = ChunkPlan.from_mask(valid, grid=grid, mode="fixed", capacity=M)
-        order_full = torch.nn.functional.pad((~retained).to(torch.uint8), (0, source.num_tokens - M), value=1)
-        new_order = torch.take_along_dim(source.order, torch.argsort(order_full, dim=1, stable=True), dim=1)
-        out_plan = ChunkPlan(order=new_order, lengths=lengths, grid=source.grid, width=width_out,
-                             mode=_merged_mode(source.mode, valid.device), batch_size=[B])
-        if dense:
-            source = None
-    keep = torch.argsort((~retained).to(torch.uint8), dim=1, stable=True)[:, :width_out]  # (B, M')
-    new_index = (torch.cumsum(retained.long(), 1) - 1).clamp_min(0)  # merged index of retained slots
-    target = torch.where(valid, torch.take_along_dim(new_index, into, dim=1), 0)
-    sizes = torch.zeros(B, M, device=valid.device).scatter_add_(1, into, valid.float())
-    sizes = torch.take_along_dim(sizes, keep, dim=1).clamp_min(1.0)
+            plan = ChunkPlan.from_mask(valid, grid=grid, mode="fixed", capacity=M)
+        else:
+            plan = source
+        rest = torch.nn.functional.pad((~retained).to(torch.uint8), (0, plan.num_tokens - M), value=1)
+        new_order = torch.take_along_dim(plan.order, torch.argsort(rest, dim=1, stable=True), dim=1)
+        out_plan = ChunkPlan(order=new_order, lengths=lengths, grid=plan.grid, width=width_out,
+                             mode=_merged_mode(plan.mode, valid.device), batch_size=[B])
     return TokenMerge(keep=keep, target=target, into=into, sizes=sizes, lengths=lengths, removed=r,
                       plan=out_plan, source=source, flops=2.0 * B * M * D * d)
 
@@ -237,8 +247,9 @@ class _Context:
     and what each block removed."""
 
     def __init__(self, ratio: Ratio, stride: int, random_dst: bool, seed: int, proportional: bool,
-                 num_blocks: int) -> None:
+                 num_blocks: int, compile: bool = False) -> None:
         self.ratio, self.stride, self.random_dst, self.seed = ratio, stride, random_dst, seed
+        self.compile = compile
         self.proportional, self.num_blocks = proportional, num_blocks
         self.grid: tuple[int, ...] | None = None
         self.t: torch.Tensor | None = None
@@ -309,11 +320,11 @@ class MergedAttention(nn.Module):
             valid = torch.ones(B, x.shape[1], dtype=torch.bool, device=x.device)
             coords = grid_coords(grid, device=x.device).expand(B, -1, -1)
             merge = bipartite_merge(x, valid, coords, grid, ratio, stride=self.ctx.stride,
-                                    generator=self.ctx.generator(x.device))
+                                    generator=self.ctx.generator(x.device), compile=self.ctx.compile)
         else:
             slots = plan.unpack(x) if plan.mode == "packed" else x
             merge = bipartite_merge(slots, plan.valid, plan.coords, plan.grid, ratio, stride=self.ctx.stride,
-                                    generator=self.ctx.generator(x.device), source=plan)
+                                    generator=self.ctx.generator(x.device), source=plan, compile=self.ctx.compile)
         self.shared.current = merge
         self.ctx.removed.append(merge.removed)
         self.last_flops = merge.flops
@@ -387,6 +398,7 @@ def apply(
     proportional: bool = False,
     random_dst: bool = True,
     seed: int = 0,
+    compile: bool = False,
 ) -> nn.Module:
     """Merge tokens around every block's attention (and MLP with ``merge_mlp=True``), in place.
 
@@ -401,6 +413,8 @@ def apply(
         proportional: size-weighted attention (``log(size)`` added to each key's logits).
         random_dst: random destination per cell (from a generator seeded with ``seed``);
             ``False`` takes each cell's first token in raster order (deterministic).
+        compile: compute the merge indices through ``torch.compile`` (fewer kernel launches on
+            GPU; compiles once per shape family).
 
     Returns ``model``. Applying again replaces the settings; :func:`remove` undoes it.
     """
@@ -417,7 +431,7 @@ def apply(
             _check_ratio(r)
     elif not callable(ratio):
         _check_ratio(ratio)
-    ctx = _Context(ratio, stride, random_dst, seed, proportional, len(targets))
+    ctx = _Context(ratio, stride, random_dst, seed, proportional, len(targets), compile)
     patched = []
     for i, (block, attn_name, fn, mlp_name) in enumerate(targets):
         shared = _Shared()
