@@ -72,6 +72,8 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--rho", type=float, default=0.0, help="tail-drop fraction (elastic inference)")
     p.add_argument("--uncond-rho", type=float, default=None, help="Lite-CFG: rho of the unconditional half")
+    p.add_argument("--merge-ratio", type=float, default=0.0, help="token merging ratio per block (0 = off)")
+    p.add_argument("--cache-threshold", type=float, default=0.0, help="step-caching threshold (0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-label", type=int, default=None, help="sample one class only")
     args = p.parse_args(argv)
@@ -86,13 +88,15 @@ def main(argv=None) -> dict:
     out = generate(model, diffusion, num=len(share), shape=(model.in_channels, *model.grid), num_classes=num_classes,
                    device=d.device, seed=args.seed * 1000 + d.rank, sampler=sampler, steps=steps,
                    guidance=args.guidance, rho=args.rho, uncond_rho=args.uncond_rho, labels=labels[share],
-                   batch_size=args.batch, progress=d.is_main and os.isatty(2))
+                   batch_size=args.batch, progress=d.is_main and os.isatty(2), merge_ratio=args.merge_ratio,
+                   cache_threshold=args.cache_threshold)
     stem = Path(args.out) if args.out else Path(path).parent.parent / "samples" / (
-        f"eval-{sampler}{steps}-g{args.guidance:g}-rho{args.rho:g}" + (f"-u{args.uncond_rho:g}" if args.uncond_rho is not None else ""))
+        f"eval-{sampler}{steps}-g{args.guidance:g}-rho{args.rho:g}" + (f"-u{args.uncond_rho:g}" if args.uncond_rho is not None else "")
+        + (f"-m{args.merge_ratio:g}" if args.merge_ratio else "") + (f"-c{args.cache_threshold:g}" if args.cache_threshold else ""))
     stem.parent.mkdir(parents=True, exist_ok=True)
     part = stem.with_name(stem.name + f".rank{d.rank}.pt")
     torch.save({"samples": out["samples"], "labels": out["labels"], "index": share, "kept": out["kept_fraction"],
-                "tflops": out["tflops_per_image"]}, part)
+                "tflops": out["tflops_per_image"], "skipped": out["skipped_steps"]}, part)
     barrier(d)
     if not d.is_main:
         return {}
@@ -112,6 +116,8 @@ def main(argv=None) -> dict:
     settings = {
         "checkpoint": str(path), "ema": not args.no_ema, "sampler": sampler, "steps": steps,
         "guidance": args.guidance, "rho": args.rho, "uncond_rho": args.uncond_rho, "seed": args.seed,
+        "merge_ratio": args.merge_ratio, "cache_threshold": args.cache_threshold,
+        "skipped_steps": float(np.mean([q["skipped"] for q in parts])),
         "num_samples": args.num_samples, "world_size": d.world,
         "kept_fraction": float(np.mean([q["kept"] for q in parts])),
         "tflops_per_image": float(np.mean([q["tflops"] for q in parts])),

@@ -7,6 +7,7 @@
   timesteps, kept tokens versus timestep, FLOPs by component; returns the metrics.
 """
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,30 +26,50 @@ from recipes.data import to_display
 __all__ = ["generate", "sample_images", "plot_router_maps", "make_report_figures"]
 
 
+@contextmanager
+def _merging(model, ratio: float):
+    """Token merging at ``ratio`` for the duration of a block (nothing at 0)."""
+    if ratio > 0:
+        cf.merging.apply(model, ratio=ratio)
+    try:
+        yield
+    finally:
+        if ratio > 0:
+            cf.merging.remove(model)
+
+
 @torch.no_grad()
 def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes: int, device,
              seed: int = 0, sampler: str = "ddpm", steps: int = 250, guidance: float = 1.0,
              rho: float = 0.0, uncond_rho: float | None = None, labels: torch.Tensor | None = None,
-             batch_size: int = 64, progress: bool = False) -> dict:
+             batch_size: int = 64, progress: bool = False, merge_ratio: float = 0.0,
+             cache_threshold: float = 0.0) -> dict:
     """Generate ``num`` samples; returns ``samples`` (N, C, *grid) float, ``labels``, ``kept_fraction``
-    (mean over forwards and samples), ``kept_by_t`` (per-step means) and ``tflops_per_image``."""
+    (mean over forwards and samples), ``kept_by_t`` (per-step means), ``tflops_per_image`` and
+    ``skipped_steps`` (backbone passes step caching skipped, per batch on average).
+
+    ``merge_ratio > 0`` applies token merging for the run (removed afterwards);
+    ``cache_threshold > 0`` samples with a :class:`~chunkformer.StepCache`."""
     model.eval()
+    skipped = []
     chunking = getattr(model, "supports_chunking", False)
     if labels is None:
         labels = torch.arange(num) % num_classes
     g = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn((num, *shape), generator=g)
     outs, kept_rows = [], []
-    with FlopCounter(model) as counter:
+    with _merging(model, merge_ratio), FlopCounter(model) as counter:
         for start in range(0, num, batch_size):
             y = labels[start : start + batch_size].to(device)
             infos = []
             fn = guided_model_fn(model, y, scale=guidance, null_class=getattr(model, "null_class", None),
                                  rho=rho if chunking else None, uncond_rho=uncond_rho if chunking else None,
                                  learn_sigma=model.out_channels != model.in_channels, on_info=infos.append)
+            cache = cf.StepCache(model, cache_threshold) if cache_threshold > 0 else None
             x = diffusion.sample(fn, (y.shape[0], *shape), sampler=sampler, steps=steps,
                                  noise=noise[start : start + batch_size].to(device), progress=progress,
-                                 device=device)
+                                 device=device, cache=cache)
+            skipped.append(cache.skipped if cache is not None else 0)
             outs.append(x.float().cpu())
             kept_rows.append(torch.stack([i.kept.float() / i.tokens for i in infos]).cpu())  # (steps, B')
     kept = torch.cat(kept_rows, dim=1)  # (forwards per sample, N or 2N with CFG)
@@ -58,6 +79,7 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
         "kept_fraction": float(kept.mean()),
         "kept_by_step": kept.mean(1).tolist(),
         "tflops_per_image": counter.total / num / 1e12,
+        "skipped_steps": sum(skipped) / len(skipped),
         "flops_by_component": counter.by_component,
     }
 

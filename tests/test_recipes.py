@@ -175,6 +175,13 @@ def test_sampling_is_deterministic_for_a_seed_and_records_settings(tmp_path):
     settings = json.loads((tmp_path / "draw0.json").read_text())
     assert settings["seed"] == 7 and settings["guidance"] == 1.5 and settings["uncond_rho"] == 0.9
     assert settings["ema"] is True and settings["steps"] == 3 and settings["tflops_per_image"] > 0
+    stem = tmp_path / "fast"  # token merging and step caching for the run
+    res = subprocess.run([sys.executable, "-m", "recipes.sample", "--ckpt", str(run), "--num-samples", "6", "--steps", "3",
+                          "--seed", "7", "--merge-ratio", "0.5", "--cache-threshold", "1e9", "--out", str(stem)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    fast = json.loads((tmp_path / "fast.json").read_text())
+    assert fast["merge_ratio"] == 0.5 and fast["skipped_steps"] == 1  # steps 0 and 2 always run
 
 
 def test_dry_run_prints_params_and_flops(tmp_path):
