@@ -7,7 +7,7 @@ was folded into (bipartite soft matching as in ToMe, with a spatial split as in 
 written here from the papers).
 
     import torch, chunkformer as cf
-    model = cf.create_model("DCDiT-S", input_size=16, in_channels=4, num_classes=10)
+    model = cf.create_model("DC-DiT-S", input_size=16, in_channels=4, num_classes=10)
     cf.merging.apply(model, ratio=0.5)          # every block folds half of each sample's tokens
     out, info = model(torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 2]), return_info=True)
     cf.merging.remove(model)                    # the exact original model again

@@ -261,3 +261,11 @@ def test_example_runs_at_tiny_size(capsys):
     assert len(result["rows"]) == 4 and "TFLOPs/img" in capsys.readouterr().out
     flops = [row[0] for row in result["rows"].values()]
     assert flops[0] > 0 and flops[3] < flops[0]  # merging and caching together save FLOPs
+
+
+def test_module_docstring_usage_runs():
+    """The usage block at the top of chunkformer/merging.py runs as written."""
+    usage = cf.merging.__doc__.split("How one block")[0]
+    code = "\n".join(line[4:] for line in usage.splitlines() if line.startswith("    "))
+    assert "merging.apply" in code
+    exec(compile(code, "merging-docstring", "exec"), {})
