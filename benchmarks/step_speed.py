@@ -1,0 +1,147 @@
+"""Sampling-step speed of DC-DiT-XL against DiT-XL/2, both compiled, at the paper's operating points.
+
+    python benchmarks/step_speed.py --size 256 --out benchmarks/results/step_speed_256.json   # GPU, ~5 min
+    python benchmarks/step_speed.py --size 512 --out benchmarks/results/step_speed_512.json
+    python benchmarks/step_speed.py --tiny                                                     # CPU smoke run
+
+One forward pass (a sampling step, no grad, bf16 autocast) of each model at the same batch
+(64 at 256px, 16 at 512px), both through ``torch.compile`` with the same settings and the
+default attention backend. DC-DiT runs in fixed-capacity mode: the router is biased to keep
+every token and the capacity is the budget, ``round(L / 4 * (1 - rho))`` tokens per sample,
+so the kept fraction is held at 25% of the grid (times ``1 - rho``) instead of being left
+to an untrained router. Each budget is one bucket, one compiled graph.
+
+Rows: rho 0 / 0.2 / 0.4; Lite-CFG (a conditional pass at rho 0 plus an unconditional pass
+at rho 0.9, against DiT's two passes); and the scaffold alone (the same DC-DiT with no
+blocks), whose time share is set against its FLOP share of the rho-0 step. Columns: ms
+per step, FLOPs per sample (``count_flops``), measured and FLOP-predicted speed-up over
+DiT-XL/2, and their ratio (the fraction of the FLOP savings the clock sees).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import chunkformer as cf  # noqa: E402
+
+
+def step_ms(fn, reps: int, *args) -> float:
+    for _ in range(3):
+        fn(*args)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn(*args)
+    sync()
+    return 1e3 * (time.perf_counter() - start) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, choices=(256, 512), default=256, help="image size (latent = size / 8)")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="small models on the CPU (a smoke run)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    latent = args.size // 8
+    batch = args.batch or {256: 64, 512: 16}[args.size]
+    sizes = dict(hidden_size=64, depth=2, num_heads=2) if args.tiny else {}
+    if args.tiny:
+        batch, latent, args.reps = 2, 16, 2
+    L = latent * latent
+    compile_ = (lambda m: m) if args.no_compile else (lambda m: torch.compile(m))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    torch.manual_seed(0)
+    dit = cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval()
+
+    def dcdit(depth=None):
+        torch.manual_seed(0)
+        kw = dict(sizes, depth=depth) if depth is not None else sizes
+        m = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=L // 4, **kw).to(device).eval()
+        torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)  # keep everything; capacity is the budget
+        return m
+
+    dc, scaffold = dcdit(), dcdit(depth=0)
+    rows = []
+    with torch.no_grad(), autocast:
+        dit_fn = compile_(dit)
+        dit_ms = step_ms(dit_fn, args.reps, x, t, y)
+        dit_flops = cf.count_flops(dit, x, t, y).per_sample
+        rows.append({"row": "DiT-XL/2", "ms": dit_ms, "flops": dit_flops, "kept": L // 4})
+        dc_fn = compile_(dc)
+        caps = {}
+        for rho in (0.0, 0.2, 0.4):
+            dc.capacity = caps[rho] = max(1, round(L / 4 * (1 - rho)))
+            ms = step_ms(dc_fn, args.reps, x, t, y)
+            flops = cf.count_flops(dc, x, t, y).per_sample
+            rows.append({"row": f"DC-DiT-XL rho={rho:g}", "ms": ms, "flops": flops, "kept": caps[rho]})
+        # Lite-CFG: conditional at rho 0, unconditional at rho 0.9; DiT: the same two passes at full length
+        null = torch.full_like(y, dit.null_class)
+        dit_cfg = step_ms(lambda: (dit_fn(x, t, y), dit_fn(x, t, null)), args.reps)
+        u_cap = max(1, round(L / 4 * 0.1))
+
+        def lite():
+            dc.capacity = caps[0.0]
+            dc_fn(x, t, y)
+            dc.capacity = u_cap
+            dc_fn(x, t, null)
+        lite_ms = step_ms(lite, args.reps)
+        dc.capacity = caps[0.0]
+        f_cond = cf.count_flops(dc, x, t, y).per_sample
+        dc.capacity = u_cap
+        f_unc = cf.count_flops(dc, x, t, null).per_sample
+        dc.capacity = caps[0.0]
+        rows.append({"row": "DiT-XL/2 CFG", "ms": dit_cfg, "flops": 2 * dit_flops, "kept": L // 4, "base": "cfg"})
+        rows.append({"row": "DC-DiT-XL Lite-CFG (0 / 0.9)", "ms": lite_ms, "flops": f_cond + f_unc,
+                     "kept": caps[0.0], "base": "cfg"})
+        # the scaffold alone: embed, encoder, router, chunk, pack, de-chunk, decoder, final layer
+        sc_fn = compile_(scaffold)
+        sc_ms = step_ms(sc_fn, args.reps, x, t, y)
+        report = cf.count_flops(dc, x, t, y)
+        blocks = sum(v for k, v in report.by_component.items() if k.startswith("backbone"))
+        scaffold_share_flops = 1 - blocks / report.total
+        rows.append({"row": "DC-DiT-XL scaffold only", "ms": sc_ms, "flops": report.per_sample * scaffold_share_flops,
+                     "kept": caps[0.0]})
+
+    base = {"plain": rows[0], "cfg": rows[4]}
+    for r in rows:
+        ref = base[r.get("base", "plain")]
+        r["measured_speedup"] = ref["ms"] / r["ms"]
+        r["flop_speedup"] = ref["flops"] / r["flops"]
+        r["fraction_of_flop_speedup"] = r["measured_speedup"] / r["flop_speedup"]
+    dc0 = rows[1]
+    time_share = rows[-1]["ms"] / dc0["ms"]
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\n{card}, torch {torch.__version__}, {args.size}px (latent {latent}x{latent}), batch {batch}, "
+          f"{'eager' if args.no_compile else 'torch.compile'}, bf16 autocast")
+    print(f"{'row':<30}{'kept':>6}{'ms':>9}{'GFLOPs':>9}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}")
+    for r in rows:
+        print(f"{r['row']:<30}{r['kept']:>6}{r['ms']:>9.2f}{r['flops'] / 1e9:>9.1f}{r['measured_speedup']:>10.2f}"
+              f"{r['flop_speedup']:>10.2f}{r['fraction_of_flop_speedup']:>7.2f}")
+    print(f"scaffold: {time_share:.1%} of the rho=0 step's time for {scaffold_share_flops:.1%} of its FLOPs "
+          f"({time_share / scaffold_share_flops:.2f}x its share)")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
+            "size": args.size, "batch": batch, "compiled": not args.no_compile, "rows": rows,
+            "scaffold_time_share": time_share, "scaffold_flop_share": scaffold_share_flops,
+        }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
