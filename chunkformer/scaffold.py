@@ -222,14 +222,18 @@ class DeChunkDecoder(nn.Module):
         router_out: RouterOutput,
         enc_tokens: Float[Tensor, "batch tokens dim"],
     ) -> Float[Tensor, "batch tokens dim"]:
-        """Backbone output (``plan.chunk`` layout) -> gated, residual-added ``(B, L, d)`` in fp32."""
+        """Backbone output (``plan.chunk`` layout) -> gated, residual-added ``(B, L, d)`` in fp32.
+
+        De-chunking runs with autocast off; the residual projection keeps fp32 weights but runs
+        under the caller's autocast, as in the authors' release (a bf16 GEMM when sampling in
+        bf16: ``L d^2`` multiply-adds are too many for fp32)."""
+        res = self.residual(enc_tokens.float()).float()  # (B, L, d)
         with torch.autocast(device_type=enc_tokens.device.type, enabled=False):
             full = dechunk(
                 plan.unchunk(y), router_out.probs, plan,
                 sigma=self.sigma, smoothing=self.smoothing, truncate=self.truncate,
             )  # (B, L, d) fp32
             gate = ste_ones(router_out.confidence.float())[..., None]  # (B, L, 1), == 1 forward
-            res = self.residual(enc_tokens.float())  # (B, L, d) fp32
             return full * gate + res
 
     @typechecked
