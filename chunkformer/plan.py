@@ -255,6 +255,9 @@ def _build_plan(
     return ChunkPlan(order=order, lengths=lengths, grid=grid, width=width, mode=mode, batch_size=[B])
 
 
+_INT32_KEY_LIMIT = 2**31 - 1  # largest key nearest_kept keeps in int32 (tests lower it)
+
+
 @typechecked
 def nearest_kept(
     coords: Float[Tensor, "batch width ndim"],
@@ -266,8 +269,71 @@ def nearest_kept(
     """Slot index of the nearest valid slot for every grid position.
 
     Exact squared Euclidean distances on integer coordinates; ties go to the lowest
-    slot (earliest raster position). Processes grid positions in blocks so memory
-    stays ``O(B * block * M)``. A sample with no valid slot maps everything to slot 0.
+    slot (for a plan: the earliest raster position). A sample with no valid slot maps
+    everything to slot 0. Valid slots must sit on grid positions; padding slots
+    (``valid=False``) may hold anything.
+
+    Rank-1 and rank-2 grids use a separable exact transform: ``O(B * L * H)`` work for
+    an ``(H, W)`` grid, memory ``O(B * block * H)`` (``block`` grid positions per step).
+    Rank 3 falls back to the brute-force :func:`_nearest_kept_dense`, ``O(B * L * M)``.
+    No host syncs either way.
+    """
+    grid = tuple(grid)
+    if len(grid) > 2:
+        return _nearest_kept_dense(coords, valid, grid, block=block)
+    H, W = (1, *grid) if len(grid) == 1 else grid
+    B, M = valid.shape
+    dev = coords.device
+    # candidates compare by one integer key, (squared distance, slot) lexicographic:
+    # d2 * M + slot with slot < M. Rows without a kept token get d2 = big (above any real
+    # distance), decoding to slot 0. int32 when the largest key fits (faster), else int64.
+    big = (H - 1) ** 2 + (W - 1) ** 2 + 1
+    dtype = torch.int32 if (big + (H - 1) ** 2 + 1) * M <= _INT32_KEY_LIMIT else torch.int64
+
+    # raster index of each slot (pads parked at 0 with sentinel slot M: they never win)
+    c = coords.round().long()  # (B, M, ndim)
+    pos = c[..., 0] if len(grid) == 1 else c[..., 0] * W + c[..., 1]  # (B, M)
+    pos = torch.where(valid, pos, 0).clamp(0, H * W - 1)
+    slot = torch.arange(M, device=dev, dtype=dtype).expand(B, M)
+    slot = torch.where(valid, slot, M)  # (B, M)
+    # lowest valid slot at each position, M where none
+    slot_at = torch.full((B, H * W), M, dtype=dtype, device=dev)
+    slot_at = slot_at.scatter_reduce(1, pos, slot, "amin").view(B, H, W)
+
+    # row pass: nearest kept column in the same row, left (<= x) and right (>= x); the
+    # equidistant candidates of a row are at most these two, so their min key is exact
+    kept = slot_at < M  # (B, H, W)
+    x = torch.arange(W, device=dev)
+    left = torch.where(kept, x, -1).cummax(-1).values  # (B, H, W), -1: none
+    right = torch.where(kept, x, W).flip(-1).cummin(-1).values.flip(-1)  # (B, H, W), W: none
+    lc, rc = left.clamp(min=0), right.clamp(max=W - 1)
+    key_l = ((x - lc) ** 2).to(dtype) * M + slot_at.gather(-1, lc)
+    key_l = torch.where(left >= 0, key_l, big * M)  # (B, H, W)
+    key_r = ((rc - x) ** 2).to(dtype) * M + slot_at.gather(-1, rc)
+    key_r = torch.where(right < W, key_r, big * M)  # (B, H, W)
+    row_key = torch.minimum(key_l, key_r)  # (B, H, W): equidistant -> lower slot
+    if H == 1:
+        return (row_key % M).view(B, W).long()
+
+    # column pass: min over source rows r of (y - r)^2 * M + row_key[r], target rows in blocks;
+    # keys are distinct per slot, so the min (unlike an argmin) needs no tie order
+    r = torch.arange(H, device=dev)
+    rows = max(1, block // W)
+    out = []
+    for y0 in range(0, H, rows):
+        y = torch.arange(y0, min(y0 + rows, H), device=dev)
+        dy2 = ((y[:, None] - r[None, :]) ** 2).to(dtype) * M  # (h, H)
+        key = row_key[:, None, :, :] + dy2[None, :, :, None]  # (B, h, H, W)
+        out.append(key.amin(2) % M)  # (B, h, W)
+    return torch.cat(out, dim=1).view(B, H * W).long()
+
+
+def _nearest_kept_dense(
+    coords: Tensor, valid: Tensor, grid: GridShape, *, block: int = 4096
+) -> Tensor:
+    """Brute-force :func:`nearest_kept`: ``(B, block, M)`` distances per step, any rank.
+
+    Reference for the separable path and the rank-3 implementation.
     """
     points = grid_coords(grid, device=coords.device)  # (L, ndim)
     out = []
@@ -275,5 +341,5 @@ def nearest_kept(
         p = points[start : start + block]  # (l, ndim)
         d2 = ((p[None, :, None, :] - coords[:, None, :, :]) ** 2).sum(-1)  # (B, l, M)
         d2 = d2.masked_fill(~valid[:, None, :], torch.inf)
-        out.append(d2.argmin(-1))
+        out.append(d2.argmin(-1))  # first minimum: lowest slot
     return torch.cat(out, dim=1)

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -9,7 +10,9 @@ from conftest import grids, masks, plan_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chunkformer import ChunkPlan
+from chunkformer import ChunkPlan, grid_coords, nearest_kept
+from chunkformer import plan as plan_module
+from chunkformer.plan import _nearest_kept_dense
 
 
 def brute_force_nearest(mask_row: torch.Tensor, grid) -> list[int]:
@@ -62,6 +65,52 @@ def test_plug_back_takes_nearest_kept_token(inputs):
         assert torch.equal(full[b], x[b, ref])
         # kept positions keep their own value
         assert torch.equal(full[b][mask[b]], x[b][mask[b]])
+
+
+
+@given(plan_inputs(ranks=(1, 2), max_tokens=64), st.sampled_from(["packed", "padded", "fixed"]), st.data())
+def test_nearest_kept_equals_dense_reference_on_plans(inputs, mode, data):
+    grid, mask, probs, seed = inputs
+    B, L = mask.shape
+    capacity = data.draw(st.integers(1, max(1, L - 1))) if mode == "fixed" else None
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid, mode=mode, capacity=capacity)
+    coords, valid = plan.coords, plan.valid
+    g = torch.Generator().manual_seed(seed)
+    if data.draw(st.booleans()):  # pads moved onto random (often duplicated, often kept) positions
+        extra = data.draw(st.integers(0, 3))
+        coords = torch.cat([coords, coords.new_zeros(B, extra, len(grid))], 1)
+        valid = torch.cat([valid, valid.new_zeros(B, extra)], 1)
+        noise = grid_coords(grid)[torch.randint(L, valid.shape, generator=g)]  # (B, M, ndim)
+        coords = torch.where(valid[..., None], coords, noise)
+    block = data.draw(st.sampled_from([1, 7, 4096]))
+    ref = _nearest_kept_dense(coords, valid, grid)
+    assert torch.equal(nearest_kept(coords, valid, grid, block=block), ref)
+    with mock.patch.object(plan_module, "_INT32_KEY_LIMIT", 0):  # the int64 key path
+        assert torch.equal(nearest_kept(coords, valid, grid, block=block), ref)
+    for b in range(B):  # and the slot found is the brute-force nearest position
+        assert plan.positions[b, ref[b]].tolist() == brute_force_nearest(plan.kept_mask[b], grid)
+
+
+@given(grids(ranks=(1, 2), max_tokens=48), st.integers(1, 3), st.integers(1, 40), st.integers(0, 2**16))
+def test_nearest_kept_equals_dense_reference_on_any_slot_order(grid, B, M, seed):
+    """Slots in any order, duplicated positions, valid not a prefix: still the lowest equidistant slot."""
+    g = torch.Generator().manual_seed(seed)
+    L = math.prod(grid)
+    coords = grid_coords(grid)[torch.randint(L, (B, M), generator=g)]  # (B, M, ndim)
+    valid = torch.rand(B, M, generator=g) < torch.rand(B, 1, generator=g)
+    assert torch.equal(nearest_kept(coords, valid, grid, block=5), _nearest_kept_dense(coords, valid, grid))
+
+
+@pytest.mark.parametrize("grid", [(7,), (1, 5), (4, 1), (3, 5)])
+def test_nearest_kept_without_valid_slot_maps_to_slot_zero(grid):
+    L = math.prod(grid)
+    coords = grid_coords(grid)[torch.tensor([[L - 1, 0, 1], [1, 1, 0]]) % L]  # (2, 3, ndim)
+    valid = torch.tensor([[False, False, False], [False, True, False]])
+    out = nearest_kept(coords, valid, grid)
+    assert out.dtype == torch.int64 and out.shape == (2, L)
+    assert torch.all(out[0] == 0)
+    assert torch.all(out[1] == 1)
+    assert torch.equal(out, _nearest_kept_dense(coords, valid, grid))
 
 
 @given(plan_inputs())
