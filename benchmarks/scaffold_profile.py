@@ -1,9 +1,9 @@
-"""Where the DC-DiT scaffold spends its time on a GPU, and what channels-last and TF32 change.
+"""Where the DC-DiT scaffold spends its time on a GPU, and what cuDNN autotuning and channels-last change.
 
     python benchmarks/scaffold_profile.py --size 256        # CUDA
 
 Times the scaffold alone (DC-DiT-XL with no blocks, fixed capacity L/4, compiled, bf16
-autocast, batch 64 at 256px / 16 at 512px) under four settings, then prints the top CUDA
+autocast, batch 64 at 256px / 16 at 512px) under three settings, then prints the top CUDA
 kernels of the baseline. The scaffold's FLOP share of the full rho=0 step is printed by
 benchmarks/step_speed.py.
 """
@@ -43,9 +43,9 @@ def main():
     t = torch.randint(0, 1000, (B,), device=dev)
     y = torch.randint(0, 1000, (B,), device=dev)
     results = {}
-    for name, channels_last, tf32 in (("baseline", False, False), ("channels_last", True, False),
-                                      ("tf32", False, True), ("channels_last + tf32", True, True)):
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    for name, channels_last, bench in (("baseline", False, False), ("cudnn.benchmark", False, True),
+                                       ("channels_last + cudnn.benchmark", True, True)):
+        torch.backends.cudnn.benchmark = bench
         torch.manual_seed(0)
         model = cf.create_model("DC-DiT-XL", input_size=latent, depth=0, plan_mode="fixed", capacity=L // 4)
         model = model.to(dev).eval()
@@ -63,7 +63,7 @@ def main():
                     torch.cuda.synchronize()
                 table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
         print(f"{name}: {results[name]:.2f} ms", flush=True)
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
     print(f"\nscaffold only, {args.size}px, batch {B}, compiled, bf16 autocast ({torch.cuda.get_device_name()})")
     for k, v in results.items():
         print(f"  {k:<24}{v:8.2f} ms")
