@@ -6,7 +6,9 @@ Fixed-capacity and padded plans give every sample ``M`` slots of which the first
 ``lengths[b]`` are real. SDPA with a boolean mask cannot use the flash kernel; this times the
 alternatives at the shapes of DC-DiT-XL at 256px (batch 64, 16 heads of 72, M = 256) and
 512px (batch 16, M = 1024): plain SDPA without a mask (the speed of light), SDPA with the
-mask, FlexAttention with a length mask (compiled), and SDPA's cuDNN backend with the mask.
+mask, FlexAttention with a length mask (compiled), SDPA's cuDNN backend with the mask, and
+PyTorch's own varlen flash kernel (``torch.nn.attention.varlen``) over the slots with
+``seqused_k = lengths`` (inference only) and over truly packed tokens.
 """
 
 import time
@@ -32,7 +34,8 @@ def main():
     dev = torch.device("cuda")
     flex = torch.compile(flex_attention)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{'shape':<22}{'no mask':>9}{'bool mask':>11}{'flex':>8}{'cudnn':>8}  (ms per call)")
+    print(f"{'shape':<22}{'no mask':>9}{'bool mask':>11}{'flex':>8}{'cudnn':>8}{'varlen slots':>14}"
+          f"{'varlen packed':>15}  (ms per call)")
     for B, M in ((64, 256), (16, 1024)):
         q, k, v = (torch.randn(B, 16, M, 72, device=dev, dtype=torch.bfloat16) for _ in range(3))
         lengths = torch.randint(M * 3 // 4, M + 1, (B,), device=dev)
@@ -51,8 +54,28 @@ def main():
         except RuntimeError as e:
             row["cudnn"] = float("nan")
             print("cudnn:", str(e)[:100])
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+
+            flat = [t.transpose(1, 2).reshape(B * M, 16, 72) for t in (q, k, v)]
+            cu = (torch.arange(B + 1, device=dev) * M).int()
+            used = lengths.int()
+            out = varlen_attn(*flat, cu, cu, M, M, seqused_k=used)
+            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B * M, 16, 72)
+            err = float((out - ref).abs().max())
+            row["varlen slots"] = ms(lambda: varlen_attn(*flat, cu, cu, M, M, seqused_k=used))
+            cu_p = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int()
+            T = int(lengths.sum())
+            packed = [t[:T] for t in flat]
+            row["varlen packed"] = ms(lambda: varlen_attn(*packed, cu_p, cu_p, M, M))
+        except Exception as e:  # noqa: BLE001
+            err = float("nan")
+            row["varlen slots"] = row["varlen packed"] = float("nan")
+            print("varlen:", type(e).__name__, str(e)[:200])
         print(f"{f'B={B} M={M}':<22}" + "".join(f"{row[k]:>{w}.3f}" for k, w in
-                                               (("no mask", 9), ("bool mask", 11), ("flex", 8), ("cudnn", 8))))
+                                               (("no mask", 9), ("bool mask", 11), ("flex", 8), ("cudnn", 8),
+                                                ("varlen slots", 14), ("varlen packed", 15)))
+              + f"   varlen max|diff| vs mask: {err:.3g}")
 
 
 if __name__ == "__main__":
