@@ -7,8 +7,9 @@ Fixed-capacity and padded plans give every sample ``M`` slots of which the first
 alternatives at the shapes of DC-DiT-XL at 256px (batch 64, 16 heads of 72, M = 256) and
 512px (batch 16, M = 1024): plain SDPA without a mask (the speed of light), SDPA with the
 mask, FlexAttention with a length mask (compiled), SDPA's cuDNN backend with the mask, and
-PyTorch's own varlen flash kernel (``torch.nn.attention.varlen``) over the slots with
-``seqused_k = lengths`` (inference only) and over truly packed tokens.
+PyTorch's own varlen flash kernel over the slots with ``seqused_k = lengths``
+(``aten._flash_attention_forward``; inference only) and over truly packed tokens
+(``torch.nn.attention.varlen.varlen_attn``).
 """
 
 import time
@@ -60,10 +61,13 @@ def main():
             flat = [t.transpose(1, 2).reshape(B * M, 16, 72) for t in (q, k, v)]
             cu = (torch.arange(B + 1, device=dev) * M).int()
             used = lengths.int()
-            out = varlen_attn(*flat, cu, cu, M, M, seqused_k=used)
+            def slots():
+                return torch.ops.aten._flash_attention_forward(*flat, cu, cu, M, M, 0.0, False, False,
+                                                               seqused_k=used)[0]
+            out = slots()
             ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B * M, 16, 72)
             err = float((out - ref).abs().max())
-            row["varlen slots"] = ms(lambda: varlen_attn(*flat, cu, cu, M, M, seqused_k=used))
+            row["varlen slots"] = ms(slots)
             cu_p = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int()
             T = int(lengths.sum())
             packed = [t[:T] for t in flat]
