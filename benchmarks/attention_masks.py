@@ -9,21 +9,15 @@ alternatives at the shapes of DC-DiT-XL at 256px (batch 64, 16 heads of 72, M = 
 mask, FlexAttention with a length mask (compiled), SDPA's cuDNN backend with the mask, and
 PyTorch's own varlen flash kernel over the slots with ``seqused_k = lengths``
 (``aten._flash_attention_forward``; inference only) and over truly packed tokens
-(``torch.nn.attention.varlen.varlen_attn``), and chunkformer's ``padded_attention`` (the mask
-carried in an extra head dimension, unmasked SDPA).
+(``torch.nn.attention.varlen.varlen_attn``).
 """
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from chunkformer.attention import padded_attention  # noqa: E402
 
 
 def ms(fn, reps=50):
@@ -42,7 +36,7 @@ def main():
     flex = torch.compile(flex_attention)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"{'shape':<22}{'no mask':>9}{'bool mask':>11}{'flex':>8}{'cudnn':>8}{'varlen slots':>14}"
-          f"{'varlen packed':>15}{'extra dim':>11}  (ms per call)")
+          f"{'varlen packed':>15}  (ms per call)")
     for B, M in ((64, 256), (16, 1024)):
         q, k, v = (torch.randn(B, 16, M, 72, device=dev, dtype=torch.bfloat16) for _ in range(3))
         lengths = torch.randint(M * 3 // 4, M + 1, (B,), device=dev)
@@ -82,14 +76,10 @@ def main():
             err = float("nan")
             row["varlen slots"] = row["varlen packed"] = float("nan")
             print("varlen:", type(e).__name__, str(e)[:200])
-        qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))  # (B, M, H, dh)
-        row["extra dim"] = ms(lambda: padded_attention(qs, ks, vs, valid))
-        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
-        err2 = float((padded_attention(qs, ks, vs, valid) - ref).float().abs().max())
         print(f"{f'B={B} M={M}':<22}" + "".join(f"{row[k]:>{w}.3f}" for k, w in
                                                (("no mask", 9), ("bool mask", 11), ("flex", 8), ("cudnn", 8),
-                                                ("varlen slots", 14), ("varlen packed", 15), ("extra dim", 11)))
-              + f"   max|diff| vs mask: varlen {err:.3g}, extra dim {err2:.3g}")
+                                                ("varlen slots", 14), ("varlen packed", 15)))
+              + f"   varlen max|diff| vs mask: {err:.3g}")
 
 
 if __name__ == "__main__":
