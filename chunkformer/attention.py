@@ -5,9 +5,6 @@
   attends only within its own run.
 * padded / fixed ``(B, M, H, dh)``: keys in padding slots are masked out, so the real
   tokens' outputs equal those of the packed layout; padding slots' outputs are ignored.
-  On CUDA in half precision the mask travels in an extra head dimension instead
-  (:func:`padded_attention`), which keeps SDPA on its unmasked kernels; ``backend="sdpa"``
-  forces the boolean mask.
 
 Backends (``backend=`` or :func:`set_attention_backend`; ``"auto"`` picks the first that fits):
 
@@ -37,7 +34,7 @@ from einops import rearrange
 from ._typing import Float, Tensor, typechecked
 from .plan import ChunkPlan
 
-__all__ = ["chunk_attention", "dense_attention", "padded_attention", "set_attention_backend", "resolve_backend", "BACKENDS"]
+__all__ = ["chunk_attention", "dense_attention", "set_attention_backend", "resolve_backend", "BACKENDS"]
 
 Backend = Literal["auto", "flash", "flex", "sdpa", "math"]
 BACKENDS: tuple[str, ...] = ("auto", "flash", "flex", "sdpa", "math")
@@ -119,8 +116,6 @@ def chunk_attention(
             raise ValueError(
                 f"{plan.mode} plans take (batch, slots, heads, head_dim) inputs, got {tuple(q.shape)}"
             )
-        if key_bias is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and backend != "sdpa":
-            return padded_attention(q, k, v, plan.valid)  # the unmasked (fast) kernels
         mask = _key_mask(plan.valid, key_bias, q.dtype)  # (B, 1, 1, M): attend to real tokens only
         q_, k_, v_ = (rearrange(t, "b m h d -> b h m d") for t in (q, k, v))
         out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
@@ -149,35 +144,10 @@ def chunk_attention(
     # sdpa: unpack to (B, M), attend with a key mask, pack again
     padded = [plan.unpack(rearrange(t, "t h d -> t (h d)")) for t in (q, k, v)]  # (B, M, H*dh)
     H = q.shape[1]
-    if key_bias is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        q_, k_, v_ = (rearrange(t, "b m (h d) -> b m h d", h=H) for t in padded)
-        out = rearrange(padded_attention(q_, k_, v_, plan.valid), "b m h d -> b m (h d)")
-        return rearrange(plan.pack(out), "t (h d) -> t h d", h=H)
     q_, k_, v_ = (rearrange(t, "b m (h d) -> b h m d", h=H) for t in padded)
     bias = None if key_bias is None else plan.unpack(key_bias[:, None])[..., 0]  # (B, M)
     out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=_key_mask(plan.valid, bias, q.dtype))
     return rearrange(plan.pack(rearrange(out, "b h m d -> b m (h d)")), "t (h d) -> t h d", h=H)
-
-
-def padded_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
-    """Attention over ``(B, M, H, dh)`` slots restricted to ``valid`` keys, without an attention mask.
-
-    A boolean mask keeps SDPA off its fastest kernels (1.66x slower at DC-DiT-XL's shapes on an
-    H200: ``benchmarks/attention_masks.py``). Instead the head dimension grows by one (padded to a
-    multiple of 8): queries carry a 1 there, keys ``0`` if valid and ``-30000`` if not, so a
-    padding key's logit drops by ``30000 / sqrt(dh)`` and its softmax weight is exactly 0 (fp32
-    accumulation). The scale stays ``dh ** -0.5``; the output drops the extra columns.
-    """
-    dh = q.shape[-1]
-    extra = 8 - dh % 8 if dh % 8 else 8
-    zeros = q.new_zeros(*q.shape[:-1], extra - 1)
-    bias = torch.where(valid, 0.0, -30000.0).to(q.dtype)[:, :, None, None].expand(*k.shape[:-1], 1)
-    q_ = torch.cat([q, torch.ones_like(q[..., :1]), zeros], dim=-1)
-    k_ = torch.cat([k, bias, zeros], dim=-1)
-    v_ = F.pad(v, (0, extra))
-    q_, k_, v_ = (rearrange(t, "b m h d -> b h m d") for t in (q_, k_, v_))
-    out = F.scaled_dot_product_attention(q_, k_, v_, scale=dh**-0.5)
-    return rearrange(out, "b h m d -> b m h d")[..., :dh]
 
 
 def _key_mask(valid: Tensor, key_bias: Tensor | None, dtype: torch.dtype) -> Tensor:

@@ -212,17 +212,3 @@ def test_bad_inputs_name_the_argument():
     other = ChunkPlan.from_mask(torch.ones(2, 12, dtype=torch.bool), grid=(4, 3))
     with pytest.raises(ValueError, match="grids"):
         torch.cat([plan, other])
-
-
-@given(st.integers(1, 4), st.integers(1, 12), st.sampled_from([8, 12, 16]), st.integers(0, 2**16))
-def test_padded_attention_without_a_mask_equals_masked_sdpa(B, M, dh, seed):
-    """The extra-head-dimension mask gives the boolean mask's result on the real tokens."""
-    from chunkformer.attention import padded_attention
-
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, M, 2, dh, generator=g) for _ in range(3))
-    valid = torch.rand(B, M, generator=g) < 0.6
-    valid[:, 0] = True
-    want = torch.nn.functional.scaled_dot_product_attention(
-        *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=valid[:, None, None, :]).transpose(1, 2)
-    torch.testing.assert_close(padded_attention(q, k, v, valid), want, rtol=1e-5, atol=1e-5)
