@@ -1,0 +1,85 @@
+"""Tables and the step-time plot of docs/performance.md, from the JSON files in benchmarks/results/.
+
+    python benchmarks/report.py            # prints the markdown tables, writes docs/img/step_speed.png
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def step_table(data: dict) -> str:
+    lines = [f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, "
+             f"{'torch.compile' if data['compiled'] else 'eager'}, bf16 autocast (`{data['command']}`)", "",
+             "| row | tokens | ms | GFLOPs/sample | speed-up | FLOP-predicted | measured / predicted |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['row']} | {r['kept']} | {r['ms']:.2f} | {r['flops'] / 1e9:.1f} | {r['measured_speedup']:.2f} "
+                     f"| {r['flop_speedup']:.2f} | {r['fraction_of_flop_speedup']:.2f} |")
+    lines.append("")
+    lines.append(f"Scaffold alone: {data['scaffold_time_share']:.1%} of the rho=0 step's time for "
+                 f"{data['scaffold_flop_share']:.1%} of its FLOPs "
+                 f"({data['scaffold_time_share'] / data['scaffold_flop_share']:.2f}x its share).")
+    return "\n".join(lines)
+
+
+def nearest_table(data: dict) -> str:
+    lines = []
+    for run in data["runs"].values():
+        lines += [f"{run.get('device_name', '?')}, torch {data['torch']}, about {data['keep']:.0%} of each grid kept", "",
+                  "| grid | batch | dense ms | separable ms | speed-up | dense peak MiB | separable peak MiB | equal |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in run["rows"]:
+            grid = "x".join(str(g) for g in r["grid"])
+            lines.append(f"| {grid} | {r['batch']} | {r['dense_ms']:.2f} | {r['new_ms']:.2f} | {r['speedup']:.1f}x "
+                         f"| {r.get('dense_peak_mib', float('nan')):.0f} | {r.get('new_peak_mib', float('nan')):.1f} "
+                         f"| {r['equal']} |")
+    return "\n".join(lines)
+
+
+def plot(files: list[Path], out: Path) -> None:
+    fig, axes = plt.subplots(1, len(files), figsize=(5 * len(files), 3.8), squeeze=False)
+    for ax, path in zip(axes[0], files):
+        data = json.loads(path.read_text())
+        L = (data["size"] // 8) ** 2
+        rows = [r for r in data["rows"] if r["row"].startswith("DC-DiT-XL rho")]
+        dit = data["rows"][0]
+        kept = [r["kept"] / L for r in rows]
+        ax.plot(kept, [r["ms"] for r in rows], "o-", label="DC-DiT-XL (measured)")
+        ax.plot(kept, [dit["ms"] * r["flops"] / dit["flops"] for r in rows], "s--", alpha=0.7,
+                label="DC-DiT-XL (FLOP-predicted)")
+        ax.axhline(dit["ms"], color="k", lw=1, label="DiT-XL/2")
+        for r, k in zip(rows, kept):
+            ax.annotate(r["row"].split()[-1], (k, r["ms"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("tokens kept / latent grid")
+        ax.set_ylabel("ms per sampling step")
+        ax.set_title(f"{data['size']}px, batch {data['batch']}, {data['card']}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    steps = sorted(RESULTS.glob("step_speed_*_h200.json"))
+    for path in steps:
+        print(step_table(json.loads(path.read_text())), end="\n\n")
+    near = RESULTS / "nearest_h200.json"
+    if near.is_file():
+        print(nearest_table(json.loads(near.read_text())))
+    if steps:
+        plot(steps, ROOT / "docs" / "img" / "step_speed.png")
+        print(f"\nwrote {ROOT / 'docs' / 'img' / 'step_speed.png'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
