@@ -45,6 +45,17 @@ def nearest_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def train_table(data: dict) -> str:
+    lines = [f"{data['card']}, torch {data['torch']}, 256px, batch {data['batch']}, eager, bf16 autocast "
+             f"(`{data['command']}`)", "",
+             "| model | images/s | training GFLOPs/image | speed-up | FLOP-predicted | peak GiB |",
+             "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['model']} | {r['images_per_s']:.1f} | {r['train_gflops_per_image']:.1f} "
+                     f"| {r['measured_speedup']:.2f} | {r['flop_speedup']:.2f} | {r['peak_gib']:.1f} |")
+    return "\n".join(lines)
+
+
 def plot(files: list[Path], out: Path) -> None:
     fig, axes = plt.subplots(1, len(files), figsize=(5 * len(files), 3.8), squeeze=False)
     for ax, path in zip(axes[0], files):
@@ -73,6 +84,9 @@ def main() -> None:
     steps = sorted(RESULTS.glob("step_speed_*_h200.json"))
     for path in steps:
         print(step_table(json.loads(path.read_text())), end="\n\n")
+    train = RESULTS / "train_speed_256_h200.json"
+    if train.is_file():
+        print(train_table(json.loads(train.read_text())), end="\n\n")
     near = RESULTS / "nearest_h200.json"
     if near.is_file():
         print(nearest_table(json.loads(near.read_text())))
