@@ -25,7 +25,7 @@ import chunkformer as cf  # noqa: E402
 
 def throughput(model, x, t, y, steps: int, **kw) -> tuple[float, float]:
     """(images per second, peak memory in GiB) of ``steps`` training steps after a warm-up."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.is_cuda)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.is_cuda)  # (a compiled model shares them)
     cuda = x.is_cuda
 
     def step():
@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile both models; DC-DiT in fixed-capacity mode (capacity L/4, static shapes)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,13 +72,14 @@ def main() -> None:
         pair = {}
         for name in (f"DiT-{width}/2", f"DC-DiT-{width}"):
             torch.manual_seed(0)
-            model = cf.create_model(name, input_size=latent, **sizes).to(device).train()
+            fixed = dict(plan_mode="fixed", capacity=latent * latent // 4) if args.compile and "DC" in name else {}
+            model = cf.create_model(name, input_size=latent, **sizes, **fixed).to(device).train()
             kw = {}
             if model.supports_chunking:
                 torch.nn.init.constant_(model.router.scorer[-1].bias, 30.0)  # keep all, then drop 3/4
-                kw = {"rho": 0.75}
+                kw = {} if fixed else {"rho": 0.75}  # fixed mode: the capacity is the budget
             flops = cf.count_flops(model, x, t, y, **kw).per_sample * 3  # forward + backward
-            ips, peak = throughput(model, x, t, y, steps, **kw)
+            ips, peak = throughput(torch.compile(model) if args.compile else model, x, t, y, steps, **kw)
             pair[name] = {"model": name, "images_per_s": ips, "train_gflops_per_image": flops / 1e9,
                           "peak_gib": peak}
             del model
@@ -88,7 +91,8 @@ def main() -> None:
             r["flop_speedup"] = dit["train_gflops_per_image"] / r["train_gflops_per_image"]
             rows.append(r)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\n{card}, torch {torch.__version__}, 256px (latent {latent}x{latent}), batch {batch}, eager, bf16 autocast")
+    mode = "torch.compile, DC-DiT fixed capacity" if args.compile else "eager"
+    print(f"\n{card}, torch {torch.__version__}, 256px (latent {latent}x{latent}), batch {batch}, {mode}, bf16 autocast")
     print(f"{'model':<12}{'img/s':>9}{'GFLOPs/img':>12}{'speed-up':>10}{'FLOP pred':>10}{'peak GiB':>10}")
     for r in rows:
         print(f"{r['model']:<12}{r['images_per_s']:>9.1f}{r['train_gflops_per_image']:>12.1f}"
@@ -97,6 +101,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"card": card, "torch": torch.__version__,
                                         "command": "python " + " ".join(sys.argv), "batch": batch,
+                                        "compiled": args.compile,
                                         "rows": rows}, indent=1))
 
 
