@@ -46,7 +46,8 @@ def nearest_table(data: dict) -> str:
 
 
 def train_table(data: dict) -> str:
-    lines = [f"{data['card']}, torch {data['torch']}, 256px, batch {data['batch']}, eager, bf16 autocast "
+    mode = "torch.compile, DC-DiT in fixed-capacity mode" if data.get("compiled") else "eager"
+    lines = [f"{data['card']}, torch {data['torch']}, 256px, batch {data['batch']}, {mode}, bf16 autocast "
              f"(`{data['command']}`)", "",
              "| model | images/s | training GFLOPs/image | speed-up | FLOP-predicted | peak GiB |",
              "|---|---|---|---|---|---|"]
@@ -84,8 +85,7 @@ def main() -> None:
     steps = sorted(RESULTS.glob("step_speed_*_h200.json"))
     for path in steps:
         print(step_table(json.loads(path.read_text())), end="\n\n")
-    train = RESULTS / "train_speed_256_h200.json"
-    if train.is_file():
+    for train in sorted(RESULTS.glob("train_speed_256*_h200.json")):
         print(train_table(json.loads(train.read_text())), end="\n\n")
     near = RESULTS / "nearest_h200.json"
     if near.is_file():
