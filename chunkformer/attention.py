@@ -145,9 +145,10 @@ def chunk_attention(
     padded = [plan.unpack(rearrange(t, "t h d -> t (h d)")) for t in (q, k, v)]  # (B, M, H*dh)
     H = q.shape[1]
     q_, k_, v_ = (rearrange(t, "b m (h d) -> b h m d", h=H) for t in padded)
-    bias = None if key_bias is None else plan.unpack(key_bias[:, None])[..., 0]  # (B, M)
+    bias = None if key_bias is None else plan.unpack(key_bias[:, None].to(q.dtype))[..., 0]  # (B, M)
     out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=_key_mask(plan.valid, bias, q.dtype))
-    return rearrange(plan.pack(rearrange(out, "b h m d -> b m (h d)")), "t (h d) -> t h d", h=H)
+    out = plan.pack(rearrange(out, "b h m d -> b m (h d)"), total=q.shape[0])  # sync-free: T is known
+    return rearrange(out, "t (h d) -> t h d", h=H)
 
 
 def _key_mask(valid: Tensor, key_bias: Tensor | None, dtype: torch.dtype) -> Tensor:

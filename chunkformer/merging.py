@@ -65,6 +65,7 @@ class TokenMerge:
         plan: the merged tokens' plan (``None`` for a dense, uniform merge).
         source: the block's own plan (``None`` on a dense grid).
         flops: multiply-adds x 2 of the similarity search.
+        total: tokens of the block's packed input (lets :meth:`unmerge` re-pack without a sync).
     """
 
     keep: torch.Tensor
@@ -76,6 +77,7 @@ class TokenMerge:
     plan: ChunkPlan | None
     source: ChunkPlan | None
     flops: float
+    total: int | None = None
 
     def _slots(self, x: torch.Tensor) -> torch.Tensor:
         return self.source.unpack(x) if self.source is not None and self.source.mode == "packed" else x
@@ -92,7 +94,9 @@ class TokenMerge:
         """Merged outputs -> one output per block token (folded tokens copy their destination's)."""
         ys = self.plan.unpack(y) if self.plan is not None and self.plan.mode == "packed" else y  # (B, M', d)
         out = torch.take_along_dim(ys, self.target[..., None], dim=1)  # (B, M, d)
-        return self.source.pack(out) if self.source is not None and self.source.mode == "packed" else out
+        if self.source is not None and self.source.mode == "packed":
+            return self.source.pack(out, total=self.total)
+        return out
 
     def key_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """``log(size)`` per merged token, in the merged layout (proportional attention)."""
@@ -325,6 +329,7 @@ class MergedAttention(nn.Module):
             slots = plan.unpack(x) if plan.mode == "packed" else x
             merge = bipartite_merge(slots, plan.valid, plan.coords, plan.grid, ratio, stride=self.ctx.stride,
                                     generator=self.ctx.generator(x.device), source=plan, compile=self.ctx.compile)
+            merge.total = x.shape[0] if plan.mode == "packed" else None
         self.shared.current = merge
         self.ctx.removed.append(merge.removed)
         self.last_flops = merge.flops

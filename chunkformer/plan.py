@@ -169,16 +169,30 @@ class ChunkPlan:
         return torch.take_along_dim(x, self.positions[..., None], dim=1)
 
     @typechecked
-    def pack(self, x: Float[Tensor, "batch width dim"]) -> Float[Tensor, "total dim"]:
-        """``(B, M, d)`` -> ``(T, d)``: drop padding, samples contiguous (host sync for ``T``)."""
-        return x[self.valid]
+    def pack(self, x: Float[Tensor, "batch width dim"], total: int | None = None) -> Float[Tensor, "total dim"]:
+        """``(B, M, d)`` -> ``(T, d)``: drop padding, samples contiguous.
+
+        Without ``total`` (``T = sum(lengths)``) this reads ``T`` from the device (one host
+        sync); with it, it is a plain gather (callers that hold a packed tensor know ``T``).
+        """
+        if total is None:
+            return x[self.valid]
+        return x.reshape(-1, x.shape[-1]).index_select(0, self._flat_index(total))
 
     @typechecked
     def unpack(self, x: Float[Tensor, "total dim"]) -> Float[Tensor, "batch width dim"]:
-        """``(T, d)`` -> ``(B, M, d)`` with zeros in the padding slots; inverse of :meth:`pack`."""
-        valid = self.valid
-        out = x.new_zeros(*valid.shape, x.shape[-1])
-        return out.masked_scatter(valid[..., None], x)
+        """``(T, d)`` -> ``(B, M, d)`` with zeros in the padding slots; inverse of :meth:`pack`
+        (no host sync: ``T`` is ``x``'s length)."""
+        B = self.lengths.shape[0]
+        out = x.new_zeros(B * self.width, x.shape[-1]).index_copy(0, self._flat_index(x.shape[0]), x)
+        return out.view(B, self.width, x.shape[-1])
+
+    def _flat_index(self, total: int) -> Tensor:
+        """``(T,)`` position of every packed token in the flattened ``(B * M)`` slots."""
+        B, dev = self.lengths.shape[0], self.lengths.device
+        seg = torch.repeat_interleave(torch.arange(B, device=dev), self.lengths, output_size=total)  # (T,)
+        start = self.cu_seqlens[:-1].long()  # (B,)
+        return seg * self.width + torch.arange(total, device=dev) - start[seg]
 
     def chunk(self, x: Float[Tensor, "batch tokens dim"]) -> Tensor:
         """Grid tokens -> what the backbone runs on: ``(T, d)`` if packed, else ``(B, M, d)``."""

@@ -42,6 +42,7 @@ def test_pack_unpack_and_chunk_unchunk_round_trip(inputs, mode, dtype):
     assert packed.shape == (int(mask.sum()), 3)
     # packed holds exactly the kept tokens, sample by sample, in raster order
     assert torch.equal(packed, x[mask])
+    assert torch.equal(plan.pack(slots, total=int(mask.sum())), packed)  # the sync-free gather agrees
     # unpack inverts pack on the valid slots, zeros elsewhere
     back = plan.unpack(packed)
     assert torch.equal(back[plan.valid], slots[plan.valid])
