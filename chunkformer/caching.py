@@ -29,7 +29,7 @@ from torch import nn
 
 from .plan import ChunkPlan
 
-__all__ = ["StepCache", "run_backbone"]
+__all__ = ["StepCache", "run_with_cache"]
 
 
 class StepCache:
@@ -122,8 +122,8 @@ class StepCache:
         return out
 
 
-def run_backbone(model: nn.Module, h: torch.Tensor, plan: ChunkPlan | None,
-                 run: Callable[[torch.Tensor], torch.Tensor], indicator: Callable[[], torch.Tensor]) -> torch.Tensor:
+def run_with_cache(model: nn.Module, h: torch.Tensor, plan: ChunkPlan | None,
+                   run: Callable[[torch.Tensor], torch.Tensor], indicator: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``run(h)``, or the installed :class:`StepCache`'s decision (models call this around their blocks)."""
     cache = model.step_cache
     return run(h) if cache is None else cache(h, plan, run, indicator)

@@ -84,7 +84,10 @@ class TokenMerge:
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """Block tokens (the source layout) -> merged tokens (the merged plan's layout)."""
-        xs = self._slots(x)  # (B, M, d)
+        return self.merge_slots(self._slots(x))
+
+    def merge_slots(self, xs: torch.Tensor) -> torch.Tensor:
+        """:meth:`merge` from tokens already in ``(B, M, d)`` slots."""
         acc = torch.zeros_like(xs).scatter_add_(1, self.into[..., None].expand_as(xs), xs)
         merged = torch.take_along_dim(acc, self.keep[..., None], dim=1)  # (B, M', d) sums
         merged = merged / self.sizes[..., None].to(merged.dtype)
@@ -334,7 +337,8 @@ class MergedAttention(nn.Module):
         self.ctx.removed.append(merge.removed)
         self.last_flops = merge.flops
         bias = merge.key_bias(x.dtype) if self.ctx.proportional else None
-        return merge.unmerge(self.fn(self.inner, merge.merge(x), merge.plan, bias))
+        merged = merge.merge(x) if plan is None else merge.merge_slots(slots)  # slots: unpacked once
+        return merge.unmerge(self.fn(self.inner, merged, merge.plan, bias))
 
 
 class MergedMlp(nn.Module):

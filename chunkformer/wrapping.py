@@ -23,7 +23,7 @@ from torch import nn
 from ._typing import Bool, Float, Int, Tensor, typechecked
 from .adapters import BackboneAdapter, find_adapter
 from .budget import TimestepAdaptiveBudget
-from .caching import run_backbone
+from .caching import run_with_cache
 from .dechunk import Smoothing
 from .plan import ChunkPlan
 from .routing import Router, RouterKind
@@ -156,8 +156,8 @@ class ChunkWrapper(nn.Module):
         pos = self.backbone.position_embedding(plan.coords * self.coord_scale).to(tokens.dtype)  # (B, M, d)
         h = plan.chunk(tokens) + (plan.pack(pos) if plan.mode == "packed" else pos)
         keep = [] if block_outputs else None
-        h = run_backbone(self, h, plan, lambda h: self.run_backbone(h, cond, plan, keep),
-                         lambda: self.backbone.block_input(tokens, cond))
+        h = run_with_cache(self, h, plan, lambda h: self.run_backbone(h, cond, plan, keep),
+                           lambda: self.backbone.block_input(tokens, cond))
         h = self.norm(h)
         out = self.decoder(h, plan, routed, tokens, c)  # (B, out, *grid)
         if not return_info:

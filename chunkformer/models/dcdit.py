@@ -17,7 +17,7 @@ from torch import nn
 from .._typing import Bool, Float, Int, Tensor, typechecked
 from ..attention import Backend
 from ..budget import TimestepAdaptiveBudget
-from ..caching import run_backbone
+from ..caching import run_with_cache
 from ..dechunk import Smoothing
 from ..plan import ChunkPlan, PlanMode
 from ..routing import Router, RouterKind
@@ -161,7 +161,7 @@ class DCDiT(nn.Module):
                 h = block(h, c, plan)
             return h
 
-        h = self.norm(run_backbone(self, h, plan, blocks, lambda: block_input(self.blocks[0], tokens, c)))
+        h = self.norm(run_with_cache(self, h, plan, blocks, lambda: block_input(self.blocks[0], tokens, c)))
         # 4. de-chunk and decode
         out = self.decoder(h, plan, routed, tokens, c)  # (B, out, *grid)
         if not return_info:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .._typing import Bool, Float, Int, Tensor, typechecked
 from ..attention import Backend, chunk_attention, dense_attention
-from ..caching import run_backbone
+from ..caching import run_with_cache
 from ..grid import conv_nd, grid_coords, sincos_embed
 from ..plan import ChunkPlan
 from ..routing import RouterOutput
@@ -340,7 +340,7 @@ class DiT(nn.Module):
                 h = block(h, c)  # (B, L, d)
             return h
 
-        h = run_backbone(self, h, None, blocks, lambda: block_input(self.blocks[0], h, c))
+        h = run_with_cache(self, h, None, blocks, lambda: block_input(self.blocks[0], h, c))
         out = self.unpatchify(self.final_layer(h, c), x.shape[2:])  # (B, out, *grid)
         if not return_info:
             return out
