@@ -111,6 +111,9 @@ class TrainConfig:
     sample_every: int = 10_000  # EMA sample grid + boundary maps; 0 = only at the end
     keep_checkpoints: int = 2
     num_sample_images: int = 16
+    max_minutes: float = 0.0  # stop early after this much training wall-clock (0 = no limit)
+    max_tflops: float = 0.0  # stop early once training has spent this many TFLOPs (0 = no limit; counts FLOPs)
+    count_flops: bool = False  # count training FLOPs (3x the forward's, all ranks) even without max_tflops
 
 
 @dataclass

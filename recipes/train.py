@@ -196,6 +196,7 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
         found = latest_checkpoint(ckpt_dir)
     elif resume:
         found = (Path(resume), load_checkpoint(resume))
+    train_flops = 0.0  # training FLOPs so far, all ranks: 3x each forward's (backward ~ 2x forward)
     if found is not None:
         path, state = found
         load_training_state(model, opt, state["model"], state["opt"])
@@ -203,7 +204,9 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
         sched.load_state_dict(state["sched"])
         set_rng_state(state["rng"])
         step = int(state["step"])
+        train_flops = float(state.get("train_flops", 0.0))
         _log(d, log_file, f"resumed from {path} at step {step}")
+    count = cfg.train.count_flops or cfg.train.max_tflops > 0
 
     def checkpoint() -> Path | None:
         model_sd, opt_sd = model_state(model), optimizer_state(model, opt)  # collectives under FSDP2
@@ -212,7 +215,7 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
         state = {
             "model": model_sd, "ema": ema.state_dict(), "opt": opt_sd,
             "sched": sched.state_dict(), "step": step, "rng": rng_state(), "data": batches.position(step),
-            "config": to_dict(cfg),
+            "config": to_dict(cfg), "train_flops": train_flops,
         }
         return save_checkpoint(state, ckpt_dir, step, keep=cfg.train.keep_checkpoints)
 
@@ -241,7 +244,7 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
 
         distill = teacher is not None and step < cfg.upcycle.distill_steps
         label_drop = drop if null_class is not None else None
-        with autocast:
+        with autocast, (cf.flops.FlopCounter(model) if count else nullcontext()) as counter:
             kwargs = {"rho": rho} if chunking else {}
             if distill:
                 kwargs["block_outputs"] = True
@@ -268,6 +271,9 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
             torch._foreach_lerp_(ema_params, full_tensors(model_params), 1.0 - decay)
         step += 1
         steps_since += 1
+        if count:  # every rank's forward, summed (one all-reduce per step when counting)
+            train_flops += 3 * all_reduce_mean(torch.tensor(counter.total, device=device), d).item() * d.world
+        stop = _budget_spent(cfg, time.time() - t0, train_flops, d, device)
 
         # bookkeeping (host syncs only here, every log_every steps)
         for k, v in (("loss", losses["loss"].mean()), ("mse", losses["mse"].mean()),
@@ -277,10 +283,12 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
             running[k] = running.get(k, 0.0) + v.detach().float()
         if progress is not None:
             progress.update(1)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps or stop:
             now = time.time()
             stats = {k: all_reduce_mean(v / steps_since, d).item() for k, v in running.items()}
             stats.update(step=step, rho=rho, lr=sched.get_last_lr()[0], steps_per_sec=steps_since / (now - t_last))
+            if count:
+                stats["train_tflops"] = train_flops / 1e12
             if d.is_main:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(stats) + "\n")
@@ -294,8 +302,12 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
                 else:
                     _log(d, log_file, line)
             running, steps_since, t_last = {}, 0, now
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stop:
             checkpoint()
+        if stop:
+            _log(d, log_file, f"training budget spent at step {step} ({(time.time() - t0) / 60:.2f} min"
+                              + (f", {train_flops / 1e12:.3f} TFLOPs" if count else "") + "); stopping")
+            break
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.steps and d.is_main:
             sample_images(ema, diffusion, cfg, run_dir / "samples" / f"step-{step:07d}.png", device=device,
                           num=cfg.train.num_sample_images)
@@ -314,6 +326,8 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
         cf.save_pretrained(ema, run_dir / "final")
     metrics = make_report_figures(ema, diffusion, cfg, run_dir, device=device, source=source)
     metrics.update(step=step, wall_seconds=wall, params=n_params, run_dir=str(run_dir))
+    if count:
+        metrics["train_tflops"] = train_flops / 1e12
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _log(d, log_file, f"done in {wall / 60:.1f} min. Outputs in {run_dir}/:")
     for key in ("samples", "boundary_maps", "kept_vs_timestep", "flops_by_component"):
@@ -323,6 +337,16 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
     if log_file is not None:
         log_file.close()
     return metrics
+
+
+def _budget_spent(cfg: Recipe, seconds: float, train_flops: float, d: Dist, device) -> bool:
+    """Whether ``train.max_minutes`` / ``train.max_tflops`` is reached (rank 0 decides for all ranks)."""
+    if not (cfg.train.max_minutes > 0 or cfg.train.max_tflops > 0):
+        return False
+    spent = (cfg.train.max_minutes > 0 and seconds >= 60 * cfg.train.max_minutes) or (
+        cfg.train.max_tflops > 0 and train_flops >= 1e12 * cfg.train.max_tflops)
+    flag = torch.tensor(float(spent) if d.is_main else 0.0, device=device)
+    return all_reduce_mean(flag, d).item() > 0  # rank 0's decision, seen by every rank
 
 
 def _progress(d: Dist, total: int, initial: int):

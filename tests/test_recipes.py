@@ -228,3 +228,19 @@ def test_sampling_with_two_processes_merges_every_sample_once(tmp_path):
     settings = json.loads((tmp_path / "two.json").read_text())
     assert settings["world_size"] == 2 and settings["num_samples"] == 5
     assert not list(tmp_path.glob("two.rank*.pt"))  # per-rank parts cleaned up
+
+
+@needs_digits
+def test_training_stops_at_a_flop_or_wall_clock_budget(tmp_path):
+    counted = json.loads((run_train(tmp_path, "train.steps=2", "train.count_flops=true", name="count")
+                          / "metrics.json").read_text())
+    per_step = counted["train_tflops"] / 2
+    assert per_step > 0 and counted["step"] == 2
+    budget = 2.5 * per_step  # spent during step 3
+    run = run_train(tmp_path, "train.steps=50", f"train.max_tflops={budget}", name="flops")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 3 and metrics["train_tflops"] >= budget
+    assert final_state(run)["step"] == 3  # checkpointed where it stopped
+    timed = json.loads((run_train(tmp_path, "train.steps=50", "train.max_minutes=1e-6", name="time")
+                        / "metrics.json").read_text())
+    assert timed["step"] == 1 and "train_tflops" not in timed
