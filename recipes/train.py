@@ -207,6 +207,9 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
         train_flops = float(state.get("train_flops", 0.0))
         _log(d, log_file, f"resumed from {path} at step {step}")
     count = cfg.train.count_flops or cfg.train.max_tflops > 0
+    if count and cfg.train.compile:
+        raise ValueError("train.max_tflops / train.count_flops count FLOPs with module hooks, which would recompile a "
+                         "torch.compile'd model every step: train eagerly, or stop on train.max_minutes / train.steps")
 
     def checkpoint() -> Path | None:
         model_sd, opt_sd = model_state(model), optimizer_state(model, opt)  # collectives under FSDP2
