@@ -215,3 +215,29 @@ def test_router_and_residual_stay_fp32_when_the_model_is_cast_to_bf16():
     out, info = model(x.bfloat16(), t, y, return_info=True)
     assert out.dtype == torch.bfloat16 and info.router.probs.dtype == torch.float32
     assert torch.isfinite(out.float()).all()
+
+
+def test_a_whole_guided_sampling_step_is_one_graph_in_fixed_capacity_mode():
+    """Lite-CFG forward + DDIM update, fixed capacity: captured whole (no graph break = no host sync in Python)."""
+    code = """
+        import torch, chunkformer as cf
+        from chunkformer.diffusion import create_diffusion
+        from chunkformer.diffusion.guidance import guided_model_fn
+        torch.manual_seed(0)
+        model = cf.create_model("DC-DiT-S", hidden_size=32, depth=1, num_heads=2, input_size=8, num_classes=3,
+                                plan_mode="fixed", capacity=16).eval()
+        process = create_diffusion().respace(10)
+        fn = guided_model_fn(model, torch.tensor([0, 1]), scale=2.0, rho=0.0, uncond_rho=0.5)
+        def step(x, t):
+            return process.ddim_step(fn(x, t), x, 5)
+        step_fn = torch.compile(step, fullgraph=True, backend="eager")
+        x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 500)
+        with torch.no_grad():
+            print(float((step_fn(x, t) - step(x, t)).abs().max()))
+    """
+    env = {k: v for k, v in os.environ.items() if k != "CHUNKFORMER_TYPECHECK"}
+    env["CHUNKFORMER_TYPECHECK"] = "0"
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert float(res.stdout.strip().splitlines()[-1]) == 0.0
