@@ -179,8 +179,12 @@ class BackboneAdapter(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement run_block(index, h, cond, plan)")
 
     def block_input(self, h: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Block 0's attention input for dense ``(B, L, d)`` tokens (step caching's change signal);
-        the default, a plain LayerNorm, ignores the conditioning."""
+        """Block 0's attention input for dense ``(B, L, d)`` tokens (step caching's change signal):
+        ``modulate(norm1(h))`` for blocks with ``adaLN_modulation`` and ``norm1`` (DiT layouts),
+        else a plain LayerNorm that ignores the conditioning."""
+        block = self.blocks[0]
+        if hasattr(block, "adaLN_modulation") and hasattr(block, "norm1"):
+            return block_input(block, h, cond.vector)
         return F.layer_norm(h, h.shape[-1:])
 
     def position_embedding(self, coords: torch.Tensor) -> torch.Tensor:
@@ -249,9 +253,6 @@ class ChunkformerDiTAdapter(BackboneAdapter):
 
     def run_block(self, index, h, cond, plan):
         return self.blocks[index](h, cond.vector, plan)
-
-    def block_input(self, h, cond):
-        return block_input(self.blocks[0], h, cond.vector)
 
     def embedders(self):
         return [self.t_embedder, self.y_embedder]
@@ -328,9 +329,6 @@ class OriginalDiTAdapter(BackboneAdapter):
         a = call_attention(block.attn, a, plan, timm_attention) if self.attention_known else block.attn(a)
         h = h + gate_msa * a
         return h + gate_mlp * block.mlp(modulate(block.norm2(h), shift_mlp, scale_mlp))
-
-    def block_input(self, h, cond):
-        return block_input(self.blocks[0], h, cond.vector)
 
     def position_embedding(self, coords):
         return super().position_embedding(coords) if self._lookup is None else self._lookup(coords)

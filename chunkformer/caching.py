@@ -29,7 +29,7 @@ from torch import nn
 
 from .plan import ChunkPlan
 
-__all__ = ["StepCache", "run_with_cache"]
+__all__ = ["StepCache", "run_with_cache", "skipped_last"]
 
 
 class StepCache:
@@ -57,12 +57,11 @@ class StepCache:
             raise ValueError(f"max_skips must be >= 0 or None, got {max_skips}")
         self.model, self.threshold, self.rescale = model, float(threshold), rescale
         self.max_skips, self.keep = max_skips, keep
-        self.history: list[tuple[float, bool]] = []  # (accumulated change, skipped) per step
         self._reset()
 
     def _reset(self) -> None:
         self.computed = self.skipped = 0
-        self.history = []
+        self.history: list[tuple[float, bool]] = []  # (accumulated change, skipped) per step
         self._prev: torch.Tensor | None = None
         self._residual: torch.Tensor | None = None
         self._acc, self._streak = 0.0, 0
@@ -127,3 +126,8 @@ def run_with_cache(model: nn.Module, h: torch.Tensor, plan: ChunkPlan | None,
     """``run(h)``, or the installed :class:`StepCache`'s decision (models call this around their blocks)."""
     cache = model.step_cache
     return run(h) if cache is None else cache(h, plan, run, indicator)
+
+
+def skipped_last(model: nn.Module) -> bool:
+    """Whether the model's last forward reused a cached residual (``ForwardInfo.cached``)."""
+    return model.step_cache is not None and model.step_cache.last_skipped

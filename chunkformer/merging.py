@@ -354,7 +354,7 @@ class MergedMlp(nn.Module):
 
 
 def _ours(attn, x, plan, key_bias):
-    return attn(x, plan, key_bias) if key_bias is not None else attn(x, plan)
+    return attn(x, plan, key_bias)
 
 
 def _targets(model: nn.Module) -> list[tuple[nn.Module, str, Callable, str]]:
@@ -374,15 +374,9 @@ def _targets(model: nn.Module) -> list[tuple[nn.Module, str, Callable, str]]:
         if isinstance(adapter, ChunkformerDiTAdapter):
             return [(b, "attn", _ours, "mlp") for b in adapter.blocks]
         if isinstance(adapter, OriginalDiTAdapter) and adapter.attention_known:
-            def call(a, x, p, bias):
-                return timm_attention(a, x, p, bias)
-
-            return [(b, "attn", call, "mlp") for b in adapter.blocks]
+            return [(b, "attn", timm_attention, "mlp") for b in adapter.blocks]
         if isinstance(adapter, DiffusersDiTAdapter) and adapter.attention_known:
-            def call(a, x, p, bias):
-                return diffusers_attention(a, x, p, bias)
-
-            return [(b, "attn1", call, "ff") for b in adapter.blocks]
+            return [(b, "attn1", diffusers_attention, "ff") for b in adapter.blocks]
         raise TypeError(
             f"token merging cannot patch a wrapped backbone with adapter {adapter.name!r}"
             + ("" if adapter.attention_known else " whose attention chunkformer cannot restrict to each sample")

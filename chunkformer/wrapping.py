@@ -23,7 +23,7 @@ from torch import nn
 from ._typing import Bool, Float, Int, Tensor, typechecked
 from .adapters import BackboneAdapter, find_adapter
 from .budget import TimestepAdaptiveBudget
-from .caching import run_with_cache
+from .caching import run_with_cache, skipped_last
 from .dechunk import Smoothing
 from .plan import ChunkPlan
 from .routing import Router, RouterKind
@@ -164,7 +164,7 @@ class ChunkWrapper(nn.Module):
             return out
         info = ForwardInfo(ratio_loss=self.budget.ratio_loss(routed), kept=plan.lengths, tokens=math.prod(grid),
                            router=routed, plan=plan, block_outputs=keep,
-                           cached=self.step_cache is not None and self.step_cache.last_skipped)
+                           cached=skipped_last(self))
         return out, info
 
     def extra_repr(self) -> str:

@@ -274,8 +274,10 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
             torch._foreach_lerp_(ema_params, full_tensors(model_params), 1.0 - decay)
         step += 1
         steps_since += 1
-        if count:  # every rank's forward, summed (one all-reduce per step when counting)
-            train_flops += 3 * all_reduce_mean(torch.tensor(counter.total, device=device), d).item() * d.world
+        if count:  # every rank's forward, summed (one all-reduce per step when counting under torchrun)
+            local = counter.total
+            train_flops += 3 * (all_reduce_mean(torch.tensor(local, device=device), d).item() * d.world
+                                if d.enabled else local)
         stop = _budget_spent(cfg, time.time() - t0, train_flops, d, device)
 
         # bookkeeping (host syncs only here, every log_every steps)
@@ -348,6 +350,8 @@ def _budget_spent(cfg: Recipe, seconds: float, train_flops: float, d: Dist, devi
         return False
     spent = (cfg.train.max_minutes > 0 and seconds >= 60 * cfg.train.max_minutes) or (
         cfg.train.max_tflops > 0 and train_flops >= 1e12 * cfg.train.max_tflops)
+    if not d.enabled:  # one process: no device round trip
+        return spent
     flag = torch.tensor(float(spent) if d.is_main else 0.0, device=device)
     return all_reduce_mean(flag, d).item() > 0  # rank 0's decision, seen by every rank
 

@@ -17,7 +17,7 @@ from torch import nn
 from .._typing import Bool, Float, Int, Tensor, typechecked
 from ..attention import Backend
 from ..budget import TimestepAdaptiveBudget
-from ..caching import run_with_cache
+from ..caching import run_with_cache, skipped_last
 from ..dechunk import Smoothing
 from ..plan import ChunkPlan, PlanMode
 from ..routing import Router, RouterKind
@@ -27,6 +27,7 @@ from .dit import (
     DiTBlock,
     ForwardInfo,
     LabelEmbedder,
+    LabelledModel,
     TimestepEmbedder,
     _check_input,
     as_grid,
@@ -37,7 +38,7 @@ from .dit import (
 __all__ = ["DCDiT"]
 
 
-class DCDiT(nn.Module):
+class DCDiT(LabelledModel):
     """Dynamic Chunking DiT.
 
     Args:
@@ -113,19 +114,6 @@ class DCDiT(nn.Module):
         )
         init_backbone_weights(self)
 
-    @property
-    def null_class(self) -> int | None:
-        return self.y_embedder.null_class
-
-    @property
-    def num_classes(self) -> int:
-        return self.y_embedder.num_classes
-
-    @property
-    def label_dropout(self) -> float:
-        """Probability that a label is replaced by the null class in training."""
-        return self.y_embedder.dropout
-
     @typechecked
     def forward(
         self,
@@ -168,7 +156,7 @@ class DCDiT(nn.Module):
             return out
         info = ForwardInfo(
             ratio_loss=self.budget.ratio_loss(routed), kept=plan.lengths, tokens=math.prod(grid),
-            router=routed, plan=plan, cached=self.step_cache is not None and self.step_cache.last_skipped,
+            router=routed, plan=plan, cached=skipped_last(self),
         )
         return out, info
 

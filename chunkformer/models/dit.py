@@ -21,7 +21,7 @@ from torch import nn
 
 from .._typing import Bool, Float, Int, Tensor, typechecked
 from ..attention import Backend, chunk_attention, dense_attention
-from ..caching import run_with_cache
+from ..caching import run_with_cache, skipped_last
 from ..grid import conv_nd, grid_coords, sincos_embed
 from ..plan import ChunkPlan
 from ..routing import RouterOutput
@@ -214,7 +214,24 @@ def as_grid(size: "int | tuple[int, ...] | list[int]") -> tuple[int, ...]:
     return (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
 
 
-class DiT(nn.Module):
+class LabelledModel(nn.Module):
+    """Label facts of a model with a :class:`LabelEmbedder` at ``y_embedder`` (DiT and DC-DiT)."""
+
+    @property
+    def null_class(self) -> int | None:
+        return self.y_embedder.null_class
+
+    @property
+    def num_classes(self) -> int:
+        return self.y_embedder.num_classes
+
+    @property
+    def label_dropout(self) -> float:
+        """Probability that a label is replaced by the null class in training."""
+        return self.y_embedder.dropout
+
+
+class DiT(LabelledModel):
     """Diffusion transformer (Peebles & Xie) on an N-D latent grid, patch size ``P`` per axis.
 
     Args:
@@ -282,19 +299,6 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    @property
-    def null_class(self) -> int | None:
-        return self.y_embedder.null_class
-
-    @property
-    def num_classes(self) -> int:
-        return self.y_embedder.num_classes
-
-    @property
-    def label_dropout(self) -> float:
-        """Probability that a label is replaced by the null class in training."""
-        return self.y_embedder.dropout
-
     def unpatchify(self, x: Tensor, grid: tuple[int, ...]) -> Tensor:
         """``(B, L, P^n C)`` -> ``(B, C, *grid)`` for any grid rank, square or not."""
         names = ["g1", "g2", "g3"][: len(grid)]
@@ -347,7 +351,7 @@ class DiT(nn.Module):
         B, L = h.shape[:2]
         kept = torch.full((B,), L, device=x.device, dtype=torch.long)
         return out, ForwardInfo(ratio_loss=h.new_zeros(()).float(), kept=kept, tokens=L,
-                                cached=self.step_cache is not None and self.step_cache.last_skipped)
+                                cached=skipped_last(self))
 
 
 def _check_input(model: nn.Module, x: Tensor) -> None:
