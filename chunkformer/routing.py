@@ -11,6 +11,9 @@ Three variants, all run in fp32 with autocast off:
 * ``"cosine"`` (DC-DiT v1, any rank >= 2): ``p = (1 - q . k_bar) / 2`` with unit
   ``q = W_q x``, ``k = W_k x`` and ``k_bar`` a learnable depthwise 3^n average of ``k``.
 * ``"cosine1d"`` (H-Net, rank 1): ``p_t = (1 - cos(q_t, k_{t-1})) / 2``, ``p_1 = 1``.
+* ``"random"`` (the papers' ablation baseline, no parameters): every token is kept with
+  probability ``keep_fraction``, independently of the content; ``p`` is a random score whose
+  order decides the tail drop.
 
 The first and last token are always kept. A token is kept when ``p > 0.5``;
 ``rho`` then tail-drops the least confident kept tokens (:func:`~chunkformer.budget.tail_drop`).
@@ -36,8 +39,8 @@ from .precision import FP32Module
 
 __all__ = ["Router", "RouterOutput", "RouterKind", "ROUTER_KINDS"]
 
-RouterKind = Literal["predictability", "cosine", "cosine1d"]
-ROUTER_KINDS: tuple[str, ...] = ("predictability", "cosine", "cosine1d")
+RouterKind = Literal["predictability", "cosine", "cosine1d", "random"]
+ROUTER_KINDS: tuple[str, ...] = ("predictability", "cosine", "cosine1d", "random")
 
 
 @tensorclass
@@ -76,11 +79,13 @@ class Router(FP32Module):
     Args:
         dim: token width ``d`` of the encoder output the router reads.
         ndim: grid rank (1, 2 or 3).
-        kind: ``"predictability"`` (default), ``"cosine"`` (rank >= 2) or ``"cosine1d"``
-            (rank 1). ``kind=None`` picks ``"cosine1d"`` for rank 1, else ``"predictability"``.
+        kind: ``"predictability"`` (default), ``"cosine"`` (rank >= 2), ``"cosine1d"``
+            (rank 1) or ``"random"`` (content-blind boundaries, any rank). ``kind=None`` picks
+            ``"cosine1d"`` for rank 1, else ``"predictability"``.
         hidden: bottleneck width of the predictability router (default ``dim // 4``).
         norm_groups: GroupNorm groups in the scorer (default 8; reduced to divide ``hidden``).
         init_bias: initial keep-logit bias (``-1.1``: ``sigmoid ~ 0.25`` at start).
+        keep_fraction: expected fraction of tokens the ``"random"`` router keeps (``1/N``).
 
     Parameters stay fp32 when the model is cast to bf16/fp16 (:class:`FP32Module`).
     """
@@ -94,6 +99,7 @@ class Router(FP32Module):
         hidden: int | None = None,
         norm_groups: int = 8,
         init_bias: float = -1.1,
+        keep_fraction: float = 0.25,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -109,7 +115,9 @@ class Router(FP32Module):
                              "use kind='cosine' for images and video")
         if kind == "cosine" and ndim == 1:
             raise ValueError("kind='cosine' needs a grid of rank >= 2; use kind='cosine1d' for sequences")
-        self.dim, self.ndim, self.kind = dim, ndim, kind
+        if not 0.0 < keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+        self.dim, self.ndim, self.kind, self.keep_fraction = dim, ndim, kind, keep_fraction
         fk = {"device": device, "dtype": dtype}
 
         if kind == "predictability":
@@ -123,7 +131,7 @@ class Router(FP32Module):
                 conv_nd(ndim, hidden, 1, 1, **fk),
             )
             nn.init.constant_(self.scorer[-1].bias, init_bias)
-        else:
+        elif kind != "random":
             self.q_proj = nn.Linear(dim, dim, bias=False, **fk)
             self.k_proj = nn.Linear(dim, dim, bias=False, **fk)
             with torch.no_grad():  # H-Net's init: q = k = x, so p starts as (1 - cos) / 2
@@ -144,6 +152,9 @@ class Router(FP32Module):
         """Raw keep probabilities ``p`` in fp32, before forcing first/last to 1."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
+            if self.kind == "random":  # u < keep -> p in (0.5, 1], else p in [0, 0.5]: kept w.p. keep
+                u, keep = torch.rand(x.shape[:2], device=x.device), self.keep_fraction
+                return torch.where(u < keep, 1 - u / (2 * keep), 0.5 * (1 - u) / max(1 - keep, 1e-6))
             if self.kind == "predictability":
                 z = self.proj(to_grid(x, grid))  # (B, d/4, *grid)
                 logit = self.scorer(z - self.predictor(z))  # (B, 1, *grid)

@@ -93,7 +93,7 @@ class ChunkWrapper(nn.Module):
         self.cond_adaptor = nn.LayerNorm(d, eps=1e-6, **fk) if cond_adaptor else nn.Identity()
         self.encoder = ChunkEncoder(self.in_channels, d, ndim=self.ndim, depth=encoder_depth, width=scaffold_width,
                                     **fk)
-        self.router = Router(d, ndim=self.ndim, kind=router, **fk)
+        self.router = Router(d, ndim=self.ndim, kind=router, keep_fraction=1 / target_ratio, **fk)
         self.norm = nn.RMSNorm(d, eps=1e-5, **fk)  # backbone output norm, as in DC-DiT
         self.decoder = DeChunkDecoder(d, self.out_channels, ndim=self.ndim, depth=decoder_depth,
                                       width=scaffold_width, sigma=sigma, smoothing=smoothing, **fk)
@@ -188,7 +188,7 @@ def wrap(
         model: chunkformer's ``DiT``, an original-DiT-layout model, diffusers'
             ``DiTTransformer2DModel``, or anything a custom :class:`BackboneAdapter` drives.
         target_ratio: ``N``: the ratio loss aims at keeping ``1/N`` of the tokens.
-        router: ``"predictability"`` (default), ``"cosine"``, ``"cosine1d"``.
+        router: ``"predictability"`` (default), ``"cosine"``, ``"cosine1d"``, ``"random"``.
         adapter: a registered name (``"chunkformer"``, ``"dit"``, ``"diffusers"``), an adapter
             class or instance; default: found by structure.
         share_blocks: the wrapper uses the model's blocks themselves (training it trains them);

@@ -114,6 +114,9 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop early after this much training wall-clock (0 = no limit)
     max_tflops: float = 0.0  # stop early once training has spent this many TFLOPs (0 = no limit; counts FLOPs)
     count_flops: bool = False  # count training FLOPs (3x the forward's, all ranks) even without max_tflops
+    # EMA snapshots saved (loadable with create_model) once training passes each mark: "2.5min", "1500steps"
+    # or "9000tflops" (counts FLOPs); in <run>/snapshots/<mark>/ with snapshots.jsonl (step, minutes, TFLOPs)
+    snapshots: tuple = ()
 
 
 @dataclass

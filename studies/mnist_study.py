@@ -1,0 +1,274 @@
+"""The fidelity study (issue 8), one GPU call at a time: train arms, sample them, measure the router, score.
+
+    python studies/mnist_study.py --seed 0 --arms dit,dcdit --minutes 2 --work /tmp/study --out $OUT/s0
+    python studies/mnist_study.py --seed 0 --arms dcdit-single,dcdit-random --work /tmp/study --out $OUT/s0b
+    python studies/mnist_study.py --tiny --seed 0 --arms all --work /tmp/w --out /tmp/o    # CPU smoke run
+
+Setting: the 5000 built-in MNIST digits, 32x32, pixel space, class-conditional, recipes
+``mnist-dit-s`` / ``mnist-dcdit-s`` (epsilon prediction, AdamW 2e-4, batch 256, EMA 0.999, bf16).
+An *arm* is one trained model and the sample sets drawn from it (:data:`ARMS`):
+
+* ``dit`` trains DiT-S/2 for ``--minutes`` (FLOPs counted); it fixes the seed's budget:
+  its training TFLOPs (equal FLOPs) and its minutes (equal wall-clock).
+* ``dcdit`` trains DC-DiT-S (multi-budget) until it has spent the DiT's TFLOPs, saving an EMA
+  snapshot when it passes the DiT's minutes; ``dcdit-single`` (no multi-budget training),
+  ``dcdit-random`` (content-blind boundaries at the same expected kept count) and
+  ``dcdit-cosine`` (the v1 2-D cosine router) train to the same FLOPs;
+  ``upcycled`` starts from this seed's trained DiT (``upcycle.source``) and saves snapshots at
+  1/16 ... 1/2 of the from-scratch ``dcdit`` steps, to find the steps it needs to match it.
+* Each sample set draws ``--samples`` images from the EMA model with DDIM (``--sample-steps``)
+  at a kept-token budget ``rho``, optionally with guidance (standard CFG, or Lite-CFG: the
+  unconditional pass at rho 0.9), token merging or step caching, and records TFLOPs per image
+  and the kept fraction per step; chunking arms also get the router statistics (kept fraction,
+  kept density on strokes and background per timestep, over ``--probe`` real digits).
+
+Models and samples stay in ``--work`` (``<work>/s<seed>/<arm>/``): later arms and later calls on
+the same machine read the DiT's budget and checkpoint there. When the offline Inception weights
+are in ``$CHUNKFORMER_CACHE`` (or ``--fid``), every set is scored on the spot (FID against the
+5000 digits); otherwise ``studies/score.py`` scores the saved ``.npz`` later. Each arm writes
+``<out>/<arm>.json`` (and its figures) as soon as it is done, so a crash loses only the arm at hand.
+``studies/report.py`` turns the collected JSON in ``studies/results/`` into docs/results.md.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import chunkformer as cf  # noqa: E402
+from chunkformer.data import load_mnist_digits  # noqa: E402
+from chunkformer.diffusion import create_diffusion  # noqa: E402
+from recipes.config import apply_overrides, get_recipe, to_dict  # noqa: E402
+from recipes.sample import to_uint8  # noqa: E402
+from recipes.sampling import generate  # noqa: E402
+from recipes.train import build_model, train  # noqa: E402
+from studies.score import REFERENCE  # noqa: E402
+
+TINY = ["model.overrides.hidden_size=32", "model.overrides.depth=1", "model.overrides.num_heads=2",
+        "train.global_batch=8", "diffusion.sample_steps=2", "budget.group_size=4", "budget.warmup_steps=0",
+        "train.num_sample_images=4", "train.log_every=2", "train.precision=fp32", "upcycle.distill_steps=1"]
+PROBE_T = (25, 100, 200, 300, 400, 500, 600, 700, 800, 950)
+GUIDANCE = 1.25  # the paper's Lite-CFG scale
+UPCYCLE_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """One sampling configuration (``name`` is the key in the results)."""
+
+    name: str
+    rho: float = 0.0
+    guidance: float = 1.0
+    uncond_rho: float | None = None  # Lite-CFG: the unconditional pass's rho
+    merge_ratio: float = 0.0
+    cache_threshold: float = 0.0
+
+
+@dataclass(frozen=True)
+class Arm:
+    preset: str
+    overrides: tuple = ()
+    sets: tuple = (SampleSet("base"),)
+    budget: str = "dit-flops"  # "minutes" (the seed's reference arm) or "dit-flops"
+    snapshot_sets: tuple = (SampleSet("base"),)  # drawn from every snapshot
+    upcycle: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+ELASTIC = tuple(SampleSet(f"rho{r:g}", rho=r) for r in (0.2, 0.4, 0.6))
+ARMS: dict[str, Arm] = {
+    "dit": Arm("mnist-dit-s", budget="minutes", sets=(
+        SampleSet("base"), SampleSet("cfg", guidance=GUIDANCE),
+        SampleSet("merge0.5", merge_ratio=0.5), SampleSet("cache0.1", cache_threshold=0.1))),
+    "dcdit": Arm("mnist-dcdit-s", sets=(
+        SampleSet("base"), *ELASTIC, SampleSet("cfg", guidance=GUIDANCE),
+        SampleSet("lite-cfg", guidance=GUIDANCE, uncond_rho=0.9),
+        SampleSet("merge0.5", merge_ratio=0.5), SampleSet("cache0.1", cache_threshold=0.1))),
+    "dcdit-single": Arm("mnist-dcdit-s", ("budget.multi_budget=false",), sets=(SampleSet("base"), *ELASTIC)),
+    "dcdit-random": Arm("mnist-dcdit-s", ("model.overrides.router=random",)),
+    "dcdit-cosine": Arm("mnist-dcdit-s", ("model.overrides.router=cosine",)),
+    "upcycled": Arm("mnist-upcycle-dcdit-s", upcycle=True),
+}
+ORDER = tuple(ARMS)
+
+
+@torch.no_grad()
+def router_statistics(model, diffusion, images: torch.Tensor, labels: torch.Tensor, device, seed: int) -> dict:
+    """Kept fraction and kept density on strokes / background per timestep, over ``images`` (N, 1, 32, 32)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for t in PROBE_T:
+        kept = stroke_kept = stroke = bg_kept = bg = 0.0
+        for start in range(0, len(images), 500):
+            x0, y = images[start:start + 500].to(device), labels[start:start + 500].to(device)
+            tt = torch.full((len(x0),), t, device=device, dtype=torch.long)
+            x_t, _ = diffusion.q_sample(x0, tt, torch.randn(x0.shape, generator=g).to(device))
+            _, info = model(x_t, diffusion.model_timesteps(tt), y, return_info=True)
+            mask = info.router.mask.float()  # (B, L), L = 32 * 32
+            strokes = (x0.flatten(1) > 0).float()  # pixel above half intensity in [-1, 1]
+            kept += float(mask.sum())
+            stroke_kept += float((mask * strokes).sum())
+            stroke += float(strokes.sum())
+            bg_kept += float((mask * (1 - strokes)).sum())
+            bg += float((1 - strokes).sum())
+        total = stroke + bg
+        rows.append({"t": t, "kept_fraction": kept / total, "stroke_density": stroke_kept / max(stroke, 1.0),
+                     "background_density": bg_kept / max(bg, 1.0)})
+    return {"per_timestep": rows, "probe_images": len(images)}
+
+
+def load_weights(cfg, directory: Path, device) -> torch.nn.Module:
+    """The EMA model train() saved in ``directory`` (a wrapped/upcycled one is rebuilt from the recipe)."""
+    if (directory / "config.json").is_file():
+        return cf.create_model(str(directory)).to(device).eval()
+    return cf.load_weights(build_model(cfg, None, None, device), directory).to(device).eval()
+
+
+def fid_available() -> bool:
+    """Whether the converted Inception weights are already in the cache (no conversion, no download)."""
+    from chunkformer import fid
+
+    cache = fid.resolve_cache_dir()
+    return (cache / fid._CONVERTED_NAME).is_file() and (cache / fid._CONVERTED_NAME).with_suffix(".json").is_file()
+
+
+def draw(model, diffusion, s: SampleSet, args, device, where: Path, score: bool) -> dict:
+    """Sample set ``s`` from ``model``; saves ``<where>/<s.name>.npz``; returns its record (FID if ``score``)."""
+    start = time.time()
+    out = generate(model, diffusion, num=args.samples, shape=(model.in_channels, *model.grid),
+                   num_classes=model.num_classes, device=device, seed=args.seed, sampler="ddim",
+                   steps=args.sample_steps, guidance=s.guidance, rho=s.rho, uncond_rho=s.uncond_rho,
+                   batch_size=args.batch, merge_ratio=s.merge_ratio, cache_threshold=s.cache_threshold)
+    images = to_uint8(out["samples"])
+    np.savez_compressed(where / f"{s.name}.npz", samples=images, labels=out["labels"].numpy())
+    record = {**{k: v for k, v in vars(s).items()}, "sampler": "ddim", "steps": args.sample_steps, "ema": True,
+              "num_samples": args.samples, "seed": args.seed, "kept_fraction": out["kept_fraction"],
+              "kept_by_step": out["kept_by_step"], "tflops_per_image": out["tflops_per_image"],
+              "skipped_steps": out["skipped_steps"], "seconds": time.time() - start}
+    if score:
+        from chunkformer.fid import compute_fid
+
+        record["fid"] = compute_fid(images, reference="mnist", device=device)
+        record["fid_reference"], record["fid_samples"] = REFERENCE, len(images)
+    print(f"  {s.name}: {record['tflops_per_image']:.4f} TFLOPs/img, kept {record['kept_fraction']:.1%}"
+          + (f", FID {record['fid']:.2f}" if "fid" in record else ""), flush=True)
+    return record
+
+
+def run_arm(name: str, args, device, score: bool) -> dict:
+    arm = ARMS[name]
+    seed_dir = args.work / f"s{args.seed}"
+    arm_dir = seed_dir / name
+    if arm_dir.exists():
+        shutil.rmtree(arm_dir)
+    arm_dir.mkdir(parents=True)
+    overrides = [f"train.seed={args.seed}", "train.steps=100000000", f"train.results_dir={arm_dir}",
+                 "train.run_name=run", "train.ckpt_every=100000000", "train.sample_every=0", "train.count_flops=true"]
+    reference = None
+    if arm.budget == "minutes":
+        overrides.append(f"train.max_minutes={args.minutes}")
+    else:
+        ref_path = seed_dir / "dit" / "record.json"
+        if not ref_path.is_file():
+            raise FileNotFoundError(f"{ref_path} is missing: arm {name!r} trains to the DiT's budget, so run arm "
+                                    f"'dit' with --seed {args.seed} first on this machine (same --work)")
+        reference = json.loads(ref_path.read_text())
+        overrides.append(f"train.max_tflops={reference['train_tflops']}")
+        if not arm.upcycle:  # multi-budget draws start after an eighth of the run, as in the paper (50K of 400K)
+            overrides.append(f"budget.warmup_steps={max(1, reference['train_steps'] // 8)}")
+        marks = [f"{reference['train_seconds'] / 60:.4f}min"]  # equal wall-clock
+        if arm.upcycle:
+            scratch = json.loads((seed_dir / "dcdit" / "record.json").read_text())
+            marks = [f"{max(1, round(f * scratch['train_steps']))}steps" for f in UPCYCLE_FRACTIONS]
+            overrides += [f"upcycle.source={seed_dir / 'dit' / 'run' / 'final'}",
+                          f"upcycle.distill_steps={max(1, scratch['train_steps'] // 10)}",
+                          f"budget.warmup_steps={max(0, scratch['train_steps'] // 10)}"]
+        overrides.append("train.snapshots=" + json.dumps(marks))
+    tiny = [o for o in TINY if not (arm.upcycle and o.startswith("model."))] if args.tiny else []  # width: the DiT's
+    cfg = apply_overrides(get_recipe(arm.preset), [*overrides, *tiny, *arm.overrides])
+    print(f"[{name}] training {cfg.model.name} ({arm.preset} {' '.join(arm.overrides)})", flush=True)
+    metrics = train(cfg)
+    run_dir = Path(metrics["run_dir"])
+    record = {"arm": name, "preset": arm.preset, "overrides": list(arm.overrides), "recipe": to_dict(cfg),
+              "train_steps": metrics["step"], "train_tflops": metrics.get("train_tflops"),
+              "train_seconds": metrics["wall_seconds"], "sets": {}, "snapshots": {}}
+    print(f"[{name}] {metrics['step']} steps, {record['train_tflops']:.1f} TFLOPs, "
+          f"{metrics['wall_seconds'] / 60:.2f} min", flush=True)
+    model = load_weights(cfg, run_dir / "final", device)
+    diffusion = create_diffusion(cfg.diffusion.kind, num_timesteps=cfg.diffusion.num_timesteps,
+                                 schedule=cfg.diffusion.schedule, learn_sigma=model.out_channels != model.in_channels)
+    for s in arm.sets:
+        record["sets"][s.name] = draw(model, diffusion, s, args, device, arm_dir, score)
+    if getattr(model, "supports_chunking", False):
+        images, labels = load_mnist_digits()
+        record["router"] = router_statistics(model, diffusion, images[:args.probe], labels[:args.probe], device,
+                                             args.seed)
+    snap_log = run_dir / "snapshots" / "snapshots.jsonl"
+    for line in snap_log.read_text().splitlines() if snap_log.is_file() else []:
+        snap = json.loads(line)
+        snap_model = load_weights(cfg, run_dir / "snapshots" / snap["mark"], device)
+        where = arm_dir / "snapshots" / snap["mark"]
+        where.mkdir(parents=True, exist_ok=True)
+        snap["sets"] = {s.name: draw(snap_model, diffusion, s, args, device, where, score) for s in arm.snapshot_sets}
+        record["snapshots"][snap["mark"]] = snap
+    figures = {}
+    for key in ("boundary_maps", "kept_vs_timestep", "samples"):
+        if key in metrics and Path(metrics[key]).is_file():
+            dst = args.out / f"{name}-{Path(metrics[key]).name}"
+            shutil.copy(metrics[key], dst)
+            figures[key] = dst.name
+    record["figures"] = figures
+    (arm_dir / "record.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arms", default="dit,dcdit", help=f"comma-separated, from {', '.join(ORDER)}, or 'all'")
+    ap.add_argument("--minutes", type=float, default=2.0, help="training minutes of the DiT arm (the budget)")
+    ap.add_argument("--samples", type=int, default=5000)
+    ap.add_argument("--sample-steps", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=1000, help="sampling batch")
+    ap.add_argument("--probe", type=int, default=1000, help="real digits for the router statistics")
+    ap.add_argument("--work", type=Path, required=True, help="models and samples (kept for later arms)")
+    ap.add_argument("--out", type=Path, required=True, help="one JSON per arm and its figures")
+    ap.add_argument("--fid", choices=("auto", "on", "off"), default="auto",
+                    help="score every set on the spot (auto: when the Inception weights are cached)")
+    ap.add_argument("--tiny", action="store_true", help="toy sizes for a CPU smoke run")
+    args = ap.parse_args(argv)
+    arms = list(ORDER) if args.arms == "all" else [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        ap.error(f"unknown arm(s) {unknown}; choose from {', '.join(ORDER)}")
+    if args.tiny:
+        args.samples, args.sample_steps, args.probe, args.batch = min(args.samples, 8), 2, min(args.probe, 16), 8
+        args.minutes = min(args.minutes, 0.05)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    score = args.fid == "on" or (args.fid == "auto" and fid_available())
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = {"seed": args.seed, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
+    results = {}
+    for name in arms:
+        try:
+            record = {**header, **run_arm(name, args, device, score)}
+        except Exception as e:  # one broken arm must not cost the others
+            import traceback
+
+            traceback.print_exc()
+            record = {**header, "arm": name, "error": f"{type(e).__name__}: {e}"}
+        (args.out / f"s{args.seed}-{name}.json").write_text(json.dumps(record, indent=1))
+        results[name] = record
+    return results
+
+
+if __name__ == "__main__":
+    main()
