@@ -49,7 +49,7 @@ from recipes.config import apply_overrides, get_recipe, to_dict  # noqa: E402
 from recipes.sample import to_uint8  # noqa: E402
 from recipes.sampling import generate  # noqa: E402
 from recipes.train import build_model, train  # noqa: E402
-from studies.score import REFERENCE  # noqa: E402
+from studies.score import record_fid  # noqa: E402
 
 TINY = ["model.overrides.hidden_size=32", "model.overrides.depth=1", "model.overrides.num_heads=2",
         "train.global_batch=8", "diffusion.sample_steps=2", "budget.group_size=4", "budget.warmup_steps=0",
@@ -155,8 +155,7 @@ def draw(model, diffusion, s: SampleSet, args, device, where: Path, score: bool)
     if score:
         from chunkformer.fid import compute_fid
 
-        record["fid"] = compute_fid(images, reference="mnist", device=device)
-        record["fid_reference"], record["fid_samples"] = REFERENCE, len(images)
+        record_fid(record, compute_fid(images, reference="mnist", device=device), len(images))
     print(f"  {s.name}: {record['tflops_per_image']:.4f} TFLOPs/img, kept {record['kept_fraction']:.1%}"
           + (f", FID {record['fid']:.2f}" if "fid" in record else ""), flush=True)
     return record
@@ -171,19 +170,24 @@ def run_arm(name: str, args, device, score: bool) -> dict:
     arm_dir.mkdir(parents=True)
     overrides = [f"train.seed={args.seed}", "train.steps=100000000", f"train.results_dir={arm_dir}",
                  "train.run_name=run", "train.ckpt_every=100000000", "train.sample_every=0", "train.count_flops=true"]
-    reference = None
-    if arm.budget == "minutes":
+    ref_path = seed_dir / "dit" / "record.json"
+    reference = json.loads(ref_path.read_text()) if name != "dit" and ref_path.is_file() else None
+    if args.tflops > 0:  # a fixed budget for every arm (arms may then run side by side)
+        overrides.append(f"train.max_tflops={args.tflops}")
+    elif arm.budget == "minutes":
         overrides.append(f"train.max_minutes={args.minutes}")
+    elif reference is None:
+        raise FileNotFoundError(f"{ref_path} is missing: arm {name!r} trains to the DiT's budget, so run arm "
+                                f"'dit' with --seed {args.seed} first on this machine (same --work), or give --tflops")
     else:
-        ref_path = seed_dir / "dit" / "record.json"
-        if not ref_path.is_file():
-            raise FileNotFoundError(f"{ref_path} is missing: arm {name!r} trains to the DiT's budget, so run arm "
-                                    f"'dit' with --seed {args.seed} first on this machine (same --work)")
-        reference = json.loads(ref_path.read_text())
         overrides.append(f"train.max_tflops={reference['train_tflops']}")
+    if arm.budget != "minutes":
+        marks = []
+        if not arm.upcycle and reference is not None:
+            marks.append(f"{reference['train_seconds'] / 60:.4f}min")  # equal wall-clock
         if not arm.upcycle:  # multi-budget draws start after an eighth of the run, as in the paper (50K of 400K)
-            overrides.append(f"budget.warmup_steps={max(1, reference['train_steps'] // 8)}")
-        marks = [f"{reference['train_seconds'] / 60:.4f}min"]  # equal wall-clock
+            steps = reference["train_steps"] if reference else args.warmup_hint
+            overrides.append(f"budget.warmup_steps={max(1, steps // 8)}")
         if arm.upcycle:
             scratch = json.loads((seed_dir / "dcdit" / "record.json").read_text())
             marks = [f"{max(1, round(f * scratch['train_steps']))}steps" for f in UPCYCLE_FRACTIONS]
@@ -204,7 +208,7 @@ def run_arm(name: str, args, device, score: bool) -> dict:
     model = load_weights(cfg, run_dir / "final", device)
     diffusion = create_diffusion(cfg.diffusion.kind, num_timesteps=cfg.diffusion.num_timesteps,
                                  schedule=cfg.diffusion.schedule, learn_sigma=model.out_channels != model.in_channels)
-    for s in arm.sets:
+    for s in [s for s in arm.sets if args.sets is None or s.name in args.sets]:
         record["sets"][s.name] = draw(model, diffusion, s, args, device, arm_dir, score)
     if getattr(model, "supports_chunking", False):
         images, labels = load_mnist_digits()
@@ -234,6 +238,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arms", default="dit,dcdit", help=f"comma-separated, from {', '.join(ORDER)}, or 'all'")
     ap.add_argument("--minutes", type=float, default=2.0, help="training minutes of the DiT arm (the budget)")
+    ap.add_argument("--tflops", type=float, default=0.0,
+                    help="training TFLOPs of every arm (default: the DiT arm trains --minutes, the others its TFLOPs)")
+    ap.add_argument("--warmup-hint", type=int, default=1450,
+                    help="expected training steps when no DiT record sets them (multi-budget warm-up = 1/8)")
+    ap.add_argument("--sets", default=None, help="comma-separated sample sets to draw (default: each arm's all)")
     ap.add_argument("--samples", type=int, default=5000)
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=1000, help="sampling batch")
@@ -245,6 +254,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="toy sizes for a CPU smoke run")
     args = ap.parse_args(argv)
     arms = list(ORDER) if args.arms == "all" else [a.strip() for a in args.arms.split(",") if a.strip()]
+    args.sets = None if args.sets is None else set(args.sets.split(","))
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         ap.error(f"unknown arm(s) {unknown}; choose from {', '.join(ORDER)}")

@@ -1,6 +1,10 @@
-"""docs/results.md from studies/results/*.json: nothing in its tables is typed by hand.
+"""docs/results.md and its figures from studies/results/: nothing in its tables is typed by hand.
 
-    python studies/report.py            # rewrites docs/results.md
+    python studies/report.py            # rewrites docs/results.md and docs/img/results/*.png
+
+Reads ``studies/results/s<seed>-<arm>.json`` (``mnist_study.py`` / ``score.py`` / ``from_log.py``),
+``studies/results/curves/s<seed>-<arm>.jsonl`` (the training logs: loss, TFLOPs, steps/s every 100
+steps) and ``studies/results/runs/s<seed>-<arm>-metrics.json`` (the recipe's end-of-training metrics).
 """
 
 import json
@@ -9,66 +13,296 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER_KEPT = "about 22% at the noisiest steps rising to about 45% at the cleanest"
+RESULTS = ROOT / "studies" / "results"
+IMG = ROOT / "docs" / "img" / "results"
+PAPER = {  # DC-DiT v2 (arXiv 2603.06351), ImageNet 256, 400K steps, FID-50K, 250 DDPM steps; DESIGN.md
+    "kept": "about 22% kept at the noisiest steps rising to about 45% at the cleanest",
+    "equal_flops": "DiT-S/2 FID 68.40 at 3.02 TFLOPs/img vs DC-DiT-S (rho 0.2) 58.43 at 3.06",
+    "cosine": "the v1 2-D cosine router about 1.2 FID behind the default on DC-DiT-S",
+    "upcycle": "about 8x fewer steps (50K vs 400K)",
+}
+LABEL = {"dit": "DiT-S/2", "dcdit": "DC-DiT-S", "dcdit-single": "DC-DiT-S, single budget",
+         "dcdit-random": "DC-DiT-S, random boundaries", "dcdit-cosine": "DC-DiT-S, 2-D cosine router",
+         "upcycled": "DC-DiT-S upcycled from DiT-S/2"}
 
 
-def _mean_sd(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+# ---------------------------------------------------------------------------------------------- loading
+def load(results: Path = RESULTS) -> dict:
+    """``{"records": {(seed, arm): record}, "curves": {(seed, arm): [rows]}, "metrics": {...}}``."""
+    out: dict = {"records": {}, "curves": {}, "metrics": {}}
+    for path in sorted(results.glob("s*-*.json")):
+        r = json.loads(path.read_text())
+        if "error" not in r:
+            out["records"][(r["seed"], r["arm"])] = r
+    for path in sorted((results / "curves").glob("s*-*.jsonl")):
+        seed, arm = path.stem[1:].split("-", 1)
+        out["curves"][(int(seed), arm)] = [json.loads(line) for line in path.read_text().splitlines() if line]
+    for path in sorted((results / "runs").glob("s*-*-metrics.json")):
+        seed, arm = path.name[1: -len("-metrics.json")].split("-", 1)
+        out["metrics"][(int(seed), arm)] = json.loads(path.read_text())
+    return out
 
 
-def render(runs: list[dict]) -> str:
+def fid_at(s: dict | None, n: int) -> float | None:
+    if not s:
+        return None
+    return s.get("fid_by_samples", {}).get(str(n))
+
+
+def common_samples(sets: list[dict]) -> int | None:
+    """The largest sample count at which every set in ``sets`` has a FID."""
+    counts = [set(map(int, s.get("fid_by_samples", {}))) for s in sets if s]
+    shared = set.intersection(*counts) if counts else set()
+    return max(shared) if shared else None
+
+
+def elapsed_minutes(curve: list[dict]) -> list[float]:
+    """Cumulative training minutes at each logged row (from each window's steps/s)."""
+    out, t, prev = [], 0.0, 0
+    for row in curve:
+        t += (row["step"] - prev) / row["steps_per_sec"] / 60
+        prev = row["step"]
+        out.append(t)
+    return out
+
+
+def interpolate(xs: list[float], ys: list[float], x: float) -> float | None:
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def fmt(v, spec=".2f", none="-") -> str:
+    return none if v is None else format(v, spec)
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def plot_curves(data: dict, path: Path) -> Path | None:
+    curves = data["curves"]
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for (seed, arm), rows in sorted(curves.items()):
+        style = dict(color="tab:blue" if arm == "dit" else "tab:red", ls="-" if seed == 0 else "--",
+                     label=f"{LABEL.get(arm, arm)} seed {seed}")
+        mse = [r["mse"] for r in rows]
+        axes[0].plot([r["train_tflops"] / 1e3 for r in rows], mse, **style)
+        if not _side_by_side(data, seed):
+            axes[1].plot(elapsed_minutes(rows), mse, **style)
+    axes[0].set(xlabel="training PFLOPs (count_flops)", ylabel="epsilon MSE (training batch)", yscale="log",
+                title="equal FLOPs")
+    axes[1].set(xlabel="training minutes (H200, eager, FLOPs counted)", yscale="log", title="equal wall-clock")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_pareto(points: list[tuple[str, float, float]], path: Path, n: int) -> Path | None:
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    by_series: dict[str, list] = {}
+    for series, x, y in points:
+        by_series.setdefault(series, []).append((x, y))
+    for series, xy in by_series.items():
+        xy.sort()
+        ax.plot(*zip(*xy), "o-" if len(xy) > 1 else "s", label=series)
+    ax.set(xlabel="TFLOPs per image (50 DDIM steps)", ylabel=f"FID ({n} samples)", title="elastic inference")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _side_by_side(data: dict, seed: int) -> bool:
+    return any(r.get("side_by_side") for (s, _), r in data["records"].items() if s == seed)
+
+
+# ---------------------------------------------------------------------------------------------- document
+def render(data: dict, img: Path = IMG) -> str:
+    recs, curves, metrics = data["records"], data["curves"], data["metrics"]
+    seeds = sorted({s for s, _ in recs} | {s for s, _ in curves})
+    rel = lambda p: Path(p).relative_to(ROOT / "docs").as_posix() if Path(p).is_relative_to(ROOT / "docs") else p  # noqa: E731
     lines = ["# Results: does our DC-DiT reproduce the paper?", "",
-             "Generated by `python studies/report.py` from `studies/results/*.json`; each run there was made by",
-             "`studies/mnist_pair.py` on a GPU (its command is recorded in the file) and scored by `studies/score.py`",
-             "on the CPU. Setting: the 5000 built-in MNIST digits, 32x32, pixel space, class-conditional; FID of",
-             "the EMA model's samples (DDIM, no guidance) against the 5000 digits with the offline Inception-v3.", ""]
-    if not runs:
-        lines += ["No study runs yet.", ""]
-        return "\n".join(lines)
+             "Generated by `python studies/report.py` from `studies/results/` (JSON written by the study scripts;",
+             "`docs/recipes.md#studies` says how each was made). Setting: the 5000 built-in MNIST digits, 32x32,",
+             "pixel space, class-conditional, recipes `mnist-dit-s` / `mnist-dcdit-s` (epsilon prediction with",
+             "learned variance, AdamW 2e-4, batch 256, EMA 0.999 with warm-up, bf16 autocast), eager PyTorch on one",
+             "GPU. Evaluation: EMA weights, DDIM 50 steps, no guidance unless a row says so, FID of N samples",
+             "(N stated per column) against the 5000 digits with the offline Inception-v3 (pool3, TF-FID weights).",
+             "FID grows as N shrinks, so only numbers at the same N are compared.", ""]
+    if not recs and not curves:
+        return "\n".join(lines + ["No study runs yet.", ""])
+    devices = sorted({r.get("device", "?") for r in recs.values()})
+    lines += [f"Card: {', '.join(devices)}. Seeds: {', '.join(map(str, seeds))}.", ""]
 
-    lines += ["## 1. DC-DiT-S against DiT-S/2 at equal training FLOPs", "",
-              "| run | seed | budget TFLOPs | model | steps | train TFLOPs | train min | samples | sampler | FID |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    fids: dict[str, list[float]] = {}
-    for run in runs:
-        for name, m in run["models"].items():
-            s = m["sampling"]
-            fid = m.get("fid")
-            if fid is not None:
-                fids.setdefault(name, []).append(fid)
-            lines.append(f"| {run['_name']} | {run['seed']} | {run['tflops_budget']:g} | {name} | {m['train_steps']} "
-                         f"| {m['train_tflops']:.1f} | {m['train_seconds'] / 60:.1f} | {s['num_samples']} "
-                         f"| {s['sampler']} {s['steps']} | {'-' if fid is None else f'{fid:.2f}'} |")
-    lines += ["", "FID over seeds (mean ± sample standard deviation): "
-              + "; ".join(f"{name} {_mean_sd(v)}" for name, v in fids.items()), ""]
+    # 1 ------------------------------------------------------------------------------------------------
+    lines += ["## 1. DC-DiT-S against DiT-S/2 at equal training FLOPs and equal wall-clock", "",
+              f"Paper (ImageNet 256, 400K steps): {PAPER['equal_flops']}.", ""]
+    rows = [(s, a) for s in seeds for a in ("dit", "dcdit") if (s, a) in recs or (s, a) in curves]
+    pair_sets = [recs[k]["sets"].get("base") for k in rows if k in recs]
+    n = common_samples([s for s in pair_sets if s and s.get("fid_by_samples")])
+    lines += [f"| seed | model | steps | train TFLOPs | train min | final epsilon MSE | FID ({n or '-'}) |",
+              "|---|---|---|---|---|---|---|"]
+    for key in rows:
+        r, c = recs.get(key, {}), curves.get(key, [])
+        mse = c[-1]["mse"] if c else None
+        minutes = r["train_seconds"] / 60 if "train_seconds" in r else None
+        note = " (side by side)" if _side_by_side(data, key[0]) else ""
+        lines.append(f"| {key[0]} | {LABEL[key[1]]} | {r.get('train_steps', c[-1]['step'] if c else '-')} "
+                     f"| {fmt(r.get('train_tflops', c[-1]['train_tflops'] if c else None), '.0f')} "
+                     f"| {fmt(minutes)}{note} | {fmt(mse, '.4f')} | {fmt(fid_at(r.get('sets', {}).get('base'), n))} |")
+    gaps = [curves[(s, "dcdit")][-1]["mse"] / curves[(s, "dit")][-1]["mse"]
+            for s in seeds if (s, "dit") in curves and (s, "dcdit") in curves]
+    if gaps:
+        lines += ["", f"Final training MSE of DC-DiT-S relative to DiT-S/2 at equal FLOPs, per seed: "
+                  + ", ".join(f"{g:.2f}" for g in gaps)
+                  + (f" (mean {statistics.mean(gaps):.2f})" if len(gaps) > 1 else "") + "."]
+    wall = []
+    for s in seeds:
+        if (s, "dit") in curves and (s, "dcdit") in curves and not _side_by_side(data, s):
+            dit, dc = curves[(s, "dit")], curves[(s, "dcdit")]
+            t_dit = elapsed_minutes(dit)[-1]
+            at = interpolate(elapsed_minutes(dc), [r["mse"] for r in dc], t_dit)
+            steps = interpolate(elapsed_minutes(dc), [r["step"] for r in dc], t_dit)
+            wall.append((s, t_dit, dit[-1]["mse"], at, steps))
+    if wall:
+        lines += ["", "Equal wall-clock (training MSE when the DiT's time is up; eager, FLOP counting on for both):", "",
+                  "| seed | minutes | DiT-S/2 MSE | DC-DiT-S MSE at the same minute | DC-DiT-S steps by then |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {s} | {t:.2f} | {a:.4f} | {fmt(b, '.4f')} | {fmt(st, '.0f')} |" for s, t, a, b, st in wall]
+    fig = plot_curves(data, img / "loss_curves.png")
+    if fig:
+        lines += ["", f"![training curves]({rel(fig)})"]
+    lines.append("")
 
-    router = [m["router"]["per_timestep"] for run in runs for m in run["models"].values() if "router" in m]
-    if router:
-        lines += ["## 2-3. What the router keeps, per timestep", "",
-                  f"Mean over {len(router)} run(s); the paper reports {PAPER_KEPT}. Strokes: clean pixels above half "
-                  "intensity.", "",
-                  "| t | kept fraction | kept density on strokes | kept density on background |", "|---|---|---|---|"]
-        for i, row in enumerate(router[0]):
-            vals = [[r[i][k] for r in router] for k in ("kept_fraction", "stroke_density", "background_density")]
-            lines.append(f"| {row['t']} | " + " | ".join(f"{statistics.mean(v):.1%}" for v in vals) + " |")
-        lines.append("")
+    # 2-3 ----------------------------------------------------------------------------------------------
+    maps = sorted(img.glob("s*-dcdit-boundary_maps.png"))
+    lines += ["## 2. Emergent segmentation", "",
+              "Real digits noised to five levels (x_t above, the router's kept tokens below, % kept per column),",
+              "from the trained DC-DiT-S of each seed:", ""]
+    lines += [f"![boundary maps]({rel(p)})" for p in maps] or ["No figure yet."]
+    dens = [(s, r["router"]["per_timestep"]) for (s, a), r in recs.items() if a == "dcdit" and "router" in r]
+    if dens:
+        lines += ["", "| seed | t | kept fraction | kept density on strokes | kept density on background |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {s} | {row['t']} | {row['kept_fraction']:.1%} | {row['stroke_density']:.1%} | "
+                  f"{row['background_density']:.1%} |" for s, rows_ in dens for row in rows_]
+    lines += ["", "## 3. Timestep adaptivity", "", f"Paper: {PAPER['kept']}.", "",
+              "| seed | kept, noisiest fifth (t > 0.8) | kept, cleanest fifth (t < 0.2) | over sampling |",
+              "|---|---|---|---|"]
+    for (s, a), m in sorted(metrics.items()):
+        if a == "dcdit":
+            lines.append(f"| {s} | {fmt(m.get('kept_fraction_noisy'), '.1%')} | {fmt(m.get('kept_fraction_clean'), '.1%')} "
+                         f"| {fmt(m.get('sampling_kept_fraction'), '.1%')} |")
+    kv = sorted(img.glob("s*-dcdit-kept_vs_timestep.png"))
+    lines += [""] + [f"![kept vs timestep]({rel(p)})" for p in kv] + [""]
+
+    # 4 ------------------------------------------------------------------------------------------------
+    lines += ["## 4. Elastic inference and Lite-CFG", ""]
+    elastic = [(a, recs[(s, a)]) for s in seeds for a in ("dcdit", "dcdit-single") if (s, a) in recs]
+    names = ("base", "rho0.2", "rho0.4", "rho0.6")
+    cand = [r["sets"].get(k) for _, r in elastic for k in names] + [recs[k]["sets"].get("base") for k in recs
+                                                                    if k[1] == "dit"]
+    n4 = common_samples([c for c in cand if c and c.get("fid_by_samples")])
+    points = []
+    if elastic:
+        lines += [f"| seed | model | rho | kept | TFLOPs/img | FID ({n4}) |", "|---|---|---|---|---|---|"]
+        for (s, a), r in sorted(recs.items()):
+            if a not in ("dcdit", "dcdit-single", "dit"):
+                continue
+            for k in names if a != "dit" else ("base",):
+                e = r["sets"].get(k)
+                if e is None:
+                    continue
+                lines.append(f"| {s} | {LABEL[a]} | {e.get('rho', 0):g} | {e['kept_fraction']:.1%} "
+                             f"| {e['tflops_per_image']:.3f} | {fmt(fid_at(e, n4))} |")
+                if fid_at(e, n4) is not None:
+                    points.append((f"{LABEL[a]} (seed {s})", e["tflops_per_image"], fid_at(e, n4)))
+        if not any(a == "dcdit-single" for a, _ in elastic):
+            lines += ["", "Without multi-budget training (arm `dcdit-single`): not run yet, so the comparison the "
+                      "issue asks for is missing."]
+        fig = plot_pareto(points, img / "elastic_pareto.png", n4 or 0)
+        if fig:
+            lines += ["", f"![elastic Pareto curve]({rel(fig)})"]
+    guided = [(s, a, k, recs[(s, a)]["sets"][k]) for (s, a) in sorted(recs) for k in ("base", "cfg", "lite-cfg")
+              if k in recs[(s, a)]["sets"] and a in ("dit", "dcdit")]
+    if guided:
+        ng = common_samples([g[3] for g in guided if g[3].get("fid_by_samples")])
+        lines += ["", f"Guidance scale {GUIDANCE_SCALE} (the paper's Lite-CFG setting); Lite-CFG runs the "
+                  "unconditional pass at rho 0.9:", "",
+                  f"| seed | model | sampling | TFLOPs/img | kept | FID ({ng}) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {s} | {LABEL[a]} | {k} | {e['tflops_per_image']:.3f} | {e['kept_fraction']:.1%} "
+                  f"| {fmt(fid_at(e, ng))} |" for s, a, k, e in guided]
+    lines.append("")
+
+    # 5-6 ----------------------------------------------------------------------------------------------
+    lines += ["## 5. Learned versus random boundaries; predictability versus 2-D cosine router", "",
+              f"Paper: {PAPER['cosine']}.", ""]
+    abl = [(s, a, recs[(s, a)]) for (s, a) in sorted(recs) if a in ("dcdit", "dcdit-random", "dcdit-cosine")]
+    if any(a != "dcdit" for _, a, _ in abl):
+        n5 = common_samples([r["sets"]["base"] for _, _, r in abl if r["sets"].get("base", {}).get("fid_by_samples")])
+        lines += [f"| seed | model | kept | TFLOPs/img | FID ({n5}) |", "|---|---|---|---|---|"]
+        lines += [f"| {s} | {LABEL[a]} | {r['sets']['base']['kept_fraction']:.1%} | "
+                  f"{r['sets']['base']['tflops_per_image']:.3f} | {fmt(fid_at(r['sets']['base'], n5))} |"
+                  for s, a, r in abl if "base" in r["sets"]]
+    else:
+        lines.append("Not run yet (arms `dcdit-random`, `dcdit-cosine`).")
+    lines += ["", "## 6. Upcycling", "", f"Paper: {PAPER['upcycle']}.", ""]
+    up = [(s, r) for (s, a), r in sorted(recs.items()) if a == "upcycled"]
+    if up:
+        lines += ["| seed | snapshot | steps | FID | from-scratch DC-DiT-S FID |", "|---|---|---|---|---|"]
+        for s, r in up:
+            scratch = recs.get((s, "dcdit"), {}).get("sets", {}).get("base", {}).get("fid")
+            for mark, snap in r["snapshots"].items():
+                lines.append(f"| {s} | {mark} | {snap['step']} | {fmt(snap['sets']['base'].get('fid'))} "
+                             f"| {fmt(scratch)} |")
+    else:
+        lines.append("Not run yet (arm `upcycled`).")
+
+    # 7 ------------------------------------------------------------------------------------------------
+    lines += ["", "## 7. Composition with token merging and step caching", ""]
+    comp = [(s, a, k, recs[(s, a)]["sets"][k]) for (s, a) in sorted(recs) for k in ("base", "merge0.5", "cache0.1")
+            if k in recs[(s, a)]["sets"] and a in ("dit", "dcdit")]
+    if any(k != "base" for _, _, k, _ in comp):
+        nc = common_samples([e for *_, e in comp if e.get("fid_by_samples")])
+        lines += [f"| seed | model | sampling | TFLOPs/img | steps skipped | FID ({nc}) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {s} | {LABEL[a]} | {k} | {e['tflops_per_image']:.3f} | {fmt(e.get('skipped_steps'), '.1f')} "
+                  f"| {fmt(fid_at(e, nc))} |" for s, a, k, e in comp]
+    else:
+        lines.append("Not run yet.")
+    lines.append("")
     return "\n".join(lines)
 
 
+GUIDANCE_SCALE = 1.25
+
+
 def main(argv=None) -> Path:
-    results = ROOT / "studies" / "results"
-    runs = []
-    for path in sorted(results.glob("*.json")):
-        run = json.loads(path.read_text())
-        run["_name"] = path.stem
-        runs.append(run)
     out = ROOT / "docs" / "results.md"
-    out.write_text(render(runs))
-    print(f"wrote {out} from {len(runs)} run(s)", file=sys.stderr)
+    text = render(load())
+    notes = RESULTS / "NOTES.md"  # the prose around the numbers (what we conclude, what is not reproduced)
+    if notes.is_file():
+        text += "\n" + notes.read_text()
+    out.write_text(text)
+    print(f"wrote {out}", file=sys.stderr)
     return out
 
 

