@@ -57,6 +57,18 @@ def train_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def syncs_table(after: dict, before: dict | None) -> str:
+    lines = [f"Host syncs and dispatched ops, batch {after['batch']}, training mode (`{after['command']}`)", "",
+             "| model | host syncs fwd / bwd | without value checks | dispatched ops fwd / bwd |"
+             + (" ops fwd before |" if before else ""), "|---|---|---|---|" + ("---|" if before else "")]
+    for name, r in after["rows"].items():
+        old = before["rows"].get(name) if before else None
+        lines.append(f"| {name} | {r['syncs_fwd']} / {r['syncs_bwd']} | {r['syncs_fwd_unchecked']} / "
+                     f"{r['syncs_bwd_unchecked']} | {r['ops_fwd']} / {r['ops_bwd']} |"
+                     + (f" {old['ops_fwd']} ({old['syncs_fwd']} syncs) |" if before else ""))
+    return "\n".join(lines)
+
+
 def plot(files: list[Path], out: Path) -> None:
     fig, axes = plt.subplots(1, len(files), figsize=(5 * len(files), 3.8), squeeze=False)
     for ax, path in zip(axes[0], files):
@@ -90,6 +102,10 @@ def main() -> None:
     near = RESULTS / "nearest_h200.json"
     if near.is_file():
         print(nearest_table(json.loads(near.read_text())))
+    syncs = RESULTS / "host_syncs_cpu.json"
+    if syncs.is_file():
+        before = RESULTS / "host_syncs_cpu_before.json"
+        print(syncs_table(json.loads(syncs.read_text()), json.loads(before.read_text()) if before.is_file() else None))
     if steps:
         plot(steps, ROOT / "docs" / "img" / "step_speed.png")
         print(f"\nwrote {ROOT / 'docs' / 'img' / 'step_speed.png'}", file=sys.stderr)

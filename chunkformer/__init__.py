@@ -11,7 +11,7 @@
     assert dec(y, plan, routed, tokens, c).shape == (2, 8, 16, 16)
 """
 
-from ._typing import TYPECHECK
+from ._typing import TYPECHECK, value_checks
 from .adapters import BackboneAdapter, Conditioning, UnsupportedModelError, register_adapter
 from .attention import chunk_attention
 from . import merging
@@ -20,6 +20,7 @@ from .caching import StepCache
 from .dechunk import dechunk, smooth_dense, smooth_windowed, ste_ones
 from .flops import FlopReport, count_flops, sampling_tflops
 from .grid import grid_coords, sincos_embed, to_grid, to_tokens
+from .hostsync import count_host_syncs
 from .models import DCDiT, DiT, create_model, list_models, load_weights, save_pretrained
 from .plan import ChunkPlan, nearest_kept
 from .routing import Router, RouterOutput
@@ -30,6 +31,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TYPECHECK",
+    "value_checks",
+    "count_host_syncs",
     "DCDiT",
     "DiT",
     "create_model",

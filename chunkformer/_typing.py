@@ -11,11 +11,15 @@ The test suite turns the switch on (``tests/conftest.py``); users get plain
 functions by default.
 
 Value checks that shapes cannot express (probabilities that are NaN, budgets out
-of range) are plain Python and always on; see :func:`check_finite`.
+of range) are plain Python and on by default. Those that read a tensor (:func:`check_finite`,
+the range of a per-sample ``rho``) cost a device-to-host sync on CUDA each;
+``with value_checks(False):`` (or ``CHUNKFORMER_VALUE_CHECKS=0``) turns them off for a
+sync-free eager hot path.
 """
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -26,6 +30,8 @@ __all__ = [
     "TYPECHECK",
     "typechecked",
     "check_finite",
+    "value_checks",
+    "value_checks_enabled",
     "Bool",
     "Float",
     "Int",
@@ -55,13 +61,38 @@ else:
         return fn
 
 
+_VALUE_CHECKS = [os.environ.get("CHUNKFORMER_VALUE_CHECKS", "1").lower() not in ("0", "false", "no")]
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Turn the checks that read tensor values (NaN probabilities, per-sample ``rho`` range) on or
+    off inside a ``with`` block (process-wide; restored on exit).
+
+        with cf.value_checks(False):      # no device-to-host sync from value checks
+            samples = diffusion.sample(model_fn, shape)
+    """
+    previous = _VALUE_CHECKS[0]
+    _VALUE_CHECKS[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS[0] = previous
+
+
+def value_checks_enabled() -> bool:
+    """Whether checks that read tensor values run (off while compiling or inside ``value_checks(False)``)."""
+    return _VALUE_CHECKS[0] and not torch.compiler.is_compiling()
+
+
 def check_finite(name: str, value: Tensor) -> None:
     """Raise ``ValueError`` naming ``name`` if ``value`` holds NaN or inf.
 
     Skipped while ``torch.compile`` traces (a data-dependent check would break
-    the graph); elsewhere it costs one device-to-host sync on CUDA.
+    the graph) and inside ``value_checks(False)``; elsewhere it costs one
+    device-to-host sync on CUDA.
     """
-    if torch.compiler.is_compiling():
+    if not value_checks_enabled():
         return
     if not bool(torch.isfinite(value).all()):
         bad = int((~torch.isfinite(value)).sum())

@@ -142,9 +142,9 @@ def chunk_attention(
         out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
         return rearrange(out, "1 h t d -> t h d")
     # sdpa: unpack to (B, M), attend with a key mask, pack again
-    padded = [plan.unpack(rearrange(t, "t h d -> t (h d)")) for t in (q, k, v)]  # (B, M, H*dh)
     H = q.shape[1]
-    q_, k_, v_ = (rearrange(t, "b m (h d) -> b h m d", h=H) for t in padded)
+    qkv = plan.unpack(torch.cat([rearrange(t, "t h d -> t (h d)") for t in (q, k, v)], dim=-1))  # (B, M, 3 H dh)
+    q_, k_, v_ = (rearrange(t, "b m (h d) -> b h m d", h=H) for t in qkv.chunk(3, dim=-1))
     bias = None if key_bias is None else plan.unpack(key_bias[:, None].to(q.dtype))[..., 0]  # (B, M)
     out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=_key_mask(plan.valid, bias, q.dtype))
     out = plan.pack(rearrange(out, "b h m d -> b m (h d)"), total=q.shape[0])  # sync-free: T is known

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._typing import Bool, Float, Tensor, check_finite, typechecked
+from ._typing import Bool, Float, Tensor, check_finite, typechecked, value_checks_enabled
 
 __all__ = ["TimestepAdaptiveBudget", "ratio_loss", "tail_drop", "check_rho"]
 
@@ -27,7 +27,7 @@ Rho = float | int | Float[Tensor, "batch"] | Float[Tensor, ""]
 def check_rho(rho: "float | Tensor", *, name: str = "rho") -> None:
     """Raise ``ValueError`` unless every tail-drop fraction lies in ``[0, 1)``."""
     if torch.is_tensor(rho):
-        if torch.compiler.is_compiling():
+        if not value_checks_enabled():  # reading a tensor's range costs a device round trip
             return
         check_finite(name, rho)
         lo, hi = (float(rho.min()), float(rho.max())) if rho.numel() else (0.0, 0.0)

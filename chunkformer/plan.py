@@ -36,6 +36,7 @@ from typing import Literal
 
 import torch
 from tensordict import tensorclass
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._typing import Bool, Float, Int, Tensor, check_finite, typechecked
 from .grid import GridShape, check_grid, grid_coords, sincos_embed
@@ -87,7 +88,8 @@ class ChunkPlan:
     @classmethod
     def from_router(cls, out, *, mode: PlanMode = "packed", capacity: int | None = None) -> "ChunkPlan":
         """Build a plan from a :class:`~chunkformer.routing.RouterOutput`."""
-        return _build_plan(out.mask, out.probs, grid=out.grid, mode=mode, capacity=capacity)
+        # the router has checked its probabilities already: no second device round trip here
+        return _build_plan(out.mask, out.probs, grid=out.grid, mode=mode, capacity=capacity, check=False)
 
     @classmethod
     def cat(cls, plans: "list[ChunkPlan]") -> "ChunkPlan":
@@ -134,10 +136,24 @@ class ChunkPlan:
         """Raster position of every slot, ``(B, M)``."""
         return self.order[:, : self.width]
 
+    def _derived(self, key: tuple, make):
+        """``make()``, computed once per plan (the blocks of one forward share it): index
+        tensors that every block would otherwise rebuild, a dozen small kernels each."""
+        if torch.compiler.is_compiling():  # the compiler dedupes these itself
+            return make()
+        store = _DERIVED.get(self.lengths)
+        if store is None:
+            store = _DERIVED[self.lengths] = {}
+        key = (*key, self.width, self.order.shape[-1])
+        if key not in store:
+            store[key] = make()
+        return store[key]
+
     @property
     def valid(self) -> Bool[Tensor, "batch width"]:
         """``(B, M)``: slot ``j`` of sample ``b`` holds a kept token (not padding)."""
-        return torch.arange(self.width, device=self.order.device) < self.lengths[:, None]
+        return self._derived(("valid",), lambda: torch.arange(self.width, device=self.order.device)
+                             < self.lengths[:, None])
 
     @property
     def coords(self) -> Float[Tensor, "batch width ndim"]:
@@ -148,7 +164,8 @@ class ChunkPlan:
     @property
     def cu_seqlens(self) -> Int[Tensor, "batch_plus_one"]:
         """``(B + 1,)`` int32 offsets of each sample's run in the packed sequence."""
-        return torch.nn.functional.pad(self.lengths.cumsum(0), (1, 0)).to(torch.int32)
+        return self._derived(("cu_seqlens",), lambda: torch.nn.functional.pad(self.lengths.cumsum(0), (1, 0))
+                             .to(torch.int32))
 
     @property
     def kept_mask(self) -> Bool[Tensor, "batch tokens"]:
@@ -172,9 +189,12 @@ class ChunkPlan:
     def pack(self, x: Float[Tensor, "batch width dim"], total: int | None = None) -> Float[Tensor, "total dim"]:
         """``(B, M, d)`` -> ``(T, d)``: drop padding, samples contiguous.
 
-        Without ``total`` (``T = sum(lengths)``) this reads ``T`` from the device (one host
-        sync); with it, it is a plain gather (callers that hold a packed tensor know ``T``).
+        Without ``total`` (``T = sum(lengths)``) this uses the total read when the plan was
+        built, or reads it from the device (one host sync); with it, it is a plain gather
+        (callers that hold a packed tensor know ``T``).
         """
+        if total is None:
+            total = self._derived(("total",), lambda: None)
         if total is None:
             return x[self.valid]
         return x.reshape(-1, x.shape[-1]).index_select(0, self._flat_index(total))
@@ -189,6 +209,9 @@ class ChunkPlan:
 
     def _flat_index(self, total: int) -> Tensor:
         """``(T,)`` position of every packed token in the flattened ``(B * M)`` slots."""
+        return self._derived(("flat_index", total), lambda: self._make_flat_index(total))
+
+    def _make_flat_index(self, total: int) -> Tensor:
         B, dev = self.lengths.shape[0], self.lengths.device
         seg = torch.repeat_interleave(torch.arange(B, device=dev), self.lengths, output_size=total)  # (T,)
         start = self.cu_seqlens[:-1].long()  # (B,)
@@ -229,7 +252,7 @@ class ChunkPlan:
 
 
 def _build_plan(
-    mask: Tensor, probs: Tensor | None, *, grid: GridShape, mode: str, capacity: int | None
+    mask: Tensor, probs: Tensor | None, *, grid: GridShape, mode: str, capacity: int | None, check: bool = True
 ) -> ChunkPlan:
     grid = check_grid(grid)
     if mask.ndim != 2 or mask.dtype != torch.bool:
@@ -243,7 +266,7 @@ def _build_plan(
         probs = mask.float()
     elif probs.shape != mask.shape:
         raise ValueError(f"probs {tuple(probs.shape)} must match mask {tuple(mask.shape)}")
-    else:
+    elif check:
         check_finite("probs", probs)
     probs = probs.detach().float()
     pos = torch.arange(L, device=mask.device, dtype=torch.float32)
@@ -265,9 +288,17 @@ def _build_plan(
     key = torch.where(mask, pos - L - 1.0, -probs)
     order = torch.argsort(key, dim=1, stable=True)
     lengths = mask.sum(1)
-    width = capacity if mode == "fixed" else max(int(lengths.max()), 1) if B else 1
-    return ChunkPlan(order=order, lengths=lengths, grid=grid, width=width, mode=mode, batch_size=[B])
+    if mode == "fixed" or not B:
+        return ChunkPlan(order=order, lengths=lengths, grid=grid, width=capacity if mode == "fixed" else 1,
+                         mode=mode, batch_size=[B])
+    longest, total = torch.stack([lengths.max(), lengths.sum()]).tolist()  # the one host sync of a plan
+    plan = ChunkPlan(order=order, lengths=lengths, grid=grid, width=max(longest, 1), mode=mode, batch_size=[B])
+    plan._derived(("total",), lambda: total)  # later packs gather without asking the device again
+    return plan
 
+
+# per-plan derived index tensors, keyed by the plan's `lengths` tensor (by identity, dropped with it)
+_DERIVED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 _INT32_KEY_LIMIT = 2**31 - 1  # largest key nearest_kept keeps in int32 (tests lower it)
 

@@ -150,7 +150,7 @@ class GaussianDiffusion:
         betas = (
             beta_schedule(schedule, num_timesteps) if betas is None else torch.as_tensor(betas).double().cpu()
         )
-        if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
+        if betas.ndim != 1 or not all(0 < b <= 1 for b in betas.tolist()):
             raise ValueError("betas must be a 1-D tensor with every value in (0, 1]")
         if fixed_variance not in ("small", "large"):
             raise ValueError(f"fixed_variance must be 'small' or 'large', got {fixed_variance!r}")
@@ -178,6 +178,9 @@ class GaussianDiffusion:
         self.log_betas = betas.log()
         self.large_log_variance = torch.cat([first, betas[1:]]).log()  # "fixed large", same step-0 rule
         self._tables: dict[torch.device, dict[str, Tensor]] = {}
+        # the same tables as Python floats: a sampling step reads its coefficients without a tensor op
+        self._host_tables: dict[str, list[float]] = {
+            name: value.tolist() for name, value in vars(self).items() if torch.is_tensor(value) and value.ndim == 1}
 
     def __repr__(self) -> str:
         return (
@@ -190,7 +193,7 @@ class GaussianDiffusion:
         """Table ``name`` at step ``t``: a Python float for an int step (sampling), else the
         per-sample values ``(B, 1, ..., 1)`` gathered on ``like``'s device (training)."""
         if isinstance(t, int):
-            return float(getattr(self, name)[t])
+            return self._host_tables[name][t]
         tables = self._tables.setdefault(like.device, {})
         if name not in tables:
             tables[name] = getattr(self, name).to(device=like.device, dtype=torch.float32)
@@ -359,7 +362,7 @@ class GaussianDiffusion:
     ) -> Tensor:
         """DDIM step ``x_i -> x_{i-1}``: deterministic at ``eta = 0``, DDPM-like at ``eta = 1``."""
         p = self.p_mean_variance(model_output, x_t, i, clip_denoised)
-        ab, ab_prev = float(self.alphas_cumprod[i]), float(self.alphas_cumprod_prev[i])
+        ab, ab_prev = self._coef("alphas_cumprod", i, x_t), self._coef("alphas_cumprod_prev", i, x_t)
         sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
         x_prev = math.sqrt(ab_prev) * p["x0"] + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * p["eps"]
         if sigma == 0:
