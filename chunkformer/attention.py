@@ -109,8 +109,8 @@ def chunk_attention(
 
     ``key_bias``: ``(T,)`` packed or ``(B, M)`` padded, added to the logits of each key.
     """
-    if _observers:  # padding slots are masked out, so only kept lengths count
-        _notify(q, float((plan.lengths.double() ** 2).sum()))
+    if _observers:  # padding slots are masked out, so only kept lengths count (read once per plan)
+        _notify(q, plan._derived(("sum_sq",), lambda: float((plan.lengths.double() ** 2).sum())))
     if plan.mode != "packed":
         if q.ndim != 4:
             raise ValueError(

@@ -166,8 +166,9 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
                       f"world {d.world} on {device} | data {cfg.data.dataset} ({len(source)} samples)")
 
     # 4. optimiser ------------------------------------------------------------------------------
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, foreach=True,
-                            betas=tuple(cfg.optim.betas))
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}  # one kernel per step on a GPU
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                            betas=tuple(cfg.optim.betas), **fused)
     warm, total = max(cfg.optim.warmup_steps, 0), cfg.train.steps
     if cfg.optim.schedule not in ("constant", "cosine"):
         raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.optim.schedule!r}")

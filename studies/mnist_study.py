@@ -25,8 +25,10 @@ An *arm* is one trained model and the sample sets drawn from it (:data:`ARMS`):
 Models and samples stay in ``--work`` (``<work>/s<seed>/<arm>/``): later arms and later calls on
 the same machine read the DiT's budget and checkpoint there. When the offline Inception weights
 are in ``$CHUNKFORMER_CACHE`` (or ``--fid``), every set is scored on the spot (FID against the
-5000 digits); otherwise ``studies/score.py`` scores the saved ``.npz`` later. Each arm writes
-``<out>/<arm>.json`` (and its figures) as soon as it is done, so a crash loses only the arm at hand.
+5000 digits); otherwise ``studies/score.py`` scores the saved ``.npz`` later. Each arm rewrites
+``<out>/s<seed>-<arm>.json`` after every step (training, router statistics, each sample set), so a
+call that runs out of time loses only the set at hand; ``--resume`` (same machine, same ``--work``)
+keeps the trained arms and draws only what their records lack.
 ``studies/report.py`` turns the collected JSON in ``studies/results/`` into docs/results.md.
 """
 
@@ -161,13 +163,18 @@ def draw(model, diffusion, s: SampleSet, args, device, where: Path, score: bool)
     return record
 
 
-def run_arm(name: str, args, device, score: bool) -> dict:
+def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
+    """Train arm ``name`` (unless ``--resume`` finds it trained), then draw what is missing. The record
+    is saved after every step (``<work>/s<seed>/<arm>/record.json`` and ``<out>/s<seed>-<arm>.json``), so
+    a call that runs out of time loses only the set at hand, and ``--resume`` continues from there."""
     arm = ARMS[name]
     seed_dir = args.work / f"s{args.seed}"
     arm_dir = seed_dir / name
-    if arm_dir.exists():
-        shutil.rmtree(arm_dir)
-    arm_dir.mkdir(parents=True)
+    trained = args.resume and (arm_dir / "run" / "metrics.json").is_file()
+    if not trained:
+        if arm_dir.exists():
+            shutil.rmtree(arm_dir)
+        arm_dir.mkdir(parents=True)
     overrides = [f"train.seed={args.seed}", "train.steps=100000000", f"train.results_dir={arm_dir}",
                  "train.run_name=run", "train.ckpt_every=100000000", "train.sample_every=0", "train.count_flops=true"]
     ref_path = seed_dir / "dit" / "record.json"
@@ -197,31 +204,52 @@ def run_arm(name: str, args, device, score: bool) -> dict:
         overrides.append("train.snapshots=" + json.dumps(marks))
     tiny = [o for o in TINY if not (arm.upcycle and o.startswith("model."))] if args.tiny else []  # width: the DiT's
     cfg = apply_overrides(get_recipe(arm.preset), [*overrides, *tiny, *arm.overrides])
-    print(f"[{name}] training {cfg.model.name} ({arm.preset} {' '.join(arm.overrides)})", flush=True)
-    metrics = train(cfg)
+    if trained:
+        metrics = json.loads((arm_dir / "run" / "metrics.json").read_text())
+        print(f"[{name}] resuming: trained already, drawing what is missing", flush=True)
+    else:
+        print(f"[{name}] training {cfg.model.name} ({arm.preset} {' '.join(arm.overrides)})", flush=True)
+        metrics = train(cfg)
     run_dir = Path(metrics["run_dir"])
     record = {"arm": name, "preset": arm.preset, "overrides": list(arm.overrides), "recipe": to_dict(cfg),
               "train_steps": metrics["step"], "train_tflops": metrics.get("train_tflops"),
-              "train_seconds": metrics["wall_seconds"], "sets": {}, "snapshots": {}}
+              "train_seconds": metrics["wall_seconds"], "sets": {}, "snapshots": {}, "complete": False}
+    if trained and (arm_dir / "record.json").is_file():
+        done = json.loads((arm_dir / "record.json").read_text())
+        record.update({k: done[k] for k in ("sets", "snapshots", "router") if k in done})
+
+    def save() -> None:
+        (arm_dir / "record.json").write_text(json.dumps(record, indent=1))
+        (args.out / f"s{args.seed}-{name}.json").write_text(json.dumps({**header, **record}, indent=1))
+
+    save()
     print(f"[{name}] {metrics['step']} steps, {record['train_tflops']:.1f} TFLOPs, "
           f"{metrics['wall_seconds'] / 60:.2f} min", flush=True)
     model = load_weights(cfg, run_dir / "final", device)
     diffusion = create_diffusion(cfg.diffusion.kind, num_timesteps=cfg.diffusion.num_timesteps,
                                  schedule=cfg.diffusion.schedule, learn_sigma=model.out_channels != model.in_channels)
-    for s in [s for s in arm.sets if args.sets is None or s.name in args.sets]:
-        record["sets"][s.name] = draw(model, diffusion, s, args, device, arm_dir, score)
-    if getattr(model, "supports_chunking", False):
+    if getattr(model, "supports_chunking", False) and "router" not in record:  # cheap: before the samples
         images, labels = load_mnist_digits()
         record["router"] = router_statistics(model, diffusion, images[:args.probe], labels[:args.probe], device,
                                              args.seed)
+        save()
+    for s in [s for s in arm.sets if (args.sets is None or s.name in args.sets) and s.name not in record["sets"]]:
+        record["sets"][s.name] = draw(model, diffusion, s, args, device, arm_dir, score)
+        save()
     snap_log = run_dir / "snapshots" / "snapshots.jsonl"
     for line in snap_log.read_text().splitlines() if snap_log.is_file() else []:
         snap = json.loads(line)
+        snap = {**snap, "sets": {}, **record["snapshots"].get(snap["mark"], {})}
+        todo = [s for s in arm.snapshot_sets if s.name not in snap["sets"]]
+        if not todo:
+            continue
         snap_model = load_weights(cfg, run_dir / "snapshots" / snap["mark"], device)
         where = arm_dir / "snapshots" / snap["mark"]
         where.mkdir(parents=True, exist_ok=True)
-        snap["sets"] = {s.name: draw(snap_model, diffusion, s, args, device, where, score) for s in arm.snapshot_sets}
-        record["snapshots"][snap["mark"]] = snap
+        for s in todo:
+            snap["sets"][s.name] = draw(snap_model, diffusion, s, args, device, where, score)
+            record["snapshots"][snap["mark"]] = snap
+            save()
     figures = {}
     for key in ("boundary_maps", "kept_vs_timestep", "samples"):
         if key in metrics and Path(metrics[key]).is_file():
@@ -229,7 +257,8 @@ def run_arm(name: str, args, device, score: bool) -> dict:
             shutil.copy(metrics[key], dst)
             figures[key] = dst.name
     record["figures"] = figures
-    (arm_dir / "record.json").write_text(json.dumps(record, indent=1))
+    record["complete"] = True
+    save()
     return record
 
 
@@ -251,6 +280,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, required=True, help="one JSON per arm and its figures")
     ap.add_argument("--fid", choices=("auto", "on", "off"), default="auto",
                     help="score every set on the spot (auto: when the Inception weights are cached)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep arms already trained in --work and draw only what their records lack")
     ap.add_argument("--tiny", action="store_true", help="toy sizes for a CPU smoke run")
     args = ap.parse_args(argv)
     arms = list(ORDER) if args.arms == "all" else [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -268,14 +299,16 @@ def main(argv=None) -> dict:
               "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
     results = {}
     for name in arms:
+        path = args.out / f"s{args.seed}-{name}.json"
         try:
-            record = {**header, **run_arm(name, args, device, score)}
-        except Exception as e:  # one broken arm must not cost the others
+            record = {**header, **run_arm(name, args, device, score, header)}
+        except Exception as e:  # one broken arm must not cost the others; what it finished stays
             import traceback
 
             traceback.print_exc()
-            record = {**header, "arm": name, "error": f"{type(e).__name__}: {e}"}
-        (args.out / f"s{args.seed}-{name}.json").write_text(json.dumps(record, indent=1))
+            partial = json.loads(path.read_text()) if path.is_file() else {}
+            record = {**header, **partial, "arm": name, "error": f"{type(e).__name__}: {e}"}
+            path.write_text(json.dumps(record, indent=1))
         results[name] = record
     return results
 

@@ -32,7 +32,7 @@ def load(results: Path = RESULTS) -> dict:
     out: dict = {"records": {}, "curves": {}, "metrics": {}}
     for path in sorted(results.glob("s*-*.json")):
         r = json.loads(path.read_text())
-        if "error" not in r:
+        if r.get("sets"):  # an arm that failed before drawing anything has nothing to report
             out["records"][(r["seed"], r["arm"])] = r
     for path in sorted((results / "curves").glob("s*-*.jsonl")):
         seed, arm = path.stem[1:].split("-", 1)

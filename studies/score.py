@@ -52,7 +52,7 @@ def main(argv=None) -> list[Path]:
     done = []
     for path in sorted(args.results.glob("s*-*.json")):
         record = json.loads(path.read_text())
-        if "error" in record:
+        if not record.get("sets"):
             continue
         arm_dir = args.work / f"s{record['seed']}" / record["arm"]
         changed = False

@@ -146,3 +146,23 @@ def test_report_tables_come_from_the_records(tmp_path, studies):
     assert "dcdit-single`): not run yet" in text and "Not run yet (arm `upcycled`)" in text
     assert (tmp_path / "loss_curves.png").is_file() and (tmp_path / "elastic_pareto.png").is_file()
     assert "No study runs yet" in report.render({"records": {}, "curves": {}, "metrics": {}}, img=tmp_path)
+
+
+@needs_digits
+def test_resume_keeps_the_trained_arm_and_draws_only_what_is_missing(tmp_path, studies):
+    """A call that ran out of time mid-sampling: the arm's record holds what was drawn; --resume
+    skips training and the finished sets, and draws the rest."""
+    import mnist_study
+
+    work, out = tmp_path / "w", tmp_path / "o"
+    common = ["--tiny", "--seed", "2", "--work", str(work), "--out", str(out), "--fid", "off"]
+    first = mnist_study.main([*common, "--arms", "dit", "--sets", "base"])["dit"]
+    assert set(first["sets"]) == {"base"} and first["complete"]
+    stamp = (work / "s2" / "dit" / "run" / "final" / "model.safetensors").stat().st_mtime_ns
+    base_npz = (work / "s2" / "dit" / "base.npz").stat().st_mtime_ns
+    again = mnist_study.main([*common, "--arms", "dit", "--resume"])["dit"]
+    assert set(again["sets"]) == {"base", "cfg", "merge0.5", "cache0.1"}
+    assert again["train_steps"] == first["train_steps"] and again["sets"]["base"] == first["sets"]["base"]
+    assert (work / "s2" / "dit" / "run" / "final" / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
+    assert (work / "s2" / "dit" / "base.npz").stat().st_mtime_ns == base_npz  # not redrawn
+    assert json.loads((out / "s2-dit.json").read_text())["complete"]
