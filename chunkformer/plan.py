@@ -300,6 +300,8 @@ def _build_plan(
 # per-plan derived index tensors, keyed by the plan's `lengths` tensor (by identity, dropped with it)
 _DERIVED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
+DENSE_NEAREST_MAX_TOKENS = 32 * 32  # "auto" uses the brute force up to this many grid positions on CUDA (eager)
+
 _INT32_KEY_LIMIT = 2**31 - 1  # largest key nearest_kept keeps in int32 (tests lower it)
 
 
@@ -310,6 +312,7 @@ def nearest_kept(
     grid: GridShape,
     *,
     block: int = 4096,
+    method: str = "auto",
 ) -> Int[Tensor, "batch tokens"]:
     """Slot index of the nearest valid slot for every grid position.
 
@@ -321,10 +324,18 @@ def nearest_kept(
     Rank-1 and rank-2 grids use a separable exact transform: ``O(B * L * H)`` work for
     an ``(H, W)`` grid, memory ``O(B * block * H)`` (``block`` grid positions per step).
     Rank 3 falls back to the brute-force :func:`_nearest_kept_dense`, ``O(B * L * M)``.
-    No host syncs either way.
+    No host syncs either way. ``method``: ``"separable"``, ``"dense"`` or ``"auto"`` (dense for
+    rank 3, and for grids of up to :data:`DENSE_NEAREST_MAX_TOKENS` positions on CUDA outside
+    ``torch.compile``, where its one matmul-like pass beats the separable form's ~20 small
+    kernels: 0.64 vs 1.30 ms at 32x32, batch 64, on an H200; separable everywhere else).
     """
     grid = tuple(grid)
-    if len(grid) > 2:
+    if method not in ("auto", "separable", "dense"):
+        raise ValueError(f"method must be 'auto', 'separable' or 'dense', got {method!r}")
+    if method == "auto":
+        small = math.prod(grid) <= DENSE_NEAREST_MAX_TOKENS and coords.device.type == "cuda"
+        method = "dense" if len(grid) > 2 or (small and not torch.compiler.is_compiling()) else "separable"
+    if method == "dense" or len(grid) > 2:
         return _nearest_kept_dense(coords, valid, grid, block=block)
     H, W = (1, *grid) if len(grid) == 1 else grid
     B, M = valid.shape

@@ -213,3 +213,15 @@ def test_bad_inputs_name_the_argument():
     other = ChunkPlan.from_mask(torch.ones(2, 12, dtype=torch.bool), grid=(4, 3))
     with pytest.raises(ValueError, match="grids"):
         torch.cat([plan, other])
+
+
+@given(grids(ranks=(1, 2), max_tokens=48), st.integers(1, 3), st.integers(1, 20), st.integers(0, 2**16))
+def test_nearest_kept_methods_agree_and_auto_is_separable_on_the_cpu(grid, B, M, seed):
+    g = torch.Generator().manual_seed(seed)
+    coords = grid_coords(grid)[torch.randint(math.prod(grid), (B, M), generator=g)]
+    valid = torch.rand(B, M, generator=g) < 0.5
+    sep = nearest_kept(coords, valid, grid, method="separable")
+    assert torch.equal(nearest_kept(coords, valid, grid, method="dense"), sep)
+    assert torch.equal(nearest_kept(coords, valid, grid), sep)
+    with pytest.raises(ValueError, match="method must be"):
+        nearest_kept(coords, valid, grid, method="fast")
