@@ -29,7 +29,7 @@ LABEL = {"dit": "DiT-S/2", "dcdit": "DC-DiT-S", "dcdit-single": "DC-DiT-S, singl
 # ---------------------------------------------------------------------------------------------- loading
 def load(results: Path = RESULTS) -> dict:
     """``{"records": {(seed, arm): record}, "curves": {(seed, arm): [rows]}, "metrics": {...}}``."""
-    out: dict = {"records": {}, "curves": {}, "metrics": {}}
+    out: dict = {"records": {}, "curves": {}, "metrics": {}, "bootstrap": []}
     for path in sorted(results.glob("s*-*.json")):
         r = json.loads(path.read_text())
         if r.get("sets"):  # an arm that failed before drawing anything has nothing to report
@@ -37,6 +37,8 @@ def load(results: Path = RESULTS) -> dict:
     for path in sorted((results / "curves").glob("s*-*.jsonl")):
         seed, arm = path.stem[1:].split("-", 1)
         out["curves"][(int(seed), arm)] = [json.loads(line) for line in path.read_text().splitlines() if line]
+    for path in sorted(results.glob("bootstrap-*.json")):
+        out["bootstrap"].append(json.loads(path.read_text()))
     for path in sorted((results / "runs").glob("s*-*-metrics.json")):
         seed, arm = path.name[1: -len("-metrics.json")].split("-", 1)
         out["metrics"][(int(seed), arm)] = json.loads(path.read_text())
@@ -174,6 +176,13 @@ def render(data: dict, img: Path = IMG) -> str:
         lines += ["", f"Final training MSE of DC-DiT-S relative to DiT-S/2 at equal FLOPs, per seed: "
                   + ", ".join(f"{g:.2f}" for g in gaps)
                   + (f" (mean {statistics.mean(gaps):.2f})" if len(gaps) > 1 else "") + "."]
+    for b in data.get("bootstrap", []):
+        pct = b["difference_percentiles"]
+        lines += ["", f"FID sampling noise ({b['resamples']} bootstrap resamples of {b['samples']} samples each, against "
+                  f"fixed reference statistics; `studies/bootstrap.py`): {b['a']} {b['fid_a']:.2f} minus {b['b']} "
+                  f"{b['fid_b']:.2f} = {b['difference']:.2f}, 95% interval [{pct['2.5']:.2f}, {pct['97.5']:.2f}]; "
+                  f"{b['a']} scores worse in {b['share_a_worse']:.0%} of the resamples. (Features on the CPU here; "
+                  "this bounds the noise of the estimate, not the variation between training seeds.)"]
     wall = []
     for s in seeds:
         if (s, "dit") in curves and (s, "dcdit") in curves and not _side_by_side(data, s):

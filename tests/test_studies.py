@@ -9,7 +9,7 @@ import pytest
 from test_recipes import needs_digits
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("mnist_study", "score", "report", "from_log")
+MODULES = ("mnist_study", "score", "report", "from_log", "bootstrap")
 
 
 @pytest.fixture
@@ -166,3 +166,20 @@ def test_resume_keeps_the_trained_arm_and_draws_only_what_is_missing(tmp_path, s
     assert (work / "s2" / "dit" / "run" / "final" / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
     assert (work / "s2" / "dit" / "base.npz").stat().st_mtime_ns == base_npz  # not redrawn
     assert json.loads((out / "s2-dit.json").read_text())["complete"]
+
+
+def test_bootstrap_interval_brackets_the_difference_and_caches_features(tmp_path, studies, monkeypatch):
+    import bootstrap
+
+    rng = np.random.default_rng(0)
+    for name, shift in (("a", 1.0), ("b", 0.0)):
+        np.savez(tmp_path / f"{name}.npz", samples=np.zeros((60, 32, 32, 1), np.uint8))
+        np.save(tmp_path / f"{name}.features60.npy", rng.normal(shift, 1.0, (60, 4)))  # cached: nothing computed
+    monkeypatch.setattr(bootstrap, "fid_features", lambda *a, **k: pytest.fail("features should come from the cache"))
+    monkeypatch.setattr(bootstrap, "reference_stats", lambda *a, **k: (np.zeros(4), np.eye(4)))
+    r = bootstrap.main(["--a", f"A={tmp_path / 'a.npz'}", "--b", f"B={tmp_path / 'b.npz'}", "--samples", "60",
+                        "--resamples", "40", "--out", str(tmp_path / "boot.json")])
+    lo, mid, hi = (r["difference_percentiles"][k] for k in ("2.5", "50", "97.5"))
+    assert lo <= mid <= hi and lo < r["difference"] < hi
+    assert r["difference"] > 2 and r["share_a_worse"] > 0.9  # a is shifted by 1 in every dimension: FID ~ +4
+    assert json.loads((tmp_path / "boot.json").read_text())["resamples"] == 40
