@@ -17,9 +17,9 @@ What counts: ``aten._local_scalar_dense`` (``.item()``, ``bool()``, ``int()``, `
 ``torch.cuda.set_sync_debug_mode("warn")`` catches those as well.
 """
 
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
-import traceback
 
 import torch
 from torch.overrides import TorchFunctionMode

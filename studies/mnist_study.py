@@ -37,7 +37,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,13 +75,14 @@ class SampleSet:
 
 @dataclass(frozen=True)
 class Arm:
+    """One trained model of the study: a recipe preset, its overrides, and what to draw from it."""
+
     preset: str
     overrides: tuple = ()
     sets: tuple = (SampleSet("base"),)
     budget: str = "dit-flops"  # "minutes" (the seed's reference arm) or "dit-flops"
     snapshot_sets: tuple = (SampleSet("base"),)  # drawn from every snapshot
-    upcycle: bool = False
-    extra: dict = field(default_factory=dict)
+    upcycle: bool = False  # start from this seed's trained DiT arm
 
 
 ELASTIC = tuple(SampleSet(f"rho{r:g}", rho=r) for r in (0.2, 0.4, 0.6))

@@ -173,7 +173,7 @@ def render(data: dict, img: Path = IMG) -> str:
     gaps = [curves[(s, "dcdit")][-1]["mse"] / curves[(s, "dit")][-1]["mse"]
             for s in seeds if (s, "dit") in curves and (s, "dcdit") in curves]
     if gaps:
-        lines += ["", f"Final training MSE of DC-DiT-S relative to DiT-S/2 at equal FLOPs, per seed: "
+        lines += ["", "Final training MSE of DC-DiT-S relative to DiT-S/2 at equal FLOPs, per seed: "
                   + ", ".join(f"{g:.2f}" for g in gaps)
                   + (f" (mean {statistics.mean(gaps):.2f})" if len(gaps) > 1 else "") + "."]
     for b in data.get("bootstrap", []):
