@@ -1,0 +1,117 @@
+"""Why DC-DiT-S trains slower per FLOP than DiT-S/2 on 32x32 digits: one variant per suspect.
+
+    python benchmarks/small_train_speed.py --out benchmarks/results/small_train_speed_h200.json   # GPU, ~3 min
+    python benchmarks/small_train_speed.py --tiny                                                 # CPU smoke run
+
+The fidelity study (docs/results.md) trains at the `mnist-*-s` recipes' size: 32x32x1 pixels,
+width 384, 12 blocks, batch 256, bf16 autocast, eager. There DC-DiT-S ran 2.3x slower per
+training FLOP than DiT-S/2 on an H200. Each row here is one training step (forward, backward,
+fused AdamW) of one variant, so the table says which part costs the time: the plan layout
+(packed / padded / fixed capacity), the value checks (host syncs), the FLOP counter's hooks,
+and torch.compile. The router is biased to keep every token and a tail drop of 0.75 leaves a
+quarter of the grid (256 tokens, DiT-S/2's count); fixed capacity is 256. Columns: steps/s,
+measured speed-up over eager DiT-S/2, the FLOP-predicted one, host syncs per step.
+"""
+
+import argparse
+import json
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import chunkformer as cf  # noqa: E402
+
+VARIANTS = [  # (row, model, plan_mode, value checks, FLOP counter, compile)
+    ("DiT-S/2", "DiT-S/2", None, True, False, False),
+    ("DiT-S/2 + FLOP counter", "DiT-S/2", None, True, True, False),
+    ("DiT-S/2 compiled", "DiT-S/2", None, True, False, True),
+    ("DC-DiT-S packed", "DC-DiT-S", "packed", True, False, False),
+    ("DC-DiT-S packed + FLOP counter", "DC-DiT-S", "packed", True, True, False),
+    ("DC-DiT-S packed, no value checks", "DC-DiT-S", "packed", False, False, False),
+    ("DC-DiT-S padded", "DC-DiT-S", "padded", True, False, False),
+    ("DC-DiT-S fixed", "DC-DiT-S", "fixed", False, False, False),
+    ("DC-DiT-S fixed compiled", "DC-DiT-S", "fixed", False, False, True),
+]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--tiny", action="store_true", help="toy sizes, no compile: a CPU smoke run")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    batch, steps = (4, 2) if args.tiny else (args.batch, args.steps)
+    sizes = dict(depth=2, hidden_size=64, num_heads=2) if args.tiny else {}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, 32, 32, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    rows = []
+    for row, name, mode, checks, counter, compiled in VARIANTS:
+        if compiled and args.tiny:
+            continue
+        torch.manual_seed(0)
+        extra = {} if mode is None else {"plan_mode": mode, **({"capacity": 256} if mode == "fixed" else {})}
+        model = cf.create_model(name, input_size=32, in_channels=1, num_classes=10, **sizes, **extra).to(device)
+        kw = {}
+        if model.supports_chunking:
+            torch.nn.init.constant_(model.router.scorer[-1].bias, 30.0)  # keep all, then the budget decides
+            kw = {} if mode == "fixed" else {"rho": 0.75}
+        flops = cf.count_flops(model.eval(), x, t, y, **kw).per_sample * 3
+        model.train()
+        run = torch.compile(model) if compiled else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda), \
+                    (cf.flops.FlopCounter(model) if counter else nullcontext()):
+                out, info = run(x, t, y, return_info=True, **kw)
+                loss = out.float().square().mean() + 0.03 * info.ratio_loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        with cf.value_checks(checks):
+            for _ in range(3):
+                step()
+            with cf.count_host_syncs() as syncs:
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+        rows.append({"row": row, "steps_per_s": steps / (time.perf_counter() - start),
+                     "train_gflops_per_sample": flops / 1e9, "host_syncs": syncs.total})
+        del model, run, opt
+        if cuda:
+            torch.cuda.empty_cache()
+    base = rows[0]
+    for r in rows:
+        r["measured_speedup"] = r["steps_per_s"] / base["steps_per_s"]
+        r["flop_speedup"] = base["train_gflops_per_sample"] / r["train_gflops_per_sample"]
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"\n{card}, torch {torch.__version__}, 32x32x1, batch {batch}, bf16 autocast, fused AdamW")
+    print("| variant | steps/s | speed-up | FLOP-predicted | host syncs / step |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['row']} | {r['steps_per_s']:.2f} | {r['measured_speedup']:.2f} | {r['flop_speedup']:.2f} "
+              f"| {r['host_syncs']} |")
+    result = {"card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "batch": batch,
+              "rows": rows}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
