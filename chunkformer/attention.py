@@ -12,6 +12,7 @@ Backends (``backend=`` or :func:`set_attention_backend`; ``"auto"`` picks the fi
 backend    packed sequences via                       where
 =========  =========================================  ==========================
 ``flash``  ``flash_attn_varlen_func`` (cu_seqlens)    CUDA, fp16/bf16, if installed (auto)
+``varlen`` PyTorch's ``varlen_attn`` (cu_seqlens)     opt-in; CUDA, fp16/bf16, no package needed
 ``flex``   FlexAttention with a document mask         opt-in; CUDA (CPU: forward only)
 ``sdpa``   unpack to ``(B, M)``, SDPA with key mask   anywhere, trainable on CPU (auto otherwise)
 ``math``   SDPA with a ``(T, T)`` block-diagonal mask reference for tests
@@ -36,8 +37,8 @@ from .plan import ChunkPlan
 
 __all__ = ["chunk_attention", "dense_attention", "set_attention_backend", "resolve_backend", "BACKENDS"]
 
-Backend = Literal["auto", "flash", "flex", "sdpa", "math"]
-BACKENDS: tuple[str, ...] = ("auto", "flash", "flex", "sdpa", "math")
+Backend = Literal["auto", "flash", "varlen", "flex", "sdpa", "math"]
+BACKENDS: tuple[str, ...] = ("auto", "flash", "varlen", "flex", "sdpa", "math")
 _default_backend: str = "auto"
 # FLOP counters listen here: observer(heads, head_dim, sum_of_squared_lengths) per attention call
 _observers: list = []
@@ -124,13 +125,15 @@ def chunk_attention(
     if q.ndim != 3:
         raise ValueError(f"packed plans take (tokens, heads, head_dim) inputs, got {tuple(q.shape)}")
     backend = resolve_backend(backend, q.device, q.dtype)
-    if key_bias is not None and backend in ("flash", "flex"):
-        backend = "sdpa"  # neither takes a per-key bias here
+    if key_bias is not None and backend in ("flash", "varlen", "flex"):
+        backend = "sdpa"  # none takes a per-key bias here
     if backend == "flash":
         from flash_attn import flash_attn_varlen_func
 
         cu = plan.cu_seqlens
         return flash_attn_varlen_func(q, k, v, cu, cu, plan.width, plan.width)
+    if backend == "varlen":
+        return _varlen_packed(q, k, v, plan)
     if backend == "flex":
         return _flex_packed(q, k, v, plan)
     if backend == "math":
@@ -157,6 +160,21 @@ def _key_mask(valid: Tensor, key_bias: Tensor | None, dtype: torch.dtype) -> Ten
     if key_bias is None:
         return valid[:, None, None, :]
     return torch.where(valid, key_bias.to(dtype), float("-inf"))[:, None, None, :]
+
+
+def _varlen_packed(q: Tensor, k: Tensor, v: Tensor, plan: ChunkPlan) -> Tensor:
+    """Packed attention through ``torch.nn.attention.varlen.varlen_attn`` (flash varlen kernels that ship
+    with PyTorch, forward and backward): no padding to the longest sample, no flash-attn package."""
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        raise ValueError(f"backend='varlen' runs on CUDA in fp16/bf16 (got {q.device.type}, {q.dtype}); "
+                         "use 'sdpa' elsewhere, or bf16 autocast on a GPU")
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as e:
+        raise ImportError(f"backend='varlen' needs torch.nn.attention.varlen (torch {torch.__version__} lacks it); "
+                          "use 'sdpa' or install flash-attn for 'flash'") from e
+    cu = plan.cu_seqlens
+    return varlen_attn(q, k, v, cu, cu, plan.width, plan.width)
 
 
 _flex_compiled = None

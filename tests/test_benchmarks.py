@@ -31,6 +31,6 @@ def test_small_train_speed_runs_every_eager_variant(tmp_path, benchmarks):
     import small_train_speed
 
     result = small_train_speed.main(["--tiny", "--out", str(tmp_path / "t.json")])
-    eager = [v[0] for v in small_train_speed.VARIANTS if not v[5]]
+    eager = [v[0] for v in small_train_speed.VARIANTS if not v[5] and "varlen" not in v[0]]  # CUDA-only rows
     assert [r["row"] for r in result["rows"]] == eager
     assert result["rows"][0]["measured_speedup"] == 1.0 and all(r["steps_per_s"] > 0 for r in result["rows"])

@@ -139,6 +139,28 @@ def test_attention_backends_agree_on_packed_sequences():
     assert cf.attention.resolve_backend("auto", torch.device("cpu"), torch.float32) == "sdpa"
 
 
+def test_varlen_backend_says_where_it_runs_and_matches_math_on_a_gpu():
+    torch.manual_seed(0)
+    mask = torch.rand(3, 40) < 0.4
+    mask[:, 0] = True
+    plan = cf.ChunkPlan.from_mask(mask, grid=(5, 8))
+    T = int(mask.sum())
+    q, k, v = (torch.randn(T, 2, 8) for _ in range(3))
+    with pytest.raises(ValueError, match="backend='varlen' runs on CUDA in fp16/bf16"):
+        chunk_attention(q, k, v, plan, backend="varlen")
+    if not torch.cuda.is_available():
+        pytest.skip("the varlen kernels need a GPU; on the CPU only the error is checked")
+    plan = cf.ChunkPlan.from_mask(mask.cuda(), grid=(5, 8))
+    q, k, v = (t.cuda().bfloat16().requires_grad_() for t in (q, k, v))
+    out = chunk_attention(q, k, v, plan, backend="varlen")
+    ref = chunk_attention(q, k, v, plan, backend="math")
+    assert torch.allclose(out.float(), ref.float(), atol=2e-2)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    refs = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
+    for a, b in zip(grads, refs):
+        assert torch.allclose(a.float(), b.float(), atol=5e-2)
+
+
 def test_state_dicts_from_compile_and_ddp_wrappers_load(tmp_path):
     model = tiny("DiT-S/2")
     state = model.state_dict()
