@@ -105,7 +105,7 @@ class ChunkPlan:
                 raise ValueError(
                     f"cannot concatenate fixed-capacity plans of capacities {first.width} and {p.width}"
                 )
-        return cls(
+        plan = cls(
             order=torch.cat([p.order for p in plans]),
             lengths=torch.cat([p.lengths for p in plans]),
             grid=first.grid,
@@ -113,6 +113,10 @@ class ChunkPlan:
             mode=first.mode,
             batch_size=[sum(p.batch_size[0] for p in plans)],
         )
+        totals = [p._derived(("total",), lambda: None) for p in plans]
+        if all(t is not None for t in totals):  # known on the host: packing the whole stays sync-free
+            plan._derived(("total",), lambda: sum(totals))
+        return plan
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

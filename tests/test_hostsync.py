@@ -81,3 +81,20 @@ def test_value_checks_switch_restores_and_still_catches_nan_when_on():
         model(x, t, y)  # unchecked: NaN flows through
     with pytest.raises(ValueError, match="must be finite"):
         model(x, t, y)
+
+
+@settings(deadline=None, max_examples=20)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**16))
+def test_packing_a_plan_or_a_cfg_concatenation_reads_nothing_from_the_device(B1, B2, seed):
+    """A built plan knows its total on the host: pack gathers, and so does the torch.cat of two (Lite-CFG)."""
+    g = torch.Generator().manual_seed(seed)
+    masks = [torch.rand(B, 12, generator=g) < torch.rand(B, 1, generator=g) for B in (B1, B2)]
+    plans = [cf.ChunkPlan.from_mask(m, grid=(3, 4)) for m in masks]
+    both = torch.cat(plans)
+    for plan in (*plans, both):
+        x = torch.randn(plan.lengths.shape[0], plan.width, 5, generator=g)
+        with cf.count_host_syncs() as syncs:
+            packed = plan.pack(x)
+        assert syncs.total == 0, syncs.by_site
+        assert torch.equal(packed, x[plan.valid])  # the reference: boolean-mask indexing (a sync)
+        assert torch.equal(plan.unpack(packed)[plan.valid], packed)
