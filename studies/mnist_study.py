@@ -192,7 +192,7 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
     if arm.budget != "minutes":
         marks = []
         if not arm.upcycle and reference is not None:
-            marks.append(f"{reference['train_seconds'] / 60:.4f}min")  # equal wall-clock
+            marks.append(f"{reference['train_seconds'] / 60:.6f}min")  # equal wall-clock
         if not arm.upcycle:  # multi-budget draws start after an eighth of the run, as in the paper (50K of 400K)
             steps = reference["train_steps"] if reference else args.warmup_hint
             overrides.append(f"budget.warmup_steps={max(1, steps // 8)}")
