@@ -21,13 +21,14 @@ Columns: steps/s, measured speed-up over eager DiT-S/2, the FLOP-predicted one, 
 import argparse
 import json
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_speed import time_steps  # noqa: E402  (benchmarks/ is on the path when run as a script)
+
 import chunkformer as cf  # noqa: E402
 
 VARIANTS = [  # (row, model, plan_mode, value checks, FLOP counter, compile); "~" = unequal lengths
@@ -93,20 +94,11 @@ def main(argv=None) -> dict:
             opt.zero_grad(set_to_none=True)
 
         with cf.value_checks(checks):
-            for _ in range(3):
-                step()
+            seconds, _ = time_steps(step, steps, cuda)
             with cf.count_host_syncs() as syncs:
                 step()
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            if cuda:
-                torch.cuda.synchronize()
-        rows.append({"row": row, "steps_per_s": steps / (time.perf_counter() - start),
+        rows.append({"row": row, "steps_per_s": steps / seconds,
                      "train_gflops_per_sample": flops / 1e9, "host_syncs": syncs.total})
-        del model, run, opt
         if cuda:
             torch.cuda.empty_cache()
     base = rows[0]

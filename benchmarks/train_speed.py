@@ -36,7 +36,13 @@ def throughput(model, x, t, y, steps: int, **kw) -> tuple[float, float]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
+    seconds, peak = time_steps(step, steps, cuda)
+    return x.shape[0] * steps / seconds, peak
+
+
+def time_steps(step, steps: int, cuda: bool, warmup: int = 3) -> tuple[float, float]:
+    """(seconds for ``steps`` calls of ``step`` after ``warmup`` calls, peak memory in GiB or NaN off CUDA)."""
+    for _ in range(warmup):
         step()
     if cuda:
         torch.cuda.synchronize()
@@ -46,9 +52,7 @@ def throughput(model, x, t, y, steps: int, **kw) -> tuple[float, float]:
         step()
     if cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    return x.shape[0] * steps / seconds, peak
+    return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
 
 
 def main() -> None:

@@ -359,14 +359,9 @@ def save_weights(model: torch.nn.Module, directory: Path) -> Path:
     ``model.safetensors`` for wrapped / upcycled ones (rebuild with the run's recipe, then ``load_weights``)."""
     if hasattr(model, "config"):
         return cf.save_pretrained(model, directory)
-    from safetensors.torch import save_file
+    from chunkformer.models.checkpoint import save_weights as save_state
 
-    from chunkformer.models.checkpoint import WEIGHTS_NAME, clean_state_dict
-
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in clean_state_dict(model.state_dict()).items()}
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    return directory
+    return save_state(model, directory)
 
 
 SNAPSHOT_UNITS = {"min": "minutes", "steps": "step", "tflops": "tflops"}

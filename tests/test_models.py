@@ -119,13 +119,18 @@ def test_plan_modes_give_the_same_model_output(mode):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_attention_backends_agree_on_packed_sequences():
+def packed_case(requires_grad: bool = False):
+    """``(mask, plan, q, k, v)``: 3 samples of a 5x8 grid, about 40% kept, packed ``(T, 2, 8)`` inputs."""
     torch.manual_seed(0)
     mask = torch.rand(3, 40) < 0.4
     mask[:, 0] = True
     plan = cf.ChunkPlan.from_mask(mask, grid=(5, 8))
     T = int(mask.sum())
-    q, k, v = (torch.randn(T, 2, 8, requires_grad=True) for _ in range(3))
+    return (mask, plan, *(torch.randn(T, 2, 8, requires_grad=requires_grad) for _ in range(3)))
+
+
+def test_attention_backends_agree_on_packed_sequences():
+    _, plan, q, k, v = packed_case(requires_grad=True)
     outs = {b: chunk_attention(q, k, v, plan, backend=b) for b in ("sdpa", "math")}
     # FlexAttention runs forward-only on CPU
     outs["flex"] = chunk_attention(q.detach(), k.detach(), v.detach(), plan, backend="flex")
@@ -140,12 +145,7 @@ def test_attention_backends_agree_on_packed_sequences():
 
 
 def test_varlen_backend_says_where_it_runs_and_matches_math_on_a_gpu():
-    torch.manual_seed(0)
-    mask = torch.rand(3, 40) < 0.4
-    mask[:, 0] = True
-    plan = cf.ChunkPlan.from_mask(mask, grid=(5, 8))
-    T = int(mask.sum())
-    q, k, v = (torch.randn(T, 2, 8) for _ in range(3))
+    mask, plan, q, k, v = packed_case()
     with pytest.raises(ValueError, match="backend='varlen' runs on CUDA in fp16/bf16"):
         chunk_attention(q, k, v, plan, backend="varlen")
     if not torch.cuda.is_available():

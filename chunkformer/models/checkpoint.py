@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["capture_config", "clean_state_dict", "save_pretrained", "load_weights", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["capture_config", "clean_state_dict", "save_pretrained", "save_weights", "load_weights", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -44,20 +44,29 @@ def clean_state_dict(state_dict: dict) -> dict:
     return out
 
 
-def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` (``model.config``) into ``directory``."""
+def save_weights(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``model.safetensors`` (wrapper prefixes stripped) into ``directory``, atomically.
+
+    Any module: wrapped / upcycled models rebuild from their recipe, then :func:`load_weights`.
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    if not hasattr(model, "config"):
-        raise TypeError(f"{type(model).__name__} has no .config; save_pretrained needs a chunkformer model")
     state = {k: v.detach().contiguous().cpu() for k, v in clean_state_dict(model.state_dict()).items()}
     tmp = directory / (WEIGHTS_NAME + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / WEIGHTS_NAME)  # atomic: never a half-written checkpoint
+    return directory
+
+
+def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (``model.config``) into ``directory``."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    if not hasattr(model, "config"):
+        raise TypeError(f"{type(model).__name__} has no .config; save_pretrained needs a chunkformer model")
+    directory = save_weights(model, directory)
     (directory / CONFIG_NAME).write_text(json.dumps(model.config, indent=2))
     return directory
 
