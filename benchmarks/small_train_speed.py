@@ -47,13 +47,38 @@ VARIANTS = [  # (row, model, plan_mode, value checks, FLOP counter, compile); "~
 ]
 
 
+def kernel_profile(step, row: str, steps: int = 3) -> dict:
+    """GPU kernel time and kernel launches per step (torch.profiler); prints the top kernels.
+
+    If the kernels' busy time is well under the step's wall time, the step is bound by the host
+    (Python, dispatch, launches, syncs), not by the GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.self_device_time_total for e in events) / steps
+    launches = sum(e.count for e in events) / steps
+    print(f"\n{row}: {busy_us / 1e3:.2f} ms of GPU kernels, {launches:.0f} kernels per step; top kernels:")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
+        print(f"  {e.self_device_time_total / steps / 1e3:7.3f} ms  x{e.count // steps:<4} {e.key[:90]}")
+    return {"gpu_kernel_ms": busy_us / 1e3, "kernels_per_step": launches}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--tiny", action="store_true", help="toy sizes, no compile: a CPU smoke run")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--profile", default="DiT-S/2,DC-DiT-S packed,DC-DiT-S padded",
+                    help="rows whose GPU kernel time per step is measured with torch.profiler (CUDA only), "
+                         "and whose top kernels are printed")
     args = ap.parse_args(argv)
+    profiled = set(args.profile.split(",")) if args.profile else set()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     batch, steps = (4, 2) if args.tiny else (args.batch, args.steps)
@@ -99,6 +124,8 @@ def main(argv=None) -> dict:
                 step()
         rows.append({"row": row, "steps_per_s": steps / seconds,
                      "train_gflops_per_sample": flops / 1e9, "host_syncs": syncs.total})
+        if cuda and row in profiled:
+            rows[-1].update(kernel_profile(step, row))
         if cuda:
             torch.cuda.empty_cache()
     base = rows[0]
@@ -107,10 +134,12 @@ def main(argv=None) -> dict:
         r["flop_speedup"] = base["train_gflops_per_sample"] / r["train_gflops_per_sample"]
     card = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"\n{card}, torch {torch.__version__}, 32x32x1, batch {batch}, bf16 autocast, fused AdamW")
-    print("| variant | steps/s | speed-up | FLOP-predicted | host syncs / step |\n|---|---|---|---|---|")
+    print("| variant | steps/s | speed-up | FLOP-predicted | host syncs / step | GPU kernel ms / step (wall ms) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
+        busy = f"{r['gpu_kernel_ms']:.1f} ({1e3 / r['steps_per_s']:.1f})" if "gpu_kernel_ms" in r else ""
         print(f"| {r['row']} | {r['steps_per_s']:.2f} | {r['measured_speedup']:.2f} | {r['flop_speedup']:.2f} "
-              f"| {r['host_syncs']} |")
+              f"| {r['host_syncs']} | {busy} |")
     result = {"card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "batch": batch,
               "rows": rows}
     if args.out is not None:

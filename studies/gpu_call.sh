@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call of the fidelity study (the device tool runs it in the repo root; see docs/results.md):
 #   bash studies/gpu_call.sh 560 --seed 0 --arms dit,dcdit --minutes 2
+#   bash studies/gpu_call.sh 560 --each dcdit-random,dcdit-cosine --seed 0 --resume   # arms side by side
 # $1: seconds the study may run (the rest of the call packs results); the rest: mnist_study.py arguments.
 # Carry .wheels (tensordict, beartype, pyvers, cloudpickle, mlxtend, torch-fidelity) and one half of the
 # converted FID Inception weights per call (.fidw/a, then .fidw/b on the same warm machine): once both
@@ -25,7 +26,17 @@ if [ ! -f "$CHUNKFORMER_CACHE/$weights.pth" ] && [ -f /tmp/fidw/part1 ] && [ -f 
 fi
 nvidia-smi --query-gpu=name --format=csv,noheader
 start=$(date +%s)
-timeout "$limit" python3 studies/mnist_study.py --work /tmp/study --out /tmp/study/out "$@" 2>&1 | grep -v "^step .*steps/s$"
+if [ "${1:-}" = "--each" ]; then  # --each a,b,c: one process per arm, side by side on the GPU (a small model
+  arms=$2; shift 2               # leaves it mostly idle); only equal-FLOPs budgets mean anything then
+  for arm in ${arms//,/ }; do
+    timeout "$limit" python3 studies/mnist_study.py --work /tmp/study --out /tmp/study/out --arms "$arm" "$@" \
+      > "/tmp/study/out/log-$arm.txt" 2>&1 &
+  done
+  wait
+  for arm in ${arms//,/ }; do echo "== $arm"; grep -v "^step .*steps/s$" "/tmp/study/out/log-$arm.txt" | tail -40; done
+else
+  timeout "$limit" python3 studies/mnist_study.py --work /tmp/study --out /tmp/study/out "$@" 2>&1 | grep -v "^step .*steps/s$"
+fi
 left=$((limit - $(date +%s) + start))
 if [ -f "$CHUNKFORMER_CACHE/$weights.pth" ] && [ "$left" -gt 20 ]; then
   timeout "$left" python3 studies/score.py /tmp/study/out --work /tmp/study

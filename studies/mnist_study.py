@@ -14,8 +14,9 @@ An *arm* is one trained model and the sample sets drawn from it (:data:`ARMS`):
   snapshot when it passes the DiT's minutes; ``dcdit-single`` (no multi-budget training),
   ``dcdit-random`` (content-blind boundaries at the same expected kept count) and
   ``dcdit-cosine`` (the v1 2-D cosine router) train to the same FLOPs;
-  ``upcycled`` starts from this seed's trained DiT (``upcycle.source``) and saves snapshots at
-  1/16 ... 1/2 of the from-scratch ``dcdit`` steps, to find the steps it needs to match it.
+  ``upcycled`` starts from this seed's trained DiT (``upcycle.source``), saves snapshots at
+  1/16, 1/8 and 1/4 of the from-scratch ``dcdit`` steps and stops at 1/2, to find the steps it
+  needs to match it (``--scratch-steps`` gives that count when the ``dcdit`` arm ran elsewhere).
 * Each sample set draws ``--samples`` images from the EMA model with DDIM (``--sample-steps``)
   at a kept-token budget ``rho``, optionally with guidance (standard CFG, or Lite-CFG: the
   unconditional pass at rho 0.9), token merging or step caching, and records TFLOPs per image
@@ -196,15 +197,17 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
         if not arm.upcycle:  # multi-budget draws start after an eighth of the run, as in the paper (50K of 400K)
             steps = reference["train_steps"] if reference else args.warmup_hint
             overrides.append(f"budget.warmup_steps={max(1, steps // 8)}")
-        if arm.upcycle:
-            scratch = json.loads((seed_dir / "dcdit" / "record.json").read_text())
-            marks = [f"{max(1, round(f * scratch['train_steps']))}steps" for f in UPCYCLE_FRACTIONS]
-            overrides += [f"upcycle.source={seed_dir / 'dit' / 'run' / 'final'}",
-                          f"upcycle.distill_steps={max(1, scratch['train_steps'] // 10)}",
-                          f"budget.warmup_steps={max(0, scratch['train_steps'] // 10)}"]
+        if arm.upcycle:  # snapshots at fractions of the from-scratch arm's steps; the last one ends the run
+            scratch = args.scratch_steps or json.loads((seed_dir / "dcdit" / "record.json").read_text())["train_steps"]
+            *early, last = [max(1, round(f * scratch)) for f in UPCYCLE_FRACTIONS]
+            marks = [f"{s}steps" for s in early]
+            overrides += [f"upcycle.source={seed_dir / 'dit' / 'run' / 'final'}", f"train.steps={last}",
+                          f"upcycle.distill_steps={max(1, scratch // 10)}",
+                          f"budget.warmup_steps={max(0, scratch // 10)}"]
         overrides.append("train.snapshots=" + json.dumps(marks))
     tiny = [o for o in TINY if not (arm.upcycle and o.startswith("model."))] if args.tiny else []  # width: the DiT's
-    cfg = apply_overrides(get_recipe(arm.preset), [*overrides, *tiny, *arm.overrides])
+    extra = list(args.override) if name != "dit" else []  # e.g. the plan layout: same maths, other speed
+    cfg = apply_overrides(get_recipe(arm.preset), [*overrides, *tiny, *arm.overrides, *extra])
     if trained:
         metrics = json.loads((arm_dir / "run" / "metrics.json").read_text())
         print(f"[{name}] resuming: trained already, drawing what is missing", flush=True)
@@ -212,7 +215,7 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
         print(f"[{name}] training {cfg.model.name} ({arm.preset} {' '.join(arm.overrides)})", flush=True)
         metrics = train(cfg)
     run_dir = Path(metrics["run_dir"])
-    record = {"arm": name, "preset": arm.preset, "overrides": list(arm.overrides), "recipe": to_dict(cfg),
+    record = {"arm": name, "preset": arm.preset, "overrides": list(arm.overrides) + extra, "recipe": to_dict(cfg),
               "train_steps": metrics["step"], "train_tflops": metrics.get("train_tflops"),
               "train_seconds": metrics["wall_seconds"], "sets": {}, "snapshots": {}, "complete": False}
     if trained and (arm_dir / "record.json").is_file():
@@ -272,6 +275,11 @@ def main(argv=None) -> dict:
                     help="training TFLOPs of every arm (default: the DiT arm trains --minutes, the others its TFLOPs)")
     ap.add_argument("--warmup-hint", type=int, default=1450,
                     help="expected training steps when no DiT record sets them (multi-budget warm-up = 1/8)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override for every arm but 'dit' (repeatable), e.g. "
+                         "model.overrides.plan_mode=padded: the same model, another layout")
+    ap.add_argument("--scratch-steps", type=int, default=0,
+                    help="steps of the from-scratch DC-DiT arm, for 'upcycled' (default: its record in --work)")
     ap.add_argument("--sets", default=None, help="comma-separated sample sets to draw (default: each arm's all)")
     ap.add_argument("--samples", type=int, default=5000)
     ap.add_argument("--sample-steps", type=int, default=50)

@@ -276,12 +276,17 @@ def render(data: dict, img: Path = IMG) -> str:
     lines += ["", "## 6. Upcycling", "", f"Paper: {PAPER['upcycle']}.", ""]
     up = [(s, r) for (s, a), r in sorted(recs.items()) if a == "upcycled"]
     if up:
-        lines += ["| seed | snapshot | steps | FID | from-scratch DC-DiT-S FID |", "|---|---|---|---|---|"]
+        lines += ["| seed | steps | of the from-scratch run's | FID | from-scratch DC-DiT-S FID (steps) |",
+                  "|---|---|---|---|---|"]
         for s, r in up:
-            scratch = recs.get((s, "dcdit"), {}).get("sets", {}).get("base", {}).get("fid")
-            for mark, snap in r["snapshots"].items():
-                lines.append(f"| {s} | {mark} | {snap['step']} | {fmt(snap['sets']['base'].get('fid'))} "
-                             f"| {fmt(scratch)} |")
+            scratch = recs.get((s, "dcdit"), {})
+            scratch_fid = scratch.get("sets", {}).get("base", {}).get("fid")
+            points = [(snap["step"], snap["sets"].get("base", {})) for snap in r["snapshots"].values()]
+            points.append((r["train_steps"], r["sets"].get("base", {})))  # the run ends at the last fraction
+            for step, base in points:
+                share = f"1/{scratch['train_steps'] / step:.0f}" if scratch.get("train_steps") else ""
+                lines.append(f"| {s} | {step} | {share} | {fmt(base.get('fid'))} "
+                             f"| {fmt(scratch_fid)} ({scratch.get('train_steps', '')}) |")
     else:
         lines.append("Not run yet (arm `upcycled`).")
 
