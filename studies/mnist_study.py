@@ -192,7 +192,7 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
         overrides.append(f"train.max_tflops={reference['train_tflops']}")
     if arm.budget != "minutes":
         marks = []
-        if not arm.upcycle and reference is not None:
+        if not arm.upcycle and reference is not None and args.tflops <= 0:  # (side by side, minutes mean nothing)
             marks.append(f"{reference['train_seconds'] / 60:.6f}min")  # equal wall-clock
         if not arm.upcycle:  # multi-budget draws start after an eighth of the run, as in the paper (50K of 400K)
             steps = reference["train_steps"] if reference else args.warmup_hint
