@@ -104,7 +104,8 @@ def main(argv=None) -> dict:
                 L = 32 * 32
                 kept = (torch.randn(batch, generator=g) * L / 16 + L / 4).clamp(L / 16, L / 2)
                 kw = {"rho": (1 - kept / L).to(device)}
-        flops = cf.count_flops(model.eval(), x, t, y, **kw).per_sample * 3
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # (the varlen kernels need bf16)
+            flops = cf.count_flops(model.eval(), x, t, y, **kw).per_sample * 3
         model.train()
         run = torch.compile(model) if compiled else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))

@@ -305,6 +305,7 @@ def _build_plan(
 _DERIVED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 DENSE_NEAREST_MAX_TOKENS = 32 * 32  # "auto" uses the brute force up to this many grid positions on CUDA (eager)
+DENSE_NEAREST_MAX_PAIRS = 2**24  # ... and up to this many (sample, position, slot) distances; also its chunk size
 
 _INT32_KEY_LIMIT = 2**31 - 1  # largest key nearest_kept keeps in int32 (tests lower it)
 
@@ -331,14 +332,15 @@ def nearest_kept(
     No host syncs either way. ``method``: ``"separable"``, ``"dense"`` or ``"auto"`` (dense for
     rank 3, and for grids of up to :data:`DENSE_NEAREST_MAX_TOKENS` positions on CUDA outside
     ``torch.compile``, where its one matmul-like pass beats the separable form's ~20 small
-    kernels: 0.64 vs 1.30 ms at 32x32, batch 64, on an H200; separable everywhere else).
+    kernels: 0.64 vs 1.30 ms at 32x32, batch 64, on an H200, as long as the ``B * L * M``
+    distances stay under :data:`DENSE_NEAREST_MAX_PAIRS`: a training batch of 256 at 32x32 with
+    1024 slots would need gigabytes; separable everywhere else).
     """
     grid = tuple(grid)
     if method not in ("auto", "separable", "dense"):
         raise ValueError(f"method must be 'auto', 'separable' or 'dense', got {method!r}")
     if method == "auto":
-        small = math.prod(grid) <= DENSE_NEAREST_MAX_TOKENS and coords.device.type == "cuda"
-        method = "dense" if len(grid) > 2 or (small and not torch.compiler.is_compiling()) else "separable"
+        method = _auto_nearest_method(grid, tuple(valid.shape), coords.device)
     if method == "dense" or len(grid) > 2:
         return _nearest_kept_dense(coords, valid, grid, block=block)
     H, W = (1, *grid) if len(grid) == 1 else grid
@@ -388,14 +390,23 @@ def nearest_kept(
     return torch.cat(out, dim=1).view(B, H * W).long()
 
 
+def _auto_nearest_method(grid: tuple[int, ...], slots: tuple[int, int], device: torch.device) -> str:
+    """``nearest_kept(method="auto")``'s choice for a ``grid`` and ``(B, M)`` slots on ``device``."""
+    small = (math.prod(grid) <= DENSE_NEAREST_MAX_TOKENS and torch.device(device).type == "cuda"
+             and math.prod(slots) * math.prod(grid) <= DENSE_NEAREST_MAX_PAIRS)
+    return "dense" if len(grid) > 2 or (small and not torch.compiler.is_compiling()) else "separable"
+
+
 def _nearest_kept_dense(
     coords: Tensor, valid: Tensor, grid: GridShape, *, block: int = 4096
 ) -> Tensor:
     """Brute-force :func:`nearest_kept`: ``(B, block, M)`` distances per step, any rank.
 
-    Reference for the separable path and the rank-3 implementation.
+    Reference for the separable path and the rank-3 implementation. ``block`` shrinks so that
+    one step holds at most :data:`DENSE_NEAREST_MAX_PAIRS` distances.
     """
     points = grid_coords(grid, device=coords.device)  # (L, ndim)
+    block = max(1, min(block, DENSE_NEAREST_MAX_PAIRS // max(1, valid.numel())))
     out = []
     for start in range(0, points.shape[0], block):
         p = points[start : start + block]  # (l, ndim)

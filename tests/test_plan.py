@@ -225,3 +225,31 @@ def test_nearest_kept_methods_agree_and_auto_is_separable_on_the_cpu(grid, B, M,
     assert torch.equal(nearest_kept(coords, valid, grid), sep)
     with pytest.raises(ValueError, match="method must be"):
         nearest_kept(coords, valid, grid, method="fast")
+
+
+def test_auto_nearest_takes_the_brute_force_only_while_its_distances_fit():
+    from chunkformer.plan import _auto_nearest_method
+
+    cuda = torch.device("cuda")  # the choice only; nothing runs there
+    assert _auto_nearest_method((32, 32), (64, 256), cuda) == "dense"  # a sampling batch at 256px
+    assert _auto_nearest_method((32, 32), (256, 1024), cuda) == "separable"  # a training batch: 2^28 distances
+    assert _auto_nearest_method((32, 32), (64, 256), torch.device("cpu")) == "separable"
+    assert _auto_nearest_method((64, 64), (1, 16), cuda) == "separable"
+    assert _auto_nearest_method((4, 4, 4), (256, 64), torch.device("cpu")) == "dense"  # rank 3 has no other
+
+
+@given(st.integers(1, 3), st.integers(1, 12), st.integers(0, 2**16))
+def test_the_brute_force_in_small_chunks_matches_the_separable_form(B, M, seed):
+    import chunkformer.plan as plan_module
+
+    grid = (5, 7)
+    g = torch.Generator().manual_seed(seed)
+    coords = grid_coords(grid)[torch.randint(35, (B, M), generator=g)]
+    valid = torch.rand(B, M, generator=g) < 0.6
+    old = plan_module.DENSE_NEAREST_MAX_PAIRS
+    plan_module.DENSE_NEAREST_MAX_PAIRS = 3 * B * M  # three grid positions per chunk
+    try:
+        dense = nearest_kept(coords, valid, grid, method="dense")
+    finally:
+        plan_module.DENSE_NEAREST_MAX_PAIRS = old
+    assert torch.equal(dense, nearest_kept(coords, valid, grid, method="separable"))
