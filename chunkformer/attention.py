@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._typing import Float, Tensor, typechecked
 from .plan import ChunkPlan
@@ -89,7 +90,7 @@ def dense_attention(
         _notify(q, float(q.shape[0] * q.shape[1] ** 2))
     q_, k_, v_ = (rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
     bias = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
-    return rearrange(F.scaled_dot_product_attention(q_, k_, v_, attn_mask=bias), "b h l d -> b l h d")
+    return rearrange(masked_sdpa(q_, k_, v_, bias), "b h l d -> b l h d")
 
 
 def _notify(q: Tensor, sum_sq: float) -> None:
@@ -119,7 +120,7 @@ def chunk_attention(
             )
         mask = _key_mask(plan.valid, key_bias, q.dtype)  # (B, 1, 1, M): attend to real tokens only
         q_, k_, v_ = (rearrange(t, "b m h d -> b h m d") for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
+        out = masked_sdpa(q_, k_, v_, mask)
         return rearrange(out, "b h m d -> b m h d")
 
     if q.ndim != 3:
@@ -142,16 +143,37 @@ def chunk_attention(
         if key_bias is not None:
             mask = torch.where(mask, key_bias[None, :].to(q.dtype), float("-inf"))
         q_, k_, v_ = (rearrange(t, "t h d -> 1 h t d") for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask)
+        out = masked_sdpa(q_, k_, v_, mask)
         return rearrange(out, "1 h t d -> t h d")
     # sdpa: unpack to (B, M), attend with a key mask, pack again
     H = q.shape[1]
     qkv = plan.unpack(torch.cat([rearrange(t, "t h d -> t (h d)") for t in (q, k, v)], dim=-1))  # (B, M, 3 H dh)
     q_, k_, v_ = (rearrange(t, "b m (h d) -> b h m d", h=H) for t in qkv.chunk(3, dim=-1))
     bias = None if key_bias is None else plan.unpack(key_bias[:, None].to(q.dtype))[..., 0]  # (B, M)
-    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=_key_mask(plan.valid, bias, q.dtype))
+    out = masked_sdpa(q_, k_, v_, _key_mask(plan.valid, bias, q.dtype))
     out = plan.pack(rearrange(out, "b h m d -> b m (h d)"), total=q.shape[0])  # sync-free: T is known
     return rearrange(out, "t (h d) -> t h d", h=H)
+
+
+# SDPA kernels for masked attention that will be differentiated on a GPU: all but cuDNN's fused one,
+# whose backward with an attention mask fails ("mha_graph.execute(...).is_good()", pytorch#134001;
+# it stopped one of our DC-DiT-S training runs on an H100 with torch 2.11) or returns NaN in dQ for
+# lengths of 64 mod 128 (pytorch#196678). Inference and unmasked attention keep the default choice.
+_MASKED_TRAINING_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def avoids_cudnn(q: Tensor, mask: Tensor | None) -> bool:
+    """Whether :func:`masked_sdpa` keeps this call off cuDNN attention (masked, CUDA, differentiated)."""
+    return mask is not None and q.is_cuda and q.requires_grad and torch.is_grad_enabled()
+
+
+def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` on ``(B, H, M, dh)``, off cuDNN's
+    kernel when its masked backward would run (see :func:`avoids_cudnn`)."""
+    if avoids_cudnn(q, mask):
+        with sdpa_kernel(_MASKED_TRAINING_KERNELS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def _key_mask(valid: Tensor, key_bias: Tensor | None, dtype: torch.dtype) -> Tensor:

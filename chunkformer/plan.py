@@ -201,7 +201,7 @@ class ChunkPlan:
             total = self._derived(("total",), lambda: None)
         if total is None:
             return x[self.valid]
-        return x.reshape(-1, x.shape[-1]).index_select(0, self._flat_index(total))
+        return _select_rows(x.reshape(-1, x.shape[-1]), self._flat_index(total))
 
     @typechecked
     def unpack(self, x: Float[Tensor, "total dim"]) -> Float[Tensor, "batch width dim"]:
@@ -299,6 +299,28 @@ def _build_plan(
     plan = ChunkPlan(order=order, lengths=lengths, grid=grid, width=max(longest, 1), mode=mode, batch_size=[B])
     plan._derived(("total",), lambda: total)  # later packs gather without asking the device again
     return plan
+
+
+class _SelectRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` for an index without repeats, whose backward copies the
+    gradient into place (``index_copy``) instead of adding it (``index_add``): no atomics. On an
+    H100 the atomic backward of ``pack`` took 17 of DC-DiT-S's 159 ms per training step."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, *grad.shape[1:]).index_copy(0, index, grad), None
+
+
+def _select_rows(x: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index`` (distinct) of ``x``; differentiable without atomics."""
+    return _SelectRows.apply(x, index) if x.requires_grad else x.index_select(0, index)
 
 
 # per-plan derived index tensors, keyed by the plan's `lengths` tensor (by identity, dropped with it)

@@ -202,17 +202,23 @@ def render(data: dict, img: Path = IMG) -> str:
     lines.append("")
 
     # 2-3 ----------------------------------------------------------------------------------------------
-    maps = sorted(img.glob("s*-dcdit-boundary_maps.png"))
+    maps = sorted(img.glob("s*-dcdit*-boundary_maps.png"))
     lines += ["## 2. Emergent segmentation", "",
               "Real digits noised to five levels (x_t above, the router's kept tokens below, % kept per column),",
-              "from the trained DC-DiT-S of each seed:", ""]
-    lines += [f"![boundary maps]({rel(p)})" for p in maps] or ["No figure yet."]
-    dens = [(s, r["router"]["per_timestep"]) for (s, a), r in recs.items() if a == "dcdit" and "router" in r]
+              "from each trained DC-DiT-S (the file name says which arm and seed):", ""]
+    lines += [f"![boundary maps {p.stem}]({rel(p)})" for p in maps] or ["No figure yet."]
+    dens = {(s, a): {row["t"]: row for row in r["router"]["per_timestep"]}
+            for (s, a), r in sorted(recs.items()) if "router" in r}
     if dens:
-        lines += ["", "| seed | t | kept fraction | kept density on strokes | kept density on background |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {s} | {row['t']} | {row['kept_fraction']:.1%} | {row['stroke_density']:.1%} | "
-                  f"{row['background_density']:.1%} |" for s, rows_ in dens for row in rows_]
+        keys = list(dens)
+        lines += ["", f"Kept density on digit strokes / on background (strokes: pixels above half intensity in the "
+                  f"clean digit; {recs[keys[0]]['router']['probe_images']} real digits, noised to each t of 1000):", "",
+                  "| t | " + " | ".join(f"{LABEL[a]} (seed {s})" for s, a in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        for t in sorted({t for d in dens.values() for t in d}):
+            cells = [f"{d[t]['stroke_density']:.1%} / {d[t]['background_density']:.1%}" if t in d else "-"
+                     for d in dens.values()]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
     lines += ["", "## 3. Timestep adaptivity", "", f"Paper: {PAPER['kept']}.", "",
               "| seed | kept, noisiest fifth (t > 0.8) | kept, cleanest fifth (t < 0.2) | over sampling |",
               "|---|---|---|---|"]
@@ -267,8 +273,9 @@ def render(data: dict, img: Path = IMG) -> str:
     abl = [(s, a, recs[(s, a)]) for (s, a) in sorted(recs) if a in ("dcdit", "dcdit-random", "dcdit-cosine")]
     if any(a != "dcdit" for _, a, _ in abl):
         n5 = common_samples([r["sets"]["base"] for _, _, r in abl if r["sets"].get("base", {}).get("fid_by_samples")])
-        lines += [f"| seed | model | kept | TFLOPs/img | FID ({n5}) |", "|---|---|---|---|---|"]
-        lines += [f"| {s} | {LABEL[a]} | {r['sets']['base']['kept_fraction']:.1%} | "
+        lines += [f"| seed | model | train steps (same TFLOPs) | kept | TFLOPs/img | FID ({n5}) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {s} | {LABEL[a]} | {r['train_steps']} | {r['sets']['base']['kept_fraction']:.1%} | "
                   f"{r['sets']['base']['tflops_per_image']:.3f} | {fmt(fid_at(r['sets']['base'], n5))} |"
                   for s, a, r in abl if "base" in r["sets"]]
     else:

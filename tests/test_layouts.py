@@ -70,3 +70,33 @@ def test_padded_mode_runs_an_unmodified_backbone():
     for b in range(3):
         alone = layer(x[b : b + 1][:, mask[b]])
         assert torch.allclose(y_masked[b, : int(mask[b].sum())], alone[0], atol=1e-5)
+
+
+def test_masked_attention_that_will_be_differentiated_on_a_gpu_keeps_off_cudnn():
+    from types import SimpleNamespace
+
+    from chunkformer.attention import avoids_cudnn
+
+    mask = torch.ones(2, 1, 1, 4, dtype=torch.bool)
+    gpu_training = SimpleNamespace(is_cuda=True, requires_grad=True)
+    assert avoids_cudnn(gpu_training, mask)
+    assert not avoids_cudnn(gpu_training, None)  # unmasked attention keeps the fastest kernel
+    assert not avoids_cudnn(SimpleNamespace(is_cuda=True, requires_grad=False), mask)  # sampling
+    assert not avoids_cudnn(SimpleNamespace(is_cuda=False, requires_grad=True), mask)
+    with torch.no_grad():
+        assert not avoids_cudnn(gpu_training, mask)
+
+
+def test_masked_sdpa_with_the_kernel_choice_forced_matches_the_default(monkeypatch):
+    import chunkformer.attention as attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 1, 1, 5, generator=g) < 0.7
+    mask[..., 0] = True
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    monkeypatch.setattr(attention, "avoids_cudnn", lambda q, mask: True)  # take the GPU-training branch here
+    out = attention.masked_sdpa(q, k, v, mask)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))

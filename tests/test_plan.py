@@ -55,6 +55,20 @@ def test_pack_unpack_and_chunk_unchunk_round_trip(inputs, mode, dtype):
 
 
 @given(plan_inputs())
+def test_packing_backward_routes_each_gradient_to_its_slot_and_zeros_to_padding(inputs):
+    grid, mask, probs, seed = inputs
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid)
+    g = torch.Generator().manual_seed(seed)
+    slots = torch.randn(mask.shape[0], plan.width, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    upstream = torch.randn(int(mask.sum()), 3, dtype=torch.float64, generator=g)
+    for total in (None, int(mask.sum())):  # the boolean-index path and the sync-free gather
+        (grad,) = torch.autograd.grad(plan.pack(slots, total=total), slots, upstream)
+        assert torch.equal(grad[plan.valid], upstream)  # valid slots, sample by sample, in order
+        assert torch.all(grad[~plan.valid] == 0)
+    torch.autograd.gradcheck(lambda s: plan.pack(s, total=int(mask.sum())), (slots,))
+
+
+@given(plan_inputs())
 def test_plug_back_takes_nearest_kept_token(inputs):
     grid, mask, probs, seed = inputs
     plan = ChunkPlan.from_mask(mask, probs, grid=grid)
