@@ -57,6 +57,19 @@ def train_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def small_train_table(data: dict) -> str:
+    lines = [f"{data['card']}, torch {data['torch']}, 32x32x1, batch {data['batch']}, bf16 autocast, fused AdamW, "
+             f"commit {data.get('commit', '?')} (`{data['command']}`)", "",
+             "| variant | steps/s | speed-up | FLOP-predicted | host syncs / step | GPU kernel ms / step (wall ms) |",
+             "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        busy = f"{r['gpu_kernel_ms']:.1f} ({1e3 / r['steps_per_s']:.1f})" if "gpu_kernel_ms" in r else ""
+        lines.append(f"| {r['row']} | {r['steps_per_s']:.2f} | {r['measured_speedup']:.2f} | {r['flop_speedup']:.2f} "
+                     f"| {r['host_syncs']} | {busy} |")
+    notes = [f"{r['row']}: {r['note']}" for r in data["rows"] if r.get("note")]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
 def syncs_table(after: dict, before: dict | None) -> str:
     lines = [f"Host syncs and dispatched ops, batch {after['batch']}, training mode (`{after['command']}`)", "",
              "| model | host syncs fwd / bwd | without value checks | dispatched ops fwd / bwd |"
@@ -99,6 +112,8 @@ def main() -> None:
         print(step_table(json.loads(path.read_text())), end="\n\n")
     for train in sorted(RESULTS.glob("train_speed_256*_h200.json")):
         print(train_table(json.loads(train.read_text())), end="\n\n")
+    for small in sorted(RESULTS.glob("small_train_speed_*.json")):
+        print(small_train_table(json.loads(small.read_text())), end="\n\n")
     near = RESULTS / "nearest_h200.json"
     if near.is_file():
         print(nearest_table(json.loads(near.read_text())))

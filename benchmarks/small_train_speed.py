@@ -41,7 +41,8 @@ VARIANTS = [  # (row, model, plan_mode, value checks, FLOP counter, compile); "~
     ("DC-DiT-S padded", "DC-DiT-S", "padded", True, False, False),
     ("DC-DiT-S packed ~", "DC-DiT-S", "packed", True, False, False),
     ("DC-DiT-S padded ~", "DC-DiT-S", "padded", True, False, False),
-    ("DC-DiT-S packed ~ varlen", "DC-DiT-S", "packed", True, False, False),  # CUDA only
+    ("DC-DiT-S packed varlen", "DC-DiT-S", "packed", True, False, False),  # CUDA only
+    ("DC-DiT-S packed varlen ~", "DC-DiT-S", "packed", True, False, False),  # CUDA only
     ("DC-DiT-S fixed", "DC-DiT-S", "fixed", False, False, False),
     ("DC-DiT-S fixed compiled", "DC-DiT-S", "fixed", False, False, True),
 ]
@@ -100,7 +101,7 @@ def main(argv=None) -> dict:
         if model.supports_chunking:
             torch.nn.init.constant_(model.router.scorer[-1].bias, 30.0)  # keep all, then the budget decides
             kw = {} if mode == "fixed" else {"rho": 0.75}
-            if row.endswith("~"):  # per-sample budgets: kept ~ N(L/4, (L/16)^2), clipped to [L/16, L/2]
+            if "~" in row:  # per-sample budgets: kept ~ N(L/4, (L/16)^2), clipped to [L/16, L/2]
                 L = 32 * 32
                 kept = (torch.randn(batch, generator=g) * L / 16 + L / 4).clamp(L / 16, L / 2)
                 kw = {"rho": (1 - kept / L).to(device)}
