@@ -37,6 +37,7 @@ def load(results: Path = RESULTS) -> dict:
     for path in sorted((results / "curves").glob("s*-*.jsonl")):
         seed, arm = path.stem[1:].split("-", 1)
         out["curves"][(int(seed), arm)] = [json.loads(line) for line in path.read_text().splitlines() if line]
+    out["reruns"] = [json.loads(path.read_text()) for path in sorted((results / "raw").glob("s*-*-rerun.json"))]
     for path in sorted(results.glob("bootstrap-*.json")):
         out["bootstrap"].append(json.loads(path.read_text()))
     for path in sorted((results / "runs").glob("s*-*-metrics.json")):
@@ -183,6 +184,14 @@ def render(data: dict, img: Path = IMG) -> str:
                   f"{b['fid_b']:.2f} = {b['difference']:.2f}, 95% interval [{pct['2.5']:.2f}, {pct['97.5']:.2f}]; "
                   f"{b['a']} scores worse in {b['share_a_worse']:.0%} of the resamples. (Features on the CPU here; "
                   "this bounds the noise of the estimate, not the variation between training seeds.)"]
+    for again in data.get("reruns", []):
+        first = recs.get((again["seed"], again["arm"]), {}).get("sets", {}).get("base")
+        n_r = common_samples([first, again["sets"].get("base")]) if first else None
+        if n_r:
+            lines += ["", f"Re-run of seed {again['seed']}'s {LABEL[again['arm']]} with the same budget "
+                      f"({again['train_steps']} steps, {again['device']}, `{again['command']}`): FID "
+                      f"{fid_at(again['sets']['base'], n_r):.2f} against {fid_at(first, n_r):.2f} above ({n_r} "
+                      "samples): the spread between two runs of one seed (GPU kernels are not bitwise deterministic)."]
     wall = []
     for s in seeds:
         if (s, "dit") in curves and (s, "dcdit") in curves and not _side_by_side(data, s):
