@@ -263,3 +263,18 @@ def test_a_whole_guided_sampling_step_is_one_graph_in_fixed_capacity_mode():
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     assert float(res.stdout.strip().splitlines()[-1]) == 0.0
+
+
+def test_auto_attention_prefers_flash_then_torchs_varlen_kernels_on_a_gpu(monkeypatch):
+    attention = cf.attention
+    cuda = torch.device("cuda")  # the choice only; nothing runs there
+    monkeypatch.setattr(attention, "_HAS_FLASH", False)
+    monkeypatch.setattr(attention, "_varlen_runs_on", lambda device: True)
+    assert attention.resolve_backend("auto", cuda, torch.bfloat16) == "varlen"
+    assert attention.resolve_backend("auto", cuda, torch.float32) == "sdpa"  # the flash kernels need 16 bits
+    assert attention.resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "sdpa"
+    assert attention.resolve_backend("sdpa", cuda, torch.bfloat16) == "sdpa"  # an explicit choice stands
+    monkeypatch.setattr(attention, "_varlen_runs_on", lambda device: False)  # pre-Ampere, or an older torch
+    assert attention.resolve_backend("auto", cuda, torch.bfloat16) == "sdpa"
+    monkeypatch.setattr(attention, "_HAS_FLASH", True)
+    assert attention.resolve_backend("auto", cuda, torch.bfloat16) == "flash"
