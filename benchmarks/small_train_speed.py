@@ -13,7 +13,8 @@ quarter of the grid (256 tokens, DiT-S/2's count); fixed capacity is 256. Rows m
 each sample its own budget (kept counts spread around 256 with a standard deviation of 64, as a
 trained router's are): without flash-attn the packed path attends over the batch padded to its
 longest sample, so the spread costs time that the FLOP count (real tokens only) does not see;
-the "varlen" row runs the same batch through ``attn_backend="varlen"`` (no padding).
+the "varlen" rows run the same batches through ``attn_backend="varlen"`` (no padding; what
+``"auto"`` picks on a GPU without flash-attn), the others through ``"sdpa"``.
 Columns: steps/s, measured speed-up over eager DiT-S/2, the FLOP-predicted one, host syncs per step
 (on the CPU the unfused AdamW adds one per parameter tensor).
 """
@@ -94,8 +95,8 @@ def main(argv=None) -> dict:
             continue
         torch.manual_seed(0)
         extra = {} if mode is None else {"plan_mode": mode, **({"capacity": 256} if mode == "fixed" else {})}
-        if "varlen" in row:
-            extra["attn_backend"] = "varlen"  # torch's own flash varlen kernels: no padding to the longest sample
+        if mode is not None:  # pinned: "auto" would pick varlen on a GPU for every packed row
+            extra["attn_backend"] = "varlen" if "varlen" in row else "sdpa"
         model = cf.create_model(name, input_size=32, in_channels=1, num_classes=10, **sizes, **extra).to(device)
         kw = {}
         if model.supports_chunking:
