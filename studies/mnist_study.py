@@ -210,7 +210,7 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
                           f"budget.warmup_steps={max(0, scratch // 10)}"]
         overrides.append("train.snapshots=" + json.dumps(marks))
     tiny = [o for o in TINY if not (arm.upcycle and o.startswith("model."))] if args.tiny else []  # width: the DiT's
-    extra = list(args.override) if name != "dit" else []  # e.g. the plan layout: same maths, other speed
+    extra = list(args.override) if name != "dit" else []  # e.g. the plan layout (see --override)
     cfg = apply_overrides(get_recipe(arm.preset), [*overrides, *tiny, *arm.overrides, *extra])
     if trained:
         metrics = json.loads((arm_dir / "run" / "metrics.json").read_text())
@@ -281,7 +281,8 @@ def main(argv=None) -> dict:
                     help="expected training steps when no DiT record sets them (multi-budget warm-up = 1/8)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override for every arm but 'dit' (repeatable), e.g. "
-                         "model.overrides.plan_mode=padded: the same model, another layout")
+                         "model.overrides.plan_mode=padded: the same model and maths in another layout, but "
+                         "its FLOP count includes the padding, so a FLOP-budgeted arm makes fewer steps")
     ap.add_argument("--scratch-steps", type=int, default=0,
                     help="steps of the from-scratch DC-DiT arm, for 'upcycled' (default: its record in --work)")
     ap.add_argument("--sets", default=None, help="comma-separated sample sets to draw (default: each arm's all)")
