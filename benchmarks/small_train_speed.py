@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_speed import time_steps  # noqa: E402  (benchmarks/ is on the path when run as a script)
+from report import small_train_table  # noqa: E402  (benchmarks/ is on the path when run as a script)
+from train_speed import time_steps  # noqa: E402
 
 import chunkformer as cf  # noqa: E402
 
@@ -136,15 +137,9 @@ def main(argv=None) -> dict:
         r["measured_speedup"] = r["steps_per_s"] / base["steps_per_s"]
         r["flop_speedup"] = base["train_gflops_per_sample"] / r["train_gflops_per_sample"]
     card = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"\n{card}, torch {torch.__version__}, 32x32x1, batch {batch}, bf16 autocast, fused AdamW")
-    print("| variant | steps/s | speed-up | FLOP-predicted | host syncs / step | GPU kernel ms / step (wall ms) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        busy = f"{r['gpu_kernel_ms']:.1f} ({1e3 / r['steps_per_s']:.1f})" if "gpu_kernel_ms" in r else ""
-        print(f"| {r['row']} | {r['steps_per_s']:.2f} | {r['measured_speedup']:.2f} | {r['flop_speedup']:.2f} "
-              f"| {r['host_syncs']} | {busy} |")
     result = {"card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "batch": batch,
               "rows": rows}
+    print("\n" + small_train_table(result))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

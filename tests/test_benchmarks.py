@@ -8,12 +8,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+BENCHMARK_MODULES = ("host_syncs", "small_train_speed", "train_speed", "report")  # studies/ has a report.py too
+
+
 @pytest.fixture
 def benchmarks(monkeypatch):
+    for name in BENCHMARK_MODULES:
+        sys.modules.pop(name, None)
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     monkeypatch.setenv("CHUNKFORMER_TYPECHECK", "0")
     yield
-    for name in ("host_syncs", "small_train_speed"):
+    for name in BENCHMARK_MODULES:
         sys.modules.pop(name, None)
 
 
