@@ -133,6 +133,12 @@ def plot_pareto(points: list[tuple[str, float, float]], path: Path, n: int) -> P
     return path
 
 
+def plan_layout(record: dict) -> str:
+    """The plan layout an arm trained in (its ``model.overrides.plan_mode`` override, else packed)."""
+    modes = [o.split("=", 1)[1] for o in record.get("overrides", []) if o.startswith("model.overrides.plan_mode=")]
+    return modes[-1] if modes else "packed"
+
+
 def _side_by_side(data: dict, seed: int) -> bool:
     return any(r.get("side_by_side") for (s, _), r in data["records"].items() if s == seed)
 
@@ -185,13 +191,16 @@ def render(data: dict, img: Path = IMG) -> str:
                   f"{b['a']} scores worse in {b['share_a_worse']:.0%} of the resamples. (Features on the CPU here; "
                   "this bounds the noise of the estimate, not the variation between training seeds.)"]
     for again in data.get("reruns", []):
+        if again["arm"] not in ("dit", "dcdit"):
+            continue  # the ablation arms' second runs sit in their own table (section 5)
         first = recs.get((again["seed"], again["arm"]), {}).get("sets", {}).get("base")
         n_r = common_samples([first, again["sets"].get("base")]) if first else None
         if n_r:
-            lines += ["", f"Re-run of seed {again['seed']}'s {LABEL[again['arm']]} with the same budget "
+            lines += ["", f"Another run of seed {again['seed']}'s {LABEL[again['arm']]} with the same budget "
                       f"({again['train_steps']} steps, {again['device']}, `{again['command']}`): FID "
                       f"{fid_at(again['sets']['base'], n_r):.2f} against {fid_at(first, n_r):.2f} above ({n_r} "
-                      "samples): the spread between two runs of one seed (GPU kernels are not bitwise deterministic)."]
+                      "samples): the spread between two runs of one seed (GPU kernels are not bitwise deterministic, "
+                      "and code between the runs may differ: see the notes)."]
     wall = []
     for s in seeds:
         if (s, "dit") in curves and (s, "dcdit") in curves and not _side_by_side(data, s):
@@ -211,19 +220,20 @@ def render(data: dict, img: Path = IMG) -> str:
     lines.append("")
 
     # 2-3 ----------------------------------------------------------------------------------------------
-    maps = sorted(img.glob("s*-dcdit*-boundary_maps.png"))
+    maps = sorted(img.glob("s*-boundary_maps.png"))
     lines += ["## 2. Emergent segmentation", "",
               "Real digits noised to five levels (x_t above, the router's kept tokens below, % kept per column),",
               "from each trained DC-DiT-S (the file name says which arm and seed):", ""]
     lines += [f"![boundary maps {p.stem}]({rel(p)})" for p in maps] or ["No figure yet."]
-    dens = {(s, a): {row["t"]: row for row in r["router"]["per_timestep"]}
-            for (s, a), r in sorted(recs.items()) if "router" in r}
+    routed = [(f"{LABEL[a]} (seed {s})", r) for (s, a), r in sorted(recs.items())]
+    routed += [(f"{LABEL[r['arm']]} (seed {r['seed']}, another run)", r) for r in data.get("reruns", [])]
+    dens = {name: {row["t"]: row for row in r["router"]["per_timestep"]} for name, r in routed if "router" in r}
     if dens:
-        keys = list(dens)
+        probes = next(r["router"]["probe_images"] for _, r in routed if "router" in r)
         lines += ["", f"Kept density on digit strokes / on background (strokes: pixels above half intensity in the "
-                  f"clean digit; {recs[keys[0]]['router']['probe_images']} real digits, noised to each t of 1000):", "",
-                  "| t | " + " | ".join(f"{LABEL[a]} (seed {s})" for s, a in keys) + " |",
-                  "|---|" + "---|" * len(keys)]
+                  f"clean digit; {probes} real digits, noised to each t of 1000):", "",
+                  "| t | " + " | ".join(dens) + " |",
+                  "|---|" + "---|" * len(dens)]
         for t in sorted({t for d in dens.values() for t in d}):
             cells = [f"{d[t]['stroke_density']:.1%} / {d[t]['background_density']:.1%}" if t in d else "-"
                      for d in dens.values()]
@@ -279,21 +289,24 @@ def render(data: dict, img: Path = IMG) -> str:
     # 5-6 ----------------------------------------------------------------------------------------------
     lines += ["## 5. Learned versus random boundaries; predictability versus 2-D cosine router", "",
               f"Paper: {PAPER['cosine']}.", ""]
-    abl = [(s, a, recs[(s, a)]) for (s, a) in sorted(recs) if a in ("dcdit", "dcdit-random", "dcdit-cosine")]
-    if any(a != "dcdit" for _, a, _ in abl):
-        n5 = common_samples([r["sets"]["base"] for _, _, r in abl if r["sets"].get("base", {}).get("fid_by_samples")])
-        lines += [f"| seed | model | train steps (same TFLOPs) | kept | TFLOPs/img | FID ({n5}) |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {s} | {LABEL[a]} | {r['train_steps']} | {r['sets']['base']['kept_fraction']:.1%} | "
-                  f"{r['sets']['base']['tflops_per_image']:.3f} | {fmt(fid_at(r['sets']['base'], n5))} |"
-                  for s, a, r in abl if "base" in r["sets"]]
+    ablated = ("dcdit", "dcdit-random", "dcdit-cosine")
+    abl = [(s, a, "", recs[(s, a)]) for (s, a) in sorted(recs) if a in ablated]
+    abl += [(r["seed"], r["arm"], " (another run)", r) for r in data.get("reruns", []) if r["arm"] in ablated]
+    abl.sort(key=lambda row: (row[0], ablated.index(row[1]), row[2]))
+    if any(a != "dcdit" for _, a, _, _ in abl):
+        n5 = common_samples([r["sets"]["base"] for *_, r in abl if r["sets"].get("base", {}).get("fid_by_samples")])
+        lines += [f"| seed | model | plan layout | train steps (same TFLOPs) | kept | TFLOPs/img | FID ({n5}) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {s} | {LABEL[a]}{again} | {plan_layout(r)} | {r['train_steps']} | "
+                  f"{r['sets']['base']['kept_fraction']:.1%} | {r['sets']['base']['tflops_per_image']:.3f} | "
+                  f"{fmt(fid_at(r['sets']['base'], n5))} |" for s, a, again, r in abl if "base" in r["sets"]]
     else:
         lines.append("Not run yet (arms `dcdit-random`, `dcdit-cosine`).")
     lines += ["", "## 6. Upcycling", "", f"Paper: {PAPER['upcycle']}.", ""]
     up = [(s, r) for (s, a), r in sorted(recs.items()) if a == "upcycled"]
     if up:
-        lines += ["| seed | steps | of the from-scratch run's | FID | from-scratch DC-DiT-S FID (steps) |",
-                  "|---|---|---|---|---|"]
+        lines += ["| seed | plan layout | steps | of the from-scratch run's | FID | from-scratch DC-DiT-S FID (steps) |",
+                  "|---|---|---|---|---|---|"]
         for s, r in up:
             scratch = recs.get((s, "dcdit"), {})
             scratch_fid = scratch.get("sets", {}).get("base", {}).get("fid")
@@ -301,7 +314,7 @@ def render(data: dict, img: Path = IMG) -> str:
             points.append((r["train_steps"], r["sets"].get("base", {})))  # the run ends at the last fraction
             for step, base in points:
                 share = f"1/{scratch['train_steps'] / step:.0f}" if scratch.get("train_steps") else ""
-                lines.append(f"| {s} | {step} | {share} | {fmt(base.get('fid'))} "
+                lines.append(f"| {s} | {plan_layout(r)} | {step} | {share} | {fmt(base.get('fid'))} "
                              f"| {fmt(scratch_fid)} ({scratch.get('train_steps', '')}) |")
     else:
         lines.append("Not run yet (arm `upcycled`).")

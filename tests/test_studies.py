@@ -146,6 +146,17 @@ def test_report_tables_come_from_the_records(tmp_path, studies):
     assert "| 0 | DC-DiT-S | lite-cfg | 0.990 | 25.0% | 84.00 |" in text
     assert "| 0 | 22.3% | 26.6% | - |" in text
     assert "dcdit-single`): not run yet" in text and "Not run yet (arm `upcycled`)" in text
+    assert "Not run yet (arms `dcdit-random`" in text
+
+    # a second run of an ablation arm, in another layout, joins the ablation table and the density table
+    again = _record(0, "dcdit-random", {"base": 99.0}, [0.85]) | {
+        "overrides": ["model.overrides.router=random", "model.overrides.plan_mode=padded"],
+        "router": {"probe_images": 10, "per_timestep": [{"t": 25, "stroke_density": 0.25, "background_density": 0.5}]}}
+    text = report.render(data | {"reruns": [again]}, img=tmp_path)
+    assert "| 0 | DC-DiT-S, random boundaries (another run) | padded | 100 | 25.0% | 0.850 | 99.00 |" in text
+    assert "| 0 | DC-DiT-S | packed | 100 | 25.0% | 0.770 | 90.00 |" in text
+    assert "| t | DC-DiT-S, random boundaries (seed 0, another run) |" in text and "| 25 | 25.0% / 50.0% |" in text
+    assert "Another run of" not in text  # only DiT / DC-DiT re-runs get the line under table 1
     assert (tmp_path / "loss_curves.png").is_file() and (tmp_path / "elastic_pareto.png").is_file()
     assert "No study runs yet" in report.render({"records": {}, "curves": {}, "metrics": {}}, img=tmp_path)
 
