@@ -11,25 +11,33 @@ Three steps, in fp32 with autocast off (DC-DiT's de-chunk):
    :func:`smooth_dense` builds the ``(B, M, M)`` kernel (the reference form);
    :func:`smooth_windowed` evaluates the same sums as a normalised convolution on the
    grid with a separable kernel truncated at ``truncate * sigma`` cells: linear in
-   ``L``, exact up to that truncation (and exactly the dense form when the window
-   covers the grid).
+   ``L`` for a given axis length, exact up to that truncation (and exactly the dense
+   form when the window covers the grid). ``smoothing="auto"`` (the default) takes the
+   dense form on CUDA while ``M^2 <= DENSE_SMOOTHING_MAX_RATIO * L`` (a few hundred kept
+   tokens: one small ``bmm`` beats blurring the whole grid) and the windowed one beyond
+   and on the CPU, so its memory stays ``O(L)`` either way.
 2. **Plug-back**: every grid position takes its nearest kept token (:meth:`ChunkPlan.plug_back`).
 3. **Gate**: multiply by ``STE(c_sel)`` (:func:`ste_ones`), which is exactly 1 in the
    forward pass and passes the gradient to the router's confidence unchanged.
 """
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from ._typing import Bool, Float, Tensor, typechecked
-from .grid import to_grid, to_tokens
 from .plan import ChunkPlan
 
-__all__ = ["smooth_dense", "smooth_windowed", "smoothing_weights", "ste_ones", "dechunk", "Smoothing"]
+__all__ = ["smooth_dense", "smooth_windowed", "smoothing_weights", "ste_ones", "dechunk", "Smoothing",
+           "resolve_smoothing"]
 
-Smoothing = Literal["windowed", "dense", "none"]
+Smoothing = Literal["auto", "windowed", "dense", "none"]
+SMOOTHINGS: tuple[str, ...] = get_args(Smoothing)
+# "auto" smooths densely while M^2 <= this * L. On an H100 at DC-DiT-XL's width (d = 1152, a quarter
+# of the grid kept) the dense form took 0.2 ms of a 256px step (M^2 / L = 64) and 0.8 ms at 512px
+# (M^2 / L = 256), the windowed one about 0.5 ms at both (benchmarks/scaffold_profile.py).
+DENSE_SMOOTHING_MAX_RATIO = 128
 
 PROB_CLAMP = 1e-4  # p is clamped to [1e-4, 1 - 1e-4] before smoothing, as in DC-DiT
 
@@ -73,16 +81,36 @@ def _band_matrix(size: int, sigma: float, radius: int, device, dtype) -> Tensor:
     return torch.where(d.abs() <= radius, torch.exp(-(d**2) / (2 * sigma**2)), torch.zeros((), device=device, dtype=dtype))
 
 
-def _gaussian_blur(x: Tensor, sigma: float, radius: int) -> Tensor:
+def _gaussian_blur(x: Tensor, grid: tuple[int, ...], sigma: float, radius: int) -> Tensor:
     """Separable, unnormalised Gaussian ``exp(-k^2 / 2 sigma^2)``, ``|k| <= radius``, zero padding.
 
-    ``x``: ``(B, C, *grid)``; each grid axis is filtered in turn as one matmul with a banded
-    ``(S, S)`` matrix (BLAS-friendly on CPU and GPU alike; ``O(L S)`` per axis, ``S`` the axis length).
+    ``x``: ``(B, L, C)`` tokens in raster order, returned in the same layout. Each grid axis
+    of length ``S`` is filtered in turn as one matmul with a banded ``(S, S)`` matrix from the
+    left, on a view of ``x`` as ``(outer, S, inner)``: no transposes, so nothing is copied
+    but the matmul's output (``O(L C S)`` multiply-adds per axis, memory-bound in practice).
     """
-    for axis in range(2, x.ndim):
-        band = _band_matrix(x.shape[axis], sigma, radius, x.device, x.dtype)  # symmetric
-        x = (x.movedim(axis, -1) @ band).movedim(-1, axis)
+    B, L, C = x.shape
+    for axis, size in enumerate(grid):
+        if size == 1:
+            continue
+        band = _band_matrix(size, sigma, radius, x.device, x.dtype)  # (S, S), symmetric
+        outer, inner = B * math.prod(grid[:axis]), math.prod(grid[axis + 1:]) * C
+        x = torch.matmul(band, x.reshape(outer, size, inner)).reshape(B, L, C)
     return x
+
+
+def resolve_smoothing(smoothing: str, width: int, tokens: int, device: torch.device | str = "cuda") -> str:
+    """The smoothing form that runs for ``width`` slots on a grid of ``tokens`` positions.
+
+    ``"auto"`` is ``"dense"`` on CUDA while ``width^2 <= DENSE_SMOOTHING_MAX_RATIO * tokens``,
+    else ``"windowed"`` (on the CPU the dense kernel's ``exp`` over ``B M^2`` pairs loses at
+    every size: ``benchmarks/smoothing.py``)."""
+    if smoothing not in SMOOTHINGS:
+        raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
+    if smoothing != "auto":
+        return smoothing
+    small = width * width <= DENSE_SMOOTHING_MAX_RATIO * tokens
+    return "dense" if small and torch.device(device).type == "cuda" else "windowed"
 
 
 @typechecked
@@ -102,15 +130,14 @@ def smooth_windowed(
     are dropped; with ``r >= max(grid) - 1`` the result equals :func:`smooth_dense`.
     """
     B, M, d = h.shape
-    L, grid = plan.num_tokens, plan.grid
+    L, grid = plan.num_tokens, tuple(plan.grid)
     radius = max(1, math.ceil(truncate * sigma))
     w = (p * plan.valid)[..., None]  # (B, M, 1): padding slots weigh nothing
-    pos = plan.positions[..., None]  # (B, M, 1)
-    src = torch.cat([w * h, w], dim=-1)  # (B, M, d + 1)
-    canvas = h.new_zeros(B, L, d + 1).scatter(1, pos.expand(-1, -1, d + 1), src)  # (B, L, d + 1)
-    blurred = to_tokens(_gaussian_blur(to_grid(canvas, grid), sigma, radius))  # (B, L, d + 1)
-    at_kept = torch.take_along_dim(blurred, pos, dim=1)  # (B, M, d + 1)
-    neighbours = at_kept[..., :d] / at_kept[..., d:].clamp_min(1e-30)  # (B, M, d)
+    pos = plan.positions[..., None]  # (B, M, 1), distinct positions (a prefix of a permutation)
+    num = h.new_zeros(B, L, d).scatter(1, pos.expand(-1, -1, d), w * h)  # (B, L, d)
+    den = h.new_zeros(B, L, 1).scatter(1, pos, w)  # (B, L, 1)
+    num, den = _gaussian_blur(num, grid, sigma, radius), _gaussian_blur(den, grid, sigma, radius)
+    neighbours = torch.take_along_dim(num, pos, dim=1) / torch.take_along_dim(den, pos, dim=1).clamp_min(1e-30)
     p_ = p[..., None]
     return p_ * h + (1 - p_) * neighbours
 
@@ -122,16 +149,16 @@ def dechunk(
     plan: ChunkPlan,
     *,
     sigma: float = 1.0,
-    smoothing: Smoothing = "windowed",
+    smoothing: Smoothing = "auto",
     truncate: float = 4.0,
 ) -> Float[Tensor, "batch tokens dim"]:
     """Backbone slots ``(B, M, d)`` -> full grid ``(B, L, d)`` in fp32 (smooth, then plug back).
 
     ``probs`` are the router's ``(B, L)`` keep probabilities; ``smoothing="none"`` (or
-    ``sigma=0``) skips step 1, and the result is then exactly the kept tokens' values.
+    ``sigma=0``) skips step 1, and the result is then exactly the kept tokens' values;
+    ``"auto"`` picks ``"dense"`` or ``"windowed"`` by :func:`resolve_smoothing`.
     """
-    if smoothing not in ("windowed", "dense", "none"):
-        raise ValueError(f"smoothing must be 'windowed', 'dense' or 'none', got {smoothing!r}")
+    smoothing = resolve_smoothing(smoothing, y.shape[1], plan.num_tokens, y.device)
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0 (grid cells), got {sigma}")
     with torch.autocast(device_type=y.device.type, enabled=False):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._typing import Float, Tensor, typechecked
-from .dechunk import Smoothing, dechunk, ste_ones
+from .dechunk import SMOOTHINGS, Smoothing, dechunk, ste_ones
 from .grid import conv_nd, norm_groups, to_grid, to_tokens
 from .plan import ChunkPlan
 from .precision import FP32Module
@@ -174,7 +174,8 @@ class DeChunkDecoder(nn.Module):
         dim: backbone / encoder token width ``d``.
         out_channels: output channels (``2 * in_channels`` for a learned-sigma DiT).
         sigma: smoothing bandwidth in grid cells (DC-DiT: 1 at 32x32, 2 at 64x64).
-        smoothing: ``"windowed"`` (linear in L, default), ``"dense"`` (reference) or ``"none"``.
+        smoothing: ``"auto"`` (default: dense for a few hundred kept tokens, else windowed),
+            ``"windowed"`` (linear in L), ``"dense"`` (reference) or ``"none"``.
     """
 
     def __init__(
@@ -187,7 +188,7 @@ class DeChunkDecoder(nn.Module):
         width: int | None = None,
         cond_dim: int | None = None,
         sigma: float = 1.0,
-        smoothing: Smoothing = "windowed",
+        smoothing: Smoothing = "auto",
         truncate: float = 4.0,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
@@ -195,8 +196,8 @@ class DeChunkDecoder(nn.Module):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1 ResBlock, got {depth}")
-        if smoothing not in ("windowed", "dense", "none"):
-            raise ValueError(f"smoothing must be 'windowed', 'dense' or 'none', got {smoothing!r}")
+        if smoothing not in SMOOTHINGS:
+            raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
         if sigma < 0:
             raise ValueError(f"sigma must be >= 0 grid cells (0 turns smoothing off), got {sigma}")
         if truncate <= 0:

@@ -54,7 +54,7 @@ class ChunkWrapper(nn.Module):
         decoder_depth: int = 2,
         scaffold_width: int | None = None,
         sigma: float | None = None,
-        smoothing: Smoothing = "windowed",
+        smoothing: Smoothing = "auto",
         plan_mode: str = "auto",
         capacity: int | None = None,
         cond_adaptor: bool = True,

@@ -2,12 +2,13 @@
 
 import math
 
+import pytest
 import torch
 from conftest import plan_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chunkformer import ChunkPlan, dechunk, smooth_dense, smooth_windowed, ste_ones
+from chunkformer import ChunkPlan, DeChunkDecoder, dechunk, smooth_dense, smooth_windowed, ste_ones
 from chunkformer.dechunk import smoothing_weights
 
 
@@ -98,3 +99,38 @@ def test_dechunk_runs_fp32_under_autocast():
         out = dechunk(plan.unchunk(y), torch.rand(2, 36), plan)
     assert out.dtype == torch.float32 and out.shape == (2, 36, 4)
     assert math.isfinite(out.sum().item())
+
+
+@given(st.integers(1, 4096), st.integers(1, 4096))
+def test_auto_smoothing_is_dense_only_while_the_kernel_stays_linear_in_the_grid(width, tokens):
+    from chunkformer.dechunk import DENSE_SMOOTHING_MAX_RATIO, resolve_smoothing
+
+    choice = resolve_smoothing("auto", width, tokens, "cuda")
+    assert choice == ("dense" if width**2 <= DENSE_SMOOTHING_MAX_RATIO * tokens else "windowed")
+    assert resolve_smoothing("auto", width, tokens, "cpu") == "windowed"  # the dense kernel loses on CPUs
+    for explicit in ("windowed", "dense", "none"):
+        for device in ("cpu", "cuda"):
+            assert resolve_smoothing(explicit, width, tokens, device) == explicit
+
+
+def test_auto_smoothing_runs_the_form_it_names():
+    torch.manual_seed(0)
+    for grid, keep in (((16, 16), 0.25), ((64, 64), 0.5)):  # M^2 / L: about 16, then about 2048
+        L = math.prod(grid)
+        mask = torch.rand(2, L) < keep
+        probs = torch.rand(2, L)
+        plan = ChunkPlan.from_mask(mask, probs, grid=grid, mode="padded")
+        y = torch.randn(*plan.positions.shape, 4)
+        want = "windowed"  # on the CPU "auto" always blurs the grid
+        auto = dechunk(y, probs, plan, smoothing="auto")
+        assert torch.equal(auto, dechunk(y, probs, plan, smoothing=want))
+        other = dechunk(y, probs, plan, smoothing="windowed" if want == "dense" else "dense")
+        assert (auto - other).abs().max() < 1e-3  # the two forms agree up to the 4-sigma truncation
+
+
+def test_unknown_smoothing_names_the_choices():
+    plan = ChunkPlan.from_mask(torch.ones(1, 4, dtype=torch.bool), grid=(2, 2), mode="padded")
+    with pytest.raises(TypeError, match="'auto', 'windowed', 'dense', 'none'"):  # the type check says it first
+        dechunk(torch.randn(1, 4, 2), torch.rand(1, 4), plan, smoothing="gaussian")
+    with pytest.raises(ValueError, match="'auto', 'windowed', 'dense', 'none'"):
+        DeChunkDecoder(8, 2, smoothing="gaussian")

@@ -52,7 +52,7 @@ class DCDiT(LabelledModel):
         encoder_depth, decoder_depth: conv ResBlocks in front of / behind the backbone (2 + 2).
         scaffold_width: conv width (default ``hidden_size // 4``).
         sigma: de-chunk smoothing bandwidth in grid cells (default ``max(grid) / 32``, at least 1).
-        smoothing: ``"windowed"`` (default), ``"dense"`` or ``"none"``.
+        smoothing: ``"auto"`` (default), ``"windowed"``, ``"dense"`` or ``"none"`` (:func:`~chunkformer.dechunk.resolve_smoothing`).
         plan_mode: ``"packed"`` (default), ``"padded"`` or ``"fixed"`` (needs ``capacity``).
         capacity: tokens per sample in ``"fixed"`` mode (static shapes for torch.compile).
         attn_backend: see :mod:`chunkformer.attention`.
@@ -78,7 +78,7 @@ class DCDiT(LabelledModel):
         decoder_depth: int = 2,
         scaffold_width: int | None = None,
         sigma: float | None = None,
-        smoothing: Smoothing = "windowed",
+        smoothing: Smoothing = "auto",
         plan_mode: PlanMode = "packed",
         capacity: int | None = None,
         attn_backend: Backend = "auto",
