@@ -134,8 +134,8 @@ def smooth_windowed(
     radius = max(1, math.ceil(truncate * sigma))
     w = (p * plan.valid)[..., None]  # (B, M, 1): padding slots weigh nothing
     pos = plan.positions[..., None]  # (B, M, 1), distinct positions (a prefix of a permutation)
-    num = h.new_zeros(B, L, d).scatter(1, pos.expand(-1, -1, d), w * h)  # (B, L, d)
-    den = h.new_zeros(B, L, 1).scatter(1, pos, w)  # (B, L, 1)
+    num = h.new_zeros(B, L, d).scatter_(1, pos.expand(-1, -1, d), w * h)  # (B, L, d)
+    den = h.new_zeros(B, L, 1).scatter_(1, pos, w)  # (B, L, 1)
     num, den = _gaussian_blur(num, grid, sigma, radius), _gaussian_blur(den, grid, sigma, radius)
     neighbours = torch.take_along_dim(num, pos, dim=1) / torch.take_along_dim(den, pos, dim=1).clamp_min(1e-30)
     p_ = p[..., None]
