@@ -31,6 +31,30 @@ def step_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def scaffold_table(data: dict) -> str:
+    """benchmarks/scaffold_profile.py: cumulative stages of the scaffold, time share against FLOP share."""
+    lines = [f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, each row compiled, "
+             f"bf16 autocast (`{data['command']}`)", "",
+             "| row | ms | GFLOPs/sample | time share | FLOP share |", "|---|---|---|---|---|"]
+    lines += [f"| {r['row']} | {r['ms']:.2f} | {r['gflops_per_sample']:.1f} | {r['time_share']:.0%} | {r['flop_share']:.0%} |"
+              for r in data["rows"]]
+    return "\n".join(lines)
+
+
+def smoothing_table(data: dict) -> str:
+    """benchmarks/smoothing.py: dense against windowed de-chunk smoothing."""
+    lines = [f"{data['card']}, torch {data['torch']}, d = {data['dim']}, fp32, eager, about 25% kept "
+             f"(`{data['command']}`)", "",
+             "| grid | batch | M | auto picks | dense ms | windowed ms | speed-up | dense peak MiB | windowed peak MiB "
+             "| relative error, sigma 1 / 2 / 4 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        mib = [f"{v:.0f}" if v is not None else "-" for v in (r["dense_peak_mib"], r["windowed_peak_mib"])]
+        errs = " / ".join(f"{e:.1e}" for e in r["relative_error"].values())
+        lines.append(f"| {r['grid']} | {r['batch']} | {r['kept_width']} | {r['auto']} | {r['dense_ms']:.3f} "
+                     f"| {r['windowed_ms']:.3f} | {r['speedup']:.1f}x | {mib[0]} | {mib[1]} | {errs} |")
+    return "\n".join(lines)
+
+
 def nearest_table(data: dict) -> str:
     lines = []
     for run in data["runs"].values():
@@ -107,9 +131,13 @@ def plot(files: list[Path], out: Path) -> None:
 
 
 def main() -> None:
-    steps = sorted(RESULTS.glob("step_speed_*_h200.json"))
+    steps = sorted(RESULTS.glob("step_speed_*.json"))  # the current code's runs; earlier/ keeps the ones before
     for path in steps:
         print(step_table(json.loads(path.read_text())), end="\n\n")
+    for path in sorted(RESULTS.glob("scaffold_profile_*.json")):
+        print(scaffold_table(json.loads(path.read_text())), end="\n\n")
+    for path in sorted(RESULTS.glob("smoothing_*.json")):
+        print(smoothing_table(json.loads(path.read_text())), end="\n\n")
     for train in sorted(RESULTS.glob("train_speed_256*_h200.json")):
         print(train_table(json.loads(train.read_text())), end="\n\n")
     for small in sorted(RESULTS.glob("small_train_speed_*.json")):

@@ -66,9 +66,11 @@ def kernel_profile(step, row: str, steps: int = 3) -> dict:
     busy_us = sum(e.self_device_time_total for e in events) / steps
     launches = sum(e.count for e in events) / steps
     print(f"\n{row}: {busy_us / 1e3:.2f} ms of GPU kernels, {launches:.0f} kernels per step; top kernels:")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
-        print(f"  {e.self_device_time_total / steps / 1e3:7.3f} ms  x{e.count // steps:<4} {e.key[:90]}")
-    return {"gpu_kernel_ms": busy_us / 1e3, "kernels_per_step": launches}
+    top = [{"kernel": e.key[:120], "ms": e.self_device_time_total / steps / 1e3, "calls": e.count // steps}
+           for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]]
+    for k in top:
+        print(f"  {k['ms']:7.3f} ms  x{k['calls']:<4} {k['kernel'][:90]}")
+    return {"gpu_kernel_ms": busy_us / 1e3, "kernels_per_step": launches, "top_kernels": top}
 
 
 def main(argv=None) -> dict:

@@ -8,7 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-BENCHMARK_MODULES = ("host_syncs", "small_train_speed", "train_speed", "report")  # studies/ has a report.py too
+BENCHMARK_MODULES = ("host_syncs", "small_train_speed", "train_speed", "report", "smoothing", "scaffold_profile")  # studies/ has a report.py too
 
 
 @pytest.fixture
@@ -39,3 +39,23 @@ def test_small_train_speed_runs_every_eager_variant(tmp_path, benchmarks):
     eager = [v[0] for v in small_train_speed.VARIANTS if not v[5] and "varlen" not in v[0]]  # CUDA-only rows
     assert [r["row"] for r in result["rows"]] == eager
     assert result["rows"][0]["measured_speedup"] == 1.0 and all(r["steps_per_s"] > 0 for r in result["rows"])
+
+
+def test_smoothing_benchmark_reports_an_error_under_the_issue_bound(tmp_path, benchmarks):
+    import smoothing
+
+    result = smoothing.main(["--tiny", "--out", str(tmp_path / "s.json")])
+    assert [r["grid"] for r in result["rows"]] == ["8x8", "16x16"]
+    assert all(r["auto"] == "windowed" for r in result["rows"])  # the CPU never smooths densely
+    assert all(e < 1e-4 for r in result["rows"] for e in r["relative_error"].values())
+    assert (tmp_path / "s.json").is_file()
+
+
+def test_scaffold_profile_rows_are_cumulative_stages(tmp_path, benchmarks):
+    import scaffold_profile
+
+    rows = scaffold_profile.main(["--tiny", "--out", str(tmp_path / "p.json")])["rows"]
+    assert rows[2]["row"] == "whole scaffold (auto: windowed de-chunk)" and rows[2]["time_share"] == 1.0
+    flops = [r["gflops_per_sample"] for r in rows]
+    assert 0 < flops[0] < flops[1] < flops[2]  # encoder < + router < whole scaffold
+    assert flops[5] < flops[2]  # no smoothing counts fewer FLOPs
