@@ -84,6 +84,7 @@ class Arm:
     budget: str = "dit-flops"  # "minutes" (the seed's reference arm) or "dit-flops"
     snapshot_sets: tuple = (SampleSet("base"),)  # drawn from every snapshot
     upcycle: bool = False  # start from this seed's trained DiT arm
+    sample_layout: str | None = None  # plan layout to sample in, when training used another (a memory guard)
 
 
 ELASTIC = tuple(SampleSet(f"rho{r:g}", rho=r) for r in (0.2, 0.4, 0.6))
@@ -102,7 +103,7 @@ ARMS: dict[str, Arm] = {
     # ~4% and ~79% kept within a few steps (on the CPU, batch 8), and 79% of a batch of 256 did not fit in
     # an 80 GB H100; the ratio loss still sees the router's own choice
     "upcycled": Arm("mnist-upcycle-dcdit-s", ("model.overrides.plan_mode=fixed", "model.overrides.capacity=512"),
-                    upcycle=True),
+                    upcycle=True, sample_layout="packed"),
 }
 ORDER = tuple(ARMS)
 
@@ -132,11 +133,16 @@ def router_statistics(model, diffusion, images: torch.Tensor, labels: torch.Tens
     return {"per_timestep": rows, "probe_images": len(images)}
 
 
-def load_weights(cfg, directory: Path, device) -> torch.nn.Module:
-    """The EMA model train() saved in ``directory`` (a wrapped/upcycled one is rebuilt from the recipe)."""
+def load_weights(cfg, directory: Path, device, layout: str | None = None) -> torch.nn.Module:
+    """The EMA model train() saved in ``directory`` (a wrapped/upcycled one is rebuilt from the recipe),
+    switched to plan ``layout`` when given (the same weights and maths; only the token layout differs)."""
     if (directory / "config.json").is_file():
-        return cf.create_model(str(directory)).to(device).eval()
-    return cf.load_weights(build_model(cfg, None, None, device), directory).to(device).eval()
+        model = cf.create_model(str(directory)).to(device).eval()
+    else:
+        model = cf.load_weights(build_model(cfg, None, None, device), directory).to(device).eval()
+    if layout is not None:
+        model.plan_mode, model.capacity = layout, None
+    return model
 
 
 def fid_available() -> bool:
@@ -220,6 +226,7 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
         metrics = train(cfg)
     run_dir = Path(metrics["run_dir"])
     record = {"arm": name, "preset": arm.preset, "overrides": list(arm.overrides) + extra, "recipe": to_dict(cfg),
+              "sample_layout": arm.sample_layout,
               "train_steps": metrics["step"], "train_tflops": metrics.get("train_tflops"),
               "train_seconds": metrics["wall_seconds"], "sets": {}, "snapshots": {}, "complete": False}
     if trained and (arm_dir / "record.json").is_file():
@@ -233,7 +240,7 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
     save()
     print(f"[{name}] {metrics['step']} steps, {record['train_tflops']:.1f} TFLOPs, "
           f"{metrics['wall_seconds'] / 60:.2f} min", flush=True)
-    model = load_weights(cfg, run_dir / "final", device)
+    model = load_weights(cfg, run_dir / "final", device, arm.sample_layout)
     diffusion = create_diffusion(cfg.diffusion.kind, num_timesteps=cfg.diffusion.num_timesteps,
                                  schedule=cfg.diffusion.schedule, learn_sigma=model.out_channels != model.in_channels)
     if getattr(model, "supports_chunking", False) and "router" not in record:  # cheap: before the samples
@@ -251,7 +258,7 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
         todo = [s for s in arm.snapshot_sets if s.name not in snap["sets"]]
         if not todo:
             continue
-        snap_model = load_weights(cfg, run_dir / "snapshots" / snap["mark"], device)
+        snap_model = load_weights(cfg, run_dir / "snapshots" / snap["mark"], device, arm.sample_layout)
         where = arm_dir / "snapshots" / snap["mark"]
         where.mkdir(parents=True, exist_ok=True)
         for s in todo:

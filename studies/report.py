@@ -134,9 +134,12 @@ def plot_pareto(points: list[tuple[str, float, float]], path: Path, n: int) -> P
 
 
 def plan_layout(record: dict) -> str:
-    """The plan layout an arm trained in (its ``model.overrides.plan_mode`` override, else packed)."""
+    """The plan layout an arm trained in (its ``model.overrides.plan_mode`` override, else packed), and
+    the one it sampled in when that differs."""
     modes = [o.split("=", 1)[1] for o in record.get("overrides", []) if o.startswith("model.overrides.plan_mode=")]
-    return modes[-1] if modes else "packed"
+    trained = modes[-1] if modes else "packed"
+    sampled = record.get("sample_layout") or trained
+    return trained if sampled == trained else f"{trained} (sampled {sampled})"
 
 
 def _side_by_side(data: dict, seed: int) -> bool:

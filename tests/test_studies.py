@@ -64,6 +64,9 @@ def test_arms_train_to_the_dits_budget_and_record_their_sets(tiny_study):
     assert up["train_steps"] == max(1, round(dc["train_steps"] / 2)) and up["recipe"]["train"]["steps"] == up["train_steps"]
     assert all("base" in snap["sets"] for snap in up["snapshots"].values()) and "base" in up["sets"]
     assert up["recipe"]["upcycle"]["source"].endswith("s3/dit/run/final")
+    # it trains in fixed capacity (a memory guard) and samples in the packed layout, like the others
+    assert up["recipe"]["model"]["overrides"]["plan_mode"] == "fixed" and up["sample_layout"] == "packed"
+    assert dc["sample_layout"] is None
     assert rnd["recipe"]["model"]["overrides"]["router"] == "random"
     assert (out / "s3-dcdit.json").is_file() and (out / "dcdit-boundary_maps.png").is_file()
 
@@ -157,6 +160,8 @@ def test_report_tables_come_from_the_records(tmp_path, studies):
     assert "| 0 | DC-DiT-S | packed | 100 | 25.0% | 0.770 | 90.00 |" in text
     assert "| t | DC-DiT-S, random boundaries (seed 0, another run) |" in text and "| 25 | 25.0% / 50.0% |" in text
     assert "Another run of" not in text  # only DiT / DC-DiT re-runs get the line under table 1
+    guarded = {"overrides": ["model.overrides.plan_mode=fixed"], "sample_layout": "packed"}
+    assert report.plan_layout(guarded) == "fixed (sampled packed)" and report.plan_layout({}) == "packed"
     assert (tmp_path / "loss_curves.png").is_file() and (tmp_path / "elastic_pareto.png").is_file()
     assert "No study runs yet" in report.render({"records": {}, "curves": {}, "metrics": {}}, img=tmp_path)
 
