@@ -34,9 +34,9 @@ __all__ = ["smooth_dense", "smooth_windowed", "smoothing_weights", "ste_ones", "
 
 Smoothing = Literal["auto", "windowed", "dense", "none"]
 SMOOTHINGS: tuple[str, ...] = get_args(Smoothing)
-# "auto" smooths densely while M^2 <= this * L. On an H100 at DC-DiT-XL's width (d = 1152, a quarter
-# of the grid kept) the dense form took 0.2 ms of a 256px step (M^2 / L = 64) and 0.8 ms at 512px
-# (M^2 / L = 256), the windowed one about 0.5 ms at both (benchmarks/scaffold_profile.py).
+# "auto" smooths densely (on CUDA) while M^2 <= this * L. In DC-DiT-XL's compiled scaffold (d = 1152,
+# a quarter of the grid kept; benchmarks/scaffold_profile.py) dense / windowed smoothing took
+# 0.14 / 0.69 ms at 256px on an H100 (M^2 / L = 64) and 0.91 / 0.75 ms at 512px on an H200 (M^2 / L = 256).
 DENSE_SMOOTHING_MAX_RATIO = 128
 
 PROB_CLAMP = 1e-4  # p is clamped to [1e-4, 1 - 1e-4] before smoothing, as in DC-DiT
@@ -87,7 +87,7 @@ def _gaussian_blur(x: Tensor, grid: tuple[int, ...], sigma: float, radius: int) 
     ``x``: ``(B, L, C)`` tokens in raster order, returned in the same layout. Each grid axis
     of length ``S`` is filtered in turn as one matmul with a banded ``(S, S)`` matrix from the
     left, on a view of ``x`` as ``(outer, S, inner)``: no transposes, so nothing is copied
-    but the matmul's output (``O(L C S)`` multiply-adds per axis, memory-bound in practice).
+    but the matmul's output (``O(L C S)`` multiply-adds per axis, the band's zeros included).
     """
     B, L, C = x.shape
     for axis, size in enumerate(grid):
@@ -99,7 +99,7 @@ def _gaussian_blur(x: Tensor, grid: tuple[int, ...], sigma: float, radius: int) 
     return x
 
 
-def resolve_smoothing(smoothing: str, width: int, tokens: int, device: torch.device | str = "cuda") -> str:
+def resolve_smoothing(smoothing: str, width: int, tokens: int, device: torch.device | str) -> str:
     """The smoothing form that runs for ``width`` slots on a grid of ``tokens`` positions.
 
     ``"auto"`` is ``"dense"`` on CUDA while ``width^2 <= DENSE_SMOOTHING_MAX_RATIO * tokens``,
