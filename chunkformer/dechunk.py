@@ -81,21 +81,57 @@ def _band_matrix(size: int, sigma: float, radius: int, device, dtype) -> Tensor:
     return torch.where(d.abs() <= radius, torch.exp(-(d**2) / (2 * sigma**2)), torch.zeros((), device=device, dtype=dtype))
 
 
+BLUR_TILE = 32  # long axes are filtered in tiles of this many cells (see _blur_axis)
+
+
+def _tiled(size: int, radius: int) -> bool:
+    return size > BLUR_TILE and size % BLUR_TILE == 0 and radius < BLUR_TILE
+
+
+def blur_macs(size: int, radius: int) -> float:
+    """Multiply-adds per element that :func:`_blur_axis` executes along an axis of ``size`` cells."""
+    if not _tiled(size, radius):
+        return float(size)
+    n = size // BLUR_TILE
+    return BLUR_TILE + 2 * radius * radius * (n - 1) / (n * BLUR_TILE)
+
+
+def _blur_axis(x: Tensor, size: int, sigma: float, radius: int) -> Tensor:
+    """Filter axis 1 of ``x`` ``(outer, S, inner)`` with the truncated Gaussian; same shape out.
+
+    Short axes (or ones the tile does not divide): one matmul with the banded ``(S, S)`` matrix,
+    ``2 S`` multiply-adds per element. Longer ones are cut into tiles of ``T = BLUR_TILE`` cells
+    (a free view ``(outer, S / T, T, inner)``): one ``(T, T)`` matmul per tile plus two
+    ``(r, r)`` corrections for the ``r`` cells each tile takes from its neighbours, about
+    ``2 (T + 2 r^2 / T)`` multiply-adds per element whatever ``S`` is.
+    """
+    T = BLUR_TILE
+    if not _tiled(size, radius):
+        return torch.matmul(_band_matrix(size, sigma, radius, x.device, x.dtype), x)
+    outer, _, inner = x.shape
+    tiles = x.reshape(outer, size // T, T, inner)  # a view: no copy
+    band = _band_matrix(T + radius, sigma, radius, x.device, x.dtype)  # (T + r, T + r) Toeplitz band
+    out = torch.matmul(band[:T, :T], tiles)  # (outer, S / T, T, inner): within each tile
+    # cell i of a tile and cell j of the previous tile sit i + r - j' apart (j' = j - (T - r)): band[r + i, j']
+    halo = band[radius:, :radius][:radius]  # (r, r): first r cells <- previous tile's last r cells
+    out[:, 1:, :radius] += torch.matmul(halo, tiles[:, :-1, T - radius:])
+    out[:, :-1, T - radius:] += torch.matmul(halo.T, tiles[:, 1:, :radius])  # last r <- next tile's first r
+    return out.reshape(outer, size, inner)
+
+
 def _gaussian_blur(x: Tensor, grid: tuple[int, ...], sigma: float, radius: int) -> Tensor:
     """Separable, unnormalised Gaussian ``exp(-k^2 / 2 sigma^2)``, ``|k| <= radius``, zero padding.
 
     ``x``: ``(B, L, C)`` tokens in raster order, returned in the same layout. Each grid axis
-    of length ``S`` is filtered in turn as one matmul with a banded ``(S, S)`` matrix from the
-    left, on a view of ``x`` as ``(outer, S, inner)``: no transposes, so nothing is copied
-    but the matmul's output (``O(L C S)`` multiply-adds per axis, the band's zeros included).
+    of length ``S`` is filtered in turn (:func:`_blur_axis`) on a view of ``x`` as
+    ``(outer, S, inner)``: no transposes, so nothing is copied but the matmuls' outputs.
     """
     B, L, C = x.shape
     for axis, size in enumerate(grid):
         if size == 1:
             continue
-        band = _band_matrix(size, sigma, radius, x.device, x.dtype)  # (S, S), symmetric
         outer, inner = B * math.prod(grid[:axis]), math.prod(grid[axis + 1:]) * C
-        x = torch.matmul(band, x.reshape(outer, size, inner)).reshape(B, L, C)
+        x = _blur_axis(x.reshape(outer, size, inner), size, sigma, radius).reshape(B, L, C)
     return x
 
 

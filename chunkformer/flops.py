@@ -14,7 +14,8 @@ Convention (what is counted, what is not):
   paper's formula over each sample's *kept* length ``M_b`` (padding slots are not counted).
 * De-chunk counts the residual projection ``2 L d^2`` and the smoothing's multiply-adds:
   the windowed form ``2 (d + 1) L S`` per grid axis of length ``S`` (one banded matmul per
-  axis, zeros included as executed), the dense form ``2 M^2 d``, per sample, for the form that
+  axis, zeros included as executed; about ``2 (d + 1) L (32 + 2 r^2 / 32)`` on axes cut into
+  32-cell tiles), the dense form ``2 M^2 d``, per sample, for the form that
   ran (``"auto"`` resolved by :func:`~chunkformer.dechunk.resolve_smoothing`).
 * Token merging (:mod:`chunkformer.merging`) counts its similarity search, ``2 M D d`` per
   sample and block (``D`` destination slots), under ``"merging"``; the blocks' own FLOPs fall
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from . import attention as _attention
-from .dechunk import resolve_smoothing
+from .dechunk import blur_macs, resolve_smoothing
 from .scaffold import DeChunkDecoder
 
 __all__ = ["FlopReport", "FlopCounter", "count_flops", "sampling_tflops", "COMPONENTS"]
@@ -166,8 +167,9 @@ def _dechunk_flops(module: DeChunkDecoder, args, kwargs, output) -> float:
         return flops
     if smoothing == "dense":
         return flops + 2.0 * float((plan.lengths.double() ** 2).sum()) * d
-    # one (S, S) banded matmul per grid axis over B (d + 1) L / S rows
-    return flops + sum(2.0 * B * (d + 1) * L * size for size in plan.grid)
+    # per grid axis of S cells, one banded (S, S) matmul over B (d + 1) L / S rows, or tile by tile
+    radius = max(1, math.ceil(module.truncate * module.sigma))
+    return flops + sum(2.0 * B * (d + 1) * L * blur_macs(size, radius) for size in plan.grid)
 
 
 class FlopCounter:

@@ -33,7 +33,8 @@ def _fcm_total(model, *args, **kwargs):
 
 @pytest.mark.parametrize("name,kwargs", [("DiT-S/2", {}), ("DiT-S/4", {"input_size": (16, 24)}),
                                          ("DC-DiT-S", {"plan_mode": "padded"}),
-                                         ("DC-DiT-S", {"plan_mode": "padded", "smoothing": "dense"})])
+                                         ("DC-DiT-S", {"plan_mode": "padded", "smoothing": "dense"}),
+                                         ("DC-DiT-S", {"plan_mode": "padded", "input_size": 64})])  # tiled blur
 def test_counter_matches_flop_counter_mode_on_the_sdpa_path(name, kwargs):
     """Ours = FlopCounterMode (matmuls, convs, SDPA at 4 H L^2 d_head) + 3 H L^2 for softmax."""
     torch.manual_seed(0)
