@@ -1,14 +1,18 @@
 """The CPU-runnable benchmarks still run and report what their docs say (numbers are not asserted)."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-BENCHMARK_MODULES = ("host_syncs", "small_train_speed", "train_speed", "report", "smoothing", "scaffold_profile")  # studies/ has a report.py too
+BENCHMARK_MODULES = ("host_syncs", "small_train_speed", "train_speed", "report", "smoothing", "scaffold_profile", "vs_release")  # studies/ has a report.py too
 
 
 @pytest.fixture
@@ -59,3 +63,55 @@ def test_scaffold_profile_rows_are_cumulative_stages(tmp_path, benchmarks):
     flops = [r["gflops_per_sample"] for r in rows]
     assert 0 < flops[0] < flops[1] < flops[2]  # encoder < + router < whole scaffold
     assert flops[5] < flops[2]  # no smoothing counts fewer FLOPs
+
+
+def _load(name: str):
+    """A benchmark script as a module, without putting benchmarks/ on sys.path (studies/ has a report.py too)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _attention(q, k, v):  # (N, H, d) each, written out: softmax(q k^T / sqrt(d)) v
+    w = torch.softmax(torch.einsum("nhd,mhd->hnm", q, k) / q.shape[-1] ** 0.5, dim=-1)
+    return torch.einsum("hnm,mhd->nhd", w, v)
+
+
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=4), st.booleans())
+def test_release_stand_ins_are_exact_attention(lengths, equal):
+    """vs_release.py's flash-attn stand-ins: one batched call for equal lengths, a loop otherwise;
+    both must equal attention computed per sequence, and unpad/pad must round-trip."""
+    vs_release = _load("vs_release")
+    if equal:
+        lengths = [max(lengths)] * len(lengths)
+    g = torch.Generator().manual_seed(sum(lengths))
+    q, k, v = (torch.randn(sum(lengths), 2, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    out = vs_release._varlen(q, k, v, cu, cu, max(lengths), max(lengths))
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        assert torch.allclose(out[a:b], _attention(q[a:b], k[a:b], v[a:b]))
+    qkv = torch.randn(2, 5, 3, 2, 4, generator=g, dtype=torch.float64)
+    packed = vs_release._qkvpacked(qkv)
+    for b in range(2):
+        assert torch.allclose(packed[b], _attention(*qkv[b].unbind(1)))
+    hidden = torch.randn(len(lengths), max(lengths), 3, generator=g)
+    mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
+    flat, index, cu2, longest, _ = vs_release._unpad(hidden, mask)
+    assert torch.equal(cu2, cu) and longest == max(lengths) and flat.shape[0] == sum(lengths)
+    assert torch.equal(vs_release._pad(flat, index, *mask.shape), hidden * mask[..., None])
+
+
+def test_vs_release_runs_against_a_local_checkout(tmp_path, benchmarks):
+    """Needs the release at $CHUNKFORMER_DCDIT_REFERENCE (never downloaded); skipped otherwise."""
+    root = os.environ.get("CHUNKFORMER_DCDIT_REFERENCE")
+    if not root or not (Path(root) / "models.py").is_file():
+        pytest.skip("set CHUNKFORMER_DCDIT_REFERENCE to a checkout of AMD-AGI/DynamicChunkingDiT")
+    import vs_release
+
+    rows = vs_release.main(["--tiny", "--reference", root, "--out", str(tmp_path / "r.json")])["rows"]
+    assert [r["row"] for r in rows] == ["rho=0", "rho=0.2", "rho=0.4", "Lite-CFG (0 / 0.9)"]
+    assert rows[0]["release_kept"] == rows[0]["ours_kept"] == 16  # a quarter of the 8x8 grid
+    assert rows[2]["release_kept"] < rows[0]["release_kept"]
