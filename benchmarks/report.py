@@ -111,7 +111,7 @@ def plot(files: list[Path], out: Path) -> None:
     for ax, path in zip(axes[0], files):
         data = json.loads(path.read_text())
         L = (data["size"] // 8) ** 2
-        rows = [r for r in data["rows"] if r["row"].startswith("DC-DiT-XL rho")]
+        rows = [r for r in data["rows"] if r["row"].startswith("DC-DiT-XL rho") and "graphs" not in r["row"]]
         dit = data["rows"][0]
         kept = [r["kept"] / L for r in rows]
         ax.plot(kept, [r["ms"] for r in rows], "o-", label="DC-DiT-XL (measured)")

@@ -14,7 +14,9 @@ to an untrained router. Each budget is one bucket, one compiled graph.
 
 Rows: rho 0 / 0.2 / 0.4; Lite-CFG (a conditional pass at rho 0 plus an unconditional pass
 at rho 0.9, against DiT's two passes); and the scaffold alone (the same DC-DiT with no
-blocks), whose time share is set against its FLOP share of the rho-0 step. Columns: ms
+blocks), whose time share is set against its FLOP share of the rho-0 step. ``--cudagraphs``
+adds both models at rho 0 compiled with ``mode="reduce-overhead"`` (CUDA graphs; GPU only),
+each against DiT-XL/2 compiled the same way. Columns: ms
 per step, FLOPs per sample (``count_flops``), measured and FLOP-predicted speed-up over
 DiT-XL/2, and their ratio (the fraction of the FLOP savings the clock sees).
 """
@@ -48,15 +50,16 @@ def step_ms(fn, reps: int, *args) -> float:
     return 1e3 * (time.perf_counter() - start) / reps
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, choices=(256, 512), default=256, help="image size (latent = size / 8)")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="small models on the CPU (a smoke run)")
+    ap.add_argument("--cudagraphs", action="store_true", help="also time both models under CUDA graphs (GPU)")
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     latent = args.size // 8
     batch = args.batch or {256: 64, 512: 16}[args.size]
@@ -122,15 +125,23 @@ def main() -> None:
         scaffold_share_flops = 1 - blocks / report.total
         rows.append({"row": "DC-DiT-XL scaffold only", "ms": sc_ms, "flops": report.per_sample * scaffold_share_flops,
                      "kept": caps[0.0]})
+        if args.cudagraphs and device.type == "cuda":  # static shapes in fixed mode: one graph per capacity
+            dc.capacity = caps[0.0]
+            graphed = {name: torch.compile(m, mode="reduce-overhead") for name, m in (("dit", dit), ("dc", dc))}
+            clone = lambda f: (lambda *a: f(*a).clone())  # noqa: E731  (graph outputs are overwritten by replays)
+            rows.append({"row": "DiT-XL/2 CUDA graphs", "ms": step_ms(clone(graphed["dit"]), args.reps, x, t, y),
+                         "flops": dit_flops, "kept": L // 4, "base": "graphs"})
+            rows.append({"row": "DC-DiT-XL rho=0 CUDA graphs", "ms": step_ms(clone(graphed["dc"]), args.reps, x, t, y),
+                         "flops": rows[1]["flops"], "kept": caps[0.0], "base": "graphs"})
 
-    base = {"plain": rows[0], "cfg": rows[4]}
+    base = {"plain": rows[0], "cfg": rows[4], "graphs": next((r for r in rows if r["row"] == "DiT-XL/2 CUDA graphs"), None)}
     for r in rows:
         ref = base[r.get("base", "plain")]
         r["measured_speedup"] = ref["ms"] / r["ms"]
         r["flop_speedup"] = ref["flops"] / r["flops"]
         r["fraction_of_flop_speedup"] = r["measured_speedup"] / r["flop_speedup"]
     dc0 = rows[1]
-    time_share = rows[-1]["ms"] / dc0["ms"]
+    time_share = rows[6]["ms"] / dc0["ms"]  # the scaffold-only row
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{card}, torch {torch.__version__}, {args.size}px (latent {latent}x{latent}), batch {batch}, "
           f"{'eager' if args.no_compile else 'torch.compile'}, bf16 autocast")
@@ -140,13 +151,13 @@ def main() -> None:
               f"{r['flop_speedup']:>10.2f}{r['fraction_of_flop_speedup']:>7.2f}")
     print(f"scaffold: {time_share:.1%} of the rho=0 step's time for {scaffold_share_flops:.1%} of its FLOPs "
           f"({time_share / scaffold_share_flops:.2f}x its share)")
+    result = {"card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
+              "size": args.size, "batch": batch, "compiled": not args.no_compile, "rows": rows,
+              "scaffold_time_share": time_share, "scaffold_flop_share": scaffold_share_flops}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
-            "size": args.size, "batch": batch, "compiled": not args.no_compile, "rows": rows,
-            "scaffold_time_share": time_share, "scaffold_flop_share": scaffold_share_flops,
-        }, indent=1))
+        args.out.write_text(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

@@ -115,3 +115,14 @@ def test_vs_release_runs_against_a_local_checkout(tmp_path, benchmarks):
     assert [r["row"] for r in rows] == ["rho=0", "rho=0.2", "rho=0.4", "Lite-CFG (0 / 0.9)"]
     assert rows[0]["release_kept"] == rows[0]["ours_kept"] == 16  # a quarter of the 8x8 grid
     assert rows[2]["release_kept"] < rows[0]["release_kept"]
+
+
+def test_step_speed_rows_and_scaffold_share(tmp_path, benchmarks):
+    step_speed = _load("step_speed")
+    result = step_speed.main(["--tiny", "--no-compile", "--cudagraphs", "--out", str(tmp_path / "s.json")])
+    rows = [r["row"] for r in result["rows"]]
+    assert rows[:3] == ["DiT-XL/2", "DC-DiT-XL rho=0", "DC-DiT-XL rho=0.2"] and rows[6] == "DC-DiT-XL scaffold only"
+    assert not any("CUDA graphs" in r for r in rows)  # CUDA only
+    kept = [r["kept"] for r in result["rows"][1:4]]
+    assert kept == sorted(kept, reverse=True)  # tighter budgets keep fewer tokens
+    assert 0 < result["scaffold_flop_share"] < 1 and (tmp_path / "s.json").is_file()
