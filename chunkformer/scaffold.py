@@ -18,7 +18,7 @@ from ._typing import Float, Tensor, typechecked
 from .dechunk import SMOOTHINGS, Smoothing, dechunk, ste_ones
 from .grid import conv_nd, norm_groups, to_grid, to_tokens
 from .plan import ChunkPlan
-from .precision import FP32Module
+from .precision import FP32Module, RMSNorm
 from .routing import RouterOutput
 
 __all__ = ["ResBlock", "ChunkEncoder", "DeChunkDecoder", "FinalLayer"]
@@ -107,7 +107,7 @@ class ChunkEncoder(nn.Module):
         self.blocks = nn.ModuleList(
             ResBlock(width, dim if i == depth - 1 else width, cond_dim, ndim, **fk) for i in range(depth)
         )
-        self.norm = nn.RMSNorm(dim, eps=1e-5, **fk)
+        self.norm = RMSNorm(dim, eps=1e-5, **fk)
 
     @typechecked
     def forward(
@@ -213,7 +213,7 @@ class DeChunkDecoder(nn.Module):
         self.blocks = nn.ModuleList(
             ResBlock(dim if i == 0 else width, width, cond_dim, ndim, **fk) for i in range(depth)
         )
-        self.norm = nn.RMSNorm(width, eps=1e-5, **fk)
+        self.norm = RMSNorm(width, eps=1e-5, **fk)
         self.final = FinalLayer(width, out_channels, cond_dim, **fk)
 
     def merge(

@@ -26,6 +26,7 @@ from .budget import TimestepAdaptiveBudget
 from .caching import run_with_cache, skipped_last
 from .dechunk import Smoothing
 from .plan import ChunkPlan
+from .precision import RMSNorm
 from .routing import Router, RouterKind
 from .scaffold import ChunkEncoder, DeChunkDecoder
 
@@ -94,7 +95,7 @@ class ChunkWrapper(nn.Module):
         self.encoder = ChunkEncoder(self.in_channels, d, ndim=self.ndim, depth=encoder_depth, width=scaffold_width,
                                     **fk)
         self.router = Router(d, ndim=self.ndim, kind=router, keep_fraction=1 / target_ratio, **fk)
-        self.norm = nn.RMSNorm(d, eps=1e-5, **fk)  # backbone output norm, as in DC-DiT
+        self.norm = RMSNorm(d, eps=1e-5, **fk)  # backbone output norm, as in DC-DiT
         self.decoder = DeChunkDecoder(d, self.out_channels, ndim=self.ndim, depth=decoder_depth,
                                       width=scaffold_width, sigma=sigma, smoothing=smoothing, **fk)
 

@@ -99,3 +99,28 @@ def test_list_grids_work_with_shape_checks_on():
     router = Router(16)
     out = router(torch.randn(2, 64, 16), [8, 8])
     assert out.grid == (8, 8)
+
+
+def test_rmsnorm_keeps_the_fused_path_under_autocast_and_matches_fp32():
+    """bf16 activations with an fp32 weight: no 'Mismatch dtype' fallback warning, and the value of the
+    fp32 norm up to bf16 rounding; fp32 inputs are untouched (the weight stays fp32)."""
+    import warnings
+
+    from chunkformer.precision import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 16)
+    reference = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight  # written out
+    assert torch.allclose(norm(x), reference, atol=1e-6) and norm.weight.dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback warns; this must not
+        out = norm(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), reference, rtol=2e-2, atol=2e-2)
+    import chunkformer as cf
+
+    model = cf.create_model("DC-DiT-S", hidden_size=32, depth=1, num_heads=2, input_size=8, num_classes=3)
+    assert all(type(m) is RMSNorm for m in model.modules() if isinstance(m, torch.nn.RMSNorm))

@@ -20,6 +20,7 @@ from ..budget import TimestepAdaptiveBudget
 from ..caching import run_with_cache, skipped_last
 from ..dechunk import Smoothing
 from ..plan import ChunkPlan, PlanMode
+from ..precision import RMSNorm
 from ..routing import Router, RouterKind
 from ..scaffold import ChunkEncoder, DeChunkDecoder
 from .checkpoint import capture_config
@@ -108,7 +109,7 @@ class DCDiT(LabelledModel):
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, **fk) for _ in range(depth)
         )
-        self.norm = nn.RMSNorm(hidden_size, eps=1e-5, **fk)  # the main network's output norm (H-Net)
+        self.norm = RMSNorm(hidden_size, eps=1e-5, **fk)  # the main network's output norm (H-Net)
         self.decoder = DeChunkDecoder(
             hidden_size, self.out_channels, ndim=self.ndim, depth=decoder_depth, width=scaffold_width,
             sigma=sigma, smoothing=smoothing, **fk,
