@@ -43,7 +43,8 @@ def scaffold_table(data: dict) -> str:
 
 def smoothing_table(data: dict) -> str:
     """benchmarks/smoothing.py: dense against windowed de-chunk smoothing."""
-    lines = [f"{data['card']}, torch {data['torch']}, d = {data['dim']}, fp32, eager, about 25% kept "
+    mode = "compiled" if data.get("compiled") else "eager"
+    lines = [f"{data['card']}, torch {data['torch']}, d = {data['dim']}, fp32, {mode}, about 25% kept "
              f"(`{data['command']}`)", "",
              "| grid | batch | M | auto picks | dense ms | windowed ms | speed-up | dense peak MiB | windowed peak MiB "
              "| relative error, sigma 1 / 2 / 4 |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,6 +1,7 @@
 """De-chunk smoothing: the windowed (normalised convolution) form against the dense (B, M, M) kernel.
 
     python benchmarks/smoothing.py --device cuda --out benchmarks/results/smoothing_h100.json
+    python benchmarks/smoothing.py --device cuda --compile --out benchmarks/results/smoothing_compiled_h100.json
     python benchmarks/smoothing.py --tiny                                   # CPU smoke run
 
 For each grid (32x32 batch 64, 64x64 batch 16, 128x128 batch 4; about a quarter of the tokens
@@ -8,7 +9,8 @@ kept, DC-DiT-XL's width d = 1152, fp32 as the de-chunk runs): median millisecond
 :func:`~chunkformer.smooth_dense` and :func:`~chunkformer.smooth_windowed`, what ``"auto"``
 picks, the peak memory each allocates beyond its inputs (CUDA), and the relative error of the
 windowed form against the dense one at sigma 1, 2 and 4 (max |windowed - dense| over max |dense|,
-kept slots only, float64 on a smaller batch).
+kept slots only, float64 on a smaller batch). Eager by default; ``--compile`` times both forms
+through ``torch.compile`` (one graph per grid), as a compiled sampling step runs them.
 """
 
 import argparse
@@ -61,6 +63,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dim", type=int, default=1152)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="time both forms through torch.compile")
     ap.add_argument("--tiny", action="store_true", help="small grids and width on the CPU (a smoke run)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -73,8 +76,10 @@ def main(argv=None) -> dict:
         for grid, batch in cases:
             h, p, plan = inputs(grid, batch, dim, device, torch.float32)
             M, L = plan.positions.shape[1], math.prod(grid)
-            dense_ms, dense_mib = timed(lambda: smooth_dense(h, p, plan, 1.0), device, args.repeats)
-            win_ms, win_mib = timed(lambda: smooth_windowed(h, p, plan, 1.0), device, args.repeats)
+            wrap = torch.compile if args.compile else (lambda f: f)
+            dense_fn, win_fn = wrap(smooth_dense), wrap(smooth_windowed)
+            dense_ms, dense_mib = timed(lambda: dense_fn(h, p, plan, 1.0), device, args.repeats)
+            win_ms, win_mib = timed(lambda: win_fn(h, p, plan, 1.0), device, args.repeats)
             errors = {}
             for sigma in (1.0, 2.0, 4.0):  # float64, two samples, 64 channels: the error, not the speed
                 h64, p64, plan64 = inputs(grid, 2, 64, device, torch.float64, seed=1)
@@ -88,7 +93,7 @@ def main(argv=None) -> dict:
                          "relative_error": errors})
             print(f"{rows[-1]['grid']}: dense {dense_ms:.3f} ms, windowed {win_ms:.3f} ms", flush=True)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\n{card}, torch {torch.__version__}, d = {dim}, fp32, about 25% kept")
+    print(f"\n{card}, torch {torch.__version__}, d = {dim}, fp32, {'compiled' if args.compile else 'eager'}, about 25% kept")
     print("| grid | batch | M | auto | dense ms | windowed ms | speed-up | dense MiB | windowed MiB "
           "| rel. error sigma 1 / 2 / 4 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -98,7 +103,7 @@ def main(argv=None) -> dict:
         print(f"| {r['grid']} | {r['batch']} | {r['kept_width']} | {r['auto']} | {r['dense_ms']:.3f} "
               f"| {r['windowed_ms']:.3f} | {r['speedup']:.1f}x | {mib[0]} | {mib[1]} | {errs} |")
     result = {"card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "dim": dim,
-              "rows": rows}
+              "compiled": args.compile, "rows": rows}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
