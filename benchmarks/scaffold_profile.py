@@ -16,27 +16,15 @@ above its FLOP share is the one to work on. Last, the top CUDA kernels of the wh
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chunkformer as cf  # noqa: E402
+from step_speed import step_ms  # noqa: E402  (benchmarks/ is on the path when run as a script)
 from chunkformer.dechunk import resolve_smoothing  # noqa: E402
 from chunkformer.flops import FlopCounter  # noqa: E402
-
-
-def ms(fn, *args, reps=20):
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(3):
-        fn(*args)
-    sync()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn(*args)
-    sync()
-    return 1e3 * (time.perf_counter() - start) / reps
 
 
 def main(argv=None) -> dict:
@@ -81,7 +69,7 @@ def main(argv=None) -> dict:
                                     ("whole scaffold (no smoothing)", m, "none")):
             m.decoder.smoothing = smoothing
             torch._dynamo.reset()
-            t_ms = ms(compile_(fn), x, t, y, reps=reps)
+            t_ms = step_ms(compile_(fn), reps, x, t, y)
             with FlopCounter(m) as counter:
                 fn(x, t, y)
             flops = counter.total / B
@@ -94,7 +82,7 @@ def main(argv=None) -> dict:
 
             torch._dynamo.reset()
             fn = torch.compile(m)
-            ms(fn, x, t, y, reps=2)
+            step_ms(fn, 2, x, t, y)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 fn(x, t, y)
                 torch.cuda.synchronize()

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chunkformer as cf  # noqa: E402
+from step_speed import step_ms  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
 SCORER_BIAS = "hnet.routing_module.residual_scorer.3.bias"  # the release router's last conv bias
 
@@ -141,18 +141,6 @@ def build_release(release_config, release_models, latent: int, tiny: bool, devic
 
 def bucket(tokens: float, multiple: int = 8) -> int:
     return max(multiple, -(-round(tokens) // multiple) * multiple)
-
-
-def step_ms(fn, reps: int) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(3):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync()
-    return 1e3 * (time.perf_counter() - start) / reps
 
 
 def main(argv=None) -> dict:

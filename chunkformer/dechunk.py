@@ -84,6 +84,11 @@ def _band_matrix(size: int, sigma: float, radius: int, device, dtype) -> Tensor:
 BLUR_TILE = 32  # long axes are filtered in tiles of this many cells (see _blur_axis)
 
 
+def window_radius(sigma: float, truncate: float) -> int:
+    """Cells per axis the windowed smoothing reaches: ``ceil(truncate * sigma)``, at least 1."""
+    return max(1, math.ceil(truncate * sigma))
+
+
 def _tiled(size: int, radius: int) -> bool:
     return size > BLUR_TILE and size % BLUR_TILE == 0 and radius < BLUR_TILE
 
@@ -113,7 +118,7 @@ def _blur_axis(x: Tensor, size: int, sigma: float, radius: int) -> Tensor:
     band = _band_matrix(T + radius, sigma, radius, x.device, x.dtype)  # (T + r, T + r) Toeplitz band
     out = torch.matmul(band[:T, :T], tiles)  # (outer, S / T, T, inner): within each tile
     # cell i of a tile and cell j of the previous tile sit i + r - j' apart (j' = j - (T - r)): band[r + i, j']
-    halo = band[radius:, :radius][:radius]  # (r, r): first r cells <- previous tile's last r cells
+    halo = band[radius:2 * radius, :radius]  # (r, r): first r cells <- previous tile's last r cells
     out[:, 1:, :radius] += torch.matmul(halo, tiles[:, :-1, T - radius:])
     out[:, :-1, T - radius:] += torch.matmul(halo.T, tiles[:, 1:, :radius])  # last r <- next tile's first r
     return out.reshape(outer, size, inner)
@@ -167,7 +172,7 @@ def smooth_windowed(
     """
     B, M, d = h.shape
     L, grid = plan.num_tokens, tuple(plan.grid)
-    radius = max(1, math.ceil(truncate * sigma))
+    radius = window_radius(sigma, truncate)
     w = (p * plan.valid)[..., None]  # (B, M, 1): padding slots weigh nothing
     pos = plan.positions[..., None]  # (B, M, 1), distinct positions (a prefix of a permutation)
     num = h.new_zeros(B, L, d).scatter_(1, pos.expand(-1, -1, d), w * h)  # (B, L, d)

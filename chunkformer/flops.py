@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import attention as _attention
-from .dechunk import blur_macs, resolve_smoothing
+from .dechunk import blur_macs, resolve_smoothing, window_radius
 from .scaffold import DeChunkDecoder
 
 __all__ = ["FlopReport", "FlopCounter", "count_flops", "sampling_tflops", "COMPONENTS"]
@@ -168,7 +168,7 @@ def _dechunk_flops(module: DeChunkDecoder, args, kwargs, output) -> float:
     if smoothing == "dense":
         return flops + 2.0 * float((plan.lengths.double() ** 2).sum()) * d
     # per grid axis of S cells, one banded (S, S) matmul over B (d + 1) L / S rows, or tile by tile
-    radius = max(1, math.ceil(module.truncate * module.sigma))
+    radius = window_radius(module.sigma, module.truncate)
     return flops + sum(2.0 * B * (d + 1) * L * blur_macs(size, radius) for size in plan.grid)
 
 
