@@ -25,7 +25,9 @@ mode          chunk(x) shape          use
 
 ``packed`` and ``padded`` read ``max(lengths)`` once when the plan is built (one
 host sync); ``fixed`` never syncs: a sample that keeps more than ``capacity`` tokens
-loses its least probable ones.
+loses its least probable ones. ``packed`` and ``padded`` take ``capacity`` too, as an
+upper bound (the same rule) that caps memory when a router keeps too much, e.g. early
+in training; lengths still vary below it.
 
 Plans concatenate like tensors (``torch.cat([cond_plan, uncond_plan])`` for CFG)
 and index like tensors (``plan[:4]``).
@@ -275,18 +277,16 @@ def _build_plan(
     probs = probs.detach().float()
     pos = torch.arange(L, device=mask.device, dtype=torch.float32)
 
-    if mode == "fixed":
-        if capacity is None or not 1 <= capacity <= L:
-            raise ValueError(
-                f"mode='fixed' needs capacity in [1, {L}] (tokens per sample), got {capacity}"
-            )
+    if mode == "fixed" and capacity is None:
+        raise ValueError(f"mode='fixed' needs capacity in [1, {L}] (tokens per sample), got None")
+    if capacity is not None:
+        if not 1 <= capacity <= L:
+            raise ValueError(f"capacity must be in [1, {L}] (tokens per sample), got {capacity}")
         # keep the `capacity` most probable kept tokens (sync-free), ties to earlier positions
         key = torch.where(mask, -probs, torch.inf)
         ranks = torch.arange(L, device=mask.device).expand(B, L)
         rank = torch.empty_like(ranks).scatter(1, torch.argsort(key, dim=1, stable=True), ranks)
         mask = mask & (rank < capacity)
-    elif capacity is not None:
-        raise ValueError(f"capacity is only used with mode='fixed', got capacity={capacity} with mode={mode!r}")
 
     # kept: raster order first (keys < -1), then the rest by descending probability (keys in [-1, 0])
     key = torch.where(mask, pos - L - 1.0, -probs)

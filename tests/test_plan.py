@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from chunkformer import ChunkPlan, grid_coords, nearest_kept
 from chunkformer import plan as plan_module
+from chunkformer.plan import PLAN_MODES
 from chunkformer.plan import _nearest_kept_dense
 
 
@@ -174,16 +175,22 @@ def test_padding_slots_hold_next_most_probable_real_tokens(inputs):
         assert sorted(order[b].tolist()) == list(range(mask.shape[1]))  # a permutation
 
 
-@given(plan_inputs(), st.integers(1, 8))
-def test_fixed_capacity_keeps_most_probable_and_static_width(inputs, capacity):
+@given(plan_inputs(), st.integers(1, 8), st.sampled_from(PLAN_MODES))
+def test_capacity_keeps_most_probable(inputs, capacity, mode):
+    """``fixed``: a static width of ``capacity``; ``packed`` / ``padded``: ``capacity`` as an upper bound
+    (a memory guard). Either way a sample keeps its ``capacity`` most probable kept tokens."""
     grid, mask, probs, seed = inputs
     L = math.prod(grid)
     capacity = min(capacity, L)
-    plan = ChunkPlan.from_mask(mask, probs, grid=grid, mode="fixed", capacity=capacity)
-    assert plan.width == capacity
-    assert torch.equal(plan.lengths, mask.sum(1).clamp(max=capacity))
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid, mode=mode, capacity=capacity)
+    lengths = mask.sum(1).clamp(max=capacity)
+    assert torch.equal(plan.lengths, lengths)
+    assert plan.width == (capacity if mode == "fixed" else max(int(lengths.max()) if lengths.numel() else 0, 1))
     x = torch.randn(mask.shape[0], L, 2, generator=torch.Generator().manual_seed(seed))
-    assert plan.chunk(x).shape == (mask.shape[0], capacity, 2)
+    if mode != "packed":
+        assert plan.chunk(x).shape == (mask.shape[0], plan.width, 2)
+    else:
+        assert plan.chunk(x).shape == (int(lengths.sum()), 2)
     kept = plan.kept_mask
     assert not (kept & ~mask).any()  # only originally kept tokens survive
     for b in range(mask.shape[0]):
@@ -217,6 +224,8 @@ def test_bad_inputs_name_the_argument():
         ChunkPlan.from_mask(mask, grid=(3, 4), mode="fixed")
     with pytest.raises(ValueError, match="capacity"):
         ChunkPlan.from_mask(mask, grid=(3, 4), mode="fixed", capacity=13)
+    with pytest.raises(ValueError, match="capacity"):
+        ChunkPlan.from_mask(mask, grid=(3, 4), mode="packed", capacity=0)
     with pytest.raises(ValueError, match="probs"):
         ChunkPlan.from_mask(mask, torch.full((2, 12), float("nan")), grid=(3, 4))
     with pytest.raises(ValueError, match="bool"):

@@ -55,7 +55,8 @@ class DCDiT(LabelledModel):
         sigma: de-chunk smoothing bandwidth in grid cells (default ``max(grid) / 32``, at least 1).
         smoothing: ``"auto"`` (default), ``"windowed"``, ``"dense"`` or ``"none"`` (:func:`~chunkformer.dechunk.resolve_smoothing`).
         plan_mode: ``"packed"`` (default), ``"padded"`` or ``"fixed"`` (needs ``capacity``).
-        capacity: tokens per sample in ``"fixed"`` mode (static shapes for torch.compile).
+        capacity: tokens per sample in ``"fixed"`` mode (static shapes for torch.compile); in
+            ``"packed"`` / ``"padded"`` mode an upper bound (a memory guard; least probable tokens go).
         attn_backend: see :mod:`chunkformer.attention`.
     """
 
