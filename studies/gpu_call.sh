@@ -45,6 +45,11 @@ left=$((limit - $(date +%s) + start))
 if [ -f "$CHUNKFORMER_CACHE/$weights.pth" ] && [ "$left" -gt 20 ]; then
   timeout "$left" python3 studies/score.py /tmp/study/out --work /tmp/study
 fi
+mkdir -p /tmp/study/out/curves  # the training logs (studies/results/curves/s<seed>-<arm>.jsonl)
+for log in /tmp/study/s*/*/run/metrics.jsonl; do
+  [ -f "$log" ] && arm_dir=$(dirname "$(dirname "$log")") && \
+    cp "$log" "/tmp/study/out/curves/$(basename "$(dirname "$arm_dir")")-$(basename "$arm_dir").jsonl"
+done
 tar czf "$OUT/results.tgz" -C /tmp/study/out .
 if [ ! -f "$CHUNKFORMER_CACHE/$weights.pth" ]; then  # unscored: bring the samples back for the CPU
   (cd /tmp/study && find . -name '*.npz' -newer /tmp/fidw -print0 | tar cf - --null -T - | split -b 15m - "$OUT/npz-")

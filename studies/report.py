@@ -21,6 +21,7 @@ PAPER = {  # DC-DiT v2 (arXiv 2603.06351), ImageNet 256, 400K steps, FID-50K, 25
     "cosine": "the v1 2-D cosine router about 1.2 FID behind the default on DC-DiT-S",
     "upcycle": "about 8x fewer steps (50K vs 400K)",
 }
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)  # Student t 97.5% quantiles, df 1..9
 LABEL = {"dit": "DiT-S/2", "dcdit": "DC-DiT-S", "dcdit-single": "DC-DiT-S, single budget",
          "dcdit-random": "DC-DiT-S, random boundaries", "dcdit-cosine": "DC-DiT-S, 2-D cosine router",
          "upcycled": "DC-DiT-S upcycled from DiT-S/2"}
@@ -176,7 +177,7 @@ def render(data: dict, img: Path = IMG) -> str:
         r, c = recs.get(key, {}), curves.get(key, [])
         mse = c[-1]["mse"] if c else None
         minutes = r["train_seconds"] / 60 if "train_seconds" in r else None
-        note = " (side by side)" if _side_by_side(data, key[0]) else ""
+        note = " (side by side)" if r.get("side_by_side") else ""
         lines.append(f"| {key[0]} | {LABEL[key[1]]} | {r.get('train_steps', c[-1]['step'] if c else '-')} "
                      f"| {fmt(r.get('train_tflops', c[-1]['train_tflops'] if c else None), '.0f')} "
                      f"| {fmt(minutes)}{note} | {fmt(mse, '.4f')} | {fmt(fid_at(r.get('sets', {}).get('base'), n))} |")
@@ -193,6 +194,16 @@ def render(data: dict, img: Path = IMG) -> str:
                   f"{b['fid_b']:.2f} = {b['difference']:.2f}, 95% interval [{pct['2.5']:.2f}, {pct['97.5']:.2f}]; "
                   f"{b['a']} scores worse in {b['share_a_worse']:.0%} of the resamples. (Features on the CPU here; "
                   "this bounds the noise of the estimate, not the variation between training seeds.)"]
+    pairs = [(s, fid_at(recs[(s, "dit")]["sets"].get("base"), n), fid_at(recs[(s, "dcdit")]["sets"].get("base"), n))
+             for s in seeds if (s, "dit") in recs and (s, "dcdit") in recs]
+    pairs = [(s, a, b) for s, a, b in pairs if a is not None and b is not None]
+    if len(pairs) > 1:
+        gap = [a - b for _, a, b in pairs]
+        mean, half = statistics.mean(gap), T975[len(gap) - 2] * statistics.stdev(gap) / len(gap) ** 0.5
+        lines += ["", f"Across training seeds (each seed's pair at its own budget, {n} samples): DiT-S/2 minus DC-DiT-S "
+                  f"FID {', '.join(f'{g:.2f} (seed {s})' for g, (s, _, _) in zip(gap, pairs))}; mean {mean:.2f}, "
+                  f"95% t-interval [{mean - half:.2f}, {mean + half:.2f}] over {len(gap)} seeds; DC-DiT-S is better in "
+                  f"{sum(g > 0 for g in gap)} of {len(gap)}."]
     for again in data.get("reruns", []):
         if again["arm"] not in ("dit", "dcdit"):
             continue  # the ablation arms' second runs sit in their own table (section 5)
@@ -217,6 +228,24 @@ def render(data: dict, img: Path = IMG) -> str:
                   "| seed | minutes | DiT-S/2 MSE | DC-DiT-S MSE at the same minute | DC-DiT-S steps by then |",
                   "|---|---|---|---|---|"]
         lines += [f"| {s} | {t:.2f} | {a:.4f} | {fmt(b, '.4f')} | {fmt(st, '.0f')} |" for s, t, a, b, st in wall]
+    clock = []  # FID of DC-DiT-S's snapshot at the DiT's training minutes (mnist_study.py --minutes)
+    for s in seeds:
+        dit, dc = recs.get((s, "dit")), recs.get((s, "dcdit"))
+        if not (dit and dc) or dit.get("side_by_side") or dc.get("side_by_side"):
+            continue
+        for snap in dc.get("snapshots", {}).values():
+            if snap["mark"].endswith("min") and snap.get("sets", {}).get("base"):
+                n_c = common_samples([dit["sets"].get("base"), snap["sets"]["base"]])
+                if n_c:
+                    clock.append((s, dit, dc, snap, n_c))
+    if clock:
+        lines += ["", "Equal wall-clock FID (DC-DiT-S's weights when the DiT's training minutes are up, same card, "
+                  "one after the other; sampled and scored like the rows above):", "",
+                  "| seed | card | minutes | DiT-S/2 steps | DiT-S/2 FID | DC-DiT-S steps by then | DC-DiT-S FID "
+                  "| DC-DiT-S FID at equal FLOPs | FID samples |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {s} | {dc['device']} | {snap['minutes']:.2f} | {dit['train_steps']} "
+                  f"| {fid_at(dit['sets']['base'], n_c):.2f} | {snap['step']} | {fid_at(snap['sets']['base'], n_c):.2f} "
+                  f"| {fmt(fid_at(dc['sets'].get('base'), n_c))} | {n_c} |" for s, dit, dc, snap, n_c in clock]
     fig = plot_curves(data, img / "loss_curves.png")
     if fig:
         lines += ["", f"![training curves]({rel(fig)})"]

@@ -160,6 +160,14 @@ def test_report_tables_come_from_the_records(tmp_path, studies):
     assert "| 0 | DC-DiT-S | packed | 100 | 25.0% | 0.770 | 90.00 |" in text
     assert "| t | DC-DiT-S, random boundaries (seed 0, another run) |" in text and "| 25 | 25.0% / 50.0% |" in text
     assert "Another run of" not in text  # only DiT / DC-DiT re-runs get the line under table 1
+    # more seeds: paired FID gaps 50 and 30 -> mean 40, sd 14.142, se 10, t(df 1) 12.706 -> +-127.06
+    snap = {"mark": "1.00min", "step": 60, "minutes": 1.0, "sets": {"base": {"fid_by_samples": {"2000": 170.0}}}}
+    seeds = {(1, "dit"): _record(1, "dit", {"base": 140.0}, [0.6], kept=1.0),
+             (1, "dcdit"): _record(1, "dcdit", {"base": 110.0}, [0.77]) | {"snapshots": {"1.00min": snap}}}
+    text = report.render(data | {"records": data["records"] | seeds}, img=tmp_path)
+    assert "FID 50.00 (seed 0), 30.00 (seed 1); mean 40.00, 95% t-interval [-87.06, 167.06] over 2 seeds" in text
+    assert "DC-DiT-S is better in 2 of 2." in text
+    assert "| 1 | NVIDIA H200 | 1.00 | 100 | 140.00 | 60 | 170.00 | 110.00 | 2000 |" in text
     guarded = {"overrides": ["model.overrides.plan_mode=fixed"], "sample_layout": "packed"}
     assert report.plan_layout(guarded) == "fixed (sampled packed)" and report.plan_layout({}) == "packed"
     assert (tmp_path / "loss_curves.png").is_file() and (tmp_path / "elastic_pareto.png").is_file()
