@@ -50,6 +50,11 @@ for log in /tmp/study/s*/*/run/metrics.jsonl; do
   [ -f "$log" ] && arm_dir=$(dirname "$(dirname "$log")") && \
     cp "$log" "/tmp/study/out/curves/$(basename "$(dirname "$arm_dir")")-$(basename "$arm_dir").jsonl"
 done
+mkdir -p /tmp/study/out/runs  # end-of-training metrics (router probes): studies/results/runs/
+for m in /tmp/study/s*/*/run/metrics.json; do
+  [ -f "$m" ] && arm_dir=$(dirname "$(dirname "$m")") && \
+    cp "$m" "/tmp/study/out/runs/$(basename "$(dirname "$arm_dir")")-$(basename "$arm_dir")-metrics.json"
+done
 tar czf "$OUT/results.tgz" -C /tmp/study/out .
 if [ ! -f "$CHUNKFORMER_CACHE/$weights.pth" ]; then  # unscored: bring the samples back for the CPU
   (cd /tmp/study && find . -name '*.npz' -newer /tmp/fidw -print0 | tar cf - --null -T - | split -b 15m - "$OUT/npz-")

@@ -271,12 +271,18 @@ def render(data: dict, img: Path = IMG) -> str:
                      for d in dens.values()]
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
     lines += ["", "## 3. Timestep adaptivity", "", f"Paper: {PAPER['kept']}.", "",
-              "| seed | kept, noisiest fifth (t > 0.8) | kept, cleanest fifth (t < 0.2) | over sampling |",
-              "|---|---|---|---|"]
-    for (s, a), m in sorted(metrics.items()):
-        if a == "dcdit":
-            lines.append(f"| {s} | {fmt(m.get('kept_fraction_noisy'), '.1%')} | {fmt(m.get('kept_fraction_clean'), '.1%')} "
-                         f"| {fmt(m.get('sampling_kept_fraction'), '.1%')} |")
+              "Real digits noised to random t (the training run's probe, 512 digits) and the model's own sampling "
+              "trajectories (the `base` set: DDIM 50, first and last 10 steps):", "",
+              "| seed | real digits, noisiest fifth (t > 0.8) | real digits, cleanest fifth (t < 0.2) "
+              "| sampling, first 10 steps | sampling, last 10 steps | over sampling |", "|---|---|---|---|---|---|"]
+    for s in sorted({s for s, a in metrics if a == "dcdit"} | {s for s, a in recs if a == "dcdit"}):
+        m, steps = metrics.get((s, "dcdit"), {}), recs.get((s, "dcdit"), {}).get("sets", {}).get("base", {})
+        steps = steps.get("kept_by_step") or []
+        fifth = len(steps) // 5
+        first, last = (statistics.mean(steps[:fifth]), statistics.mean(steps[-fifth:])) if fifth else (None, None)
+        overall = m.get("sampling_kept_fraction", statistics.mean(steps) if steps else None)
+        lines.append(f"| {s} | {fmt(m.get('kept_fraction_noisy'), '.1%')} | {fmt(m.get('kept_fraction_clean'), '.1%')} "
+                     f"| {fmt(first, '.1%')} | {fmt(last, '.1%')} | {fmt(overall, '.1%')} |")
     kv = sorted(img.glob("s*-dcdit-kept_vs_timestep.png"))
     lines += [""] + [f"![kept vs timestep]({rel(p)})" for p in kv] + [""]
 

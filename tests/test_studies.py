@@ -164,7 +164,9 @@ def test_report_tables_come_from_the_records(tmp_path, studies):
     snap = {"mark": "1.00min", "step": 60, "minutes": 1.0, "sets": {"base": {"fid_by_samples": {"2000": 170.0}}}}
     seeds = {(1, "dit"): _record(1, "dit", {"base": 140.0}, [0.6], kept=1.0),
              (1, "dcdit"): _record(1, "dcdit", {"base": 110.0}, [0.77]) | {"snapshots": {"1.00min": snap}}}
+    seeds[(1, "dcdit")]["sets"]["base"]["kept_by_step"] = [0.2] * 2 + [0.25] * 6 + [0.4] * 2  # 10 steps
     text = report.render(data | {"records": data["records"] | seeds}, img=tmp_path)
+    assert "| 1 | - | - | 20.0% | 40.0% | 27.0% |" in text  # first / last fifth of the steps, mean over all
     assert "FID 50.00 (seed 0), 30.00 (seed 1); mean 40.00, 95% t-interval [-87.06, 167.06] over 2 seeds" in text
     assert "DC-DiT-S is better in 2 of 2." in text
     assert "| 1 | NVIDIA H200 | 1.00 | 100 | 140.00 | 60 | 170.00 | 110.00 | 2000 |" in text
