@@ -89,13 +89,16 @@ def window_radius(sigma: float, truncate: float) -> int:
     return max(1, math.ceil(truncate * sigma))
 
 
-def _tiled(size: int, radius: int) -> bool:
-    return size > BLUR_TILE and size % BLUR_TILE == 0 and radius < BLUR_TILE
+def _tiled(size: int, radius: int, device: torch.device | str) -> bool:
+    """Tiles pay on the CPU only (128x128: 20.9 -> 10.8 ms). On an H100 they changed little eager and
+    made the compiled blur 3-4x slower than one band matmul (``benchmarks/smoothing.py --compile``)."""
+    cpu = torch.device(device).type == "cpu"
+    return cpu and size > BLUR_TILE and size % BLUR_TILE == 0 and radius < BLUR_TILE
 
 
-def blur_macs(size: int, radius: int) -> float:
+def blur_macs(size: int, radius: int, device: torch.device | str = "cpu") -> float:
     """Multiply-adds per element that :func:`_blur_axis` executes along an axis of ``size`` cells."""
-    if not _tiled(size, radius):
+    if not _tiled(size, radius, device):
         return float(size)
     n = size // BLUR_TILE
     return BLUR_TILE + 2 * radius * radius * (n - 1) / (n * BLUR_TILE)
@@ -104,14 +107,15 @@ def blur_macs(size: int, radius: int) -> float:
 def _blur_axis(x: Tensor, size: int, sigma: float, radius: int) -> Tensor:
     """Filter axis 1 of ``x`` ``(outer, S, inner)`` with the truncated Gaussian; same shape out.
 
-    Short axes (or ones the tile does not divide): one matmul with the banded ``(S, S)`` matrix,
+    Short axes (or ones the tile does not divide), and every axis off the CPU: one matmul with the
+    banded ``(S, S)`` matrix,
     ``2 S`` multiply-adds per element. Longer ones are cut into tiles of ``T = BLUR_TILE`` cells
     (a free view ``(outer, S / T, T, inner)``): one ``(T, T)`` matmul per tile plus two
     ``(r, r)`` corrections for the ``r`` cells each tile takes from its neighbours, about
     ``2 (T + 2 r^2 / T)`` multiply-adds per element whatever ``S`` is.
     """
     T = BLUR_TILE
-    if not _tiled(size, radius):
+    if not _tiled(size, radius, x.device):
         return torch.matmul(_band_matrix(size, sigma, radius, x.device, x.dtype), x)
     outer, _, inner = x.shape
     tiles = x.reshape(outer, size // T, T, inner)  # a view: no copy

@@ -169,7 +169,8 @@ def _dechunk_flops(module: DeChunkDecoder, args, kwargs, output) -> float:
         return flops + 2.0 * float((plan.lengths.double() ** 2).sum()) * d
     # per grid axis of S cells, one banded (S, S) matmul over B (d + 1) L / S rows, or tile by tile
     radius = window_radius(module.sigma, module.truncate)
-    return flops + sum(2.0 * B * (d + 1) * L * blur_macs(size, radius) for size in plan.grid)
+    device = plan.positions.device
+    return flops + sum(2.0 * B * (d + 1) * L * blur_macs(size, radius, device) for size in plan.grid)
 
 
 class FlopCounter:

@@ -165,6 +165,14 @@ def test_windowed_smoothing_on_a_tiled_grid_is_close_to_dense():
         assert (dense - fast)[v].abs().max() / dense[v].abs().max() < 1e-4, sigma  # issue 7's bound
 
 
+def test_blur_tiles_on_the_cpu_only_and_its_flop_count_follows():
+    from chunkformer.dechunk import _tiled, blur_macs
+
+    assert _tiled(128, 8, "cpu") and not _tiled(128, 8, "cuda") and not _tiled(32, 8, "cpu")
+    assert blur_macs(128, 8, "cuda") == 128.0  # one (S, S) band matmul: S multiply-adds per element
+    assert blur_macs(128, 8, "cpu") == 32 + 2 * 64 * 3 / (4 * 32)  # tiles of 32 + (r, r) halos between 4 tiles
+
+
 def test_tiled_blur_gradient_is_the_band_matrix_transposed():
     """The tiled path adds its halo corrections in place; autograd must still see the whole band."""
     from chunkformer.dechunk import _blur_axis
