@@ -56,6 +56,18 @@ def smoothing_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def release_table(data: dict) -> str:
+    """benchmarks/vs_release.py: the authors' release against ours and DiT-XL/2, one card, one run."""
+    lines = [f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, bf16 autocast; release "
+             f"eager (flash-attn stand-ins), ours and DiT-XL/2 compiled (`{data['command']}`)", "",
+             "| row | kept (release / ours) | release ms | ours ms | ours / release | DiT-XL/2 ms "
+             "| release vs DiT-XL/2 | ours vs DiT-XL/2 |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['row']} | {r['release_kept']} / {r['ours_kept']} | {r['release_ms']:.2f} | {r['ours_ms']:.2f} "
+              f"| {r['ours_over_release']:.2f}x | {r['dit_ms']:.2f} | {r['release_over_dit']:.2f}x "
+              f"| {r['ours_over_dit']:.2f}x |" for r in data["rows"]]
+    return "\n".join(lines)
+
+
 def nearest_table(data: dict) -> str:
     lines = []
     for run in data["runs"].values():
@@ -135,6 +147,8 @@ def main() -> None:
     steps = sorted(RESULTS.glob("step_speed_*.json"))  # the current code's runs; earlier/ keeps the ones before
     for path in steps:
         print(step_table(json.loads(path.read_text())), end="\n\n")
+    for path in sorted(RESULTS.glob("vs_release_*.json")):
+        print(release_table(json.loads(path.read_text())), end="\n\n")
     for path in sorted(RESULTS.glob("scaffold_profile_*.json")):
         print(scaffold_table(json.loads(path.read_text())), end="\n\n")
     for path in sorted(RESULTS.glob("smoothing_*.json")):

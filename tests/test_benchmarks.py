@@ -132,3 +132,11 @@ def test_step_speed_rows_and_scaffold_share(tmp_path, benchmarks):
     kept = [r["kept"] for r in result["rows"][1:4]]
     assert kept == sorted(kept, reverse=True)  # tighter budgets keep fewer tokens
     assert 0 < result["scaffold_flop_share"] < 1 and (tmp_path / "s.json").is_file()
+
+
+def test_release_table_shows_each_row_against_the_release_and_dit():
+    report = _load("report")
+    row = {"row": "rho=0.4", "release_kept": 154, "ours_kept": 160, "release_ms": 58.0, "ours_ms": 31.0,
+           "dit_ms": 33.0, "ours_over_release": 58.0 / 31.0, "release_over_dit": 33.0 / 58.0, "ours_over_dit": 33.0 / 31.0}
+    text = report.release_table({"card": "H100", "torch": "2.11", "size": 256, "batch": 64, "command": "c", "rows": [row]})
+    assert "| rho=0.4 | 154 / 160 | 58.00 | 31.00 | 1.87x | 33.00 | 0.57x | 1.06x |" in text
