@@ -142,9 +142,12 @@ def _imagenet(name: str, model: str) -> Recipe:
 
 
 def _mnist_gpu(name: str, model: str) -> Recipe:
+    kwargs = {"input_size": 32, "in_channels": 1, "num_classes": 10}
+    if model.startswith("DC"):  # memory guard: the untrained router can keep most of the 1024 pixels of a
+        kwargs["capacity"] = 512  # batch of 256 for a few steps, which ran out of an 80 GB H100 (at most half)
     return Recipe(
         name=name,
-        model=ModelConfig(model, {"input_size": 32, "in_channels": 1, "num_classes": 10}),
+        model=ModelConfig(model, kwargs),
         optim=OptimConfig(lr=2e-4, ema_decay=0.999),
         diffusion=DiffusionConfig(sample_steps=50, sampler="ddim"),
         budget=BudgetConfig(warmup_steps=1000, multi_budget=model.startswith("DC")),
