@@ -119,6 +119,24 @@ def test_plan_modes_give_the_same_model_output(mode):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_capacity_caps_a_dynamic_layout_like_the_fixed_one(mode):
+    """A memory guard: in packed / padded mode ``capacity`` bounds the tokens a sample keeps, with the
+    same choice (and so the same output) as fixed capacity."""
+    ref = tiny("DC-DiT-S", depth=2, plan_mode="fixed", capacity=20)
+    torch.nn.init.constant_(ref.router.scorer[-1].bias, 0.3)  # keeps far more than 20 of 256
+    torch.nn.init.normal_(ref.decoder.final.linear.weight, std=0.05)
+    capped = tiny("DC-DiT-S", depth=2, plan_mode=mode, capacity=20)
+    capped.load_state_dict(ref.state_dict())
+    x, t, y = batch()
+    with torch.no_grad():
+        a, info_a = ref.eval()(x, t, y, return_info=True)
+        b, info_b = capped.eval()(x, t, y, return_info=True)
+    assert torch.equal(info_b.plan.lengths, torch.full((2,), 20)) and info_b.plan.width == 20
+    assert torch.equal(info_a.plan.kept_mask, info_b.plan.kept_mask)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
 def packed_case(requires_grad: bool = False):
     """``(mask, plan, q, k, v)``: 3 samples of a 5x8 grid, about 40% kept, packed ``(T, 2, 8)`` inputs."""
     torch.manual_seed(0)
