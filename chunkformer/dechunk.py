@@ -91,7 +91,7 @@ def window_radius(sigma: float, truncate: float) -> int:
 
 def _tiled(size: int, radius: int, device: torch.device | str) -> bool:
     """Tiles pay on the CPU only (128x128: 20.9 -> 10.8 ms). On an H100 they changed little eager and
-    made the compiled blur 3-4x slower than one band matmul (``benchmarks/smoothing.py --compile``)."""
+    made the compiled blur about 5x slower than one compiled band matmul (``benchmarks/smoothing.py``)."""
     cpu = torch.device(device).type == "cpu"
     return cpu and size > BLUR_TILE and size % BLUR_TILE == 0 and radius < BLUR_TILE
 

@@ -21,7 +21,7 @@ PAPER = {  # DC-DiT v2 (arXiv 2603.06351), ImageNet 256, 400K steps, FID-50K, 25
     "cosine": "the v1 2-D cosine router about 1.2 FID behind the default on DC-DiT-S",
     "upcycle": "about 8x fewer steps (50K vs 400K)",
 }
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)  # Student t 97.5% quantiles, df 1..9
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)  # Student t 97.5% quantiles, df 1..9 (df 9 beyond: wider)
 LABEL = {"dit": "DiT-S/2", "dcdit": "DC-DiT-S", "dcdit-single": "DC-DiT-S, single budget",
          "dcdit-random": "DC-DiT-S, random boundaries", "dcdit-cosine": "DC-DiT-S, 2-D cosine router",
          "upcycled": "DC-DiT-S upcycled from DiT-S/2"}
@@ -199,7 +199,7 @@ def render(data: dict, img: Path = IMG) -> str:
     pairs = [(s, a, b) for s, a, b in pairs if a is not None and b is not None]
     if len(pairs) > 1:
         gap = [a - b for _, a, b in pairs]
-        mean, half = statistics.mean(gap), T975[len(gap) - 2] * statistics.stdev(gap) / len(gap) ** 0.5
+        mean, half = statistics.mean(gap), T975[min(len(gap) - 1, len(T975)) - 1] * statistics.stdev(gap) / len(gap) ** 0.5
         lines += ["", f"Across training seeds (each seed's pair at its own budget, {n} samples): DiT-S/2 minus DC-DiT-S "
                   f"FID {', '.join(f'{g:.2f} (seed {s})' for g, (s, _, _) in zip(gap, pairs))}; mean {mean:.2f}, "
                   f"95% t-interval [{mean - half:.2f}, {mean + half:.2f}] over {len(gap)} seeds; DC-DiT-S is better in "
