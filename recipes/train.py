@@ -109,6 +109,16 @@ def _log(d: Dist, log_file, message: str) -> None:
             log_file.flush()
 
 
+def _oom_hint(model) -> str:
+    """What to try after running out of memory: a dynamic plan layout grows with what the router keeps."""
+    if getattr(model, "supports_chunking", False) and getattr(model, "plan_mode", None) != "fixed" \
+            and getattr(model, "capacity", None) is None:
+        return ("The plan layout grows with the tokens the router keeps, and an untrained router can keep most "
+                "of the grid for its first steps: bound it with model.overrides.capacity (e.g. half the grid's "
+                "positions), or lower train.global_batch.")
+    return "Lower train.global_batch (or model.overrides.capacity for a chunking model)."
+
+
 def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
     """Run the recipe; returns the final metrics (rank 0) or an empty dict."""
     # 1. setup ---------------------------------------------------------------------
@@ -249,23 +259,32 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
 
         distill = teacher is not None and step < cfg.upcycle.distill_steps
         label_drop = drop if null_class is not None else None
-        with autocast, (cf.flops.FlopCounter(model) if count else nullcontext()) as counter:
-            kwargs = {"rho": rho} if chunking else {}
-            if distill:
-                kwargs["block_outputs"] = True
-            out, info = ddp_model(x_t, diffusion.model_timesteps(t), y, return_info=True,
-                                  label_drop=label_drop, **kwargs)
-            distill_loss = (teacher.distillation_loss(info, x_t, diffusion.model_timesteps(t), y, label_drop)
-                            if distill else torch.zeros((), device=device))
-        losses = diffusion.training_losses(out.float(), x0, x_t, t, noise)
-        loss = (losses["loss"].mean() + cfg.budget.ratio_weight * info.ratio_loss
-                + cfg.upcycle.distill_weight * distill_loss.float())
-        if not torch.isfinite(loss):
-            checkpoint()
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good state checkpointed in "
-                                     f"{ckpt_dir}. Lower optim.lr or check the data.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            with autocast, (cf.flops.FlopCounter(model) if count else nullcontext()) as counter:
+                kwargs = {"rho": rho} if chunking else {}
+                if distill:
+                    kwargs["block_outputs"] = True
+                out, info = ddp_model(x_t, diffusion.model_timesteps(t), y, return_info=True,
+                                      label_drop=label_drop, **kwargs)
+                distill_loss = (teacher.distillation_loss(info, x_t, diffusion.model_timesteps(t), y, label_drop)
+                                if distill else torch.zeros((), device=device))
+            losses = diffusion.training_losses(out.float(), x0, x_t, t, noise)
+            loss = (losses["loss"].mean() + cfg.budget.ratio_weight * info.ratio_loss
+                    + cfg.upcycle.distill_weight * distill_loss.float())
+            if not torch.isfinite(loss):
+                checkpoint()
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good state checkpointed in "
+                                         f"{ckpt_dir}. Lower optim.lr or check the data.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        except torch.OutOfMemoryError as err:
+            out = info = losses = loss = distill_loss = None  # free this step's graph before saving
+            opt.zero_grad(set_to_none=True)
+            if d.world == 1:  # the weights are those of the last finished step; with several processes the
+                checkpoint()  # others may still be in a collective, so only the periodic checkpoints stand
+            saved = "last good state checkpointed" if d.world == 1 else "periodic checkpoints"
+            raise torch.OutOfMemoryError(f"out of memory at step {step} (batch {batches.local_batch} per process); "
+                                         f"{saved} in {ckpt_dir}. {_oom_hint(model)}") from err
         grad_norm = full_tensors([torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)])[0]
         opt.step()
         sched.step()

@@ -270,3 +270,30 @@ def test_bad_snapshot_marks_are_refused_before_any_work(mark):
         parse_snapshots([mark])
     assert parse_snapshots(["2.5min", "10STEPS", "3tflops"]) == [
         ("2.5min", "minutes", 2.5), ("10STEPS", "step", 10.0), ("3tflops", "tflops", 3.0)]
+
+
+@pytest.mark.parametrize("capacity", [None, 64])
+def test_out_of_memory_checkpoints_and_says_what_to_bound(tmp_path, monkeypatch, capacity):
+    """Running out of memory mid-run keeps the last finished step on disk and names the knob: the
+    dynamic plan layout grows with what an untrained router keeps (seed 1 of the study, on an H100)."""
+    import chunkformer as cf
+    from recipes.train import train
+
+    monkeypatch.setenv("CHUNKFORMER_TYPECHECK", "0")
+    cfg = apply_overrides(get_recipe("tiny-cpu"), [*TINY, f"train.results_dir={tmp_path}", "train.run_name=oom",
+                                                   "train.steps=4", "train.ckpt_every=100",
+                                                   *([f"model.overrides.capacity={capacity}"] if capacity else [])])
+    real, calls = cf.DCDiT.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second training step
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cf.DCDiT, "forward", forward)
+    with pytest.raises(torch.OutOfMemoryError, match="at step 1") as err:
+        train(cfg)
+    assert ("model.overrides.capacity (e.g. half" in str(err.value)) == (capacity is None)
+    assert "last good state checkpointed" in str(err.value)
+    assert final_state(tmp_path / "oom")["step"] == 1  # the step that finished
