@@ -297,3 +297,23 @@ def test_out_of_memory_checkpoints_and_says_what_to_bound(tmp_path, monkeypatch,
     assert ("model.overrides.capacity (e.g. half" in str(err.value)) == (capacity is None)
     assert "last good state checkpointed" in str(err.value)
     assert final_state(tmp_path / "oom")["step"] == 1  # the step that finished
+
+
+def test_a_non_finite_loss_checkpoints_and_stops(tmp_path, monkeypatch):
+    import chunkformer as cf
+    from recipes.train import train
+
+    monkeypatch.setenv("CHUNKFORMER_TYPECHECK", "0")
+    cfg = apply_overrides(get_recipe("tiny-cpu"), [*TINY, f"train.results_dir={tmp_path}", "train.run_name=nan",
+                                                   "train.steps=4", "train.ckpt_every=100"])
+    real, calls = cf.DCDiT.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        out, info = real(self, *args, **kwargs)
+        return (out * float("nan") if len(calls) == 3 else out), info
+
+    monkeypatch.setattr(cf.DCDiT, "forward", forward)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 2.*optim.lr"):
+        train(cfg)
+    assert final_state(tmp_path / "nan")["step"] == 2
