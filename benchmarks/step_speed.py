@@ -16,7 +16,9 @@ Rows: rho 0 / 0.2 / 0.4; Lite-CFG (a conditional pass at rho 0 plus an unconditi
 at rho 0.9, against DiT's two passes); and the scaffold alone (the same DC-DiT with no
 blocks), whose time share is set against its FLOP share of the rho-0 step. ``--cudagraphs``
 adds both models at rho 0 compiled with ``mode="reduce-overhead"`` (CUDA graphs; GPU only),
-each against DiT-XL/2 compiled the same way. Columns: ms
+each against DiT-XL/2 compiled the same way. ``--fill-capacity`` builds DC-DiT with
+``fill_capacity=True``: the same tokens (the router keeps all, the capacity cuts), but the plan
+is full by construction, so attention runs without a key mask. Columns: ms
 per step, FLOPs per sample (``count_flops``), measured and FLOP-predicted speed-up over
 DiT-XL/2, and their ratio (the fraction of the FLOP savings the clock sees).
 """
@@ -58,6 +60,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="small models on the CPU (a smoke run)")
     ap.add_argument("--cudagraphs", action="store_true", help="also time both models under CUDA graphs (GPU)")
+    ap.add_argument("--fill-capacity", action="store_true",
+                    help="DC-DiT with fill_capacity=True: the plan is full by construction, attention runs unmasked")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,7 +84,8 @@ def main(argv=None) -> dict:
     def dcdit(depth=None):
         torch.manual_seed(0)
         kw = dict(sizes, depth=depth) if depth is not None else sizes
-        m = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=L // 4, **kw).to(device).eval()
+        m = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=L // 4,
+                            fill_capacity=args.fill_capacity, **kw).to(device).eval()
         torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)  # keep everything; capacity is the budget
         return m
 
@@ -144,7 +149,8 @@ def main(argv=None) -> dict:
     time_share = rows[6]["ms"] / dc0["ms"]  # the scaffold-only row
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{card}, torch {torch.__version__}, {args.size}px (latent {latent}x{latent}), batch {batch}, "
-          f"{'eager' if args.no_compile else 'torch.compile'}, bf16 autocast")
+          f"{'eager' if args.no_compile else 'torch.compile'}, bf16 autocast"
+          f"{', fill_capacity (unmasked attention)' if args.fill_capacity else ''}")
     print(f"{'row':<30}{'kept':>6}{'ms':>9}{'GFLOPs':>9}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}")
     for r in rows:
         print(f"{r['row']:<30}{r['kept']:>6}{r['ms']:>9.2f}{r['flops'] / 1e9:>9.1f}{r['measured_speedup']:>10.2f}"
@@ -152,7 +158,8 @@ def main(argv=None) -> dict:
     print(f"scaffold: {time_share:.1%} of the rho=0 step's time for {scaffold_share_flops:.1%} of its FLOPs "
           f"({time_share / scaffold_share_flops:.2f}x its share)")
     result = {"card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
-              "size": args.size, "batch": batch, "compiled": not args.no_compile, "rows": rows,
+              "size": args.size, "batch": batch, "compiled": not args.no_compile, "fill_capacity": args.fill_capacity,
+              "rows": rows,
               "scaffold_time_share": time_share, "scaffold_flop_share": scaffold_share_flops}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

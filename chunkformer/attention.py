@@ -130,7 +130,8 @@ def chunk_attention(
             raise ValueError(
                 f"{plan.mode} plans take (batch, slots, heads, head_dim) inputs, got {tuple(q.shape)}"
             )
-        mask = _key_mask(plan.valid, key_bias, q.dtype)  # (B, 1, 1, M): attend to real tokens only
+        # (B, 1, 1, M): attend to real tokens only; a full plan has no others, so no mask (the fast kernels)
+        mask = None if plan.full and key_bias is None else _key_mask(plan.valid, key_bias, q.dtype)
         q_, k_, v_ = (rearrange(t, "b m h d -> b h m d") for t in (q, k, v))
         out = masked_sdpa(q_, k_, v_, mask)
         return rearrange(out, "b h m d -> b m h d")

@@ -60,6 +60,7 @@ class ChunkPlan:
         grid: grid shape the positions index into.
         width: slots per sample ``M`` in the chunked ``(B, M, d)`` layout.
         mode: ``"packed"``, ``"padded"`` or ``"fixed"``.
+        full: every slot holds a kept token (a ``fill``-ed fixed plan): attention needs no mask.
     """
 
     order: torch.Tensor
@@ -67,6 +68,7 @@ class ChunkPlan:
     grid: tuple
     width: int
     mode: str
+    full: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -78,20 +80,25 @@ class ChunkPlan:
         grid: GridShape,
         mode: PlanMode = "packed",
         capacity: int | None = None,
+        fill: bool = False,
     ) -> "ChunkPlan":
         """Build a plan from a boundary mask (``True`` = keep) over a grid.
 
-        ``probs`` orders the tokens that are not kept (pad slots) and, in ``fixed``
-        mode, chooses which kept tokens survive when a sample keeps more than
-        ``capacity``. Without it, pad slots follow raster order.
+        ``probs`` orders the tokens that are not kept (pad slots) and, with a
+        ``capacity``, chooses which kept tokens survive when a sample keeps more.
+        Without it, pad slots follow raster order. ``fill`` (fixed mode): a sample that
+        keeps fewer than ``capacity`` tokens also keeps its most probable other ones, so
+        every sample keeps exactly ``capacity`` and the plan is ``full``.
         """
-        return _build_plan(mask, probs, grid=grid, mode=mode, capacity=capacity)
+        return _build_plan(mask, probs, grid=grid, mode=mode, capacity=capacity, fill=fill)
 
     @classmethod
-    def from_router(cls, out, *, mode: PlanMode = "packed", capacity: int | None = None) -> "ChunkPlan":
+    def from_router(
+        cls, out, *, mode: PlanMode = "packed", capacity: int | None = None, fill: bool = False
+    ) -> "ChunkPlan":
         """Build a plan from a :class:`~chunkformer.routing.RouterOutput`."""
         # the router has checked its probabilities already: no second device round trip here
-        return _build_plan(out.mask, out.probs, grid=out.grid, mode=mode, capacity=capacity, check=False)
+        return _build_plan(out.mask, out.probs, grid=out.grid, mode=mode, capacity=capacity, fill=fill, check=False)
 
     @classmethod
     def cat(cls, plans: "list[ChunkPlan]") -> "ChunkPlan":
@@ -113,6 +120,7 @@ class ChunkPlan:
             grid=first.grid,
             width=max(p.width for p in plans),
             mode=first.mode,
+            full=all(p.full for p in plans),
             batch_size=[sum(p.batch_size[0] for p in plans)],
         )
         totals = [p._derived(("total",), lambda: None) for p in plans]
@@ -258,7 +266,8 @@ class ChunkPlan:
 
 
 def _build_plan(
-    mask: Tensor, probs: Tensor | None, *, grid: GridShape, mode: str, capacity: int | None, check: bool = True
+    mask: Tensor, probs: Tensor | None, *, grid: GridShape, mode: str, capacity: int | None, fill: bool = False,
+    check: bool = True,
 ) -> ChunkPlan:
     grid = check_grid(grid)
     if mask.ndim != 2 or mask.dtype != torch.bool:
@@ -279,14 +288,18 @@ def _build_plan(
 
     if mode == "fixed" and capacity is None:
         raise ValueError(f"mode='fixed' needs capacity in [1, {L}] (tokens per sample), got None")
+    if fill and mode != "fixed":
+        raise ValueError(f"fill=True keeps exactly `capacity` tokens per sample: it needs mode='fixed', got {mode!r}")
     if capacity is not None:
         if not 1 <= capacity <= L:
             raise ValueError(f"capacity must be in [1, {L}] (tokens per sample), got {capacity}")
-        # keep the `capacity` most probable kept tokens (sync-free), ties to earlier positions
-        key = torch.where(mask, -probs, torch.inf)
+        # rank the kept tokens by probability (sync-free; ties to earlier positions), then, with `fill`,
+        # the others the same way; keep the first `capacity`
+        by_prob = torch.argsort(-probs, dim=1, stable=True)
+        kept_first = by_prob.gather(1, torch.argsort((~mask).gather(1, by_prob).to(torch.uint8), dim=1, stable=True))
         ranks = torch.arange(L, device=mask.device).expand(B, L)
-        rank = torch.empty_like(ranks).scatter(1, torch.argsort(key, dim=1, stable=True), ranks)
-        mask = mask & (rank < capacity)
+        rank = torch.empty_like(ranks).scatter(1, kept_first, ranks)
+        mask = (rank < capacity) if fill else mask & (rank < capacity)
 
     # kept: raster order first (keys < -1), then the rest by descending probability (keys in [-1, 0])
     key = torch.where(mask, pos - L - 1.0, -probs)
@@ -294,7 +307,7 @@ def _build_plan(
     lengths = mask.sum(1)
     if mode == "fixed" or not B:
         return ChunkPlan(order=order, lengths=lengths, grid=grid, width=capacity if mode == "fixed" else 1,
-                         mode=mode, batch_size=[B])
+                         mode=mode, full=fill, batch_size=[B])
     longest, total = torch.stack([lengths.max(), lengths.sum()]).tolist()  # the one host sync of a plan
     plan = ChunkPlan(order=order, lengths=lengths, grid=grid, width=max(longest, 1), mode=mode, batch_size=[B])
     plan._derived(("total",), lambda: total)  # later packs gather without asking the device again

@@ -62,6 +62,7 @@ class ChunkWrapper(nn.Module):
         coord_scale: float | None = None,
         grid: tuple[int, ...] | None = None,
         out_channels: int | None = None,
+        fill_capacity: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -86,7 +87,9 @@ class ChunkWrapper(nn.Module):
             )
         if plan_mode == "fixed" and capacity is None:
             raise ValueError("plan_mode='fixed' needs capacity (tokens per sample), e.g. capacity=L // 4")
-        self.plan_mode, self.capacity = plan_mode, capacity
+        if fill_capacity and plan_mode != "fixed":
+            raise ValueError(f"fill_capacity=True needs plan_mode='fixed' (and a capacity), got {plan_mode!r}")
+        self.plan_mode, self.capacity, self.fill_capacity = plan_mode, capacity, fill_capacity
         self.coord_scale = 1.0 / adapter.patch_size if coord_scale is None else coord_scale
         sigma = max(1.0, max(self.grid) / 32) if sigma is None else sigma
         fk = {"device": device, "dtype": dtype}
@@ -153,7 +156,7 @@ class ChunkWrapper(nn.Module):
         if rho is None:
             rho = self.budget.rho_at(t) if self.budget.schedule is not None else 0.0
         routed = self.router(tokens, grid, rho=rho)
-        plan = ChunkPlan.from_router(routed, mode=self.plan_mode, capacity=self.capacity)
+        plan = ChunkPlan.from_router(routed, mode=self.plan_mode, capacity=self.capacity, fill=self.fill_capacity)
         pos = self.backbone.position_embedding(plan.coords * self.coord_scale).to(tokens.dtype)  # (B, M, d)
         h = plan.chunk(tokens) + (plan.pack(pos) if plan.mode == "packed" else pos)
         keep = [] if block_outputs else None
@@ -197,7 +200,8 @@ def wrap(
         freeze_embedders: freeze the backbone's timestep / label embedders (upcycling).
         **kwargs: :class:`ChunkWrapper` options: ``encoder_depth``, ``decoder_depth``,
             ``scaffold_width``, ``sigma``, ``smoothing``, ``plan_mode`` (``"auto"``: packed where the
-            attention is known, else padded with real tokens), ``capacity``, ``cond_adaptor``
+            attention is known, else padded with real tokens), ``capacity``, ``fill_capacity`` (fixed mode: exactly ``capacity`` tokens per sample, attention
+            unmasked), ``cond_adaptor``
             (LayerNorm on the scaffold's conditioning, default on), ``coord_scale`` (default
             ``1 / patch_size``: positions in the backbone's patch units), ``grid``,
             ``out_channels``, ``device``, ``dtype``.

@@ -125,7 +125,8 @@ def test_vs_release_runs_against_a_local_checkout(tmp_path, benchmarks):
 
 def test_step_speed_rows_and_scaffold_share(tmp_path, benchmarks):
     step_speed = _load("step_speed")
-    result = step_speed.main(["--tiny", "--no-compile", "--cudagraphs", "--out", str(tmp_path / "s.json")])
+    result = step_speed.main(["--tiny", "--no-compile", "--cudagraphs", "--fill-capacity", "--out", str(tmp_path / "s.json")])
+    assert result["fill_capacity"]
     rows = [r["row"] for r in result["rows"]]
     assert rows[:3] == ["DiT-XL/2", "DC-DiT-XL rho=0", "DC-DiT-XL rho=0.2"] and rows[6] == "DC-DiT-XL scaffold only"
     assert not any("CUDA graphs" in r for r in rows)  # CUDA only

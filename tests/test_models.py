@@ -137,6 +137,34 @@ def test_capacity_caps_a_dynamic_layout_like_the_fixed_one(mode):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_fill_capacity_runs_unmasked_and_keeps_exactly_capacity(monkeypatch):
+    """fill_capacity: every sample keeps ``capacity`` tokens; when the router keeps at least that many the
+    model is the fixed-capacity one, now without an attention mask."""
+    import chunkformer.attention as attention
+
+    masks = []
+    real = attention.masked_sdpa
+    monkeypatch.setattr(attention, "masked_sdpa", lambda q, k, v, mask: masks.append(mask) or real(q, k, v, mask))
+    ref = tiny("DC-DiT-S", depth=2, plan_mode="fixed", capacity=20)
+    torch.nn.init.constant_(ref.router.scorer[-1].bias, 0.3)  # keeps far more than 20 of 256
+    torch.nn.init.normal_(ref.decoder.final.linear.weight, std=0.05)
+    filled = tiny("DC-DiT-S", depth=2, plan_mode="fixed", capacity=20, fill_capacity=True)
+    filled.load_state_dict(ref.state_dict())
+    x, t, y = batch()
+    with torch.no_grad():
+        a = ref.eval()(x, t, y)
+        masks.clear()
+        b, info = filled.eval()(x, t, y, return_info=True)
+    assert masks and all(m is None for m in masks)  # every block's attention ran unmasked
+    assert info.plan.full and torch.allclose(a, b, atol=1e-5)
+    torch.nn.init.constant_(filled.router.scorer[-1].bias, -30.0)  # the router keeps almost nothing
+    with torch.no_grad():
+        _, info = filled(x, t, y, return_info=True)
+    assert torch.equal(info.plan.lengths, torch.full((2,), 20))
+    with pytest.raises(ValueError, match="fill_capacity=True needs plan_mode='fixed'"):
+        tiny("DC-DiT-S", fill_capacity=True)
+
+
 def packed_case(requires_grad: bool = False):
     """``(mask, plan, q, k, v)``: 3 samples of a 5x8 grid, about 40% kept, packed ``(T, 2, 8)`` inputs."""
     torch.manual_seed(0)

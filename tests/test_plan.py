@@ -212,6 +212,30 @@ def test_position_embedding_follows_original_coordinates(grid, B, data):
     assert torch.allclose(pe, expected)
 
 
+@given(plan_inputs(), st.integers(1, 8))
+def test_fill_keeps_exactly_capacity_kept_tokens_first(inputs, capacity):
+    """``fill``: exactly ``capacity`` tokens per sample: the most probable kept ones, then (when a sample
+    keeps fewer) the most probable others; every slot is real, so the plan says ``full``."""
+    grid, mask, probs, seed = inputs
+    capacity = min(capacity, math.prod(grid))
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid, mode="fixed", capacity=capacity, fill=True)
+    assert plan.full and bool(plan.valid.all()) and torch.equal(plan.lengths, torch.full_like(plan.lengths, capacity))
+    chosen = plan.kept_mask
+    for b in range(mask.shape[0]):
+        router, rest = mask[b], ~mask[b]
+        if int(router.sum()) >= capacity:  # only router-kept tokens, the most probable of them
+            assert not (chosen[b] & rest).any()
+        else:  # every router-kept token, then the most probable others
+            assert bool(chosen[b][router].all())
+            extra, left = chosen[b] & rest, rest & ~chosen[b]
+            if extra.any() and left.any():
+                assert probs[b][extra].min() >= probs[b][left].max()
+    masked = ChunkPlan(order=plan.order, lengths=plan.lengths, grid=plan.grid, width=plan.width, mode="fixed",
+                       batch_size=plan.batch_size)
+    assert not masked.full and torch.cat([plan, plan]).full and not torch.cat([plan, masked]).full
+    assert plan[:1].full and not masked[:1].full
+
+
 def test_bad_inputs_name_the_argument():
     mask = torch.ones(2, 12, dtype=torch.bool)
     with pytest.raises(ValueError, match="grid"):
@@ -226,6 +250,8 @@ def test_bad_inputs_name_the_argument():
         ChunkPlan.from_mask(mask, grid=(3, 4), mode="fixed", capacity=13)
     with pytest.raises(ValueError, match="capacity"):
         ChunkPlan.from_mask(mask, grid=(3, 4), mode="packed", capacity=0)
+    with pytest.raises(ValueError, match="fill=True.*mode='fixed'"):
+        ChunkPlan.from_mask(mask, grid=(3, 4), mode="padded", capacity=4, fill=True)
     with pytest.raises(ValueError, match="probs"):
         ChunkPlan.from_mask(mask, torch.full((2, 12), float("nan")), grid=(3, 4))
     with pytest.raises(ValueError, match="bool"):

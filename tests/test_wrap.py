@@ -249,3 +249,14 @@ def test_examples_run_at_tiny_size(name, capsys):
     result = module.main(["--steps", "3", "--depth", "1"])
     assert len(result["losses"]) == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
     assert "saved" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fill_capacity_keeps_exactly_capacity_tokens(layout):
+    _, w = wrapped_model(layout, plan_mode="fixed", capacity=24, fill_capacity=True)
+    torch.nn.init.constant_(w.router.scorer[-1].bias, -30.0)  # the router alone keeps almost nothing
+    x, t, y = inputs()
+    out, info = w(x, t, y, return_info=True)
+    assert out.shape == (3, 8, 8, 8) and info.plan.full and torch.equal(info.plan.lengths, torch.full((3,), 24))
+    with pytest.raises(ValueError, match="fill_capacity=True needs plan_mode='fixed'"):
+        cf.wrap(make(layout), fill_capacity=True)

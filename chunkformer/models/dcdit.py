@@ -58,6 +58,10 @@ class DCDiT(LabelledModel):
         capacity: tokens per sample in ``"fixed"`` mode (static shapes for torch.compile); in
             ``"packed"`` / ``"padded"`` mode an upper bound (a memory guard; least probable tokens go).
         attn_backend: see :mod:`chunkformer.attention`.
+        fill_capacity: ``"fixed"`` mode only: every sample keeps exactly ``capacity`` tokens (a sample
+            whose router keeps fewer also keeps its most probable others), so no slot is padding and
+            attention runs without a mask, on the fastest kernels. Off by default (the paper keeps
+            each sample's own count).
     """
 
     supports_chunking = True
@@ -85,6 +89,7 @@ class DCDiT(LabelledModel):
         capacity: int | None = None,
         attn_backend: Backend = "auto",
         *,
+        fill_capacity: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -95,9 +100,11 @@ class DCDiT(LabelledModel):
         self.ndim = len(self.grid)
         self.in_channels, self.hidden_size = in_channels, hidden_size
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.plan_mode, self.capacity = plan_mode, capacity
+        self.plan_mode, self.capacity, self.fill_capacity = plan_mode, capacity, fill_capacity
         if plan_mode == "fixed" and capacity is None:
             raise ValueError("plan_mode='fixed' needs capacity (tokens per sample), e.g. capacity=L // 4")
+        if fill_capacity and plan_mode != "fixed":
+            raise ValueError(f"fill_capacity=True needs plan_mode='fixed' (and a capacity), got {plan_mode!r}")
         sigma = max(1.0, max(self.grid) / 32) if sigma is None else sigma
         self.budget = TimestepAdaptiveBudget(target_ratio=target_ratio)
 
@@ -143,7 +150,7 @@ class DCDiT(LabelledModel):
         if rho is None:
             rho = self.budget.rho_at(t) if self.budget.schedule is not None else 0.0
         routed = self.router(tokens, grid, rho=rho)  # RouterOutput, (B, L) fields
-        plan = ChunkPlan.from_router(routed, mode=self.plan_mode, capacity=self.capacity)
+        plan = ChunkPlan.from_router(routed, mode=self.plan_mode, capacity=self.capacity, fill=self.fill_capacity)
         # 3. backbone on the kept tokens, at their original positions
         h = plan.chunk(tokens) + plan.position_embedding(self.hidden_size).to(tokens.dtype)  # (T, d) | (B, M, d)
 
