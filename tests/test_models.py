@@ -237,12 +237,13 @@ def test_create_model_errors_say_what_to_do():
         tiny("DC-DiT-S", num_classes=0)
 
 
-def test_fixed_capacity_model_compiles_fullgraph_with_bounded_recompiles():
-    code = """
+@pytest.mark.parametrize("fill", [False, True])
+def test_fixed_capacity_model_compiles_fullgraph_with_bounded_recompiles(fill):
+    code = f"""
         import torch, chunkformer as cf
         torch.manual_seed(0)
         model = cf.create_model("DC-DiT-S", hidden_size=32, depth=1, num_heads=2, input_size=8,
-                                num_classes=3, plan_mode="fixed", capacity=24).eval()
+                                num_classes=3, plan_mode="fixed", capacity=24, fill_capacity={fill}).eval()
         compiles = 0
         def backend(gm, example_inputs):
             global compiles
