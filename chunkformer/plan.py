@@ -295,10 +295,13 @@ def _build_plan(
             raise ValueError(f"capacity must be in [1, {L}] (tokens per sample), got {capacity}")
         # rank the kept tokens by probability (sync-free; ties to earlier positions), then, with `fill`,
         # the others the same way; keep the first `capacity`
-        by_prob = torch.argsort(-probs, dim=1, stable=True)
-        kept_first = by_prob.gather(1, torch.argsort((~mask).gather(1, by_prob).to(torch.uint8), dim=1, stable=True))
+        if fill:  # two stable sorts: by probability, then kept before not kept
+            by_prob = torch.argsort(-probs, dim=1, stable=True)
+            ranked = by_prob.gather(1, torch.argsort((~mask).gather(1, by_prob).to(torch.uint8), dim=1, stable=True))
+        else:
+            ranked = torch.argsort(torch.where(mask, -probs, torch.inf), dim=1, stable=True)
         ranks = torch.arange(L, device=mask.device).expand(B, L)
-        rank = torch.empty_like(ranks).scatter(1, kept_first, ranks)
+        rank = torch.empty_like(ranks).scatter(1, ranked, ranks)
         mask = (rank < capacity) if fill else mask & (rank < capacity)
 
     # kept: raster order first (keys < -1), then the rest by descending probability (keys in [-1, 0])
