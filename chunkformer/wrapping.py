@@ -200,8 +200,8 @@ def wrap(
         freeze_embedders: freeze the backbone's timestep / label embedders (upcycling).
         **kwargs: :class:`ChunkWrapper` options: ``encoder_depth``, ``decoder_depth``,
             ``scaffold_width``, ``sigma``, ``smoothing``, ``plan_mode`` (``"auto"``: packed where the
-            attention is known, else padded with real tokens), ``capacity``, ``fill_capacity`` (fixed mode: exactly ``capacity`` tokens per sample, attention
-            unmasked), ``cond_adaptor``
+            attention is known, else padded with real tokens), ``capacity``, ``fill_capacity``
+            (fixed mode: exactly ``capacity`` tokens per sample, attention unmasked), ``cond_adaptor``
             (LayerNorm on the scaffold's conditioning, default on), ``coord_scale`` (default
             ``1 / patch_size``: positions in the backbone's patch units), ``grid``,
             ``out_channels``, ``device``, ``dtype``.
