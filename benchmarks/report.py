@@ -19,7 +19,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 def step_table(data: dict) -> str:
     lines = [f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, "
              f"{'torch.compile' if data['compiled'] else 'eager'}, bf16 autocast"
-             f"{', fill_capacity (unmasked attention)' if data.get('fill_capacity') else ''} (`{data['command']}`)", "",
+             f"{'; filled: fill_capacity=True, attention unmasked' if data.get('fill_capacity') else ''} "
+             f"(`{data['command']}`)", "",
              "| row | tokens | ms | GFLOPs/sample | speed-up | FLOP-predicted | measured / predicted |",
              "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:

@@ -16,9 +16,10 @@ Rows: rho 0 / 0.2 / 0.4; Lite-CFG (a conditional pass at rho 0 plus an unconditi
 at rho 0.9, against DiT's two passes); and the scaffold alone (the same DC-DiT with no
 blocks), whose time share is set against its FLOP share of the rho-0 step. ``--cudagraphs``
 adds both models at rho 0 compiled with ``mode="reduce-overhead"`` (CUDA graphs; GPU only),
-each against DiT-XL/2 compiled the same way. ``--fill-capacity`` builds DC-DiT with
-``fill_capacity=True``: the same tokens (the router keeps all, the capacity cuts), but the plan
-is full by construction, so attention runs without a key mask. Columns: ms
+each against DiT-XL/2 compiled the same way. ``--fill-capacity`` adds rho 0 and 0.4 rows of
+DC-DiT with ``fill_capacity=True`` ("filled"): the same weights and tokens (the router keeps
+all, the capacity cuts), but the plan is full by construction, so attention runs without a key
+mask; measured in the same run as the masked rows. Columns: ms
 per step, FLOPs per sample (``count_flops``), measured and FLOP-predicted speed-up over
 DiT-XL/2, and their ratio (the fraction of the FLOP savings the clock sees).
 """
@@ -61,7 +62,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="small models on the CPU (a smoke run)")
     ap.add_argument("--cudagraphs", action="store_true", help="also time both models under CUDA graphs (GPU)")
     ap.add_argument("--fill-capacity", action="store_true",
-                    help="DC-DiT with fill_capacity=True: the plan is full by construction, attention runs unmasked")
+                    help="add rows of DC-DiT with fill_capacity=True (full plans, attention without a mask)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,11 +82,11 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     dit = cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval()
 
-    def dcdit(depth=None):
+    def dcdit(depth=None, fill=False):
         torch.manual_seed(0)
         kw = dict(sizes, depth=depth) if depth is not None else sizes
         m = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=L // 4,
-                            fill_capacity=args.fill_capacity, **kw).to(device).eval()
+                            fill_capacity=fill, **kw).to(device).eval()
         torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)  # keep everything; capacity is the budget
         return m
 
@@ -130,6 +131,13 @@ def main(argv=None) -> dict:
         scaffold_share_flops = 1 - blocks / report.total
         rows.append({"row": "DC-DiT-XL scaffold only", "ms": sc_ms, "flops": report.per_sample * scaffold_share_flops,
                      "kept": caps[0.0]})
+        if args.fill_capacity:  # the same weights and tokens, the plan full by construction: no attention mask
+            filled = dcdit(fill=True)
+            filled_fn = compile_(filled)
+            for rho in (0.0, 0.4):
+                filled.capacity = caps[rho]
+                rows.append({"row": f"DC-DiT-XL rho={rho:g} filled", "ms": step_ms(filled_fn, args.reps, x, t, y),
+                             "flops": cf.count_flops(filled, x, t, y).per_sample, "kept": caps[rho]})
         if args.cudagraphs and device.type == "cuda":  # static shapes in fixed mode: one graph per capacity
             dc.capacity = caps[0.0]
             graphed = {name: torch.compile(m, mode="reduce-overhead") for name, m in (("dit", dit), ("dc", dc))}
@@ -150,7 +158,7 @@ def main(argv=None) -> dict:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{card}, torch {torch.__version__}, {args.size}px (latent {latent}x{latent}), batch {batch}, "
           f"{'eager' if args.no_compile else 'torch.compile'}, bf16 autocast"
-          f"{', fill_capacity (unmasked attention)' if args.fill_capacity else ''}")
+          f"{'; filled: fill_capacity=True, attention unmasked' if args.fill_capacity else ''}")
     print(f"{'row':<30}{'kept':>6}{'ms':>9}{'GFLOPs':>9}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}")
     for r in rows:
         print(f"{r['row']:<30}{r['kept']:>6}{r['ms']:>9.2f}{r['flops'] / 1e9:>9.1f}{r['measured_speedup']:>10.2f}"

@@ -123,10 +123,16 @@ def test_vs_release_runs_against_a_local_checkout(tmp_path, benchmarks):
     assert rows[2]["release_kept"] < rows[0]["release_kept"]
 
 
+def rows_of(result: dict) -> list[str]:
+    return [r["row"] for r in result["rows"]]
+
+
 def test_step_speed_rows_and_scaffold_share(tmp_path, benchmarks):
     step_speed = _load("step_speed")
     result = step_speed.main(["--tiny", "--no-compile", "--cudagraphs", "--fill-capacity", "--out", str(tmp_path / "s.json")])
-    assert result["fill_capacity"]
+    assert result["fill_capacity"] and rows_of(result)[-2:] == ["DC-DiT-XL rho=0 filled", "DC-DiT-XL rho=0.4 filled"]
+    filled = {r["row"]: r for r in result["rows"]}
+    assert filled["DC-DiT-XL rho=0 filled"]["flops"] == filled["DC-DiT-XL rho=0"]["flops"]  # the same tokens
     rows = [r["row"] for r in result["rows"]]
     assert rows[:3] == ["DiT-XL/2", "DC-DiT-XL rho=0", "DC-DiT-XL rho=0.2"] and rows[6] == "DC-DiT-XL scaffold only"
     assert not any("CUDA graphs" in r for r in rows)  # CUDA only
