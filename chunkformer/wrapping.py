@@ -173,7 +173,9 @@ class ChunkWrapper(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"adapter={self.backbone.name!r}, grid={self.grid}, target_ratio={self.budget.target_ratio}, "
-                f"plan_mode={self.plan_mode!r}, coord_scale={self.coord_scale:g}")
+                f"plan_mode={self.plan_mode!r}"
+                + ("" if self.capacity is None else f", capacity={self.capacity}" + (", filled" if self.fill_capacity else ""))
+                + f", coord_scale={self.coord_scale:g}")
 
 
 def wrap(

@@ -171,4 +171,5 @@ class DCDiT(LabelledModel):
         return out, info
 
     def extra_repr(self) -> str:
-        return f"grid={self.grid}, target_ratio={self.budget.target_ratio}, plan_mode={self.plan_mode!r}"
+        cap = "" if self.capacity is None else f", capacity={self.capacity}" + (", filled" if self.fill_capacity else "")
+        return f"grid={self.grid}, target_ratio={self.budget.target_ratio}, plan_mode={self.plan_mode!r}{cap}"
