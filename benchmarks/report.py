@@ -61,7 +61,8 @@ def smoothing_table(data: dict) -> str:
 def release_table(data: dict) -> str:
     """benchmarks/vs_release.py: the authors' release against ours and DiT-XL/2, one card, one run."""
     lines = [f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, bf16 autocast; release "
-             f"eager (flash-attn stand-ins), ours and DiT-XL/2 compiled (`{data['command']}`)", "",
+             f"eager (flash-attn stand-ins), ours and DiT-XL/2 compiled"
+             f"{'; ours filled (fill_capacity=True)' if data.get('fill_capacity') else ''} (`{data['command']}`)", "",
              "| row | kept (release / ours) | release ms | ours ms | ours / release | DiT-XL/2 ms "
              "| release vs DiT-XL/2 | ours vs DiT-XL/2 |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['row']} | {r['release_kept']} / {r['ours_kept']} | {r['release_ms']:.2f} | {r['ours_ms']:.2f} "

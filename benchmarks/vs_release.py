@@ -19,6 +19,7 @@ up to a multiple of 8, so ours keeps a few tokens more), and chunkformer's DiT-X
 the common yardstick. Rows: rho 0 / 0.2 / 0.4 and Lite-CFG (conditional pass at rho 0,
 unconditional at rho 0.9; DiT: two full passes). Columns: ms of the release and of ours, ours'
 speed-up over the release, and each one's speed-up over DiT-XL/2. Batch 64 at 256px, 16 at 512px.
+``--fill-capacity`` builds ours with ``fill_capacity=True`` (the same tokens; attention unmasked).
 """
 
 import argparse
@@ -150,6 +151,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", type=int, choices=(256, 512), default=256)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--tiny", action="store_true", help="small models on the CPU, eager (a smoke run)")
+    ap.add_argument("--fill-capacity", action="store_true",
+                    help="ours with fill_capacity=True: the same tokens, attention without a key mask")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.reference is None:
@@ -172,7 +175,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     dit = cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval()
     torch.manual_seed(0)
-    ours = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=L // 4, **sizes)
+    ours = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=L // 4,
+                           fill_capacity=args.fill_capacity, **sizes)
     ours = ours.to(device).eval()
     torch.nn.init.constant_(ours.router.scorer[-1].bias, 30.0)  # keep everything; capacity is the budget
 
@@ -209,14 +213,15 @@ def main(argv=None) -> dict:
         r["release_over_dit"], r["ours_over_dit"] = r["dit_ms"] / r["release_ms"], r["dit_ms"] / r["ours_ms"]
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{card}, torch {torch.__version__}, {args.size}px (latent {latent}x{latent}), batch {batch}, bf16 autocast; "
-          f"release eager, ours and DiT-XL/2 {'eager' if compile_ is not torch.compile else 'compiled'}")
+          f"release eager, ours and DiT-XL/2 {'eager' if compile_ is not torch.compile else 'compiled'}"
+          f"{'; ours filled (fill_capacity=True)' if args.fill_capacity else ''}")
     print("| row | kept (release / ours) | release ms | ours ms | ours / release | release vs DiT-XL/2 | ours vs DiT-XL/2 |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['row']} | {r['release_kept']} / {r['ours_kept']} | {r['release_ms']:.2f} | {r['ours_ms']:.2f} "
               f"| {r['ours_over_release']:.2f}x | {r['release_over_dit']:.2f}x | {r['ours_over_dit']:.2f}x |")
     result = {"card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "size": args.size,
-              "batch": batch, "reference": str(args.reference), "rows": rows}
+              "batch": batch, "reference": str(args.reference), "fill_capacity": args.fill_capacity, "rows": rows}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
