@@ -14,7 +14,6 @@ above its FLOP share is the one to work on. Last, the top CUDA kernels of the wh
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chunkformer as cf  # noqa: E402
-from step_speed import step_ms  # noqa: E402  (benchmarks/ is on the path when run as a script)
+from step_speed import save_result, step_ms  # noqa: E402  (benchmarks/ is on the path when run as a script)
 from chunkformer.dechunk import resolve_smoothing  # noqa: E402
 from chunkformer.flops import FlopCounter  # noqa: E402
 
@@ -102,12 +101,7 @@ def main(argv=None) -> dict:
         print(f"\ntop CUDA kernels of the whole scaffold ({total:.2f} ms of kernels in all):")
         for k in kernels:
             print(f"  {k['ms']:7.3f} ms  x{k['calls']:<3} {k['kernel'][:100]}")
-    result = {"card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
-              "size": args.size, "batch": B, "rows": rows, "top_kernels": kernels}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-    return result
+    return save_result(args.out, card, size=args.size, batch=B, rows=rows, top_kernels=kernels)
 
 
 if __name__ == "__main__":

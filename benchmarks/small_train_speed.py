@@ -20,7 +20,6 @@ Columns: steps/s, measured speed-up over eager DiT-S/2, the FLOP-predicted one, 
 """
 
 import argparse
-import json
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from report import small_train_table  # noqa: E402  (benchmarks/ is on the path when run as a script)
+from step_speed import save_result  # noqa: E402
 from train_speed import time_steps  # noqa: E402
 
 import chunkformer as cf  # noqa: E402
@@ -139,12 +139,8 @@ def main(argv=None) -> dict:
         r["measured_speedup"] = r["steps_per_s"] / base["steps_per_s"]
         r["flop_speedup"] = base["train_gflops_per_sample"] / r["train_gflops_per_sample"]
     card = torch.cuda.get_device_name() if cuda else "cpu"
-    result = {"card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "batch": batch,
-              "rows": rows}
+    result = save_result(args.out, card, batch=batch, rows=rows)
     print("\n" + small_train_table(result))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
     return result
 
 

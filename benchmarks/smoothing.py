@@ -14,7 +14,6 @@ through ``torch.compile`` (one graph per grid), as a compiled sampling step runs
 """
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chunkformer import ChunkPlan, smooth_dense, smooth_windowed  # noqa: E402
 from chunkformer.dechunk import resolve_smoothing  # noqa: E402
+from step_speed import save_result  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
 CASES = [((32, 32), 64), ((64, 64), 16), ((128, 128), 4)]  # (grid, batch)
 
@@ -102,12 +102,7 @@ def main(argv=None) -> dict:
         errs = " / ".join(f"{e:.1e}" for e in r["relative_error"].values())
         print(f"| {r['grid']} | {r['batch']} | {r['kept_width']} | {r['auto']} | {r['dense_ms']:.3f} "
               f"| {r['windowed_ms']:.3f} | {r['speedup']:.1f}x | {mib[0]} | {mib[1]} | {errs} |")
-    result = {"card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "dim": dim,
-              "compiled": args.compile, "rows": rows}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-    return result
+    return save_result(args.out, card, dim=dim, compiled=args.compile, rows=rows)
 
 
 if __name__ == "__main__":

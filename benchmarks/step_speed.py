@@ -41,6 +41,16 @@ def bucket(tokens: float, multiple: int = 8) -> int:
     return max(multiple, -(-round(tokens) // multiple) * multiple)
 
 
+def save_result(out: Path | None, card: str, **fields) -> dict:
+    """A benchmark's JSON record: the card, torch version and command line, then ``fields``; written to
+    ``out`` when given (every script in benchmarks/ ends with this)."""
+    result = {"card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv), **fields}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def step_ms(fn, reps: int, *args) -> float:
     for _ in range(3):
         fn(*args)
@@ -165,14 +175,9 @@ def main(argv=None) -> dict:
               f"{r['flop_speedup']:>10.2f}{r['fraction_of_flop_speedup']:>7.2f}")
     print(f"scaffold: {time_share:.1%} of the rho=0 step's time for {scaffold_share_flops:.1%} of its FLOPs "
           f"({time_share / scaffold_share_flops:.2f}x its share)")
-    result = {"card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
-              "size": args.size, "batch": batch, "compiled": not args.no_compile, "fill_capacity": args.fill_capacity,
-              "rows": rows,
-              "scaffold_time_share": time_share, "scaffold_flop_share": scaffold_share_flops}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-    return result
+    return save_result(args.out, card, size=args.size, batch=batch, compiled=not args.no_compile,
+                       fill_capacity=args.fill_capacity, rows=rows, scaffold_time_share=time_share,
+                       scaffold_flop_share=scaffold_share_flops)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ speed-up over the release, and each one's speed-up over DiT-XL/2. Batch 64 at 25
 """
 
 import argparse
-import json
 import os
 import sys
 import types
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chunkformer as cf  # noqa: E402
-from step_speed import step_ms  # noqa: E402  (benchmarks/ is on the path when run as a script)
+from step_speed import save_result, step_ms  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
 SCORER_BIAS = "hnet.routing_module.residual_scorer.3.bias"  # the release router's last conv bias
 
@@ -220,12 +219,8 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"| {r['row']} | {r['release_kept']} / {r['ours_kept']} | {r['release_ms']:.2f} | {r['ours_ms']:.2f} "
               f"| {r['ours_over_release']:.2f}x | {r['release_over_dit']:.2f}x | {r['ours_over_dit']:.2f}x |")
-    result = {"card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "size": args.size,
-              "batch": batch, "reference": str(args.reference), "fill_capacity": args.fill_capacity, "rows": rows}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-    return result
+    return save_result(args.out, card, size=args.size, batch=batch, reference=str(args.reference),
+                       fill_capacity=args.fill_capacity, rows=rows)
 
 
 if __name__ == "__main__":
