@@ -10,7 +10,17 @@ mask, FlexAttention with a length mask (compiled), SDPA's cuDNN backend with the
 PyTorch's own varlen flash kernel over the slots with ``seqused_k = lengths``
 (``aten._flash_attention_forward``; inference only) and over truly packed tokens
 (``torch.nn.attention.varlen.varlen_attn``).
+
+A second table times full plans (``fill_capacity=True``: no mask at all) at the step benchmark's
+slot counts (rho 0 / 0.2 / 0.4 at both sizes) under each SDPA backend, against the masked call,
+to show which kernel the default choice lands on and whether an odd slot count costs.
+
+    python benchmarks/attention_masks.py --out benchmarks/results/attention_masks_h100.json
 """
+
+import argparse
+import sys
+from pathlib import Path
 
 import time
 
@@ -31,12 +41,40 @@ def ms(fn, reps=50):
     return 1e3 * (time.perf_counter() - start) / reps
 
 
-def main():
+def unmasked_backends() -> list[dict]:
+    """Full-plan attention (no mask) per SDPA backend at the step benchmark's slot counts, ms per call."""
+    dev = torch.device("cuda")
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION}
+    rows = []
+    print(f"\n{'full plan':<16}{'default':>9}" + "".join(f"{k:>11}" for k in backends) + f"{'bool mask':>11}  (ms per call)")
+    for B, M in ((64, 256), (64, 208), (64, 160), (64, 192), (16, 1024), (16, 824), (16, 616), (16, 640)):
+        q, k, v = (torch.randn(B, 16, M, 72, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        mask = torch.ones(B, 1, 1, M, device=dev, dtype=torch.bool)
+        row = {"batch": B, "slots": M, "default": ms(lambda: F.scaled_dot_product_attention(q, k, v))}
+        for name, kernel in backends.items():
+            try:
+                with sdpa_kernel([kernel]):
+                    row[name] = ms(lambda: F.scaled_dot_product_attention(q, k, v))
+            except RuntimeError:
+                row[name] = float("nan")
+        row["bool mask"] = ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        rows.append(row)
+        print(f"{f'B={B} M={M}':<16}{row['default']:>9.3f}" + "".join(f"{row[k]:>11.3f}" for k in backends)
+              + f"{row['bool mask']:>11.3f}", flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
     dev = torch.device("cuda")
     flex = torch.compile(flex_attention)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"{'shape':<22}{'no mask':>9}{'bool mask':>11}{'flex':>8}{'cudnn':>8}{'varlen slots':>14}"
           f"{'varlen packed':>15}  (ms per call)")
+    masked = []
     for B, M in ((64, 256), (16, 1024)):
         q, k, v = (torch.randn(B, 16, M, 72, device=dev, dtype=torch.bfloat16) for _ in range(3))
         lengths = torch.randint(M * 3 // 4, M + 1, (B,), device=dev)
@@ -80,6 +118,13 @@ def main():
                                                (("no mask", 9), ("bool mask", 11), ("flex", 8), ("cudnn", 8),
                                                 ("varlen slots", 14), ("varlen packed", 15)))
               + f"   varlen max|diff| vs mask: {err:.3g}")
+        masked.append({"batch": B, "slots": M, **row, "varlen_max_abs_diff": err})
+    full = unmasked_backends()
+    if args.out:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from step_speed import save_result
+
+        save_result(args.out, torch.cuda.get_device_name(), masked=masked, full_plans=full)
 
 
 if __name__ == "__main__":

@@ -16,16 +16,24 @@ Rows: rho 0 / 0.2 / 0.4; Lite-CFG (a conditional pass at rho 0 plus an unconditi
 at rho 0.9, against DiT's two passes); and the scaffold alone (the same DC-DiT with no
 blocks), whose time share is set against its FLOP share of the rho-0 step. ``--cudagraphs``
 adds both models at rho 0 compiled with ``mode="reduce-overhead"`` (CUDA graphs; GPU only),
-each against DiT-XL/2 compiled the same way. ``--fill-capacity`` adds rho 0 and 0.4 rows of
+each against DiT-XL/2 compiled the same way. ``--fill-capacity`` adds rho 0 / 0.2 / 0.4 rows of
 DC-DiT with ``fill_capacity=True`` ("filled"): the same weights and tokens (the router keeps
 all, the capacity cuts), but the plan is full by construction, so attention runs without a key
 mask; measured in the same run as the masked rows. Columns: ms
 per step, FLOPs per sample (``count_flops``), measured and FLOP-predicted speed-up over
 DiT-XL/2, and their ratio (the fraction of the FLOP savings the clock sees).
+
+Every row is compiled and warmed first, then all are timed in ``--rounds`` interleaved rounds and
+each reports its median round: single back-to-back timings of the same step moved by up to 5%
+between runs on an H100, and drift over a run must not fall on the rows timed last.
+``--cudnn-benchmark`` lets cuDNN time its algorithms for every convolution shape (all models);
+its heuristic choice for the scaffold's 3x3 ``1152 -> 288`` conv runs at about 370 TFLOP/s on an
+H100, against about 580 for the ``288 -> 288`` ones (``scaffold_ops.py``).
 """
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -73,8 +81,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--cudagraphs", action="store_true", help="also time both models under CUDA graphs (GPU)")
     ap.add_argument("--fill-capacity", action="store_true",
                     help="add rows of DC-DiT with fill_capacity=True (full plans, attention without a mask)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="torch.backends.cudnn.benchmark = True for every model (cuDNN times its algorithms)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     latent = args.size // 8
     batch = args.batch or {256: 64, 512: 16}[args.size]
@@ -101,61 +113,74 @@ def main(argv=None) -> dict:
         return m
 
     dc, scaffold = dcdit(), dcdit(depth=0)
-    rows = []
+    cases = []  # (row, step function, FLOPs per sample, kept, baseline): timed together at the end
+
+    def at(model_fn, model, capacity):
+        """A step of ``model`` at ``capacity`` (a module attribute: one compiled graph per value)."""
+        def step():
+            model.capacity = capacity
+            return model_fn(x, t, y)
+        return step
+
     with torch.no_grad(), autocast:
         dit_fn = compile_(dit)
-        dit_ms = step_ms(dit_fn, args.reps, x, t, y)
         dit_flops = cf.count_flops(dit, x, t, y).per_sample
-        rows.append({"row": "DiT-XL/2", "ms": dit_ms, "flops": dit_flops, "kept": L // 4})
+        cases.append(("DiT-XL/2", lambda: dit_fn(x, t, y), dit_flops, L // 4, "plain"))
         dc_fn = compile_(dc)
-        caps = {}
-        for rho in (0.0, 0.2, 0.4):
-            dc.capacity = caps[rho] = bucket(L / 4 * (1 - rho))
-            ms = step_ms(dc_fn, args.reps, x, t, y)
-            flops = cf.count_flops(dc, x, t, y).per_sample
-            rows.append({"row": f"DC-DiT-XL rho={rho:g}", "ms": ms, "flops": flops, "kept": caps[rho]})
+        caps = {rho: bucket(L / 4 * (1 - rho)) for rho in (0.0, 0.2, 0.4)}
+        for rho, cap in caps.items():
+            dc.capacity = cap
+            cases.append((f"DC-DiT-XL rho={rho:g}", at(dc_fn, dc, cap), cf.count_flops(dc, x, t, y).per_sample,
+                          cap, "plain"))
         # Lite-CFG: conditional at rho 0, unconditional at rho 0.9; DiT: the same two passes at full length
         null = torch.full_like(y, dit.null_class)
-        dit_cfg = step_ms(lambda: (dit_fn(x, t, y), dit_fn(x, t, null)), args.reps)
         u_cap = bucket(L / 4 * 0.1)
 
         def lite():
             dc.capacity = caps[0.0]
             dc_fn(x, t, y)
             dc.capacity = u_cap
-            dc_fn(x, t, null)
-        lite_ms = step_ms(lite, args.reps)
+            return dc_fn(x, t, null)
         dc.capacity = caps[0.0]
         f_cond = cf.count_flops(dc, x, t, y).per_sample
         dc.capacity = u_cap
         f_unc = cf.count_flops(dc, x, t, null).per_sample
         dc.capacity = caps[0.0]
-        rows.append({"row": "DiT-XL/2 CFG", "ms": dit_cfg, "flops": 2 * dit_flops, "kept": L // 4, "base": "cfg"})
-        rows.append({"row": "DC-DiT-XL Lite-CFG (0 / 0.9)", "ms": lite_ms, "flops": f_cond + f_unc,
-                     "kept": caps[0.0], "base": "cfg"})
+        cases.append(("DiT-XL/2 CFG", lambda: (dit_fn(x, t, y), dit_fn(x, t, null)), 2 * dit_flops, L // 4, "cfg"))
+        cases.append(("DC-DiT-XL Lite-CFG (0 / 0.9)", lite, f_cond + f_unc, caps[0.0], "cfg"))
         # the scaffold alone: embed, encoder, router, chunk, pack, de-chunk, decoder, final layer
         sc_fn = compile_(scaffold)
-        sc_ms = step_ms(sc_fn, args.reps, x, t, y)
         report = cf.count_flops(dc, x, t, y)
         blocks = sum(v for k, v in report.by_component.items() if k.startswith("backbone"))
         scaffold_share_flops = 1 - blocks / report.total
-        rows.append({"row": "DC-DiT-XL scaffold only", "ms": sc_ms, "flops": report.per_sample * scaffold_share_flops,
-                     "kept": caps[0.0]})
+        cases.append(("DC-DiT-XL scaffold only", lambda: sc_fn(x, t, y), report.per_sample * scaffold_share_flops,
+                      caps[0.0], "plain"))
         if args.fill_capacity:  # the same weights and tokens, the plan full by construction: no attention mask
             filled = dcdit(fill=True)
             filled_fn = compile_(filled)
-            for rho in (0.0, 0.4):
-                filled.capacity = caps[rho]
-                rows.append({"row": f"DC-DiT-XL rho={rho:g} filled", "ms": step_ms(filled_fn, args.reps, x, t, y),
-                             "flops": cf.count_flops(filled, x, t, y).per_sample, "kept": caps[rho]})
+            for rho, cap in caps.items():
+                filled.capacity = cap
+                cases.append((f"DC-DiT-XL rho={rho:g} filled", at(filled_fn, filled, cap),
+                               cf.count_flops(filled, x, t, y).per_sample, cap, "plain"))
         if args.cudagraphs and device.type == "cuda":  # static shapes in fixed mode: one graph per capacity
             dc.capacity = caps[0.0]
             graphed = {name: torch.compile(m, mode="reduce-overhead") for name, m in (("dit", dit), ("dc", dc))}
-            clone = lambda f: (lambda *a: f(*a).clone())  # noqa: E731  (graph outputs are overwritten by replays)
-            rows.append({"row": "DiT-XL/2 CUDA graphs", "ms": step_ms(clone(graphed["dit"]), args.reps, x, t, y),
-                         "flops": dit_flops, "kept": L // 4, "base": "graphs"})
-            rows.append({"row": "DC-DiT-XL rho=0 CUDA graphs", "ms": step_ms(clone(graphed["dc"]), args.reps, x, t, y),
-                         "flops": rows[1]["flops"], "kept": caps[0.0], "base": "graphs"})
+            cases.append(("DiT-XL/2 CUDA graphs", lambda: graphed["dit"](x, t, y).clone(), dit_flops, L // 4, "graphs"))
+            cases.append(("DC-DiT-XL rho=0 CUDA graphs", lambda: graphed["dc"](x, t, y).clone(),  # replays overwrite
+                          cases[1][2], caps[0.0], "graphs"))
+        # every case compiled and warm first, then timed in interleaved rounds (median per case), so clock
+        # and thermal drift over the run falls on all rows alike instead of on whichever runs last
+        for case in cases:
+            step_ms(case[1], 1)
+            print(f"compiled: {case[0]}", flush=True)
+        per_round = max(args.reps // args.rounds, 1)
+        times = {case[0]: [] for case in cases}
+        for _ in range(args.rounds):
+            for name, fn, *_ in cases:
+                times[name].append(step_ms(fn, per_round))
+        rows = [{"row": name, "ms": statistics.median(times[name]), "ms_rounds": times[name], "flops": flops,
+                 "kept": kept, **({"base": base} if base != "plain" else {})}
+                for name, _, flops, kept, base in cases]
 
     base = {"plain": rows[0], "cfg": rows[4], "graphs": next((r for r in rows if r["row"] == "DiT-XL/2 CUDA graphs"), None)}
     for r in rows:
@@ -168,6 +193,7 @@ def main(argv=None) -> dict:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{card}, torch {torch.__version__}, {args.size}px (latent {latent}x{latent}), batch {batch}, "
           f"{'eager' if args.no_compile else 'torch.compile'}, bf16 autocast"
+          f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}; median of {args.rounds} interleaved rounds"
           f"{'; filled: fill_capacity=True, attention unmasked' if args.fill_capacity else ''}")
     print(f"{'row':<30}{'kept':>6}{'ms':>9}{'GFLOPs':>9}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}")
     for r in rows:
@@ -176,7 +202,7 @@ def main(argv=None) -> dict:
     print(f"scaffold: {time_share:.1%} of the rho=0 step's time for {scaffold_share_flops:.1%} of its FLOPs "
           f"({time_share / scaffold_share_flops:.2f}x its share)")
     return save_result(args.out, card, size=args.size, batch=batch, compiled=not args.no_compile,
-                       fill_capacity=args.fill_capacity, rows=rows, scaffold_time_share=time_share,
+                       fill_capacity=args.fill_capacity, cudnn_benchmark=args.cudnn_benchmark, rounds=args.rounds, rows=rows, scaffold_time_share=time_share,
                        scaffold_flop_share=scaffold_share_flops)
 
 

@@ -130,7 +130,9 @@ def rows_of(result: dict) -> list[str]:
 def test_step_speed_rows_and_scaffold_share(tmp_path, benchmarks):
     step_speed = _load("step_speed")
     result = step_speed.main(["--tiny", "--no-compile", "--cudagraphs", "--fill-capacity", "--out", str(tmp_path / "s.json")])
-    assert result["fill_capacity"] and rows_of(result)[-2:] == ["DC-DiT-XL rho=0 filled", "DC-DiT-XL rho=0.4 filled"]
+    assert result["fill_capacity"] and rows_of(result)[-3:] == [f"DC-DiT-XL rho={r} filled" for r in ("0", "0.2", "0.4")]
+    assert all(len(r["ms_rounds"]) == result["rounds"] and min(r["ms_rounds"]) <= r["ms"] <= max(r["ms_rounds"])
+               for r in result["rows"])  # the median of interleaved rounds
     filled = {r["row"]: r for r in result["rows"]}
     assert filled["DC-DiT-XL rho=0 filled"]["flops"] == filled["DC-DiT-XL rho=0"]["flops"]  # the same tokens
     rows = [r["row"] for r in result["rows"]]
@@ -147,3 +149,26 @@ def test_release_table_shows_each_row_against_the_release_and_dit():
            "dit_ms": 33.0, "ours_over_release": 58.0 / 31.0, "release_over_dit": 33.0 / 58.0, "ours_over_dit": 33.0 / 31.0}
     text = report.release_table({"card": "H100", "torch": "2.11", "size": 256, "batch": 64, "command": "c", "rows": [row]})
     assert "| rho=0.4 | 154 / 160 | 58.00 | 31.00 | 1.87x | 33.00 | 0.57x | 1.06x |" in text
+
+
+def test_step_profile_compares_dit_with_masked_and_filled_dcdit(tmp_path, benchmarks):
+    step_profile = _load("step_profile")
+    result = step_profile.main(["--tiny", "--rho", "0.4", "--out", str(tmp_path / "p.json")])
+    assert list(result["models"]) == ["DiT-XL/2", "DC-DiT-XL rho=0.4", "DC-DiT-XL rho=0.4 filled"]
+    assert result["capacity"] == step_profile.bucket(8 * 8 / 4 * 0.6) and (tmp_path / "p.json").is_file()
+    assert step_profile.kernel_class("triton_poi_fused__to_copy_add_convolution_silu_15") == "triton fused"
+    assert step_profile.kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma") == "attention"
+    assert step_profile.kernel_class("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc") == "convolution"
+    assert step_profile.kernel_class("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "gemm"
+    with pytest.raises(SystemExit):
+        step_profile.main(["--tiny", "--rho", "1.0"])
+
+
+def test_scaffold_ops_times_every_form_and_measures_its_error(tmp_path, benchmarks):
+    scaffold_ops = _load("scaffold_ops")
+    rows = scaffold_ops.main(["--tiny", "--out", str(tmp_path / "o.json")])["rows"]
+    ran = [r for r in rows if "error" not in r]
+    assert {r["op"].split()[0].split("(")[0] for r in ran} >= {"embed", "1x1", "3x3", "router", "smoothing", "GroupNorm"}
+    assert all(r["rel_err"] < 1e-2 for r in ran)  # every form computes the same operation
+    fp32 = {r["form"]: r["rel_err"] for r in ran if r["op"].startswith("smoothing")}
+    assert fp32["fp32 (FFMA)"] < 1e-5  # the fp32 forms are fp32-exact, the bf16 ones are not

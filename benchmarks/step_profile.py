@@ -1,0 +1,140 @@
+"""Where a sampling step's GPU time goes, kernel class by kernel class, for DiT-XL/2 and DC-DiT-XL.
+
+    python benchmarks/step_profile.py --size 512 --rho 0.4 --out benchmarks/results/step_profile_512_rho04_h100.json
+    python benchmarks/step_profile.py --tiny                                   # CPU smoke run
+
+The same models and budget rule as ``step_speed.py`` (compiled, bf16 autocast, fixed capacity
+``L / 4 * (1 - rho)`` rounded up to a multiple of 8, the router biased to keep everything):
+DiT-XL/2, DC-DiT-XL with masked fixed plans, and DC-DiT-XL with ``fill_capacity=True``
+(full plans, attention unmasked). Each is profiled over ``--reps`` steps; GPU kernel time per
+step is summed into classes by kernel name (attention, GEMM, convolution, Triton-fused
+elementwise / reductions, sort, copies and other), and the top kernels where the two DC-DiT
+variants differ most are listed, so a row of ``step_speed.py`` that misses its FLOP
+prediction can be traced to the kernels that cost more than their FLOPs.
+"""
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import chunkformer as cf  # noqa: E402
+from step_speed import bucket, save_result, step_ms  # noqa: E402  (benchmarks/ is on the path as a script)
+
+CLASSES = (  # first match wins; names as CUDA, cuDNN, cuBLAS and Triton report them (Triton names list
+    ("triton fused", r"^triton_"),  # the fused aten ops, "convolution" among them: they go first)
+    ("attention", r"fmha|flash|attention|sdpa|_attn"),
+    ("convolution", r"fprop|conv|dgrad|wgrad|implicit_gemm"),
+    ("gemm", r"gemm|nvjet|cutlass|gemv|matmul"),
+    ("sort / select", r"sort|topk|radix|scan"),
+    ("copy / cast", r"copy|elementwise|cat|index|gather|scatter|fill"),
+)
+
+
+def kernel_class(name: str) -> str:
+    for cls, pattern in CLASSES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return cls
+    return "other"
+
+
+def profile_step(fn, reps: int, *args) -> tuple[float, dict[str, float], dict[str, float]]:
+    """(wall ms per step, GPU ms per step by class, GPU ms per step by kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    wall = step_ms(fn, reps, *args)  # also warms up (and compiles)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn(*args)
+        torch.cuda.synchronize()
+    by_kernel: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" and e.self_device_time_total > 0:
+            by_kernel[e.key] += e.self_device_time_total / 1e3 / reps
+    by_class: dict[str, float] = defaultdict(float)
+    for k, v in by_kernel.items():
+        by_class[kernel_class(k)] += v
+    return wall, dict(by_class), dict(by_kernel)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, choices=(256, 512), default=256)
+    ap.add_argument("--rho", type=float, default=0.4)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--tiny", action="store_true", help="small models on the CPU, eager (a smoke run)")
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if not 0.0 <= args.rho < 1.0:
+        ap.error(f"--rho must be in [0, 1), got {args.rho}")
+    cuda = torch.cuda.is_available() and not args.tiny
+    if not cuda and not args.tiny:
+        ap.error("profiling needs a CUDA device; use --tiny for a CPU smoke run")
+    device = torch.device("cuda" if cuda else "cpu")
+    latent, batch = args.size // 8, {256: 64, 512: 16}[args.size]
+    sizes = {}
+    if args.tiny:
+        latent, batch, args.reps, sizes = 8, 2, 1, dict(hidden_size=64, depth=2, num_heads=2)
+    L = latent * latent
+    capacity = bucket(L / 4 * (1 - args.rho))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+
+    def dcdit(fill: bool):
+        torch.manual_seed(0)
+        m = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=capacity,
+                            fill_capacity=fill, **sizes).to(device).eval()
+        torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)  # keep everything; capacity is the budget
+        return m
+
+    torch.manual_seed(0)
+    models = {"DiT-XL/2": cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval(),
+              f"DC-DiT-XL rho={args.rho:g}": dcdit(False),
+              f"DC-DiT-XL rho={args.rho:g} filled": dcdit(True)}
+    results = {}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    with torch.no_grad(), autocast:
+        for name, m in models.items():
+            fn = torch.compile(m) if cuda else m
+            if cuda:
+                wall, by_class, by_kernel = profile_step(fn, args.reps, x, t, y)
+            else:
+                wall, by_class, by_kernel = step_ms(fn, args.reps, x, t, y), {}, {}
+            results[name] = {"ms": wall, "gpu_ms": sum(by_class.values()), "by_class": by_class,
+                             "by_kernel": by_kernel, "gflops": cf.count_flops(m, x, t, y).per_sample / 1e9}
+            print(f"{name}: {wall:.2f} ms", flush=True)
+
+    names = list(results)
+    classes = sorted({c for r in results.values() for c in r["by_class"]},
+                     key=lambda c: -results[names[-1]]["by_class"].get(c, 0.0))
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"\n{card}, torch {torch.__version__}, {args.size}px, batch {batch}, capacity {capacity} "
+          f"(rho {args.rho:g}), {'torch.compile' if cuda else 'eager'}, bf16 autocast; GPU ms per step")
+    print(f"{'class':<18}" + "".join(f"{n[-24:]:>26}" for n in names))
+    for c in classes:
+        print(f"{c:<18}" + "".join(f"{results[n]['by_class'].get(c, 0.0):>26.2f}" for n in names))
+    print(f"{'GPU total':<18}" + "".join(f"{results[n]['gpu_ms']:>26.2f}" for n in names))
+    print(f"{'wall':<18}" + "".join(f"{results[n]['ms']:>26.2f}" for n in names))
+    print(f"{'GFLOPs / sample':<18}" + "".join(f"{results[n]['gflops']:>26.1f}" for n in names))
+    masked, filled = (results[n]["by_kernel"] for n in names[1:])
+    diff = sorted(set(masked) | set(filled), key=lambda k: -abs(filled.get(k, 0.0) - masked.get(k, 0.0)))
+    top = [{"kernel": k, "masked_ms": masked.get(k, 0.0), "filled_ms": filled.get(k, 0.0)} for k in diff[: args.top]]
+    if top:
+        print("\nkernels where filled and masked differ most (ms per step): masked / filled")
+        for r in top:
+            print(f"{r['masked_ms']:>8.3f} {r['filled_ms']:>8.3f}  {r['kernel'][:110]}")
+    for r in results.values():  # keep the JSON small: the top kernels per model only
+        r["by_kernel"] = dict(sorted(r["by_kernel"].items(), key=lambda kv: -kv[1])[: 3 * args.top])
+    return save_result(args.out, card, size=args.size, batch=batch, rho=args.rho, capacity=capacity,
+                       models=results, filled_vs_masked=top)
+
+
+if __name__ == "__main__":
+    main()
