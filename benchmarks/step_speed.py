@@ -23,6 +23,10 @@ mask; measured in the same run as the masked rows. Columns: ms
 per step, FLOPs per sample (``count_flops``), measured and FLOP-predicted speed-up over
 DiT-XL/2, and their ratio (the fraction of the FLOP savings the clock sees).
 
+``--bf16-routing`` adds the same rows (filled, with ``--fill-capacity``), the Lite-CFG pair and the
+scaffold alone with ``fp32_router_dechunk=False``: router and de-chunk under the bf16 autocast
+instead of DC-DiT's fp32 (the release's flag of that name), to show what that policy costs.
+
 Every row is compiled and warmed first, then all are timed in ``--rounds`` interleaved rounds and
 each reports its median round: single back-to-back timings of the same step moved by up to 5%
 between runs on an H100, and drift over a run must not fall on the rows timed last.
@@ -81,6 +85,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--cudagraphs", action="store_true", help="also time both models under CUDA graphs (GPU)")
     ap.add_argument("--fill-capacity", action="store_true",
                     help="add rows of DC-DiT with fill_capacity=True (full plans, attention without a mask)")
+    ap.add_argument("--bf16-routing", action="store_true",
+                    help="add rows with fp32_router_dechunk=False (router and de-chunk under bf16 autocast)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="torch.backends.cudnn.benchmark = True for every model (cuDNN times its algorithms)")
@@ -104,11 +110,11 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     dit = cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval()
 
-    def dcdit(depth=None, fill=False):
+    def dcdit(depth=None, fill=False, fp32=True):
         torch.manual_seed(0)
         kw = dict(sizes, depth=depth) if depth is not None else sizes
         m = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=L // 4,
-                            fill_capacity=fill, **kw).to(device).eval()
+                            fill_capacity=fill, fp32_router_dechunk=fp32, **kw).to(device).eval()
         torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)  # keep everything; capacity is the budget
         return m
 
@@ -155,13 +161,29 @@ def main(argv=None) -> dict:
         scaffold_share_flops = 1 - blocks / report.total
         cases.append(("DC-DiT-XL scaffold only", lambda: sc_fn(x, t, y), report.per_sample * scaffold_share_flops,
                       caps[0.0], "plain"))
-        if args.fill_capacity:  # the same weights and tokens, the plan full by construction: no attention mask
-            filled = dcdit(fill=True)
-            filled_fn = compile_(filled)
+        variants = [(" filled", dict(fill=True))] if args.fill_capacity else []
+        if args.bf16_routing:  # the release's fp32_router_dechunk=False: router and de-chunk under autocast
+            variants.append((" filled, bf16 routing" if args.fill_capacity else " bf16 routing",
+                             dict(fill=args.fill_capacity, fp32=False)))
+        for suffix, kw in variants:  # the same weights and tokens, the plan full by construction: no attention mask
+            m = dcdit(**kw)
+            m_fn = compile_(m)
             for rho, cap in caps.items():
-                filled.capacity = cap
-                cases.append((f"DC-DiT-XL rho={rho:g} filled", at(filled_fn, filled, cap),
-                               cf.count_flops(filled, x, t, y).per_sample, cap, "plain"))
+                m.capacity = cap
+                cases.append((f"DC-DiT-XL rho={rho:g}{suffix}", at(m_fn, m, cap),
+                               cf.count_flops(m, x, t, y).per_sample, cap, "plain"))
+
+            def lite_of(m=m, m_fn=m_fn):
+                m.capacity = caps[0.0]
+                m_fn(x, t, y)
+                m.capacity = u_cap
+                return m_fn(x, t, null)
+            cases.append((f"DC-DiT-XL Lite-CFG (0 / 0.9){suffix}", lite_of, f_cond + f_unc, caps[0.0], "cfg"))
+            if "bf16" in suffix:
+                low_sc = dcdit(depth=0, fp32=False)
+                low_sc_fn = compile_(low_sc)
+                cases.append(("DC-DiT-XL scaffold only, bf16 routing", lambda f=low_sc_fn: f(x, t, y),
+                               report.per_sample * scaffold_share_flops, caps[0.0], "plain"))
         if args.cudagraphs and device.type == "cuda":  # static shapes in fixed mode: one graph per capacity
             dc.capacity = caps[0.0]
             graphed = {name: torch.compile(m, mode="reduce-overhead") for name, m in (("dit", dit), ("dc", dc))}
@@ -195,15 +217,22 @@ def main(argv=None) -> dict:
           f"{'eager' if args.no_compile else 'torch.compile'}, bf16 autocast"
           f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}; median of {args.rounds} interleaved rounds"
           f"{'; filled: fill_capacity=True, attention unmasked' if args.fill_capacity else ''}")
-    print(f"{'row':<30}{'kept':>6}{'ms':>9}{'GFLOPs':>9}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}")
+    print(f"{'row':<50}{'kept':>6}{'ms':>9}{'GFLOPs':>9}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}")
     for r in rows:
-        print(f"{r['row']:<30}{r['kept']:>6}{r['ms']:>9.2f}{r['flops'] / 1e9:>9.1f}{r['measured_speedup']:>10.2f}"
+        print(f"{r['row']:<50}{r['kept']:>6}{r['ms']:>9.2f}{r['flops'] / 1e9:>9.1f}{r['measured_speedup']:>10.2f}"
               f"{r['flop_speedup']:>10.2f}{r['fraction_of_flop_speedup']:>7.2f}")
     print(f"scaffold: {time_share:.1%} of the rho=0 step's time for {scaffold_share_flops:.1%} of its FLOPs "
           f"({time_share / scaffold_share_flops:.2f}x its share)")
+    low = {r["row"]: r for r in rows}
+    low_sc, low_step = low.get("DC-DiT-XL scaffold only, bf16 routing"), next(
+        (r for r in rows if r["row"].startswith("DC-DiT-XL rho=0 ") and "bf16" in r["row"]), None)
+    low_share = None if low_sc is None else low_sc["ms"] / low_step["ms"]
+    if low_share is not None:
+        print(f"scaffold with bf16 routing: {low_share:.1%} of its rho=0 step's time ({low_share / scaffold_share_flops:.2f}x)")
     return save_result(args.out, card, size=args.size, batch=batch, compiled=not args.no_compile,
                        fill_capacity=args.fill_capacity, cudnn_benchmark=args.cudnn_benchmark, rounds=args.rounds, rows=rows, scaffold_time_share=time_share,
-                       scaffold_flop_share=scaffold_share_flops)
+                       scaffold_flop_share=scaffold_share_flops, bf16_routing=args.bf16_routing,
+                       scaffold_time_share_bf16_routing=low_share)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """De-chunking: from the backbone's kept tokens back to every grid position.
 
-Three steps, in fp32 with autocast off (DC-DiT's de-chunk):
+Three steps, in fp32 with autocast off (DC-DiT's de-chunk; ``dtype=`` runs them in another
+precision, the weights and probabilities still computed in fp32):
 
 1. **Smoothing** among kept tokens, weighted by a Gaussian of their grid distance and
    the neighbour's confidence ``p_j``::
@@ -69,8 +70,8 @@ def smooth_dense(
     sigma: float,
 ) -> Float[Tensor, "batch width dim"]:
     """Reference smoothing with the dense ``(B, M, M)`` kernel (quadratic in ``M``)."""
-    w = smoothing_weights(plan.coords, p, plan.valid, sigma)  # (B, M, M)
-    p_ = p[..., None]
+    w = smoothing_weights(plan.coords, p, plan.valid, sigma).to(h.dtype)  # (B, M, M)
+    p_ = p[..., None].to(h.dtype)
     return p_ * h + (1 - p_) * torch.bmm(w, h)
 
 
@@ -177,13 +178,13 @@ def smooth_windowed(
     B, M, d = h.shape
     L, grid = plan.num_tokens, tuple(plan.grid)
     radius = window_radius(sigma, truncate)
-    w = (p * plan.valid)[..., None]  # (B, M, 1): padding slots weigh nothing
+    w = (p * plan.valid)[..., None].to(h.dtype)  # (B, M, 1): padding slots weigh nothing
     pos = plan.positions[..., None]  # (B, M, 1), distinct positions (a prefix of a permutation)
     num = h.new_zeros(B, L, d).scatter_(1, pos.expand(-1, -1, d), w * h)  # (B, L, d)
     den = h.new_zeros(B, L, 1).scatter_(1, pos, w)  # (B, L, 1)
     num, den = _gaussian_blur(num, grid, sigma, radius), _gaussian_blur(den, grid, sigma, radius)
     neighbours = torch.take_along_dim(num, pos, dim=1) / torch.take_along_dim(den, pos, dim=1).clamp_min(1e-30)
-    p_ = p[..., None]
+    p_ = p[..., None].to(h.dtype)
     return p_ * h + (1 - p_) * neighbours
 
 
@@ -196,18 +197,20 @@ def dechunk(
     sigma: float = 1.0,
     smoothing: Smoothing = "auto",
     truncate: float = 4.0,
+    dtype: torch.dtype = torch.float32,
 ) -> Float[Tensor, "batch tokens dim"]:
-    """Backbone slots ``(B, M, d)`` -> full grid ``(B, L, d)`` in fp32 (smooth, then plug back).
+    """Backbone slots ``(B, M, d)`` -> full grid ``(B, L, d)`` in ``dtype`` (smooth, then plug back).
 
     ``probs`` are the router's ``(B, L)`` keep probabilities; ``smoothing="none"`` (or
     ``sigma=0``) skips step 1, and the result is then exactly the kept tokens' values;
-    ``"auto"`` picks ``"dense"`` or ``"windowed"`` by :func:`resolve_smoothing`.
+    ``"auto"`` picks ``"dense"`` or ``"windowed"`` by :func:`resolve_smoothing`. ``dtype``: the
+    precision of the values (fp32, DC-DiT's choice, by default; the Gaussian weights are fp32 either way).
     """
     smoothing = resolve_smoothing(smoothing, y.shape[1], plan.num_tokens, y.device)
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0 (grid cells), got {sigma}")
     with torch.autocast(device_type=y.device.type, enabled=False):
-        y = y.float()
+        y = y.to(dtype)
         if smoothing != "none" and sigma > 0:
             p = torch.take_along_dim(probs.float(), plan.positions, dim=1)
             p = p.clamp(PROB_CLAMP, 1 - PROB_CLAMP)  # (B, M)

@@ -1,6 +1,7 @@
 """Routers: score every grid token and decide which ones the backbone sees.
 
-Three variants, all run in fp32 with autocast off:
+Four variants, all run in fp32 with autocast off (``fp32=False``: under the caller's autocast, the
+probabilities still fp32; the release's ``fp32_router_dechunk=False``):
 
 * ``"predictability"`` (default, DC-DiT v2): ``z = Conv1x1(x)`` to ``d/4``; the
   residual ``r = z - Conv3x3(z)`` measures how badly a token is predicted by its
@@ -23,6 +24,7 @@ The first and last token are always kept. A token is kept when ``p > 0.5``;
     assert out.mask.shape == (B, 256) and out.mask[:, 0].all()
 """
 
+import contextlib
 import math
 from typing import Literal
 
@@ -86,6 +88,10 @@ class Router(FP32Module):
         norm_groups: GroupNorm groups in the scorer (default 8; reduced to divide ``hidden``).
         init_bias: initial keep-logit bias (``-1.1``: ``sigmoid ~ 0.25`` at start).
         keep_fraction: expected fraction of tokens the ``"random"`` router keeps (``1/N``).
+        fp32: score in fp32 with autocast off (default, DC-DiT's policy: a boundary flips on tiny
+            changes of ``p`` near 0.5). ``False`` runs the convs / projections under the caller's
+            autocast (bf16 GEMMs instead of TF32 / fp32 ones, no fp32 copy of the tokens) and only
+            the sigmoid in fp32: faster, and ``p`` moves by about bf16's rounding.
 
     Parameters stay fp32 when the model is cast to bf16/fp16 (:class:`FP32Module`).
     """
@@ -100,6 +106,7 @@ class Router(FP32Module):
         norm_groups: int = 8,
         init_bias: float = -1.1,
         keep_fraction: float = 0.25,
+        fp32: bool = True,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -117,7 +124,7 @@ class Router(FP32Module):
             raise ValueError("kind='cosine' needs a grid of rank >= 2; use kind='cosine1d' for sequences")
         if not 0.0 < keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
-        self.dim, self.ndim, self.kind, self.keep_fraction = dim, ndim, kind, keep_fraction
+        self.dim, self.ndim, self.kind, self.keep_fraction, self.fp32 = dim, ndim, kind, keep_fraction, fp32
         fk = {"device": device, "dtype": dtype}
 
         if kind == "predictability":
@@ -143,26 +150,27 @@ class Router(FP32Module):
                 nn.init.constant_(self.k_average.weight, 1.0 / 3**ndim)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, ndim={self.ndim}, kind={self.kind!r}"
+        return f"dim={self.dim}, ndim={self.ndim}, kind={self.kind!r}" + ("" if self.fp32 else ", fp32=False")
 
     @typechecked
     def scores(
         self, x: Float[Tensor, "batch tokens dim"], grid: GridShape
     ) -> Float[Tensor, "batch tokens"]:
         """Raw keep probabilities ``p`` in fp32, before forcing first/last to 1."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float()
+        low = not self.fp32 and torch.is_autocast_enabled(x.device.type)  # else fp32 (the weights' dtype)
+        with contextlib.nullcontext() if low else torch.autocast(device_type=x.device.type, enabled=False):
+            x = x if low else x.float()
             if self.kind == "random":  # u < keep -> p in (0.5, 1], else p in [0, 0.5]: kept w.p. keep
                 u, keep = torch.rand(x.shape[:2], device=x.device), self.keep_fraction
                 return torch.where(u < keep, 1 - u / (2 * keep), 0.5 * (1 - u) / max(1 - keep, 1e-6))
             if self.kind == "predictability":
                 z = self.proj(to_grid(x, grid))  # (B, d/4, *grid)
                 logit = self.scorer(z - self.predictor(z))  # (B, 1, *grid)
-                return torch.sigmoid(logit.flatten(1))  # (B, L)
-            q = F.normalize(self.q_proj(x), dim=-1)  # (B, L, d)
-            k = F.normalize(self.k_proj(x), dim=-1)  # (B, L, d)
+                return torch.sigmoid(logit.flatten(1).float())  # (B, L)
+            q = F.normalize(self.q_proj(x).float(), dim=-1)  # (B, L, d)
+            k = F.normalize(self.k_proj(x).float(), dim=-1)  # (B, L, d)
             if self.kind == "cosine":
-                k_bar = self.k_average(to_grid(k, grid)).flatten(2).transpose(1, 2)  # (B, L, d)
+                k_bar = self.k_average(to_grid(k, grid)).float().flatten(2).transpose(1, 2)  # (B, L, d)
                 return ((1 - (q * k_bar).sum(-1)) / 2).clamp(0, 1)
             cos = (q[:, 1:] * k[:, :-1]).sum(-1)  # (B, L-1): token t against t-1
             return F.pad((1 - cos) / 2, (1, 0), value=1.0).clamp(0, 1)

@@ -176,6 +176,9 @@ class DeChunkDecoder(nn.Module):
         sigma: smoothing bandwidth in grid cells (DC-DiT: 1 at 32x32, 2 at 64x64).
         smoothing: ``"auto"`` (default: dense for a few hundred kept tokens, else windowed),
             ``"windowed"`` (linear in L), ``"dense"`` (reference) or ``"none"``.
+        fp32: de-chunk, gate and residual sum in fp32 (default, DC-DiT's policy). ``False`` keeps
+            the backbone's precision (bf16 under autocast): half the memory traffic of the
+            ``(B, L, d)`` merge and a bf16 smoothing product, at bf16 rounding.
     """
 
     def __init__(
@@ -190,6 +193,7 @@ class DeChunkDecoder(nn.Module):
         sigma: float = 1.0,
         smoothing: Smoothing = "auto",
         truncate: float = 4.0,
+        fp32: bool = True,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -206,7 +210,7 @@ class DeChunkDecoder(nn.Module):
         width = width or max(dim // 4, 1)
         cond_dim = dim if cond_dim is None else cond_dim
         self.dim, self.ndim, self.width, self.out_channels = dim, ndim, width, out_channels
-        self.sigma, self.smoothing, self.truncate = sigma, smoothing, truncate
+        self.sigma, self.smoothing, self.truncate, self.fp32 = sigma, smoothing, truncate, fp32
         self.residual = _FP32Linear(dim, dim, device=device, dtype=torch.float32)  # stays fp32
         nn.init.zeros_(self.residual.weight)
         nn.init.zeros_(self.residual.bias)
@@ -223,18 +227,21 @@ class DeChunkDecoder(nn.Module):
         router_out: RouterOutput,
         enc_tokens: Float[Tensor, "batch tokens dim"],
     ) -> Float[Tensor, "batch tokens dim"]:
-        """Backbone output (``plan.chunk`` layout) -> gated, residual-added ``(B, L, d)`` in fp32.
+        """Backbone output (``plan.chunk`` layout) -> gated, residual-added ``(B, L, d)`` in fp32
+        (``fp32=False``: in the backbone output's dtype).
 
         De-chunking runs with autocast off; the residual projection keeps fp32 weights but runs
         under the caller's autocast, as in the authors' release (a bf16 GEMM when sampling in
         bf16: ``L d^2`` multiply-adds are too many for fp32)."""
-        res = self.residual(enc_tokens.float()).float()  # (B, L, d)
+        dtype = torch.float32 if self.fp32 else y.dtype
+        autocast = torch.is_autocast_enabled(enc_tokens.device.type)  # then the GEMM is bf16 anyway: no fp32 copy
+        res = self.residual(enc_tokens if autocast else enc_tokens.float()).to(dtype)  # (B, L, d)
         with torch.autocast(device_type=enc_tokens.device.type, enabled=False):
             full = dechunk(
                 plan.unchunk(y), router_out.probs, plan,
-                sigma=self.sigma, smoothing=self.smoothing, truncate=self.truncate,
-            )  # (B, L, d) fp32
-            gate = ste_ones(router_out.confidence.float())[..., None]  # (B, L, 1), == 1 forward
+                sigma=self.sigma, smoothing=self.smoothing, truncate=self.truncate, dtype=dtype,
+            )  # (B, L, d)
+            gate = ste_ones(router_out.confidence.to(dtype))[..., None]  # (B, L, 1), == 1 forward
             return full * gate + res
 
     @typechecked

@@ -63,6 +63,7 @@ class ChunkWrapper(nn.Module):
         grid: tuple[int, ...] | None = None,
         out_channels: int | None = None,
         fill_capacity: bool = False,
+        fp32_router_dechunk: bool = True,
         device=None,
         dtype=None,
     ) -> None:
@@ -97,10 +98,12 @@ class ChunkWrapper(nn.Module):
         self.cond_adaptor = nn.LayerNorm(d, eps=1e-6, **fk) if cond_adaptor else nn.Identity()
         self.encoder = ChunkEncoder(self.in_channels, d, ndim=self.ndim, depth=encoder_depth, width=scaffold_width,
                                     **fk)
-        self.router = Router(d, ndim=self.ndim, kind=router, keep_fraction=1 / target_ratio, **fk)
+        self.router = Router(d, ndim=self.ndim, kind=router, keep_fraction=1 / target_ratio,
+                             fp32=fp32_router_dechunk, **fk)
         self.norm = RMSNorm(d, eps=1e-5, **fk)  # backbone output norm, as in DC-DiT
         self.decoder = DeChunkDecoder(d, self.out_channels, ndim=self.ndim, depth=decoder_depth,
-                                      width=scaffold_width, sigma=sigma, smoothing=smoothing, **fk)
+                                      width=scaffold_width, sigma=sigma, smoothing=smoothing,
+                                      fp32=fp32_router_dechunk, **fk)
 
     @property
     def null_class(self) -> int | None:
@@ -203,7 +206,9 @@ def wrap(
         **kwargs: :class:`ChunkWrapper` options: ``encoder_depth``, ``decoder_depth``,
             ``scaffold_width``, ``sigma``, ``smoothing``, ``plan_mode`` (``"auto"``: packed where the
             attention is known, else padded with real tokens), ``capacity``, ``fill_capacity``
-            (fixed mode: exactly ``capacity`` tokens per sample, attention unmasked), ``cond_adaptor``
+            (fixed mode: exactly ``capacity`` tokens per sample, attention unmasked),
+            ``fp32_router_dechunk`` (default on; ``False``: router and de-chunk in the caller's
+            precision, as the release's flag of that name), ``cond_adaptor``
             (LayerNorm on the scaffold's conditioning, default on), ``coord_scale`` (default
             ``1 / patch_size``: positions in the backbone's patch units), ``grid``,
             ``out_channels``, ``device``, ``dtype``.

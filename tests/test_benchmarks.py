@@ -129,8 +129,12 @@ def rows_of(result: dict) -> list[str]:
 
 def test_step_speed_rows_and_scaffold_share(tmp_path, benchmarks):
     step_speed = _load("step_speed")
-    result = step_speed.main(["--tiny", "--no-compile", "--cudagraphs", "--fill-capacity", "--out", str(tmp_path / "s.json")])
-    assert result["fill_capacity"] and rows_of(result)[-3:] == [f"DC-DiT-XL rho={r} filled" for r in ("0", "0.2", "0.4")]
+    result = step_speed.main(["--tiny", "--no-compile", "--cudagraphs", "--fill-capacity", "--bf16-routing",
+                              "--out", str(tmp_path / "s.json")])
+    assert result["fill_capacity"] and rows_of(result)[7:11] == [f"DC-DiT-XL rho={r} filled" for r in ("0", "0.2", "0.4")] + [
+        "DC-DiT-XL Lite-CFG (0 / 0.9) filled"]
+    assert rows_of(result)[-1] == "DC-DiT-XL scaffold only, bf16 routing" and result["scaffold_time_share_bf16_routing"] > 0
+    assert "DC-DiT-XL rho=0.4 filled, bf16 routing" in rows_of(result)
     assert all(len(r["ms_rounds"]) == result["rounds"] and min(r["ms_rounds"]) <= r["ms"] <= max(r["ms_rounds"])
                for r in result["rows"])  # the median of interleaved rounds
     filled = {r["row"]: r for r in result["rows"]}

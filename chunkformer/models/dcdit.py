@@ -62,6 +62,10 @@ class DCDiT(LabelledModel):
             whose router keeps fewer also keeps its most probable others), so no slot is padding and
             attention runs without a mask, on the fastest kernels. Off by default (the paper keeps
             each sample's own count).
+        fp32_router_dechunk: run the router and the de-chunk in fp32 with autocast off (default, DC-DiT's
+            policy, as the release's flag of that name). ``False`` runs both in the caller's precision (bf16
+            GEMMs and merge under autocast; ``p`` itself still fp32): a faster scaffold, with ``p`` and the
+            de-chunked tokens at bf16 rounding (docs/performance.md measures both).
     """
 
     supports_chunking = True
@@ -90,6 +94,7 @@ class DCDiT(LabelledModel):
         attn_backend: Backend = "auto",
         *,
         fill_capacity: bool = False,
+        fp32_router_dechunk: bool = True,
         device=None,
         dtype=None,
     ) -> None:
@@ -113,14 +118,15 @@ class DCDiT(LabelledModel):
         self.encoder = ChunkEncoder(
             in_channels, hidden_size, ndim=self.ndim, depth=encoder_depth, width=scaffold_width, **fk
         )
-        self.router = Router(hidden_size, ndim=self.ndim, kind=router, keep_fraction=1 / target_ratio, **fk)
+        self.router = Router(hidden_size, ndim=self.ndim, kind=router, keep_fraction=1 / target_ratio,
+                             fp32=fp32_router_dechunk, **fk)
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, **fk) for _ in range(depth)
         )
         self.norm = RMSNorm(hidden_size, eps=1e-5, **fk)  # the main network's output norm (H-Net)
         self.decoder = DeChunkDecoder(
             hidden_size, self.out_channels, ndim=self.ndim, depth=decoder_depth, width=scaffold_width,
-            sigma=sigma, smoothing=smoothing, **fk,
+            sigma=sigma, smoothing=smoothing, fp32=fp32_router_dechunk, **fk,
         )
         init_backbone_weights(self)
 

@@ -1,0 +1,104 @@
+"""``fp32_router_dechunk``: DC-DiT's fp32 router and de-chunk, or the caller's precision (the release's flag)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import chunkformer as cf
+from chunkformer.dechunk import dechunk
+from chunkformer.plan import ChunkPlan
+from chunkformer.routing import Router
+
+
+def pair(plan_mode="packed", **kw):
+    """The same tiny DC-DiT twice: fp32 router / de-chunk (default) and in the caller's precision."""
+    torch.manual_seed(0)
+    make = lambda fp32: cf.create_model(  # noqa: E731
+        "DC-DiT-S", hidden_size=32, depth=1, num_heads=2, input_size=8, num_classes=3, plan_mode=plan_mode,
+        fp32_router_dechunk=fp32, **kw).eval()
+    strict, low = make(True), make(False)
+    torch.nn.init.normal_(strict.decoder.residual.weight, std=0.05)  # zero at init: make the residual count
+    torch.nn.init.normal_(strict.decoder.final.linear.weight, std=0.05)
+    low.load_state_dict(strict.state_dict())
+    return strict, low
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.randint(0, 1000, (2,), generator=g), torch.tensor([0, 2])
+
+
+@pytest.mark.parametrize("plan_mode,kw", [("packed", {}), ("padded", {}), ("fixed", {"capacity": 24}),
+                                          ("fixed", {"capacity": 24, "fill_capacity": True})])
+def test_in_fp32_without_autocast_the_flag_changes_nothing(plan_mode, kw):
+    strict, low = pair(plan_mode, **kw)
+    x, t, y = inputs()
+    with torch.no_grad():
+        assert torch.equal(strict(x, t, y, rho=0.2), low(x, t, y, rho=0.2))  # the same function in fp32
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_under_bf16_autocast_only_the_low_precision_model_rounds_its_routing(seed):
+    strict, low = pair()
+    x, t, y = inputs(seed)
+    with torch.no_grad():
+        ref_tokens = strict.encoder(x, strict.t_embedder(t) + strict.y_embedder(y, 2, x.device, None))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            c = strict.t_embedder(t) + strict.y_embedder(y, 2, x.device, None)
+            tokens = strict.encoder(x, c)
+            p_strict = strict.router.scores(tokens, (8, 8))
+            p_low = low.router.scores(tokens, (8, 8))
+            out_strict, out_low = strict(x, t, y), low(x, t, y)
+    assert p_strict.dtype == p_low.dtype == torch.float32  # p is fp32 either way
+    assert torch.equal(p_strict, strict.router.scores(tokens.float(), (8, 8)))  # autocast off inside: exact fp32
+    assert not torch.equal(p_low, p_strict)  # the low-precision router did run in bf16 ...
+    assert (p_low - p_strict).abs().max() < 2e-2  # ... and lands within bf16 rounding of the fp32 one
+    assert ref_tokens.dtype == torch.float32 and out_low.shape == out_strict.shape
+    scale = out_strict.float().abs().max()
+    assert ((out_low.float() - out_strict.float()).abs().max() / scale) < 5e-2
+
+
+def test_merge_keeps_the_backbone_precision_only_when_asked():
+    strict, low = pair()
+    x, t, y = inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        merged = {}
+        for name, m in (("strict", strict), ("low", low)):
+            c = m.t_embedder(t) + m.y_embedder(y, 2, x.device, None)
+            tokens = m.encoder(x, c)
+            routed = m.router(tokens, (8, 8))
+            plan = ChunkPlan.from_router(routed, mode="packed")
+            h = plan.chunk(tokens).to(torch.bfloat16)  # a bf16 backbone output stand-in
+            merged[name] = m.decoder.merge(h, plan, routed, tokens)
+    assert merged["strict"].dtype == torch.float32 and merged["low"].dtype == torch.bfloat16
+    rel = (merged["low"].float() - merged["strict"]).abs().max() / merged["strict"].abs().max()
+    assert 0 < rel < 2e-2
+
+
+@pytest.mark.parametrize("smoothing", ["dense", "windowed", "none"])
+def test_dechunk_in_bf16_stays_within_bf16_rounding_of_fp32(smoothing):
+    g = torch.Generator().manual_seed(1)
+    router = Router(16)
+    torch.nn.init.constant_(router.scorer[-1].bias, 0.3)  # p near 0.57: many kept, neighbours weigh in
+    routed = router(torch.randn(2, 64, 16, generator=g), (8, 8))
+    plan = ChunkPlan.from_router(routed, mode="padded")
+    y = torch.randn(2, plan.width, 16, generator=g).to(torch.bfloat16).float()  # bf16-exact values
+    full = dechunk(y, routed.probs, plan, sigma=1.0, smoothing=smoothing)
+    half = dechunk(y, routed.probs, plan, sigma=1.0, smoothing=smoothing, dtype=torch.bfloat16)
+    assert full.dtype == torch.float32 and half.dtype == torch.bfloat16
+    err = (half.float() - full).abs().max() / full.abs().max()
+    assert err < 2e-2 and (smoothing == "none") == bool(err == 0)  # plug-back alone copies values exactly
+
+
+def test_a_bf16_cast_model_runs_without_autocast_and_reports_the_flag():
+    strict, low = pair()
+    x, t, y = inputs()
+    low = low.to(torch.bfloat16)
+    assert low.router.proj.weight.dtype == torch.float32  # the router's weights stay fp32 regardless
+    with torch.no_grad():
+        out = low(x.to(torch.bfloat16), t, y)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert "fp32=False" in repr(low.router) and low.config["fp32_router_dechunk"] is False
+    assert "fp32" not in repr(strict.router)
