@@ -127,15 +127,21 @@ def plot(files: list[Path], out: Path) -> None:
     for ax, path in zip(axes[0], files):
         data = json.loads(path.read_text())
         L = (data["size"] // 8) ** 2
-        rows = [r for r in data["rows"] if r["row"].startswith("DC-DiT-XL rho") and "graphs" not in r["row"]]
-        dit = data["rows"][0]
-        kept = [r["kept"] / L for r in rows]
-        ax.plot(kept, [r["ms"] for r in rows], "o-", label="DC-DiT-XL (measured)")
-        ax.plot(kept, [dit["ms"] * r["flops"] / dit["flops"] for r in rows], "s--", alpha=0.7,
-                label="DC-DiT-XL (FLOP-predicted)")
+        dit = next(r for r in data["rows"] if r["row"] == "DiT-XL/2")
+        variants: dict[str, list] = {}  # "" (masked), " filled", " filled, bf16 routing": one line each
+        for r in data["rows"]:
+            if r["row"].startswith("DC-DiT-XL rho") and "graphs" not in r["row"]:
+                rho, _, suffix = r["row"].removeprefix("DC-DiT-XL ").partition(" ")
+                variants.setdefault(suffix, []).append((rho, r))
+        for i, (suffix, rows) in enumerate(variants.items()):
+            kept = [r["kept"] / L for _, r in rows]
+            ax.plot(kept, [r["ms"] for _, r in rows], "o-", label=f"DC-DiT-XL {suffix or 'masked'} (measured)")
+            if i == 0:  # the same FLOPs for every variant
+                ax.plot(kept, [dit["ms"] * r["flops"] / dit["flops"] for _, r in rows], "s--", alpha=0.7,
+                        label="DC-DiT-XL (FLOP-predicted)")
+                for (rho, r), k in zip(rows, kept):
+                    ax.annotate(rho, (k, r["ms"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.axhline(dit["ms"], color="k", lw=1, label="DiT-XL/2")
-        for r, k in zip(rows, kept):
-            ax.annotate(r["row"].split()[-1], (k, r["ms"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("tokens kept / latent grid")
         ax.set_ylabel("ms per sampling step")
         ax.set_title(f"{data['size']}px, batch {data['batch']}, {data['card']}", fontsize=10)

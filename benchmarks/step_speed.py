@@ -87,6 +87,8 @@ def main(argv=None) -> dict:
                     help="add rows of DC-DiT with fill_capacity=True (full plans, attention without a mask)")
     ap.add_argument("--bf16-routing", action="store_true",
                     help="add rows with fp32_router_dechunk=False (router and de-chunk under bf16 autocast)")
+    ap.add_argument("--no-masked", action="store_true",
+                    help="skip the masked DC-DiT rows (fewer graphs to compile; needs another variant)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="torch.backends.cudnn.benchmark = True for every model (cuDNN times its algorithms)")
@@ -118,78 +120,68 @@ def main(argv=None) -> dict:
         torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)  # keep everything; capacity is the budget
         return m
 
-    dc, scaffold = dcdit(), dcdit(depth=0)
     cases = []  # (row, step function, FLOPs per sample, kept, baseline): timed together at the end
 
-    def at(model_fn, model, capacity):
+    def at(model_fn, model, capacity, labels=None):
         """A step of ``model`` at ``capacity`` (a module attribute: one compiled graph per value)."""
         def step():
             model.capacity = capacity
-            return model_fn(x, t, y)
+            return model_fn(x, t, y if labels is None else labels)
         return step
 
+    # DC-DiT variants, each a model of its own (same weights): masked fixed plans (the default), filled
+    # plans (fill_capacity: no attention mask), and the release's fp32_router_dechunk=False
+    variants = [] if args.no_masked else [("", {})]
+    variants += [(" filled", dict(fill=True))] if args.fill_capacity else []
+    if args.bf16_routing:
+        variants.append((" filled, bf16 routing" if args.fill_capacity else " bf16 routing",
+                         dict(fill=args.fill_capacity, fp32=False)))
+    if not variants:
+        ap.error("--no-masked leaves no DC-DiT rows: add --fill-capacity and/or --bf16-routing")
     with torch.no_grad(), autocast:
         dit_fn = compile_(dit)
         dit_flops = cf.count_flops(dit, x, t, y).per_sample
-        cases.append(("DiT-XL/2", lambda: dit_fn(x, t, y), dit_flops, L // 4, "plain"))
-        dc_fn = compile_(dc)
-        caps = {rho: bucket(L / 4 * (1 - rho)) for rho in (0.0, 0.2, 0.4)}
-        for rho, cap in caps.items():
-            dc.capacity = cap
-            cases.append((f"DC-DiT-XL rho={rho:g}", at(dc_fn, dc, cap), cf.count_flops(dc, x, t, y).per_sample,
-                          cap, "plain"))
-        # Lite-CFG: conditional at rho 0, unconditional at rho 0.9; DiT: the same two passes at full length
         null = torch.full_like(y, dit.null_class)
-        u_cap = bucket(L / 4 * 0.1)
-
-        def lite():
-            dc.capacity = caps[0.0]
-            dc_fn(x, t, y)
-            dc.capacity = u_cap
-            return dc_fn(x, t, null)
-        dc.capacity = caps[0.0]
-        f_cond = cf.count_flops(dc, x, t, y).per_sample
-        dc.capacity = u_cap
-        f_unc = cf.count_flops(dc, x, t, null).per_sample
-        dc.capacity = caps[0.0]
+        cases.append(("DiT-XL/2", lambda: dit_fn(x, t, y), dit_flops, L // 4, "plain"))
         cases.append(("DiT-XL/2 CFG", lambda: (dit_fn(x, t, y), dit_fn(x, t, null)), 2 * dit_flops, L // 4, "cfg"))
-        cases.append(("DC-DiT-XL Lite-CFG (0 / 0.9)", lite, f_cond + f_unc, caps[0.0], "cfg"))
-        # the scaffold alone: embed, encoder, router, chunk, pack, de-chunk, decoder, final layer
-        sc_fn = compile_(scaffold)
-        report = cf.count_flops(dc, x, t, y)
-        blocks = sum(v for k, v in report.by_component.items() if k.startswith("backbone"))
-        scaffold_share_flops = 1 - blocks / report.total
-        cases.append(("DC-DiT-XL scaffold only", lambda: sc_fn(x, t, y), report.per_sample * scaffold_share_flops,
-                      caps[0.0], "plain"))
-        variants = [(" filled", dict(fill=True))] if args.fill_capacity else []
-        if args.bf16_routing:  # the release's fp32_router_dechunk=False: router and de-chunk under autocast
-            variants.append((" filled, bf16 routing" if args.fill_capacity else " bf16 routing",
-                             dict(fill=args.fill_capacity, fp32=False)))
-        for suffix, kw in variants:  # the same weights and tokens, the plan full by construction: no attention mask
-            m = dcdit(**kw)
+        caps = {rho: bucket(L / 4 * (1 - rho)) for rho in (0.0, 0.2, 0.4)}
+        u_cap = bucket(L / 4 * 0.1)  # Lite-CFG: conditional at rho 0, unconditional at rho 0.9
+        models = {}
+        for suffix, kw in variants:
+            m = models[suffix] = dcdit(**kw)
             m_fn = compile_(m)
             for rho, cap in caps.items():
                 m.capacity = cap
-                cases.append((f"DC-DiT-XL rho={rho:g}{suffix}", at(m_fn, m, cap),
-                               cf.count_flops(m, x, t, y).per_sample, cap, "plain"))
-
-            def lite_of(m=m, m_fn=m_fn):
+                cases.append((f"DC-DiT-XL rho={rho:g}{suffix}", at(m_fn, m, cap), cf.count_flops(m, x, t, y).per_sample,
+                              cap, "plain"))
+            if "bf16" not in suffix:  # DiT: the same two passes at full length
                 m.capacity = caps[0.0]
-                m_fn(x, t, y)
+                f_cond = cf.count_flops(m, x, t, y).per_sample
                 m.capacity = u_cap
-                return m_fn(x, t, null)
-            cases.append((f"DC-DiT-XL Lite-CFG (0 / 0.9){suffix}", lite_of, f_cond + f_unc, caps[0.0], "cfg"))
-            if "bf16" in suffix:
-                low_sc = dcdit(depth=0, fp32=False)
-                low_sc_fn = compile_(low_sc)
-                cases.append(("DC-DiT-XL scaffold only, bf16 routing", lambda f=low_sc_fn: f(x, t, y),
-                               report.per_sample * scaffold_share_flops, caps[0.0], "plain"))
+                f_unc = cf.count_flops(m, x, t, null).per_sample
+                cond, unc = at(m_fn, m, caps[0.0]), at(m_fn, m, u_cap, null)
+                cases.append((f"DC-DiT-XL Lite-CFG (0 / 0.9){suffix}", lambda c=cond, u=unc: (c(), u()),
+                              f_cond + f_unc, caps[0.0], "cfg"))
+            m.capacity = caps[0.0]
+        # the scaffold alone (embed, encoder, router, chunk, pack, de-chunk, decoder, final layer): its FLOP share
+        # of the first variant's rho-0 step, and its time share of that step
+        first = models[variants[0][0]]
+        report = cf.count_flops(first, x, t, y)
+        blocks = sum(v for k, v in report.by_component.items() if k.startswith("backbone"))
+        scaffold_share_flops = 1 - blocks / report.total
+        scaffolds = [("DC-DiT-XL scaffold only", dcdit(depth=0))]
+        if args.bf16_routing:
+            scaffolds.append(("DC-DiT-XL scaffold only, bf16 routing", dcdit(depth=0, fp32=False)))
+        for name, sc in scaffolds:
+            cases.append((name, lambda f=compile_(sc): f(x, t, y), report.per_sample * scaffold_share_flops,
+                          caps[0.0], "plain"))
+        dc = first
         if args.cudagraphs and device.type == "cuda":  # static shapes in fixed mode: one graph per capacity
             dc.capacity = caps[0.0]
             graphed = {name: torch.compile(m, mode="reduce-overhead") for name, m in (("dit", dit), ("dc", dc))}
             cases.append(("DiT-XL/2 CUDA graphs", lambda: graphed["dit"](x, t, y).clone(), dit_flops, L // 4, "graphs"))
             cases.append(("DC-DiT-XL rho=0 CUDA graphs", lambda: graphed["dc"](x, t, y).clone(),  # replays overwrite
-                          cases[1][2], caps[0.0], "graphs"))
+                          cases[2][2], caps[0.0], "graphs"))
         # every case compiled and warm first, then timed in interleaved rounds (median per case), so clock
         # and thermal drift over the run falls on all rows alike instead of on whichever runs last
         for case in cases:
@@ -204,14 +196,21 @@ def main(argv=None) -> dict:
                  "kept": kept, **({"base": base} if base != "plain" else {})}
                 for name, _, flops, kept, base in cases]
 
-    base = {"plain": rows[0], "cfg": rows[4], "graphs": next((r for r in rows if r["row"] == "DiT-XL/2 CUDA graphs"), None)}
+    by_name = {r["row"]: r for r in rows}
+    base = {"plain": by_name["DiT-XL/2"], "cfg": by_name["DiT-XL/2 CFG"], "graphs": by_name.get("DiT-XL/2 CUDA graphs")}
     for r in rows:
         ref = base[r.get("base", "plain")]
         r["measured_speedup"] = ref["ms"] / r["ms"]
         r["flop_speedup"] = ref["flops"] / r["flops"]
         r["fraction_of_flop_speedup"] = r["measured_speedup"] / r["flop_speedup"]
-    dc0 = rows[1]
-    time_share = rows[6]["ms"] / dc0["ms"]  # the scaffold-only row
+
+    def share(scaffold_row: str, step_row: str) -> float | None:
+        """Time share of the scaffold in a rho-0 step."""
+        if scaffold_row not in by_name or step_row not in by_name:
+            return None
+        return by_name[scaffold_row]["ms"] / by_name[step_row]["ms"]
+    time_share = share("DC-DiT-XL scaffold only", f"DC-DiT-XL rho=0{variants[0][0]}")
+    low_share = share("DC-DiT-XL scaffold only, bf16 routing", f"DC-DiT-XL rho=0{variants[-1][0]}")
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{card}, torch {torch.__version__}, {args.size}px (latent {latent}x{latent}), batch {batch}, "
           f"{'eager' if args.no_compile else 'torch.compile'}, bf16 autocast"
@@ -221,16 +220,14 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"{r['row']:<50}{r['kept']:>6}{r['ms']:>9.2f}{r['flops'] / 1e9:>9.1f}{r['measured_speedup']:>10.2f}"
               f"{r['flop_speedup']:>10.2f}{r['fraction_of_flop_speedup']:>7.2f}")
-    print(f"scaffold: {time_share:.1%} of the rho=0 step's time for {scaffold_share_flops:.1%} of its FLOPs "
-          f"({time_share / scaffold_share_flops:.2f}x its share)")
-    low = {r["row"]: r for r in rows}
-    low_sc, low_step = low.get("DC-DiT-XL scaffold only, bf16 routing"), next(
-        (r for r in rows if r["row"].startswith("DC-DiT-XL rho=0 ") and "bf16" in r["row"]), None)
-    low_share = None if low_sc is None else low_sc["ms"] / low_step["ms"]
+    print(f"scaffold: {time_share:.1%} of the rho=0{variants[0][0]} step's time for {scaffold_share_flops:.1%} of its "
+          f"FLOPs ({time_share / scaffold_share_flops:.2f}x its share)")
     if low_share is not None:
-        print(f"scaffold with bf16 routing: {low_share:.1%} of its rho=0 step's time ({low_share / scaffold_share_flops:.2f}x)")
+        print(f"scaffold with bf16 routing: {low_share:.1%} of the rho=0{variants[-1][0]} step's time "
+              f"({low_share / scaffold_share_flops:.2f}x its share)")
     return save_result(args.out, card, size=args.size, batch=batch, compiled=not args.no_compile,
-                       fill_capacity=args.fill_capacity, cudnn_benchmark=args.cudnn_benchmark, rounds=args.rounds, rows=rows, scaffold_time_share=time_share,
+                       fill_capacity=args.fill_capacity, cudnn_benchmark=args.cudnn_benchmark, rounds=args.rounds,
+                       masked=not args.no_masked, rows=rows, scaffold_time_share=time_share,
                        scaffold_flop_share=scaffold_share_flops, bf16_routing=args.bf16_routing,
                        scaffold_time_share_bf16_routing=low_share)
 
