@@ -19,6 +19,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 def step_table(data: dict) -> str:
     lines = [f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, "
              f"{'torch.compile' if data['compiled'] else 'eager'}, bf16 autocast"
+             f"{', median of %d interleaved rounds' % data['rounds'] if data.get('rounds') else ''}"
              f"{'; filled: fill_capacity=True, attention unmasked' if data.get('fill_capacity') else ''} "
              f"(`{data['command']}`)", "",
              "| row | tokens | ms | GFLOPs/sample | speed-up | FLOP-predicted | measured / predicted |",
@@ -29,7 +30,51 @@ def step_table(data: dict) -> str:
     lines.append("")
     lines.append(f"Scaffold alone: {data['scaffold_time_share']:.1%} of the rho=0 step's time for "
                  f"{data['scaffold_flop_share']:.1%} of its FLOPs "
-                 f"({data['scaffold_time_share'] / data['scaffold_flop_share']:.2f}x its share).")
+                 f"({data['scaffold_time_share'] / data['scaffold_flop_share']:.2f}x its share)"
+                 + ("." if not data.get("scaffold_time_share_bf16_routing") else
+                    f"; with bf16 routing {data['scaffold_time_share_bf16_routing']:.1%} "
+                    f"({data['scaffold_time_share_bf16_routing'] / data['scaffold_flop_share']:.2f}x)."))
+    return "\n".join(lines)
+
+
+def ops_table(data: dict) -> str:
+    """benchmarks/scaffold_ops.py: each scaffold operation in its equivalent forms."""
+    lines = [f"{data['card']}, torch {data['torch']}, batch {data['batch']}, {data['grid']}x{data['grid']} grid, "
+             f"d = {data['dim']}, width {data['width']}, {data['kept']} kept (`{data['command']}`)", "",
+             "| operation | form | ms | TFLOP/s | relative error (vs fp64) |", "|---|---|---|---|---|"]
+    from scaffold_ops import op_flops  # noqa: PLC0415  (benchmarks/ is on the path when run as a script)
+
+    for r in data["rows"]:
+        flops = op_flops(r["op"], data["batch"], data["grid"])
+        tflops = f"{flops / r['ms'] / 1e9:.0f}" if flops and r["ms"] == r["ms"] else "-"
+        lines.append(f"| {r['op']} | {r['form']} | {r['ms']:.3f} | {tflops} | {r['rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
+def profile_table(data: dict) -> str:
+    """benchmarks/step_profile.py: GPU time per step by kernel class."""
+    names = list(data["models"])
+    classes = sorted({c for m in data["models"].values() for c in m["by_class"]},
+                     key=lambda c: -data["models"][names[-1]]["by_class"].get(c, 0.0))
+    lines = [f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, capacity "
+             f"{data['capacity']} (rho {data['rho']:g}), GPU ms per step (`{data['command']}`)", "",
+             "| kernel class | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for c in classes:
+        lines.append(f"| {c} | " + " | ".join(f"{data['models'][n]['by_class'].get(c, 0.0):.2f}" for n in names) + " |")
+    for key, label in (("gpu_ms", "GPU total"), ("ms", "wall clock"), ("gflops", "GFLOPs / sample")):
+        lines.append(f"| {label} | " + " | ".join(f"{data['models'][n][key]:.{1 if key == 'gflops' else 2}f}"
+                                                   for n in names) + " |")
+    return "\n".join(lines)
+
+
+def full_plan_table(data: dict) -> str:
+    """benchmarks/attention_masks.py: attention over full plans per SDPA backend."""
+    lines = [f"{data['card']}, torch {data['torch']}, bf16, 16 heads of 72, ms per call (`{data['command']}`)", "",
+             "| batch x slots | default (no mask) | flash | efficient | cuDNN | default with a bool mask |",
+             "|---|---|---|---|---|---|"]
+    for r in data["full_plans"]:
+        lines.append(f"| {r['batch']} x {r['slots']} | {r['default']:.3f} | {r['flash']:.3f} | {r['efficient']:.3f} "
+                     f"| {r['cudnn']:.3f} | {r['bool mask']:.3f} |")
     return "\n".join(lines)
 
 
@@ -158,6 +203,12 @@ def main() -> None:
         print(step_table(json.loads(path.read_text())), end="\n\n")
     for path in sorted(RESULTS.glob("vs_release_*.json")):
         print(release_table(json.loads(path.read_text())), end="\n\n")
+    for path in sorted(RESULTS.glob("step_profile_*.json")):
+        print(profile_table(json.loads(path.read_text())), end="\n\n")
+    for path in sorted(RESULTS.glob("scaffold_ops_*.json")):
+        print(ops_table(json.loads(path.read_text())), end="\n\n")
+    for path in sorted(RESULTS.glob("attention_masks_*.json")):
+        print(full_plan_table(json.loads(path.read_text())), end="\n\n")
     for path in sorted(RESULTS.glob("scaffold_profile_*.json")):
         print(scaffold_table(json.loads(path.read_text())), end="\n\n")
     for path in sorted(RESULTS.glob("smoothing_*.json")):

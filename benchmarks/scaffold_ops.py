@@ -17,6 +17,7 @@ so a faster form that loses precision shows it:
 """
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -29,6 +30,19 @@ from step_speed import save_result, step_ms  # noqa: E402
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).abs().max() / ref.abs().max())
+
+
+def op_flops(op: str, batch: int, grid: int) -> float | None:
+    """FLOPs of one call of a row's operation, read from its label ("3x3 288->1152", "(256x256)@(256x1152)")."""
+    conv = re.search(r"(\d)x\d (\d+)->(\d+)", op)
+    if conv:
+        k, cin, cout = (int(v) for v in conv.groups())
+        return 2.0 * batch * grid * grid * cin * cout * k * k
+    bmm = re.search(r"\((\d+)x(\d+)\)@\((\d+)x(\d+)\)", op)
+    if bmm:
+        m, k, _, n = (int(v) for v in bmm.groups())
+        return 2.0 * batch * m * k * n
+    return None  # normalisations: memory-bound, no FLOP rate
 
 
 def tuned(fn):
@@ -78,12 +92,14 @@ def main(argv=None) -> dict:
                 rows.append({"op": op, "form": form, "ms": float("nan"), "rel_err": float("nan"),
                              "error": f"{type(e).__name__}: {str(e)[:120]}"})
             r = rows[-1]
+            flops = op_flops(op, B, S)
+            r["tflops"] = flops / r["ms"] / 1e9 if flops and r["ms"] == r["ms"] else None
             print(f"{op:<36}{form:<44}{r['ms']:>8.3f}{r['rel_err']:>11.2e}" + (f"  {r['error']}" if "error" in r else ""),
                   flush=True)
 
     card = "cpu" if args.tiny else torch.cuda.get_device_name()
     print(f"{card}, torch {torch.__version__}")
-    print(f"{'operation':<36}{'form':<44}{'ms':>8}{'rel err':>11}")
+    print(f"{'operation':<36}{'form':<44}{'ms':>8}{'rel err':>11}  (TFLOP/s in the JSON)")
     with torch.no_grad():
         # the 3x3 embed 4 -> 288 on the latents
         x = randn(B, 4, S, S)
