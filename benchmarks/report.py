@@ -25,9 +25,11 @@ def step_table(data: dict) -> str:
              "| row | tokens | ms | GFLOPs/sample | speed-up | FLOP-predicted | measured / predicted |",
              "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        lines.append(f"| {r['row']} | {r['kept']} | {r['ms']:.2f} | {r['flops'] / 1e9:.1f} | {r['measured_speedup']:.2f} "
+        mark = " (see note)" if r.get("note") else ""
+        lines.append(f"| {r['row']}{mark} | {r['kept']} | {r['ms']:.2f} | {r['flops'] / 1e9:.1f} | {r['measured_speedup']:.2f} "
                      f"| {r['flop_speedup']:.2f} | {r['fraction_of_flop_speedup']:.2f} |")
     lines.append("")
+    lines += [f"Note on {r['row']}: {r['note']}.\n" for r in data["rows"] if r.get("note")]
     lines.append(f"Scaffold alone: {data['scaffold_time_share']:.1%} of the rho=0 step's time for "
                  f"{data['scaffold_flop_share']:.1%} of its FLOPs "
                  f"({data['scaffold_time_share'] / data['scaffold_flop_share']:.2f}x its share)"
@@ -64,6 +66,8 @@ def profile_table(data: dict) -> str:
     for key, label in (("gpu_ms", "GPU total"), ("ms", "wall clock"), ("gflops", "GFLOPs / sample")):
         lines.append(f"| {label} | " + " | ".join(f"{data['models'][n][key]:.{1 if key == 'gflops' else 2}f}"
                                                    for n in names) + " |")
+    if data.get("note"):
+        lines += ["", f"Note: {data['note']}."]
     return "\n".join(lines)
 
 

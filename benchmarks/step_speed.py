@@ -95,6 +95,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    # every DC-DiT variant shares DCDiT.forward's code object, and each (model, capacity) is one more compiled
+    # entry of it: past dynamo's default limit of 8 the rest would silently run eager
+    torch._dynamo.config.recompile_limit = 64
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     latent = args.size // 8
     batch = args.batch or {256: 64, 512: 16}[args.size]
