@@ -170,6 +170,13 @@ def test_report_tables_come_from_the_records(tmp_path, studies):
     assert "FID 50.00 (seed 0), 30.00 (seed 1); mean 40.00, 95% t-interval [-87.06, 167.06] over 2 seeds" in text
     assert "DC-DiT-S is better in 2 of 2." in text
     assert "| 1 | NVIDIA H200 | 1.00 | 100 | 140.00 | 60 | 170.00 | 110.00 | 2000 |" in text
+    # the gap beside each seed's stroke density: seed 1's own probe, seed 0's from its second DC-DiT run
+    probe = lambda stroke: {"probe_images": 10, "per_timestep": [  # noqa: E731
+        {"t": 25, "stroke_density": stroke, "background_density": 0.3}]}
+    seeds[(1, "dcdit")]["router"] = probe(0.0)
+    second = _record(0, "dcdit", {"base": 95.0}, [0.77]) | {"router": probe(0.99), "command": "python studies/mnist_study.py"}
+    text = report.render(data | {"records": data["records"] | seeds, "reruns": [second]}, img=tmp_path)
+    assert "| 0 | 50.00 | 99.0% / 30.0% (its second run) | - |" in text and "| 1 | 30.00 | 0.0% / 30.0% | - |" in text
     guarded = {"overrides": ["model.overrides.plan_mode=fixed"], "sample_layout": "packed"}
     assert report.plan_layout(guarded) == "fixed (sampled packed)" and report.plan_layout({}) == "packed"
     assert (tmp_path / "loss_curves.png").is_file() and (tmp_path / "elastic_pareto.png").is_file()
