@@ -9,6 +9,8 @@ few equivalent forms and gives each form's largest relative error against an fp6
 so a faster form that loses precision shows it:
 
 * the 3x3 embed ``4 -> 288``: cuDNN conv vs unfold + GEMM;
+* the 3x3 convs at block widths, with cuDNN's benchmark mode, and the narrowing ``1152 -> 288`` also as
+  four ``288 -> 288`` convs over input-channel groups, summed (the same sum in another order);
 * 1x1 convs ``288 -> 1152`` / ``1152 -> 288`` (ResBlock skips): cuDNN conv vs GEMM on the token view;
 * the fp32 router's 1x1 ``1152 -> 288`` and 3x3 ``288 -> 288``: TF32 conv (PyTorch's default for
   cuDNN), fp32 GEMM (FFMA: PyTorch's default for matmul), bf16;
@@ -129,7 +131,13 @@ def main(argv=None) -> dict:
             wt = randn(cout, cin, 3, 3, scale=(9 * cin) ** -0.5).contiguous(memory_format=cl)
             ref = F.conv2d(h.double(), wt.double(), padding=1)
             conv = lambda h=h, wt=wt: F.conv2d(h, wt, padding=1)  # noqa: E731
-            row(f"3x3 {cin}->{cout} bf16", {"cudnn conv": conv, "cudnn conv, benchmark mode": tuned(conv)}, ref)
+            forms = {"cudnn conv": conv, "cudnn conv, benchmark mode": tuned(conv)}
+            if cin > cout:  # the narrowing conv as cin / cout convs of cout -> cout over input-channel groups, summed
+                parts = [(h[:, i:i + cout].contiguous(memory_format=cl), wt[:, i:i + cout].contiguous(memory_format=cl))
+                         for i in range(0, cin, cout)]
+                forms["input-channel groups, summed in fp32"] = lambda parts=parts: sum(
+                    F.conv2d(a, b, padding=1).float() for a, b in parts)
+            row(f"3x3 {cin}->{cout} bf16", forms, ref)
         # the fp32 router: 1x1 d -> d/4 on the tokens, 3x3 d/4 -> d/4
         tok = randn(B, S * S, d)  # bf16 encoder output
         wt = randn(w, d, scale=d ** -0.5, dtype=torch.float32)
