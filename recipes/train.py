@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -119,8 +120,14 @@ def _oom_hint(model) -> str:
     return "Lower train.global_batch (or model.overrides.capacity for a chunking model)."
 
 
-def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
-    """Run the recipe; returns the final metrics (rank 0) or an empty dict."""
+def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Module, int], dict] | None = None) -> dict:
+    """Run the recipe; returns the final metrics (rank 0) or an empty dict.
+
+    ``probe(model, step) -> {name: float}`` runs at every log step on every rank, with the training model in eval
+    mode, under ``no_grad`` and the recipe's autocast; rank 0's values join that line of ``metrics.jsonl``
+    (e.g. what the router keeps of a fixed batch, to see when it settles). Its time is not training time: it
+    counts neither in ``steps_per_sec`` nor against ``train.max_minutes``.
+    """
     # 1. setup ---------------------------------------------------------------------
     snapshots = parse_snapshots(cfg.train.snapshots)  # bad marks fail before any work
     d = init_distributed()
@@ -313,6 +320,13 @@ def train(cfg: Recipe, *, dry_run: bool = False) -> dict:
             now = time.time()
             stats = {k: all_reduce_mean(v / steps_since, d).item() for k, v in running.items()}
             stats.update(step=step, rho=rho, lr=sched.get_last_lr()[0], steps_per_sec=steps_since / (now - t_last))
+            if probe is not None:
+                model.eval()
+                with torch.no_grad(), autocast:
+                    stats.update({k: float(v) for k, v in probe(model, step).items()})
+                model.train()
+                t0 += time.time() - now  # the probe's time is not training time
+                now = time.time()
             if count:
                 stats["train_tflops"] = train_flops / 1e12
             if d.is_main:

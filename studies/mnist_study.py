@@ -109,11 +109,12 @@ ORDER = tuple(ARMS)
 
 
 @torch.no_grad()
-def router_statistics(model, diffusion, images: torch.Tensor, labels: torch.Tensor, device, seed: int) -> dict:
+def router_statistics(model, diffusion, images: torch.Tensor, labels: torch.Tensor, device, seed: int,
+                      timesteps: tuple[int, ...] = PROBE_T) -> dict:
     """Kept fraction and kept density on strokes / background per timestep, over ``images`` (N, 1, 32, 32)."""
     g = torch.Generator().manual_seed(seed)
     rows = []
-    for t in PROBE_T:
+    for t in timesteps:
         kept = stroke_kept = stroke = bg_kept = bg = 0.0
         for start in range(0, len(images), 500):
             x0, y = images[start:start + 500].to(device), labels[start:start + 500].to(device)
@@ -131,6 +132,23 @@ def router_statistics(model, diffusion, images: torch.Tensor, labels: torch.Tens
         rows.append({"t": t, "kept_fraction": kept / total, "stroke_density": stroke_kept / max(stroke, 1.0),
                      "background_density": bg_kept / max(bg, 1.0)})
     return {"per_timestep": rows, "probe_images": len(images)}
+
+
+ORIENTATION_T = (25, 500)  # low and mid noise: where the router's stroke / background split shows
+
+
+def orientation_probe(cfg, seed: int, device, images: int = 256):
+    """A ``train(probe=...)`` for chunking arms: what the router keeps of ``images`` fixed real digits at
+    ``ORIENTATION_T`` during training (``stroke_t25``, ``background_t25``, ...), to see when it picks its side."""
+    digits, labels = load_mnist_digits()
+    digits, labels = digits[:images], labels[:images]
+    diffusion = create_diffusion(cfg.diffusion.kind, num_timesteps=cfg.diffusion.num_timesteps,
+                                 schedule=cfg.diffusion.schedule)
+
+    def probe(model, step: int) -> dict:
+        rows = router_statistics(model, diffusion, digits, labels, device, seed, ORIENTATION_T)["per_timestep"]
+        return {f"{key}_t{r['t']}": r[f"{key}_density"] for r in rows for key in ("stroke", "background")}
+    return probe
 
 
 def load_weights(cfg, directory: Path, device, layout: str | None = None) -> torch.nn.Module:
@@ -223,7 +241,9 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
         print(f"[{name}] resuming: trained already, drawing what is missing", flush=True)
     else:
         print(f"[{name}] training {cfg.model.name} ({arm.preset} {' '.join(arm.overrides)})", flush=True)
-        metrics = train(cfg)
+        chunks = cfg.model.name.startswith("DC-DiT") or arm.upcycle
+        probe = orientation_probe(cfg, args.seed, device, images=16 if args.tiny else 256) if chunks else None
+        metrics = train(cfg, probe=probe)
     run_dir = Path(metrics["run_dir"])
     record = {"arm": name, "preset": arm.preset, "overrides": list(arm.overrides) + extra, "recipe": to_dict(cfg),
               "sample_layout": arm.sample_layout,

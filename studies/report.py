@@ -25,6 +25,7 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)  # Stude
 LABEL = {"dit": "DiT-S/2", "dcdit": "DC-DiT-S", "dcdit-single": "DC-DiT-S, single budget",
          "dcdit-random": "DC-DiT-S, random boundaries", "dcdit-cosine": "DC-DiT-S, 2-D cosine router",
          "upcycled": "DC-DiT-S upcycled from DiT-S/2"}
+ORDER_COLOURS = tuple(LABEL)  # one colour per arm in the figures
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -92,8 +93,10 @@ def plot_curves(data: dict, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    colours = dict(zip(ORDER_COLOURS, ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown")))
+    dashes = ("-", "--", ":", "-.")
     for (seed, arm), rows in sorted(curves.items()):
-        style = dict(color="tab:blue" if arm == "dit" else "tab:red", ls="-" if seed == 0 else "--",
+        style = dict(color=colours.get(arm, "tab:gray"), ls=dashes[seed % len(dashes)],
                      label=f"{LABEL.get(arm, arm)} seed {seed}")
         mse = [r["mse"] for r in rows]
         axes[0].plot([r["train_tflops"] / 1e3 for r in rows], mse, **style)
@@ -101,7 +104,7 @@ def plot_curves(data: dict, path: Path) -> Path | None:
             axes[1].plot(elapsed_minutes(rows), mse, **style)
     axes[0].set(xlabel="training PFLOPs (count_flops)", ylabel="epsilon MSE (training batch)", yscale="log",
                 title="equal FLOPs")
-    axes[1].set(xlabel="training minutes (H200, eager, FLOPs counted)", yscale="log", title="equal wall-clock")
+    axes[1].set(xlabel="training minutes (eager, FLOPs counted; card per run)", yscale="log", title="equal wall-clock")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +129,34 @@ def plot_pareto(points: list[tuple[str, float, float]], path: Path, n: int) -> P
         xy.sort()
         ax.plot(*zip(*xy), "o-" if len(xy) > 1 else "s", label=series)
     ax.set(xlabel="TFLOPs per image (50 DDIM steps)", ylabel=f"FID ({n} samples)", title="elastic inference")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_orientation(data: dict, path: Path) -> Path | None:
+    """What each chunking arm's router kept of fixed real digits during training (``train(probe=...)``):
+    stroke density (solid) against background density (dashed) at t = 25, per training step."""
+    probed = {k: rows for k, rows in sorted(data["curves"].items()) if any("stroke_t25" in r for r in rows)}
+    if not probed:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, ((seed, arm), rows) in enumerate(probed.items()):
+        rows = [r for r in rows if "stroke_t25" in r]
+        colour = f"C{i % 10}"
+        ax.plot([r["step"] for r in rows], [r["stroke_t25"] for r in rows], color=colour,
+                label=f"{LABEL.get(arm, arm)} seed {seed}")
+        ax.plot([r["step"] for r in rows], [r["background_t25"] for r in rows], color=colour, ls="--")
+    ax.set(xlabel="training step", ylabel="kept density at t = 25", ylim=(0, 1),
+           title="router orientation: strokes (solid) vs background (dashed)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,6 +302,10 @@ def render(data: dict, img: Path = IMG) -> str:
               "Real digits noised to five levels (x_t above, the router's kept tokens below, % kept per column),",
               "from each trained DC-DiT-S (the file name says which arm and seed):", ""]
     lines += [f"![boundary maps {p.stem}]({rel(p)})" for p in maps] or ["No figure yet."]
+    orient = plot_orientation(data, img / "router_orientation.png")
+    if orient:
+        lines += ["", "During training (arms trained since the probe existed; 256 fixed real digits at t = 25, every "
+                  "log step):", "", f"![router orientation]({rel(orient)})"]
     routed = [(f"{LABEL[a]} (seed {s})", r) for (s, a), r in sorted(recs.items())]
     routed += [(f"{LABEL[r['arm']]} (seed {r['seed']}, another run)", r) for r in data.get("reruns", [])]
     dens = {name: {row["t"]: row for row in r["router"]["per_timestep"]} for name, r in routed if "router" in r}

@@ -317,3 +317,27 @@ def test_a_non_finite_loss_checkpoints_and_stops(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="loss is nan at step 2.*optim.lr"):
         train(cfg)
     assert final_state(tmp_path / "nan")["step"] == 2
+
+
+def test_a_probe_logs_at_every_log_step_in_eval_mode_without_counting_as_training_time(tmp_path, monkeypatch):
+    """``train(probe=...)``: its values join metrics.jsonl at each log step; the model is in eval mode and
+    back in training mode afterwards; a slow probe does not use up a wall-clock budget."""
+    import time
+
+    from recipes.train import train
+
+    monkeypatch.setenv("CHUNKFORMER_TYPECHECK", "0")
+    seen = []
+
+    def probe(model, step):
+        seen.append((step, model.training, torch.is_grad_enabled()))
+        time.sleep(1.0)  # each call longer than half the whole budget below
+        return {"probed_step": torch.tensor(float(step)), "kept": 0.25}
+
+    cfg = apply_overrides(get_recipe("tiny-cpu"), [*TINY, f"train.results_dir={tmp_path}", "train.run_name=probe",
+                                                   "train.steps=6", "train.max_minutes=0.03"])  # 1.8 s
+    train(cfg, probe=probe)
+    logged = [json.loads(line) for line in (tmp_path / "probe" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [2, 4, 6] == [s for s, _, _ in seen]  # the probe's 3 s did not stop it
+    assert all(r["probed_step"] == r["step"] and r["kept"] == 0.25 for r in logged)
+    assert not any(training or grad for _, training, grad in seen)

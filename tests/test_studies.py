@@ -52,6 +52,13 @@ def test_arms_train_to_the_dits_budget_and_record_their_sets(tiny_study):
     # a tighter budget keeps fewer tokens and costs fewer FLOPs per image
     assert dc["sets"]["rho0.6"]["tflops_per_image"] < dc["sets"]["base"]["tflops_per_image"]
     assert dc["sets"]["lite-cfg"]["tflops_per_image"] < dc["sets"]["cfg"]["tflops_per_image"]
+    # the router's orientation during training: logged for chunking arms only, every log step
+    logs = {a: [json.loads(line) for line in (work / "s3" / a / "run" / "metrics.jsonl").read_text().splitlines()]
+            for a in ("dit", "dcdit", "upcycled")}
+    for a in ("dcdit", "upcycled"):
+        assert logs[a] and all(0 <= r[f"{k}_t{t}"] <= 1 for r in logs[a] for k in ("stroke", "background")
+                               for t in (25, 500))
+    assert not any("stroke_t25" in r for r in logs["dit"])
     rows = dc["router"]["per_timestep"]
     assert len(rows) == 10 and all(0 <= r["stroke_density"] <= 1 and 0 <= r["background_density"] <= 1 for r in rows)
     # equal wall-clock: one snapshot at the DiT's minutes, sampled too
@@ -180,6 +187,10 @@ def test_report_tables_come_from_the_records(tmp_path, studies):
     guarded = {"overrides": ["model.overrides.plan_mode=fixed"], "sample_layout": "packed"}
     assert report.plan_layout(guarded) == "fixed (sampled packed)" and report.plan_layout({}) == "packed"
     assert (tmp_path / "loss_curves.png").is_file() and (tmp_path / "elastic_pareto.png").is_file()
+    assert not (tmp_path / "router_orientation.png").exists()  # no arm logged its router yet
+    probed = [r | {"stroke_t25": 0.1 * i, "background_t25": 0.3} for i, r in enumerate(curve(0.02))]
+    text = report.render(data | {"curves": data["curves"] | {(0, "dcdit"): probed}}, img=tmp_path)
+    assert "![router orientation](" in text and (tmp_path / "router_orientation.png").is_file()
     assert "No study runs yet" in report.render({"records": {}, "curves": {}, "metrics": {}}, img=tmp_path)
 
 
