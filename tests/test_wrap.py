@@ -231,7 +231,7 @@ def test_wrap_keeps_the_forward_contract_for_sampling():
     assert copy.deepcopy(w)(*inputs(2)).shape == (2, 8, 8, 8)
 
 
-@pytest.mark.parametrize("name", ["wrap_chunkformer_dit", "wrap_original_dit", "wrap_diffusers_dit"])
+@pytest.mark.parametrize("name", ["wrap_chunkformer_dit", "wrap_original_dit", "wrap_diffusers_dit", "serve_fixed_budget"])
 def test_examples_run_at_tiny_size(name, capsys):
     import importlib.util
     from pathlib import Path
@@ -248,6 +248,10 @@ def test_examples_run_at_tiny_size(name, capsys):
     spec.loader.exec_module(module)
     result = module.main(["--steps", "3", "--depth", "1"])
     assert len(result["losses"]) == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
+    if name == "serve_fixed_budget":  # tokens per sample: at most the capacity when fixed, exactly it when filled
+        (_, first), *fixed = result["rows"].items()
+        assert all(kept <= result["capacity"] for _, (kept, *_rest) in fixed)
+        assert [kept for name_, (kept, *_rest) in fixed if "fill" in name_ or "bf16" in name_] == [result["capacity"]] * 2
     assert "saved" in capsys.readouterr().out
 
 
