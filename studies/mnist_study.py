@@ -17,6 +17,10 @@ An *arm* is one trained model and the sample sets drawn from it (:data:`ARMS`):
   ``upcycled`` starts from this seed's trained DiT (``upcycle.source``), saves snapshots at
   1/16, 1/8 and 1/4 of the from-scratch ``dcdit`` steps and stops at 1/2, to find the steps it
   needs to match it (``--scratch-steps`` gives that count when the ``dcdit`` arm ran elsewhere).
+* ``dit-compiled`` and ``dcdit-compiled``: equal wall-clock with compiled training steps
+  (``train.compile=true``), each for ``--minutes`` counted from the end of its first (compiling)
+  step; FLOPs are not counted (counting hooks and torch.compile exclude each other). Run them one
+  after the other on one card: ``--arms dit-compiled,dcdit-compiled --minutes 2``.
 * Each sample set draws ``--samples`` images from the EMA model with DDIM (``--sample-steps``)
   at a kept-token budget ``rho``, optionally with guidance (standard CFG, or Lite-CFG: the
   unconditional pass at rho 0.9), token merging or step caching, and records TFLOPs per image
@@ -88,6 +92,7 @@ class Arm:
 
 
 ELASTIC = tuple(SampleSet(f"rho{r:g}", rho=r) for r in (0.2, 0.4, 0.6))
+COMPILED = ("train.compile=true", "train.count_flops=false")
 ARMS: dict[str, Arm] = {
     "dit": Arm("mnist-dit-s", budget="minutes", sets=(
         SampleSet("base"), SampleSet("cfg", guidance=GUIDANCE),
@@ -104,8 +109,13 @@ ARMS: dict[str, Arm] = {
     # an 80 GB H100; the ratio loss still sees the router's own choice
     "upcycled": Arm("mnist-upcycle-dcdit-s", ("model.overrides.plan_mode=fixed", "model.overrides.capacity=512"),
                     upcycle=True, sample_layout="packed"),
+    # equal wall-clock with compiled training steps: both for --minutes (from the end of the compiling first
+    # step), FLOPs not counted (counting hooks and torch.compile exclude each other); run them one after the other
+    "dit-compiled": Arm("mnist-dit-s", COMPILED, budget="minutes"),
+    "dcdit-compiled": Arm("mnist-dcdit-s", COMPILED, budget="minutes"),
 }
 ORDER = tuple(ARMS)
+EVERY = tuple(a for a in ARMS if "train.compile=true" not in ARMS[a].overrides)  # "--arms all": one budget rule
 
 
 @torch.no_grad()
@@ -209,6 +219,10 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
                  "train.run_name=run", "train.ckpt_every=100000000", "train.sample_every=0", "train.count_flops=true"]
     ref_path = seed_dir / "dit" / "record.json"
     reference = json.loads(ref_path.read_text()) if name != "dit" and ref_path.is_file() else None
+    compiled = "train.compile=true" in arm.overrides
+    if compiled and args.tflops > 0:
+        raise ValueError(f"arm {name!r} trains compiled for --minutes (FLOPs cannot be counted under torch.compile); "
+                         "run it without --tflops")
     if args.tflops > 0:  # a fixed budget for every arm (arms may then run side by side)
         overrides.append(f"train.max_tflops={args.tflops}")
     elif arm.budget == "minutes":
@@ -218,6 +232,8 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
                                 f"'dit' with --seed {args.seed} first on this machine (same --work), or give --tflops")
     else:
         overrides.append(f"train.max_tflops={reference['train_tflops']}")
+    if arm.budget == "minutes" and name.startswith("dcdit"):  # multi-budget draws start after an eighth
+        overrides.append(f"budget.warmup_steps={max(1, args.warmup_hint // 8)}")
     if arm.budget != "minutes":
         marks = []
         if not arm.upcycle and reference is not None and args.tflops <= 0:  # (side by side, minutes mean nothing)
@@ -248,7 +264,8 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
     record = {"arm": name, "preset": arm.preset, "overrides": list(arm.overrides) + extra, "recipe": to_dict(cfg),
               "sample_layout": arm.sample_layout,
               "train_steps": metrics["step"], "train_tflops": metrics.get("train_tflops"),
-              "train_seconds": metrics["wall_seconds"], "sets": {}, "snapshots": {}, "complete": False}
+              "train_seconds": metrics["wall_seconds"], "sets": {}, "snapshots": {}, "complete": False,
+              **({"first_step_seconds": metrics["first_step_seconds"]} if "first_step_seconds" in metrics else {})}
     if trained and (arm_dir / "record.json").is_file():
         done = json.loads((arm_dir / "record.json").read_text())
         record.update({k: done[k] for k in ("sets", "snapshots", "router") if k in done})
@@ -258,8 +275,8 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
         (args.out / f"s{args.seed}-{name}.json").write_text(json.dumps({**header, **record}, indent=1))
 
     save()
-    print(f"[{name}] {metrics['step']} steps, {record['train_tflops']:.1f} TFLOPs, "
-          f"{metrics['wall_seconds'] / 60:.2f} min", flush=True)
+    spent = "FLOPs not counted" if record["train_tflops"] is None else f"{record['train_tflops']:.1f} TFLOPs"
+    print(f"[{name}] {metrics['step']} steps, {spent}, {metrics['wall_seconds'] / 60:.2f} min", flush=True)
     model = load_weights(cfg, run_dir / "final", device, arm.sample_layout)
     diffusion = create_diffusion(cfg.diffusion.kind, num_timesteps=cfg.diffusion.num_timesteps,
                                  schedule=cfg.diffusion.schedule, learn_sigma=model.out_channels != model.in_channels)
@@ -300,7 +317,7 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--arms", default="dit,dcdit", help=f"comma-separated, from {', '.join(ORDER)}, or 'all'")
+    ap.add_argument("--arms", default="dit,dcdit", help=f"comma-separated, from {', '.join(ORDER)}, or 'all' (all but the compiled ones)")
     ap.add_argument("--minutes", type=float, default=2.0, help="training minutes of the DiT arm (the budget)")
     ap.add_argument("--tflops", type=float, default=0.0,
                     help="training TFLOPs of every arm (default: the DiT arm trains --minutes, the others its TFLOPs)")
@@ -325,7 +342,7 @@ def main(argv=None) -> dict:
                     help="keep arms already trained in --work and draw only what their records lack")
     ap.add_argument("--tiny", action="store_true", help="toy sizes for a CPU smoke run")
     args = ap.parse_args(argv)
-    arms = list(ORDER) if args.arms == "all" else [a.strip() for a in args.arms.split(",") if a.strip()]
+    arms = list(EVERY) if args.arms == "all" else [a.strip() for a in args.arms.split(",") if a.strip()]
     args.sets = None if args.sets is None else set(args.sets.split(","))
     unknown = [a for a in arms if a not in ARMS]
     if unknown:

@@ -24,7 +24,8 @@ PAPER = {  # DC-DiT v2 (arXiv 2603.06351), ImageNet 256, 400K steps, FID-50K, 25
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)  # Student t 97.5% quantiles, df 1..9 (df 9 beyond: wider)
 LABEL = {"dit": "DiT-S/2", "dcdit": "DC-DiT-S", "dcdit-single": "DC-DiT-S, single budget",
          "dcdit-random": "DC-DiT-S, random boundaries", "dcdit-cosine": "DC-DiT-S, 2-D cosine router",
-         "upcycled": "DC-DiT-S upcycled from DiT-S/2"}
+         "upcycled": "DC-DiT-S upcycled from DiT-S/2", "dit-compiled": "DiT-S/2, compiled training",
+         "dcdit-compiled": "DC-DiT-S, compiled training"}
 ORDER_COLOURS = tuple(LABEL)  # one colour per arm in the figures
 
 
@@ -291,6 +292,19 @@ def render(data: dict, img: Path = IMG) -> str:
         lines += [f"| {s} | {dc['device']} | {snap['minutes']:.2f} | {dit['train_steps']} "
                   f"| {fid_at(dit['sets']['base'], n_c):.2f} | {snap['step']} | {fid_at(snap['sets']['base'], n_c):.2f} "
                   f"| {fmt(fid_at(dc['sets'].get('base'), n_c))} | {n_c} |" for s, dit, dc, snap, n_c in clock]
+    compiled = [(s, recs[(s, "dit-compiled")], recs[(s, "dcdit-compiled")]) for s in seeds
+                if (s, "dit-compiled") in recs and (s, "dcdit-compiled") in recs]
+    compiled = [(s, a, b, common_samples([a["sets"].get("base"), b["sets"].get("base")])) for s, a, b in compiled]
+    if any(n_c for *_, n_c in compiled):
+        lines += ["", "Equal wall-clock with compiled training steps (arms `dit-compiled` / `dcdit-compiled`: "
+                  "`train.compile=true`, each for the same minutes counted from the end of its first, compiling step; "
+                  "FLOPs not counted):", "",
+                  "| seed | card | minutes | DiT-S/2 steps | DiT-S/2 FID | DC-DiT-S steps | DC-DiT-S FID "
+                  "| first step s (DiT / DC-DiT) | FID samples |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {s} | {b['device']} | {a['train_seconds'] / 60:.2f} | {a['train_steps']} "
+                  f"| {fid_at(a['sets']['base'], n_c):.2f} | {b['train_steps']} | {fid_at(b['sets']['base'], n_c):.2f} "
+                  f"| {fmt(a.get('first_step_seconds'), '.0f')} / {fmt(b.get('first_step_seconds'), '.0f')} | {n_c} |"
+                  for s, a, b, n_c in compiled if n_c]
     fig = plot_curves(data, img / "loss_curves.png")
     if fig:
         lines += ["", f"![training curves]({rel(fig)})"]

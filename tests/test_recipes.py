@@ -341,3 +341,30 @@ def test_a_probe_logs_at_every_log_step_in_eval_mode_without_counting_as_trainin
     assert [r["step"] for r in logged] == [2, 4, 6] == [s for s, _, _ in seen]  # the probe's 3 s did not stop it
     assert all(r["probed_step"] == r["step"] and r["kept"] == 0.25 for r in logged)
     assert not any(training or grad for _, training, grad in seen)
+
+
+def test_with_compile_the_minutes_budget_starts_after_the_first_step(tmp_path, monkeypatch):
+    """train.compile=true: the first step (mostly compilation) is outside train.max_minutes and reported as
+    first_step_seconds; compilation itself is replaced by a slow first forward (compiling on 2 cores takes minutes)."""
+    import time
+
+    import recipes.train as rt
+
+    monkeypatch.setenv("CHUNKFORMER_TYPECHECK", "0")
+    real_parallelize = rt.parallelize
+    monkeypatch.setattr(rt, "parallelize", lambda model, d, parallel, compile: real_parallelize(
+        model, d, parallel=parallel, compile=False))
+    import chunkformer as cf
+
+    real_forward, calls = cf.DCDiT.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.5)  # "compiling": longer than the whole budget
+        return real_forward(self, *args, **kwargs)
+    monkeypatch.setattr(cf.DCDiT, "forward", forward)
+    cfg = apply_overrides(get_recipe("tiny-cpu"), [*TINY, f"train.results_dir={tmp_path}", "train.run_name=compiled",
+                                                   "train.steps=4", "train.compile=true", "train.max_minutes=0.02"])
+    metrics = rt.train(cfg)
+    assert metrics["step"] == 4 and metrics["first_step_seconds"] >= 1.5 and metrics["wall_seconds"] < 1.2

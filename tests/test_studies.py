@@ -91,6 +91,34 @@ def test_an_arm_without_the_dits_record_fails_alone_and_says_what_to_run(tmp_pat
 
 
 @needs_digits
+def test_compiled_arms_train_for_the_minutes_without_counting(tmp_path, studies, monkeypatch):
+    """dit-compiled / dcdit-compiled: train.compile on, FLOPs not counted, --minutes as the budget, no DiT
+    record needed; --tflops is refused (counting hooks and torch.compile exclude each other)."""
+    import mnist_study
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(cfg, probe=None):  # what the arm would train, without training it
+        seen[cfg.model.name] = (cfg, probe)
+        raise Stop
+    monkeypatch.setattr(mnist_study, "train", fake_train)
+    args = ["--tiny", "--seed", "6", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"),
+            "--fid", "off"]
+    results = mnist_study.main([*args, "--arms", "dit-compiled,dcdit-compiled"])
+    assert all("Stop" in r["error"] for r in results.values())  # each reached train(), nothing else failed
+    for name, (cfg, probe) in seen.items():  # (--tiny shortens --minutes to a few seconds, for both alike)
+        assert cfg.train.compile and not cfg.train.count_flops and cfg.train.max_tflops == 0
+        assert cfg.train.max_minutes > 0 and (probe is not None) == name.startswith("DC-DiT")
+    assert seen["DiT-S/2"][0].train.max_minutes == seen["DC-DiT-S"][0].train.max_minutes
+    refused = mnist_study.main([*args, "--arms", "dcdit-compiled", "--tflops", "100"])
+    assert "without --tflops" in refused["dcdit-compiled"]["error"]
+    assert "dit-compiled" not in mnist_study.EVERY and "dcdit" in mnist_study.EVERY  # "--arms all" keeps one rule
+
+
+@needs_digits
 def test_score_fills_missing_fids_per_sample_count(tiny_study, tmp_path, studies, monkeypatch):
     import score
 
@@ -184,6 +212,13 @@ def test_report_tables_come_from_the_records(tmp_path, studies):
     second = _record(0, "dcdit", {"base": 95.0}, [0.77]) | {"router": probe(0.99), "command": "python studies/mnist_study.py"}
     text = report.render(data | {"records": data["records"] | seeds, "reruns": [second]}, img=tmp_path)
     assert "| 0 | 50.00 | 99.0% / 30.0% (its second run) | - |" in text and "| 1 | 30.00 | 0.0% / 30.0% | - |" in text
+    # the compiled wall-clock pair gets its own table
+    fast = {(2, "dit-compiled"): _record(2, "dit-compiled", {"base": 130.0}, [0.6], kept=1.0)
+            | {"train_seconds": 120.0, "train_steps": 2000, "first_step_seconds": 41.0},
+            (2, "dcdit-compiled"): _record(2, "dcdit-compiled", {"base": 125.0}, [0.77])
+            | {"train_seconds": 121.0, "train_steps": 1500, "first_step_seconds": 95.0}}
+    text = report.render(data | {"records": data["records"] | fast}, img=tmp_path)
+    assert "| 2 | NVIDIA H200 | 2.00 | 2000 | 130.00 | 1500 | 125.00 | 41 / 95 | 2000 |" in text
     guarded = {"overrides": ["model.overrides.plan_mode=fixed"], "sample_layout": "packed"}
     assert report.plan_layout(guarded) == "fixed (sampled packed)" and report.plan_layout({}) == "packed"
     assert (tmp_path / "loss_curves.png").is_file() and (tmp_path / "elastic_pareto.png").is_file()
