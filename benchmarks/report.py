@@ -205,22 +205,13 @@ def main() -> None:
     steps = sorted(RESULTS.glob("step_speed_*.json"))  # the current code's runs; earlier/ keeps the ones before
     for path in steps:
         print(step_table(json.loads(path.read_text())), end="\n\n")
-    for path in sorted(RESULTS.glob("vs_release_*.json")):
-        print(release_table(json.loads(path.read_text())), end="\n\n")
-    for path in sorted(RESULTS.glob("step_profile_*.json")):
-        print(profile_table(json.loads(path.read_text())), end="\n\n")
-    for path in sorted(RESULTS.glob("scaffold_ops_*.json")):
-        print(ops_table(json.loads(path.read_text())), end="\n\n")
-    for path in sorted(RESULTS.glob("attention_masks_*.json")):
-        print(full_plan_table(json.loads(path.read_text())), end="\n\n")
-    for path in sorted(RESULTS.glob("scaffold_profile_*.json")):
-        print(scaffold_table(json.loads(path.read_text())), end="\n\n")
-    for path in sorted(RESULTS.glob("smoothing_*.json")):
-        print(smoothing_table(json.loads(path.read_text())), end="\n\n")
-    for train in sorted(RESULTS.glob("train_speed_256*_h200.json")):
-        print(train_table(json.loads(train.read_text())), end="\n\n")
-    for small in sorted(RESULTS.glob("small_train_speed_*.json")):
-        print(small_train_table(json.loads(small.read_text())), end="\n\n")
+    tables = (("vs_release_*.json", release_table), ("step_profile_*.json", profile_table),
+              ("scaffold_ops_*.json", ops_table), ("attention_masks_*.json", full_plan_table),
+              ("scaffold_profile_*.json", scaffold_table), ("smoothing_*.json", smoothing_table),
+              ("train_speed_256*_h200.json", train_table), ("small_train_speed_*.json", small_train_table))
+    for pattern, table in tables:
+        for path in sorted(RESULTS.glob(pattern)):
+            print(table(json.loads(path.read_text())), end="\n\n")
     near = RESULTS / "nearest_h200.json"
     if near.is_file():
         print(nearest_table(json.loads(near.read_text())))

@@ -84,6 +84,17 @@ def fmt(v, spec=".2f", none="-") -> str:
 
 
 # ---------------------------------------------------------------------------------------------- figures
+def _save(fig, path: Path) -> Path:
+    """Lay out, write (creating the folder) and close a figure; its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(data: dict, path: Path) -> Path | None:
     curves = data["curves"]
     if not curves:
@@ -107,11 +118,7 @@ def plot_curves(data: dict, path: Path) -> Path | None:
                 title="equal FLOPs")
     axes[1].set(xlabel="training minutes (eager, FLOPs counted; card per run)", yscale="log", title="equal wall-clock")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_pareto(points: list[tuple[str, float, float]], path: Path, n: int) -> Path | None:
@@ -131,11 +138,7 @@ def plot_pareto(points: list[tuple[str, float, float]], path: Path, n: int) -> P
         ax.plot(*zip(*xy), "o-" if len(xy) > 1 else "s", label=series)
     ax.set(xlabel="TFLOPs per image (50 DDIM steps)", ylabel=f"FID ({n} samples)", title="elastic inference")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_orientation(data: dict, path: Path) -> Path | None:
@@ -159,11 +162,7 @@ def plot_orientation(data: dict, path: Path) -> Path | None:
     ax.set(xlabel="training step", ylabel="kept density at t = 25", ylim=(0, 1),
            title="router orientation: strokes (solid) vs background (dashed)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plan_layout(record: dict) -> str:
