@@ -10,7 +10,9 @@ so a faster form that loses precision shows it:
 
 * the 3x3 embed ``4 -> 288``: cuDNN conv vs unfold + GEMM;
 * the 3x3 convs at block widths, with cuDNN's benchmark mode, and the narrowing ``1152 -> 288`` also as
-  four ``288 -> 288`` convs over input-channel groups, summed (the same sum in another order);
+  four ``288 -> 288`` convs over input-channel groups, summed (the same sum in another order; with the
+  slices pre-made, and taken in the call as a model would), as one GEMM of the nine taps on the token
+  view followed by their shifted sum, and through inductor's max-autotune conv templates;
 * 1x1 convs ``288 -> 1152`` / ``1152 -> 288`` (ResBlock skips): cuDNN conv vs GEMM on the token view;
 * the fp32 router's 1x1 ``1152 -> 288`` and 3x3 ``288 -> 288``: TF32 conv (PyTorch's default for
   cuDNN), fp32 GEMM (FFMA: PyTorch's default for matmul), bf16;
@@ -137,12 +139,32 @@ def main(argv=None) -> dict:
                          for i in range(0, cin, cout)]
                 forms["input-channel groups, summed in fp32"] = lambda parts=parts: sum(
                     F.conv2d(a, b, padding=1).float() for a, b in parts)
+                # as a model would run it: slices of the one activation taken in the call
+                wparts = [p[1] for p in parts]
+                sliced = lambda h=h, wparts=wparts: sum(  # noqa: E731
+                    F.conv2d(h[:, i * cout:(i + 1) * cout], wp, padding=1).float() for i, wp in enumerate(wparts))
+                forms["input-channel groups, sliced in the call"] = sliced
+                # 9 tap products in one GEMM on the token view, then the shifted sum of the taps
+                w_taps = wt.permute(2, 3, 0, 1).reshape(9 * cout, cin).contiguous()  # (9 cout, cin), tap-major
+
+                def taps(h=h, w_taps=w_taps):
+                    t = F.linear(h.permute(0, 2, 3, 1), w_taps).unflatten(-1, (9, cout))  # (B, S, S, 9, cout)
+                    t = F.pad(t, (0, 0, 0, 0, 1, 1, 1, 1))  # zero rows / columns around the grid
+                    out = sum(t[:, a:a + S, b:b + S, 3 * a + b].float() for a in range(3) for b in range(3))
+                    return out.permute(0, 3, 1, 2)
+                forms["9 tap GEMM + shifted sum, eager"] = taps
+                if dev.type == "cuda":
+                    forms["9 tap GEMM + shifted sum, compiled"] = torch.compile(taps)
+                    forms["input-channel groups, sliced, compiled"] = torch.compile(sliced)
+                    forms["inductor max-autotune conv"] = torch.compile(
+                        lambda h=h, wt=wt: F.conv2d(h, wt, padding=1), mode="max-autotune-no-cudagraphs")
             row(f"3x3 {cin}->{cout} bf16", forms, ref)
         # the fp32 router: 1x1 d -> d/4 on the tokens, 3x3 d/4 -> d/4
         tok = randn(B, S * S, d)  # bf16 encoder output
         wt = randn(w, d, scale=d ** -0.5, dtype=torch.float32)
         ref = tok.double() @ wt.double().t()
         hi, lo = split(wt)
+        hilo = torch.cat([hi, lo])  # (2 w, d)
 
         def tf32_linear():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -158,6 +180,8 @@ def main(argv=None) -> dict:
             "bf16 GEMM (bf16 out)": lambda: F.linear(tok, wt.to(bf)),
             "2 bf16 GEMMs, split weight, fp32 out": lambda: (torch.mm(tok.flatten(0, 1), hi.t(), out_dtype=torch.float32)
                                                             + torch.mm(tok.flatten(0, 1), lo.t(), out_dtype=torch.float32)),
+            "1 bf16 GEMM on [hi; lo], fp32 out, halves summed": lambda: (
+                lambda o: o[:, :w] + o[:, w:])(torch.mm(tok.flatten(0, 1), hilo.t(), out_dtype=torch.float32)),
         }, ref.flatten(0, 1))
         z = randn(B, w, S, S, dtype=torch.float32).contiguous(memory_format=cl)
         wt = randn(w, w, 3, 3, scale=(9 * w) ** -0.5, dtype=torch.float32).contiguous(memory_format=cl)

@@ -68,6 +68,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--tiny", action="store_true", help="small models on the CPU, eager (a smoke run)")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--scaffold", action="store_true",
+                    help="also profile the scaffold alone (filled, no blocks) and list its heaviest kernels")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if not 0.0 <= args.rho < 1.0:
@@ -87,10 +89,10 @@ def main(argv=None) -> dict:
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
 
-    def dcdit(fill: bool):
+    def dcdit(fill: bool, **kw):
         torch.manual_seed(0)
         m = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=capacity,
-                            fill_capacity=fill, **sizes).to(device).eval()
+                            fill_capacity=fill, **{**sizes, **kw}).to(device).eval()
         torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)  # keep everything; capacity is the budget
         return m
 
@@ -98,6 +100,8 @@ def main(argv=None) -> dict:
     models = {"DiT-XL/2": cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval(),
               f"DC-DiT-XL rho={args.rho:g}": dcdit(False),
               f"DC-DiT-XL rho={args.rho:g} filled": dcdit(True)}
+    if args.scaffold:  # embed, encoder, router, chunk, pack, de-chunk, decoder, final layer: no blocks
+        models["scaffold only, filled"] = dcdit(True, depth=0)
     results = {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     with torch.no_grad(), autocast:
@@ -123,13 +127,18 @@ def main(argv=None) -> dict:
     print(f"{'GPU total':<18}" + "".join(f"{results[n]['gpu_ms']:>26.2f}" for n in names))
     print(f"{'wall':<18}" + "".join(f"{results[n]['ms']:>26.2f}" for n in names))
     print(f"{'GFLOPs / sample':<18}" + "".join(f"{results[n]['gflops']:>26.1f}" for n in names))
-    masked, filled = (results[n]["by_kernel"] for n in names[1:])
+    masked, filled = (results[n]["by_kernel"] for n in names[1:3])
     diff = sorted(set(masked) | set(filled), key=lambda k: -abs(filled.get(k, 0.0) - masked.get(k, 0.0)))
     top = [{"kernel": k, "masked_ms": masked.get(k, 0.0), "filled_ms": filled.get(k, 0.0)} for k in diff[: args.top]]
     if top:
         print("\nkernels where filled and masked differ most (ms per step): masked / filled")
         for r in top:
             print(f"{r['masked_ms']:>8.3f} {r['filled_ms']:>8.3f}  {r['kernel'][:110]}")
+    if args.scaffold:
+        kernels = sorted(results["scaffold only, filled"]["by_kernel"].items(), key=lambda kv: -kv[1])
+        print(f"\nthe scaffold's heaviest kernels (ms per step, class):")
+        for k, v in kernels[: 2 * args.top]:
+            print(f"{v:>8.3f}  {kernel_class(k):<14}{k[:100]}")
     for r in results.values():  # keep the JSON small: the top kernels per model only
         r["by_kernel"] = dict(sorted(r["by_kernel"].items(), key=lambda kv: -kv[1])[: 3 * args.top])
     return save_result(args.out, card, size=args.size, batch=batch, rho=args.rho, capacity=capacity,
