@@ -311,6 +311,11 @@ def _build_plan(
     if mode == "fixed" or not B:
         return ChunkPlan(order=order, lengths=lengths, grid=grid, width=capacity if mode == "fixed" else 1,
                          mode=mode, full=fill, batch_size=[B])
+    return _synced_plan(order, lengths, grid, mode, B)
+
+
+@torch.compiler.disable  # eager under torch.compile (a graph break anyway): dynamo 2.11 failed to trace the
+def _synced_plan(order: Tensor, lengths: Tensor, grid: tuple, mode: str, B: int) -> ChunkPlan:  # construction
     longest, total = torch.stack([lengths.max(), lengths.sum()]).tolist()  # the one host sync of a plan
     plan = ChunkPlan(order=order, lengths=lengths, grid=grid, width=max(longest, 1), mode=mode, batch_size=[B])
     plan._derived(("total",), lambda: total)  # later packs gather without asking the device again

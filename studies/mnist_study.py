@@ -15,8 +15,8 @@ An *arm* is one trained model and the sample sets drawn from it (:data:`ARMS`):
   ``dcdit-random`` (content-blind boundaries at the same expected kept count) and
   ``dcdit-cosine`` (the v1 2-D cosine router) train to the same FLOPs;
   ``upcycled`` starts from this seed's trained DiT (``upcycle.source``), saves snapshots at
-  1/16, 1/8 and 1/4 of the from-scratch ``dcdit`` steps and stops at 1/2, to find the steps it
-  needs to match it (``--scratch-steps`` gives that count when the ``dcdit`` arm ran elsewhere).
+  1/16, 1/8 and 1/4 of the from-scratch ``dcdit`` steps and stops at 1/2 (``--upcycle-fractions``
+  sets them), to find the steps it needs to match it (``--scratch-steps`` gives that count when the ``dcdit`` arm ran elsewhere).
 * ``dit-compiled`` and ``dcdit-compiled``: equal wall-clock with compiled training steps
   (``train.compile=true``), each for ``--minutes`` counted from the end of its first (compiling)
   step; FLOPs are not counted (counting hooks and torch.compile exclude each other). Run them one
@@ -64,6 +64,17 @@ TINY = ["model.overrides.hidden_size=32", "model.overrides.depth=1", "model.over
 PROBE_T = (25, 100, 200, 300, 400, 500, 600, 700, 800, 950)
 GUIDANCE = 1.25  # the paper's Lite-CFG scale
 UPCYCLE_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
+
+
+def fractions(text: str) -> tuple[float, ...]:
+    """``--upcycle-fractions``: comma-separated fractions in (0, 4] of the from-scratch arm's steps."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.25,0.5,1, got {text!r}") from None
+    if not values or not all(0 < v <= 4 for v in values):
+        raise argparse.ArgumentTypeError(f"fractions must be in (0, 4] (of the from-scratch steps), got {text!r}")
+    return values
 
 
 @dataclass(frozen=True)
@@ -223,14 +234,14 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
     if compiled and args.tflops > 0:
         raise ValueError(f"arm {name!r} trains compiled for --minutes (FLOPs cannot be counted under torch.compile); "
                          "run it without --tflops")
-    if args.tflops > 0:  # a fixed budget for every arm (arms may then run side by side)
+    if args.tflops > 0 and not arm.upcycle:  # a fixed budget for every arm (arms may then run side by side)
         overrides.append(f"train.max_tflops={args.tflops}")
     elif arm.budget == "minutes":
         overrides.append(f"train.max_minutes={args.minutes}")
     elif reference is None:
         raise FileNotFoundError(f"{ref_path} is missing: arm {name!r} trains to the DiT's budget, so run arm "
                                 f"'dit' with --seed {args.seed} first on this machine (same --work), or give --tflops")
-    else:
+    elif not arm.upcycle:  # the upcycled arm's budget is steps (--upcycle-fractions of the scratch arm's), not FLOPs
         overrides.append(f"train.max_tflops={reference['train_tflops']}")
     if arm.budget == "minutes" and name.startswith("dcdit"):  # multi-budget draws start after an eighth
         overrides.append(f"budget.warmup_steps={max(1, args.warmup_hint // 8)}")
@@ -243,7 +254,7 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
             overrides.append(f"budget.warmup_steps={max(1, steps // 8)}")
         if arm.upcycle:  # snapshots at fractions of the from-scratch arm's steps; the last one ends the run
             scratch = args.scratch_steps or json.loads((seed_dir / "dcdit" / "record.json").read_text())["train_steps"]
-            *early, last = [max(1, round(f * scratch)) for f in UPCYCLE_FRACTIONS]
+            *early, last = [max(1, round(f * scratch)) for f in sorted(args.upcycle_fractions)]
             marks = [f"{s}steps" for s in early]
             overrides += [f"upcycle.source={seed_dir / 'dit' / 'run' / 'final'}", f"train.steps={last}",
                           f"upcycle.distill_steps={max(1, scratch // 10)}",
@@ -329,6 +340,9 @@ def main(argv=None) -> dict:
                          "its FLOP count includes the padding, so a FLOP-budgeted arm makes fewer steps")
     ap.add_argument("--scratch-steps", type=int, default=0,
                     help="steps of the from-scratch DC-DiT arm, for 'upcycled' (default: its record in --work)")
+    ap.add_argument("--upcycle-fractions", type=fractions, default=UPCYCLE_FRACTIONS, metavar="F,F,...",
+                    help="'upcycled' snapshots at these fractions of the from-scratch steps; the largest ends the "
+                         "run (default 1/16,1/8,1/4,1/2; e.g. 0.125,0.25,0.5,1 to train it as long as the scratch arm)")
     ap.add_argument("--sets", default=None, help="comma-separated sample sets to draw (default: each arm's all)")
     ap.add_argument("--samples", type=int, default=5000)
     ap.add_argument("--sample-steps", type=int, default=50)

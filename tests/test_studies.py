@@ -79,6 +79,28 @@ def test_arms_train_to_the_dits_budget_and_record_their_sets(tiny_study):
 
 
 @needs_digits
+def test_upcycle_fractions_set_the_snapshots_and_the_end(tiny_study, tmp_path):
+    """--upcycle-fractions: snapshots at all but the largest fraction of the scratch steps, the run ends at it."""
+    import shutil
+
+    import mnist_study
+
+    results, work, _ = tiny_study
+    scratch = results["dcdit"]["train_steps"]
+    for arm in ("dit", "dcdit"):  # a fresh work folder holding the two arms the upcycled one reads
+        shutil.copytree(work / "s3" / arm, tmp_path / "w" / "s3" / arm)
+    up = mnist_study.main(["--tiny", "--seed", "3", "--arms", "upcycled", "--upcycle-fractions", "1,0.5",
+                           "--sets", "base", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"),
+                           "--fid", "off"])["upcycled"]
+    assert "error" not in up, up.get("error")
+    assert list(up["snapshots"]) == [f"{max(1, round(scratch / 2))}steps"] and up["train_steps"] == scratch
+    assert mnist_study.fractions("0.125,0.25,1") == (0.125, 0.25, 1.0)
+    for bad in ("0,1", "half", "5"):
+        with pytest.raises(Exception, match="fractions must be|comma-separated numbers"):
+            mnist_study.fractions(bad)
+
+
+@needs_digits
 def test_an_arm_without_the_dits_record_fails_alone_and_says_what_to_run(tmp_path, studies):
     import mnist_study
 
