@@ -124,3 +124,43 @@ def test_rmsnorm_keeps_the_fused_path_under_autocast_and_matches_fp32():
 
     model = cf.create_model("DC-DiT-S", hidden_size=32, depth=1, num_heads=2, input_size=8, num_classes=3)
     assert all(type(m) is RMSNorm for m in model.modules() if isinstance(m, torch.nn.RMSNorm))
+
+
+@given(grids(max_tokens=48), st.integers(1, 2), st.integers(1, 12), st.integers(1, 6), st.booleans())
+def test_conv3_as_taps_is_the_same_convolution(grid, B, cin, cout, bias):
+    """The taps-GEMM form of a padded 3^n conv equals the convolution (fp32, every rank)."""
+    from chunkformer.grid import conv3_as_taps, conv_nd
+
+    torch.manual_seed(0)
+    conv = conv_nd(len(grid), cin, cout, 3, padding=1, bias=bias)
+    x = torch.randn(B, cin, *grid)
+    out = conv3_as_taps(x, conv.weight, conv.bias)
+    assert out.shape == (B, cout, *grid) and out.dtype == torch.float32
+    torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_narrowing_resblock_uses_the_taps_form_when_compiled_in_bf16(monkeypatch):
+    """conv1 of a block narrowing 4x to >= 256 channels runs as conv3_as_taps under torch.compile with bf16
+    autocast (simulated here), and gives the cuDNN path's output to bf16 rounding; fp32, widening blocks and
+    narrow outputs keep the conv."""
+    import chunkformer.scaffold as scaffold
+    from chunkformer import ResBlock
+
+    calls = []
+    taps = scaffold.conv3_as_taps
+    monkeypatch.setattr(scaffold, "conv3_as_taps", lambda *a: calls.append(1) or taps(*a))
+    torch.manual_seed(0)
+    block, wide, thin = ResBlock(1024, 256, 8).eval(), ResBlock(256, 1024, 8).eval(), ResBlock(512, 128, 8).eval()
+    x, c = torch.randn(2, 1024, 6, 5), torch.randn(2, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        conv_path = block(x, c)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        taps_path = block(x, c)
+        assert len(calls) == 1
+        wide(x[:, :256], c), thin(x[:, :512], c)
+    assert len(calls) == 1  # the widening block and the narrow-output one kept their convs
+    assert taps_path.dtype == conv_path.dtype == torch.bfloat16
+    torch.testing.assert_close(taps_path.float(), conv_path.float(), rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        block(x, c)  # fp32: the conv
+    assert len(calls) == 1
