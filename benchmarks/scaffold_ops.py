@@ -2,8 +2,9 @@
 
     python benchmarks/scaffold_ops.py --out benchmarks/results/scaffold_ops_h100.json      # CUDA
 
-Shapes are DC-DiT-XL's at 256px (batch 64, a 32x32 grid, d = 1152, width d/4 = 288, 256 kept
-tokens); the 512px scaffold has the same number of grid cells (16 x 64 x 64). Activations are
+Shapes are DC-DiT-XL's at 256px by default (batch 64, a 32x32 grid, d = 1152, width d/4 = 288, 256
+kept tokens); the 512px scaffold has the same number of grid cells (16 x 64 x 64). ``--dim 384
+--batch 256`` gives the MNIST study's DC-DiT-S (32x32 pixels, d = 384, width 96). Activations are
 bf16 and channels-last, as the compiled model holds them. Each row times one operation in a
 few equivalent forms and gives each form's largest relative error against an fp64 reference,
 so a faster form that loses precision shows it:
@@ -70,12 +71,16 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--tiny", action="store_true", help="small shapes on the CPU (a smoke run)")
+    ap.add_argument("--dim", type=int, default=1152, help="token width d (the scaffold's width is d/4)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--grid", type=int, default=32, help="grid side (cells per sample: grid^2; a quarter kept)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.tiny:
         ap.error("this benchmark times CUDA kernels; --tiny runs small shapes on the CPU")
     dev, bf = torch.device("cpu" if args.tiny else "cuda"), torch.bfloat16
-    B, S, d, w, M = 64, 32, 1152, 288, 256
+    B, S, d = args.batch, args.grid, args.dim
+    w, M = d // 4, S * S // 4
     if args.tiny:
         B, S, d, w, M, args.reps = 2, 8, 64, 32, 16, 1
     cl = torch.channels_last

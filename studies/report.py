@@ -111,12 +111,15 @@ def plot_curves(data: dict, path: Path) -> Path | None:
         style = dict(color=colours.get(arm, "tab:gray"), ls=dashes[seed % len(dashes)],
                      label=f"{LABEL.get(arm, arm)} seed {seed}")
         mse = [r["mse"] for r in rows]
-        axes[0].plot([r["train_tflops"] / 1e3 for r in rows], mse, **style)
+        if all("train_tflops" in r for r in rows):  # compiled arms count no FLOPs
+            axes[0].plot([r["train_tflops"] / 1e3 for r in rows], mse, **style)
         if not _side_by_side(data, seed):
             axes[1].plot(elapsed_minutes(rows), mse, **style)
     axes[0].set(xlabel="training PFLOPs (count_flops)", ylabel="epsilon MSE (training batch)", yscale="log",
                 title="equal FLOPs")
-    axes[1].set(xlabel="training minutes (eager, FLOPs counted; card per run)", yscale="log", title="equal wall-clock")
+    axes[1].set(xlabel="training minutes (card per run; compiled arms: compilation in the first 100 steps)",
+                yscale="log", title="equal wall-clock")
+    axes[1].legend(fontsize=7)
     axes[0].legend(fontsize=7)
     return _save(fig, path)
 

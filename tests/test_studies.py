@@ -9,7 +9,7 @@ import pytest
 from test_recipes import needs_digits
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("mnist_study", "score", "report", "from_log", "bootstrap")
+MODULES = ("mnist_study", "score", "report", "from_log", "bootstrap", "collect")
 
 
 @pytest.fixture
@@ -286,3 +286,40 @@ def test_bootstrap_interval_brackets_the_difference_and_caches_features(tmp_path
     assert lo <= mid <= hi and lo < r["difference"] < hi
     assert r["difference"] > 2 and r["share_a_worse"] > 0.9  # a is shifted by 1 in every dimension: FID ~ +4
     assert json.loads((tmp_path / "boot.json").read_text())["resamples"] == 40
+
+
+def test_collect_copies_records_figures_and_logs_and_skips_failed_arms(tmp_path, studies):
+    """A call's results.tgz: records land under their names, figures renamed per seed and arm (the record
+    names the new files), curves and run metrics copied; an error-only record never replaces a good one."""
+    import tarfile
+
+    import collect
+
+    src, results, img = tmp_path / "src", tmp_path / "results", tmp_path / "img"
+    (src / "curves").mkdir(parents=True)
+    (src / "runs").mkdir()
+    good = {"seed": 3, "arm": "dcdit-random", "sets": {"base": {"fid": 1.0}},
+            "figures": {"samples": "dcdit-random-final.png", "boundary_maps": "dcdit-random-boundary_maps.png"}}
+    (src / "s3-dcdit-random.json").write_text(json.dumps(good))
+    (src / "dcdit-random-final.png").write_bytes(b"png-a")
+    (src / "dcdit-random-boundary_maps.png").write_bytes(b"png-b")
+    (src / "s4-dcdit-compiled.json").write_text(json.dumps({"seed": 4, "arm": "dcdit-compiled", "error": "boom\nmore"}))
+    (src / "curves" / "s3-dcdit-random.jsonl").write_text('{"step": 1}\n')
+    (src / "runs" / "s3-dcdit-random-metrics.json").write_text("{}")
+    results.mkdir()
+    (results / "s4-dcdit-compiled.json").write_text('{"kept": "the earlier good record"}')
+    archive = tmp_path / "results.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname=".")
+    done = collect.main([str(archive), "--results", str(results), "--img", str(img)])
+    assert done["records"] == ["s3-dcdit-random.json"] and done["skipped"] == {"s4-dcdit-compiled.json": "boom"}
+    record = json.loads((results / "s3-dcdit-random.json").read_text())
+    assert record["figures"] == {"samples": "s3-dcdit-random-samples.png",
+                                 "boundary_maps": "s3-dcdit-random-boundary_maps.png"}
+    assert (img / "s3-dcdit-random-samples.png").read_bytes() == b"png-a"
+    assert (img / "s3-dcdit-random-boundary_maps.png").read_bytes() == b"png-b"
+    assert (results / "curves" / "s3-dcdit-random.jsonl").read_text() == '{"step": 1}\n'
+    assert (results / "runs" / "s3-dcdit-random-metrics.json").is_file()
+    assert "earlier good" in (results / "s4-dcdit-compiled.json").read_text()
+    with pytest.raises(SystemExit):
+        collect.main([str(tmp_path / "missing.tgz")])
