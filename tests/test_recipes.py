@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -359,12 +360,22 @@ def test_with_compile_the_minutes_budget_starts_after_the_first_step(tmp_path, m
     real_forward, calls = cf.DCDiT.forward, []
 
     def forward(self, *args, **kwargs):
-        calls.append(1)
+        calls.append((self.training, kwargs.get("rho")))
         if len(calls) == 1:
             time.sleep(1.5)  # "compiling": longer than the whole budget
         return real_forward(self, *args, **kwargs)
     monkeypatch.setattr(cf.DCDiT, "forward", forward)
-    cfg = apply_overrides(get_recipe("tiny-cpu"), [*TINY, f"train.results_dir={tmp_path}", "train.run_name=compiled",
-                                                   "train.steps=4", "train.compile=true", "train.max_minutes=0.02"])
-    metrics = rt.train(cfg)
+    overrides = [*TINY, f"train.results_dir={tmp_path}", "train.run_name=compiled", "train.steps=4",
+                 "train.compile=true", "train.max_minutes=0.02"]
+    cfg = apply_overrides(get_recipe("tiny-cpu"), [*overrides, "model.overrides.plan_mode=fixed",
+                                                   "model.overrides.capacity=8"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # fixed capacity: no recompilation warning
+        metrics = rt.train(cfg)
     assert metrics["step"] == 4 and metrics["first_step_seconds"] >= 1.5 and metrics["wall_seconds"] < 1.2
+    # rho reaches the compiled model as a (B,) tensor: a float would be specialised, one graph per value
+    rhos = [r for training, r in calls if training]  # (end-of-run samples and figures call it in eval mode)
+    assert len(rhos) == 4 and all(torch.is_tensor(r) and r.shape == (cfg.train.global_batch,) for r in rhos)
+    with pytest.warns(UserWarning, match="keeps recompiling.*plan_mode=fixed"):  # packed: it says what to do
+        rt.train(apply_overrides(get_recipe("tiny-cpu"), [*overrides, "train.run_name=packed",
+                                                          "model.overrides.plan_mode=packed"]))

@@ -135,6 +135,8 @@ def test_compiled_arms_train_for_the_minutes_without_counting(tmp_path, studies,
         assert cfg.train.compile and not cfg.train.count_flops and cfg.train.max_tflops == 0
         assert cfg.train.max_minutes > 0 and (probe is not None) == name.startswith("DC-DiT")
     assert seen["DiT-S/2"][0].train.max_minutes == seen["DC-DiT-S"][0].train.max_minutes
+    dc = seen["DC-DiT-S"][0].model.overrides  # static shapes for the compiler
+    assert dc["plan_mode"] == "fixed" and dc["capacity"] == 320
     refused = mnist_study.main([*args, "--arms", "dcdit-compiled", "--tflops", "100"])
     assert "without --tflops" in refused["dcdit-compiled"]["error"]
     assert "dit-compiled" not in mnist_study.EVERY and "dcdit" in mnist_study.EVERY  # "--arms all" keeps one rule
