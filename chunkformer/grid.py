@@ -5,11 +5,9 @@ A grid of shape ``(s_1, ..., s_n)`` flattens to ``L = prod(s_i)`` tokens in rast
 smoothing, nearest plug-back, position embeddings) reads it from here.
 """
 
-import itertools
 import math
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -22,7 +20,6 @@ __all__ = [
     "to_tokens",
     "to_grid",
     "conv_nd",
-    "conv3_as_taps",
     "norm_groups",
     "sincos_embed",
 ]
@@ -94,30 +91,6 @@ def norm_groups(channels: int, preferred: int) -> int:
 def conv_nd(ndim: int, *args, **kwargs) -> nn.Module:
     """``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` for a grid of rank ``ndim``."""
     return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1](*args, **kwargs)
-
-
-def conv3_as_taps(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """A stride-1 ``3^n`` convolution with padding 1 as one GEMM of all taps, then their shifted sum.
-
-    ``x`` ``(B, cin, *grid)``, ``weight`` ``(cout, cin, 3, ..., 3)`` -> ``(B, cout, *grid)`` in the GEMM's
-    dtype (bf16 under autocast). The GEMM maps each cell's ``cin`` channels to ``3^n * cout`` tap values;
-    output cell ``i`` sums tap ``o`` of cell ``i + o - 1`` over the offsets ``o`` in fp32 (zero outside the
-    grid): the same sum as the convolution in another order. Worth it under ``torch.compile``, which fuses
-    the shifted sum into one pass; for the narrowing ``3x3 1152 -> 288`` conv of DC-DiT-XL's decoder it
-    ran in 0.65 ms against cuDNN's 1.07 on an H100 (``benchmarks/scaffold_ops.py``).
-    """
-    n, cout = x.ndim - 2, weight.shape[0]
-    grid = x.shape[2:]
-    taps = weight.flatten(2).permute(2, 0, 1).flatten(0, 1)  # (3^n * cout, cin), offsets in raster order
-    t = F.linear(x.movedim(1, -1), taps)  # (B, *grid, 3^n * cout)
-    t = F.pad(t.unflatten(-1, (3**n, cout)), (0, 0, 0, 0) + (1, 1) * n)  # zero cells around the grid
-    out = None
-    for k, offset in enumerate(itertools.product(range(3), repeat=n)):
-        part = t[(slice(None), *(slice(o, o + size) for o, size in zip(offset, grid)), k)].float()
-        out = part if out is None else out + part  # (B, *grid, cout)
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(t.dtype).movedim(-1, 1)
 
 
 @typechecked

@@ -16,7 +16,7 @@ from torch import nn
 
 from ._typing import Float, Tensor, typechecked
 from .dechunk import SMOOTHINGS, Smoothing, dechunk, ste_ones
-from .grid import conv3_as_taps, conv_nd, norm_groups, to_grid, to_tokens
+from .grid import conv_nd, norm_groups, to_grid, to_tokens
 from .plan import ChunkPlan
 from .precision import FP32Module, RMSNorm
 from .routing import RouterOutput
@@ -32,21 +32,13 @@ def _require_cond(c: Tensor | None, cond_dim: int) -> None:
         )
 
 
-def _low_precision(x: Tensor) -> bool:
-    """Whether a conv on ``x`` computes in bf16/fp16 (a half-precision tensor, or autocast on its device)."""
-    return x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(x.device.type)
-
-
 class ResBlock(nn.Module):
     """Stable-Diffusion-style conv ResBlock on an N-D grid with additive conditioning.
 
     ``GroupNorm -> SiLU -> Conv3 -> + Linear(SiLU(c)) -> GroupNorm -> SiLU -> Conv3``,
     plus the input (through a 1x1 conv when widths differ). The inner width is
     ``min(in_channels, out_channels)``, so a widening block widens in its second conv
-    and a narrowing block narrows in its first. Under ``torch.compile`` with bf16/fp16
-    activations, a first conv that narrows 4x or more to at least 256 channels (the decoder's
-    ``d -> d/4`` from DC-DiT-L up) runs as one GEMM of its taps plus their shifted sum
-    (:func:`~chunkformer.grid.conv3_as_taps`), which cuDNN's kernels for that shape trail.
+    and a narrowing block narrows in its first.
     """
 
     def __init__(
@@ -67,9 +59,6 @@ class ResBlock(nn.Module):
         self.cond = nn.Linear(cond_dim, inner, **fk) if cond_dim else None
         self.norm2 = nn.GroupNorm(norm_groups(inner, 32), inner, **fk)
         self.conv2 = conv_nd(ndim, inner, out_channels, 3, padding=1, **fk)
-        # conv1 narrows 4x to a wide output (XL: 1152 -> 288): its taps as one GEMM when compiled. Narrower
-        # outputs are left to cuDNN: the tap tensor (9 x out) costs more traffic per FLOP there (not measured yet)
-        self._taps = in_channels >= 4 * out_channels and out_channels >= 256
         self.skip = (
             conv_nd(ndim, in_channels, out_channels, 1, **fk)
             if in_channels != out_channels
@@ -80,11 +69,7 @@ class ResBlock(nn.Module):
     def forward(
         self, x: Float[Tensor, "batch cin *grid"], c: Float[Tensor, "batch cond"] | None = None
     ) -> Float[Tensor, "batch cout *grid"]:
-        h = F.silu(self.norm1(x))
-        if self._taps and torch.compiler.is_compiling() and _low_precision(h):
-            h = conv3_as_taps(h, self.conv1.weight, self.conv1.bias)  # (B, inner, *grid)
-        else:
-            h = self.conv1(h)  # (B, inner, *grid)
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, inner, *grid)
         if self.cond is not None:
             _require_cond(c, self.cond.in_features)
             h = h + self.cond(F.silu(c)).reshape(*h.shape[:2], *([1] * (h.ndim - 2)))
