@@ -23,10 +23,6 @@ mask; measured in the same run as the masked rows. Columns: ms
 per step, FLOPs per sample (``count_flops``), measured and FLOP-predicted speed-up over
 DiT-XL/2, and their ratio (the fraction of the FLOP savings the clock sees).
 
-``--cudnn-narrowing`` adds a rho-0.4 row and a scaffold row with the decoder's narrowing ``d -> d/4``
-conv through cuDNN instead of :func:`chunkformer.grid.conv3_as_taps` (what ``ResBlock`` runs under
-``torch.compile``), to measure that form in the whole step.
-
 ``--bf16-routing`` adds the same rows (filled, with ``--fill-capacity``), the Lite-CFG pair and the
 scaffold alone with ``fp32_router_dechunk=False``: router and de-chunk under the bf16 autocast
 instead of DC-DiT's fp32 (the release's flag of that name), to show what that policy costs.
@@ -91,9 +87,6 @@ def main(argv=None) -> dict:
                     help="add rows of DC-DiT with fill_capacity=True (full plans, attention without a mask)")
     ap.add_argument("--bf16-routing", action="store_true",
                     help="add rows with fp32_router_dechunk=False (router and de-chunk under bf16 autocast)")
-    ap.add_argument("--cudnn-narrowing", action="store_true",
-                    help="add a rho-0.4 row and a scaffold row with the decoder's narrowing conv left to cuDNN "
-                         "(ResBlock's taps-GEMM form off), to measure that form in the step")
     ap.add_argument("--no-masked", action="store_true",
                     help="skip the masked DC-DiT rows (fewer graphs to compile; needs another variant)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
@@ -122,15 +115,12 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     dit = cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval()
 
-    def dcdit(depth=None, fill=False, fp32=True, taps=True):
+    def dcdit(depth=None, fill=False, fp32=True):
         torch.manual_seed(0)
         kw = dict(sizes, depth=depth) if depth is not None else sizes
         m = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=L // 4,
                             fill_capacity=fill, fp32_router_dechunk=fp32, **kw).to(device).eval()
         torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)  # keep everything; capacity is the budget
-        for block in m.modules():
-            if isinstance(block, cf.ResBlock) and not taps:
-                block._taps = False  # the narrowing conv through cuDNN
         return m
 
     cases = []  # (row, step function, FLOPs per sample, kept, baseline): timed together at the end
@@ -149,9 +139,6 @@ def main(argv=None) -> dict:
     if args.bf16_routing:
         variants.append((" filled, bf16 routing" if args.fill_capacity else " bf16 routing",
                          dict(fill=args.fill_capacity, fp32=False)))
-    if args.cudnn_narrowing:  # one rho row only (compile time): the taps form's effect on the step
-        variants.append((" filled, cuDNN narrowing conv" if args.fill_capacity else " cuDNN narrowing conv",
-                         dict(fill=args.fill_capacity, taps=False)))
     if not variants:
         ap.error("--no-masked leaves no DC-DiT rows: add --fill-capacity and/or --bf16-routing")
     with torch.no_grad(), autocast:
@@ -167,12 +154,10 @@ def main(argv=None) -> dict:
             m = models[suffix] = dcdit(**kw)
             m_fn = compile_(m)
             for rho, cap in caps.items():
-                if "cuDNN" in suffix and rho != 0.4:
-                    continue
                 m.capacity = cap
                 cases.append((f"DC-DiT-XL rho={rho:g}{suffix}", at(m_fn, m, cap), cf.count_flops(m, x, t, y).per_sample,
                               cap, "plain"))
-            if "bf16" not in suffix and "cuDNN" not in suffix:  # DiT: the same two passes at full length
+            if "bf16" not in suffix:  # DiT: the same two passes at full length
                 m.capacity = caps[0.0]
                 f_cond = cf.count_flops(m, x, t, y).per_sample
                 m.capacity = u_cap
@@ -190,8 +175,6 @@ def main(argv=None) -> dict:
         scaffolds = [("DC-DiT-XL scaffold only", dcdit(depth=0))]
         if args.bf16_routing:
             scaffolds.append(("DC-DiT-XL scaffold only, bf16 routing", dcdit(depth=0, fp32=False)))
-        if args.cudnn_narrowing:
-            scaffolds.append(("DC-DiT-XL scaffold only, cuDNN narrowing conv", dcdit(depth=0, taps=False)))
         for name, sc in scaffolds:
             cases.append((name, lambda f=compile_(sc): f(x, t, y), report.per_sample * scaffold_share_flops,
                           caps[0.0], "plain"))
