@@ -215,12 +215,12 @@ def render(data: dict, img: Path = IMG) -> str:
         lines.append(f"| {key[0]} | {LABEL[key[1]]} | {r.get('train_steps', c[-1]['step'] if c else '-')} "
                      f"| {fmt(r.get('train_tflops', c[-1]['train_tflops'] if c else None), '.0f')} "
                      f"| {fmt(minutes)}{note} | {fmt(mse, '.4f')} | {fmt(fid_at(r.get('sets', {}).get('base'), n))} |")
-    gaps = [curves[(s, "dcdit")][-1]["mse"] / curves[(s, "dit")][-1]["mse"]
-            for s in seeds if (s, "dit") in curves and (s, "dcdit") in curves]
+    gaps = {s: curves[(s, "dcdit")][-1]["mse"] / curves[(s, "dit")][-1]["mse"]
+            for s in seeds if (s, "dit") in curves and (s, "dcdit") in curves}
     if gaps:
-        lines += ["", "Final training MSE of DC-DiT-S relative to DiT-S/2 at equal FLOPs, per seed: "
-                  + ", ".join(f"{g:.2f}" for g in gaps)
-                  + (f" (mean {statistics.mean(gaps):.2f})" if len(gaps) > 1 else "") + "."]
+        lines += ["", "Final training MSE of DC-DiT-S relative to DiT-S/2 at equal FLOPs (seeds whose training logs "
+                  "came back): " + ", ".join(f"{g:.2f} (seed {s})" for s, g in gaps.items())
+                  + (f"; mean {statistics.mean(gaps.values()):.2f}" if len(gaps) > 1 else "") + "."]
     for b in data.get("bootstrap", []):
         pct = b["difference_percentiles"]
         lines += ["", f"FID sampling noise ({b['resamples']} bootstrap resamples of {b['samples']} samples each, against "

@@ -203,7 +203,7 @@ def test_report_tables_come_from_the_records(tmp_path, studies):
     text = report.render(data, img=tmp_path)
     assert "| 0 | DiT-S/2 | 100 | 50 | 1.00 | 0.0250 | 140.00 |" in text
     assert "| 0 | DC-DiT-S | 100 | 50 | 1.00 | 0.0200 | 90.00 |" in text
-    assert "per seed: 0.80." in text  # 0.020 / 0.025
+    assert "came back): 0.80 (seed 0)." in text  # 0.020 / 0.025
     assert "| 0 | DC-DiT-S | 0.4 | 25.0% | 0.510 | 92.50 |" in text
     assert "| 0 | DC-DiT-S | lite-cfg | 0.990 | 25.0% | 84.00 |" in text
     assert "| 0 | 22.3% | 26.6% | - |" in text
