@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
             print(f"{r['masked_ms']:>8.3f} {r['filled_ms']:>8.3f}  {r['kernel'][:110]}")
     if args.scaffold:
         kernels = sorted(results["scaffold only, filled"]["by_kernel"].items(), key=lambda kv: -kv[1])
-        print(f"\nthe scaffold's heaviest kernels (ms per step, class):")
+        print("\nthe scaffold's heaviest kernels (ms per step, class):")
         for k, v in kernels[: 2 * args.top]:
             print(f"{v:>8.3f}  {kernel_class(k):<14}{k[:100]}")
     for r in results.values():  # keep the JSON small: the top kernels per model only

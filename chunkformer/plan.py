@@ -314,8 +314,10 @@ def _build_plan(
     return _synced_plan(order, lengths, grid, mode, B)
 
 
-@torch.compiler.disable  # eager under torch.compile (a graph break anyway): dynamo 2.11 failed to trace the
-def _synced_plan(order: Tensor, lengths: Tensor, grid: tuple, mode: str, B: int) -> ChunkPlan:  # construction
+@torch.compiler.disable
+def _synced_plan(order: Tensor, lengths: Tensor, grid: tuple, mode: str, B: int) -> ChunkPlan:
+    """A packed / padded plan, sized by the host sync it needs. Eager under ``torch.compile`` (the sync breaks
+    the graph anyway): dynamo 2.11 failed to trace this tensorclass's construction in the resumed frame."""
     longest, total = torch.stack([lengths.max(), lengths.sum()]).tolist()  # the one host sync of a plan
     plan = ChunkPlan(order=order, lengths=lengths, grid=grid, width=max(longest, 1), mode=mode, batch_size=[B])
     plan._derived(("total",), lambda: total)  # later packs gather without asking the device again

@@ -16,7 +16,8 @@ An *arm* is one trained model and the sample sets drawn from it (:data:`ARMS`):
   ``dcdit-cosine`` (the v1 2-D cosine router) train to the same FLOPs;
   ``upcycled`` starts from this seed's trained DiT (``upcycle.source``), saves snapshots at
   1/16, 1/8 and 1/4 of the from-scratch ``dcdit`` steps and stops at 1/2 (``--upcycle-fractions``
-  sets them), to find the steps it needs to match it (``--scratch-steps`` gives that count when the ``dcdit`` arm ran elsewhere).
+  sets them; its budget is these steps, not the DiT's FLOPs), to find the steps it needs to match it
+  (``--scratch-steps`` gives that count when the ``dcdit`` arm ran elsewhere).
 * ``dit-compiled`` and ``dcdit-compiled``: equal wall-clock with compiled training steps
   (``train.compile=true``), each for ``--minutes`` counted from the end of its first (compiling)
   step; FLOPs are not counted (counting hooks and torch.compile exclude each other). Run them one
@@ -69,7 +70,7 @@ UPCYCLE_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
 def fractions(text: str) -> tuple[float, ...]:
     """``--upcycle-fractions``: comma-separated fractions in (0, 4] of the from-scratch arm's steps."""
     try:
-        values = tuple(float(v) for v in text.split(","))
+        values = tuple(sorted({float(v) for v in text.split(",")}))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.25,0.5,1, got {text!r}") from None
     if not values or not all(0 < v <= 4 for v in values):

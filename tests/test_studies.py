@@ -94,7 +94,7 @@ def test_upcycle_fractions_set_the_snapshots_and_the_end(tiny_study, tmp_path):
                            "--fid", "off"])["upcycled"]
     assert "error" not in up, up.get("error")
     assert list(up["snapshots"]) == [f"{max(1, round(scratch / 2))}steps"] and up["train_steps"] == scratch
-    assert mnist_study.fractions("0.125,0.25,1") == (0.125, 0.25, 1.0)
+    assert mnist_study.fractions("1,0.125,0.25,1") == (0.125, 0.25, 1.0)  # sorted, repeats dropped
     for bad in ("0,1", "half", "5"):
         with pytest.raises(Exception, match="fractions must be|comma-separated numbers"):
             mnist_study.fractions(bad)
