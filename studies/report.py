@@ -105,8 +105,9 @@ def plot_curves(data: dict, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    colours = dict(zip(ORDER_COLOURS, ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown")))
-    dashes = ("-", "--", ":", "-.")
+    colours = dict(zip(ORDER_COLOURS, ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown",
+                                       "tab:cyan", "tab:pink")))
+    dashes = ("-", "--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 4)))
     for (seed, arm), rows in sorted(curves.items()):
         style = dict(color=colours.get(arm, "tab:gray"), ls=dashes[seed % len(dashes)],
                      label=f"{LABEL.get(arm, arm)} seed {seed}")
@@ -117,7 +118,7 @@ def plot_curves(data: dict, path: Path) -> Path | None:
             axes[1].plot(elapsed_minutes(rows), mse, **style)
     axes[0].set(xlabel="training PFLOPs (count_flops)", ylabel="epsilon MSE (training batch)", yscale="log",
                 title="equal FLOPs")
-    axes[1].set(xlabel="training minutes (card per run; compiled arms: compilation in the first 100 steps)",
+    axes[1].set(xlabel="training minutes (card per run; compiled ones include compiling)",
                 yscale="log", title="equal wall-clock")
     axes[1].legend(fontsize=7)
     axes[0].legend(fontsize=7)
