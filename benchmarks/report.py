@@ -204,9 +204,10 @@ def plot(files: list[Path], out: Path) -> None:
 
 
 def main() -> None:
-    steps = sorted(RESULTS.glob("step_speed_*.json"))  # the current code's runs; earlier/ keeps the ones before
-    for path in steps:
-        print(step_table(json.loads(path.read_text())), end="\n\n")
+    # the current code's runs (earlier/ keeps the ones before), each read once
+    steps = {path: json.loads(path.read_text()) for path in sorted(RESULTS.glob("step_speed_*.json"))}
+    for data in steps.values():
+        print(step_table(data), end="\n\n")
     tables = (("vs_release_*.json", release_table), ("step_profile_*.json", profile_table),
               ("scaffold_ops_*.json", ops_table), ("attention_masks_*.json", full_plan_table),
               ("scaffold_profile_*.json", scaffold_table), ("smoothing_*.json", smoothing_table),
@@ -221,7 +222,7 @@ def main() -> None:
     if syncs.is_file():
         before = RESULTS / "host_syncs_cpu_before.json"
         print(syncs_table(json.loads(syncs.read_text()), json.loads(before.read_text()) if before.is_file() else None))
-    current = [p for p in steps if not json.loads(p.read_text()).get("note")]  # a noted run measured other code
+    current = [path for path, data in steps.items() if not data.get("note")]  # a noted run measured other code
     if current:
         plot(current, ROOT / "docs" / "img" / "step_speed.png")
         print(f"\nwrote {ROOT / 'docs' / 'img' / 'step_speed.png'}", file=sys.stderr)

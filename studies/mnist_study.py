@@ -259,7 +259,7 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
             overrides.append(f"budget.warmup_steps={max(1, steps // 8)}")
         if arm.upcycle:  # snapshots at fractions of the from-scratch arm's steps; the last one ends the run
             scratch = args.scratch_steps or json.loads((seed_dir / "dcdit" / "record.json").read_text())["train_steps"]
-            *early, last = [max(1, round(f * scratch)) for f in sorted(args.upcycle_fractions)]
+            *early, last = [max(1, round(f * scratch)) for f in args.upcycle_fractions]  # ascending
             marks = [f"{s}steps" for s in early]
             overrides += [f"upcycle.source={seed_dir / 'dit' / 'run' / 'final'}", f"train.steps={last}",
                           f"upcycle.distill_steps={max(1, scratch // 10)}",
