@@ -33,9 +33,16 @@ between runs on an H100, and drift over a run must not fall on the rows timed la
 ``--cudnn-benchmark`` lets cuDNN time its algorithms for every convolution shape (all models);
 its heuristic choice for the scaffold's 3x3 ``1152 -> 288`` conv runs at about 370 TFLOP/s on an
 H100, against about 580 for the ``288 -> 288`` ones (``scaffold_ops.py``).
+
+``--bf16-weights`` casts every model's weights to bf16 once (``model.to(torch.bfloat16)``; DC-DiT's
+fp32 router and de-chunk residual stay fp32) before the same autocast: autocast otherwise re-casts
+every fp32 weight at every step, about 4 GB of memory traffic per DiT-XL step. ``--inductor
+KEY=VALUE`` (repeatable) sets ``torch._inductor.config.KEY`` before anything compiles, for every
+model alike (for example ``triton.autotune_pointwise=False`` or ``coordinate_descent_tuning=True``).
 """
 
 import argparse
+import ast
 import json
 import statistics
 import sys
@@ -61,6 +68,25 @@ def save_result(out: Path | None, card: str, **fields) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
     return result
+
+
+def set_inductor_config(settings: list[str]) -> dict:
+    """Apply ``KEY=VALUE`` settings (``triton.autotune_pointwise=False``) to ``torch._inductor.config``."""
+    import torch._inductor.config as inductor_config
+
+    applied = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--inductor expects KEY=VALUE, got {item!r}")
+        *path, leaf = key.strip().split(".")
+        target = inductor_config
+        for part in path:
+            target = getattr(target, part)
+        if not hasattr(target, leaf):
+            raise SystemExit(f"torch._inductor.config has no setting {key!r}")
+        setattr(target, leaf, applied.setdefault(key.strip(), ast.literal_eval(value.strip())))
+    return applied
 
 
 def step_ms(fn, reps: int, *args) -> float:
@@ -92,9 +118,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="torch.backends.cudnn.benchmark = True for every model (cuDNN times its algorithms)")
+    ap.add_argument("--bf16-weights", action="store_true",
+                    help="cast every model's weights to bf16 once (fp32 router / de-chunk stay fp32), then autocast")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config.KEY = VALUE (a Python literal) for every model; repeatable")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    inductor = set_inductor_config(args.inductor)
     # every DC-DiT variant shares DCDiT.forward's code object, and each (model, capacity) is one more compiled
     # entry of it: past dynamo's default limit of 8 the rest would silently run eager
     torch._dynamo.config.recompile_limit = 64
@@ -106,14 +137,15 @@ def main(argv=None) -> dict:
         batch, latent, args.reps = 2, 16, 2
     L = latent * latent
     compile_ = (lambda m: m) if args.no_compile else (lambda m: torch.compile(m))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or args.bf16_weights)
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
     torch.manual_seed(0)
-    dit = cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval()
+    weights = torch.bfloat16 if args.bf16_weights else torch.float32  # FP32Module keeps the router / residual fp32
+    dit = cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device, weights).eval()
 
     def dcdit(depth=None, fill=False, fp32=True):
         torch.manual_seed(0)
@@ -121,7 +153,7 @@ def main(argv=None) -> dict:
         m = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=L // 4,
                             fill_capacity=fill, fp32_router_dechunk=fp32, **kw).to(device).eval()
         torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)  # keep everything; capacity is the budget
-        return m
+        return m.to(weights)
 
     cases = []  # (row, step function, FLOPs per sample, kept, baseline): timed together at the end
 
@@ -218,7 +250,8 @@ def main(argv=None) -> dict:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{card}, torch {torch.__version__}, {args.size}px (latent {latent}x{latent}), batch {batch}, "
           f"{'eager' if args.no_compile else 'torch.compile'}, bf16 autocast"
-          f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}; median of {args.rounds} interleaved rounds"
+          f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}{', bf16 weights' if args.bf16_weights else ''}"
+          f"{''.join(f', inductor {k}={v!r}' for k, v in inductor.items())}; median of {args.rounds} interleaved rounds"
           f"{'; filled: fill_capacity=True, attention unmasked' if args.fill_capacity else ''}")
     print(f"{'row':<50}{'kept':>6}{'ms':>9}{'GFLOPs':>9}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}")
     for r in rows:
@@ -233,7 +266,8 @@ def main(argv=None) -> dict:
                        fill_capacity=args.fill_capacity, cudnn_benchmark=args.cudnn_benchmark, rounds=args.rounds,
                        masked=not args.no_masked, rows=rows, scaffold_time_share=time_share,
                        scaffold_flop_share=scaffold_share_flops, bf16_routing=args.bf16_routing,
-                       scaffold_time_share_bf16_routing=low_share)
+                       scaffold_time_share_bf16_routing=low_share, bf16_weights=args.bf16_weights,
+                       inductor_config=inductor)
 
 
 if __name__ == "__main__":
