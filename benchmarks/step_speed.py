@@ -34,9 +34,11 @@ between runs on an H100, and drift over a run must not fall on the rows timed la
 its heuristic choice for the scaffold's 3x3 ``1152 -> 288`` conv runs at about 370 TFLOP/s on an
 H100, against about 580 for the ``288 -> 288`` ones (``scaffold_ops.py``).
 
-``--bf16-weights`` casts every model's weights to bf16 once (``model.to(torch.bfloat16)``; DC-DiT's
-fp32 router and de-chunk residual stay fp32) before the same autocast: autocast otherwise re-casts
-every fp32 weight at every step, about 4 GB of memory traffic per DiT-XL step. ``--inductor
+``--bf16-weights`` adds DiT-XL/2 (plain and CFG) and the first DC-DiT variant's rho / Lite-CFG rows
+with their weights cast to bf16 once (``model.to(torch.bfloat16)``; DC-DiT's fp32 router and de-chunk
+residual stay fp32), under the same autocast, each DC-DiT row against the bf16-weight DiT-XL/2:
+autocast otherwise re-casts every fp32 weight at every step, about 4 GB of memory traffic per
+DiT-XL step whatever the token count. ``--inductor
 KEY=VALUE`` (repeatable) sets ``torch._inductor.config.KEY`` before anything compiles, for every
 model alike (for example ``triton.autotune_pointwise=False`` or ``coordinate_descent_tuning=True``).
 """
@@ -138,16 +140,17 @@ def main(argv=None) -> dict:
     L = latent * latent
     compile_ = (lambda m: m) if args.no_compile else (lambda m: torch.compile(m))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or args.bf16_weights)
+    if args.cudagraphs and args.bf16_weights:
+        ap.error("--cudagraphs and --bf16-weights: run them separately")
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
     torch.manual_seed(0)
-    weights = torch.bfloat16 if args.bf16_weights else torch.float32  # FP32Module keeps the router / residual fp32
-    dit = cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device, weights).eval()
+    dit = cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval()
 
-    def dcdit(depth=None, fill=False, fp32=True):
+    def dcdit(depth=None, fill=False, fp32=True, weights=torch.float32):
         torch.manual_seed(0)
         kw = dict(sizes, depth=depth) if depth is not None else sizes
         m = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=L // 4,
@@ -173,30 +176,39 @@ def main(argv=None) -> dict:
                          dict(fill=args.fill_capacity, fp32=False)))
     if not variants:
         ap.error("--no-masked leaves no DC-DiT rows: add --fill-capacity and/or --bf16-routing")
+    if args.bf16_weights:  # FP32Module keeps DC-DiT's router / de-chunk residual fp32 through .to(bfloat16)
+        variants.append((f"{variants[0][0]}, bf16 weights", dict(variants[0][1], weights=torch.bfloat16)))
     with torch.no_grad(), autocast:
         dit_fn = compile_(dit)
         dit_flops = cf.count_flops(dit, x, t, y).per_sample
         null = torch.full_like(y, dit.null_class)
         cases.append(("DiT-XL/2", lambda: dit_fn(x, t, y), dit_flops, L // 4, "plain"))
         cases.append(("DiT-XL/2 CFG", lambda: (dit_fn(x, t, y), dit_fn(x, t, null)), 2 * dit_flops, L // 4, "cfg"))
+        if args.bf16_weights:
+            torch.manual_seed(0)
+            dit16_fn = compile_(cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device, torch.bfloat16).eval())
+            cases.append(("DiT-XL/2, bf16 weights", lambda: dit16_fn(x, t, y), dit_flops, L // 4, "bf16w-plain"))
+            cases.append(("DiT-XL/2 CFG, bf16 weights", lambda: (dit16_fn(x, t, y), dit16_fn(x, t, null)), 2 * dit_flops,
+                          L // 4, "bf16w-cfg"))
         caps = {rho: bucket(L / 4 * (1 - rho)) for rho in (0.0, 0.2, 0.4)}
         u_cap = bucket(L / 4 * 0.1)  # Lite-CFG: conditional at rho 0, unconditional at rho 0.9
         models = {}
         for suffix, kw in variants:
             m = models[suffix] = dcdit(**kw)
             m_fn = compile_(m)
+            b16 = "bf16w-" if "bf16 weights" in suffix else ""  # its DiT-XL/2 baseline
             for rho, cap in caps.items():
                 m.capacity = cap
                 cases.append((f"DC-DiT-XL rho={rho:g}{suffix}", at(m_fn, m, cap), cf.count_flops(m, x, t, y).per_sample,
-                              cap, "plain"))
-            if "bf16" not in suffix:  # DiT: the same two passes at full length
+                              cap, b16 + "plain"))
+            if "bf16 routing" not in suffix:  # DiT: the same two passes at full length
                 m.capacity = caps[0.0]
                 f_cond = cf.count_flops(m, x, t, y).per_sample
                 m.capacity = u_cap
                 f_unc = cf.count_flops(m, x, t, null).per_sample
                 cond, unc = at(m_fn, m, caps[0.0]), at(m_fn, m, u_cap, null)
                 cases.append((f"DC-DiT-XL Lite-CFG (0 / 0.9){suffix}", lambda c=cond, u=unc: (c(), u()),
-                              f_cond + f_unc, caps[0.0], "cfg"))
+                              f_cond + f_unc, caps[0.0], b16 + "cfg"))
             m.capacity = caps[0.0]
         # the scaffold alone (embed, encoder, router, chunk, pack, de-chunk, decoder, final layer): its FLOP share
         # of the first variant's rho-0 step, and its time share of that step
@@ -232,7 +244,8 @@ def main(argv=None) -> dict:
                 for name, _, flops, kept, base in cases]
 
     by_name = {r["row"]: r for r in rows}
-    base = {"plain": by_name["DiT-XL/2"], "cfg": by_name["DiT-XL/2 CFG"], "graphs": by_name.get("DiT-XL/2 CUDA graphs")}
+    base = {"plain": by_name["DiT-XL/2"], "cfg": by_name["DiT-XL/2 CFG"], "graphs": by_name.get("DiT-XL/2 CUDA graphs"),
+            "bf16w-plain": by_name.get("DiT-XL/2, bf16 weights"), "bf16w-cfg": by_name.get("DiT-XL/2 CFG, bf16 weights")}
     for r in rows:
         ref = base[r.get("base", "plain")]
         r["measured_speedup"] = ref["ms"] / r["ms"]
@@ -245,12 +258,12 @@ def main(argv=None) -> dict:
             return None
         return by_name[scaffold_row]["ms"] / by_name[step_row]["ms"]
     time_share = share("DC-DiT-XL scaffold only", f"DC-DiT-XL rho=0{variants[0][0]}")
-    low = [suffix for suffix, _ in variants if "bf16" in suffix]
+    low = [suffix for suffix, _ in variants if "bf16 routing" in suffix]
     low_share = share("DC-DiT-XL scaffold only, bf16 routing", f"DC-DiT-XL rho=0{low[0]}") if low else None
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{card}, torch {torch.__version__}, {args.size}px (latent {latent}x{latent}), batch {batch}, "
           f"{'eager' if args.no_compile else 'torch.compile'}, bf16 autocast"
-          f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}{', bf16 weights' if args.bf16_weights else ''}"
+          f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}"
           f"{''.join(f', inductor {k}={v!r}' for k, v in inductor.items())}; median of {args.rounds} interleaved rounds"
           f"{'; filled: fill_capacity=True, attention unmasked' if args.fill_capacity else ''}")
     print(f"{'row':<50}{'kept':>6}{'ms':>9}{'GFLOPs':>9}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}")
