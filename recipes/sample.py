@@ -4,16 +4,24 @@
     python -m recipes.sample --ckpt results/run/checkpoints/step-0005000.pt --num-samples 5000 \\
         --sampler ddim --steps 50 --guidance 1.5 --uncond-rho 0.9 --rho 0.2 --out samples/run-rho0.2
     torchrun --nproc_per_node 8 -m recipes.sample --ckpt ... --num-samples 50000   # each rank a share, merged on rank 0
+    python -m recipes.sample --ckpt ... --precision bf16 --capacity 256 --fill --compile      # fast sampling on a GPU
 
 ``--ckpt`` takes a run folder (its newest checkpoint), a checkpoint file, or a
 ``save_pretrained`` directory. EMA weights are used unless ``--no-ema``. Writes
 ``OUT.png`` (a grid of the first 64), ``OUT.npz`` (``samples``: uint8 ``(N, H, W, C)``,
 ``labels``) and ``OUT.json`` (checkpoint, EMA, sampler, steps, guidance, rho, Lite-CFG rho,
 seed, kept-token fraction, TFLOPs per image).
+
+Speed (docs/performance.md has the figures): ``--precision bf16`` casts the weights to bf16 once
+(DC-DiT's fp32 router and de-chunk stay fp32) and samples under bf16 autocast; ``--capacity N``
+samples a DC-DiT with fixed-capacity plans (at most ``N`` tokens per sample, static shapes, no
+host sync; ``--fill``: exactly ``N``, attention without a mask); ``--compile`` compiles the model
+once (it needs those static shapes for a DC-DiT).
 """
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
@@ -27,10 +35,10 @@ from recipes.checkpoints import latest_checkpoint, load_checkpoint
 from recipes.config import from_dict
 from recipes.data import to_display
 from recipes.parallel import barrier, init_distributed
-from recipes.sampling import generate
+from recipes.sampling import check_compilable, generate
 from recipes.train import build_model
 
-__all__ = ["main", "load_for_sampling", "to_uint8"]
+__all__ = ["main", "load_for_sampling", "set_serving_plan", "to_uint8"]
 
 
 def load_for_sampling(ckpt: str, *, ema: bool = True, device="cpu"):
@@ -55,6 +63,21 @@ def load_for_sampling(ckpt: str, *, ema: bool = True, device="cpu"):
     return model.eval(), diffusion, cfg, path
 
 
+def set_serving_plan(model, capacity: int | None, *, fill: bool = False) -> None:
+    """Switch a DC-DiT to fixed-capacity plans of ``capacity`` tokens per sample (``fill``: exactly that many);
+    ``None`` leaves the model's own plans. Raises for a model that does not chunk or a capacity off its grid."""
+    if capacity is None:
+        if fill:
+            raise ValueError("--fill needs --capacity N (the tokens every sample keeps)")
+        return
+    if not getattr(model, "supports_chunking", False):
+        raise ValueError(f"--capacity sets a DC-DiT's token budget; {type(model).__name__} does not chunk")
+    L = math.prod(model.grid)
+    if not 1 <= capacity <= L:
+        raise ValueError(f"--capacity must be in [1, {L}] (the grid has {L} positions), got {capacity}")
+    model.plan_mode, model.capacity, model.fill_capacity = "fixed", capacity, fill
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """``(N, C, H, W)`` in ``[-1, 1]`` -> ``(N, H, W, C)`` uint8."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -76,10 +99,21 @@ def main(argv=None) -> dict:
     p.add_argument("--cache-threshold", type=float, default=0.0, help="step-caching threshold (0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-label", type=int, default=None, help="sample one class only")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: weights cast once (fp32 router / de-chunk kept), bf16 autocast")
+    p.add_argument("--capacity", type=int, default=None,
+                   help="DC-DiT: fixed-capacity plans of at most N tokens per sample (static shapes)")
+    p.add_argument("--fill", action="store_true", help="with --capacity: every sample keeps exactly N tokens")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (DC-DiT: needs --capacity)")
     args = p.parse_args(argv)
 
     d = init_distributed()
     model, diffusion, cfg, path = load_for_sampling(args.ckpt, ema=not args.no_ema, device=d.device)
+    set_serving_plan(model, args.capacity, fill=args.fill)
+    if args.compile:
+        check_compilable(model)  # before any work: a packed DC-DiT would recompile at every step
+    if args.precision == "bf16":
+        model.to(torch.bfloat16)  # FP32Module keeps DC-DiT's router and de-chunk residual in fp32
     sampler = args.sampler or (cfg.diffusion.sampler if cfg else "ddpm")
     steps = args.steps or (cfg.diffusion.sample_steps if cfg else 250)
     num_classes = model.num_classes
@@ -89,7 +123,8 @@ def main(argv=None) -> dict:
                    device=d.device, seed=args.seed * 1000 + d.rank, sampler=sampler, steps=steps,
                    guidance=args.guidance, rho=args.rho, uncond_rho=args.uncond_rho, labels=labels[share],
                    batch_size=args.batch, progress=d.is_main and os.isatty(2), merge_ratio=args.merge_ratio,
-                   cache_threshold=args.cache_threshold)
+                   cache_threshold=args.cache_threshold,
+                   autocast=torch.bfloat16 if args.precision == "bf16" else None, compile=args.compile)
     stem = Path(args.out) if args.out else Path(path).parent.parent / "samples" / (
         f"eval-{sampler}{steps}-g{args.guidance:g}-rho{args.rho:g}" + (f"-u{args.uncond_rho:g}" if args.uncond_rho is not None else "")
         + (f"-m{args.merge_ratio:g}" if args.merge_ratio else "") + (f"-c{args.cache_threshold:g}" if args.cache_threshold else ""))
@@ -117,6 +152,7 @@ def main(argv=None) -> dict:
         "checkpoint": str(path), "ema": not args.no_ema, "sampler": sampler, "steps": steps,
         "guidance": args.guidance, "rho": args.rho, "uncond_rho": args.uncond_rho, "seed": args.seed,
         "merge_ratio": args.merge_ratio, "cache_threshold": args.cache_threshold,
+        "precision": args.precision, "capacity": args.capacity, "fill": args.fill, "compile": args.compile,
         "skipped_steps": float(np.mean([q["skipped"] for q in parts])),
         "num_samples": args.num_samples, "world_size": d.world,
         "kept_fraction": float(np.mean([q["kept"] for q in parts])),

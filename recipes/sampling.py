@@ -7,7 +7,7 @@
   timesteps, kept tokens versus timestep, FLOPs by component; returns the metrics.
 """
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -38,40 +38,76 @@ def _merging(model, ratio: float):
             cf.merging.remove(model)
 
 
+class _CountedForward:
+    """A compiled model that adds a fixed per-sample FLOP count at every call (FlopCounter's hooks do not run
+    inside a compiled graph); every other attribute is the model's, as the guidance closures expect."""
+
+    def __init__(self, model, compiled, report: cf.FlopReport) -> None:
+        self._model, self._compiled, self._report = model, compiled, report
+        self.total, self.by_component = 0.0, dict.fromkeys(report.by_component, 0.0)
+
+    def __call__(self, x, *args, **kwargs):
+        self.total += self._report.per_sample * x.shape[0]
+        for name, value in self._report.by_component.items():
+            self.by_component[name] += value / self._report.batch * x.shape[0]
+        return self._compiled(x, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def check_compilable(model) -> None:
+    """Raise unless every forward of ``model`` has the same shapes (what ``compile=True`` needs)."""
+    mode = getattr(model, "plan_mode", "fixed") if getattr(model, "supports_chunking", False) else "fixed"
+    if mode != "fixed":
+        raise ValueError(
+            f"compiled sampling needs static shapes, but this DC-DiT plans {mode!r}: the kept-token count changes "
+            "every step and each new count would compile another graph. Sample with fixed-capacity plans "
+            "(recipes.sample --capacity N [--fill]; in Python model.plan_mode = 'fixed'; model.capacity = N)")
+
+
 @torch.no_grad()
 def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes: int, device,
              seed: int = 0, sampler: str = "ddpm", steps: int = 250, guidance: float = 1.0,
              rho: float = 0.0, uncond_rho: float | None = None, labels: torch.Tensor | None = None,
              batch_size: int = 64, progress: bool = False, merge_ratio: float = 0.0,
-             cache_threshold: float = 0.0) -> dict:
+             cache_threshold: float = 0.0, autocast: torch.dtype | None = None, compile: bool = False) -> dict:
     """Generate ``num`` samples; returns ``samples`` (N, C, *grid) float, ``labels``, ``kept_fraction``
     (mean over forwards and samples), ``kept_by_t`` (per-step means), ``tflops_per_image`` and
     ``skipped_steps`` (backbone passes step caching skipped, per batch on average).
 
     ``merge_ratio > 0`` applies token merging for the run (removed afterwards);
-    ``cache_threshold > 0`` samples with a :class:`~chunkformer.StepCache`."""
+    ``cache_threshold > 0`` samples with a :class:`~chunkformer.StepCache`. ``autocast``: run every
+    forward under ``torch.autocast`` to this dtype (``torch.bfloat16`` after casting the weights once:
+    recipes.sample ``--precision bf16``). ``compile``: ``torch.compile`` the model for the run; it needs
+    static shapes (DiT, or DC-DiT with ``plan_mode="fixed"``), so every forward does the same work, and
+    FLOPs are counted once, eagerly, on the first batch and added per forward."""
     model.eval()
+    if compile:
+        check_compilable(model)
+        if cache_threshold > 0:
+            raise ValueError("step caching decides on the host at every step; sample with compile=False")
     skipped = []
     chunking = getattr(model, "supports_chunking", False)
     if labels is None:
         labels = torch.arange(num) % num_classes
     g = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn((num, *shape), generator=g)
-    outs, kept_rows = [], []
-    with _merging(model, merge_ratio), FlopCounter(model) as counter:
-        for start in range(0, num, batch_size):
-            y = labels[start : start + batch_size].to(device)
-            infos = []
-            fn = guided_model_fn(model, y, scale=guidance, null_class=getattr(model, "null_class", None),
-                                 rho=rho if chunking else None, uncond_rho=uncond_rho if chunking else None,
-                                 learn_sigma=model.out_channels != model.in_channels, on_info=infos.append)
-            cache = cf.StepCache(model, cache_threshold) if cache_threshold > 0 else None
-            x = diffusion.sample(fn, (y.shape[0], *shape), sampler=sampler, steps=steps,
-                                 noise=noise[start : start + batch_size].to(device), progress=progress,
-                                 device=device, cache=cache)
-            skipped.append(cache.skipped if cache is not None else 0)
-            outs.append(x.float().cpu())
-            kept_rows.append(torch.stack([i.kept.float() / i.tokens for i in infos]).cpu())  # (steps, B')
+    amp = torch.autocast(torch.device(device).type, dtype=autocast) if autocast is not None else nullcontext()
+    with _merging(model, merge_ratio), amp:
+        if compile:  # a fixed plan's compute does not depend on the content: count one eager forward
+            probe = noise[: min(batch_size, num)].to(device)
+            report = cf.count_flops(model, probe, torch.zeros(len(probe), device=device),
+                                    labels[: len(probe)].to(device))
+            denoiser = counter = _CountedForward(model, torch.compile(model), report)
+            counting = nullcontext(counter)
+        else:
+            denoiser, counting = model, FlopCounter(model)
+        with counting as counter:
+            outs, kept_rows, skipped = _sample_batches(
+                denoiser, model, diffusion, noise, labels, num=num, shape=shape, device=device, sampler=sampler,
+                steps=steps, guidance=guidance, rho=rho, uncond_rho=uncond_rho, batch_size=batch_size,
+                progress=progress, cache_threshold=cache_threshold, chunking=chunking)
     kept = torch.cat(kept_rows, dim=1)  # (forwards per sample, N or 2N with CFG)
     return {
         "samples": torch.cat(outs),
@@ -80,8 +116,28 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
         "kept_by_step": kept.mean(1).tolist(),
         "tflops_per_image": counter.total / num / 1e12,
         "skipped_steps": sum(skipped) / len(skipped),
-        "flops_by_component": counter.by_component,
+        "flops_by_component": dict(counter.by_component),
     }
+
+
+def _sample_batches(denoiser, model, diffusion, noise, labels, *, num, shape, device, sampler, steps, guidance,
+                    rho, uncond_rho, batch_size, progress, cache_threshold, chunking):
+    """The batches of :func:`generate`: ``(samples, kept rows, skipped steps)`` per batch."""
+    outs, kept_rows, skipped = [], [], []
+    for start in range(0, num, batch_size):
+        y = labels[start : start + batch_size].to(device)
+        infos = []
+        fn = guided_model_fn(denoiser, y, scale=guidance, null_class=getattr(model, "null_class", None),
+                             rho=rho if chunking else None, uncond_rho=uncond_rho if chunking else None,
+                             learn_sigma=model.out_channels != model.in_channels, on_info=infos.append)
+        cache = cf.StepCache(model, cache_threshold) if cache_threshold > 0 else None
+        x = diffusion.sample(fn, (y.shape[0], *shape), sampler=sampler, steps=steps,
+                             noise=noise[start : start + batch_size].to(device), progress=progress,
+                             device=device, cache=cache)
+        skipped.append(cache.skipped if cache is not None else 0)
+        outs.append(x.float().cpu())
+        kept_rows.append(torch.stack([i.kept.float() / i.tokens for i in infos]).cpu())  # (steps, B')
+    return outs, kept_rows, skipped
 
 
 def sample_images(model, diffusion, cfg, path: Path, *, device, num: int = 16) -> Path:

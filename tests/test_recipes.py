@@ -183,6 +183,18 @@ def test_sampling_is_deterministic_for_a_seed_and_records_settings(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     fast = json.loads((tmp_path / "fast.json").read_text())
     assert fast["merge_ratio"] == 0.5 and fast["skipped_steps"] == 1  # steps 0 and 2 always run
+    stem = tmp_path / "served"  # the serving settings: bf16 weights, fixed capacity, filled plans
+    res = subprocess.run([sys.executable, "-m", "recipes.sample", "--ckpt", str(run), "--num-samples", "6", "--steps", "3",
+                          "--seed", "7", "--precision", "bf16", "--capacity", "64", "--fill", "--out", str(stem)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    served = json.loads((tmp_path / "served.json").read_text())
+    assert served["precision"] == "bf16" and served["capacity"] == 64 and served["fill"] is True
+    assert served["kept_fraction"] == pytest.approx(64 / 256)  # exactly the capacity of the 16x16 (space-to-depth) grid
+    res = subprocess.run([sys.executable, "-m", "recipes.sample", "--ckpt", str(run), "--num-samples", "2", "--steps", "1",
+                          "--compile", "--out", str(tmp_path / "no")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode != 0 and "--capacity" in res.stderr  # a packed DC-DiT would recompile every step
 
 
 def test_dry_run_prints_params_and_flops(tmp_path):
@@ -379,3 +391,81 @@ def test_with_compile_the_minutes_budget_starts_after_the_first_step(tmp_path, m
     with pytest.warns(UserWarning, match="keeps recompiling.*plan_mode=fixed"):  # packed: it says what to do
         rt.train(apply_overrides(get_recipe("tiny-cpu"), [*overrides, "train.run_name=packed",
                                                           "model.overrides.plan_mode=packed"]))
+
+
+def _tiny_sampler_model(**plan):
+    import chunkformer as cf
+
+    torch.manual_seed(0)
+    model = cf.create_model("DC-DiT-S", input_size=16, in_channels=2, num_classes=4, depth=1, hidden_size=32,
+                            num_heads=2, learn_sigma=False, **plan).eval()
+    for p in model.parameters():  # zero-initialised output layers would make every sample the same
+        if not p.detach().abs().sum():
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_compiled_sampling_matches_eager_sampling_and_counts_the_same_flops(monkeypatch):
+    """compile=True: the same samples and kept fractions as eager sampling, and FLOPs counted once and added
+    per forward agree with FlopCounter's hooks on every forward (Lite-CFG: two budgets in one batch)."""
+    from chunkformer.diffusion import create_diffusion
+    from recipes.sample import set_serving_plan
+    from recipes.sampling import generate
+
+    real_compile = torch.compile
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real_compile(m, backend="eager"))
+    model = _tiny_sampler_model()
+    set_serving_plan(model, 40, fill=True)
+    diffusion = create_diffusion("flow", learn_sigma=False)
+    kw = dict(num=3, shape=(2, 16, 16), num_classes=4, device="cpu", sampler="euler", steps=3, guidance=2.0,
+              uncond_rho=0.9, batch_size=2, seed=5)
+    eager = generate(model, diffusion, **kw)
+    fast = generate(model, diffusion, compile=True, **kw)
+    assert compiled == [model]
+    assert torch.allclose(fast["samples"], eager["samples"], atol=1e-5)
+    assert fast["kept_by_step"] == pytest.approx(eager["kept_by_step"])
+    assert fast["tflops_per_image"] == pytest.approx(eager["tflops_per_image"], rel=0.02)
+    assert fast["flops_by_component"]["encoder"] == pytest.approx(eager["flops_by_component"]["encoder"], rel=1e-6)
+
+
+def test_compiled_sampling_refuses_plans_that_change_shape_and_says_how_to_fix():
+    from chunkformer.diffusion import create_diffusion
+    from recipes.sampling import generate
+
+    with pytest.raises(ValueError, match="--capacity"):
+        generate(_tiny_sampler_model(), create_diffusion("flow", learn_sigma=False), num=1, shape=(2, 16, 16),
+                 num_classes=4, device="cpu", steps=1, compile=True)
+
+
+def test_serving_plan_options_check_their_input():
+    import chunkformer as cf
+    from recipes.sample import set_serving_plan
+
+    model = _tiny_sampler_model()
+    for capacity in (0, 16 * 16 + 1):
+        with pytest.raises(ValueError, match=r"\[1, 256\]"):
+            set_serving_plan(model, capacity)
+    with pytest.raises(ValueError, match="--fill needs --capacity"):
+        set_serving_plan(model, None, fill=True)
+    with pytest.raises(ValueError, match="does not chunk"):
+        set_serving_plan(cf.create_model("DiT-S/2", input_size=16, in_channels=2, num_classes=4, depth=1), 64)
+    set_serving_plan(model, 64)
+    assert (model.plan_mode, model.capacity, model.fill_capacity) == ("fixed", 64, False)
+
+
+def test_bf16_sampling_keeps_the_router_fp32_and_lands_near_fp32_samples():
+    """--precision bf16: weights cast once, DC-DiT's router and de-chunk residual stay fp32, samples stay close."""
+    from chunkformer.diffusion import create_diffusion
+    from recipes.sampling import generate
+
+    model = _tiny_sampler_model(plan_mode="fixed", capacity=64)
+    diffusion = create_diffusion("flow", learn_sigma=False)
+    kw = dict(num=2, shape=(2, 16, 16), num_classes=4, device="cpu", sampler="euler", steps=3, seed=1)
+    ref = generate(model, diffusion, **kw)["samples"]
+    model.to(torch.bfloat16)
+    low = generate(model, diffusion, autocast=torch.bfloat16, **kw)["samples"]
+    assert {p.dtype for p in model.router.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.blocks.parameters()} == {torch.bfloat16}
+    assert low.dtype == torch.float32 and not torch.equal(low, ref)  # it did run in bf16 ...
+    assert (low - ref).norm() / ref.norm() < 0.05  # ... and stays within bf16's rounding of the fp32 samples
