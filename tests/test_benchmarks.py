@@ -1,5 +1,6 @@
 """The CPU-runnable benchmarks still run and report what their docs say (numbers are not asserted)."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 
 
-BENCHMARK_MODULES = ("host_syncs", "small_train_speed", "train_speed", "report", "smoothing", "scaffold_profile", "vs_release", "step_speed")  # studies/ has a report.py too
+BENCHMARK_MODULES = ("host_syncs", "small_train_speed", "train_speed", "report", "smoothing", "scaffold_profile", "vs_release", "step_speed", "sample_speed")  # studies/ has a report.py too
 
 
 @pytest.fixture
@@ -181,3 +182,17 @@ def test_scaffold_ops_times_every_form_and_measures_its_error(tmp_path, benchmar
     assert all(r["rel_err"] < 1e-2 for r in ran)  # every form computes the same operation
     fp32 = {r["form"]: r["rel_err"] for r in ran if r["op"].startswith("smoothing")}
     assert fp32["fp32 (FFMA)"] < 1e-5  # the fp32 forms are fp32-exact, the bf16 ones are not
+
+
+def test_sample_speed_times_each_setting_of_the_sampling_recipe(tmp_path, benchmarks):
+    result = _load("sample_speed").main(["--tiny", "--no-compile", "--out", str(tmp_path / "s.json")])
+    rows = {(r["model"], r["setting"]): r for r in result["rows"]}
+    assert set(rows) == {("DiT-XL/2", "fp32, eager (defaults)"), ("DiT-XL/2", "bf16"),
+                         ("DC-DiT-XL", "fp32, eager (defaults)"), ("DC-DiT-XL", "bf16"),
+                         ("DC-DiT-XL", "bf16, fixed capacity, filled")}
+    assert rows[("DC-DiT-XL", "bf16, fixed capacity, filled")]["dit_setting"] == "bf16"
+    for (model, _), r in rows.items():
+        assert r["images_per_s"] > 0 and r["tflops_per_image"] > 0
+        if model == "DC-DiT-XL":  # the budget holds in every plan mode: a quarter of the 8x8 grid
+            assert r["kept_fraction"] == pytest.approx(0.25)
+    assert json.loads((tmp_path / "s.json").read_text())["rows"] == result["rows"]
