@@ -179,7 +179,7 @@ def plot(files: list[Path], out: Path) -> None:
         data = json.loads(path.read_text())
         L = (data["size"] // 8) ** 2
         dit = next(r for r in data["rows"] if r["row"] == "DiT-XL/2")
-        variants: dict[str, list] = {}  # "" (masked), " filled", " filled, bf16 routing": one line each
+        variants: dict[str, list] = {}  # "" (masked), " filled", " filled, bf16 weights", ...: one line each
         for r in data["rows"]:
             if r["row"].startswith("DC-DiT-XL rho") and "graphs" not in r["row"]:
                 rho, _, suffix = r["row"].removeprefix("DC-DiT-XL ").partition(" ")
@@ -193,6 +193,9 @@ def plot(files: list[Path], out: Path) -> None:
                 for (rho, r), k in zip(rows, kept):
                     ax.annotate(rho, (k, r["ms"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.axhline(dit["ms"], color="k", lw=1, label="DiT-XL/2")
+        dit16 = next((r for r in data["rows"] if r["row"] == "DiT-XL/2, bf16 weights"), None)
+        if dit16 is not None:
+            ax.axhline(dit16["ms"], color="k", lw=1, ls=":", label="DiT-XL/2, bf16 weights")
         ax.set_xlabel("tokens kept / latent grid")
         ax.set_ylabel("ms per sampling step")
         ax.set_title(f"{data['size']}px, batch {data['batch']}, {data['card']}", fontsize=10)
@@ -203,6 +206,21 @@ def plot(files: list[Path], out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+def sample_table(data: dict) -> str:
+    """benchmarks/sample_speed.py: images/s of the sampling recipe under each speed setting."""
+    lines = [f"{data['card']}, torch {data['torch']}, {data['latent'] * 8}px, batch {data['batch']}, {data['num']} images x "
+             f"{data['steps']} Euler steps, no guidance (`{data['command']}`)", "",
+             "| model | setting | images/s | vs the model's defaults | vs DiT-XL/2 (its setting) | TFLOPs/image |",
+             "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['model']} | {r['setting']} | {r['images_per_s']:.1f} | {r['speedup_vs_defaults']:.2f}x "
+                     f"| {r['speedup_vs_dit']:.2f}x ({r['dit_setting']}) | {r['tflops_per_image']:.3f} |")
+    return "\n".join(lines)
+
+
+PLOTTED = ("step_speed_256_bf16w_h100.json", "step_speed_512_bf16w_h100.json")  # the step-time figure's runs
+
+
 def main() -> None:
     # the current code's runs (earlier/ keeps the ones before), each read once
     steps = {path: json.loads(path.read_text()) for path in sorted(RESULTS.glob("step_speed_*.json"))}
@@ -211,7 +229,8 @@ def main() -> None:
     tables = (("vs_release_*.json", release_table), ("step_profile_*.json", profile_table),
               ("scaffold_ops_*.json", ops_table), ("attention_masks_*.json", full_plan_table),
               ("scaffold_profile_*.json", scaffold_table), ("smoothing_*.json", smoothing_table),
-              ("train_speed_256*_h200.json", train_table), ("small_train_speed_*.json", small_train_table))
+              ("train_speed_256*_h200.json", train_table), ("small_train_speed_*.json", small_train_table),
+              ("sample_speed_*.json", sample_table))
     for pattern, table in tables:
         for path in sorted(RESULTS.glob(pattern)):
             print(table(json.loads(path.read_text())), end="\n\n")
@@ -222,7 +241,7 @@ def main() -> None:
     if syncs.is_file():
         before = RESULTS / "host_syncs_cpu_before.json"
         print(syncs_table(json.loads(syncs.read_text()), json.loads(before.read_text()) if before.is_file() else None))
-    current = [path for path, data in steps.items() if not data.get("note")]  # a noted run measured other code
+    current = [path for path, data in steps.items() if path.name in PLOTTED and not data.get("note")]
     if current:
         plot(current, ROOT / "docs" / "img" / "step_speed.png")
         print(f"\nwrote {ROOT / 'docs' / 'img' / 'step_speed.png'}", file=sys.stderr)

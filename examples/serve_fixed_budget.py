@@ -4,11 +4,13 @@
     python examples/serve_fixed_budget.py --compile             # on a GPU: one compiled graph per budget
 
 Trains a small DC-DiT on the built-in digits (rectified flow, 16x16), then samples the same noise
-with the model as trained (packed plans: each sample keeps what its router keeps) and with three
+with the model as trained (packed plans: each sample keeps what its router keeps) and with four
 serving settings of the same weights:
 
 * ``plan_mode="fixed", capacity=K``: static shapes, no host sync, at most ``K`` tokens per sample;
 * ``fill_capacity=True``: exactly ``K`` per sample, so attention needs no padding mask;
+* ``.to(torch.bfloat16)`` under bf16 autocast: the weights cast once (the router and de-chunk
+  residual stay fp32), instead of autocast casting them again at every step;
 * ``fp32_router_dechunk=False``: router and de-chunk under the caller's autocast (bf16) instead of fp32.
 
 It prints tokens per sample, TFLOPs per image, wall-clock and how far each setting's samples land
@@ -77,6 +79,7 @@ def main(argv=None) -> dict:
         "packed (as trained)": (model, False, False),
         f"fixed, capacity {capacity}": (served(folder, **fixed), True, False),
         "+ fill_capacity": (served(folder, **fixed, fill_capacity=True), True, False),
+        "+ bf16 weights (autocast)": (served(folder, **fixed, fill_capacity=True).to(torch.bfloat16), True, True),
         "+ bf16 routing (autocast)": (served(folder, **fixed, fill_capacity=True, fp32_router_dechunk=False), True, True),
     }
     rows, reference = {}, None
