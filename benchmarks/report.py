@@ -32,6 +32,8 @@ def step_table(data: dict) -> str:
     lines += [f"Note on {r['row']}: {r['note']}.\n" for r in data["rows"] if r.get("note")]
     if data.get("note"):
         lines.append(f"Note: {data['note']}.\n")
+    if data.get("scaffold_time_share") is None:  # --rows left the scaffold or the rho-0 row out
+        return "\n".join(lines)
     lines.append(f"Scaffold alone: {data['scaffold_time_share']:.1%} of the rho=0 step's time for "
                  f"{data['scaffold_flop_share']:.1%} of its FLOPs "
                  f"({data['scaffold_time_share'] / data['scaffold_flop_share']:.2f}x its share)"

@@ -46,6 +46,7 @@ model alike (for example ``triton.autotune_pointwise=False`` or ``coordinate_des
 import argparse
 import ast
 import json
+import re
 import statistics
 import sys
 import time
@@ -124,6 +125,8 @@ def main(argv=None) -> dict:
                     help="cast every model's weights to bf16 once (fp32 router / de-chunk stay fp32), then autocast")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set torch._inductor.config.KEY = VALUE (a Python literal) for every model; repeatable")
+    ap.add_argument("--rows", default=None, metavar="REGEX",
+                    help="time only the DC-DiT rows whose name matches (DiT-XL/2 rows always run); nothing else compiles")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -231,6 +234,8 @@ def main(argv=None) -> dict:
                           cases[2][2], caps[0.0], "graphs"))
         # every case compiled and warm first, then timed in interleaved rounds (median per case), so clock
         # and thermal drift over the run falls on all rows alike instead of on whichever runs last
+        if args.rows:  # only these DC-DiT rows (and every DiT-XL/2 baseline): fewer graphs to compile
+            cases = [c for c in cases if c[0].startswith("DiT-XL/2") or re.search(args.rows, c[0])]
         for case in cases:
             step_ms(case[1], 1)
             print(f"compiled: {case[0]}", flush=True)
@@ -257,7 +262,7 @@ def main(argv=None) -> dict:
         if scaffold_row not in by_name or step_row not in by_name:
             return None
         return by_name[scaffold_row]["ms"] / by_name[step_row]["ms"]
-    time_share = share("DC-DiT-XL scaffold only", f"DC-DiT-XL rho=0{variants[0][0]}")
+    time_share = share("DC-DiT-XL scaffold only", f"DC-DiT-XL rho=0{variants[0][0]}")  # None if --rows dropped either
     low = [suffix for suffix, _ in variants if "bf16 routing" in suffix]
     low_share = share("DC-DiT-XL scaffold only, bf16 routing", f"DC-DiT-XL rho=0{low[0]}") if low else None
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -270,8 +275,9 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"{r['row']:<50}{r['kept']:>6}{r['ms']:>9.2f}{r['flops'] / 1e9:>9.1f}{r['measured_speedup']:>10.2f}"
               f"{r['flop_speedup']:>10.2f}{r['fraction_of_flop_speedup']:>7.2f}")
-    print(f"scaffold: {time_share:.1%} of the rho=0{variants[0][0]} step's time for {scaffold_share_flops:.1%} of its "
-          f"FLOPs ({time_share / scaffold_share_flops:.2f}x its share)")
+    if time_share is not None:
+        print(f"scaffold: {time_share:.1%} of the rho=0{variants[0][0]} step's time for {scaffold_share_flops:.1%} of "
+              f"its FLOPs ({time_share / scaffold_share_flops:.2f}x its share)")
     if low_share is not None:
         print(f"scaffold with bf16 routing: {low_share:.1%} of the rho=0{low[0]} step's time "
               f"({low_share / scaffold_share_flops:.2f}x its share)")

@@ -149,6 +149,22 @@ def test_step_speed_rows_and_scaffold_share(tmp_path, benchmarks):
     assert (tmp_path / "s.json").is_file()
     only = step_speed.main(["--tiny", "--no-compile", "--no-masked", "--fill-capacity", "--rounds", "1"])
     assert "DC-DiT-XL rho=0" not in rows_of(only) and "DC-DiT-XL rho=0 filled" in rows_of(only)
+    import torch._inductor.config as inductor_config
+
+    default = inductor_config.triton.autotune_pointwise
+    try:
+        w = step_speed.main(["--tiny", "--no-compile", "--no-masked", "--fill-capacity", "--bf16-weights", "--rounds", "1",
+                             "--rows", "rho=0.4", "--inductor", "triton.autotune_pointwise=False"])
+        assert inductor_config.triton.autotune_pointwise is False
+    finally:  # the setting is process-wide
+        inductor_config.triton.autotune_pointwise = default
+    assert set(rows_of(w)) == {"DiT-XL/2", "DiT-XL/2 CFG", "DiT-XL/2, bf16 weights", "DiT-XL/2 CFG, bf16 weights",
+                               "DC-DiT-XL rho=0.4 filled", "DC-DiT-XL rho=0.4 filled, bf16 weights"}
+    bf16 = {r["row"]: r for r in w["rows"]}["DC-DiT-XL rho=0.4 filled, bf16 weights"]
+    assert bf16["base"] == "bf16w-plain" and w["scaffold_time_share"] is None  # against the bf16-weight DiT-XL/2
+    assert w["inductor_config"] == {"triton.autotune_pointwise": False}
+    with pytest.raises(SystemExit, match="no setting"):
+        step_speed.main(["--tiny", "--no-compile", "--inductor", "no_such_knob=1"])
     with pytest.raises(SystemExit):
         step_speed.main(["--tiny", "--no-compile", "--no-masked"])
 
