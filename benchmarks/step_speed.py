@@ -34,8 +34,8 @@ between runs on an H100, and drift over a run must not fall on the rows timed la
 its heuristic choice for the scaffold's 3x3 ``1152 -> 288`` conv runs at about 370 TFLOP/s on an
 H100, against about 580 for the ``288 -> 288`` ones (``scaffold_ops.py``).
 
-``--bf16-weights`` adds DiT-XL/2 (plain and CFG) and the first DC-DiT variant's rho / Lite-CFG rows
-with their weights cast to bf16 once (``model.to(torch.bfloat16)``; DC-DiT's fp32 router and de-chunk
+``--bf16-weights`` adds DiT-XL/2 (plain and CFG) and every DC-DiT variant's rho / Lite-CFG rows
+(``--rows`` picks among them) with their weights cast to bf16 once (``model.to(torch.bfloat16)``; DC-DiT's fp32 router and de-chunk
 residual stay fp32), under the same autocast, each DC-DiT row against the bf16-weight DiT-XL/2:
 autocast otherwise re-casts every fp32 weight at every step, about 4 GB of memory traffic per
 DiT-XL step whatever the token count. ``--inductor
@@ -180,7 +180,7 @@ def main(argv=None) -> dict:
     if not variants:
         ap.error("--no-masked leaves no DC-DiT rows: add --fill-capacity and/or --bf16-routing")
     if args.bf16_weights:  # FP32Module keeps DC-DiT's router / de-chunk residual fp32 through .to(bfloat16)
-        variants.append((f"{variants[0][0]}, bf16 weights", dict(variants[0][1], weights=torch.bfloat16)))
+        variants += [(f"{suffix}, bf16 weights", dict(kw, weights=torch.bfloat16)) for suffix, kw in variants]
     with torch.no_grad(), autocast:
         dit_fn = compile_(dit)
         dit_flops = cf.count_flops(dit, x, t, y).per_sample
@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
                 m.capacity = cap
                 cases.append((f"DC-DiT-XL rho={rho:g}{suffix}", at(m_fn, m, cap), cf.count_flops(m, x, t, y).per_sample,
                               cap, b16 + "plain"))
-            if "bf16 routing" not in suffix:  # DiT: the same two passes at full length
+            if "bf16 routing" not in suffix or "bf16 weights" in suffix:  # DiT: the same two passes at full length
                 m.capacity = caps[0.0]
                 f_cond = cf.count_flops(m, x, t, y).per_sample
                 m.capacity = u_cap
