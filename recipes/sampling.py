@@ -87,7 +87,6 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
         check_compilable(model)
         if cache_threshold > 0:
             raise ValueError("step caching decides on the host at every step; sample with compile=False")
-    skipped = []
     chunking = getattr(model, "supports_chunking", False)
     if labels is None:
         labels = torch.arange(num) % num_classes
