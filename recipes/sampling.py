@@ -43,22 +43,29 @@ class _CountedForward:
     inside a compiled graph); every other attribute is the model's, as the guidance closures expect."""
 
     def __init__(self, model, compiled, report: cf.FlopReport) -> None:
-        self._model, self._compiled, self._report = model, compiled, report
+        self._model, self._compiled = model, compiled
+        self._per_sample = {name: value / report.batch for name, value in report.by_component.items()}
         self.total, self.by_component = 0.0, dict.fromkeys(report.by_component, 0.0)
 
     def __call__(self, x, *args, **kwargs):
-        self.total += self._report.per_sample * x.shape[0]
-        for name, value in self._report.by_component.items():
-            self.by_component[name] += value / self._report.batch * x.shape[0]
+        for name, value in self._per_sample.items():
+            self.by_component[name] += value * x.shape[0]
+        self.total = sum(self.by_component.values())
         return self._compiled(x, *args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
 
+def plan_mode(model) -> str:
+    """The token layout of ``model``'s forwards: a chunking model's ``plan_mode``; ``"fixed"`` (static shapes)
+    for a model that does not chunk. Anything but ``"fixed"`` changes shape with the router's choice."""
+    return getattr(model, "plan_mode", "fixed") if getattr(model, "supports_chunking", False) else "fixed"
+
+
 def check_compilable(model) -> None:
     """Raise unless every forward of ``model`` has the same shapes (what ``compile=True`` needs)."""
-    mode = getattr(model, "plan_mode", "fixed") if getattr(model, "supports_chunking", False) else "fixed"
+    mode = plan_mode(model)
     if mode != "fixed":
         raise ValueError(
             f"compiled sampling needs static shapes, but this DC-DiT plans {mode!r}: the kept-token count changes "

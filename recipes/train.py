@@ -44,7 +44,7 @@ from recipes.parallel import (
     optimizer_state,
     parallelize,
 )
-from recipes.sampling import make_report_figures, plot_router_maps, sample_images
+from recipes.sampling import make_report_figures, plan_mode, plot_router_maps, sample_images
 
 __all__ = ["main", "train", "build_model"]
 
@@ -113,8 +113,7 @@ def _log(d: Dist, log_file, message: str) -> None:
 
 def _oom_hint(model) -> str:
     """What to try after running out of memory: a dynamic plan layout grows with what the router keeps."""
-    if getattr(model, "supports_chunking", False) and getattr(model, "plan_mode", None) != "fixed" \
-            and getattr(model, "capacity", None) is None:
+    if plan_mode(model) != "fixed" and getattr(model, "capacity", None) is None:
         return ("The plan layout grows with the tokens the router keeps, and an untrained router can keep most "
                 "of the grid for its first steps: bound it with model.overrides.capacity (e.g. half the grid's "
                 "positions), or lower train.global_batch.")
@@ -147,7 +146,7 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
     chunking = getattr(model, "supports_chunking", False)
     if chunking:
         model.budget.group_size = cfg.budget.group_size
-    if chunking and cfg.train.compile and getattr(model, "plan_mode", "fixed") != "fixed":
+    if cfg.train.compile and plan_mode(model) != "fixed":
         warnings.warn(f"train.compile with plan_mode={model.plan_mode!r}: the kept-token count changes every step, "
                       "so the compiled step keeps recompiling (on an H100 a packed DC-DiT-S made 17 steps in 2 "
                       "minutes). Compile fixed-capacity plans: model.overrides.plan_mode=fixed "
