@@ -24,10 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chunkformer.triton_attention import KernelConfig, default_config, flash_forward  # noqa: E402
 
 SHAPES = ((64, 160), (64, 208), (64, 256), (16, 616), (16, 824), (16, 1024))
-CONFIGS = [KernelConfig(64, 32, 4, 2), KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 3),
-           KernelConfig(64, 128, 4, 2), KernelConfig(128, 32, 8, 2), KernelConfig(128, 64, 8, 2),
-           KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 2), KernelConfig(128, 64, 4, 2),
-           KernelConfig(32, 32, 4, 2), KernelConfig(64, 32, 4, 1), KernelConfig(32, 64, 2, 2)]
+CONFIGS = [KernelConfig(bm, bn, w, st, split) for split in (True, False)
+           for bm, bn, w, st in ((64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3), (128, 64, 4, 2), (128, 64, 4, 3),
+                                 (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 4, 3))]
 
 
 def ms(fn, reps=200) -> float:
@@ -41,6 +40,10 @@ def ms(fn, reps=200) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def _name(cfg: KernelConfig) -> str:
+    return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{'' if cfg.split else ' pad'}"
 
 
 def main(argv=None):
@@ -75,7 +78,7 @@ def main(argv=None):
         row["sdpa_err"] = float((F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).float() - ref).abs().max())
         triton_rows = {}
         for cfg in CONFIGS + [default_config(L, D)]:
-            name = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+            name = _name(cfg)
             if name in triton_rows:
                 continue
             try:
@@ -86,7 +89,7 @@ def main(argv=None):
                 print(f"{name}: {type(e).__name__} {str(e)[:200]}")
         d = default_config(L, D)
         row["triton"] = triton_rows
-        row["triton default"] = f"{d.block_m}x{d.block_n} w{d.num_warps} s{d.num_stages}"
+        row["triton default"] = _name(d)
         best = min(triton_rows, key=lambda n: triton_rows[n]["ms"]) if triton_rows else None
         row["triton best"] = best
         rows.append(row)

@@ -61,6 +61,7 @@ class KernelConfig:
     block_n: int = 64   # keys per inner step
     num_warps: int = 4
     num_stages: int = 2
+    split: bool = True  # head dim 72 -> 64 + 16 lanes (two products); False: one product over 128 lanes
 
 
 def default_config(seq_len: int, head_dim: int) -> KernelConfig:
@@ -70,60 +71,82 @@ def default_config(seq_len: int, head_dim: int) -> KernelConfig:
     return KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
 
 
+def _attn_step(acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, s_kl, s_vl, start, L_K, scale_log2e,
+               D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr):
+    """One block of BLOCK_N keys: online-softmax update of (acc, m, l); MASK_N masks keys >= L_K."""
+    cols = start + tl.arange(0, BLOCK_N)
+    da = tl.arange(0, DA)
+    col_ok = cols < L_K
+    if MASK_N:
+        keep = col_ok[:, None]
+    else:
+        keep = cols[:, None] >= 0
+    a_mask = keep & (da[None, :] < D)  # D < DA: padded lanes
+    ka = tl.load(k_ptr + cols[:, None] * s_kl + da[None, :], mask=a_mask, other=0.0)  # (BN, DA)
+    s = tl.dot(qa, tl.trans(ka))
+    if DB > 0:
+        db = DA + tl.arange(0, DB)
+        b_mask = keep & (db[None, :] < D)
+        kb = tl.load(k_ptr + cols[:, None] * s_kl + db[None, :], mask=b_mask, other=0.0)
+        s += tl.dot(qb, tl.trans(kb))
+    s = s * scale_log2e
+    if MASK_N:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(qa.dtype)
+    va = tl.load(v_ptr + cols[:, None] * s_vl + da[None, :], mask=a_mask, other=0.0)  # (BN, DA)
+    acc_a = tl.dot(p, va, acc_a * alpha[:, None])
+    if DB > 0:
+        vb = tl.load(v_ptr + cols[:, None] * s_vl + db[None, :], mask=b_mask, other=0.0)
+        acc_b = tl.dot(p, vb, acc_b * alpha[:, None])
+    return acc_a, acc_b, m_new, l_i
+
+
 def _attn_fwd(Q, K, V, O, scale_log2e,
               s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
               H, L_Q, L_K,
               D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (query block, batch * head): its BLOCK_M rows against every key. The head dim is
+    DA lanes (a power of two, masked beyond D) plus DB more (0, or a power of two >= 16)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     da = tl.arange(0, DA)
+    db = DA + tl.arange(0, DB if DB > 0 else 16)
     q_ptr = Q + b * s_qb + h * s_qh
     k_ptr = K + b * s_kb + h * s_kh
     v_ptr = V + b * s_vb + h * s_vh
     row_ok = rows < L_Q
-    qa = tl.load(q_ptr + rows[:, None] * s_ql + da[None, :], mask=row_ok[:, None], other=0.0)  # (BM, DA)
+    qa = tl.load(q_ptr + rows[:, None] * s_ql + da[None, :], mask=row_ok[:, None] & (da[None, :] < D), other=0.0)
+    qb = tl.load(q_ptr + rows[:, None] * s_ql + db[None, :], mask=row_ok[:, None] & (db[None, :] < D), other=0.0)
     acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
-    if DB > 0:  # the rest of the head dim, padded to DB lanes (masked beyond D)
-        db = DA + tl.arange(0, DB)
-        d_ok = db < D
-        qb = tl.load(q_ptr + rows[:, None] * s_ql + db[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, DB if DB > 0 else 16], dtype=tl.float32)  # unused (never computed) when DB == 0
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in range(0, L_K, BLOCK_N):
-        cols = start + offs_n
-        col_ok = cols < L_K
-        ka = tl.load(k_ptr + cols[None, :] * s_kl + da[:, None], mask=col_ok[None, :], other=0.0)  # (DA, BN)
-        s = tl.dot(qa, ka)
-        if DB > 0:
-            kb = tl.load(k_ptr + cols[None, :] * s_kl + db[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            s += tl.dot(qb, kb)
-        s = s * scale_log2e
-        if not EVEN_N:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(V.dtype.element_ty)
-        va = tl.load(v_ptr + cols[:, None] * s_vl + da[None, :], mask=col_ok[:, None], other=0.0)  # (BN, DA)
-        acc_a = tl.dot(p, va, acc_a * alpha[:, None])
-        if DB > 0:
-            vb = tl.load(v_ptr + cols[:, None] * s_vl + db[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            acc_b = tl.dot(p, vb, acc_b * alpha[:, None])
-        m_i = m_new
+    full = L_K - L_K % BLOCK_N
+    for start in range(0, full, BLOCK_N):  # whole blocks: no key mask
+        acc_a, acc_b, m_i, l_i = _attn_step(acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, s_kl, s_vl, start, L_K,
+                                            scale_log2e, D, DA, DB, BLOCK_N, False)
+    if full < L_K:  # the ragged tail
+        acc_a, acc_b, m_i, l_i = _attn_step(acc_a, acc_b, m_i, l_i, qa, qb, k_ptr, v_ptr, s_kl, s_vl, full, L_K,
+                                            scale_log2e, D, DA, DB, BLOCK_N, True)
     inv = 1.0 / l_i
     o_ptr = O + b * s_ob + h * s_oh
     tl.store(o_ptr + rows[:, None] * s_ol + da[None, :], (acc_a * inv[:, None]).to(O.dtype.element_ty),
-             mask=row_ok[:, None])
+             mask=row_ok[:, None] & (da[None, :] < D))
     if DB > 0:
         tl.store(o_ptr + rows[:, None] * s_ol + db[None, :], (acc_b * inv[:, None]).to(O.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+                 mask=row_ok[:, None] & (db[None, :] < D))
+
+
+if triton is not None:
+    _attn_step = triton.jit(_attn_step)
 
 
 _kernel = None if triton is None else triton.jit(_attn_fwd)  # under TRITON_INTERPRET=1: the interpreter
@@ -152,23 +175,41 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Ker
         raise ValueError(f"head_dim {D} > 256 is not supported; use SDPA")
     if min(t.stride(-1) for t in (q, k, v)) != 1 or max(t.stride(-1) for t in (q, k, v)) != 1:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    Lk = k.shape[1]
-    DA, DB = split_head_dim(D)
-    cfg = config or default_config(Lk, D)
-    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    cfg = config or default_config(k.shape[1], D)
     if B * Lq * H == 0:
-        return out
+        return q.new_empty(B, Lq, H, D)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if not q.is_cuda:
+        if not _interpreted():
+            raise ValueError("the kernel runs on CUDA tensors; on the CPU only under TRITON_INTERPRET=1 (a testing "
+                             "mode, set before triton is imported). Use SDPA on the CPU.")
+        return _launch(_kernel, q, k, v, cfg, scale, {})
+    return torch.ops.chunkformer.flash_forward(q, k, v, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
+                                               cfg.split, scale)
+
+
+def _launch(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: KernelConfig, scale: float,
+            launch: dict) -> torch.Tensor:
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    DA, DB = split_head_dim(D) if cfg.split else (1 << (D - 1).bit_length(), 0)
+    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     grid = (-(-Lq // cfg.block_m), B * H)
-    if not q.is_cuda and not _interpreted():
-        raise ValueError("the kernel runs on CUDA tensors; on the CPU only under TRITON_INTERPRET=1 (a testing "
-                         "mode, set before triton is imported). Use SDPA on the CPU.")
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages) if q.is_cuda else {}
-    _kernel[grid](q, k, v, out, scale * 1.4426950408889634,
+    kernel[grid](q, k, v, out, scale * 1.4426950408889634,
                  *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), H, Lq, Lk,
-                 D=D, DA=DA, DB=DB, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_N=Lk % cfg.block_n == 0,
+                 D=D, DA=DA, DB=DB, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                  **launch)
     return out
+
+
+if triton is not None:
+    @torch.library.triton_op("chunkformer::flash_forward", mutates_args=())
+    def _flash_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int, num_warps: int,
+                  num_stages: int, split: bool, scale: float) -> torch.Tensor:
+        """The CUDA launch as a custom op, so ``torch.compile`` keeps it inside the graph."""
+        cfg = KernelConfig(block_m, block_n, num_warps, num_stages, split)
+        return _launch(torch.library.wrap_triton(_kernel), q, k, v, cfg, scale,
+                       dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def _interpreted() -> bool:
