@@ -124,12 +124,15 @@ def main(argv=None) -> dict:
                     help="torch.backends.cudnn.benchmark = True for every model (cuDNN times its algorithms)")
     ap.add_argument("--bf16-weights", action="store_true",
                     help="cast every model's weights to bf16 once (fp32 router / de-chunk stay fp32), then autocast")
+    ap.add_argument("--bf16-weights-only", action="store_true",
+                    help="--bf16-weights without the fp32-weight rows (DiT-XL/2 included): fewer graphs to compile")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set torch._inductor.config.KEY = VALUE (a Python literal) for every model; repeatable")
     ap.add_argument("--rows", default=None, metavar="REGEX",
                     help="time only the DC-DiT rows whose name matches (DiT-XL/2 rows always run); nothing else compiles")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    args.bf16_weights = args.bf16_weights or args.bf16_weights_only
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     inductor = set_inductor_config(args.inductor)
     # every DC-DiT variant shares DCDiT.forward's code object, and each (model, capacity) is one more compiled
@@ -181,13 +184,15 @@ def main(argv=None) -> dict:
     if not variants:
         ap.error("--no-masked leaves no DC-DiT rows: add --fill-capacity and/or --bf16-routing")
     if args.bf16_weights:  # FP32Module keeps DC-DiT's router / de-chunk residual fp32 through .to(bfloat16)
-        variants += [(f"{suffix}, bf16 weights", dict(kw, weights=torch.bfloat16)) for suffix, kw in variants]
+        variants = ([] if args.bf16_weights_only else variants) + [
+            (f"{suffix}, bf16 weights", dict(kw, weights=torch.bfloat16)) for suffix, kw in variants]
     with torch.no_grad(), autocast:
         dit_fn = compile_(dit)
         dit_flops = cf.count_flops(dit, x, t, y).per_sample
         null = torch.full_like(y, dit.null_class)
-        cases.append(("DiT-XL/2", lambda: dit_fn(x, t, y), dit_flops, L // 4, "plain"))
-        cases.append(("DiT-XL/2 CFG", lambda: (dit_fn(x, t, y), dit_fn(x, t, null)), 2 * dit_flops, L // 4, "cfg"))
+        if not args.bf16_weights_only:
+            cases.append(("DiT-XL/2", lambda: dit_fn(x, t, y), dit_flops, L // 4, "plain"))
+            cases.append(("DiT-XL/2 CFG", lambda: (dit_fn(x, t, y), dit_fn(x, t, null)), 2 * dit_flops, L // 4, "cfg"))
         if args.bf16_weights:
             torch.manual_seed(0)
             dit16_fn = compile_(cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device, torch.bfloat16).eval())
@@ -220,12 +225,14 @@ def main(argv=None) -> dict:
         report = cf.count_flops(first, x, t, y)
         blocks = sum(v for k, v in report.by_component.items() if k.startswith("backbone"))
         scaffold_share_flops = 1 - blocks / report.total
-        scaffolds = [("DC-DiT-XL scaffold only", dcdit(depth=0))]
+        w16 = dict(weights=torch.bfloat16) if args.bf16_weights_only else {}
+        scaffolds = [("DC-DiT-XL scaffold only", dcdit(depth=0, **w16))]
         if args.bf16_routing:
-            scaffolds.append(("DC-DiT-XL scaffold only, bf16 routing", dcdit(depth=0, fp32=False)))
+            scaffolds.append(("DC-DiT-XL scaffold only, bf16 routing", dcdit(depth=0, fp32=False, **w16)))
         for name, sc in scaffolds:
+            name += ", bf16 weights" if w16 else ""
             cases.append((name, lambda f=compile_(sc): f(x, t, y), report.per_sample * scaffold_share_flops,
-                          caps[0.0], "plain"))
+                          caps[0.0], "bf16w-plain" if w16 else "plain"))
         dc = first
         if args.cudagraphs and device.type == "cuda":  # static shapes in fixed mode: one graph per capacity
             dc.capacity = caps[0.0]
@@ -250,7 +257,7 @@ def main(argv=None) -> dict:
                 for name, _, flops, kept, base in cases]
 
     by_name = {r["row"]: r for r in rows}
-    base = {"plain": by_name["DiT-XL/2"], "cfg": by_name["DiT-XL/2 CFG"], "graphs": by_name.get("DiT-XL/2 CUDA graphs"),
+    base = {"plain": by_name.get("DiT-XL/2"), "cfg": by_name.get("DiT-XL/2 CFG"), "graphs": by_name.get("DiT-XL/2 CUDA graphs"),
             "bf16w-plain": by_name.get("DiT-XL/2, bf16 weights"), "bf16w-cfg": by_name.get("DiT-XL/2 CFG, bf16 weights")}
     for r in rows:
         ref = base[r.get("base", "plain")]
@@ -263,9 +270,10 @@ def main(argv=None) -> dict:
         if scaffold_row not in by_name or step_row not in by_name:
             return None
         return by_name[scaffold_row]["ms"] / by_name[step_row]["ms"]
-    time_share = share("DC-DiT-XL scaffold only", f"DC-DiT-XL rho=0{variants[0][0]}")  # None if --rows dropped either
+    w16 = ", bf16 weights" if args.bf16_weights_only else ""
+    time_share = share(f"DC-DiT-XL scaffold only{w16}", f"DC-DiT-XL rho=0{variants[0][0]}")  # None if --rows dropped either
     low = [suffix for suffix, _ in variants if "bf16 routing" in suffix]
-    low_share = share("DC-DiT-XL scaffold only, bf16 routing", f"DC-DiT-XL rho=0{low[0]}") if low else None
+    low_share = share(f"DC-DiT-XL scaffold only, bf16 routing{w16}", f"DC-DiT-XL rho=0{low[0]}") if low else None
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{card}, torch {torch.__version__}, {args.size}px (latent {latent}x{latent}), batch {batch}, "
           f"{'eager' if args.no_compile else 'torch.compile'}, bf16 autocast"
