@@ -180,7 +180,7 @@ def plot(files: list[Path], out: Path) -> None:
     for ax, path in zip(axes[0], files):
         data = json.loads(path.read_text())
         L = (data["size"] // 8) ** 2
-        dit = next(r for r in data["rows"] if r["row"] == "DiT-XL/2")
+        dit = next(r for r in data["rows"] if r["row"] in ("DiT-XL/2", "DiT-XL/2, bf16 weights"))
         variants: dict[str, list] = {}  # "" (masked), " filled", " filled, bf16 weights", ...: one line each
         for r in data["rows"]:
             if r["row"].startswith("DC-DiT-XL rho") and "graphs" not in r["row"]:
@@ -220,6 +220,19 @@ def sample_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def short_attention_table(data: dict) -> str:
+    """benchmarks/short_attention.py: one unmasked attention call per kernel at the kept lengths."""
+    lines = [f"{data['card']}, torch {data['torch']}, {data['heads']} heads of {data['head_dim']}, bf16, ms per call "
+             f"(`{data['command']}`)", "",
+             "| batch x tokens | FLOP-scaled ideal | SDPA (cuDNN) + copy | FlexAttention | Triton candidate, best tiles |",
+             "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        best = r["triton"][r["triton best"]]["ms"]
+        lines.append(f"| {r['batch']} x {r['tokens']} | {r['ideal']:.4f} | {r['sdpa + copy']:.4f} | "
+                     f"{r.get('flex', float('nan')):.4f} | {best:.4f} ({r['triton best']}) |")
+    return "\n".join(lines)
+
+
 PLOTTED = ("step_speed_256_bf16w_h100.json", "step_speed_512_bf16w_h100.json")  # the step-time figure's runs
 
 
@@ -232,7 +245,7 @@ def main() -> None:
               ("scaffold_ops_*.json", ops_table), ("attention_masks_*.json", full_plan_table),
               ("scaffold_profile_*.json", scaffold_table), ("smoothing_*.json", smoothing_table),
               ("train_speed_256*_h200.json", train_table), ("small_train_speed_*.json", small_train_table),
-              ("sample_speed_*.json", sample_table))
+              ("sample_speed_*.json", sample_table), ("short_attention_*.json", short_attention_table))
     for pattern, table in tables:
         for path in sorted(RESULTS.glob(pattern)):
             print(table(json.loads(path.read_text())), end="\n\n")
