@@ -33,6 +33,10 @@ def step_table(data: dict) -> str:
     if data.get("note"):
         lines.append(f"Note: {data['note']}.\n")
     if data.get("scaffold_time_share") is None:  # --rows left the scaffold or the rho-0 row out
+        low = data.get("scaffold_time_share_bf16_routing")
+        if low is not None:  # a run of the bf16-routing rows only
+            lines.append(f"Scaffold alone, bf16 routing: {low:.1%} of the rho=0 step's time for "
+                         f"{data['scaffold_flop_share']:.1%} of its FLOPs ({low / data['scaffold_flop_share']:.2f}x its share).")
         return "\n".join(lines)
     lines.append(f"Scaffold alone: {data['scaffold_time_share']:.1%} of the rho=0 step's time for "
                  f"{data['scaffold_flop_share']:.1%} of its FLOPs "
@@ -233,6 +237,20 @@ def short_attention_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def group_norm_table(data: dict) -> str:
+    """benchmarks/group_norm.py: GroupNorm + SiLU formulations on channels-last bf16 grids."""
+    lines = [f"{data['card']}, torch {data['torch']}, bf16 channels-last, ms per call (`{data['command']}`)", "",
+             "| shape (B, C, H, W) | form | ms | TB/s (one read + one write) | relative error, offset 0 / 10 |",
+             "|---|---|---|---|---|"]
+    offset10 = {(tuple(r["shape"]), r["variant"]): r["rel_err"] for r in data["rows"] if r["offset"]}
+    for r in data["rows"]:
+        if not r["offset"]:
+            key = (tuple(r["shape"]), r["variant"])
+            lines.append(f"| {tuple(r['shape'])} | {r['variant']} | {r['ms']:.4f} | {r['tb_per_s']:.2f} | "
+                         f"{r['rel_err']:.1e} / {offset10.get(key, float('nan')):.1e} |")
+    return "\n".join(lines)
+
+
 PLOTTED = ("step_speed_256_bf16w_h100.json", "step_speed_512_bf16w_h100.json")  # the step-time figure's runs
 
 
@@ -245,7 +263,8 @@ def main() -> None:
               ("scaffold_ops_*.json", ops_table), ("attention_masks_*.json", full_plan_table),
               ("scaffold_profile_*.json", scaffold_table), ("smoothing_*.json", smoothing_table),
               ("train_speed_256*_h200.json", train_table), ("small_train_speed_*.json", small_train_table),
-              ("sample_speed_*.json", sample_table), ("short_attention_*.json", short_attention_table))
+              ("sample_speed_*.json", sample_table), ("short_attention_*.json", short_attention_table),
+              ("group_norm_*.json", group_norm_table))
     for pattern, table in tables:
         for path in sorted(RESULTS.glob(pattern)):
             print(table(json.loads(path.read_text())), end="\n\n")
