@@ -163,6 +163,16 @@ def test_step_speed_rows_and_scaffold_share(tmp_path, benchmarks):
     bf16 = {r["row"]: r for r in w["rows"]}["DC-DiT-XL rho=0.4 filled, bf16 weights"]
     assert bf16["base"] == "bf16w-plain" and w["scaffold_time_share"] is None  # against the bf16-weight DiT-XL/2
     assert w["inductor_config"] == {"triton.autotune_pointwise": False}
+    # --bf16-weights-only: no fp32-weight row at all, every DC-DiT row and the scaffold against the bf16-weight DiT
+    b = step_speed.main(["--tiny", "--no-compile", "--no-masked", "--fill-capacity", "--bf16-routing",
+                         "--bf16-weights-only", "--rounds", "1", "--rows", "bf16 routing"])
+    names = rows_of(b)
+    assert all(n.endswith(", bf16 weights") for n in names) and "DiT-XL/2, bf16 weights" in names
+    assert "DC-DiT-XL scaffold only, bf16 routing, bf16 weights" in names
+    assert all(r["base"].startswith("bf16w-") for r in b["rows"] if r["row"].startswith("DC-DiT"))
+    assert b["scaffold_time_share"] is None and b["scaffold_time_share_bf16_routing"] > 0
+    report = _load("report")
+    assert "Scaffold alone, bf16 routing:" in report.step_table(b)
     with pytest.raises(SystemExit, match="no setting"):
         step_speed.main(["--tiny", "--no-compile", "--inductor", "no_such_knob=1"])
     with pytest.raises(SystemExit):
@@ -175,6 +185,22 @@ def test_release_table_shows_each_row_against_the_release_and_dit():
            "dit_ms": 33.0, "ours_over_release": 58.0 / 31.0, "release_over_dit": 33.0 / 58.0, "ours_over_dit": 33.0 / 31.0}
     text = report.release_table({"card": "H100", "torch": "2.11", "size": 256, "batch": 64, "command": "c", "rows": [row]})
     assert "| rho=0.4 | 154 / 160 | 58.00 | 31.00 | 1.87x | 33.00 | 0.57x | 1.06x |" in text
+
+
+def test_attention_and_group_norm_tables_show_every_measured_row():
+    report = _load("report")
+    attention = {"card": "H100", "torch": "2.11", "command": "c", "heads": 16, "head_dim": 72, "rows": [
+        {"batch": 64, "tokens": 160, "ideal": 0.0345, "sdpa + copy": 0.08, "flex": 0.12, "triton best": "128x64 w4 s2",
+         "triton": {"128x64 w4 s2": {"ms": 0.126, "err": 0.004}, "64x64 w4 s2": {"ms": 0.149, "err": 0.004}}}]}
+    assert "| 64 x 160 | 0.0345 | 0.0800 | 0.1200 | 0.1260 (128x64 w4 s2) |" in report.short_attention_table(attention)
+    norm = {"card": "H200", "torch": "2.11", "command": "c", "rows": [
+        {"shape": [64, 288, 32, 32], "offset": 0.0, "variant": "one-pass compiled", "ms": 0.084, "tb_per_s": 0.9,
+         "rel_err": 2.6e-3},
+        {"shape": [64, 288, 32, 32], "offset": 10.0, "variant": "one-pass compiled", "ms": None, "tb_per_s": None,
+         "rel_err": 2.2e-3}]}
+    text = report.group_norm_table(norm)
+    assert "| (64, 288, 32, 32) | one-pass compiled | 0.0840 | 0.90 | 2.6e-03 / 2.2e-03 |" in text
+    assert text.count("one-pass") == 1  # the offset run only adds its error to the timed row
 
 
 def test_step_profile_compares_dit_with_masked_and_filled_dcdit(tmp_path, benchmarks):
