@@ -38,7 +38,8 @@ H100, against about 580 for the ``288 -> 288`` ones (``scaffold_ops.py``).
 with their weights cast to bf16 once (``model.to(torch.bfloat16)``; DC-DiT's fp32 router and
 de-chunk residual stay fp32), under the same autocast, each DC-DiT row against the bf16-weight
 DiT-XL/2: autocast otherwise re-casts every fp32 weight at every step, about 4 GB of memory
-traffic per DiT-XL step whatever the token count. ``--rows REGEX`` keeps only the DC-DiT rows it
+traffic per DiT-XL step whatever the token count. ``--bf16-weights-only`` keeps only those rows (no
+fp32-weight DiT-XL/2 either; the scaffold too is cast), for a run that compiles fewer graphs. ``--rows REGEX`` keeps only the DC-DiT rows it
 matches (and the DiT-XL/2 baselines), so only they compile: an XL graph takes about half a minute.
 ``--inductor KEY=VALUE`` (repeatable) sets ``torch._inductor.config.KEY`` before anything
 compiles, for every model alike (``triton.autotune_pointwise=False``, ``coordinate_descent_tuning=True``).
