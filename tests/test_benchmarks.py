@@ -238,3 +238,24 @@ def test_sample_speed_times_each_setting_of_the_sampling_recipe(tmp_path, benchm
         if model == "DC-DiT-XL":  # the budget holds in every plan mode: a quarter of the 8x8 grid
             assert r["kept_fraction"] == pytest.approx(0.25)
     assert json.loads((tmp_path / "s.json").read_text())["rows"] == result["rows"]
+
+
+def test_group_norm_candidate_sums_match_torch_under_the_triton_interpreter():
+    """benchmarks/group_norm.py's Triton kernel, run on the CPU by Triton's interpreter (set before import)."""
+    pytest.importorskip("triton")
+    code = """
+import sys; sys.path.insert(0, 'benchmarks')
+import torch, group_norm as g
+for shape in [(2, 64, 8, 8), (3, 288, 5, 7)]:
+    x = (torch.randn(shape) + 3 * torch.randn(1, shape[1], 1, 1)).contiguous(memory_format=torch.channels_last)
+    s1, s2 = g.channel_sums(x, block_hw=16, block_c=64, programs=64)  # several splits, ragged ends
+    assert s1.shape[0] == shape[0] and s1.shape[2] == shape[1] and s1.shape[1] > 1, s1.shape
+    assert torch.allclose(s1.sum(1), x.sum((2, 3)), rtol=1e-5, atol=1e-3)
+    assert torch.allclose(s2.sum(1), (x * x).sum((2, 3)), rtol=1e-5, atol=1e-2)
+print('ok')
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
