@@ -240,8 +240,9 @@ def test_sample_speed_times_each_setting_of_the_sampling_recipe(tmp_path, benchm
     assert json.loads((tmp_path / "s.json").read_text())["rows"] == result["rows"]
 
 
-def test_group_norm_candidate_sums_match_torch_under_the_triton_interpreter():
-    """benchmarks/group_norm.py's Triton kernel, run on the CPU by Triton's interpreter (set before import)."""
+def test_triton_candidates_match_torch_under_the_triton_interpreter():
+    """The Triton kernels of benchmarks/group_norm.py and short_attention.py, run on the CPU by Triton's
+    interpreter (set before import)."""
     pytest.importorskip("triton")
     code = """
 import sys; sys.path.insert(0, 'benchmarks')
@@ -252,6 +253,11 @@ for shape in [(2, 64, 8, 8), (3, 288, 5, 7)]:
     assert s1.shape[0] == shape[0] and s1.shape[2] == shape[1] and s1.shape[1] > 1, s1.shape
     assert torch.allclose(s1.sum(1), x.sum((2, 3)), rtol=1e-5, atol=1e-3)
     assert torch.allclose(s2.sum(1), (x * x).sum((2, 3)), rtol=1e-5, atol=1e-2)
+import short_attention as a
+for B, L, H, D, cfg in [(2, 37, 2, 72, a.KernelConfig(16, 16)), (1, 32, 3, 64, a.KernelConfig(16, 32))]:
+    q, k, v = torch.randn(B, L, 3, H, D).unbind(2)  # strided views, as the model's fused qkv gives them
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    assert torch.allclose(a.flash_forward(q, k, v, cfg), ref, atol=1e-5), (B, L, H, D)
 print('ok')
 """
     env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
