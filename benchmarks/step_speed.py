@@ -43,6 +43,10 @@ fp32-weight DiT-XL/2 either; the scaffold too is cast), for a run that compiles 
 matches (and the DiT-XL/2 baselines), so only they compile: an XL graph takes about half a minute.
 ``--inductor KEY=VALUE`` (repeatable) sets ``torch._inductor.config.KEY`` before anything
 compiles, for every model alike (``triton.autotune_pointwise=False``, ``coordinate_descent_tuning=True``).
+``--ab-options KEY=VALUE`` (repeatable) builds every row a second time, each model compiled with
+``torch.compile(options={KEY: VALUE, ...})``: those rows end in ``[KEY=VALUE]`` and are set against
+the DiT-XL/2 compiled the same way, so one process times an inductor setting against the default on
+the same card (with ``--rows``: twice the graphs of the rows it keeps).
 """
 
 import argparse
@@ -75,22 +79,36 @@ def save_result(out: Path | None, card: str, **fields) -> dict:
     return result
 
 
+def parse_settings(settings: list[str], flag: str) -> dict:
+    """``KEY=VALUE`` items (a dotted ``torch._inductor.config`` name, a Python literal) -> ``{KEY: VALUE}``."""
+    import torch._inductor.config as inductor_config
+
+    parsed = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} expects KEY=VALUE, got {item!r}")
+        *path, leaf = key.strip().split(".")
+        target = inductor_config
+        for part in path:
+            target = getattr(target, part, None)
+        if target is None or not hasattr(target, leaf):
+            raise SystemExit(f"torch._inductor.config has no setting {key!r}")
+        parsed[key.strip()] = ast.literal_eval(value.strip())
+    return parsed
+
+
 def set_inductor_config(settings: list[str]) -> dict:
     """Apply ``KEY=VALUE`` settings (``triton.autotune_pointwise=False``) to ``torch._inductor.config``."""
     import torch._inductor.config as inductor_config
 
-    applied = {}
-    for item in settings:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--inductor expects KEY=VALUE, got {item!r}")
-        *path, leaf = key.strip().split(".")
+    applied = parse_settings(settings, "--inductor")
+    for key, value in applied.items():
+        *path, leaf = key.split(".")
         target = inductor_config
         for part in path:
             target = getattr(target, part)
-        if not hasattr(target, leaf):
-            raise SystemExit(f"torch._inductor.config has no setting {key!r}")
-        setattr(target, leaf, applied.setdefault(key.strip(), ast.literal_eval(value.strip())))
+        setattr(target, leaf, value)
     return applied
 
 
@@ -127,6 +145,9 @@ def main(argv=None) -> dict:
                     help="cast every model's weights to bf16 once (fp32 router / de-chunk stay fp32), then autocast")
     ap.add_argument("--bf16-weights-only", action="store_true",
                     help="--bf16-weights without the fp32-weight rows (DiT-XL/2 included): fewer graphs to compile")
+    ap.add_argument("--ab-options", action="append", default=[], metavar="KEY=VALUE",
+                    help="also build every row again compiled with torch.compile(options={KEY: VALUE}) (repeatable: one "
+                         "options dict), each against the DiT-XL/2 compiled the same way: an A/B in one process")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set torch._inductor.config.KEY = VALUE (a Python literal) for every model; repeatable")
     ap.add_argument("--rows", default=None, metavar="REGEX",
@@ -146,7 +167,14 @@ def main(argv=None) -> dict:
     if args.tiny:
         batch, latent, args.reps = 2, 16, 2
     L = latent * latent
-    compile_ = (lambda m: m) if args.no_compile else (lambda m: torch.compile(m))
+    ab = parse_settings(args.ab_options, "--ab-options")
+    if ab and args.cudagraphs:
+        ap.error("--ab-options and --cudagraphs: run them separately")
+
+    def compile_(m, options=None):
+        if args.no_compile:
+            return m
+        return torch.compile(m, options=options) if options else torch.compile(m)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or args.bf16_weights)
     if args.cudagraphs and args.bf16_weights:
         ap.error("--cudagraphs and --bf16-weights: run them separately")
@@ -187,58 +215,75 @@ def main(argv=None) -> dict:
     if args.bf16_weights:  # FP32Module keeps DC-DiT's router / de-chunk residual fp32 through .to(bfloat16)
         variants = ([] if args.bf16_weights_only else variants) + [
             (f"{suffix}, bf16 weights", dict(kw, weights=torch.bfloat16)) for suffix, kw in variants]
-    with torch.no_grad(), autocast:
-        dit_fn = compile_(dit)
+    caps = {rho: bucket(L / 4 * (1 - rho)) for rho in (0.0, 0.2, 0.4)}
+    u_cap = bucket(L / 4 * 0.1)  # Lite-CFG: conditional at rho 0, unconditional at rho 0.9
+    null = torch.full_like(y, dit.null_class)
+
+    def add_cases(opts: dict | None, tag: str) -> dict:
+        """Every row compiled with ``opts`` (``tag`` ends each row name and baseline key); returns the DC models."""
+        dit_fn = compile_(dit if not opts else _dit(), opts)
         dit_flops = cf.count_flops(dit, x, t, y).per_sample
-        null = torch.full_like(y, dit.null_class)
         if not args.bf16_weights_only:
-            cases.append(("DiT-XL/2", lambda: dit_fn(x, t, y), dit_flops, L // 4, "plain"))
-            cases.append(("DiT-XL/2 CFG", lambda: (dit_fn(x, t, y), dit_fn(x, t, null)), 2 * dit_flops, L // 4, "cfg"))
+            cases.append(("DiT-XL/2" + tag, lambda: dit_fn(x, t, y), dit_flops, L // 4, "plain" + tag))
+            cases.append(("DiT-XL/2 CFG" + tag, lambda: (dit_fn(x, t, y), dit_fn(x, t, null)), 2 * dit_flops, L // 4,
+                          "cfg" + tag))
         if args.bf16_weights:
-            torch.manual_seed(0)
-            dit16_fn = compile_(cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device, torch.bfloat16).eval())
-            cases.append(("DiT-XL/2, bf16 weights", lambda: dit16_fn(x, t, y), dit_flops, L // 4, "bf16w-plain"))
-            cases.append(("DiT-XL/2 CFG, bf16 weights", lambda: (dit16_fn(x, t, y), dit16_fn(x, t, null)), 2 * dit_flops,
-                          L // 4, "bf16w-cfg"))
-        caps = {rho: bucket(L / 4 * (1 - rho)) for rho in (0.0, 0.2, 0.4)}
-        u_cap = bucket(L / 4 * 0.1)  # Lite-CFG: conditional at rho 0, unconditional at rho 0.9
+            dit16_fn = compile_(_dit().to(torch.bfloat16), opts)
+            cases.append(("DiT-XL/2, bf16 weights" + tag, lambda: dit16_fn(x, t, y), dit_flops, L // 4, "bf16w-plain" + tag))
+            cases.append(("DiT-XL/2 CFG, bf16 weights" + tag, lambda: (dit16_fn(x, t, y), dit16_fn(x, t, null)),
+                          2 * dit_flops, L // 4, "bf16w-cfg" + tag))
         models = {}
         for suffix, kw in variants:
             m = models[suffix] = dcdit(**kw)
-            m_fn = compile_(m)
+            m_fn = compile_(m, opts)
             b16 = "bf16w-" if "bf16 weights" in suffix else ""  # its DiT-XL/2 baseline
             for rho, cap in caps.items():
                 m.capacity = cap
-                cases.append((f"DC-DiT-XL rho={rho:g}{suffix}", at(m_fn, m, cap), cf.count_flops(m, x, t, y).per_sample,
-                              cap, b16 + "plain"))
+                cases.append((f"DC-DiT-XL rho={rho:g}{suffix}{tag}", at(m_fn, m, cap),
+                              cf.count_flops(m, x, t, y).per_sample, cap, b16 + "plain" + tag))
             if "bf16 routing" not in suffix or "bf16 weights" in suffix:  # DiT: the same two passes at full length
                 m.capacity = caps[0.0]
                 f_cond = cf.count_flops(m, x, t, y).per_sample
                 m.capacity = u_cap
                 f_unc = cf.count_flops(m, x, t, null).per_sample
                 cond, unc = at(m_fn, m, caps[0.0]), at(m_fn, m, u_cap, null)
-                cases.append((f"DC-DiT-XL Lite-CFG (0 / 0.9){suffix}", lambda c=cond, u=unc: (c(), u()),
-                              f_cond + f_unc, caps[0.0], b16 + "cfg"))
+                cases.append((f"DC-DiT-XL Lite-CFG (0 / 0.9){suffix}{tag}", lambda c=cond, u=unc: (c(), u()),
+                              f_cond + f_unc, caps[0.0], b16 + "cfg" + tag))
             m.capacity = caps[0.0]
         # the scaffold alone (embed, encoder, router, chunk, pack, de-chunk, decoder, final layer): its FLOP share
         # of the first variant's rho-0 step, and its time share of that step
-        first = models[variants[0][0]]
-        report = cf.count_flops(first, x, t, y)
-        blocks = sum(v for k, v in report.by_component.items() if k.startswith("backbone"))
-        scaffold_share_flops = 1 - blocks / report.total
         w16 = dict(weights=torch.bfloat16) if args.bf16_weights_only else {}
         scaffolds = [("DC-DiT-XL scaffold only", dcdit(depth=0, **w16))]
         if args.bf16_routing:
             scaffolds.append(("DC-DiT-XL scaffold only, bf16 routing", dcdit(depth=0, fp32=False, **w16)))
         for name, sc in scaffolds:
-            name += ", bf16 weights" if w16 else ""
-            cases.append((name, lambda f=compile_(sc): f(x, t, y), report.per_sample * scaffold_share_flops,
-                          caps[0.0], "bf16w-plain" if w16 else "plain"))
+            name += (", bf16 weights" if w16 else "") + tag
+            cases.append((name, lambda f=compile_(sc, opts): f(x, t, y), scaffold_flops,
+                          caps[0.0], ("bf16w-plain" if w16 else "plain") + tag))
+        return models
+
+    def _dit():
+        torch.manual_seed(0)
+        return cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval()
+
+    with torch.no_grad(), autocast:
+        first = dcdit(**variants[0][1])  # the FLOP split of the first variant's rho-0 step
+        first.capacity = caps[0.0]
+        report = cf.count_flops(first, x, t, y)
+        del first
+        blocks = sum(v for k, v in report.by_component.items() if k.startswith("backbone"))
+        scaffold_share_flops = 1 - blocks / report.total
+        scaffold_flops = report.per_sample * scaffold_share_flops
+        ab_tag = " [" + ", ".join(f"{k}={v!r}" for k, v in ab.items()) + "]" if ab else ""
+        models = add_cases(None, "")
+        if ab:
+            add_cases(ab, ab_tag)
+        first = models[variants[0][0]]
         dc = first
         if args.cudagraphs and device.type == "cuda":  # static shapes in fixed mode: one graph per capacity
             dc.capacity = caps[0.0]
             graphed = {name: torch.compile(m, mode="reduce-overhead") for name, m in (("dit", dit), ("dc", dc))}
-            cases.append(("DiT-XL/2 CUDA graphs", lambda: graphed["dit"](x, t, y).clone(), dit_flops, L // 4, "graphs"))
+            cases.append(("DiT-XL/2 CUDA graphs", lambda: graphed["dit"](x, t, y).clone(), cases[0][2], L // 4, "graphs"))
             cases.append(("DC-DiT-XL rho=0 CUDA graphs", lambda: graphed["dc"](x, t, y).clone(),  # replays overwrite
                           cases[2][2], caps[0.0], "graphs"))
         # every case compiled and warm first, then timed in interleaved rounds (median per case), so clock
@@ -258,8 +303,10 @@ def main(argv=None) -> dict:
                 for name, _, flops, kept, base in cases]
 
     by_name = {r["row"]: r for r in rows}
-    base = {"plain": by_name.get("DiT-XL/2"), "cfg": by_name.get("DiT-XL/2 CFG"), "graphs": by_name.get("DiT-XL/2 CUDA graphs"),
-            "bf16w-plain": by_name.get("DiT-XL/2, bf16 weights"), "bf16w-cfg": by_name.get("DiT-XL/2 CFG, bf16 weights")}
+    base = {key + tag: by_name.get(row + tag) for tag in ("", ab_tag) for key, row in (
+        ("plain", "DiT-XL/2"), ("cfg", "DiT-XL/2 CFG"), ("bf16w-plain", "DiT-XL/2, bf16 weights"),
+        ("bf16w-cfg", "DiT-XL/2 CFG, bf16 weights"))}
+    base["graphs"] = by_name.get("DiT-XL/2 CUDA graphs")
     for r in rows:
         ref = base[r.get("base", "plain")]
         r["measured_speedup"] = ref["ms"] / r["ms"]
@@ -275,11 +322,19 @@ def main(argv=None) -> dict:
     time_share = share(f"DC-DiT-XL scaffold only{w16}", f"DC-DiT-XL rho=0{variants[0][0]}")  # None if --rows dropped either
     low = [suffix for suffix, _ in variants if "bf16 routing" in suffix]
     low_share = share(f"DC-DiT-XL scaffold only, bf16 routing{w16}", f"DC-DiT-XL rho=0{low[0]}") if low else None
+    ab_shares = {}  # the same two shares among the --ab-options rows
+    if ab:
+        ab_shares = {"scaffold_time_share": share(f"DC-DiT-XL scaffold only{w16}{ab_tag}",
+                                                  f"DC-DiT-XL rho=0{variants[0][0]}{ab_tag}"),
+                     "scaffold_time_share_bf16_routing": share(f"DC-DiT-XL scaffold only, bf16 routing{w16}{ab_tag}",
+                                                               f"DC-DiT-XL rho=0{low[0]}{ab_tag}") if low else None}
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{card}, torch {torch.__version__}, {args.size}px (latent {latent}x{latent}), batch {batch}, "
           f"{'eager' if args.no_compile else 'torch.compile'}, bf16 autocast"
           f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}"
-          f"{''.join(f', inductor {k}={v!r}' for k, v in inductor.items())}; median of {args.rounds} interleaved rounds"
+          f"{''.join(f', inductor {k}={v!r}' for k, v in inductor.items())}"
+          f"{f'; rows ending in {ab_tag.strip()} compiled with those options' if ab else ''}"
+          f"; median of {args.rounds} interleaved rounds"
           f"{'; filled: fill_capacity=True, attention unmasked' if args.fill_capacity else ''}")
     print(f"{'row':<50}{'kept':>6}{'ms':>9}{'GFLOPs':>9}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}")
     for r in rows:
@@ -291,12 +346,15 @@ def main(argv=None) -> dict:
     if low_share is not None:
         print(f"scaffold with bf16 routing: {low_share:.1%} of the rho=0{low[0]} step's time "
               f"({low_share / scaffold_share_flops:.2f}x its share)")
+    for key, value in ab_shares.items():
+        if value is not None:
+            print(f"{ab_tag.strip()} {key.replace('_', ' ')}: {value:.1%} ({value / scaffold_share_flops:.2f}x its share)")
     return save_result(args.out, card, size=args.size, batch=batch, compiled=not args.no_compile,
                        fill_capacity=args.fill_capacity, cudnn_benchmark=args.cudnn_benchmark, rounds=args.rounds,
                        masked=not args.no_masked, rows=rows, scaffold_time_share=time_share,
                        scaffold_flop_share=scaffold_share_flops, bf16_routing=args.bf16_routing,
                        scaffold_time_share_bf16_routing=low_share, bf16_weights=args.bf16_weights,
-                       inductor_config=inductor)
+                       inductor_config=inductor, ab_options=ab, ab_tag=ab_tag, ab_shares=ab_shares)
 
 
 if __name__ == "__main__":

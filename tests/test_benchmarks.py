@@ -173,6 +173,17 @@ def test_step_speed_rows_and_scaffold_share(tmp_path, benchmarks):
     assert b["scaffold_time_share"] is None and b["scaffold_time_share_bf16_routing"] > 0
     report = _load("report")
     assert "Scaffold alone, bf16 routing:" in report.step_table(b)
+    # --ab-options: every row again, compiled with those options, against the DiT-XL/2 compiled the same way
+    ab = step_speed.main(["--tiny", "--no-compile", "--no-masked", "--fill-capacity", "--bf16-weights-only",
+                          "--rounds", "1", "--rows", "rho=0.4", "--ab-options", "max_autotune_pointwise=True"])
+    tag = " [max_autotune_pointwise=True]"
+    names = rows_of(ab)
+    assert {"DiT-XL/2, bf16 weights" + tag, "DC-DiT-XL rho=0.4 filled, bf16 weights" + tag} <= set(names)
+    assert len(names) == 6 and ab["ab_options"] == {"max_autotune_pointwise": True}
+    tagged = {r["row"]: r for r in ab["rows"]}["DC-DiT-XL rho=0.4 filled, bf16 weights" + tag]
+    assert tagged["base"] == "bf16w-plain" + tag
+    with pytest.raises(SystemExit, match="no setting"):
+        step_speed.main(["--tiny", "--no-compile", "--fill-capacity", "--ab-options", "no_such_knob=1"])
     with pytest.raises(SystemExit, match="no setting"):
         step_speed.main(["--tiny", "--no-compile", "--inductor", "no_such_knob=1"])
     with pytest.raises(SystemExit):
