@@ -23,6 +23,7 @@ from .grid import grid_coords, sincos_embed, to_grid, to_tokens
 from .hostsync import count_host_syncs
 from .models import DCDiT, DiT, create_model, list_models, load_weights, save_pretrained
 from .plan import ChunkPlan, nearest_kept
+from .precision import set_fp32_router_dechunk
 from .routing import Router, RouterOutput
 from .scaffold import ChunkEncoder, DeChunkDecoder, FinalLayer, ResBlock
 from .wrapping import ChunkWrapper, summary, unwrap, wrap
@@ -72,4 +73,5 @@ __all__ = [
     "register_adapter",
     "merging",
     "StepCache",
+    "set_fp32_router_dechunk",
 ]

@@ -4,7 +4,8 @@ DC-DiT runs its router and the de-chunk residual in fp32 (with autocast off) bec
 a boundary decision flips on tiny changes of ``p`` near 0.5. ``model.to(torch.bfloat16)``
 or ``model.half()`` would silently cast them too; :class:`FP32Module` casts its floating
 parameters and buffers back after every such conversion (like diffusers'
-``_keep_in_fp32_modules``). :class:`RMSNorm` is the other way round: its fp32 weight
+``_keep_in_fp32_modules``). :func:`set_fp32_router_dechunk` switches that policy on a built (or
+loaded) model, as ``fp32_router_dechunk=`` does at construction. :class:`RMSNorm` is the other way round: its fp32 weight
 follows bf16 activations under autocast, which ``torch.autocast`` does not do for it.
 """
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FP32Module", "RMSNorm"]
+__all__ = ["FP32Module", "RMSNorm", "set_fp32_router_dechunk"]
 
 
 class RMSNorm(nn.RMSNorm):
@@ -41,3 +42,30 @@ class FP32Module(nn.Module):
             return t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
 
         return super()._apply(to_fp32, recurse)
+
+
+def set_fp32_router_dechunk(model: nn.Module, enabled: bool) -> int:
+    """Run every router and de-chunk in ``model`` in fp32 with autocast off (``True``, DC-DiT's policy)
+    or under the caller's autocast (``False``: bf16 GEMMs, about 0.5-0.7 ms less per DC-DiT-XL step on
+    an H100; ``p`` moves by about bf16's rounding). What ``fp32_router_dechunk=`` sets at construction,
+    for a model already built or loaded; a captured ``config`` is updated to match. Weights stay fp32
+    either way. Returns the number of layers switched; raises if ``model`` has none.
+
+        import chunkformer as cf
+        model = cf.create_model("DC-DiT-S", input_size=16, depth=1)
+        assert cf.set_fp32_router_dechunk(model, False) == 2 and model.config["fp32_router_dechunk"] is False
+    """
+    from .routing import Router  # here, not at the top: both modules import this one
+    from .scaffold import DeChunkDecoder
+
+    layers = [m for m in model.modules() if isinstance(m, (Router, DeChunkDecoder))]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Router or DeChunkDecoder: only DC-DiT models and "
+                         "chunkformer.wrap(...) models route and de-chunk")
+    for layer in layers:
+        layer.fp32 = bool(enabled)
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if isinstance(config, dict) and "fp32_router_dechunk" in config:
+            config["fp32_router_dechunk"] = bool(enabled)
+    return len(layers)

@@ -5,6 +5,7 @@
         --sampler ddim --steps 50 --guidance 1.5 --uncond-rho 0.9 --rho 0.2 --out samples/run-rho0.2
     torchrun --nproc_per_node 8 -m recipes.sample --ckpt ... --num-samples 50000   # each rank a share, merged on rank 0
     python -m recipes.sample --ckpt ... --precision bf16 --capacity 256 --fill --compile      # fast sampling on a GPU
+    python -m recipes.sample --ckpt ... --precision bf16 --bf16-routing --capacity 256 --fill --compile   # fastest
 
 ``--ckpt`` takes a run folder (its newest checkpoint), a checkpoint file, or a
 ``save_pretrained`` directory. EMA weights are used unless ``--no-ema``. Writes
@@ -16,7 +17,9 @@ Speed (docs/performance.md has the figures): ``--precision bf16`` casts the weig
 (DC-DiT's fp32 router and de-chunk stay fp32) and samples under bf16 autocast; ``--capacity N``
 samples a DC-DiT with fixed-capacity plans (at most ``N`` tokens per sample, static shapes, no
 host sync; ``--fill``: exactly ``N``, attention without a mask); ``--compile`` compiles the model
-once (it needs those static shapes for a DC-DiT).
+once (it needs those static shapes for a DC-DiT). ``--bf16-routing`` (with ``--precision bf16``) runs
+the router and de-chunk under the bf16 autocast too, instead of DC-DiT's fp32
+(:func:`chunkformer.set_fp32_router_dechunk`): the serving configuration of docs/performance.md.
 """
 
 import argparse
@@ -101,12 +104,16 @@ def main(argv=None) -> dict:
     p.add_argument("--class-label", type=int, default=None, help="sample one class only")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: weights cast once (fp32 router / de-chunk kept), bf16 autocast")
+    p.add_argument("--bf16-routing", action="store_true",
+                   help="with --precision bf16: router and de-chunk under bf16 autocast too (DC-DiT: fp32)")
     p.add_argument("--capacity", type=int, default=None,
                    help="DC-DiT: fixed-capacity plans of at most N tokens per sample (static shapes)")
     p.add_argument("--fill", action="store_true", help="with --capacity: every sample keeps exactly N tokens")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (DC-DiT: needs --capacity)")
     args = p.parse_args(argv)
 
+    if args.bf16_routing and args.precision != "bf16":
+        p.error("--bf16-routing needs --precision bf16 (in fp32 the router and de-chunk run fp32 either way)")
     d = init_distributed()
     model, diffusion, cfg, path = load_for_sampling(args.ckpt, ema=not args.no_ema, device=d.device)
     set_serving_plan(model, args.capacity, fill=args.fill)
@@ -114,6 +121,8 @@ def main(argv=None) -> dict:
         check_compilable(model)  # before any work: a packed DC-DiT would recompile at every step
     if args.precision == "bf16":
         model.to(torch.bfloat16)  # FP32Module keeps DC-DiT's router and de-chunk residual in fp32
+    if args.bf16_routing:
+        cf.set_fp32_router_dechunk(model, False)  # raises for a model that does not route
     sampler = args.sampler or (cfg.diffusion.sampler if cfg else "ddpm")
     steps = args.steps or (cfg.diffusion.sample_steps if cfg else 250)
     num_classes = model.num_classes
@@ -152,7 +161,8 @@ def main(argv=None) -> dict:
         "checkpoint": str(path), "ema": not args.no_ema, "sampler": sampler, "steps": steps,
         "guidance": args.guidance, "rho": args.rho, "uncond_rho": args.uncond_rho, "seed": args.seed,
         "merge_ratio": args.merge_ratio, "cache_threshold": args.cache_threshold,
-        "precision": args.precision, "capacity": args.capacity, "fill": args.fill, "compile": args.compile,
+        "precision": args.precision, "bf16_routing": args.bf16_routing, "capacity": args.capacity, "fill": args.fill,
+        "compile": args.compile,
         "skipped_steps": float(np.mean([q["skipped"] for q in parts])),
         "num_samples": args.num_samples, "world_size": d.world,
         "kept_fraction": float(np.mean([q["kept"] for q in parts])),

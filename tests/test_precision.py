@@ -102,3 +102,24 @@ def test_a_bf16_cast_model_runs_without_autocast_and_reports_the_flag():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert "fp32=False" in repr(low.router) and low.config["fp32_router_dechunk"] is False
     assert "fp32" not in repr(strict.router)
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16), enabled=st.booleans())
+def test_switching_a_built_model_equals_building_it_that_way(seed, enabled):
+    """set_fp32_router_dechunk on a built model gives the model the flag builds (outputs under bf16 autocast,
+    the captured config), and switching back restores it."""
+    strict, low = pair()
+    built, other = (strict, low) if enabled else (low, strict)
+    assert cf.set_fp32_router_dechunk(other, enabled) == 2  # the router and the decoder
+    assert other.config["fp32_router_dechunk"] is enabled
+    x, t, y = inputs(seed)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(other(x, t, y), built(x, t, y))
+        cf.set_fp32_router_dechunk(other, not enabled)
+        assert not torch.equal(other(x, t, y), built(x, t, y))  # the flag is read at every forward
+
+
+def test_switching_needs_a_model_that_routes():
+    with pytest.raises(ValueError, match="no Router or DeChunkDecoder"):
+        cf.set_fp32_router_dechunk(cf.create_model("DiT-S/2", input_size=8, depth=1), False)

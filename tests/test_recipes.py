@@ -185,16 +185,21 @@ def test_sampling_is_deterministic_for_a_seed_and_records_settings(tmp_path):
     assert fast["merge_ratio"] == 0.5 and fast["skipped_steps"] == 1  # steps 0 and 2 always run
     stem = tmp_path / "served"  # the serving settings: bf16 weights, fixed capacity, filled plans
     res = subprocess.run([sys.executable, "-m", "recipes.sample", "--ckpt", str(run), "--num-samples", "6", "--steps", "3",
-                          "--seed", "7", "--precision", "bf16", "--capacity", "64", "--fill", "--out", str(stem)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          "--seed", "7", "--precision", "bf16", "--bf16-routing", "--capacity", "64", "--fill",
+                          "--out", str(stem)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     served = json.loads((tmp_path / "served.json").read_text())
     assert served["precision"] == "bf16" and served["capacity"] == 64 and served["fill"] is True
+    assert served["bf16_routing"] is True
     assert served["kept_fraction"] == pytest.approx(64 / 256)  # exactly the capacity of the 16x16 (space-to-depth) grid
     res = subprocess.run([sys.executable, "-m", "recipes.sample", "--ckpt", str(run), "--num-samples", "2", "--steps", "1",
                           "--compile", "--out", str(tmp_path / "no")], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode != 0 and "--capacity" in res.stderr  # a packed DC-DiT would recompile every step
+    from recipes import sample
+
+    with pytest.raises(SystemExit):  # bf16 routing without bf16 autocast would change nothing: refused up front
+        sample.main(["--ckpt", str(run), "--bf16-routing"])
 
 
 def test_dry_run_prints_params_and_flops(tmp_path):
