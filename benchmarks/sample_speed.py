@@ -9,7 +9,8 @@ copied to the host) for DiT-XL/2 and DC-DiT-XL at 256px, batch 64, under each se
 * the defaults: fp32, eager; DC-DiT with packed plans (the recipe's);
 * ``--precision bf16``: weights cast to bf16 once, bf16 autocast;
 * ``--precision bf16 --capacity N --fill`` (DC-DiT): fixed-capacity plans, exactly N tokens;
-* the same with ``--compile`` (DiT-XL/2: ``--precision bf16 --compile``).
+* the same with ``--compile`` (DiT-XL/2: ``--precision bf16 --compile``);
+* the same with ``--bf16-routing`` (DC-DiT: router and de-chunk under the bf16 autocast too).
 
 The DC-DiT router is biased to keep every token, and the budget is a quarter of the grid
 (``capacity = L / 4``, an upper bound for packed plans), so every DC-DiT row sees 256 tokens per
@@ -34,12 +35,14 @@ from recipes.sample import set_serving_plan  # noqa: E402
 from recipes.sampling import generate  # noqa: E402
 from step_speed import save_result  # noqa: E402
 
-SETTINGS = {  # name: (bf16, fixed-capacity filled plans, compile, the DiT-XL/2 row it is set against)
-    "fp32, eager (defaults)": (False, False, False, "fp32, eager (defaults)"),
-    "bf16": (True, False, False, "bf16"),
-    "bf16, compiled": (True, False, True, "bf16, compiled"),  # DiT-XL/2 only: packed plans do not compile
-    "bf16, fixed capacity, filled": (True, True, False, "bf16"),
-    "bf16, fixed capacity, filled, compiled": (True, True, True, "bf16, compiled"),
+SETTINGS = {  # name: (bf16, fixed-capacity filled plans, compile, bf16 routing, the DiT-XL/2 row it is set against)
+    "fp32, eager (defaults)": (False, False, False, False, "fp32, eager (defaults)"),
+    "bf16": (True, False, False, False, "bf16"),
+    "bf16, compiled": (True, False, True, False, "bf16, compiled"),  # DiT-XL/2 only: packed plans do not compile
+    "bf16, fixed capacity, filled": (True, True, False, False, "bf16"),
+    "bf16, fixed capacity, filled, compiled": (True, True, True, False, "bf16, compiled"),
+    "bf16 + bf16 routing, fixed capacity, filled": (True, True, False, True, "bf16"),  # DC-DiT only
+    "bf16 + bf16 routing, fixed capacity, filled, compiled": (True, True, True, True, "bf16, compiled"),
 }
 
 
@@ -62,7 +65,7 @@ def main(argv=None) -> dict:
     L = latent * latent
     diffusion = create_diffusion("flow", learn_sigma=False)
 
-    def build(name: str, bf16: bool, fixed: bool):
+    def build(name: str, bf16: bool, fixed: bool, low_routing: bool):
         torch.manual_seed(0)
         if name == "DiT-XL/2":
             model = cf.create_model(name, input_size=latent, learn_sigma=False, **sizes)
@@ -71,16 +74,17 @@ def main(argv=None) -> dict:
             torch.nn.init.constant_(model.router.scorer[-1].bias, 30.0)  # keep everything: the capacity cuts
             if fixed:
                 set_serving_plan(model, L // 4, fill=True)
+            cf.set_fp32_router_dechunk(model, not low_routing)
         model = model.to(device).eval()
         return model.to(torch.bfloat16) if bf16 else model
 
     rows = []
     for name in ("DiT-XL/2", "DC-DiT-XL"):
-        for setting, (bf16, fixed, compile_, _) in SETTINGS.items():
+        for setting, (bf16, fixed, compile_, low_routing, _) in SETTINGS.items():
             dit = name == "DiT-XL/2"
-            if (dit and fixed) or (not dit and compile_ and not fixed) or (compile_ and args.no_compile):
+            if (dit and (fixed or low_routing)) or (not dit and compile_ and not fixed) or (compile_ and args.no_compile):
                 continue
-            model = build(name, bf16, fixed)
+            model = build(name, bf16, fixed, low_routing)
             kw = dict(num=args.num, shape=(4, latent, latent), num_classes=1000, device=device, sampler="euler",
                       steps=args.steps, batch_size=args.batch, autocast=torch.bfloat16 if bf16 else None,
                       compile=compile_)
@@ -102,15 +106,15 @@ def main(argv=None) -> dict:
 
     for r in rows:
         r["speedup_vs_defaults"] = r["images_per_s"] / find(r["model"], "fp32, eager (defaults)")["images_per_s"]
-        dit = find("DiT-XL/2", SETTINGS[r["setting"]][3])
+        dit = find("DiT-XL/2", SETTINGS[r["setting"]][-1])
         r["dit_setting"] = dit["setting"]  # (present: a DC-DiT row is compiled only when DiT-XL/2's is)
         r["speedup_vs_dit"] = r["images_per_s"] / dit["images_per_s"]
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{card}, torch {torch.__version__}, {latent * 8}px (latent {latent}x{latent}), batch {args.batch}, "
           f"{args.num} images x {args.steps} Euler steps, no guidance")
-    print(f"{'model':<11}{'setting':<42}{'images/s':>10}{'vs defaults':>13}{'vs DiT':>8}{'TFLOPs/img':>12}")
+    print(f"{'model':<11}{'setting':<56}{'images/s':>10}{'vs defaults':>13}{'vs DiT':>8}{'TFLOPs/img':>12}")
     for r in rows:
-        print(f"{r['model']:<11}{r['setting']:<42}{r['images_per_s']:>10.2f}{r['speedup_vs_defaults']:>13.2f}"
+        print(f"{r['model']:<11}{r['setting']:<56}{r['images_per_s']:>10.2f}{r['speedup_vs_defaults']:>13.2f}"
               f"{r['speedup_vs_dit']:>8.2f}{r['tflops_per_image']:>12.3f}")
     return save_result(args.out, card, batch=args.batch, num=args.num, steps=args.steps, latent=latent, rows=rows)
 

@@ -242,8 +242,10 @@ def test_sample_speed_times_each_setting_of_the_sampling_recipe(tmp_path, benchm
     rows = {(r["model"], r["setting"]): r for r in result["rows"]}
     assert set(rows) == {("DiT-XL/2", "fp32, eager (defaults)"), ("DiT-XL/2", "bf16"),
                          ("DC-DiT-XL", "fp32, eager (defaults)"), ("DC-DiT-XL", "bf16"),
-                         ("DC-DiT-XL", "bf16, fixed capacity, filled")}
+                         ("DC-DiT-XL", "bf16, fixed capacity, filled"),
+                         ("DC-DiT-XL", "bf16 + bf16 routing, fixed capacity, filled")}
     assert rows[("DC-DiT-XL", "bf16, fixed capacity, filled")]["dit_setting"] == "bf16"
+    assert rows[("DC-DiT-XL", "bf16 + bf16 routing, fixed capacity, filled")]["dit_setting"] == "bf16"
     for (model, _), r in rows.items():
         assert r["images_per_s"] > 0 and r["tflops_per_image"] > 0
         if model == "DC-DiT-XL":  # the budget holds in every plan mode: a quarter of the 8x8 grid
