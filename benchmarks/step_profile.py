@@ -11,6 +11,10 @@ step is summed into classes by kernel name (attention, GEMM, convolution, Triton
 elementwise / reductions, sort, copies and other), and the top kernels where the two DC-DiT
 variants differ most are listed, so a row of ``step_speed.py`` that misses its FLOP
 prediction can be traced to the kernels that cost more than their FLOPs.
+
+``--serving``: the serving configuration instead (every model's weights cast to bf16 once; DC-DiT
+filled, with its fp32 router and de-chunk and then with both under the autocast, ``bf16
+routing``), the listed kernels being those where the two routing precisions differ most.
 """
 
 import argparse
@@ -70,6 +74,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--scaffold", action="store_true",
                     help="also profile the scaffold alone (filled, no blocks) and list its heaviest kernels")
+    ap.add_argument("--serving", action="store_true",
+                    help="bf16 weights everywhere; DC-DiT filled with fp32 and with bf16 routing (instead of masked / filled)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if not 0.0 <= args.rho < 1.0:
@@ -97,13 +103,21 @@ def main(argv=None) -> dict:
         return m
 
     torch.manual_seed(0)
-    models = {"DiT-XL/2": cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval(),
-              f"DC-DiT-XL rho={args.rho:g}": dcdit(False),
-              f"DC-DiT-XL rho={args.rho:g} filled": dcdit(True)}
+    dit = cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval()
+    rho = f"rho={args.rho:g}"
+    if args.serving:  # FP32Module keeps the fp32 router / de-chunk residual weights fp32 through the cast
+        models = {"DiT-XL/2, bf16 weights": dit.to(torch.bfloat16),
+                  f"DC-DiT-XL {rho} filled, bf16 weights": dcdit(True).to(torch.bfloat16),
+                  f"DC-DiT-XL {rho} filled, bf16 weights + routing": dcdit(True, fp32_router_dechunk=False).to(
+                      torch.bfloat16)}
+    else:
+        models = {"DiT-XL/2": dit, f"DC-DiT-XL {rho}": dcdit(False), f"DC-DiT-XL {rho} filled": dcdit(True)}
+    scaffold = "scaffold only, filled" + (", bf16 weights + routing" if args.serving else "")
     if args.scaffold:  # embed, encoder, router, chunk, pack, de-chunk, decoder, final layer: no blocks
-        models["scaffold only, filled"] = dcdit(True, depth=0)
+        models[scaffold] = (dcdit(True, depth=0, fp32_router_dechunk=False).to(torch.bfloat16) if args.serving
+                            else dcdit(True, depth=0))
     results = {}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda or args.serving)  # bf16 weights need it
     with torch.no_grad(), autocast:
         for name, m in models.items():
             fn = torch.compile(m) if cuda else m
@@ -127,22 +141,24 @@ def main(argv=None) -> dict:
     print(f"{'GPU total':<18}" + "".join(f"{results[n]['gpu_ms']:>26.2f}" for n in names))
     print(f"{'wall':<18}" + "".join(f"{results[n]['ms']:>26.2f}" for n in names))
     print(f"{'GFLOPs / sample':<18}" + "".join(f"{results[n]['gflops']:>26.1f}" for n in names))
-    masked, filled = (results[n]["by_kernel"] for n in names[1:3])
+    masked, filled = (results[n]["by_kernel"] for n in names[1:3])  # --serving: fp32 / bf16 routing
+    a, b = ("fp32 routing", "bf16 routing") if args.serving else ("masked", "filled")
     diff = sorted(set(masked) | set(filled), key=lambda k: -abs(filled.get(k, 0.0) - masked.get(k, 0.0)))
     top = [{"kernel": k, "masked_ms": masked.get(k, 0.0), "filled_ms": filled.get(k, 0.0)} for k in diff[: args.top]]
     if top:
-        print("\nkernels where filled and masked differ most (ms per step): masked / filled")
+        print(f"\nkernels where {b} and {a} differ most (ms per step): {a} / {b}")
         for r in top:
             print(f"{r['masked_ms']:>8.3f} {r['filled_ms']:>8.3f}  {r['kernel'][:110]}")
     if args.scaffold:
-        kernels = sorted(results["scaffold only, filled"]["by_kernel"].items(), key=lambda kv: -kv[1])
+        kernels = sorted(results[scaffold]["by_kernel"].items(), key=lambda kv: -kv[1])
         print("\nthe scaffold's heaviest kernels (ms per step, class):")
         for k, v in kernels[: 2 * args.top]:
             print(f"{v:>8.3f}  {kernel_class(k):<14}{k[:100]}")
     for r in results.values():  # keep the JSON small: the top kernels per model only
         r["by_kernel"] = dict(sorted(r["by_kernel"].items(), key=lambda kv: -kv[1])[: 3 * args.top])
     return save_result(args.out, card, size=args.size, batch=batch, rho=args.rho, capacity=capacity,
-                       models=results, filled_vs_masked=top)
+                       serving=args.serving, models=results,
+                       **({"bf16_vs_fp32_routing": top} if args.serving else {"filled_vs_masked": top}))
 
 
 if __name__ == "__main__":

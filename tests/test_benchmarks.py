@@ -225,6 +225,11 @@ def test_step_profile_compares_dit_with_masked_and_filled_dcdit(tmp_path, benchm
     assert step_profile.kernel_class("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "gemm"
     with pytest.raises(SystemExit):
         step_profile.main(["--tiny", "--rho", "1.0"])
+    serving = step_profile.main(["--tiny", "--rho", "0.2", "--serving", "--scaffold"])  # bf16 weights everywhere
+    assert list(serving["models"]) == ["DiT-XL/2, bf16 weights", "DC-DiT-XL rho=0.2 filled, bf16 weights",
+                                       "DC-DiT-XL rho=0.2 filled, bf16 weights + routing",
+                                       "scaffold only, filled, bf16 weights + routing"]
+    assert "bf16_vs_fp32_routing" in serving and serving["serving"] is True
 
 
 def test_scaffold_ops_times_every_form_and_measures_its_error(tmp_path, benchmarks):
