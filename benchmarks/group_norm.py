@@ -45,31 +45,35 @@ def module_gn(norm: torch.nn.GroupNorm):
     return lambda x: F.silu(norm(x)).to(x.dtype)  # the cast autocast puts before the next conv
 
 
+def _normalise(x, mean_g, var_g, weight, bias):
+    """SiLU of x normalised by per-(sample, group) ``mean_g`` / ``var_g`` ``(B, G)``, then affine; x's dtype."""
+    k = x.shape[1] // GROUPS
+    scale = weight * torch.rsqrt(var_g + EPS).repeat_interleave(k, 1)  # (B, C)
+    shift = bias - mean_g.repeat_interleave(k, 1) * scale
+    return F.silu(x.float() * scale[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
+
+
+def _from_moments(x, m1, m2, weight, bias):
+    """One-pass statistics: group means of x (``m1``) and of x^2 (``m2``), ``(B, G)``."""
+    return _normalise(x, m1, (m2 - m1 * m1).clamp_min(0), weight, bias)
+
+
 def two_pass(weight, bias):
     def f(x):
-        B, C = x.shape[:2]
         xf = x.float()
-        mean_c = reduce(xf, "b c h w -> b c", "mean")
-        mean_g = reduce(mean_c, "b (g k) -> b g", "mean", g=GROUPS).repeat_interleave(C // GROUPS, 1)  # (B, C)
-        var_c = reduce((xf - mean_g[:, :, None, None]) ** 2, "b c h w -> b c", "mean")
-        var_g = reduce(var_c, "b (g k) -> b g", "mean", g=GROUPS).repeat_interleave(C // GROUPS, 1)
-        scale = weight * torch.rsqrt(var_g + EPS)  # (B, C)
-        shift = bias - mean_g * scale
-        return F.silu(xf * scale[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
+        mean_g = reduce(reduce(xf, "b c h w -> b c", "mean"), "b (g k) -> b g", "mean", g=GROUPS)
+        centred = xf - mean_g.repeat_interleave(x.shape[1] // GROUPS, 1)[:, :, None, None]
+        var_g = reduce(reduce(centred ** 2, "b c h w -> b c", "mean"), "b (g k) -> b g", "mean", g=GROUPS)
+        return _normalise(x, mean_g, var_g, weight, bias)
     return f
 
 
 def one_pass(weight, bias):
     def f(x):
-        B, C = x.shape[:2]
         xf = x.float()
         m1 = reduce(reduce(xf, "b c h w -> b c", "mean"), "b (g k) -> b g", "mean", g=GROUPS)
         m2 = reduce(reduce(xf * xf, "b c h w -> b c", "mean"), "b (g k) -> b g", "mean", g=GROUPS)
-        mean_g = m1.repeat_interleave(C // GROUPS, 1)
-        var_g = (m2 - m1 * m1).clamp_min(0).repeat_interleave(C // GROUPS, 1)
-        scale = weight * torch.rsqrt(var_g + EPS)
-        shift = bias - mean_g * scale
-        return F.silu(xf * scale[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
+        return _from_moments(x, m1, m2, weight, bias)
     return f
 
 
@@ -113,15 +117,10 @@ def channel_sums(x: torch.Tensor, block_hw: int = 32, block_c: int = 128, progra
 def triton_sums(weight, bias):
     @torch.compile
     def finish(x, s1, s2):
-        B, C = x.shape[:2]
-        n = x.numel() // B // GROUPS  # elements per group
+        n = x.numel() // x.shape[0] // GROUPS  # elements per group
         m1 = reduce(s1, "b s (g k) -> b g", "sum", g=GROUPS) / n
         m2 = reduce(s2, "b s (g k) -> b g", "sum", g=GROUPS) / n
-        mean_g = m1.repeat_interleave(C // GROUPS, 1)
-        var_g = (m2 - m1 * m1).clamp_min(0).repeat_interleave(C // GROUPS, 1)
-        scale = weight * torch.rsqrt(var_g + EPS)
-        shift = bias - mean_g * scale
-        return F.silu(x.float() * scale[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
+        return _from_moments(x, m1, m2, weight, bias)
 
     def f(x):
         if not x.is_contiguous(memory_format=torch.channels_last):

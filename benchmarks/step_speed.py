@@ -88,14 +88,19 @@ def parse_settings(settings: list[str], flag: str) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"{flag} expects KEY=VALUE, got {item!r}")
-        *path, leaf = key.strip().split(".")
-        target = inductor_config
-        for part in path:
-            target = getattr(target, part, None)
+        target, leaf = _config_slot(inductor_config, key.strip())
         if target is None or not hasattr(target, leaf):
             raise SystemExit(f"torch._inductor.config has no setting {key!r}")
         parsed[key.strip()] = ast.literal_eval(value.strip())
     return parsed
+
+
+def _config_slot(config, key: str):
+    """``"triton.autotune_pointwise"`` -> (``config.triton``, ``"autotune_pointwise"``); None where a part is missing."""
+    *path, leaf = key.split(".")
+    for part in path:
+        config = getattr(config, part, None)
+    return config, leaf
 
 
 def set_inductor_config(settings: list[str]) -> dict:
@@ -104,11 +109,7 @@ def set_inductor_config(settings: list[str]) -> dict:
 
     applied = parse_settings(settings, "--inductor")
     for key, value in applied.items():
-        *path, leaf = key.split(".")
-        target = inductor_config
-        for part in path:
-            target = getattr(target, part)
-        setattr(target, leaf, value)
+        setattr(*_config_slot(inductor_config, key), value)
     return applied
 
 
@@ -183,8 +184,11 @@ def main(argv=None) -> dict:
     x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    torch.manual_seed(0)
-    dit = cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval()
+    def _dit():
+        torch.manual_seed(0)
+        return cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval()
+
+    dit = _dit()
 
     def dcdit(depth=None, fill=False, fp32=True, weights=torch.float32):
         torch.manual_seed(0)
@@ -222,7 +226,6 @@ def main(argv=None) -> dict:
     def add_cases(opts: dict | None, tag: str) -> dict:
         """Every row compiled with ``opts`` (``tag`` ends each row name and baseline key); returns the DC models."""
         dit_fn = compile_(dit if not opts else _dit(), opts)
-        dit_flops = cf.count_flops(dit, x, t, y).per_sample
         if not args.bf16_weights_only:
             cases.append(("DiT-XL/2" + tag, lambda: dit_fn(x, t, y), dit_flops, L // 4, "plain" + tag))
             cases.append(("DiT-XL/2 CFG" + tag, lambda: (dit_fn(x, t, y), dit_fn(x, t, null)), 2 * dit_flops, L // 4,
@@ -251,7 +254,11 @@ def main(argv=None) -> dict:
                               f_cond + f_unc, caps[0.0], b16 + "cfg" + tag))
             m.capacity = caps[0.0]
         # the scaffold alone (embed, encoder, router, chunk, pack, de-chunk, decoder, final layer): its FLOP share
-        # of the first variant's rho-0 step, and its time share of that step
+        # of the first variant's rho-0 step (each model is left at capacity caps[0]), and its time share of that step
+        report = cf.count_flops(models[variants[0][0]], x, t, y)
+        blocks = sum(v for k, v in report.by_component.items() if k.startswith("backbone"))
+        flop_share[0] = 1 - blocks / report.total
+        scaffold_flops = report.per_sample * flop_share[0]
         w16 = dict(weights=torch.bfloat16) if args.bf16_weights_only else {}
         scaffolds = [("DC-DiT-XL scaffold only", dcdit(depth=0, **w16))]
         if args.bf16_routing:
@@ -262,24 +269,15 @@ def main(argv=None) -> dict:
                           caps[0.0], ("bf16w-plain" if w16 else "plain") + tag))
         return models
 
-    def _dit():
-        torch.manual_seed(0)
-        return cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval()
-
+    flop_share = [None]  # the scaffold's FLOP share of the rho-0 step, set by add_cases
     with torch.no_grad(), autocast:
-        first = dcdit(**variants[0][1])  # the FLOP split of the first variant's rho-0 step
-        first.capacity = caps[0.0]
-        report = cf.count_flops(first, x, t, y)
-        del first
-        blocks = sum(v for k, v in report.by_component.items() if k.startswith("backbone"))
-        scaffold_share_flops = 1 - blocks / report.total
-        scaffold_flops = report.per_sample * scaffold_share_flops
+        dit_flops = cf.count_flops(dit, x, t, y).per_sample
         ab_tag = " [" + ", ".join(f"{k}={v!r}" for k, v in ab.items()) + "]" if ab else ""
         models = add_cases(None, "")
         if ab:
             add_cases(ab, ab_tag)
-        first = models[variants[0][0]]
-        dc = first
+        scaffold_share_flops = flop_share[0]
+        dc = models[variants[0][0]]
         if args.cudagraphs and device.type == "cuda":  # static shapes in fixed mode: one graph per capacity
             dc.capacity = caps[0.0]
             graphed = {name: torch.compile(m, mode="reduce-overhead") for name, m in (("dit", dit), ("dc", dc))}
