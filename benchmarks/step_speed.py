@@ -142,6 +142,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="torch.backends.cudnn.benchmark = True for every model (cuDNN times its algorithms)")
+    ap.add_argument("--cudnn-narrowing", action="store_true",
+                    help="also every DC-DiT row with the decoder's narrowing conv through cuDNN (taps_narrowing=False)")
     ap.add_argument("--bf16-weights", action="store_true",
                     help="cast every model's weights to bf16 once (fp32 router / de-chunk stay fp32), then autocast")
     ap.add_argument("--bf16-weights-only", action="store_true",
@@ -190,12 +192,16 @@ def main(argv=None) -> dict:
 
     dit = _dit()
 
-    def dcdit(depth=None, fill=False, fp32=True, weights=torch.float32):
+    def dcdit(depth=None, fill=False, fp32=True, weights=torch.float32, taps=True):
         torch.manual_seed(0)
         kw = dict(sizes, depth=depth) if depth is not None else sizes
         m = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=L // 4,
                             fill_capacity=fill, fp32_router_dechunk=fp32, **kw).to(device).eval()
         torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)  # keep everything; capacity is the budget
+        if not taps:  # the decoder's narrowing conv through cuDNN instead of its taps GEMM + shifted sum
+            for block in m.modules():
+                if isinstance(block, cf.ResBlock):
+                    block.taps_narrowing = False
         return m.to(weights)
 
     cases = []  # (row, step function, FLOPs per sample, kept, baseline): timed together at the end
@@ -216,6 +222,8 @@ def main(argv=None) -> dict:
                          dict(fill=args.fill_capacity, fp32=False)))
     if not variants:
         ap.error("--no-masked leaves no DC-DiT rows: add --fill-capacity and/or --bf16-routing")
+    if args.cudnn_narrowing:
+        variants += [(f"{suffix}, cuDNN narrowing conv", dict(kw, taps=False)) for suffix, kw in variants]
     if args.bf16_weights:  # FP32Module keeps DC-DiT's router / de-chunk residual fp32 through .to(bfloat16)
         variants = ([] if args.bf16_weights_only else variants) + [
             (f"{suffix}, bf16 weights", dict(kw, weights=torch.bfloat16)) for suffix, kw in variants]
@@ -263,6 +271,9 @@ def main(argv=None) -> dict:
         scaffolds = [("DC-DiT-XL scaffold only", dcdit(depth=0, **w16))]
         if args.bf16_routing:
             scaffolds.append(("DC-DiT-XL scaffold only, bf16 routing", dcdit(depth=0, fp32=False, **w16)))
+        if args.cudnn_narrowing:
+            scaffolds += [(name + ", cuDNN narrowing conv", dcdit(depth=0, fp32="bf16" not in name, taps=False, **w16))
+                          for name, _ in list(scaffolds)]
         for name, sc in scaffolds:
             name += (", bf16 weights" if w16 else "") + tag
             cases.append((name, lambda f=compile_(sc, opts): f(x, t, y), scaffold_flops,

@@ -20,6 +20,7 @@ from .grid import conv_nd, norm_groups, to_grid, to_tokens
 from .plan import ChunkPlan
 from .precision import FP32Module, RMSNorm
 from .routing import RouterOutput
+from .tapconv import conv3x3_taps
 
 __all__ = ["ResBlock", "ChunkEncoder", "DeChunkDecoder", "FinalLayer"]
 
@@ -32,6 +33,11 @@ def _require_cond(c: Tensor | None, cond_dim: int) -> None:
         )
 
 
+def _low_precision(x: Tensor) -> bool:
+    """Whether a conv on ``x`` computes in bf16/fp16 (a half-precision tensor, or autocast on its device)."""
+    return x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(x.device.type)
+
+
 class ResBlock(nn.Module):
     """Stable-Diffusion-style conv ResBlock on an N-D grid with additive conditioning.
 
@@ -39,6 +45,11 @@ class ResBlock(nn.Module):
     plus the input (through a 1x1 conv when widths differ). The inner width is
     ``min(in_channels, out_channels)``, so a widening block widens in its second conv
     and a narrowing block narrows in its first.
+
+    When sampling on a GPU in bf16/fp16 (no grad), a 2-D first conv that narrows 4x or more to at
+    least 256 channels (the decoder's ``d -> d/4`` from DC-DiT-L up) runs as one GEMM of its taps
+    plus their shifted sum (:func:`~chunkformer.tapconv.conv3x3_taps`): cuDNN's kernel for that
+    shape trails its others. Set ``taps_narrowing = False`` to keep cuDNN.
     """
 
     def __init__(
@@ -59,6 +70,7 @@ class ResBlock(nn.Module):
         self.cond = nn.Linear(cond_dim, inner, **fk) if cond_dim else None
         self.norm2 = nn.GroupNorm(norm_groups(inner, 32), inner, **fk)
         self.conv2 = conv_nd(ndim, inner, out_channels, 3, padding=1, **fk)
+        self.taps_narrowing = ndim == 2 and in_channels >= 4 * out_channels and out_channels >= 256
         self.skip = (
             conv_nd(ndim, in_channels, out_channels, 1, **fk)
             if in_channels != out_channels
@@ -69,7 +81,11 @@ class ResBlock(nn.Module):
     def forward(
         self, x: Float[Tensor, "batch cin *grid"], c: Float[Tensor, "batch cond"] | None = None
     ) -> Float[Tensor, "batch cout *grid"]:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, inner, *grid)
+        h = F.silu(self.norm1(x))
+        if self.taps_narrowing and h.is_cuda and not torch.is_grad_enabled() and _low_precision(h):
+            h = conv3x3_taps(h, self.conv1.weight, self.conv1.bias)  # (B, inner, *grid), channels-last
+        else:
+            h = self.conv1(h)  # (B, inner, *grid)
         if self.cond is not None:
             _require_cond(c, self.cond.in_features)
             h = h + self.cond(F.silu(c)).reshape(*h.shape[:2], *([1] * (h.ndim - 2)))

@@ -1,0 +1,84 @@
+"""The decoder's narrowing 3x3 conv: cuDNN against a GEMM of its taps plus a Triton shifted sum.
+
+    python benchmarks/tap_conv.py --out benchmarks/results/tap_conv_h100.json
+
+DC-DiT's decoder opens with a 3x3 conv from ``d`` to ``d / 4`` channels (XL: ``1152 -> 288``)
+on the full grid, and cuDNN runs it at about 360 TFLOP/s on an H100, against about 600 for the
+scaffold's other convs (``scaffold_ops.py``). ``chunkformer.tapconv.conv3x3_taps`` computes
+it as one ``cin -> 9 * cout`` GEMM per cell and a Triton kernel that adds the nine shifted taps
+in fp32. Rows per shape (bf16, channels-last, no grad): cuDNN, the taps form eager and compiled,
+and its two parts alone (the GEMM; the shifted sum at each tile configuration in ``TILES``).
+Columns: ms per call, TFLOP/s of the convolution's FLOPs, max relative error against fp64.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chunkformer import tapconv  # noqa: E402
+from step_speed import save_result  # noqa: E402
+
+SHAPES = ((64, 1152, 288, 32), (16, 1152, 288, 64), (64, 1024, 256, 32))  # (batch, cin, cout, grid side)
+TILES = ((32, 32, 4), (32, 64, 4), (16, 32, 2), (64, 32, 4), (16, 64, 4), (32, 32, 8), (8, 32, 1))
+
+
+def ms(fn, reps=50) -> float:
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    card = torch.cuda.get_device_name()
+    print(f"{card}, torch {torch.__version__}, bf16 channels-last, no grad")
+    rows = []
+    with torch.no_grad():
+        for B, cin, cout, side in SHAPES:
+            x = torch.randn(B, cin, side, side, device=dev).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            w = (torch.randn(cout, cin, 3, 3, device=dev) / (3 * cin**0.5)).to(torch.bfloat16)
+            bias = torch.randn(cout, device=dev).to(torch.bfloat16)
+            ref = F.conv2d(x.double(), w.double(), bias.double(), padding=1)
+            flops = 2 * B * side * side * cin * cout * 9
+            taps = torch.nn.functional.linear(x.permute(0, 2, 3, 1), tapconv.tap_weights(w)).unflatten(-1, (9, cout))
+            out = torch.empty(B, side, side, cout, device=dev, dtype=torch.bfloat16)
+            forms = {"cuDNN conv": lambda: F.conv2d(x, w, bias, padding=1),
+                     "taps GEMM + Triton sum": lambda: tapconv.conv3x3_taps(x, w, bias),
+                     "taps GEMM + Triton sum, compiled": torch.compile(lambda: tapconv.conv3x3_taps(x, w, bias)),
+                     "taps GEMM alone": lambda: F.linear(x.permute(0, 2, 3, 1), tapconv.tap_weights(w)),
+                     "shifted sum alone, default tiles": lambda: tapconv.launch_tap_sum(taps, bias, out)}
+            for tiles in TILES:
+                forms[f"shifted sum alone, tiles {tiles}"] = lambda tiles=tiles: tapconv.launch_tap_sum(taps, bias, out, tiles)
+            for name, fn in forms.items():
+                res = fn()
+                err = None
+                if res.shape == ref.shape:
+                    err = float((res.double() - ref).abs().max() / ref.abs().max())
+                elif name.startswith("shifted"):
+                    cmp = tapconv.tap_sum_reference(taps, bias)
+                    err = float((res.double() - cmp.double()).abs().max() / cmp.double().abs().max())
+                t = ms(fn)
+                row = {"shape": [B, cin, cout, side], "form": name, "ms": t, "tflops": flops / t / 1e9, "rel_err": err}
+                rows.append(row)
+                print(f"{B}x{cin}->{cout} {side}x{side}  {name:<40} {t:8.4f} ms {row['tflops']:6.0f} TFLOP/s  "
+                      f"err {err if err is None else f'{err:.1e}'}", flush=True)
+    save_result(args.out, card, rows=rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""A 3x3 convolution as one GEMM of its nine taps plus their shifted sum (a sampling fast path).
+
+    conv = nn.Conv2d(1152, 288, 3, padding=1).cuda()
+    x = torch.randn(64, 1152, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        y = conv3x3_taps(x, conv.weight, conv.bias)     # (64, 288, 32, 32), channels-last
+    assert torch.allclose(y.float(), conv(x).float(), rtol=0.05, atol=0.05)
+
+For each cell the GEMM maps its ``cin`` channels to the ``9 * cout`` values the cell contributes
+to its nine neighbours; output cell ``(i, j)`` then sums tap ``(a, b)`` of cell ``(i + a - 1,
+j + b - 1)`` over the nine offsets, in fp32, with zeros outside the grid. The same sum as the
+convolution in another order. It pays where cuDNN's kernel for a shape is slow: DC-DiT-XL's
+narrowing ``1152 -> 288`` conv, which cuDNN runs at about 360 TFLOP/s on an H100 against 600
+for the scaffold's other convs. The shifted sum is a Triton kernel on CUDA (an op of its own,
+so ``torch.compile`` neither fuses it into its neighbours nor reads the tap tensor twice) and
+plain torch elsewhere. Forward only: training keeps cuDNN (``ResBlock`` takes this path only
+without grad).
+"""
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from ._typing import Float, Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
+
+__all__ = ["conv3x3_taps", "tap_sum", "tap_weights"]
+
+
+def tap_weights(weight: Float[Tensor, "cout cin 3 3"]) -> Float[Tensor, "taps_cout cin"]:
+    """Conv weights ``(cout, cin, 3, 3)`` -> GEMM weights ``(9 * cout, cin)``, taps in raster order."""
+    if weight.ndim != 4 or weight.shape[2:] != (3, 3):
+        raise ValueError(f"expected 3x3 conv weights (cout, cin, 3, 3), got shape {tuple(weight.shape)}")
+    return rearrange(weight, "o i a b -> (a b o) i")
+
+
+def tap_sum_reference(taps: Tensor, bias: Tensor | None = None) -> Tensor:
+    """:func:`tap_sum` in plain torch: pad the grid by one cell, add the nine shifted slices in fp32."""
+    B, H, W, _, C = taps.shape
+    padded = F.pad(taps, (0, 0, 0, 0, 1, 1, 1, 1))  # (B, H + 2, W + 2, 9, C), zeros around the grid
+    acc = torch.promote_types(taps.dtype, torch.float32)  # fp32, or fp64 for fp64 taps
+    out = taps.new_zeros(B, H, W, C, dtype=acc)
+    for k in range(9):
+        a, b = divmod(k, 3)
+        out += padded[:, a : a + H, b : b + W, k].to(acc)
+    if bias is not None:
+        out += bias.to(acc)
+    return out.to(taps.dtype)
+
+
+def tap_sum(taps: Float[Tensor, "batch h w 9 c"], bias: Float[Tensor, "c"] | None = None) -> Float[Tensor, "batch h w c"]:
+    """Shifted sum of per-cell taps: ``out[b, i, j] = sum_k taps[b, i + a_k - 1, j + b_k - 1, k] (+ bias)``.
+
+    ``taps`` ``(B, H, W, 9, C)`` as :func:`conv3x3_taps`'s GEMM writes it; the sum is fp32, the
+    output ``(B, H, W, C)`` in ``taps``' dtype (fp64 taps sum in fp64). A Triton kernel on CUDA, torch elsewhere.
+    """
+    if taps.ndim != 5 or taps.shape[3] != 9:
+        raise ValueError(f"expected taps of shape (batch, h, w, 9, channels), got {tuple(taps.shape)}")
+    if bias is not None and bias.shape != (taps.shape[-1],):
+        raise ValueError(f"bias must have shape ({taps.shape[-1]},), got {tuple(bias.shape)}")
+    if taps.is_cuda and triton is not None:
+        return _tap_sum_op(taps.contiguous(), bias)
+    return tap_sum_reference(taps, bias)
+
+
+def conv3x3_taps(
+    x: Float[Tensor, "batch cin h w"], weight: Float[Tensor, "cout cin 3 3"], bias: Float[Tensor, "cout"] | None = None
+) -> Float[Tensor, "batch cout h w"]:
+    """``F.conv2d(x, weight, bias, padding=1)`` as one GEMM of its taps plus :func:`tap_sum`.
+
+    Returns a channels-last ``(B, cout, H, W)`` in the GEMM's dtype (bf16 under bf16 autocast).
+    Feed ``x`` channels-last, so the GEMM reads it in place.
+    """
+    if x.ndim != 4 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x must be (batch, {weight.shape[1]}, h, w) for these weights, got {tuple(x.shape)}")
+    cout = weight.shape[0]
+    taps = F.linear(rearrange(x, "b c h w -> b h w c"), tap_weights(weight))  # (B, H, W, 9 * cout)
+    out = tap_sum(rearrange(taps, "b h w (k c) -> b h w k c", k=9), bias)  # (B, H, W, cout)
+    return rearrange(out, "b h w c -> b c h w")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tap_sum_kernel(T, BIAS, OUT, H, W, C,
+                        HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Program (sample * row, column block, channel block): fp32 sum of the nine shifted taps."""
+        row = tl.program_id(0)  # b * H + i
+        i = row % H
+        js = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = cs < C
+        acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+        for a in tl.static_range(3):
+            ii = i + a - 1
+            i_ok = (ii >= 0) & (ii < H)
+            src_row = (row + a - 1).to(tl.int64) * W  # first cell of row ii of the same sample
+            for b in tl.static_range(3):
+                jj = js + b - 1
+                ok = i_ok & (jj >= 0) & (jj < W)
+                cell = src_row + jj
+                ptr = T + (cell * 9 + (3 * a + b))[:, None] * C + cs[None, :]
+                acc += tl.load(ptr, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        out = OUT + (row.to(tl.int64) * W + js)[:, None] * C + cs[None, :]
+        tl.store(out, acc.to(OUT.dtype.element_ty), mask=(js < W)[:, None] & c_ok[None, :])
+
+    def tap_sum_tiles(width: int, channels: int) -> tuple[int, int, int]:
+        """``(BLOCK_W, BLOCK_C, num_warps)`` for a grid width and channel count."""
+        block_c = 32 if channels % 64 else 64  # 288 = 9 x 32: no masked lanes
+        block_w = min(32, triton.next_power_of_2(width))
+        return block_w, block_c, 4
+
+    def launch_tap_sum(taps: Tensor, bias: Tensor | None, out: Tensor, tiles=None, launch=lambda k: k) -> Tensor:
+        """Launch the kernel on contiguous ``taps`` into ``out`` (``launch`` wraps it for ``torch.compile``)."""
+        B, H, W, _, C = taps.shape
+        block_w, block_c, warps = tiles or tap_sum_tiles(W, C)
+        grid = (B * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))
+        launch(_tap_sum_kernel)[grid](taps, bias if bias is not None else taps, out, H, W, C,
+                                      HAS_BIAS=bias is not None, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+        return out
+
+    @torch.library.triton_op("chunkformer::tap_sum", mutates_args=())
+    def _tap_sum_op(taps: Tensor, bias: Tensor | None) -> Tensor:
+        out = taps.new_empty(taps.shape[:3] + taps.shape[4:])  # (B, H, W, C)
+        return launch_tap_sum(taps, bias, out, launch=torch.library.wrap_triton)

@@ -1,0 +1,95 @@
+"""conv3x3_taps: a 3x3 conv as a GEMM of its taps plus their shifted sum equals the convolution."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chunkformer.scaffold import ResBlock
+from chunkformer.tapconv import conv3x3_taps, tap_sum, tap_sum_reference, tap_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 7), w=st.integers(1, 7), cin=st.integers(1, 9), cout=st.integers(1, 9),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_taps_equal_the_padded_convolution(b, h, w, cin, cout, bias, seed):
+    """Any grid (1x1 included: every neighbour is padding), any widths, with and without bias."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, cin, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
+    bb = torch.randn(cout, generator=g, dtype=torch.float64) if bias else None
+    out = conv3x3_taps(x.to(memory_format=torch.channels_last), weight, bb)
+    assert out.shape == (b, cout, h, w)
+    torch.testing.assert_close(out, F.conv2d(x, weight, bb, padding=1), rtol=1e-10, atol=1e-10)
+
+
+def test_taps_sum_each_neighbour_with_its_own_offset():
+    """One unit tap at a time: tap k of cell (i, j) lands on cell (i - a + 1, j - b + 1), k = 3a + b."""
+    for k in range(9):
+        a, b = divmod(k, 3)
+        taps = torch.zeros(1, 3, 3, 9, 1)
+        taps[0, 1, 1, k] = 1.0  # the centre cell contributes through tap k only
+        out = tap_sum_reference(taps)[0, :, :, 0]
+        expected = torch.zeros(3, 3)
+        expected[2 - a, 2 - b] = 1.0  # out[i, j] reads cell (i + a - 1, j + b - 1) = (1, 1)
+        assert torch.equal(out, expected), k
+
+
+def test_tap_weights_order_is_offset_major():
+    weight = torch.arange(2 * 3 * 9, dtype=torch.float32).reshape(2, 3, 3, 3)
+    t = tap_weights(weight)
+    assert t.shape == (18, 3)
+    assert torch.equal(t[2 * 5 + 1], weight[1, :, 1, 2])  # tap (1, 2) = 5, output channel 1
+
+
+def test_bad_shapes_are_refused_with_the_expected_layout():
+    with pytest.raises(ValueError, match=r"\(batch, h, w, 9, channels\)"):
+        tap_sum(torch.zeros(1, 2, 2, 8, 4))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        tap_sum(torch.zeros(1, 2, 2, 9, 4), torch.zeros(3))
+    with pytest.raises(ValueError, match="3x3 conv weights"):
+        tap_weights(torch.zeros(4, 4, 5, 5))
+    with pytest.raises(ValueError, match="for these weights"):
+        conv3x3_taps(torch.zeros(1, 5, 4, 4), torch.zeros(2, 4, 3, 3))
+
+
+def test_resblock_takes_the_taps_path_only_where_it_is_meant_to():
+    """A 4x-narrowing block to >= 256 channels is marked; the marked block on the CPU (no CUDA) and every
+    block under grad run cuDNN / the plain conv, so outputs equal an unmarked twin's exactly."""
+    assert ResBlock(1152, 288, None).taps_narrowing and ResBlock(1024, 256, None).taps_narrowing
+    assert not ResBlock(768, 192, None).taps_narrowing  # DC-DiT-B's decoder: left to cuDNN
+    assert not ResBlock(288, 288, None).taps_narrowing and not ResBlock(1152, 288, None, ndim=1).taps_narrowing
+    torch.manual_seed(0)
+    block = ResBlock(1024, 256, 8).eval()
+    x, c = torch.randn(1, 1024, 3, 3), torch.randn(1, 8)
+    with torch.no_grad():
+        marked = block(x, c)
+        block.taps_narrowing = False
+        torch.testing.assert_close(block(x, c), marked, rtol=0, atol=0)
+
+
+def test_triton_tap_sum_matches_torch_under_the_triton_interpreter():
+    """The CUDA kernel run on the CPU by Triton's interpreter (set before import), ragged tiles included."""
+    pytest.importorskip("triton")
+    code = """
+import torch
+from chunkformer import tapconv
+for (B, H, W, C), tiles in [((2, 5, 7, 40), (4, 32, 1)), ((1, 3, 9, 64), (8, 64, 1)), ((2, 4, 4, 16), None)]:
+    taps = torch.randn(B, H, W, 9, C)
+    for bias in (None, torch.randn(C)):
+        out = tapconv.launch_tap_sum(taps, bias, torch.empty(B, H, W, C), tiles)
+        ref = tapconv.tap_sum_reference(taps, bias)
+        assert torch.allclose(out, ref, atol=1e-5), ((B, H, W, C), tiles, (out - ref).abs().max())
+print('ok')
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
