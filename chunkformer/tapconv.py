@@ -78,7 +78,6 @@ def conv3x3_taps(
     """
     if x.ndim != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must be (batch, {weight.shape[1]}, h, w) for these weights, got {tuple(x.shape)}")
-    cout = weight.shape[0]
     taps = F.linear(rearrange(x, "b c h w -> b h w c"), tap_weights(weight))  # (B, H, W, 9 * cout)
     out = tap_sum(rearrange(taps, "b h w (k c) -> b h w k c", k=9), bias)  # (B, H, W, cout)
     return rearrange(out, "b h w c -> b c h w")
