@@ -20,7 +20,7 @@ from .grid import conv_nd, norm_groups, to_grid, to_tokens
 from .plan import ChunkPlan
 from .precision import FP32Module, RMSNorm
 from .routing import RouterOutput
-from .tapconv import conv3x3_taps
+from .tapconv import TapConv2d
 
 __all__ = ["ResBlock", "ChunkEncoder", "DeChunkDecoder", "FinalLayer"]
 
@@ -31,11 +31,6 @@ def _require_cond(c: Tensor | None, cond_dim: int) -> None:
             f"this block is conditioned: pass c of shape (batch, {cond_dim}) (timestep + label embedding), "
             "or build it with cond_dim=0 for an unconditioned scaffold"
         )
-
-
-def _low_precision(x: Tensor) -> bool:
-    """Whether a conv on ``x`` computes in bf16/fp16 (a half-precision tensor, or autocast on its device)."""
-    return x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(x.device.type)
 
 
 class ResBlock(nn.Module):
@@ -66,26 +61,36 @@ class ResBlock(nn.Module):
         fk = {"device": device, "dtype": dtype}
         inner = min(in_channels, out_channels)
         self.norm1 = nn.GroupNorm(norm_groups(in_channels, 32), in_channels, **fk)
-        self.conv1 = conv_nd(ndim, in_channels, inner, 3, padding=1, **fk)
+        if ndim == 2 and in_channels >= 4 * out_channels and out_channels >= 256:  # see taps_narrowing
+            self.conv1 = TapConv2d(in_channels, inner, **fk)
+        else:
+            self.conv1 = conv_nd(ndim, in_channels, inner, 3, padding=1, **fk)
         self.cond = nn.Linear(cond_dim, inner, **fk) if cond_dim else None
         self.norm2 = nn.GroupNorm(norm_groups(inner, 32), inner, **fk)
         self.conv2 = conv_nd(ndim, inner, out_channels, 3, padding=1, **fk)
-        self.taps_narrowing = ndim == 2 and in_channels >= 4 * out_channels and out_channels >= 256
         self.skip = (
             conv_nd(ndim, in_channels, out_channels, 1, **fk)
             if in_channels != out_channels
             else nn.Identity()
         )
 
+    @property
+    def taps_narrowing(self) -> bool:
+        """Whether ``conv1`` runs as a GEMM of its taps when sampling on a GPU (settable)."""
+        return isinstance(self.conv1, TapConv2d) and self.conv1.use_taps
+
+    @taps_narrowing.setter
+    def taps_narrowing(self, enabled: bool) -> None:
+        if enabled and not isinstance(self.conv1, TapConv2d):
+            raise ValueError("only a 2-D block narrowing 4x or more to >= 256 channels has a taps path")
+        if isinstance(self.conv1, TapConv2d):
+            self.conv1.use_taps = enabled
+
     @typechecked
     def forward(
         self, x: Float[Tensor, "batch cin *grid"], c: Float[Tensor, "batch cond"] | None = None
     ) -> Float[Tensor, "batch cout *grid"]:
-        h = F.silu(self.norm1(x))
-        if self.taps_narrowing and h.is_cuda and not torch.is_grad_enabled() and _low_precision(h):
-            h = conv3x3_taps(h, self.conv1.weight, self.conv1.bias)  # (B, inner, *grid), channels-last
-        else:
-            h = self.conv1(h)  # (B, inner, *grid)
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, inner, *grid)
         if self.cond is not None:
             _require_cond(c, self.cond.in_features)
             h = h + self.cond(F.silu(c)).reshape(*h.shape[:2], *([1] * (h.ndim - 2)))

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunkformer.scaffold import ResBlock
-from chunkformer.tapconv import conv3x3_taps, tap_sum, tap_sum_reference, tap_weights
+from chunkformer.tapconv import TapConv2d, conv3x3_taps, tap_sum, tap_sum_reference, tap_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,11 @@ def test_resblock_takes_the_taps_path_only_where_it_is_meant_to():
     assert ResBlock(1152, 288, None).taps_narrowing and ResBlock(1024, 256, None).taps_narrowing
     assert not ResBlock(768, 192, None).taps_narrowing  # DC-DiT-B's decoder: left to cuDNN
     assert not ResBlock(288, 288, None).taps_narrowing and not ResBlock(1152, 288, None, ndim=1).taps_narrowing
+    with pytest.raises(ValueError, match="has a taps path"):
+        ResBlock(768, 192, None).taps_narrowing = True
+    marked = ResBlock(1152, 288, None)
+    assert isinstance(marked.conv1, TapConv2d) and isinstance(marked.conv1, torch.nn.Conv2d)
+    assert marked.state_dict().keys() == ResBlock(768, 192, None).state_dict().keys()  # checkpoints load as before
     torch.manual_seed(0)
     block = ResBlock(1024, 256, 8).eval()
     x, c = torch.randn(1, 1024, 3, 3), torch.randn(1, 8)
@@ -77,7 +82,8 @@ def test_resblock_takes_the_taps_path_only_where_it_is_meant_to():
 
 
 def test_triton_tap_sum_matches_torch_under_the_triton_interpreter():
-    """The CUDA kernel run on the CPU by Triton's interpreter (set before import), ragged tiles included."""
+    """The CUDA kernel run on the CPU by Triton's interpreter (set before import), ragged tiles included, and
+    its custom op eager and traced by torch.compile."""
     pytest.importorskip("triton")
     code = """
 import torch
@@ -88,6 +94,11 @@ for (B, H, W, C), tiles in [((2, 5, 7, 40), (4, 32, 1)), ((1, 3, 9, 64), (8, 64,
         out = tapconv.launch_tap_sum(taps, bias, torch.empty(B, H, W, C), tiles)
         ref = tapconv.tap_sum_reference(taps, bias)
         assert torch.allclose(out, ref, atol=1e-5), ((B, H, W, C), tiles, (out - ref).abs().max())
+taps, bias = torch.randn(2, 5, 6, 9, 64), torch.randn(64)
+ref = tapconv.tap_sum_reference(taps, bias)
+assert torch.allclose(tapconv._tap_sum_op(taps, bias), ref, atol=1e-5)  # the custom op, eager
+compiled = torch.compile(lambda t, b: tapconv._tap_sum_op(t * 1, b) + 1, backend="aot_eager")  # traced via its fake
+assert torch.allclose(compiled(taps, bias), ref + 1, atol=1e-5)
 print('ok')
 """
     env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
