@@ -9,7 +9,11 @@ it as one ``cin -> 9 * cout`` GEMM per cell and a Triton kernel that adds the ni
 in fp32. Rows per shape (bf16, channels-last, no grad): cuDNN, the taps form eager and compiled,
 and its two parts alone (the GEMM; the shifted sum at each tile configuration in ``TILES``).
 Columns: ms per call, TFLOP/s of the convolution's FLOPs, max relative error against fp64.
-"""
+
+``--profile`` adds the kernels of the compiled taps form at each shape and of DC-DiT-XL's compiled
+scaffold alone (256px, bf16 weights and routing, filled) with the taps path and with cuDNN, each
+model's heaviest kernels listed: where a compiled graph spends what the eager form does not.
+
 
 import argparse
 import sys
@@ -42,12 +46,13 @@ def ms(fn, reps=50) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", action="store_true", help="also list the kernels of the compiled forms")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name()
     print(f"{card}, torch {torch.__version__}, bf16 channels-last, no grad")
-    rows = []
+    rows, profiles = [], {}
     with torch.no_grad():
         for B, cin, cout, side in SHAPES:
             x = torch.randn(B, cin, side, side, device=dev).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -77,7 +82,53 @@ def main(argv=None):
                 rows.append(row)
                 print(f"{B}x{cin}->{cout} {side}x{side}  {name:<40} {t:8.4f} ms {row['tflops']:6.0f} TFLOP/s  "
                       f"err {err if err is None else f'{err:.1e}'}", flush=True)
-    save_result(args.out, card, rows=rows)
+            if args.profile:
+                profiles[f"taps compiled {B}x{cin}->{cout} {side}x{side}"] = kernels(
+                    forms["taps GEMM + Triton sum, compiled"])
+        if args.profile:
+            profiles.update(scaffold_kernels(dev))
+    for name, ks in profiles.items():
+        print(f"\n{name}: GPU ms per call by kernel")
+        for k, v in list(ks.items())[:14]:
+            print(f"{v:8.3f}  {k[:110]}")
+    save_result(args.out, card, rows=rows, **({"profiles": profiles} if profiles else {}))
+
+
+def kernels(fn, reps: int = 10) -> dict[str, float]:
+    """GPU ms per call of each kernel ``fn`` launches, heaviest first (top 30)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ms(fn, 3)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per = {e.key: e.self_device_time_total / 1e3 / reps for e in prof.key_averages()
+           if e.device_type.name == "CUDA" and e.self_device_time_total > 0}
+    return dict(sorted(per.items(), key=lambda kv: -kv[1])[:30])
+
+
+def scaffold_kernels(dev) -> dict[str, dict[str, float]]:
+    """DC-DiT-XL's scaffold alone at 256px (batch 64), compiled, with the taps path and with cuDNN."""
+    import chunkformer as cf
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, 32, 32, generator=g).to(dev)
+    t, y = torch.randint(0, 1000, (64,), generator=g).to(dev), torch.randint(0, 1000, (64,), generator=g).to(dev)
+    out = {}
+    for taps in (True, False):
+        torch.manual_seed(0)
+        m = cf.create_model("DC-DiT-XL", input_size=32, depth=0, plan_mode="fixed", capacity=256, fill_capacity=True,
+                            fp32_router_dechunk=False).to(dev).eval()
+        torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)
+        for block in m.modules():
+            if isinstance(block, cf.ResBlock):
+                block.taps_narrowing = block.taps_narrowing and taps
+        m = m.to(torch.bfloat16)
+        fn = torch.compile(m)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out[f"scaffold only, {'taps' if taps else 'cuDNN'} narrowing conv"] = kernels(lambda fn=fn: fn(x, t, y))
+    return out
 
 
 if __name__ == "__main__":
