@@ -13,6 +13,7 @@ Columns: ms per call, TFLOP/s of the convolution's FLOPs, max relative error aga
 ``--profile`` adds the kernels of the compiled taps form at each shape and of DC-DiT-XL's compiled
 scaffold alone (256px, bf16 weights and routing, filled) with the taps path and with cuDNN, each
 model's heaviest kernels listed: where a compiled graph spends what the eager form does not.
+"""
 
 
 import argparse
