@@ -79,7 +79,10 @@ def conv3x3_taps(
     """
     if x.ndim != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must be (batch, {weight.shape[1]}, h, w) for these weights, got {tuple(x.shape)}")
-    taps = F.linear(rearrange(x, "b c h w -> b h w c"), tap_weights(weight))  # (B, H, W, 9 * cout)
+    # cells as rows, channels contiguous: free for a channels-last x, and under torch.compile it makes the
+    # producer write that layout (left to itself inductor wrote NCHW and cuBLAS ran the transposed GEMM 3x slower)
+    rows = rearrange(x, "b c h w -> b h w c").contiguous()  # (B, H, W, cin)
+    taps = F.linear(rows, tap_weights(weight))  # (B, H, W, 9 * cout)
     out = tap_sum(rearrange(taps, "b h w (k c) -> b h w k c", k=9), bias)  # (B, H, W, cout)
     return rearrange(out, "b h w c -> b c h w")
 
