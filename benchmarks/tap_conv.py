@@ -76,7 +76,7 @@ def main(argv=None):
                 if res.shape == ref.shape:
                     err = float((res.double() - ref).abs().max() / ref.abs().max())
                 elif name.startswith("shifted"):
-                    cmp = tapconv.tap_sum_reference(taps, bias)
+                    cmp = tapconv.tap_sum_reference(taps, bias).permute(0, 2, 3, 1)
                     err = float((res.double() - cmp.double()).abs().max() / cmp.double().abs().max())
                 t = ms(fn)
                 row = {"shape": [B, cin, cout, side], "form": name, "ms": t, "tflops": flops / t / 1e9, "rel_err": err}

@@ -51,14 +51,14 @@ def tap_sum_reference(taps: Tensor, bias: Tensor | None = None) -> Tensor:
         out += padded[:, a : a + H, b : b + W, k].to(acc)
     if bias is not None:
         out += bias.to(acc)
-    return out.to(taps.dtype)
+    return rearrange(out.to(taps.dtype), "b h w c -> b c h w")  # channels-last
 
 
-def tap_sum(taps: Float[Tensor, "batch h w 9 c"], bias: Float[Tensor, "c"] | None = None) -> Float[Tensor, "batch h w c"]:
+def tap_sum(taps: Float[Tensor, "batch h w 9 c"], bias: Float[Tensor, "c"] | None = None) -> Float[Tensor, "batch c h w"]:
     """Shifted sum of per-cell taps: ``out[b, i, j] = sum_k taps[b, i + a_k - 1, j + b_k - 1, k] (+ bias)``.
 
     ``taps`` ``(B, H, W, 9, C)`` as :func:`conv3x3_taps`'s GEMM writes it; the sum is fp32, the
-    output ``(B, H, W, C)`` in ``taps``' dtype (fp64 taps sum in fp64). A Triton kernel on CUDA, torch elsewhere.
+    output a channels-last ``(B, C, H, W)`` in ``taps``' dtype (fp64 taps sum in fp64). A Triton kernel on CUDA, torch elsewhere.
     """
     if taps.ndim != 5 or taps.shape[3] != 9:
         raise ValueError(f"expected taps of shape (batch, h, w, 9, channels), got {tuple(taps.shape)}")
@@ -83,8 +83,7 @@ def conv3x3_taps(
     # producer write that layout (left to itself inductor wrote NCHW and cuBLAS ran the transposed GEMM 3x slower)
     rows = rearrange(x, "b c h w -> b h w c").contiguous()  # (B, H, W, cin)
     taps = F.linear(rows, tap_weights(weight))  # (B, H, W, 9 * cout)
-    out = tap_sum(rearrange(taps, "b h w (k c) -> b h w k c", k=9), bias)  # (B, H, W, cout)
-    return rearrange(out, "b h w c -> b c h w")
+    return tap_sum(rearrange(taps, "b h w (k c) -> b h w k c", k=9), bias)  # (B, cout, H, W), channels-last
 
 
 class TapConv2d(nn.Conv2d):
@@ -149,9 +148,17 @@ if triton is not None:
 
     @torch.library.custom_op("chunkformer::tap_sum", mutates_args=())
     def _tap_sum_op(taps: Tensor, bias: Tensor | None) -> Tensor:
-        """Opaque to ``torch.compile``: inductor calls it as it is."""
-        return launch_tap_sum(taps, bias, taps.new_empty(taps.shape[:3] + taps.shape[4:]))
+        """Opaque to ``torch.compile``: inductor calls it as it is. Returns the grid layout itself (a permuted view
+        of the kernel's output after the op cost a copy of it in the compiled scaffold)."""
+        out = _grid_like(taps)
+        launch_tap_sum(taps, bias, rearrange(out, "b c h w -> b h w c"))
+        return out
 
     @_tap_sum_op.register_fake
     def _(taps: Tensor, bias: Tensor | None) -> Tensor:
-        return taps.new_empty(taps.shape[:3] + taps.shape[4:])  # (B, H, W, C)
+        return _grid_like(taps)
+
+    def _grid_like(taps: Tensor) -> Tensor:
+        """An empty channels-last ``(B, C, H, W)`` for taps ``(B, H, W, 9, C)``."""
+        B, H, W, _, C = taps.shape
+        return taps.new_empty(B, C, H, W).contiguous(memory_format=torch.channels_last)

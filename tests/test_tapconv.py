@@ -37,7 +37,7 @@ def test_taps_sum_each_neighbour_with_its_own_offset():
         a, b = divmod(k, 3)
         taps = torch.zeros(1, 3, 3, 9, 1)
         taps[0, 1, 1, k] = 1.0  # the centre cell contributes through tap k only
-        out = tap_sum_reference(taps)[0, :, :, 0]
+        out = tap_sum_reference(taps)[0, 0]
         expected = torch.zeros(3, 3)
         expected[2 - a, 2 - b] = 1.0  # out[i, j] reads cell (i + a - 1, j + b - 1) = (1, 1)
         assert torch.equal(out, expected), k
@@ -92,11 +92,13 @@ for (B, H, W, C), tiles in [((2, 5, 7, 40), (4, 32, 1)), ((1, 3, 9, 64), (8, 64,
     taps = torch.randn(B, H, W, 9, C)
     for bias in (None, torch.randn(C)):
         out = tapconv.launch_tap_sum(taps, bias, torch.empty(B, H, W, C), tiles)
-        ref = tapconv.tap_sum_reference(taps, bias)
+        ref = tapconv.tap_sum_reference(taps, bias).permute(0, 2, 3, 1)  # (B, H, W, C) as the kernel writes it
         assert torch.allclose(out, ref, atol=1e-5), ((B, H, W, C), tiles, (out - ref).abs().max())
 taps, bias = torch.randn(2, 5, 6, 9, 64), torch.randn(64)
 ref = tapconv.tap_sum_reference(taps, bias)
-assert torch.allclose(tapconv._tap_sum_op(taps, bias), ref, atol=1e-5)  # the custom op, eager
+out = tapconv._tap_sum_op(taps, bias)  # the custom op, eager: (B, C, H, W) channels-last
+assert out.shape == (2, 64, 5, 6) and out.is_contiguous(memory_format=torch.channels_last)
+assert torch.allclose(out, ref, atol=1e-5)
 compiled = torch.compile(lambda t, b: tapconv._tap_sum_op(t * 1, b) + 1, backend="aot_eager")  # traced via its fake
 assert torch.allclose(compiled(taps, bias), ref + 1, atol=1e-5)
 print('ok')
