@@ -65,7 +65,7 @@ def tap_sum(taps: Float[Tensor, "batch h w 9 c"], bias: Float[Tensor, "c"] | Non
     if bias is not None and bias.shape != (taps.shape[-1],):
         raise ValueError(f"bias must have shape ({taps.shape[-1]},), got {tuple(bias.shape)}")
     if taps.is_cuda and triton is not None:
-        return _tap_sum_op(taps.contiguous(), bias)
+        return _tap_sum_op(taps, bias)
     return tap_sum_reference(taps, bias)
 
 
@@ -107,10 +107,14 @@ class TapConv2d(nn.Conv2d):
 if triton is not None:
 
     @triton.jit
-    def _tap_sum_kernel(T, BIAS, OUT, H, W, C,
+    def _tap_sum_kernel(T, BIAS, OUT, H, W, C, s_b, s_h, s_w, s_k, s_c,
                         HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Program (sample * row, column block, channel block): fp32 sum of the nine shifted taps."""
+        """Program (sample * row, column block, channel block): fp32 sum of the nine shifted taps.
+
+        ``T`` is read through its strides (any layout inductor hands over); ``OUT`` is a contiguous
+        ``(B, H, W, C)`` (the memory of a channels-last ``(B, C, H, W)``)."""
         row = tl.program_id(0)  # b * H + i
+        n = (row // H).to(tl.int64)
         i = row % H
         js = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -119,12 +123,11 @@ if triton is not None:
         for a in tl.static_range(3):
             ii = i + a - 1
             i_ok = (ii >= 0) & (ii < H)
-            src_row = (row + a - 1).to(tl.int64) * W  # first cell of row ii of the same sample
+            base = T + n * s_b + ii.to(tl.int64) * s_h + (3 * a) * s_k
             for b in tl.static_range(3):
                 jj = js + b - 1
                 ok = i_ok & (jj >= 0) & (jj < W)
-                cell = src_row + jj
-                ptr = T + (cell * 9 + (3 * a + b))[:, None] * C + cs[None, :]
+                ptr = base + b * s_k + jj.to(tl.int64)[:, None] * s_w + cs[None, :] * s_c
                 acc += tl.load(ptr, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
         if HAS_BIAS:
             acc += tl.load(BIAS + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -138,18 +141,22 @@ if triton is not None:
         return min(16, triton.next_power_of_2(width)), 64, 4
 
     def launch_tap_sum(taps: Tensor, bias: Tensor | None, out: Tensor, tiles=None) -> Tensor:
-        """Launch the kernel on contiguous ``taps`` ``(B, H, W, 9, C)`` into ``out`` ``(B, H, W, C)``."""
+        """Launch the kernel on ``taps`` ``(B, H, W, 9, C)`` (any strides) into a contiguous ``out`` ``(B, H, W, C)``."""
         B, H, W, _, C = taps.shape
         block_w, block_c, warps = tiles or tap_sum_tiles(W, C)
         grid = (B * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))
-        _tap_sum_kernel[grid](taps, bias if bias is not None else taps, out, H, W, C,
+        _tap_sum_kernel[grid](taps, bias if bias is not None else taps, out, H, W, C, *taps.stride(),
                              HAS_BIAS=bias is not None, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
         return out
 
-    @torch.library.custom_op("chunkformer::tap_sum", mutates_args=())
+    try:  # flexible_layout: inductor hands the GEMM output over as it laid it out (padded rows included), no copy
+        _register = torch.library.custom_op("chunkformer::tap_sum", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+    except (TypeError, AttributeError):  # pragma: no cover - older torch
+        _register = torch.library.custom_op("chunkformer::tap_sum", mutates_args=())
+
+    @_register
     def _tap_sum_op(taps: Tensor, bias: Tensor | None) -> Tensor:
-        """Opaque to ``torch.compile``: inductor calls it as it is. Returns the grid layout itself (a permuted view
-        of the kernel's output after the op cost a copy of it in the compiled scaffold)."""
+        """Opaque to ``torch.compile``: inductor calls it as it is. Returns the channels-last grid itself."""
         out = _grid_like(taps)
         launch_tap_sum(taps, bias, rearrange(out, "b c h w -> b h w c"))
         return out
@@ -161,4 +168,4 @@ if triton is not None:
     def _grid_like(taps: Tensor) -> Tensor:
         """An empty channels-last ``(B, C, H, W)`` for taps ``(B, H, W, 9, C)``."""
         B, H, W, _, C = taps.shape
-        return taps.new_empty(B, C, H, W).contiguous(memory_format=torch.channels_last)
+        return taps.new_empty(B, H, W, C).permute(0, 3, 1, 2)  # channels-last; no copy
