@@ -251,6 +251,21 @@ def group_norm_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def tap_conv_table(data: dict) -> str:
+    """benchmarks/tap_conv.py: the narrowing 3x3 conv through cuDNN and as a GEMM of its taps (+ kernel profiles)."""
+    lines = [f"{data['card']}, torch {data['torch']}, bf16 channels-last, no grad, ms per call (`{data['command']}`)", "",
+             "| batch x cin -> cout, grid | form | ms | TFLOP/s (the conv's FLOPs) | relative error |",
+             "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        b, cin, cout, side = r["shape"]
+        err = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
+        lines.append(f"| {b} x {cin} -> {cout}, {side}x{side} | {r['form']} | {r['ms']:.4f} | {r['tflops']:.0f} | {err} |")
+    for name, kernels in data.get("profiles", {}).items():
+        lines += ["", f"{name}, GPU ms per call, heaviest kernels:", "", "| ms | kernel |", "|---|---|"]
+        lines += [f"| {ms:.3f} | `{k[:90]}` |" for k, ms in list(kernels.items())[:8]]
+    return "\n".join(lines)
+
+
 PLOTTED = ("step_speed_256_bf16w_h100.json", "step_speed_512_bf16w_h100.json")  # the step-time figure's runs
 
 
@@ -264,7 +279,7 @@ def main() -> None:
               ("scaffold_profile_*.json", scaffold_table), ("smoothing_*.json", smoothing_table),
               ("train_speed_256*_h200.json", train_table), ("small_train_speed_*.json", small_train_table),
               ("sample_speed_*.json", sample_table), ("short_attention_*.json", short_attention_table),
-              ("group_norm_*.json", group_norm_table))
+              ("group_norm_*.json", group_norm_table), ("tap_conv_*.json", tap_conv_table))
     for pattern, table in tables:
         for path in sorted(RESULTS.glob(pattern)):
             print(table(json.loads(path.read_text())), end="\n\n")

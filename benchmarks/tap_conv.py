@@ -50,6 +50,8 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="also list the kernels of the compiled forms")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("this benchmark times CUDA kernels: run it on a GPU (tests/test_tapconv.py checks them on the CPU)")
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name()
     print(f"{card}, torch {torch.__version__}, bf16 channels-last, no grad")

@@ -26,6 +26,7 @@ from .plan import ChunkPlan, nearest_kept
 from .precision import set_fp32_router_dechunk
 from .routing import Router, RouterOutput
 from .scaffold import ChunkEncoder, DeChunkDecoder, FinalLayer, ResBlock
+from .tapconv import TapConv2d, conv3x3_taps
 from .wrapping import ChunkWrapper, summary, unwrap, wrap
 
 __version__ = "0.1.0"
@@ -48,6 +49,8 @@ __all__ = [
     "DeChunkDecoder",
     "FinalLayer",
     "ResBlock",
+    "TapConv2d",
+    "conv3x3_taps",
     "Router",
     "RouterOutput",
     "TimestepAdaptiveBudget",

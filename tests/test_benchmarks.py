@@ -173,6 +173,16 @@ def test_step_speed_rows_and_scaffold_share(tmp_path, benchmarks):
     assert b["scaffold_time_share"] is None and b["scaffold_time_share_bf16_routing"] > 0
     report = _load("report")
     assert "Scaffold alone, bf16 routing:" in report.step_table(b)
+    # --cudnn-narrowing: every DC-DiT row and scaffold twice, the decoder's narrowing conv through cuDNN in the twin
+    n = step_speed.main(["--tiny", "--no-compile", "--no-masked", "--fill-capacity", "--bf16-routing",
+                         "--bf16-weights-only", "--cudnn-narrowing", "--rounds", "1", "--rows", "rho=0.4|scaffold"])
+    twin = ", cuDNN narrowing conv"
+    assert {"DC-DiT-XL rho=0.4 filled, bf16 routing" + twin + ", bf16 weights",
+            "DC-DiT-XL scaffold only, bf16 routing" + twin + ", bf16 weights",
+            "DC-DiT-XL rho=0.4 filled, bf16 routing, bf16 weights"} <= set(rows_of(n))
+    by = {r["row"]: r for r in n["rows"]}
+    assert by["DC-DiT-XL rho=0.4 filled" + twin + ", bf16 weights"]["flops"] == by[
+        "DC-DiT-XL rho=0.4 filled, bf16 weights"]["flops"]  # the same convolution, counted alike
     # --ab-options: every row again, compiled with those options, against the DiT-XL/2 compiled the same way
     ab = step_speed.main(["--tiny", "--no-compile", "--no-masked", "--fill-capacity", "--bf16-weights-only",
                           "--rounds", "1", "--rows", "rho=0.4", "--ab-options", "max_autotune_pointwise=True"])
@@ -196,6 +206,31 @@ def test_release_table_shows_each_row_against_the_release_and_dit():
            "dit_ms": 33.0, "ours_over_release": 58.0 / 31.0, "release_over_dit": 33.0 / 58.0, "ours_over_dit": 33.0 / 31.0}
     text = report.release_table({"card": "H100", "torch": "2.11", "size": 256, "batch": 64, "command": "c", "rows": [row]})
     assert "| rho=0.4 | 154 / 160 | 58.00 | 31.00 | 1.87x | 33.00 | 0.57x | 1.06x |" in text
+
+
+def test_tap_conv_table_shows_every_form_and_the_profiles():
+    report = _load("report")
+    data = {"card": "H200", "torch": "2.11", "command": "c", "rows": [
+        {"shape": [64, 1152, 288, 32], "form": "cuDNN conv", "ms": 1.13, "tflops": 346.0, "rel_err": 3.9e-3},
+        {"shape": [64, 1152, 288, 32], "form": "taps GEMM alone", "ms": 0.5583, "tflops": 701.0, "rel_err": None}],
+        "profiles": {"scaffold only, taps narrowing conv": {"nvjet_gemm": 0.501, "_tap_sum_kernel": 0.107}}}
+    text = report.tap_conv_table(data)
+    assert "| 64 x 1152 -> 288, 32x32 | cuDNN conv | 1.1300 | 346 | 3.9e-03 |" in text
+    assert "| 64 x 1152 -> 288, 32x32 | taps GEMM alone | 0.5583 | 701 | - |" in text
+    assert "| 0.107 | `_tap_sum_kernel` |" in text and "scaffold only, taps narrowing conv" in text
+
+
+def test_tap_conv_benchmark_asks_for_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tap_conv_bench", ROOT / "benchmarks" / "tap_conv.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit):
+        module.main([])
+    assert "run it on a GPU" in capsys.readouterr().err
 
 
 def test_attention_and_group_norm_tables_show_every_measured_row():
