@@ -263,6 +263,8 @@ def tap_conv_table(data: dict) -> str:
     for name, kernels in data.get("profiles", {}).items():
         lines += ["", f"{name}, GPU ms per call, heaviest kernels:", "", "| ms | kernel |", "|---|---|"]
         lines += [f"| {ms:.3f} | `{k[:90]}` |" for k, ms in list(kernels.items())[:8]]
+    if data.get("note"):
+        lines += ["", f"Note: {data['note']}."]
     return "\n".join(lines)
 
 
