@@ -20,7 +20,7 @@ from .grid import conv_nd, norm_groups, to_grid, to_tokens
 from .plan import ChunkPlan
 from .precision import FP32Module, RMSNorm
 from .routing import RouterOutput
-from .tapconv import TapConv2d
+from .tapconv import TAPS_FASTER, TapConv2d
 
 __all__ = ["ResBlock", "ChunkEncoder", "DeChunkDecoder", "FinalLayer"]
 
@@ -41,10 +41,10 @@ class ResBlock(nn.Module):
     ``min(in_channels, out_channels)``, so a widening block widens in its second conv
     and a narrowing block narrows in its first.
 
-    When sampling on a GPU in bf16/fp16 (no grad), a 2-D first conv that narrows 4x or more to at
-    least 256 channels (the decoder's ``d -> d/4`` from DC-DiT-L up) runs as one GEMM of its taps
-    plus their shifted sum (:func:`~chunkformer.tapconv.conv3x3_taps`): cuDNN's kernel for that
-    shape trails its others. Set ``taps_narrowing = False`` to keep cuDNN.
+    A 2-D narrowing block's first conv is a :class:`~chunkformer.tapconv.TapConv2d`, which can run
+    as one GEMM of its taps plus their shifted sum when sampling on a GPU in bf16/fp16 (no grad).
+    ``taps_narrowing`` turns that on; it starts on for the shapes where it measured faster than
+    cuDNN (``TAPS_FASTER``: DC-DiT-XL's ``1152 -> 288``).
     """
 
     def __init__(
@@ -61,8 +61,9 @@ class ResBlock(nn.Module):
         fk = {"device": device, "dtype": dtype}
         inner = min(in_channels, out_channels)
         self.norm1 = nn.GroupNorm(norm_groups(in_channels, 32), in_channels, **fk)
-        if ndim == 2 and in_channels >= 4 * out_channels and out_channels >= 256:  # see taps_narrowing
+        if ndim == 2 and in_channels > out_channels:  # see taps_narrowing
             self.conv1 = TapConv2d(in_channels, inner, **fk)
+            self.conv1.use_taps = (in_channels, inner) in TAPS_FASTER
         else:
             self.conv1 = conv_nd(ndim, in_channels, inner, 3, padding=1, **fk)
         self.cond = nn.Linear(cond_dim, inner, **fk) if cond_dim else None
@@ -82,7 +83,7 @@ class ResBlock(nn.Module):
     @taps_narrowing.setter
     def taps_narrowing(self, enabled: bool) -> None:
         if enabled and not isinstance(self.conv1, TapConv2d):
-            raise ValueError("only a 2-D block narrowing 4x or more to >= 256 channels has a taps path")
+            raise ValueError("only a 2-D narrowing block (in_channels > out_channels) has a taps path")
         if isinstance(self.conv1, TapConv2d):
             self.conv1.use_taps = enabled
 

@@ -30,7 +30,12 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
-__all__ = ["TapConv2d", "conv3x3_taps", "tap_sum", "tap_weights"]
+__all__ = ["TAPS_FASTER", "TapConv2d", "conv3x3_taps", "tap_sum", "tap_weights"]
+
+# (cin, cout) where the taps form measured faster than cuDNN inside a compiled DC-DiT step (H200, bf16;
+# docs/performance.md): ResBlock turns it on for these only. DC-DiT-L's (1024, 256) was slower alone (0.52 vs
+# 0.45 ms), and no other shape has been timed.
+TAPS_FASTER: frozenset[tuple[int, int]] = frozenset({(1152, 288)})
 
 
 def tap_weights(weight: Float[Tensor, "cout cin 3 3"]) -> Float[Tensor, "taps_cout cin"]:

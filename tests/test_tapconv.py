@@ -62,18 +62,23 @@ def test_bad_shapes_are_refused_with_the_expected_layout():
 
 
 def test_resblock_takes_the_taps_path_only_where_it_is_meant_to():
-    """A 4x-narrowing block to >= 256 channels is marked; the marked block on the CPU (no CUDA) and every
-    block under grad run cuDNN / the plain conv, so outputs equal an unmarked twin's exactly."""
-    assert ResBlock(1152, 288, None).taps_narrowing and ResBlock(1024, 256, None).taps_narrowing
-    assert not ResBlock(768, 192, None).taps_narrowing  # DC-DiT-B's decoder: left to cuDNN
+    """Narrowing 2-D blocks get a TapConv2d, on by default only for the measured shape; the marked block on the CPU
+    (no CUDA) runs the plain conv, so its outputs equal an unmarked twin's exactly."""
+    assert ResBlock(1152, 288, None).taps_narrowing  # DC-DiT-XL's decoder, in TAPS_FASTER
+    for cin, cout in ((1024, 256), (768, 192)):  # L and B: a taps path, off until timed
+        block = ResBlock(cin, cout, None)
+        assert isinstance(block.conv1, TapConv2d) and not block.taps_narrowing
+        block.taps_narrowing = True
+        assert block.conv1.use_taps
     assert not ResBlock(288, 288, None).taps_narrowing and not ResBlock(1152, 288, None, ndim=1).taps_narrowing
     with pytest.raises(ValueError, match="has a taps path"):
-        ResBlock(768, 192, None).taps_narrowing = True
+        ResBlock(288, 1152, None).taps_narrowing = True  # widening: conv1 is a plain conv
     marked = ResBlock(1152, 288, None)
-    assert isinstance(marked.conv1, TapConv2d) and isinstance(marked.conv1, torch.nn.Conv2d)
-    assert marked.state_dict().keys() == ResBlock(768, 192, None).state_dict().keys()  # checkpoints load as before
+    assert isinstance(marked.conv1, torch.nn.Conv2d)
+    assert marked.state_dict().keys() == ResBlock(1152, 288, None, ndim=1).state_dict().keys()  # checkpoints load as before
     torch.manual_seed(0)
     block = ResBlock(1024, 256, 8).eval()
+    block.taps_narrowing = True
     x, c = torch.randn(1, 1024, 3, 3), torch.randn(1, 8)
     with torch.no_grad():
         marked = block(x, c)
