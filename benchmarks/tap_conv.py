@@ -15,7 +15,6 @@ scaffold alone (256px, bf16 weights and routing, filled) with the taps path and 
 model's heaviest kernels listed: where a compiled graph spends what the eager form does not.
 """
 
-
 import argparse
 import sys
 from pathlib import Path
@@ -51,27 +50,39 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        ap.error("this benchmark times CUDA kernels: run it on a GPU (tests/test_tapconv.py checks them on the CPU)")
+        ap.error(
+            "this benchmark times CUDA kernels: run it on a GPU (tests/test_tapconv.py checks them on the CPU)"
+        )
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name()
     print(f"{card}, torch {torch.__version__}, bf16 channels-last, no grad")
     rows, profiles = [], {}
     with torch.no_grad():
         for B, cin, cout, side in SHAPES:
-            x = torch.randn(B, cin, side, side, device=dev).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            x = (
+                torch.randn(B, cin, side, side, device=dev)
+                .to(torch.bfloat16)
+                .contiguous(memory_format=torch.channels_last)
+            )
             w = (torch.randn(cout, cin, 3, 3, device=dev) / (3 * cin**0.5)).to(torch.bfloat16)
             bias = torch.randn(cout, device=dev).to(torch.bfloat16)
             ref = F.conv2d(x.double(), w.double(), bias.double(), padding=1)
             flops = 2 * B * side * side * cin * cout * 9
-            taps = torch.nn.functional.linear(x.permute(0, 2, 3, 1), tapconv.tap_weights(w)).unflatten(-1, (9, cout))
+            taps = torch.nn.functional.linear(x.permute(0, 2, 3, 1), tapconv.tap_weights(w)).unflatten(
+                -1, (9, cout)
+            )
             out = torch.empty(B, side, side, cout, device=dev, dtype=torch.bfloat16)
-            forms = {"cuDNN conv": lambda: F.conv2d(x, w, bias, padding=1),
-                     "taps GEMM + Triton sum": lambda: tapconv.conv3x3_taps(x, w, bias),
-                     "taps GEMM + Triton sum, compiled": torch.compile(lambda: tapconv.conv3x3_taps(x, w, bias)),
-                     "taps GEMM alone": lambda: F.linear(x.permute(0, 2, 3, 1), tapconv.tap_weights(w)),
-                     "shifted sum alone, default tiles": lambda: tapconv.launch_tap_sum(taps, bias, out)}
+            forms = {
+                "cuDNN conv": lambda: F.conv2d(x, w, bias, padding=1),
+                "taps GEMM + Triton sum": lambda: tapconv.conv3x3_taps(x, w, bias),
+                "taps GEMM + Triton sum, compiled": torch.compile(lambda: tapconv.conv3x3_taps(x, w, bias)),
+                "taps GEMM alone": lambda: F.linear(x.permute(0, 2, 3, 1), tapconv.tap_weights(w)),
+                "shifted sum alone, default tiles": lambda: tapconv.launch_tap_sum(taps, bias, out),
+            }
             for tiles in TILES:
-                forms[f"shifted sum alone, tiles {tiles}"] = lambda tiles=tiles: tapconv.launch_tap_sum(taps, bias, out, tiles)
+                forms[f"shifted sum alone, tiles {tiles}"] = lambda tiles=tiles: tapconv.launch_tap_sum(
+                    taps, bias, out, tiles
+                )
             for name, fn in forms.items():
                 res = fn()
                 err = None
@@ -81,13 +92,23 @@ def main(argv=None):
                     cmp = tapconv.tap_sum_reference(taps, bias).permute(0, 2, 3, 1)
                     err = float((res.double() - cmp.double()).abs().max() / cmp.double().abs().max())
                 t = ms(fn)
-                row = {"shape": [B, cin, cout, side], "form": name, "ms": t, "tflops": flops / t / 1e9, "rel_err": err}
+                row = {
+                    "shape": [B, cin, cout, side],
+                    "form": name,
+                    "ms": t,
+                    "tflops": flops / t / 1e9,
+                    "rel_err": err,
+                }
                 rows.append(row)
-                print(f"{B}x{cin}->{cout} {side}x{side}  {name:<40} {t:8.4f} ms {row['tflops']:6.0f} TFLOP/s  "
-                      f"err {err if err is None else f'{err:.1e}'}", flush=True)
+                print(
+                    f"{B}x{cin}->{cout} {side}x{side}  {name:<40} {t:8.4f} ms {row['tflops']:6.0f} TFLOP/s  "
+                    f"err {err if err is None else f'{err:.1e}'}",
+                    flush=True,
+                )
             if args.profile:
                 profiles[f"taps compiled {B}x{cin}->{cout} {side}x{side}"] = kernels(
-                    forms["taps GEMM + Triton sum, compiled"])
+                    forms["taps GEMM + Triton sum, compiled"]
+                )
         if args.profile:
             profiles.update(scaffold_kernels(dev))
     for name, ks in profiles.items():
@@ -106,8 +127,11 @@ def kernels(fn, reps: int = 10) -> dict[str, float]:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    per = {e.key: e.self_device_time_total / 1e3 / reps for e in prof.key_averages()
-           if e.device_type.name == "CUDA" and e.self_device_time_total > 0}
+    per = {
+        e.key: e.self_device_time_total / 1e3 / reps
+        for e in prof.key_averages()
+        if e.device_type.name == "CUDA" and e.self_device_time_total > 0
+    }
     return dict(sorted(per.items(), key=lambda kv: -kv[1])[:30])
 
 
@@ -117,12 +141,26 @@ def scaffold_kernels(dev) -> dict[str, dict[str, float]]:
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 4, 32, 32, generator=g).to(dev)
-    t, y = torch.randint(0, 1000, (64,), generator=g).to(dev), torch.randint(0, 1000, (64,), generator=g).to(dev)
+    t, y = (
+        torch.randint(0, 1000, (64,), generator=g).to(dev),
+        torch.randint(0, 1000, (64,), generator=g).to(dev),
+    )
     out = {}
     for taps in (True, False):
         torch.manual_seed(0)
-        m = cf.create_model("DC-DiT-XL", input_size=32, depth=0, plan_mode="fixed", capacity=256, fill_capacity=True,
-                            fp32_router_dechunk=False).to(dev).eval()
+        m = (
+            cf.create_model(
+                "DC-DiT-XL",
+                input_size=32,
+                depth=0,
+                plan_mode="fixed",
+                capacity=256,
+                fill_capacity=True,
+                fp32_router_dechunk=False,
+            )
+            .to(dev)
+            .eval()
+        )
         torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)
         for block in m.modules():
             if isinstance(block, cf.ResBlock):
@@ -130,7 +168,9 @@ def scaffold_kernels(dev) -> dict[str, dict[str, float]]:
         m = m.to(torch.bfloat16)
         fn = torch.compile(m)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out[f"scaffold only, {'taps' if taps else 'cuDNN'} narrowing conv"] = kernels(lambda fn=fn: fn(x, t, y))
+            out[f"scaffold only, {'taps' if taps else 'cuDNN'} narrowing conv"] = kernels(
+                lambda fn=fn: fn(x, t, y)
+            )
     return out
 
 

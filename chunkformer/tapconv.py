@@ -11,10 +11,10 @@ to its nine neighbours; output cell ``(i, j)`` then sums tap ``(a, b)`` of cell 
 j + b - 1)`` over the nine offsets, in fp32, with zeros outside the grid. The same sum as the
 convolution in another order. It pays where cuDNN's kernel for a shape is slow: DC-DiT-XL's
 narrowing ``1152 -> 288`` conv, which cuDNN runs at about 360 TFLOP/s on an H100 against 600
-for the scaffold's other convs. The shifted sum is a Triton kernel on CUDA, wrapped as a custom op
-that ``torch.compile`` treats as opaque (it neither fuses it into its neighbours nor copies the
-tap tensor around it), and plain torch elsewhere. Forward only: training keeps cuDNN (``ResBlock`` takes this path only
-without grad).
+for the scaffold's other convs. The shifted sum is a Triton kernel on CUDA, wrapped as a custom
+op that ``torch.compile`` treats as opaque (it neither fuses it into its neighbours nor copies
+the tap tensor around it), and plain torch elsewhere. Forward only: :class:`TapConv2d` takes
+this path only without grad, so training keeps cuDNN.
 """
 
 import torch
@@ -59,11 +59,14 @@ def tap_sum_reference(taps: Tensor, bias: Tensor | None = None) -> Tensor:
     return rearrange(out.to(taps.dtype), "b h w c -> b c h w")  # channels-last
 
 
-def tap_sum(taps: Float[Tensor, "batch h w 9 c"], bias: Float[Tensor, "c"] | None = None) -> Float[Tensor, "batch c h w"]:
+def tap_sum(
+    taps: Float[Tensor, "batch h w 9 c"], bias: Float[Tensor, "c"] | None = None
+) -> Float[Tensor, "batch c h w"]:
     """Shifted sum of per-cell taps: ``out[b, i, j] = sum_k taps[b, i + a_k - 1, j + b_k - 1, k] (+ bias)``.
 
-    ``taps`` ``(B, H, W, 9, C)`` as :func:`conv3x3_taps`'s GEMM writes it; the sum is fp32, the
-    output a channels-last ``(B, C, H, W)`` in ``taps``' dtype (fp64 taps sum in fp64). A Triton kernel on CUDA, torch elsewhere.
+    ``taps`` ``(B, H, W, 9, C)`` as :func:`conv3x3_taps`'s GEMM writes it; the sum is fp32 (fp64
+    for fp64 taps), the output a channels-last ``(B, C, H, W)`` in ``taps``' dtype. A Triton
+    kernel on CUDA, torch elsewhere.
     """
     if taps.ndim != 5 or taps.shape[3] != 9:
         raise ValueError(f"expected taps of shape (batch, h, w, 9, channels), got {tuple(taps.shape)}")
@@ -75,7 +78,9 @@ def tap_sum(taps: Float[Tensor, "batch h w 9 c"], bias: Float[Tensor, "c"] | Non
 
 
 def conv3x3_taps(
-    x: Float[Tensor, "batch cin h w"], weight: Float[Tensor, "cout cin 3 3"], bias: Float[Tensor, "cout"] | None = None
+    x: Float[Tensor, "batch cin h w"],
+    weight: Float[Tensor, "cout cin 3 3"],
+    bias: Float[Tensor, "cout"] | None = None,
 ) -> Float[Tensor, "batch cout h w"]:
     """``F.conv2d(x, weight, bias, padding=1)`` as one GEMM of its taps plus :func:`tap_sum`.
 
@@ -83,9 +88,12 @@ def conv3x3_taps(
     Feed ``x`` channels-last, so the GEMM reads it in place.
     """
     if x.ndim != 4 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x must be (batch, {weight.shape[1]}, h, w) for these weights, got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must be (batch, {weight.shape[1]}, h, w) for these weights, got {tuple(x.shape)}"
+        )
     # cells as rows, channels contiguous: free for a channels-last x, and under torch.compile it makes the
-    # producer write that layout (left to itself inductor wrote NCHW and cuBLAS ran the transposed GEMM 3x slower)
+    # producer write that layout (left to itself, inductor wrote NCHW and cuBLAS ran the transposed
+    # GEMM 3x slower)
     rows = rearrange(x, "b c h w -> b h w c").contiguous()  # (B, H, W, cin)
     taps = F.linear(rows, tap_weights(weight))  # (B, H, W, 9 * cout)
     return tap_sum(rearrange(taps, "b h w (k c) -> b h w k c", k=9), bias)  # (B, cout, H, W), channels-last
@@ -112,8 +120,22 @@ class TapConv2d(nn.Conv2d):
 if triton is not None:
 
     @triton.jit
-    def _tap_sum_kernel(T, BIAS, OUT, H, W, C, s_b, s_h, s_w, s_k, s_c,
-                        HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _tap_sum_kernel(
+        T,
+        BIAS,
+        OUT,
+        H,
+        W,
+        C,
+        s_b,
+        s_h,
+        s_w,
+        s_k,
+        s_c,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         """Program (sample * row, column block, channel block): fp32 sum of the nine shifted taps.
 
         ``T`` is read through its strides (any layout inductor hands over); ``OUT`` is a contiguous
@@ -146,16 +168,31 @@ if triton is not None:
         return min(16, triton.next_power_of_2(width)), 64, 4
 
     def launch_tap_sum(taps: Tensor, bias: Tensor | None, out: Tensor, tiles=None) -> Tensor:
-        """Launch the kernel on ``taps`` ``(B, H, W, 9, C)`` (any strides) into a contiguous ``out`` ``(B, H, W, C)``."""
+        """Launch the kernel on ``taps`` ``(B, H, W, 9, C)`` (any strides) into a contiguous
+        ``out`` ``(B, H, W, C)``."""
         B, H, W, _, C = taps.shape
         block_w, block_c, warps = tiles or tap_sum_tiles(W, C)
         grid = (B * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))
-        _tap_sum_kernel[grid](taps, bias if bias is not None else taps, out, H, W, C, *taps.stride(),
-                             HAS_BIAS=bias is not None, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+        _tap_sum_kernel[grid](
+            taps,
+            bias if bias is not None else taps,
+            out,
+            H,
+            W,
+            C,
+            *taps.stride(),
+            HAS_BIAS=bias is not None,
+            BLOCK_W=block_w,
+            BLOCK_C=block_c,
+            num_warps=warps,
+        )
         return out
 
-    try:  # flexible_layout: inductor hands the GEMM output over as it laid it out (padded rows included), no copy
-        _register = torch.library.custom_op("chunkformer::tap_sum", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+    # flexible_layout: inductor hands the taps over in the layout it chose (the kernel reads strides): no copy
+    try:
+        _register = torch.library.custom_op(
+            "chunkformer::tap_sum", mutates_args=(), tags=(torch.Tag.flexible_layout,)
+        )
     except (TypeError, AttributeError):  # pragma: no cover - older torch
         _register = torch.library.custom_op("chunkformer::tap_sum", mutates_args=())
 

@@ -18,8 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @settings(max_examples=25, deadline=None)
-@given(b=st.integers(1, 3), h=st.integers(1, 7), w=st.integers(1, 7), cin=st.integers(1, 9), cout=st.integers(1, 9),
-       bias=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    b=st.integers(1, 3),
+    h=st.integers(1, 7),
+    w=st.integers(1, 7),
+    cin=st.integers(1, 9),
+    cout=st.integers(1, 9),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_taps_equal_the_padded_convolution(b, h, w, cin, cout, bias, seed):
     """Any grid (1x1 included: every neighbour is padding), any widths, with and without bias."""
     g = torch.Generator().manual_seed(seed)
@@ -70,12 +77,16 @@ def test_resblock_takes_the_taps_path_only_where_it_is_meant_to():
         assert isinstance(block.conv1, TapConv2d) and not block.taps_narrowing
         block.taps_narrowing = True
         assert block.conv1.use_taps
-    assert not ResBlock(288, 288, None).taps_narrowing and not ResBlock(1152, 288, None, ndim=1).taps_narrowing
+    assert (
+        not ResBlock(288, 288, None).taps_narrowing and not ResBlock(1152, 288, None, ndim=1).taps_narrowing
+    )
     with pytest.raises(ValueError, match="has a taps path"):
         ResBlock(288, 1152, None).taps_narrowing = True  # widening: conv1 is a plain conv
     marked = ResBlock(1152, 288, None)
     assert isinstance(marked.conv1, torch.nn.Conv2d)
-    assert marked.state_dict().keys() == ResBlock(1152, 288, None, ndim=1).state_dict().keys()  # checkpoints load as before
+    assert (
+        marked.state_dict().keys() == ResBlock(1152, 288, None, ndim=1).state_dict().keys()
+    )  # checkpoints load as before
     torch.manual_seed(0)
     block = ResBlock(1024, 256, 8).eval()
     block.taps_narrowing = True
@@ -109,5 +120,7 @@ assert torch.allclose(compiled(taps, bias), ref + 1, atol=1e-5)
 print('ok')
 """
     env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
