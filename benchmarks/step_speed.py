@@ -199,9 +199,7 @@ def main(argv=None) -> dict:
                             fill_capacity=fill, fp32_router_dechunk=fp32, **kw).to(device).eval()
         torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)  # keep everything; capacity is the budget
         if not taps:  # the decoder's narrowing conv through cuDNN instead of its taps GEMM + shifted sum
-            for block in m.modules():
-                if isinstance(block, cf.ResBlock):
-                    block.taps_narrowing = False
+            cf.set_taps_narrowing(m, False)
         return m.to(weights)
 
     cases = []  # (row, step function, FLOPs per sample, kept, baseline): timed together at the end

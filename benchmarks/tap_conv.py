@@ -162,9 +162,8 @@ def scaffold_kernels(dev) -> dict[str, dict[str, float]]:
             .eval()
         )
         torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)
-        for block in m.modules():
-            if isinstance(block, cf.ResBlock):
-                block.taps_narrowing = block.taps_narrowing and taps
+        if not taps:
+            cf.set_taps_narrowing(m, False)
         m = m.to(torch.bfloat16)
         fn = torch.compile(m)
         with torch.autocast("cuda", dtype=torch.bfloat16):

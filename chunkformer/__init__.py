@@ -26,7 +26,7 @@ from .plan import ChunkPlan, nearest_kept
 from .precision import set_fp32_router_dechunk
 from .routing import Router, RouterOutput
 from .scaffold import ChunkEncoder, DeChunkDecoder, FinalLayer, ResBlock
-from .tapconv import TapConv2d, conv3x3_taps
+from .tapconv import TapConv2d, conv3x3_taps, set_taps_narrowing
 from .wrapping import ChunkWrapper, summary, unwrap, wrap
 
 __version__ = "0.1.0"
@@ -51,6 +51,7 @@ __all__ = [
     "ResBlock",
     "TapConv2d",
     "conv3x3_taps",
+    "set_taps_narrowing",
     "Router",
     "RouterOutput",
     "TimestepAdaptiveBudget",

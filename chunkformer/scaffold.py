@@ -63,7 +63,7 @@ class ResBlock(nn.Module):
         self.norm1 = nn.GroupNorm(norm_groups(in_channels, 32), in_channels, **fk)
         if ndim == 2 and in_channels > out_channels:  # see taps_narrowing
             self.conv1 = TapConv2d(in_channels, inner, **fk)
-            self.conv1.use_taps = (in_channels, inner) in TAPS_FASTER
+            self.conv1.use_taps = (in_channels, inner) in TAPS_FASTER  # cf.set_taps_narrowing changes it
         else:
             self.conv1 = conv_nd(ndim, in_channels, inner, 3, padding=1, **fk)
         self.cond = nn.Linear(cond_dim, inner, **fk) if cond_dim else None

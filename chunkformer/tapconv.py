@@ -30,7 +30,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
-__all__ = ["TAPS_FASTER", "TapConv2d", "conv3x3_taps", "tap_sum", "tap_weights"]
+__all__ = ["TAPS_FASTER", "TapConv2d", "conv3x3_taps", "set_taps_narrowing", "tap_sum", "tap_weights"]
 
 # (cin, cout) where the taps form measured faster than cuDNN inside a compiled DC-DiT step (H200, bf16;
 # docs/performance.md): ResBlock turns it on for these only. DC-DiT-L's (1024, 256) was slower alone (0.52 vs
@@ -116,6 +116,27 @@ class TapConv2d(nn.Conv2d):
             return conv3x3_taps(x, self.weight, self.bias)  # (B, cout, H, W), channels-last
         return super().forward(x)
 
+
+
+def set_taps_narrowing(model: nn.Module, enabled: bool | None) -> int:
+    """Choose the path of every :class:`TapConv2d` in ``model`` (the decoder's narrowing conv): ``True``
+    the taps when sampling on a GPU, ``False`` cuDNN, ``None`` the default (taps for the shapes in
+    ``TAPS_FASTER``). Returns the number of convs set; raises if ``model`` has none.
+
+        import chunkformer as cf
+        model = cf.create_model("DC-DiT-S", input_size=16, depth=1)
+        assert cf.set_taps_narrowing(model, False) == 1
+    """
+    convs = [m for m in model.modules() if isinstance(m, TapConv2d)]
+    if not convs:
+        raise ValueError(
+            f"{type(model).__name__} has no TapConv2d: only 2-D scaffolds with a narrowing ResBlock "
+            "(DC-DiT's decoder) have one"
+        )
+    for conv in convs:
+        default = (conv.in_channels, conv.out_channels) in TAPS_FASTER
+        conv.use_taps = default if enabled is None else bool(enabled)
+    return len(convs)
 
 if triton is not None:
 

@@ -124,3 +124,16 @@ print('ok')
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+def test_set_taps_narrowing_switches_every_narrowing_conv_of_a_model():
+    import chunkformer as cf
+
+    model = cf.create_model("DC-DiT-S", input_size=8, depth=1)  # decoder 384 -> 96: a TapConv2d, off by default
+    (conv,) = [m for m in model.modules() if isinstance(m, TapConv2d)]
+    assert not conv.use_taps
+    assert cf.set_taps_narrowing(model, True) == 1 and conv.use_taps
+    assert cf.set_taps_narrowing(model, None) == 1 and not conv.use_taps  # back to TAPS_FASTER's choice
+    assert cf.set_taps_narrowing(model, False) == 1 and not conv.use_taps
+    with pytest.raises(ValueError, match="has no TapConv2d"):
+        cf.set_taps_narrowing(cf.create_model("DiT-S/2", input_size=8, depth=1), False)
