@@ -34,6 +34,10 @@ between runs on an H100, and drift over a run must not fall on the rows timed la
 its heuristic choice for the scaffold's 3x3 ``1152 -> 288`` conv runs at about 370 TFLOP/s on an
 H100, against about 580 for the ``288 -> 288`` ones (``scaffold_ops.py``).
 
+``--cudnn-narrowing`` adds the cuDNN twin of every DC-DiT row and scaffold: the decoder's narrowing
+conv through cuDNN (``cf.set_taps_narrowing(model, False)``) instead of the GEMM of its taps that
+DC-DiT-XL samples with by default, so one process times both paths on one card.
+
 ``--bf16-weights`` adds DiT-XL/2 (plain and CFG) and every DC-DiT variant's rho / Lite-CFG rows
 with their weights cast to bf16 once (``model.to(torch.bfloat16)``; DC-DiT's fp32 router and
 de-chunk residual stay fp32), under the same autocast, each DC-DiT row against the bf16-weight
