@@ -35,7 +35,7 @@ import triton.language as tl
 from einops import reduce
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_speed import save_result  # noqa: E402
+from step_speed import cuda_ms, save_result  # noqa: E402
 
 SHAPES = ((64, 288, 32, 32), (64, 1152, 32, 32), (16, 288, 64, 64))
 GROUPS, EPS = 32, 1e-5
@@ -129,19 +129,6 @@ def triton_sums(weight, bias):
     return f
 
 
-def ms(fn, x, reps=100) -> float:
-    for _ in range(5):
-        fn(x)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn(x)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None)
@@ -167,7 +154,7 @@ def main(argv=None):
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                     out = fn(x)
                     err = float(((out.double() - ref).abs().max() / ref.abs().max()))
-                    t = ms(fn, x) if offset == 0.0 else float("nan")
+                    t = cuda_ms(fn, 100, x) if offset == 0.0 else float("nan")
                 row = {"shape": list(shape), "offset": offset, "variant": name, "ms": t, "rel_err": err,
                        "tb_per_s": 2 * x.numel() * 2 / (t * 1e-3) / 1e12 if offset == 0.0 else None}
                 rows.append(row)

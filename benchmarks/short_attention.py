@@ -164,19 +164,6 @@ CONFIGS = [KernelConfig(64, 32, 4, 2), KernelConfig(64, 64, 4, 2), KernelConfig(
            KernelConfig(32, 32, 4, 2), KernelConfig(64, 32, 4, 1), KernelConfig(32, 64, 2, 2)]
 
 
-def ms(fn, reps=200) -> float:
-    for _ in range(10):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", type=int, default=16)
@@ -185,7 +172,12 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     dev, H, D = torch.device("cuda"), args.heads, args.head_dim
+    from step_speed import cuda_ms, save_result  # benchmarks/ is on the path as a script
     from torch.nn.attention.flex_attention import flex_attention
+
+    def ms(fn):
+        return cuda_ms(fn, 200, warmup=10)
+
     flex = torch.compile(flex_attention)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {H} heads of {D}")
     rows = []
@@ -241,8 +233,6 @@ def main(argv=None):
         print(f"{shape:<14}{r['ideal']:>8.4f}{r['sdpa + copy']:>11.4f}{r.get('flex', float('nan')):>8.4f}"
               f"{dflt:>12.4f}{best:>12.4f}  {r['triton best']}")
     if args.out:
-        from step_speed import save_result
-
         save_result(args.out, torch.cuda.get_device_name(), heads=H, head_dim=D, rows=rows)
 
 

@@ -117,6 +117,21 @@ def set_inductor_config(settings: list[str]) -> dict:
     return applied
 
 
+def cuda_ms(fn, reps: int, *args, warmup: int = 5) -> float:
+    """GPU ms per call of ``fn(*args)`` between two CUDA events, after ``warmup`` calls (a kernel benchmark's
+    clock; ``step_ms`` times whole steps on the host clock, CPU included)."""
+    for _ in range(warmup):
+        fn(*args)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn(*args)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def step_ms(fn, reps: int, *args) -> float:
     for _ in range(3):
         fn(*args)

@@ -25,23 +25,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chunkformer import tapconv  # noqa: E402
-from step_speed import save_result  # noqa: E402
+from step_speed import cuda_ms, save_result  # noqa: E402
 
 SHAPES = ((64, 1152, 288, 32), (16, 1152, 288, 64), (64, 1024, 256, 32))  # (batch, cin, cout, grid side)
 TILES = ((32, 32, 4), (32, 64, 4), (16, 32, 2), (64, 32, 4), (16, 64, 4), (32, 32, 8), (8, 32, 1))
-
-
-def ms(fn, reps=50) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main(argv=None):
@@ -91,7 +78,7 @@ def main(argv=None):
                 elif name.startswith("shifted"):
                     cmp = tapconv.tap_sum_reference(taps, bias).permute(0, 2, 3, 1)
                     err = float((res.double() - cmp.double()).abs().max() / cmp.double().abs().max())
-                t = ms(fn)
+                t = cuda_ms(fn, 50)
                 row = {
                     "shape": [B, cin, cout, side],
                     "form": name,
@@ -122,7 +109,7 @@ def kernels(fn, reps: int = 10) -> dict[str, float]:
     """GPU ms per call of each kernel ``fn`` launches, heaviest first (top 30)."""
     from torch.profiler import ProfilerActivity, profile
 
-    ms(fn, 3)
+    cuda_ms(fn, 3)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
