@@ -12,7 +12,10 @@ quarter of the grid), compiled once per variant of ``VARIANTS``:
 * ``combo-kernels``: independent small kernels launched as one;
 * ``pointwise-autotune``: more configurations timed for each pointwise and reduction kernel;
 * ``max-autotune``: ``mode="max-autotune-no-cudagraphs"``, GEMM and conv templates timed against
-  cuBLAS and cuDNN.
+  cuBLAS and cuDNN (more than 9 minutes of compiling on an H100);
+* ``multi-kernel``: every reduction compiled both persistent (one read of each row) and looped,
+  the faster picked when it first runs; by default a reduction over more than 1024 elements, such
+  as a norm over ``d = 1152`` channels, is looped and reads its input twice.
 
 Every variant is compiled and warmed, then all are timed in interleaved rounds (median round).
 Columns: compile seconds (first call), GPU ms per call, ratio to ``default`` and the largest
@@ -40,6 +43,8 @@ VARIANTS = {  # name -> torch.compile keyword arguments
     "combo-kernels": {"options": {"combo_kernels": True}},
     "pointwise-autotune": {"options": {"max_autotune_pointwise": True}},
     "max-autotune": {"mode": "max-autotune-no-cudagraphs"},
+    "multi-kernel": {"options": {"triton.multi_kernel": 1}},
+    "multi-kernel + coordinate-descent": {"options": {"triton.multi_kernel": 1, "coordinate_descent_tuning": True}},
 }
 
 
@@ -110,9 +115,9 @@ def main(argv=None) -> dict:
                      "max_abs_diff": diff, "rounds": times[name]})
     head = (f"{card}, torch {torch.__version__}, DC-DiT-XL scaffold only, {args.size}px, batch {inputs[0].shape[0]}, "
             "bf16 weights + routing, filled, median of interleaved rounds")
-    print(f"\n{head}\n{'variant':22s} {'compile s':>9s} {'ms':>8s} {'speed-up':>8s} {'max |diff|':>10s}")
+    print(f"\n{head}\n{'variant':34s} {'compile s':>9s} {'ms':>8s} {'speed-up':>8s} {'max |diff|':>10s}")
     for r in rows:
-        print(f"{r['variant']:22s} {r['compile_s']:9.0f} {r['ms']:8.3f} {r['vs_default']:8.3f} {r['max_abs_diff']:10.2e}")
+        print(f"{r['variant']:34s} {r['compile_s']:9.0f} {r['ms']:8.3f} {r['vs_default']:8.3f} {r['max_abs_diff']:10.2e}")
     for name, ks in profiles.items():
         print(f"\n{name}: GPU ms per call by kernel")
         for k, v in list(ks.items())[:12]:
