@@ -268,6 +268,26 @@ def tap_conv_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _sci(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
+def scaffold_compile_table(data: dict) -> str:
+    """benchmarks/scaffold_compile.py: the scaffold alone under each inductor setting (+ kernel profiles)."""
+    lines = [f"{data['card']}, torch {data['torch']}, DC-DiT-XL scaffold only, {data['size']}px, batch {data['batch']}, "
+             f"bf16 weights + routing, filled, GPU ms per call (`{data['command']}`)", "",
+             "| variant | compile s | ms | speed-up over default | max abs difference from default |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['compile_s']:.0f} | {r['ms']:.3f} | {r['vs_default']:.3f} | {_sci(r['max_abs_diff'])} |"
+              for r in data["rows"]]
+    for name, kernels in data.get("profiles", {}).items():
+        lines += ["", f"{name}, heaviest kernels:", "", "| ms | kernel |", "|---|---|"]
+        lines += [f"| {ms:.3f} | `{k[:90]}` |" for k, ms in list(kernels.items())[:8]]
+    if data.get("note"):
+        lines += ["", f"Note: {data['note']}."]
+    return "\n".join(lines)
+
+
 PLOTTED = ("step_speed_256_bf16w_h100.json", "step_speed_512_bf16w_h100.json")  # the step-time figure's runs
 
 
@@ -281,7 +301,8 @@ def main() -> None:
               ("scaffold_profile_*.json", scaffold_table), ("smoothing_*.json", smoothing_table),
               ("train_speed_256*_h200.json", train_table), ("small_train_speed_*.json", small_train_table),
               ("sample_speed_*.json", sample_table), ("short_attention_*.json", short_attention_table),
-              ("group_norm_*.json", group_norm_table), ("tap_conv_*.json", tap_conv_table))
+              ("group_norm_*.json", group_norm_table), ("tap_conv_*.json", tap_conv_table),
+              ("scaffold_compile_*.json", scaffold_compile_table))
     for pattern, table in tables:
         for path in sorted(RESULTS.glob(pattern)):
             print(table(json.loads(path.read_text())), end="\n\n")

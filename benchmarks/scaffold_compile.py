@@ -19,7 +19,8 @@ quarter of the grid), compiled once per variant of ``VARIANTS``:
 
 Every variant is compiled and warmed, then all are timed in interleaved rounds (median round).
 Columns: compile seconds (first call), GPU ms per call, ratio to ``default`` and the largest
-difference of its output from ``default``'s. The scaffold is the part of the step whose time
+difference of its output from ``default``'s (the zero-initialised layers get random weights, so
+the output depends on every op). The scaffold is the part of the step whose time
 exceeds its FLOP share (``step_speed.py``), and most of that excess is memory-bound Triton
 kernels (``tap_conv.py --profile``), which is what these settings tune.
 """
@@ -63,6 +64,10 @@ def serving_scaffold(size: int, device: torch.device, batch: int | None = None):
         fill_capacity=True, fp32_router_dechunk=False,
     ).to(device).eval()
     torch.nn.init.constant_(model.router.scorer[-1].bias, 30.0)  # keep everything: the capacity decides
+    with torch.no_grad():  # zero-init layers (final layer, residual, modulations) would make the output 0
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0, 0.02)
     return model.to(torch.bfloat16), (x, t, y)
 
 

@@ -125,37 +125,17 @@ def kernels(fn, reps: int = 10) -> dict[str, float]:
 def scaffold_kernels(dev) -> dict[str, dict[str, float]]:
     """DC-DiT-XL's scaffold alone at 256px (batch 64), compiled, with the taps path and with cuDNN."""
     import chunkformer as cf
+    from scaffold_compile import serving_scaffold
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 4, 32, 32, generator=g).to(dev)
-    t, y = (
-        torch.randint(0, 1000, (64,), generator=g).to(dev),
-        torch.randint(0, 1000, (64,), generator=g).to(dev),
-    )
     out = {}
     for taps in (True, False):
-        torch.manual_seed(0)
-        m = (
-            cf.create_model(
-                "DC-DiT-XL",
-                input_size=32,
-                depth=0,
-                plan_mode="fixed",
-                capacity=256,
-                fill_capacity=True,
-                fp32_router_dechunk=False,
-            )
-            .to(dev)
-            .eval()
-        )
-        torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)
+        m, inputs = serving_scaffold(256, dev)
         if not taps:
             cf.set_taps_narrowing(m, False)
-        m = m.to(torch.bfloat16)
         fn = torch.compile(m)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out[f"scaffold only, {'taps' if taps else 'cuDNN'} narrowing conv"] = kernels(
-                lambda fn=fn: fn(x, t, y)
+                lambda fn=fn: fn(*inputs)
             )
     return out
 

@@ -233,6 +233,36 @@ def test_tap_conv_benchmark_asks_for_a_gpu(capsys):
     assert "run it on a GPU" in capsys.readouterr().err
 
 
+def test_scaffold_compile_builds_a_scaffold_whose_output_shows_every_op(capsys):
+    """The variants are compared by their outputs, so the zero-initialised layers must not zero them."""
+    bench = _load("scaffold_compile")
+    model, (x, t, y) = bench.serving_scaffold(256, torch.device("cpu"), batch=1)
+    assert model.blocks is not None and len(model.blocks) == 0  # the scaffold alone
+    assert model.capacity == 32 * 32 // 4 and model.fill_capacity
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, y)
+    assert out.shape == (1, 8, 32, 32) and out.float().std() > 0
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.main([])
+        assert "run it on a GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "default,fastest"])
+    assert "unknown variant(s) ['fastest']" in capsys.readouterr().err
+
+
+def test_scaffold_compile_table_shows_every_variant_and_missing_differences():
+    report = _load("report")
+    data = {"card": "H100", "torch": "2.11", "command": "c", "size": 256, "batch": 64, "rows": [
+        {"variant": "default", "compile_s": 24.2, "ms": 5.67, "vs_default": 1.0, "max_abs_diff": 0.0},
+        {"variant": "multi-kernel", "compile_s": 18.0, "ms": 5.505, "vs_default": 1.03, "max_abs_diff": None}],
+        "profiles": {"multi-kernel": {"triton_per_fused_rms_norm": 0.154}}, "note": "n"}
+    text = report.scaffold_compile_table(data)
+    assert "| default | 24 | 5.670 | 1.000 | 0.0e+00 |" in text
+    assert "| multi-kernel | 18 | 5.505 | 1.030 | - |" in text
+    assert "| 0.154 | `triton_per_fused_rms_norm` |" in text and text.endswith("Note: n.")
+
+
 def test_attention_and_group_norm_tables_show_every_measured_row():
     report = _load("report")
     attention = {"card": "H100", "torch": "2.11", "command": "c", "heads": 16, "head_dim": 72, "rows": [
