@@ -231,9 +231,16 @@ def short_attention_table(data: dict) -> str:
              "| batch x tokens | FLOP-scaled ideal | SDPA (cuDNN) + copy | FlexAttention | Triton candidate, best tiles |",
              "|---|---|---|---|---|"]
     for r in data["rows"]:
-        best = r["triton"][r["triton best"]]["ms"]
+        best = f"{r['triton'][r['triton best']]['ms']:.4f} ({r['triton best']})" if r.get("triton best") else "-"
         lines.append(f"| {r['batch']} x {r['tokens']} | {r['ideal']:.4f} | {r['sdpa + copy']:.4f} | "
-                     f"{r.get('flex', float('nan')):.4f} | {best:.4f} ({r['triton best']}) |")
+                     f"{r.get('flex', float('nan')):.4f} | {best} |")
+    backends = [name for name in data["rows"][0].get("backends", {})]
+    if backends:  # --sdpa-backends: each SDPA kernel forced alone, the copy included
+        lines += ["", "| batch x tokens | FLOP-scaled ideal | " + " | ".join(backends) + " |",
+                  "|---|---|" + "---|" * len(backends)]
+        for r in data["rows"]:
+            cells = ["-" if r["backends"][n] is None else f"{r['backends'][n]['ms']:.4f}" for n in backends]
+            lines.append(f"| {r['batch']} x {r['tokens']} | {r['ideal']:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

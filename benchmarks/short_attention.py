@@ -9,8 +9,9 @@ At the step benchmark's token counts (batch 64 at 160 / 208 / 256 tokens, batch 
 1024) it times one attention call as the model makes it: q, k, v are views of a fused
 ``(B, L, 3, H, dh)`` projection and the result must reach the output projection as a contiguous
 ``(B, L, H * dh)``. Rows: SDPA's default choice with the transpose copy after it, the same without
-the copy, FlexAttention compiled (no mask), and the Triton flash-attention forward below at each
-tile configuration in ``CONFIGS`` (head dim split as 64 + 16 lanes, 8 masked; one program per
+the copy, FlexAttention compiled (no mask), with ``--sdpa-backends`` each of SDPA's kernels forced
+alone (copy included), and the Triton flash-attention forward below at each tile configuration in
+``CONFIGS`` (head dim split as 64 + 16 lanes, 8 masked; one program per
 query block and head). "ideal" scales the longest length's SDPA time by the FLOPs (``L^2``).
 Errors are max |diff| against fp32 SDPA. The candidate lost everywhere (1.6-2.1x slower than
 cuDNN at its best tiles; docs/performance.md), so it lives here, not in the package.
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from einops import rearrange
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def split_head_dim(head_dim: int) -> tuple[int, int]:
@@ -157,6 +159,8 @@ def _bhl(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+SDPA_BACKENDS = {"sdpa cuDNN": SDPBackend.CUDNN_ATTENTION, "sdpa flash": SDPBackend.FLASH_ATTENTION,
+                 "sdpa memory-efficient": SDPBackend.EFFICIENT_ATTENTION}
 SHAPES = ((64, 160), (64, 208), (64, 256), (16, 616), (16, 824), (16, 1024))
 CONFIGS = [KernelConfig(64, 32, 4, 2), KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 3),
            KernelConfig(64, 128, 4, 2), KernelConfig(128, 32, 8, 2), KernelConfig(128, 64, 8, 2),
@@ -169,6 +173,9 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=72)
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-triton", action="store_true", help="leave out the Triton candidate (a quick run)")
+    ap.add_argument("--sdpa-backends", action="store_true",
+                    help="also time each of SDPA's kernels (cuDNN, flash, memory-efficient) on its own")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     dev, H, D = torch.device("cuda"), args.heads, args.head_dim
@@ -199,8 +206,18 @@ def main(argv=None):
                 print("flex:", type(e).__name__, str(e)[:200])
                 row["flex"] = float("nan")
         row["sdpa_err"] = float((F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).float() - ref).abs().max())
+        if args.sdpa_backends:
+            row["backends"] = {}
+            for name, backend in SDPA_BACKENDS.items():
+                try:
+                    with sdpa_kernel([backend]):
+                        err = float((F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).float() - ref).abs().max())
+                        row["backends"][name] = {"ms": ms(sdpa_copy), "err": err}
+                except RuntimeError as e:  # this kernel does not take these shapes here
+                    print(f"{name}: {str(e)[:160]}")
+                    row["backends"][name] = None
         triton_rows = {}
-        for cfg in CONFIGS + [default_config(L, D)]:
+        for cfg in [] if args.no_triton else CONFIGS + [default_config(L, D)]:
             name = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
             if name in triton_rows:
                 continue
@@ -216,7 +233,8 @@ def main(argv=None):
         best = min(triton_rows, key=lambda n: triton_rows[n]["ms"]) if triton_rows else None
         row["triton best"] = best
         rows.append(row)
-        cells = "  ".join(f"{n}: {r['ms']:.4f} ({r['err']:.1e})" for n, r in triton_rows.items())
+        cells = "  ".join(f"{n}: {r['ms']:.4f} ({r['err']:.1e})" for n, r in {**row.get("backends", {}), **triton_rows}.items()
+                          if r is not None)
         print(f"B={B} L={L}: sdpa+copy {row['sdpa + copy']:.4f} sdpa {row['sdpa']:.4f} flex {row.get('flex', 0):.4f} "
               f"err {row['sdpa_err']:.1e} | {cells}", flush=True)
     for B in sorted({b for b, _ in SHAPES}):
@@ -232,6 +250,11 @@ def main(argv=None):
         shape = "B={batch} L={tokens}".format(**r)
         print(f"{shape:<14}{r['ideal']:>8.4f}{r['sdpa + copy']:>11.4f}{r.get('flex', float('nan')):>8.4f}"
               f"{dflt:>12.4f}{best:>12.4f}  {r['triton best']}")
+    if args.sdpa_backends:
+        print(f"\n{'shape':<14}{'ideal':>8}" + "".join(f"{n:>24}" for n in SDPA_BACKENDS) + "   (ms, copy included)")
+        for r in rows:
+            cells = "".join(f"{'-' if b is None else format(b['ms'], '.4f'):>24}" for b in r["backends"].values())
+            print(f"{'B={batch} L={tokens}'.format(**r):<14}{r['ideal']:>8.4f}{cells}")
     if args.out:
         save_result(args.out, torch.cuda.get_device_name(), heads=H, head_dim=D, rows=rows)
 

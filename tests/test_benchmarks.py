@@ -269,6 +269,13 @@ def test_attention_and_group_norm_tables_show_every_measured_row():
         {"batch": 64, "tokens": 160, "ideal": 0.0345, "sdpa + copy": 0.08, "flex": 0.12, "triton best": "128x64 w4 s2",
          "triton": {"128x64 w4 s2": {"ms": 0.126, "err": 0.004}, "64x64 w4 s2": {"ms": 0.149, "err": 0.004}}}]}
     assert "| 64 x 160 | 0.0345 | 0.0800 | 0.1200 | 0.1260 (128x64 w4 s2) |" in report.short_attention_table(attention)
+    backends = {"card": "H100", "torch": "2.11", "command": "c", "heads": 16, "head_dim": 72, "rows": [
+        {"batch": 64, "tokens": 160, "ideal": 0.0346, "sdpa + copy": 0.0795, "triton": {}, "triton best": None,
+         "backends": {"sdpa cuDNN": {"ms": 0.0795, "err": 4e-3}, "sdpa flash": None}}]}  # --no-triton --no-flex
+    text = report.short_attention_table(backends)
+    assert "| 64 x 160 | 0.0346 | 0.0795 | nan | - |" in text
+    assert "| batch x tokens | FLOP-scaled ideal | sdpa cuDNN | sdpa flash |" in text
+    assert "| 64 x 160 | 0.0346 | 0.0795 | - |" in text
     norm = {"card": "H200", "torch": "2.11", "command": "c", "rows": [
         {"shape": [64, 288, 32, 32], "offset": 0.0, "variant": "one-pass compiled", "ms": 0.084, "tb_per_s": 0.9,
          "rel_err": 2.6e-3},
