@@ -1,7 +1,8 @@
-"""DC-DiT-XL's scaffold alone under inductor's compile settings: which one runs it fastest.
+"""DC-DiT-XL's scaffold alone under inductor's compile settings and other compute paths: which runs fastest.
 
     python benchmarks/scaffold_compile.py --out benchmarks/results/scaffold_compile_256_h100.json
     python benchmarks/scaffold_compile.py --size 512 --variants default,coordinate-descent
+    python benchmarks/scaffold_compile.py --variants '1x1 as GEMMs,widening conv split,1x1 as GEMMs + widening conv split'
 
 The scaffold (embed, encoder, router, chunk, de-chunk, decoder, final layer: DC-DiT-XL with no
 blocks) in the serving configuration (bf16 weights and routing, filled fixed-capacity plan of a
@@ -17,6 +18,16 @@ quarter of the grid), compiled once per variant of ``VARIANTS``:
   the faster picked when it first runs; by default a reduction over more than 1024 elements, such
   as a norm over ``d = 1152`` channels, is looped and reads its input twice.
 
+Compute-path variants run the same weights through other kernels (``gemm_1x1``, ``split_widening``;
+here only, to be measured before the library adopts either):
+
+* ``1x1 as GEMMs``: the 1x1 convs (ResBlock skips, router projections) as cuBLAS GEMMs over the
+  channels-last cells instead of cuDNN convs (``scaffold_ops.py``: 0.077 against 0.109 ms for
+  ``1152 -> 288`` alone on an H100);
+* ``widening conv split``: the encoder's ``288 -> 1152`` 3x3 conv as four ``288 -> 288`` convs,
+  concatenated (0.75 ms alone against four times 0.164);
+* both.
+
 Every variant is compiled and warmed, then all are timed in interleaved rounds (median round).
 Columns: compile seconds (first call), GPU ms per call, ratio to ``default`` and the largest
 difference of its output from ``default``'s (the zero-initialised layers get random weights, so
@@ -26,27 +37,74 @@ kernels (``tap_conv.py --profile``), which is what these settings tune.
 """
 
 import argparse
+import copy
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chunkformer as cf  # noqa: E402
 from step_speed import cuda_ms, save_result  # noqa: E402
 
-VARIANTS = {  # name -> torch.compile keyword arguments
-    "default": {},
-    "coordinate-descent": {"options": {"coordinate_descent_tuning": True}},
-    "combo-kernels": {"options": {"combo_kernels": True}},
-    "pointwise-autotune": {"options": {"max_autotune_pointwise": True}},
-    "max-autotune": {"mode": "max-autotune-no-cudagraphs"},
-    "multi-kernel": {"options": {"triton.multi_kernel": 1}},
-    "multi-kernel + coordinate-descent": {"options": {"triton.multi_kernel": 1, "coordinate_descent_tuning": True}},
+class _Conv1x1AsLinear(nn.Conv2d):
+    """A 1x1 conv as one GEMM over the grid's cells (same weights): ``(B, H, W, cin) @ (cin, cout)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cells = x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, cin); free when x is channels-last
+        return F.linear(cells, self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)  # (B, cout, H, W)
+
+
+class _SplitWideConv2d(nn.Conv2d):
+    """A widening 3x3 conv as ``cout / cin`` convs of ``cin -> cin`` channels, concatenated (same weights):
+    cuDNN runs XL's ``288 -> 288`` at about 600 TFLOP/s and its ``288 -> 1152`` at about 520."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.in_channels
+        parts = [
+            F.conv2d(x, self.weight[i : i + n], None if self.bias is None else self.bias[i : i + n],
+                     self.stride, self.padding)
+            for i in range(0, self.out_channels, n)
+        ]
+        return torch.cat(parts, dim=1)  # (B, cout, H, W); inductor can fuse the cat into the reader
+
+
+def gemm_1x1(model: nn.Module) -> nn.Module:
+    """Run every 1x1 conv of ``model`` (skips, router projections) as a GEMM; in place."""
+    for m in model.modules():
+        if type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.groups == 1:
+            m.__class__ = _Conv1x1AsLinear
+    return model
+
+
+def split_widening(model: nn.Module) -> nn.Module:
+    """Run every widening 3x3 conv whose width is a multiple of its input's (>= 64 channels: not the
+    embed) as convs at the input's width; in place."""
+    for m in model.modules():
+        if (type(m) is nn.Conv2d and m.kernel_size == (3, 3) and m.groups == 1 and m.in_channels >= 64
+                and m.out_channels > m.in_channels and m.out_channels % m.in_channels == 0):
+            m.__class__ = _SplitWideConv2d
+    return model
+
+
+VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change applied to a copy of the model)
+    "default": ({}, None),
+    "coordinate-descent": ({"options": {"coordinate_descent_tuning": True}}, None),
+    "combo-kernels": ({"options": {"combo_kernels": True}}, None),
+    "pointwise-autotune": ({"options": {"max_autotune_pointwise": True}}, None),
+    "max-autotune": ({"mode": "max-autotune-no-cudagraphs"}, None),
+    "multi-kernel": ({"options": {"triton.multi_kernel": 1}}, None),
+    "multi-kernel + coordinate-descent": ({"options": {"triton.multi_kernel": 1, "coordinate_descent_tuning": True}}, None),
+    "1x1 as GEMMs": ({}, gemm_1x1),
+    "widening conv split": ({}, split_widening),
+    "1x1 as GEMMs + widening conv split": ({}, lambda m: split_widening(gemm_1x1(m))),
 }
+COMPILE_ONLY = [name for name, (_, patch) in VARIANTS.items() if patch is None]
 
 
 def serving_scaffold(size: int, device: torch.device, batch: int | None = None):
@@ -74,9 +132,9 @@ def serving_scaffold(size: int, device: torch.device, batch: int | None = None):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, choices=(256, 512), default=256)
-    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "max-autotune"),
-                    help=f"comma-separated, from {list(VARIANTS)} (default: all but max-autotune, which compiles "
-                         "for longer than a 10-minute GPU call)")
+    ap.add_argument("--variants", default=",".join(v for v in COMPILE_ONLY if v != "max-autotune"),
+                    help=f"comma-separated, from {list(VARIANTS)} (default: the compile settings but max-autotune, "
+                         "which compiles for longer than a 10-minute GPU call)")
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="also list each variant's heaviest kernels")
@@ -97,7 +155,8 @@ def main(argv=None) -> dict:
     compiled, compile_s, outputs = {}, {}, {}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         for name in names:
-            fn = torch.compile(model, **VARIANTS[name])
+            settings, patch = VARIANTS[name]
+            fn = torch.compile(model if patch is None else patch(copy.deepcopy(model)), **settings)
             start = time.perf_counter()
             outputs[name] = fn(*inputs).float()
             torch.cuda.synchronize()

@@ -1,5 +1,6 @@
 """The CPU-runnable benchmarks still run and report what their docs say (numbers are not asserted)."""
 
+import copy
 import json
 import os
 import sys
@@ -249,6 +250,31 @@ def test_scaffold_compile_builds_a_scaffold_whose_output_shows_every_op(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--variants", "default,fastest"])
     assert "unknown variant(s) ['fastest']" in capsys.readouterr().err
+
+
+def test_scaffold_compile_paths_compute_the_same_function_through_other_kernels():
+    """The compute-path variants (1x1 convs as GEMMs, the widening conv split) change kernels, not values."""
+    import chunkformer as cf
+
+    bench = _load("scaffold_compile")
+    torch.manual_seed(0)
+    model = cf.create_model("DC-DiT-S", input_size=16, depth=1, plan_mode="fixed", capacity=64,
+                            fill_capacity=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0, 0.02)  # zero-init layers would hide any difference
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        ref = model(x, t, y)
+        for name in ("1x1 as GEMMs", "widening conv split", "1x1 as GEMMs + widening conv split"):
+            patched = bench.VARIANTS[name][1](copy.deepcopy(model))
+            kinds = {type(m).__name__ for m in patched.modules()}
+            assert ("_Conv1x1AsLinear" in kinds) == ("1x1" in name)
+            assert ("_SplitWideConv2d" in kinds) == ("split" in name)
+            torch.testing.assert_close(patched(x, t, y), ref, rtol=1e-5, atol=1e-5)
+    wide = [m for m in bench.split_widening(copy.deepcopy(model)).modules() if type(m).__name__ == "_SplitWideConv2d"]
+    assert [(m.in_channels, m.out_channels) for m in wide] == [(96, 384)]  # the encoder's, not the 4 -> 96 embed
 
 
 def test_scaffold_compile_table_shows_every_variant_and_missing_differences():
