@@ -259,7 +259,7 @@ def test_scaffold_compile_paths_compute_the_same_function_through_other_kernels(
     bench = _load("scaffold_compile")
     torch.manual_seed(0)
     model = cf.create_model("DC-DiT-S", input_size=16, depth=1, plan_mode="fixed", capacity=64,
-                            fill_capacity=True).eval()
+                            fill_capacity=True, fp32_router_dechunk=False).eval()  # the merge the GEMM can take
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1 and not p.any():
@@ -267,11 +267,13 @@ def test_scaffold_compile_paths_compute_the_same_function_through_other_kernels(
     x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 2])
     with torch.no_grad():
         ref = model(x, t, y)
-        for name in ("1x1 as GEMMs", "widening conv split", "1x1 as GEMMs + widening conv split"):
+        for name in ("1x1 as GEMMs", "widening conv split", "1x1 as GEMMs + widening conv split",
+                     "residual in its GEMM", "all three paths"):
             patched = bench.VARIANTS[name][1](copy.deepcopy(model))
             kinds = {type(m).__name__ for m in patched.modules()}
-            assert ("_Conv1x1AsLinear" in kinds) == ("1x1" in name)
-            assert ("_SplitWideConv2d" in kinds) == ("split" in name)
+            assert ("_Conv1x1AsLinear" in kinds) == ("1x1" in name or "three" in name)
+            assert ("_SplitWideConv2d" in kinds) == ("split" in name or "three" in name)
+            assert ("merge" in vars(patched.decoder)) == ("residual" in name or "three" in name)
             torch.testing.assert_close(patched(x, t, y), ref, rtol=1e-5, atol=1e-5)
     wide = [m for m in bench.split_widening(copy.deepcopy(model)).modules() if type(m).__name__ == "_SplitWideConv2d"]
     assert [(m.in_channels, m.out_channels) for m in wide] == [(96, 384)]  # the encoder's, not the 4 -> 96 embed
