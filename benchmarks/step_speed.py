@@ -38,6 +38,10 @@ H100, against about 580 for the ``288 -> 288`` ones (``scaffold_ops.py``).
 conv through cuDNN (``cf.set_taps_narrowing(model, False)``) instead of the GEMM of its taps that
 DC-DiT-XL samples with by default, so one process times both paths on one card.
 
+``--paths NAMES`` adds every DC-DiT row and scaffold again through each named compute path of
+``scaffold_compile.py`` (the same weights through other kernels: ``1x1 as GEMMs``, ``widening conv
+split``, ``residual in its GEMM``, ``all three paths``), each against the same DiT-XL/2.
+
 ``--bf16-weights`` adds DiT-XL/2 (plain and CFG) and every DC-DiT variant's rho / Lite-CFG rows
 with their weights cast to bf16 once (``model.to(torch.bfloat16)``; DC-DiT's fp32 router and
 de-chunk residual stay fp32), under the same autocast, each DC-DiT row against the bf16-weight
@@ -163,6 +167,9 @@ def main(argv=None) -> dict:
                     help="torch.backends.cudnn.benchmark = True for every model (cuDNN times its algorithms)")
     ap.add_argument("--cudnn-narrowing", action="store_true",
                     help="also every DC-DiT row with the decoder's narrowing conv through cuDNN (taps_narrowing=False)")
+    ap.add_argument("--paths", default="", metavar="NAMES",
+                    help="also every DC-DiT row and scaffold through each of these compute paths (comma-separated "
+                         "names of scaffold_compile.py's path variants, e.g. '1x1 as GEMMs,all three paths')")
     ap.add_argument("--bf16-weights", action="store_true",
                     help="cast every model's weights to bf16 once (fp32 router / de-chunk stay fp32), then autocast")
     ap.add_argument("--bf16-weights-only", action="store_true",
@@ -190,6 +197,16 @@ def main(argv=None) -> dict:
         batch, latent, args.reps = 2, 16, 2
     L = latent * latent
     ab = parse_settings(args.ab_options, "--ab-options")
+    paths = {}
+    if args.paths:
+        from scaffold_compile import VARIANTS as scaffold_variants  # imported here: it imports this module
+
+        for name in (n.strip() for n in args.paths.split(",") if n.strip()):
+            patch = scaffold_variants.get(name, (None, None))[1]
+            if patch is None:
+                ap.error(f"--paths: {name!r} is not one of scaffold_compile.py's compute paths "
+                         f"{[n for n, (_, p) in scaffold_variants.items() if p is not None]}")
+            paths[name] = patch
     if ab and args.cudagraphs:
         ap.error("--ab-options and --cudagraphs: run them separately")
 
@@ -211,7 +228,7 @@ def main(argv=None) -> dict:
 
     dit = _dit()
 
-    def dcdit(depth=None, fill=False, fp32=True, weights=torch.float32, taps=True):
+    def dcdit(depth=None, fill=False, fp32=True, weights=torch.float32, taps=True, path=None):
         torch.manual_seed(0)
         kw = dict(sizes, depth=depth) if depth is not None else sizes
         m = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=L // 4,
@@ -219,6 +236,8 @@ def main(argv=None) -> dict:
         torch.nn.init.constant_(m.router.scorer[-1].bias, 30.0)  # keep everything; capacity is the budget
         if not taps:  # the decoder's narrowing conv through cuDNN instead of its taps GEMM + shifted sum
             cf.set_taps_narrowing(m, False)
+        if path is not None:  # the same weights through other kernels (scaffold_compile.py)
+            paths[path](m)
         return m.to(weights)
 
     cases = []  # (row, step function, FLOPs per sample, kept, baseline): timed together at the end
@@ -241,6 +260,8 @@ def main(argv=None) -> dict:
         ap.error("--no-masked leaves no DC-DiT rows: add --fill-capacity and/or --bf16-routing")
     if args.cudnn_narrowing:
         variants += [(f"{suffix}, cuDNN narrowing conv", dict(kw, taps=False)) for suffix, kw in variants]
+    variants += [(f"{suffix}, {path}", dict(kw, path=path)) for path in paths for suffix, kw in variants
+                 if "cuDNN" not in suffix]
     if args.bf16_weights:  # FP32Module keeps DC-DiT's router / de-chunk residual fp32 through .to(bfloat16)
         variants = ([] if args.bf16_weights_only else variants) + [
             (f"{suffix}, bf16 weights", dict(kw, weights=torch.bfloat16)) for suffix, kw in variants]
@@ -260,20 +281,27 @@ def main(argv=None) -> dict:
             cases.append(("DiT-XL/2, bf16 weights" + tag, lambda: dit16_fn(x, t, y), dit_flops, L // 4, "bf16w-plain" + tag))
             cases.append(("DiT-XL/2 CFG, bf16 weights" + tag, lambda: (dit16_fn(x, t, y), dit16_fn(x, t, null)),
                           2 * dit_flops, L // 4, "bf16w-cfg" + tag))
-        models = {}
-        for suffix, kw in variants:
+        models, flops_of = {}, {}  # flops_of[(suffix, rho)]: a --paths row counts its twin's (same math; the
+        for suffix, kw in variants:  # residual-in-GEMM path calls no nn.Linear for the counter to see)
             m = models[suffix] = dcdit(**kw)
             m_fn = compile_(m, opts)
             b16 = "bf16w-" if "bf16 weights" in suffix else ""  # its DiT-XL/2 baseline
+            twin = suffix.replace(f", {kw['path']}", "") if kw.get("path") else None
+
+            def flops(key, labels=y):
+                if twin is None:
+                    flops_of[suffix, key] = cf.count_flops(m, x, t, labels).per_sample
+                return flops_of[twin or suffix, key]
+
             for rho, cap in caps.items():
                 m.capacity = cap
                 cases.append((f"DC-DiT-XL rho={rho:g}{suffix}{tag}", at(m_fn, m, cap),
-                              cf.count_flops(m, x, t, y).per_sample, cap, b16 + "plain" + tag))
+                              flops(rho), cap, b16 + "plain" + tag))
             if "bf16 routing" not in suffix or "bf16 weights" in suffix:  # DiT: the same two passes at full length
                 m.capacity = caps[0.0]
-                f_cond = cf.count_flops(m, x, t, y).per_sample
+                f_cond = flops(0.0)
                 m.capacity = u_cap
-                f_unc = cf.count_flops(m, x, t, null).per_sample
+                f_unc = flops("unconditional", null)
                 cond, unc = at(m_fn, m, caps[0.0]), at(m_fn, m, u_cap, null)
                 cases.append((f"DC-DiT-XL Lite-CFG (0 / 0.9){suffix}{tag}", lambda c=cond, u=unc: (c(), u()),
                               f_cond + f_unc, caps[0.0], b16 + "cfg" + tag))
@@ -291,6 +319,8 @@ def main(argv=None) -> dict:
         if args.cudnn_narrowing:
             scaffolds += [(name + ", cuDNN narrowing conv", dcdit(depth=0, fp32="bf16" not in name, taps=False, **w16))
                           for name, _ in list(scaffolds)]
+        scaffolds += [(f"{name}, {path}", dcdit(depth=0, fp32="bf16" not in name, path=path, **w16))
+                      for path in paths for name, _ in list(scaffolds) if "cuDNN" not in name]
         for name, sc in scaffolds:
             name += (", bf16 weights" if w16 else "") + tag
             cases.append((name, lambda f=compile_(sc, opts): f(x, t, y), scaffold_flops,

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 
 
-BENCHMARK_MODULES = ("host_syncs", "small_train_speed", "train_speed", "report", "smoothing", "scaffold_profile", "vs_release", "step_speed", "sample_speed")  # studies/ has a report.py too
+BENCHMARK_MODULES = ("host_syncs", "small_train_speed", "train_speed", "report", "smoothing", "scaffold_profile", "vs_release", "step_speed", "sample_speed", "scaffold_compile")  # studies/ has a report.py too
 
 
 @pytest.fixture
@@ -184,6 +184,17 @@ def test_step_speed_rows_and_scaffold_share(tmp_path, benchmarks):
     by = {r["row"]: r for r in n["rows"]}
     assert by["DC-DiT-XL rho=0.4 filled" + twin + ", bf16 weights"]["flops"] == by[
         "DC-DiT-XL rho=0.4 filled, bf16 weights"]["flops"]  # the same convolution, counted alike
+    # --paths: every DC-DiT row and scaffold again through a compute path of scaffold_compile.py, FLOPs of its twin
+    pa = step_speed.main(["--tiny", "--no-compile", "--no-masked", "--bf16-routing", "--fill-capacity", "--bf16-weights-only",
+                          "--rounds", "1", "--rows", "rho=0.4|scaffold", "--paths", "residual in its GEMM"])
+    path = ", residual in its GEMM"
+    by = {r["row"]: r for r in pa["rows"]}
+    assert {"DC-DiT-XL rho=0.4 filled, bf16 routing" + path + ", bf16 weights",
+            "DC-DiT-XL scaffold only, bf16 routing" + path + ", bf16 weights"} <= set(by)
+    assert by["DC-DiT-XL rho=0.4 filled, bf16 routing" + path + ", bf16 weights"]["flops"] == by[
+        "DC-DiT-XL rho=0.4 filled, bf16 routing, bf16 weights"]["flops"] > 0  # its addmm is no nn.Linear call
+    with pytest.raises(SystemExit):
+        step_speed.main(["--tiny", "--no-compile", "--fill-capacity", "--paths", "multi-kernel"])  # a compile setting
     # --ab-options: every row again, compiled with those options, against the DiT-XL/2 compiled the same way
     ab = step_speed.main(["--tiny", "--no-compile", "--no-masked", "--fill-capacity", "--bf16-weights-only",
                           "--rounds", "1", "--rows", "rho=0.4", "--ab-options", "max_autotune_pointwise=True"])
