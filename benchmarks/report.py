@@ -265,18 +265,22 @@ def tap_conv_table(data: dict) -> str:
              "|---|---|---|---|---|"]
     for r in data["rows"]:
         b, cin, cout, side = r["shape"]
-        err = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
-        lines.append(f"| {b} x {cin} -> {cout}, {side}x{side} | {r['form']} | {r['ms']:.4f} | {r['tflops']:.0f} | {err} |")
-    for name, kernels in data.get("profiles", {}).items():
-        lines += ["", f"{name}, GPU ms per call, heaviest kernels:", "", "| ms | kernel |", "|---|---|"]
-        lines += [f"| {ms:.3f} | `{k[:90]}` |" for k, ms in list(kernels.items())[:8]]
-    if data.get("note"):
-        lines += ["", f"Note: {data['note']}."]
-    return "\n".join(lines)
+        lines.append(f"| {b} x {cin} -> {cout}, {side}x{side} | {r['form']} | {r['ms']:.4f} | {r['tflops']:.0f} | "
+                     f"{_sci(r['rel_err'])} |")
+    return "\n".join(lines + _profiles_and_note(data, "GPU ms per call, heaviest kernels"))
 
 
 def _sci(value: float | None) -> str:
     return "-" if value is None else f"{value:.1e}"
+
+
+def _profiles_and_note(data: dict, caption: str) -> list[str]:
+    """A kernel benchmark's tail: each profiled form's eight heaviest kernels, then the run's note."""
+    lines = []
+    for name, kernels in data.get("profiles", {}).items():
+        lines += ["", f"{name}, {caption}:", "", "| ms | kernel |", "|---|---|"]
+        lines += [f"| {ms:.3f} | `{k[:90]}` |" for k, ms in list(kernels.items())[:8]]
+    return lines + (["", f"Note: {data['note']}."] if data.get("note") else [])
 
 
 def scaffold_compile_table(data: dict) -> str:
@@ -287,12 +291,7 @@ def scaffold_compile_table(data: dict) -> str:
              "|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['compile_s']:.0f} | {r['ms']:.3f} | {r['vs_default']:.3f} | {_sci(r['max_abs_diff'])} |"
               for r in data["rows"]]
-    for name, kernels in data.get("profiles", {}).items():
-        lines += ["", f"{name}, heaviest kernels:", "", "| ms | kernel |", "|---|---|"]
-        lines += [f"| {ms:.3f} | `{k[:90]}` |" for k, ms in list(kernels.items())[:8]]
-    if data.get("note"):
-        lines += ["", f"Note: {data['note']}."]
-    return "\n".join(lines)
+    return "\n".join(lines + _profiles_and_note(data, "heaviest kernels"))
 
 
 PLOTTED = ("step_speed_256_bf16w_h100.json", "step_speed_512_bf16w_h100.json")  # the step-time figure's runs

@@ -117,7 +117,6 @@ class TapConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-
 def set_taps_narrowing(model: nn.Module, enabled: bool | None) -> int:
     """Choose the path of every :class:`TapConv2d` in ``model`` (the decoder's narrowing conv): ``True``
     the taps when sampling on a GPU, ``False`` cuDNN, ``None`` the default (taps for the shapes in
@@ -137,6 +136,7 @@ def set_taps_narrowing(model: nn.Module, enabled: bool | None) -> int:
         default = (conv.in_channels, conv.out_channels) in TAPS_FASTER
         conv.use_taps = default if enabled is None else bool(enabled)
     return len(convs)
+
 
 if triton is not None:
 
