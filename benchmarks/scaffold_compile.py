@@ -41,11 +41,11 @@ kernels (``tap_conv.py --profile``), which is what these settings tune.
 """
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chunkformer as cf  # noqa: E402
 from chunkformer.dechunk import dechunk, ste_ones  # noqa: E402
+from chunkformer.scaffold import DeChunkDecoder  # noqa: E402
 from step_speed import cuda_ms, save_result  # noqa: E402
 
 class _Conv1x1AsLinear(nn.Conv2d):
@@ -102,7 +103,7 @@ def _merge_in_gemm(self, y, plan, router_out, enc_tokens):
     """``DeChunkDecoder.merge`` with the residual projection's GEMM adding the de-chunked grid in its
     epilogue (``addmm``, C = gated grid + bias) instead of a separate pass; half-precision merge only."""
     if self.fp32:  # an fp32 merge keeps its fp32 sum
-        return type(self).merge(self, y, plan, router_out, enc_tokens)
+        return DeChunkDecoder.merge(self, y, plan, router_out, enc_tokens)
     with torch.autocast(device_type=enc_tokens.device.type, enabled=False):
         full = dechunk(plan.unchunk(y), router_out.probs, plan, sigma=self.sigma, smoothing=self.smoothing,
                        truncate=self.truncate, dtype=y.dtype)  # (B, L, d)
@@ -112,12 +113,82 @@ def _merge_in_gemm(self, y, plan, router_out, enc_tokens):
     return merged.view_as(full)
 
 
-def residual_in_gemm(model: nn.Module) -> nn.Module:
-    """Add the de-chunked grid inside the decoder's residual GEMM (bf16 routing only); in place."""
-    model.decoder.merge = types.MethodType(_merge_in_gemm, model.decoder)
+def _merge_beside_gemm(self, y, plan, router_out, enc_tokens):
+    """``DeChunkDecoder.merge`` summed in fp32 and rounded once: inductor cannot fold the sum into the
+    residual GEMM as an ``addmm`` whose C operand aten first copies into the output (a ``(B L, d)``
+    memcpy, 0.11 ms in the H100 profile); the sum rides in the de-chunk's pass instead. Half-precision merge only."""
+    if self.fp32:
+        return DeChunkDecoder.merge(self, y, plan, router_out, enc_tokens)
+    res = self.residual(enc_tokens)  # (B, L, d), bf16 under autocast
+    with torch.autocast(device_type=enc_tokens.device.type, enabled=False):
+        full = dechunk(plan.unchunk(y), router_out.probs, plan, sigma=self.sigma, smoothing=self.smoothing,
+                       truncate=self.truncate, dtype=y.dtype)  # (B, L, d)
+        gate = ste_ones(router_out.confidence.float())[..., None]  # (B, L, 1)
+        return (full.float() * gate + res.float()).to(y.dtype)
+
+
+class _MergeInGemm(DeChunkDecoder):
+    merge = _merge_in_gemm
+
+
+class _MergeBesideGemm(DeChunkDecoder):
+    merge = _merge_beside_gemm
+
+
+def merge_beside_gemm(model: nn.Module) -> nn.Module:
+    """Sum the decoder's merge in fp32 beside the residual GEMM instead of in it (bf16 routing only); in place."""
+    model.decoder.__class__ = _MergeBesideGemm  # a class of its own: dynamo guards on it (not on a patched method)
     return model
 
 
+@contextlib.contextmanager
+def wide_persistent_reductions(limit: int = 2048):
+    """Inductor compiles every row reduction of up to ``limit`` elements persistent (the row held in
+    registers: one read) instead of looping over it twice past 1024, e.g. the encoder's RMSNorm over
+    ``d = 1152``. For what compiles inside; the FX graph cache is off there, so nothing cached leaks in or out."""
+    from torch._inductor import config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class WideRows(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction) -> bool:
+            if (config.triton.persistent_reductions and not cooperative_reduction
+                    and features.get_reduction_hint() == ReductionHint.INNER
+                    and V.graph.sizevars.statically_known_leq(features.reduction_numel, limit)):
+                return True
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+    with config.patch(fx_graph_cache=False), V.set_choices_handler(WideRows()):
+        yield
+
+
+@contextlib.contextmanager
+def sincos_per_slot():
+    """Plans embed positions as before (the library's previous ``ChunkPlan.position_embedding``): the sin-cos
+    of every slot's coordinates, ``B M d`` sines and cosines, instead of a gather from the ``L``-row table. For
+    what compiles inside (dynamo bakes the traced function into the graph)."""
+    def per_slot(plan, dim):
+        pe = cf.sincos_embed(plan.coords, dim)  # (B, M, dim)
+        return plan.pack(pe) if plan.mode == "packed" else pe
+
+    before = cf.ChunkPlan.position_embedding
+    cf.ChunkPlan.position_embedding = per_slot
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            yield
+    finally:
+        cf.ChunkPlan.position_embedding = before
+
+
+def residual_in_gemm(model: nn.Module) -> nn.Module:
+    """Add the de-chunked grid inside the decoder's residual GEMM (bf16 routing only); in place."""
+    model.decoder.__class__ = _MergeInGemm
+    return model
+
+
+_NO_CACHE = {"options": {"fx_graph_cache": False}}
 VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change applied to a copy of the model)
     "default": ({}, None),
     "coordinate-descent": ({"options": {"coordinate_descent_tuning": True}}, None),
@@ -131,7 +202,18 @@ VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change 
     "1x1 as GEMMs + widening conv split": ({}, lambda m: split_widening(gemm_1x1(m))),
     "residual in its GEMM": ({}, residual_in_gemm),
     "all three paths": ({}, lambda m: residual_in_gemm(split_widening(gemm_1x1(m)))),
+    "merge beside its GEMM": ({}, merge_beside_gemm),
+    # compiled inside wide_persistent_reductions(); settings of their own, so dynamo does not hand them the graph
+    # it compiled for the same model under other settings
+    "wide persistent reductions": (_NO_CACHE, None),
+    "merge beside + wide persistent": (_NO_CACHE, merge_beside_gemm),
+    "split + merge beside + wide persistent": (_NO_CACHE, lambda m: merge_beside_gemm(split_widening(m))),
+    "1x1 + split + merge beside + wide persistent": (_NO_CACHE, lambda m: merge_beside_gemm(split_widening(gemm_1x1(m)))),
+    "sincos per slot (before)": (_NO_CACHE, lambda m: m),
 }
+# variants compiled inside a context: name -> context factory (their first call, which compiles, runs in it)
+CONTEXTS = {name: wide_persistent_reductions for name in VARIANTS if "wide persistent" in name}
+CONTEXTS["sincos per slot (before)"] = sincos_per_slot
 COMPILE_ONLY = [name for name, (_, patch) in VARIANTS.items() if patch is None]
 
 
@@ -186,7 +268,8 @@ def main(argv=None) -> dict:
             settings, patch = VARIANTS[name]
             fn = torch.compile(model if patch is None else patch(copy.deepcopy(model)), **settings)
             start = time.perf_counter()
-            outputs[name] = fn(*inputs).float()
+            with CONTEXTS.get(name, contextlib.nullcontext)():
+                outputs[name] = fn(*inputs).float()
             torch.cuda.synchronize()
             compile_s[name] = time.perf_counter() - start
             compiled[name] = fn

@@ -59,6 +59,7 @@ the same card (with ``--rows``: twice the graphs of the rows it keeps).
 
 import argparse
 import ast
+import contextlib
 import json
 import re
 import statistics
@@ -119,6 +120,9 @@ def set_inductor_config(settings: list[str]) -> dict:
     for key, value in applied.items():
         setattr(*_config_slot(inductor_config, key), value)
     return applied
+
+
+NO_CACHE = {"fx_graph_cache": False}
 
 
 def cuda_ms(fn, reps: int, *args, warmup: int = 5) -> float:
@@ -197,9 +201,12 @@ def main(argv=None) -> dict:
         batch, latent, args.reps = 2, 16, 2
     L = latent * latent
     ab = parse_settings(args.ab_options, "--ab-options")
-    paths = {}
+    # contexts: the paths compiled inside a context of scaffold_compile.py, with settings of their own (else
+    # dynamo would hand a twin the graph it compiled for an equal model outside it)
+    paths, contexts = {}, {}
     if args.paths:
         from scaffold_compile import VARIANTS as scaffold_variants  # imported here: it imports this module
+        from scaffold_compile import CONTEXTS
 
         for name in (n.strip() for n in args.paths.split(",") if n.strip()):
             patch = scaffold_variants.get(name, (None, None))[1]
@@ -207,6 +214,8 @@ def main(argv=None) -> dict:
                 ap.error(f"--paths: {name!r} is not one of scaffold_compile.py's compute paths "
                          f"{[n for n, (_, p) in scaffold_variants.items() if p is not None]}")
             paths[name] = patch
+            if name in CONTEXTS:
+                contexts[name] = CONTEXTS[name]
     if ab and args.cudagraphs:
         ap.error("--ab-options and --cudagraphs: run them separately")
 
@@ -284,7 +293,7 @@ def main(argv=None) -> dict:
         models, flops_of = {}, {}  # flops_of[(suffix, rho)]: a --paths row counts its twin's (same math; the
         for suffix, kw in variants:  # residual-in-GEMM path calls no nn.Linear for the counter to see)
             m = models[suffix] = dcdit(**kw)
-            m_fn = compile_(m, opts)
+            m_fn = compile_(m, {**(opts or {}), **NO_CACHE} if kw.get("path") in contexts else opts)
             b16 = "bf16w-" if "bf16 weights" in suffix else ""  # its DiT-XL/2 baseline
             twin = suffix.replace(f", {kw['path']}", "") if kw.get("path") else None
 
@@ -322,8 +331,9 @@ def main(argv=None) -> dict:
         scaffolds += [(f"{name}, {path}", dcdit(depth=0, fp32="bf16" not in name, path=path, **w16))
                       for path in paths for name, _ in list(scaffolds) if "cuDNN" not in name]
         for name, sc in scaffolds:
+            sc_opts = {**(opts or {}), **NO_CACHE} if any(name.endswith(", " + c) for c in contexts) else opts
             name += (", bf16 weights" if w16 else "") + tag
-            cases.append((name, lambda f=compile_(sc, opts): f(x, t, y), scaffold_flops,
+            cases.append((name, lambda f=compile_(sc, sc_opts): f(x, t, y), scaffold_flops,
                           caps[0.0], ("bf16w-plain" if w16 else "plain") + tag))
         return models
 
@@ -346,8 +356,18 @@ def main(argv=None) -> dict:
         # and thermal drift over the run falls on all rows alike instead of on whichever runs last
         if args.rows:  # only these DC-DiT rows (and every DiT-XL/2 baseline): fewer graphs to compile
             cases = [c for c in cases if c[0].startswith("DiT-XL/2") or re.search(args.rows, c[0])]
+        wide = [name for name in contexts if "wide persistent" in name]
+        if wide:  # is the backbone's LayerNorm faster so too? DiT-XL/2 through it
+            dit_wide = compile_(_dit().to(torch.bfloat16) if args.bf16_weights else _dit(), NO_CACHE)
+            b16 = "bf16w-" if args.bf16_weights else ""
+            cases.append((f"DiT-XL/2{', bf16 weights' if b16 else ''}, wide persistent reductions",
+                          lambda: dit_wide(x, t, y), dit_flops, L // 4, b16 + "plain"))
         for case in cases:
-            step_ms(case[1], 1)
+            context = next((contexts[name] for name in contexts if name in case[0]), contextlib.nullcontext)
+            if case[0].endswith("wide persistent reductions"):  # the DiT-XL/2 twin
+                context = contexts[wide[0]]
+            with context():
+                step_ms(case[1], 1)  # compiles
             print(f"compiled: {case[0]}", flush=True)
         per_round = max(args.reps // args.rounds, 1)
         times = {case[0]: [] for case in cases}

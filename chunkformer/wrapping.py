@@ -25,6 +25,7 @@ from .adapters import BackboneAdapter, find_adapter
 from .budget import TimestepAdaptiveBudget
 from .caching import run_with_cache, skipped_last
 from .dechunk import Smoothing
+from .grid import grid_coords
 from .plan import ChunkPlan
 from .precision import RMSNorm
 from .routing import Router, RouterKind
@@ -160,8 +161,9 @@ class ChunkWrapper(nn.Module):
             rho = self.budget.rho_at(t) if self.budget.schedule is not None else 0.0
         routed = self.router(tokens, grid, rho=rho)
         plan = ChunkPlan.from_router(routed, mode=self.plan_mode, capacity=self.capacity, fill=self.fill_capacity)
-        pos = self.backbone.position_embedding(plan.coords * self.coord_scale).to(tokens.dtype)  # (B, M, d)
-        h = plan.chunk(tokens) + (plan.pack(pos) if plan.mode == "packed" else pos)
+        coords = grid_coords(plan.grid, device=tokens.device) * self.coord_scale  # (L, ndim); once per position
+        pos = plan.take(self.backbone.position_embedding(coords)).to(tokens.dtype)  # (T, d) | (B, M, d)
+        h = plan.chunk(tokens) + pos
         keep = [] if block_outputs else None
         h = run_with_cache(self, h, plan, lambda h: self.run_backbone(h, cond, plan, keep),
                            lambda: self.backbone.block_input(tokens, cond))

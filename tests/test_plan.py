@@ -212,6 +212,28 @@ def test_position_embedding_follows_original_coordinates(grid, B, data):
     assert torch.allclose(pe, expected)
 
 
+@given(plan_inputs(), st.sampled_from(PLAN_MODES))
+def test_position_embedding_is_every_slots_own_sincos_in_every_layout(inputs, mode):
+    """The embedding comes from a per-position table gathered by slot; it must equal the sin-cos of each slot's
+    own coordinates, padding slots and the packed layout included."""
+    from chunkformer import sincos_embed
+
+    grid, mask, probs, _ = inputs
+    L = math.prod(grid)
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid, mode=mode, capacity=max(L // 2, 1) if mode == "fixed" else None)
+    per_slot = sincos_embed(plan.coords, 12)  # (B, M, 12): every slot's coordinates embedded on their own
+    expected = plan.pack(per_slot) if mode == "packed" else per_slot
+    pe = plan.position_embedding(12)
+    assert pe.shape == expected.shape
+    torch.testing.assert_close(pe, expected, rtol=0, atol=1e-6)
+
+
+def test_take_rejects_a_table_that_is_not_one_row_per_grid_position():
+    plan = ChunkPlan.from_mask(torch.ones(1, 6, dtype=torch.bool), grid=(2, 3))
+    with pytest.raises(ValueError, match=r"one row per position of grid \(2, 3\), got shape \(5, 4\)"):
+        plan.take(torch.zeros(5, 4))
+
+
 @given(plan_inputs(), st.integers(1, 8))
 def test_fill_keeps_exactly_capacity_kept_tokens_first(inputs, capacity):
     """``fill``: exactly ``capacity`` tokens per sample: the most probable kept ones, then (when a sample
