@@ -113,31 +113,30 @@ def _merge_in_gemm(self, y, plan, router_out, enc_tokens):
     return merged.view_as(full)
 
 
-def _merge_beside_gemm(self, y, plan, router_out, enc_tokens):
-    """``DeChunkDecoder.merge`` summed in fp32 and rounded once: inductor cannot fold the sum into the
-    residual GEMM as an ``addmm`` whose C operand aten first copies into the output (a ``(B L, d)``
-    memcpy, 0.11 ms in the H100 profile); the sum rides in the de-chunk's pass instead. Half-precision merge only."""
+def _merge_in_bf16(self, y, plan, router_out, enc_tokens):
+    """``DeChunkDecoder.merge`` as it was before it summed in fp32: ``full * gate + res`` in the half precision,
+    which inductor may fold into the residual GEMM as an ``addmm`` whose C operand aten first copies into the
+    output (a ``(B L, d)`` memcpy, 0.11 ms in an H100 profile). Half-precision merge only."""
     if self.fp32:
         return DeChunkDecoder.merge(self, y, plan, router_out, enc_tokens)
-    res = self.residual(enc_tokens)  # (B, L, d), bf16 under autocast
+    res = self.residual(enc_tokens).to(y.dtype)  # (B, L, d), bf16 under autocast
     with torch.autocast(device_type=enc_tokens.device.type, enabled=False):
         full = dechunk(plan.unchunk(y), router_out.probs, plan, sigma=self.sigma, smoothing=self.smoothing,
                        truncate=self.truncate, dtype=y.dtype)  # (B, L, d)
-        gate = ste_ones(router_out.confidence.float())[..., None]  # (B, L, 1)
-        return (full.float() * gate + res.float()).to(y.dtype)
+        return full * ste_ones(router_out.confidence.to(y.dtype))[..., None] + res
 
 
 class _MergeInGemm(DeChunkDecoder):
     merge = _merge_in_gemm
 
 
-class _MergeBesideGemm(DeChunkDecoder):
-    merge = _merge_beside_gemm
+class _MergeInBf16(DeChunkDecoder):
+    merge = _merge_in_bf16
 
 
-def merge_beside_gemm(model: nn.Module) -> nn.Module:
-    """Sum the decoder's merge in fp32 beside the residual GEMM instead of in it (bf16 routing only); in place."""
-    model.decoder.__class__ = _MergeBesideGemm  # a class of its own: dynamo guards on it (not on a patched method)
+def merge_in_bf16(model: nn.Module) -> nn.Module:
+    """The decoder's half-precision merge summed in bf16, as before (bf16 routing only); in place."""
+    model.decoder.__class__ = _MergeInBf16  # a class of its own: dynamo guards on it (not on a patched method)
     return model
 
 
@@ -165,21 +164,23 @@ def wide_persistent_reductions(limit: int = 2048):
 
 
 @contextlib.contextmanager
-def sincos_per_slot():
-    """Plans embed positions as before (the library's previous ``ChunkPlan.position_embedding``): the sin-cos
-    of every slot's coordinates, ``B M d`` sines and cosines, instead of a gather from the ``L``-row table. For
-    what compiles inside (dynamo bakes the traced function into the graph)."""
-    def per_slot(plan, dim):
-        pe = cf.sincos_embed(plan.coords, dim)  # (B, M, dim)
-        return plan.pack(pe) if plan.mode == "packed" else pe
+def position_table_per_call():
+    """DiT and DC-DiT compute their ``(L, d)`` sin-cos table in every call, as before they kept it as a buffer;
+    compiled, inductor inlines it into the consumer, which then evaluates a sine or cosine for every element
+    of the ``(B, L | M, d)`` sum. For what compiles inside (dynamo bakes the traced functions into the graph)."""
+    from chunkformer.grid import grid_coords, sincos_embed
+    from chunkformer.models import dcdit, dit
 
-    before = cf.ChunkPlan.position_embedding
-    cf.ChunkPlan.position_embedding = per_slot
+    def per_call(model, grid):
+        return sincos_embed(grid_coords(grid, device=model.pos_table.device), model.hidden_size)
+
+    before = dit.position_table, dcdit.position_table
+    dit.position_table = dcdit.position_table = per_call
     try:
         with torch._inductor.config.patch(fx_graph_cache=False):
             yield
     finally:
-        cf.ChunkPlan.position_embedding = before
+        dit.position_table, dcdit.position_table = before
 
 
 def residual_in_gemm(model: nn.Module) -> nn.Module:
@@ -202,18 +203,17 @@ VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change 
     "1x1 as GEMMs + widening conv split": ({}, lambda m: split_widening(gemm_1x1(m))),
     "residual in its GEMM": ({}, residual_in_gemm),
     "all three paths": ({}, lambda m: residual_in_gemm(split_widening(gemm_1x1(m)))),
-    "merge beside its GEMM": ({}, merge_beside_gemm),
+    "merge summed in bf16 (before)": ({}, merge_in_bf16),
     # compiled inside wide_persistent_reductions(); settings of their own, so dynamo does not hand them the graph
     # it compiled for the same model under other settings
     "wide persistent reductions": (_NO_CACHE, None),
-    "merge beside + wide persistent": (_NO_CACHE, merge_beside_gemm),
-    "split + merge beside + wide persistent": (_NO_CACHE, lambda m: merge_beside_gemm(split_widening(m))),
-    "1x1 + split + merge beside + wide persistent": (_NO_CACHE, lambda m: merge_beside_gemm(split_widening(gemm_1x1(m)))),
-    "sincos per slot (before)": (_NO_CACHE, lambda m: m),
+    "split + wide persistent": (_NO_CACHE, split_widening),
+    "1x1 + split + wide persistent": (_NO_CACHE, lambda m: split_widening(gemm_1x1(m))),
+    "position table per call (before)": (_NO_CACHE, lambda m: m),
 }
 # variants compiled inside a context: name -> context factory (their first call, which compiles, runs in it)
 CONTEXTS = {name: wide_persistent_reductions for name in VARIANTS if "wide persistent" in name}
-CONTEXTS["sincos per slot (before)"] = sincos_per_slot
+CONTEXTS["position table per call (before)"] = position_table_per_call
 COMPILE_ONLY = [name for name, (_, patch) in VARIANTS.items() if patch is None]
 
 

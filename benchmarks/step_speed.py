@@ -356,16 +356,14 @@ def main(argv=None) -> dict:
         # and thermal drift over the run falls on all rows alike instead of on whichever runs last
         if args.rows:  # only these DC-DiT rows (and every DiT-XL/2 baseline): fewer graphs to compile
             cases = [c for c in cases if c[0].startswith("DiT-XL/2") or re.search(args.rows, c[0])]
-        wide = [name for name in contexts if "wide persistent" in name]
-        if wide:  # is the backbone's LayerNorm faster so too? DiT-XL/2 through it
-            dit_wide = compile_(_dit().to(torch.bfloat16) if args.bf16_weights else _dit(), NO_CACHE)
-            b16 = "bf16w-" if args.bf16_weights else ""
-            cases.append((f"DiT-XL/2{', bf16 weights' if b16 else ''}, wide persistent reductions",
-                          lambda: dit_wide(x, t, y), dit_flops, L // 4, b16 + "plain"))
+        b16 = "bf16w-" if args.bf16_weights else ""
+        for path in contexts:  # a context changes DiT-XL/2's graph too (its norms, its position table): its twin
+            dit_twin = compile_(_dit().to(torch.bfloat16) if args.bf16_weights else _dit(), NO_CACHE)
+            cases.append((f"DiT-XL/2{', bf16 weights' if b16 else ''}, {path}", lambda f=dit_twin: f(x, t, y),
+                          dit_flops, L // 4, b16 + "plain"))
         for case in cases:
-            context = next((contexts[name] for name in contexts if name in case[0]), contextlib.nullcontext)
-            if case[0].endswith("wide persistent reductions"):  # the DiT-XL/2 twin
-                context = contexts[wide[0]]
+            context = next((contexts[name] for name in contexts if case[0].endswith(name) or f", {name}," in case[0]),
+                           contextlib.nullcontext)
             with context():
                 step_ms(case[1], 1)  # compiles
             print(f"compiled: {case[0]}", flush=True)

@@ -279,14 +279,14 @@ def test_scaffold_compile_paths_compute_the_same_function_through_other_kernels(
     with torch.no_grad():
         ref = model(x, t, y)
         for name in ("1x1 as GEMMs", "widening conv split", "1x1 as GEMMs + widening conv split",
-                     "residual in its GEMM", "all three paths", "merge beside its GEMM",
-                     "1x1 + split + merge beside + wide persistent"):
+                     "residual in its GEMM", "all three paths", "merge summed in bf16 (before)",
+                     "1x1 + split + wide persistent"):
             patched = bench.VARIANTS[name][1](copy.deepcopy(model))
             kinds = {type(m).__name__ for m in patched.modules()}
             assert ("_Conv1x1AsLinear" in kinds) == ("1x1" in name or "three" in name)
             assert ("_SplitWideConv2d" in kinds) == ("split" in name or "three" in name)
             assert (type(patched.decoder).__name__ == "_MergeInGemm") == ("residual" in name or "three" in name)
-            assert (type(patched.decoder).__name__ == "_MergeBesideGemm") == ("beside" in name)
+            assert (type(patched.decoder).__name__ == "_MergeInBf16") == ("bf16" in name)
             torch.testing.assert_close(patched(x, t, y), ref, rtol=1e-5, atol=1e-5)
     wide = [m for m in bench.split_widening(copy.deepcopy(model)).modules() if type(m).__name__ == "_SplitWideConv2d"]
     assert [(m.in_channels, m.out_channels) for m in wide] == [(96, 384)]  # the encoder's, not the 4 -> 96 embed
@@ -399,19 +399,21 @@ print('ok')
 
 
 def test_scaffold_compile_contexts_change_what_they_say_and_restore_it():
-    """``sincos per slot (before)`` puts back the per-slot embedding (equal values) only inside its context;
-    ``wide persistent`` installs inductor's choice handler only inside its own."""
+    """``position table per call (before)`` makes the models compute their sin-cos table per call (equal values)
+    only inside its context; ``wide persistent`` installs inductor's choice handler only inside its own."""
     import chunkformer as cf
+    from chunkformer.models import dcdit
     from torch._inductor.virtualized import V
 
     bench = _load("scaffold_compile")
-    plan = cf.ChunkPlan.from_mask(torch.rand(2, 12) > 0.5, torch.rand(2, 12), grid=(3, 4), mode="fixed", capacity=5)
-    library = cf.ChunkPlan.position_embedding
-    with bench.sincos_per_slot():
-        assert cf.ChunkPlan.position_embedding is not library
-        before = plan.position_embedding(8)
-    assert cf.ChunkPlan.position_embedding is library
-    torch.testing.assert_close(plan.position_embedding(8), before, rtol=0, atol=1e-6)
+    torch.manual_seed(0)
+    model = cf.create_model("DC-DiT-S", input_size=8, depth=1)
+    kept = dcdit.position_table
+    with bench.position_table_per_call():
+        assert dcdit.position_table is not kept
+        per_call = dcdit.position_table(model, (8, 8))
+    assert dcdit.position_table is kept
+    torch.testing.assert_close(dcdit.position_table(model, (8, 8)), per_call, rtol=0, atol=1e-6)
     with bench.wide_persistent_reductions():
         assert type(V.choices).__name__ == "WideRows"
     assert type(V.choices).__name__ != "WideRows"

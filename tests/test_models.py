@@ -77,6 +77,26 @@ def test_overrides_unconditional_non_square_and_no_sigma():
     assert dit(x, torch.rand(3) * 999).shape == (3, 8, 8, 12)
 
 
+@pytest.mark.parametrize("name", ["DiT-S/2", "DC-DiT-S"])
+def test_position_table_is_a_cache_a_model_at_another_grid_gives_the_same_output(name):
+    """The sin-cos table a model keeps for its own grid is not saved, and a model run on another grid (where it
+    computes the table per call) gives what a model built for that grid gives with the same weights."""
+    built_for_16 = tiny(name)
+    assert "pos_table" not in built_for_16.state_dict()
+    built_for_8x12 = tiny(name, input_size=(8, 12))
+    built_for_8x12.load_state_dict(built_for_16.state_dict())  # strict: the table is no weight
+    for layer in (m for m in built_for_16.modules() if isinstance(m, torch.nn.Linear) and not m.weight.any()):
+        torch.nn.init.normal_(layer.weight, std=0.02)  # zero-init output layers would hide the positions
+    built_for_8x12.load_state_dict(built_for_16.state_dict())
+    x, t, y = batch(grid=(8, 12))
+    with torch.no_grad():
+        out = built_for_8x12(x, t, y)
+        torch.testing.assert_close(built_for_16(x, t, y), out)
+        built_for_8x12.pos_table += 1.0  # a test that can fail: the output reads the table
+        assert not torch.allclose(built_for_8x12(x, t, y), out)
+        assert built_for_16.to(torch.bfloat16)(x.bfloat16(), t, y).dtype == torch.bfloat16  # the table follows .to()
+
+
 def test_dcdit_with_every_token_kept_equals_backbone_on_the_unchunked_grid():
     model = tiny("DC-DiT-S", depth=2, smoothing="none").eval()
     torch.nn.init.constant_(model.router.scorer[-1].bias, 50.0)  # p = 1 everywhere: keep all

@@ -77,6 +77,29 @@ def test_merge_keeps_the_backbone_precision_only_when_asked():
     assert 0 < rel < 2e-2
 
 
+def test_half_precision_merge_is_the_correctly_rounded_sum_of_its_bf16_parts():
+    """The bf16 merge sums in fp32 and rounds once: the same values as adding the bf16 de-chunked grid and the
+    bf16 residual (a bf16 add rounds its exact sum once too; the gate is 1 forward)."""
+    from chunkformer.dechunk import dechunk
+
+    _, low = pair()
+    torch.nn.init.normal_(low.decoder.residual.weight, std=0.5)  # zero-init would make the sum trivial
+    x, t, y = inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        c = low.t_embedder(t) + low.y_embedder(y, 2, x.device, None)
+        tokens = low.encoder(x, c)
+        routed = low.router(tokens, (8, 8))
+        plan = ChunkPlan.from_router(routed, mode="packed")
+        h = plan.chunk(tokens).to(torch.bfloat16)
+        merged = low.decoder.merge(h, plan, routed, tokens)
+        res = low.decoder.residual(tokens)  # bf16 under autocast
+    dec = low.decoder
+    full = dechunk(plan.unchunk(h), routed.probs, plan, sigma=dec.sigma, smoothing=dec.smoothing,
+                   truncate=dec.truncate, dtype=torch.bfloat16)
+    assert res.dtype == full.dtype == merged.dtype == torch.bfloat16
+    assert torch.equal(merged, full + res)
+
+
 @pytest.mark.parametrize("smoothing", ["dense", "windowed", "none"])
 def test_dechunk_in_bf16_stays_within_bf16_rounding_of_fp32(smoothing):
     g = torch.Generator().manual_seed(1)

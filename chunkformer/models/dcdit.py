@@ -34,6 +34,8 @@ from .dit import (
     as_grid,
     block_input,
     init_backbone_weights,
+    position_table,
+    register_position_table,
 )
 
 __all__ = ["DCDiT"]
@@ -128,6 +130,7 @@ class DCDiT(LabelledModel):
             hidden_size, self.out_channels, ndim=self.ndim, depth=decoder_depth, width=scaffold_width,
             sigma=sigma, smoothing=smoothing, fp32=fp32_router_dechunk, **fk,
         )
+        register_position_table(self, self.grid, device)
         init_backbone_weights(self)
 
     @typechecked
@@ -158,7 +161,7 @@ class DCDiT(LabelledModel):
         routed = self.router(tokens, grid, rho=rho)  # RouterOutput, (B, L) fields
         plan = ChunkPlan.from_router(routed, mode=self.plan_mode, capacity=self.capacity, fill=self.fill_capacity)
         # 3. backbone on the kept tokens, at their original positions
-        h = plan.chunk(tokens) + plan.position_embedding(self.hidden_size).to(tokens.dtype)  # (T, d) | (B, M, d)
+        h = plan.chunk(tokens) + plan.take(position_table(self, grid)).to(tokens.dtype)  # (T, d) | (B, M, d)
 
         def blocks(h):
             for block in self.blocks:

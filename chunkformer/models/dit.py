@@ -288,6 +288,7 @@ class DiT(LabelledModel):
             DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, mlp_norm_eps, **fk) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size**self.ndim * self.out_channels, hidden_size, **fk)
+        register_position_table(self, tuple(s // patch_size for s in self.grid), device)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -314,7 +315,7 @@ class DiT(LabelledModel):
         """Shared by DiT and wrappers: patch tokens ``(B, L, d)`` (with position) and ``c`` ``(B, d)``."""
         h = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, L, d)
         patch_grid = tuple(s // self.patch_size for s in x.shape[2:])
-        h = h + sincos_embed(grid_coords(patch_grid, device=x.device), self.hidden_size).to(h.dtype)
+        h = h + position_table(self, patch_grid).to(h.dtype)  # (L, d) broadcast over the batch
         c = self.t_embedder(t) + self.y_embedder(y, x.shape[0], x.device, label_drop)  # (B, d)
         return h, c
 
@@ -352,6 +353,22 @@ class DiT(LabelledModel):
         kept = torch.full((B,), L, device=x.device, dtype=torch.long)
         return out, ForwardInfo(ratio_loss=h.new_zeros(()).float(), kept=kept, tokens=L,
                                 cached=skipped_last(self))
+
+
+def register_position_table(model: nn.Module, grid: tuple[int, ...], device=None) -> None:
+    """Give ``model`` its ``(L, hidden_size)`` sin-cos table over ``grid`` as a buffer ``pos_table`` (not saved:
+    it is a function of the config). Computed once: inside a compiled step a table computed per call is
+    inlined into its consumer, which then evaluates sines and cosines for every element of the batch."""
+    model.pos_grid = tuple(grid)
+    model.register_buffer("pos_table", sincos_embed(grid_coords(grid, device=device), model.hidden_size),
+                          persistent=False)
+
+
+def position_table(model: nn.Module, grid: tuple[int, ...]) -> Tensor:
+    """``(L, d)`` sin-cos table over ``grid``: ``model.pos_table`` for the grid it was built for, else computed."""
+    if tuple(grid) == model.pos_grid:
+        return model.pos_table
+    return sincos_embed(grid_coords(grid, device=model.pos_table.device), model.hidden_size)
 
 
 def _check_input(model: nn.Module, x: Tensor) -> None:
