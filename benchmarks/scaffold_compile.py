@@ -204,7 +204,7 @@ VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change 
     "residual in its GEMM": ({}, residual_in_gemm),
     "all three paths": ({}, lambda m: residual_in_gemm(split_widening(gemm_1x1(m)))),
     "merge summed in bf16 (before)": ({}, merge_in_bf16),
-    "default, FX graph cache off": (_NO_CACHE, lambda m: m),  # what the settings of the context variants change alone
+    "default with the FX graph cache off": (_NO_CACHE, lambda m: m),  # what the settings of the context variants change alone
     # compiled inside wide_persistent_reductions(); settings of their own, so dynamo does not hand them the graph
     # it compiled for the same model under other settings
     "wide persistent reductions": (_NO_CACHE, None),
