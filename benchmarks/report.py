@@ -198,9 +198,9 @@ def plot(files: list[Path], out: Path) -> None:
                         label="DC-DiT-XL (FLOP-predicted)")
                 for (rho, r), k in zip(rows, kept):
                     ax.annotate(rho, (k, r["ms"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.axhline(dit["ms"], color="k", lw=1, label="DiT-XL/2")
+        ax.axhline(dit["ms"], color="k", lw=1, label=dit["row"])
         dit16 = next((r for r in data["rows"] if r["row"] == "DiT-XL/2, bf16 weights"), None)
-        if dit16 is not None:
+        if dit16 is not None and dit16 is not dit:  # a run with both: the bf16-weight line too
             ax.axhline(dit16["ms"], color="k", lw=1, ls=":", label="DiT-XL/2, bf16 weights")
         ax.set_xlabel("tokens kept / latent grid")
         ax.set_ylabel("ms per sampling step")
@@ -294,7 +294,7 @@ def scaffold_compile_table(data: dict) -> str:
     return "\n".join(lines + _profiles_and_note(data, "heaviest kernels"))
 
 
-PLOTTED = ("step_speed_256_bf16w_h100.json", "step_speed_512_bf16w_h100.json")  # the step-time figure's runs
+PLOTTED = ("step_speed_256_serving_pos_table_h100.json", "step_speed_512_serving_pos_table_h100.json")  # the figure's runs
 
 
 def main() -> None:

@@ -190,6 +190,9 @@ def residual_in_gemm(model: nn.Module) -> nn.Module:
 
 
 _NO_CACHE = {"options": {"fx_graph_cache": False}}
+# settings unlike any other variant's (persistent_reductions=True is inductor's default): dynamo reuses a graph
+# compiled under equal settings for an equal model, which would skip the context
+_WIDE = {"options": {"fx_graph_cache": False, "triton.persistent_reductions": True}}
 VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change applied to a copy of the model)
     "default": ({}, None),
     "coordinate-descent": ({"options": {"coordinate_descent_tuning": True}}, None),
@@ -207,9 +210,9 @@ VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change 
     "default with the FX graph cache off": (_NO_CACHE, lambda m: m),  # what the settings of the context variants change alone
     # compiled inside wide_persistent_reductions(); settings of their own, so dynamo does not hand them the graph
     # it compiled for the same model under other settings
-    "wide persistent reductions": (_NO_CACHE, None),
-    "split + wide persistent": (_NO_CACHE, split_widening),
-    "1x1 + split + wide persistent": (_NO_CACHE, lambda m: split_widening(gemm_1x1(m))),
+    "wide persistent reductions": (_WIDE, lambda m: m),
+    "split + wide persistent": (_WIDE, split_widening),
+    "1x1 + split + wide persistent": (_WIDE, lambda m: split_widening(gemm_1x1(m))),
     "position table per call (before)": (_NO_CACHE, lambda m: m),
 }
 # variants compiled inside a context: name -> context factory (their first call, which compiles, runs in it)

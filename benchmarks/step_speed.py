@@ -122,9 +122,6 @@ def set_inductor_config(settings: list[str]) -> dict:
     return applied
 
 
-NO_CACHE = {"fx_graph_cache": False}
-
-
 def cuda_ms(fn, reps: int, *args, warmup: int = 5) -> float:
     """GPU ms per call of ``fn(*args)`` between two CUDA events, after ``warmup`` calls (a kernel benchmark's
     clock; ``step_ms`` times whole steps on the host clock, CPU included)."""
@@ -203,7 +200,7 @@ def main(argv=None) -> dict:
     ab = parse_settings(args.ab_options, "--ab-options")
     # contexts: the paths compiled inside a context of scaffold_compile.py, with settings of their own (else
     # dynamo would hand a twin the graph it compiled for an equal model outside it)
-    paths, contexts = {}, {}
+    paths, contexts, context_options = {}, {}, {}
     if args.paths:
         from scaffold_compile import VARIANTS as scaffold_variants  # imported here: it imports this module
         from scaffold_compile import CONTEXTS
@@ -216,6 +213,7 @@ def main(argv=None) -> dict:
             paths[name] = patch
             if name in CONTEXTS:
                 contexts[name] = CONTEXTS[name]
+                context_options[name] = scaffold_variants[name][0]["options"]  # settings of its own
     if ab and args.cudagraphs:
         ap.error("--ab-options and --cudagraphs: run them separately")
 
@@ -293,7 +291,7 @@ def main(argv=None) -> dict:
         models, flops_of = {}, {}  # flops_of[(suffix, rho)]: a --paths row counts its twin's (same math; the
         for suffix, kw in variants:  # residual-in-GEMM path calls no nn.Linear for the counter to see)
             m = models[suffix] = dcdit(**kw)
-            m_fn = compile_(m, {**(opts or {}), **NO_CACHE} if kw.get("path") in contexts else opts)
+            m_fn = compile_(m, {**(opts or {}), **context_options.get(kw.get("path"), {})} or None)
             b16 = "bf16w-" if "bf16 weights" in suffix else ""  # its DiT-XL/2 baseline
             twin = suffix.replace(f", {kw['path']}", "") if kw.get("path") else None
 
@@ -331,7 +329,8 @@ def main(argv=None) -> dict:
         scaffolds += [(f"{name}, {path}", dcdit(depth=0, fp32="bf16" not in name, path=path, **w16))
                       for path in paths for name, _ in list(scaffolds) if "cuDNN" not in name]
         for name, sc in scaffolds:
-            sc_opts = {**(opts or {}), **NO_CACHE} if any(name.endswith(", " + c) for c in contexts) else opts
+            path = next((c for c in contexts if name.endswith(", " + c)), None)
+            sc_opts = {**(opts or {}), **context_options.get(path, {})} or None
             name += (", bf16 weights" if w16 else "") + tag
             cases.append((name, lambda f=compile_(sc, sc_opts): f(x, t, y), scaffold_flops,
                           caps[0.0], ("bf16w-plain" if w16 else "plain") + tag))
@@ -358,7 +357,7 @@ def main(argv=None) -> dict:
             cases = [c for c in cases if c[0].startswith("DiT-XL/2") or re.search(args.rows, c[0])]
         b16 = "bf16w-" if args.bf16_weights else ""
         for path in contexts:  # a context changes DiT-XL/2's graph too (its norms, its position table): its twin
-            dit_twin = compile_(_dit().to(torch.bfloat16) if args.bf16_weights else _dit(), NO_CACHE)
+            dit_twin = compile_(_dit().to(torch.bfloat16) if args.bf16_weights else _dit(), context_options[path])
             cases.append((f"DiT-XL/2{', bf16 weights' if b16 else ''}, {path}", lambda f=dit_twin: f(x, t, y),
                           dit_flops, L // 4, b16 + "plain"))
         for case in cases:
