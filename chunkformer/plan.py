@@ -253,8 +253,10 @@ class ChunkPlan:
     def position_embedding(self, dim: int) -> Tensor:
         """Sin-cos embedding of the kept tokens' original coordinates, in :meth:`chunk`'s layout.
 
-        Computed once per grid position (``L`` rows) and gathered, not once per slot: at DC-DiT-XL's
-        batch 64 that is 64x fewer sines and cosines (0.2 ms of a compiled H100 step)."""
+        Computed once per grid position (``L`` rows) and gathered: eager, ``B M / L`` times fewer sines
+        than one per slot. ``torch.compile`` inlines a table computed per call into the gather again, so
+        a model that runs compiled keeps its table (DiT and DC-DiT: the buffer ``pos_table``) and calls
+        :meth:`take`."""
         return self.take(sincos_embed(grid_coords(self.grid, device=self.order.device), dim))
 
     def take(self, table: Float[Tensor, "tokens dim"]) -> Tensor:
