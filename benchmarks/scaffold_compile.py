@@ -30,7 +30,20 @@ here only, to be measured before the library adopts either):
 * ``residual in its GEMM``: the decoder's merge ``dechunk(y) * gate + W_res e + b`` with the
   de-chunked grid added by the residual GEMM's epilogue (``addmm``) instead of a pass of its own
   (0.11 ms in the H100 profile), in the half-precision merge of bf16 routing only;
-* all three.
+* all three;
+* ``merge summed in bf16 (before)``: the decoder's half-precision merge as it was before it summed in
+  fp32 (which inductor may fold into the residual GEMM as an ``addmm`` whose C operand aten copies);
+* ``position table per call (before)``: DiT and DC-DiT computing their sin-cos table in every call (inlined
+  by inductor into the add: a sine per element) instead of keeping it as a buffer.
+
+Context variants compile inside a context of their own, with compile settings of their own (dynamo would
+otherwise hand them a graph compiled for an equal model):
+
+* ``wide persistent reductions`` (also with the split, and with the 1x1 GEMMs): every row reduction of up to
+  2048 elements compiled persistent (inductor's limit is 1024), e.g. the encoder's RMSNorm over ``d = 1152``;
+* ``position table per call (before)`` (above).
+
+``default with the FX graph cache off`` has their compile settings without a context: what the settings alone change.
 
 Every variant is compiled and warmed, then all are timed in interleaved rounds (median round).
 Columns: compile seconds (first call), GPU ms per call, ratio to ``default`` and the largest

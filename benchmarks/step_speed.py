@@ -40,7 +40,9 @@ DC-DiT-XL samples with by default, so one process times both paths on one card.
 
 ``--paths NAMES`` adds every DC-DiT row and scaffold again through each named compute path of
 ``scaffold_compile.py`` (the same weights through other kernels: ``1x1 as GEMMs``, ``widening conv
-split``, ``residual in its GEMM``, ``all three paths``), each against the same DiT-XL/2.
+split``, ``residual in its GEMM``, ``all three paths``, ``merge summed in bf16 (before)``, ...), each
+against the same DiT-XL/2. A path compiled inside a context (``wide persistent reductions``, ``position
+table per call (before)``) changes DiT-XL/2's graph too, so it also adds a DiT-XL/2 row compiled in it.
 
 ``--bf16-weights`` adds DiT-XL/2 (plain and CFG) and every DC-DiT variant's rho / Lite-CFG rows
 with their weights cast to bf16 once (``model.to(torch.bfloat16)``; DC-DiT's fp32 router and
