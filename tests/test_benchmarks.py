@@ -193,6 +193,13 @@ def test_step_speed_rows_and_scaffold_share(tmp_path, benchmarks):
             "DC-DiT-XL scaffold only, bf16 routing" + path + ", bf16 weights"} <= set(by)
     assert by["DC-DiT-XL rho=0.4 filled, bf16 routing" + path + ", bf16 weights"]["flops"] == by[
         "DC-DiT-XL rho=0.4 filled, bf16 routing, bf16 weights"]["flops"] > 0  # its addmm is no nn.Linear call
+    # a path compiled inside a context changes DiT-XL/2's graph too: it gets a DiT-XL/2 twin, the baseline's base
+    ctx = step_speed.main(["--tiny", "--no-compile", "--no-masked", "--bf16-routing", "--fill-capacity",
+                           "--bf16-weights-only", "--rounds", "1", "--rows", "rho=0.4",
+                           "--paths", "position table per call (before)"])
+    by = {r["row"]: r for r in ctx["rows"]}
+    assert by["DiT-XL/2, bf16 weights, position table per call (before)"]["base"] == "bf16w-plain"
+    assert "DC-DiT-XL rho=0.4 filled, bf16 routing, position table per call (before), bf16 weights" in by
     with pytest.raises(SystemExit):
         step_speed.main(["--tiny", "--no-compile", "--fill-capacity", "--paths", "multi-kernel"])  # a compile setting
     # --ab-options: every row again, compiled with those options, against the DiT-XL/2 compiled the same way
