@@ -65,7 +65,10 @@ def parallelize(model: nn.Module, d: Dist, *, parallel: str = "ddp", compile: bo
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [d.local_rank] if d.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    # position tables (DiT's and DC-DiT's `pos_table`) are a function of the config, equal on every rank: when
+    # they are the only buffers, broadcasting them before each forward would be a collective for nothing
+    tables_only = all(name.rsplit(".", 1)[-1] == "pos_table" for name, _ in model.named_buffers())
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=not tables_only)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

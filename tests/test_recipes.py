@@ -474,3 +474,28 @@ def test_bf16_sampling_keeps_the_router_fp32_and_lands_near_fp32_samples():
     assert {p.dtype for p in model.blocks.parameters()} == {torch.bfloat16}
     assert low.dtype == torch.float32 and not torch.equal(low, ref)  # it did run in bf16 ...
     assert (low - ref).norm() / ref.norm() < 0.05  # ... and stays within bf16's rounding of the fp32 samples
+
+
+def test_ddp_broadcasts_buffers_only_when_there_is_more_than_a_position_table():
+    """DiT / DC-DiT buffers are position tables, equal on every rank: no per-forward broadcast for them; any other
+    buffer (a BatchNorm's statistics) keeps DDP's default."""
+    import socket
+
+    import torch.distributed as dist
+
+    import chunkformer as cf
+    from recipes.parallel import Dist, parallelize
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        d = Dist(world=2)  # "enabled": wrap, though this group has one process
+        model = cf.create_model("DC-DiT-S", input_size=8, depth=1)
+        assert [n for n, _ in model.named_buffers()] == ["pos_table"]
+        assert parallelize(model, d).broadcast_buffers is False
+        with_norm = torch.nn.Sequential(model, torch.nn.BatchNorm1d(3))
+        assert parallelize(with_norm, d).broadcast_buffers is True
+    finally:
+        dist.destroy_process_group()
