@@ -112,18 +112,23 @@ def split_widening(model: nn.Module) -> nn.Module:
     return model
 
 
+def _gated_grid(decoder, y, plan, router_out):
+    """The half-precision merge's first term, ``dechunk(y) * STE(confidence)``, in ``y``'s dtype: ``(B, L, d)``."""
+    full = dechunk(plan.unchunk(y), router_out.probs, plan, sigma=decoder.sigma, smoothing=decoder.smoothing,
+                   truncate=decoder.truncate, dtype=y.dtype)  # (B, L, d)
+    return full * ste_ones(router_out.confidence.to(y.dtype))[..., None]
+
+
 def _merge_in_gemm(self, y, plan, router_out, enc_tokens):
     """``DeChunkDecoder.merge`` with the residual projection's GEMM adding the de-chunked grid in its
     epilogue (``addmm``, C = gated grid + bias) instead of a separate pass; half-precision merge only."""
     if self.fp32:  # an fp32 merge keeps its fp32 sum
         return DeChunkDecoder.merge(self, y, plan, router_out, enc_tokens)
     with torch.autocast(device_type=enc_tokens.device.type, enabled=False):
-        full = dechunk(plan.unchunk(y), router_out.probs, plan, sigma=self.sigma, smoothing=self.smoothing,
-                       truncate=self.truncate, dtype=y.dtype)  # (B, L, d)
-        base = full * ste_ones(router_out.confidence.to(y.dtype))[..., None] + self.residual.bias.to(y.dtype)
-        merged = torch.addmm(base.flatten(0, 1), enc_tokens.flatten(0, 1).to(y.dtype),
-                             self.residual.weight.to(y.dtype).t())  # (B L, d)
-    return merged.view_as(full)
+        gated = _gated_grid(self, y, plan, router_out)  # (B, L, d)
+        merged = torch.addmm((gated + self.residual.bias.to(y.dtype)).flatten(0, 1),
+                             enc_tokens.flatten(0, 1).to(y.dtype), self.residual.weight.to(y.dtype).t())  # (B L, d)
+    return merged.view_as(gated)
 
 
 def _merge_in_bf16(self, y, plan, router_out, enc_tokens):
@@ -134,9 +139,7 @@ def _merge_in_bf16(self, y, plan, router_out, enc_tokens):
         return DeChunkDecoder.merge(self, y, plan, router_out, enc_tokens)
     res = self.residual(enc_tokens).to(y.dtype)  # (B, L, d), bf16 under autocast
     with torch.autocast(device_type=enc_tokens.device.type, enabled=False):
-        full = dechunk(plan.unchunk(y), router_out.probs, plan, sigma=self.sigma, smoothing=self.smoothing,
-                       truncate=self.truncate, dtype=y.dtype)  # (B, L, d)
-        return full * ste_ones(router_out.confidence.to(y.dtype))[..., None] + res
+        return _gated_grid(self, y, plan, router_out) + res
 
 
 class _MergeInGemm(DeChunkDecoder):
@@ -181,11 +184,11 @@ def position_table_per_call():
     """DiT and DC-DiT compute their ``(L, d)`` sin-cos table in every call, as before they kept it as a buffer;
     compiled, inductor inlines it into the consumer, which then evaluates a sine or cosine for every element
     of the ``(B, L | M, d)`` sum. For what compiles inside (dynamo bakes the traced functions into the graph)."""
-    from chunkformer.grid import grid_coords, sincos_embed
+    from chunkformer.grid import sincos_table
     from chunkformer.models import dcdit, dit
 
     def per_call(model, grid):
-        return sincos_embed(grid_coords(grid, device=model.pos_table.device), model.hidden_size)
+        return sincos_table(grid, model.hidden_size, device=model.pos_table.device)
 
     before = dit.position_table, dcdit.position_table
     dit.position_table = dcdit.position_table = per_call

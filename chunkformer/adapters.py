@@ -44,7 +44,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import chunk_attention, dense_attention
-from .grid import grid_coords, raster_index, sincos_embed
+from .grid import raster_index, sincos_embed, sincos_table
 from .models.dit import block_input
 from .plan import ChunkPlan
 
@@ -212,7 +212,7 @@ class BackboneAdapter(nn.Module):
 
 def _table_lookup(table: torch.Tensor, patch_grid: tuple[int, ...]):
     """A position table ``(L, d)`` over ``patch_grid`` as a function of fractional coordinates."""
-    sincos = sincos_embed(grid_coords(patch_grid, device=table.device), table.shape[-1])
+    sincos = sincos_table(patch_grid, table.shape[-1], device=table.device)
     if torch.allclose(table.float().cpu(), sincos.cpu(), atol=1e-5):
         return None  # the standard sin-cos table: evaluate it at fractional coordinates instead
 
@@ -261,7 +261,7 @@ class ChunkformerDiTAdapter(BackboneAdapter):
     def patch_tokens(model, x):
         h = model.x_embedder(x).flatten(2).transpose(1, 2)  # (B, L, d)
         patch_grid = tuple(s // model.patch_size for s in x.shape[2:])
-        return h + sincos_embed(grid_coords(patch_grid, device=x.device), model.hidden_size).to(h.dtype)
+        return h + sincos_table(patch_grid, model.hidden_size, device=x.device).to(h.dtype)
 
 
 # ---------------------------------------------------------------------------- original DiT layout

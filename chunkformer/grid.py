@@ -22,6 +22,7 @@ __all__ = [
     "conv_nd",
     "norm_groups",
     "sincos_embed",
+    "sincos_table",
 ]
 
 GridShape = tuple[int, ...] | list[int]
@@ -115,6 +116,11 @@ def sincos_embed(
     if pad:
         emb = torch.nn.functional.pad(emb, (0, pad))
     return emb
+
+
+def sincos_table(grid: GridShape, dim: int, *, device: torch.device | None = None) -> Float[Tensor, "tokens embed"]:
+    """``(L, dim)`` sin-cos embedding of every position of ``grid`` in raster order (DiT's table)."""
+    return sincos_embed(grid_coords(grid, device=device), dim)
 
 
 def raster_index(coords: Int[Tensor, "*batch ndim"], grid: GridShape) -> Int[Tensor, "*batch"]:

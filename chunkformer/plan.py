@@ -41,7 +41,7 @@ from tensordict import tensorclass
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._typing import Bool, Float, Int, Tensor, check_finite, typechecked
-from .grid import GridShape, check_grid, grid_coords, sincos_embed
+from .grid import GridShape, check_grid, grid_coords, sincos_table
 
 __all__ = ["ChunkPlan", "PlanMode", "PLAN_MODES", "nearest_kept"]
 
@@ -257,7 +257,7 @@ class ChunkPlan:
         than one per slot. ``torch.compile`` inlines a table computed per call into the gather again, so
         a model that runs compiled keeps its table (DiT and DC-DiT: the buffer ``pos_table``) and calls
         :meth:`take`."""
-        return self.take(sincos_embed(grid_coords(self.grid, device=self.order.device), dim))
+        return self.take(sincos_table(self.grid, dim, device=self.order.device))
 
     def take(self, table: Float[Tensor, "tokens dim"]) -> Tensor:
         """Each slot's row of a per-grid-position ``(L, d)`` table (a position embedding), in

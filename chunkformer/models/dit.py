@@ -22,7 +22,7 @@ from torch import nn
 from .._typing import Bool, Float, Int, Tensor, typechecked
 from ..attention import Backend, chunk_attention, dense_attention
 from ..caching import run_with_cache, skipped_last
-from ..grid import conv_nd, grid_coords, sincos_embed
+from ..grid import conv_nd, sincos_table
 from ..plan import ChunkPlan
 from ..routing import RouterOutput
 from ..scaffold import FinalLayer
@@ -360,15 +360,14 @@ def register_position_table(model: nn.Module, grid: tuple[int, ...], device=None
     it is a function of the config). Computed once: inside a compiled step a table computed per call is
     inlined into its consumer, which then evaluates sines and cosines for every element of the batch."""
     model.pos_grid = tuple(grid)
-    model.register_buffer("pos_table", sincos_embed(grid_coords(grid, device=device), model.hidden_size),
-                          persistent=False)
+    model.register_buffer("pos_table", sincos_table(grid, model.hidden_size, device=device), persistent=False)
 
 
 def position_table(model: nn.Module, grid: tuple[int, ...]) -> Tensor:
     """``(L, d)`` sin-cos table over ``grid``: ``model.pos_table`` for the grid it was built for, else computed."""
     if tuple(grid) == model.pos_grid:
         return model.pos_table
-    return sincos_embed(grid_coords(grid, device=model.pos_table.device), model.hidden_size)
+    return sincos_table(grid, model.hidden_size, device=model.pos_table.device)
 
 
 def _check_input(model: nn.Module, x: Tensor) -> None:

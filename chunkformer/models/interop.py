@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..grid import grid_coords, sincos_embed
+from ..grid import sincos_table
 from .dcdit import DCDiT
 from .dit import DiT
 
@@ -86,7 +86,7 @@ def _depth(state: dict, prefix: str) -> int:
 
 
 def _check_sincos(table: torch.Tensor, patch_grid: tuple[int, ...], what: str) -> None:
-    ref = sincos_embed(grid_coords(patch_grid), table.shape[-1])
+    ref = sincos_table(patch_grid, table.shape[-1])
     if not torch.allclose(table.reshape(ref.shape).float(), ref, atol=1e-4):
         raise ValueError(
             f"{what} is not the standard sin-cos table over {patch_grid}: chunkformer computes positions "
@@ -140,7 +140,7 @@ def to_original_dit(model: DiT) -> dict:
                                                                      "final_layer.adaLN_modulation.1.")
         state[k] = v.detach().clone()
     patch_grid = tuple(s // model.patch_size for s in model.grid)
-    state["pos_embed"] = sincos_embed(grid_coords(patch_grid), model.hidden_size)[None]
+    state["pos_embed"] = sincos_table(patch_grid, model.hidden_size)[None]
     return state
 
 
