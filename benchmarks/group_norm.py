@@ -17,7 +17,10 @@ compiled:
 * ``Triton sums``: the one-pass statistics from a hand-written Triton kernel that reads
   (rows x 128-channel) tiles of the channels-last grid, split over the grid so every SM has work
   (``channel_sums``), then the same compiled finish and normalise + SiLU (a candidate for the
-  scaffold, measured here first).
+  scaffold, measured here first);
+* ``chunkformer GroupNorm``: what the scaffold runs since session 15, :class:`chunkformer.norms.GroupNorm`
+  (per-channel sums of ``x`` less each channel's first value, in channel blocks of 32 or 64 with the
+  grid split for ~1024 programs, recombined into group statistics, normalised by inductor), compiled.
 
 Columns: ms per call, effective bandwidth (one read and one write of the tensor per ms), and the
 max relative error against fp64 GroupNorm + SiLU, for inputs with a per-channel offset of 0 and
@@ -36,6 +39,9 @@ from einops import reduce
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_speed import cuda_ms, save_result  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from chunkformer.norms import GroupNorm  # noqa: E402
 
 SHAPES = ((64, 288, 32, 32), (64, 1152, 32, 32), (16, 288, 64, 64))
 GROUPS, EPS = 32, 1e-5
@@ -129,11 +135,92 @@ def triton_sums(weight, bias):
     return f
 
 
+def library_norm(norm: torch.nn.GroupNorm) -> GroupNorm:
+    """The scaffold's :class:`chunkformer.norms.GroupNorm` with ``norm``'s weights."""
+    out = GroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps).to(norm.weight.device)
+    out.load_state_dict(norm.state_dict())
+    return out
+
+
+def graph_ms(fn, reps: int, *args) -> float:
+    """GPU ms per call of ``fn(*args)`` replayed from a CUDA graph of ``reps`` calls: no host time in it
+    (``cuda_ms`` of a single GroupNorm mostly times the host launching it)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn(*args)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (5 * reps)
+
+
+def kernel_sweep(dev) -> list[dict]:
+    """GPU time (CUDA graphs) of the statistics alone: inductor's (the reduction of a compiled
+    ``native_group_norm`` returning only mean and rstd) against ``channel_moments``' kernel at each tiling,
+    and of the whole GroupNorm + SiLU both ways."""
+    from chunkformer import norms as gn
+
+    rows = []
+    for shape in SHAPES:
+        B, C, H, W = shape
+        x = torch.randn(shape, device=dev).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        norm = torch.nn.GroupNorm(GROUPS, C, eps=EPS).to(dev)
+        nbytes = x.numel() * 2
+
+        @torch.compile
+        def inductor_stats(x, w=norm.weight, b=norm.bias):
+            return torch.ops.aten.native_group_norm(x.float(), w, b, B, C, H * W, GROUPS, EPS)[1:]
+
+        timed = {"inductor statistics (compiled native_group_norm)": (inductor_stats, nbytes),
+                 "inductor GroupNorm + SiLU": (torch.compile(module_gn(norm)), 2 * nbytes),
+                 "chunkformer GroupNorm + SiLU": (torch.compile(module_gn(library_norm(norm))), 2 * nbytes),
+                 "chunkformer statistics, default tiles": (gn.launch_channel_moments, nbytes)}
+        for block_c in sorted({32, 64, 128, triton.next_power_of_2(C)}):
+            for elems in (2048, 4096, 8192):
+                block_p = elems // block_c
+                if block_p < 1:
+                    continue
+                for warps in (4, 8):
+                    for programs in (528, 1056, 2112):
+                        per_prog = B * -(-C // block_c)
+                        splits = max(1, min(-(-programs // per_prog), -(-H * W // block_p)))
+                        per_split = -(-(-(-H * W // splits)) // block_p) * block_p
+                        tiles = (block_p, block_c, -(-H * W // per_split), per_split)
+                        name = f"moments {block_p}x{block_c} w{warps} ~{programs} programs"
+                        timed[name] = (lambda x, t=tiles, w=warps: gn.launch_channel_moments(x, t, w), nbytes)
+        for name, (fn, moved) in timed.items():
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                ms = graph_ms(fn, 20, x)
+            rows.append({"shape": list(shape), "variant": name, "graph_ms": ms, "tb_per_s": moved / (ms * 1e-3) / 1e12})
+        best = sorted((r for r in rows if r["shape"] == list(shape) and r["variant"].startswith("moments")),
+                      key=lambda r: r["graph_ms"])
+        for r in [r for r in rows if r["shape"] == list(shape) and not r["variant"].startswith("moments")] + best[:6]:
+            print(f"{str(shape):<22} {r['variant']:<52} {r['graph_ms']:8.4f} ms {r['tb_per_s']:5.2f} TB/s", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--kernels", action="store_true",
+                    help="instead: GPU time from CUDA graphs of the statistics alone, inductor's against "
+                         "channel_moments' kernel at each tiling (and of the whole norm both ways)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
+    if args.kernels:
+        return save_result(args.out, torch.cuda.get_device_name(), sweep=kernel_sweep(dev))
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 channels-last")
     for shape in SHAPES:
@@ -144,7 +231,8 @@ def main(argv=None):
         w, b = norm.weight.detach(), norm.bias.detach()
         variants = {"nn.GroupNorm eager": module_gn(norm), "nn.GroupNorm compiled": torch.compile(module_gn(norm)),
                     "two-pass compiled": torch.compile(two_pass(w, b)), "one-pass compiled": torch.compile(one_pass(w, b)),
-                    "Triton sums + compiled apply": triton_sums(w, b)}
+                    "Triton sums + compiled apply": triton_sums(w, b),
+                    "chunkformer GroupNorm compiled": torch.compile(module_gn(library_norm(norm)))}
         for offset in (0.0, 10.0):
             x = torch.randn(shape, device=dev)
             x = (x + offset * torch.randn(1, C, 1, 1, device=dev)).to(torch.bfloat16)

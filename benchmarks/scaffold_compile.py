@@ -33,6 +33,12 @@ here only, to be measured before the library adopts either):
 * all three;
 * ``merge summed in bf16 (before)``: the decoder's half-precision merge as it was before it summed in
   fp32 (which inductor may fold into the residual GEMM as an ``addmm`` whose C operand aten copies);
+* ``nn.GroupNorm statistics (before)``: every GroupNorm of the scaffold and router as ``nn.GroupNorm`` of
+  ``x + shift``, whose statistics inductor compiles as a reduction per ``(sample, group)``, instead of
+  :func:`~chunkformer.norms.channel_moments`' coalesced per-channel sums;
+* ``RMSNorm by inductor (before)``: the encoder's output norm as ``rms_norm(h + skip)`` for inductor, which
+  loops over each 1152-wide row twice, instead of :func:`~chunkformer.norms.add_rms_norm` (one read of each
+  addend); ``both norms by inductor (before)``: both;
 * ``position table per call (before)``: DiT and DC-DiT computing their sin-cos table in every call (inlined
   by inductor into the add: a sine per element) instead of keeping it as a buffer.
 
@@ -69,6 +75,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chunkformer as cf  # noqa: E402
 from chunkformer.dechunk import dechunk, ste_ones  # noqa: E402
+from chunkformer.norms import GroupNorm  # noqa: E402
+from chunkformer.precision import RMSNorm  # noqa: E402
 from chunkformer.scaffold import DeChunkDecoder  # noqa: E402
 from step_speed import cuda_ms, save_result  # noqa: E402
 
@@ -199,6 +207,38 @@ def position_table_per_call():
         dit.position_table, dcdit.position_table = before
 
 
+class _NNGroupNorm(GroupNorm):
+    """The norm as before :class:`~chunkformer.norms.GroupNorm`'s statistics: ``nn.GroupNorm(x + shift)``."""
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        if shift is not None:
+            x = x + shift.reshape(*shift.shape, *([1] * (x.ndim - 2)))
+        return nn.GroupNorm.forward(self, x)
+
+
+def nn_group_norm(model: nn.Module) -> nn.Module:
+    """Every scaffold and router GroupNorm as ``nn.GroupNorm`` of the shifted input (inductor's statistics); in place."""
+    for m in model.modules():
+        if isinstance(m, GroupNorm):
+            m.__class__ = _NNGroupNorm  # a class of its own: dynamo guards on it
+    return model
+
+
+class _InductorRMSNorm(RMSNorm):
+    """The norm as before :func:`~chunkformer.norms.add_rms_norm`: ``rms_norm(x + residual)``, for inductor to fuse."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return RMSNorm.forward(self, x if residual is None else x + residual)
+
+
+def inductor_rms_norm(model: nn.Module) -> nn.Module:
+    """The encoder's residual RMSNorm as one torch expression (inductor loops over its 1152-wide rows twice); in place."""
+    for m in model.modules():
+        if type(m) is RMSNorm:
+            m.__class__ = _InductorRMSNorm
+    return model
+
+
 def residual_in_gemm(model: nn.Module) -> nn.Module:
     """Add the de-chunked grid inside the decoder's residual GEMM (bf16 routing only); in place."""
     model.decoder.__class__ = _MergeInGemm
@@ -223,6 +263,9 @@ VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change 
     "residual in its GEMM": ({}, residual_in_gemm),
     "all three paths": ({}, lambda m: residual_in_gemm(split_widening(gemm_1x1(m)))),
     "merge summed in bf16 (before)": ({}, merge_in_bf16),
+    "nn.GroupNorm statistics (before)": ({}, nn_group_norm),
+    "RMSNorm by inductor (before)": ({}, inductor_rms_norm),
+    "both norms by inductor (before)": ({}, lambda m: inductor_rms_norm(nn_group_norm(m))),
     "default with the FX graph cache off": (_NO_CACHE, lambda m: m),  # what the settings of the context variants change alone
     # compiled inside wide_persistent_reductions(); settings of their own, so dynamo does not hand them the graph
     # it compiled for the same model under other settings

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .norms import add_rms_norm, sampling_kernel
+
 __all__ = ["FP32Module", "RMSNorm", "set_fp32_router_dechunk"]
 
 
@@ -23,12 +25,24 @@ class RMSNorm(nn.RMSNorm):
     ``nn.RMSNorm`` then falls back to its unfused implementation and warns ("Mismatch dtype
     between input and weight") at every call. Casting the weight, as autocast does for a
     linear layer's, keeps the fused kernel (which accumulates in fp32) and the log clean.
+
+    ``forward(x, residual)`` normalises ``x + residual``; when sampling on a GPU (CUDA, no grad,
+    ``use_kernel``) that is :func:`~chunkformer.norms.add_rms_norm`, which reads each addend once.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.use_kernel = True
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise ``x`` (``x + residual``: summed in the norm, with one read of each when sampling on a GPU)."""
         weight = self.weight
         if weight is not None and weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
+        if residual is not None and self.use_kernel and len(self.normalized_shape) == 1 and sampling_kernel(x):
+            return add_rms_norm(x, residual, weight, torch.finfo(x.dtype).eps if self.eps is None else self.eps)
+        if residual is not None:
+            x = x + residual
         return F.rms_norm(x, self.normalized_shape, weight, self.eps)
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from ._typing import Float, Tensor, typechecked
 from .dechunk import SMOOTHINGS, Smoothing, dechunk, ste_ones
 from .grid import conv_nd, norm_groups, to_grid, to_tokens
+from .norms import GroupNorm
 from .plan import ChunkPlan
 from .precision import FP32Module, RMSNorm
 from .routing import RouterOutput
@@ -44,7 +45,9 @@ class ResBlock(nn.Module):
     A 2-D narrowing block's first conv is a :class:`~chunkformer.tapconv.TapConv2d`, which can run
     as one GEMM of its taps plus their shifted sum when sampling on a GPU in bf16/fp16 (no grad).
     ``taps_narrowing`` turns that on; it starts on for the shapes where it measured faster than
-    cuDNN (``TAPS_FASTER``: DC-DiT-XL's ``1152 -> 288``).
+    cuDNN (``TAPS_FASTER``: DC-DiT-XL's ``1152 -> 288``). Both norms are
+    :class:`~chunkformer.norms.GroupNorm`: when sampling on a GPU their statistics are one
+    coalesced pass over the grid, and the conditioning is added inside the second.
     """
 
     def __init__(
@@ -60,14 +63,14 @@ class ResBlock(nn.Module):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         inner = min(in_channels, out_channels)
-        self.norm1 = nn.GroupNorm(norm_groups(in_channels, 32), in_channels, **fk)
+        self.norm1 = GroupNorm(norm_groups(in_channels, 32), in_channels, **fk)
         if ndim == 2 and in_channels > out_channels:  # see taps_narrowing
             self.conv1 = TapConv2d(in_channels, inner, **fk)
             self.conv1.use_taps = (in_channels, inner) in TAPS_FASTER  # cf.set_taps_narrowing changes it
         else:
             self.conv1 = conv_nd(ndim, in_channels, inner, 3, padding=1, **fk)
         self.cond = nn.Linear(cond_dim, inner, **fk) if cond_dim else None
-        self.norm2 = nn.GroupNorm(norm_groups(inner, 32), inner, **fk)
+        self.norm2 = GroupNorm(norm_groups(inner, 32), inner, **fk)
         self.conv2 = conv_nd(ndim, inner, out_channels, 3, padding=1, **fk)
         self.skip = (
             conv_nd(ndim, in_channels, out_channels, 1, **fk)
@@ -91,12 +94,21 @@ class ResBlock(nn.Module):
     def forward(
         self, x: Float[Tensor, "batch cin *grid"], c: Float[Tensor, "batch cond"] | None = None
     ) -> Float[Tensor, "batch cout *grid"]:
+        h, skip = self.branches(x, c)
+        return h + skip
+
+    @typechecked
+    def branches(
+        self, x: Float[Tensor, "batch cin *grid"], c: Float[Tensor, "batch cond"] | None = None
+    ) -> tuple[Float[Tensor, "batch cout *grid"], Float[Tensor, "batch cout *grid"]]:
+        """The two terms ``forward`` adds: the conv branch and the skip (``x`` or its 1x1 conv)."""
         h = self.conv1(F.silu(self.norm1(x)))  # (B, inner, *grid)
+        shift = None
         if self.cond is not None:
             _require_cond(c, self.cond.in_features)
-            h = h + self.cond(F.silu(c)).reshape(*h.shape[:2], *([1] * (h.ndim - 2)))
-        h = self.conv2(F.silu(self.norm2(h)))  # (B, cout, *grid)
-        return h + self.skip(x)
+            shift = self.cond(F.silu(c))  # (B, inner), added to h inside the norm (h + shift is never formed)
+        h = self.conv2(F.silu(self.norm2(h, shift)))  # (B, cout, *grid)
+        return h, self.skip(x)
 
 
 class ChunkEncoder(nn.Module):
@@ -142,9 +154,10 @@ class ChunkEncoder(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels, expected in_channels={self.in_channels}")
         h = self.embed(x)  # (B, width, *grid)
-        for block in self.blocks:
-            h = block(h, c)  # (B, width | dim, *grid)
-        return self.norm(to_tokens(h))  # (B, L, dim)
+        for block in self.blocks[:-1]:
+            h = block(h, c)  # (B, width, *grid)
+        h, skip = self.blocks[-1].branches(h, c)  # (B, dim, *grid) each
+        return self.norm(to_tokens(h), to_tokens(skip))  # (B, L, dim): RMSNorm of their sum, summed in the norm
 
 
 class FinalLayer(nn.Module):

@@ -1,0 +1,327 @@
+"""Sampling fast paths of the scaffold's norms: GroupNorm statistics in one coalesced pass over a
+channels-last grid, and a residual add + RMSNorm in one pass over rows wider than inductor keeps in registers.
+
+    norm = GroupNorm(32, 288).cuda()
+    x = torch.randn(64, 288, 32, 32, device="cuda").to(torch.bfloat16, memory_format=torch.channels_last)
+    shift = torch.randn(64, 288, device="cuda")          # e.g. a ResBlock's conditioning, added before the norm
+    with torch.no_grad():
+        y = norm(x, shift)                               # nn.GroupNorm(32, 288)(x + shift[:, :, None, None])
+    assert torch.allclose(y.float(), F.group_norm(x.float() + shift[:, :, None, None], 32, norm.weight, norm.bias), atol=1e-3)
+
+Compiled, inductor reduces each ``(sample, group)`` of a GroupNorm over the grid, 9 contiguous channels (18
+bytes of bf16) at a time at DC-DiT-XL's width 288: the statistics pass runs at about 0.8 TB/s on an H100,
+half the speed of the normalising pass that follows it (docs/performance.md). :func:`channel_moments`
+reads the grid instead as rows of whole channel blocks, which a channels-last layout keeps contiguous,
+and sums every channel over the grid; :func:`group_stats` folds those sums into group means and
+variances (a few hundred numbers per sample), and the normalisation is left to torch (inductor fuses it
+with the SiLU and the cast after it). The shift is folded in from the sums, so a caller's
+``conv(x) + cond`` is never materialised.
+
+The sums are of ``y = x - x[:, :, 0, ..., 0]`` (each channel's first value as its pivot) and their
+squares, and each group's moments are taken of ``y + z`` (``z``: the channel's pivot less the group's
+first), whose mean and spread are of the order of the group's standard deviation: a channel offset
+of many standard deviations does not cancel as ``E[x^2] - E[x]^2`` would. One reduction over the
+partial sums gives both moments.
+
+:func:`add_rms_norm` is ``rms_norm(a + b)`` with both addends read once: the encoder's last ResBlock
+hands it its conv branch and its skip (``d = 1152`` at XL). Compiled, inductor loops over a row of more
+than 1024 elements twice (once for the mean square, once to normalise), reading both addends twice.
+
+On CUDA both are Triton kernels wrapped as custom ops (opaque to ``torch.compile``, reading their
+inputs through their strides), elsewhere torch. Forward only: :class:`GroupNorm` and
+:class:`~chunkformer.precision.RMSNorm` take them only without grad, so training keeps torch's norms.
+"""
+
+import math
+
+import torch
+from einops import rearrange, repeat
+from torch import nn
+
+from ._typing import Float, Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
+
+__all__ = ["GroupNorm", "add_rms_norm", "channel_moments", "group_norm", "group_stats", "set_group_norm_kernel"]
+
+
+def moment_tiles(batch: int, positions: int, channels: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_P, BLOCK_C, splits, positions per split)`` of :func:`channel_moments`' kernel.
+
+    Tiles of 2048 elements, 64 channels wide (128 from 1024 channels), and the grid split so that
+    about 528 programs run (four per SM of a 132-SM card): the fastest of 72 tilings timed on an H100
+    at DC-DiT-XL's shapes (``benchmarks/group_norm.py --kernels``; 0.016 ms at ``(64, 288, 32, 32)``,
+    2.3 TB/s, against 0.036 for inductor's statistics)."""
+    block_c = 128 if channels >= 1024 else min(64, 1 << max(channels - 1, 0).bit_length())
+    block_p = min(2048 // block_c, 1 << max(positions - 1, 0).bit_length())
+    programs = batch * -(-channels // block_c)
+    splits = max(1, min(-(-528 // programs), -(-positions // block_p)))
+    per_split = -(-(-(-positions // splits)) // block_p) * block_p  # a whole number of tiles
+    return block_p, block_c, -(-positions // per_split), per_split
+
+
+def channel_moments_reference(x: Tensor) -> Tensor:
+    """:func:`channel_moments` in plain torch: one split, ``(B, 1, 2, C)``."""
+    flat = x.flatten(2).to(torch.promote_types(x.dtype, torch.float32))  # (B, C, P)
+    y = flat - flat[:, :, :1]
+    return torch.stack([y.sum(-1), (y * y).sum(-1)], dim=1)[:, None]  # (B, 1, 2, C)
+
+
+def channel_moments(x: Float[Tensor, "batch channels *grid"]) -> Float[Tensor, "batch splits 2 channels"]:
+    """Per-channel sums of ``y = x - x[:, :, 0, ..., 0]`` and of ``y^2`` over the grid, in fp32 partials.
+
+    Returns ``(B, S, 2, C)``: split ``s`` summed a contiguous share of the grid's positions; sum over
+    dim 1 for the totals. A Triton kernel on CUDA (coalesced for a channels-last ``x``, correct for
+    any strides), torch elsewhere (one split)."""
+    if x.ndim < 3:
+        raise ValueError(f"x must be (batch, channels, *grid) with a grid of rank >= 1, got shape {tuple(x.shape)}")
+    if x.is_cuda and triton is not None:
+        return _channel_moments_op(x)
+    return channel_moments_reference(x)
+
+
+def group_stats(
+    x: Float[Tensor, "batch channels *grid"], groups: int, shift: Float[Tensor, "batch channels"] | None = None
+) -> tuple[Float[Tensor, "batch groups"], Float[Tensor, "batch groups"]]:
+    """Mean and (biased) variance of each ``(sample, group)`` of ``x + shift[:, :, None, ...]``, fp32.
+
+    From :func:`channel_moments`; the shift only enters the pivots, so ``x + shift`` is never formed."""
+    B, C = x.shape[:2]
+    if C % groups:
+        raise ValueError(f"{C} channels do not split into {groups} groups")
+    if shift is not None and shift.shape != (B, C):
+        raise ValueError(f"shift must be (batch, channels) = {(B, C)}, got {tuple(shift.shape)}")
+    positions = math.prod(x.shape[2:])
+    sums = channel_moments(x)  # (B, S, 2, C): partial sums of y = x - x[:, :, 0..] and of y^2
+    pivot = x[(slice(None), slice(None)) + (0,) * (x.ndim - 2)].float()  # (B, C): the kernel's x[:, :, 0, ..., 0]
+    if shift is not None:
+        pivot = pivot + shift.float()
+    pivot = rearrange(pivot, "b (g k) -> b g 1 k", g=groups)
+    z = pivot - pivot[..., :1]  # each channel's pivot from its group's first: x + shift - pivot[0] = y + z
+    s1, s2 = (rearrange(t, "b s (g k) -> b g s k", g=groups) for t in sums.unbind(2))
+    n, share = positions * (C // groups), positions / sums.shape[1]  # z's terms spread over the S partials
+    m1 = (s1 + share * z).sum((-2, -1)) / n  # (B, G): mean of y + z over the group
+    m2 = (s2 + 2 * z * s1 + share * z * z).sum((-2, -1)) / n  # mean of (y + z)^2, both O(group variance)
+    return pivot[..., 0, 0] + m1, (m2 - m1 * m1).clamp_min(0)
+
+
+def group_norm(
+    x: Float[Tensor, "batch channels *grid"],
+    groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    shift: Float[Tensor, "batch channels"] | None = None,
+) -> Float[Tensor, "batch channels *grid"]:
+    """``F.group_norm(x + shift, groups, weight, bias, eps)`` from :func:`group_stats`, in fp32.
+
+    Forward only on CUDA (the Triton sums have no backward)."""
+    B, C = x.shape[:2]
+    mean, var = group_stats(x, groups, shift)  # (B, G) each
+    scale = repeat(torch.rsqrt(var + eps), "b g -> b (g k)", k=C // groups)  # (B, C)
+    centre = -repeat(mean, "b g -> b (g k)", k=C // groups)
+    if shift is not None:
+        centre = centre + shift.float()
+    if weight is not None:
+        scale = scale * weight.float()
+    tail = (1,) * (x.ndim - 2)
+    out = (x.float() + centre.view(B, C, *tail)) * scale.view(B, C, *tail)
+    return out if bias is None else out + bias.float().view(C, *tail)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` of ``x + shift`` (``shift`` ``(B, C)``, optional), with :func:`group_norm`'s
+    statistics when sampling on a GPU (CUDA, no grad, channels-last ``x``), ``nn.GroupNorm`` otherwise.
+
+    Same parameters and state dict as ``nn.GroupNorm``; set ``use_kernel = False`` to keep it. Returns
+    what ``nn.GroupNorm`` would: fp32 under autocast, else ``x``'s dtype."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.use_kernel = True
+
+    def forward(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
+        if self.use_kernel and sampling_kernel(x) and x.ndim >= 3 and x.stride(1) == 1:
+            out = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, shift)
+            return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+        if shift is not None:
+            x = x + shift.reshape(*shift.shape, *([1] * (x.ndim - 2)))
+        return super().forward(x)
+
+
+def sampling_kernel(x: Tensor) -> bool:
+    """Whether a norm may take its Triton path for ``x``: CUDA, Triton, no grad."""
+    return x.is_cuda and triton is not None and not torch.is_grad_enabled()
+
+
+def add_rms_norm_reference(a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float) -> Tensor:
+    """:func:`add_rms_norm` in plain torch (the sum and the norm in fp32, one rounding)."""
+    x = a.float() if b is None else a.float() + b.float()
+    out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight.float()
+    return out.to(a.dtype if b is None else torch.promote_types(a.dtype, b.dtype))
+
+
+def add_rms_norm(
+    a: Float[Tensor, "*rows dim"], b: Float[Tensor, "*rows dim"] | None, weight: Tensor | None, eps: float
+) -> Float[Tensor, "*rows dim"]:
+    """``rms_norm(a + b) * weight`` over the last dim, summed and normalised in fp32, rounded once to the
+    addends' dtype. A Triton kernel on CUDA (a row per program, both addends read once), torch elsewhere."""
+    if b is not None and b.shape != a.shape:
+        raise ValueError(f"the addends must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if weight is not None and weight.shape != a.shape[-1:]:
+        raise ValueError(f"weight must be ({a.shape[-1]},), got {tuple(weight.shape)}")
+    if a.is_cuda and triton is not None:
+        return _add_rms_norm_op(a, b, weight, eps)
+    return add_rms_norm_reference(a, b, weight, eps)
+
+
+def set_group_norm_kernel(model: nn.Module, enabled: bool) -> int:
+    """Turn :func:`group_norm`'s statistics on or off in every :class:`GroupNorm` of ``model`` (on by
+    default). Returns the number of norms set; raises if ``model`` has none.
+
+        import chunkformer as cf
+        model = cf.create_model("DC-DiT-S", input_size=16, depth=1)
+        assert cf.set_group_norm_kernel(model, False) == 9
+    """
+    norms = [m for m in model.modules() if isinstance(m, GroupNorm)]
+    if not norms:
+        raise ValueError(f"{type(model).__name__} has no chunkformer GroupNorm (the conv scaffold and router have them)")
+    for norm in norms:
+        norm.use_kernel = bool(enabled)
+    return len(norms)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _channel_moments_kernel(
+        X,
+        OUT,
+        P,
+        C,
+        s_b,
+        s_c,
+        s_p,
+        per_split,
+        SPLITS,
+        BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Program (sample, split, channel block): fp32 sums of ``x - pivot`` and its square over the
+        split's positions, one per channel. ``X`` ``(B, C, P)`` is read through its strides; ``OUT`` is
+        a contiguous ``(B, SPLITS, 2, C)``."""
+        b = tl.program_id(0)
+        split = tl.program_id(1)
+        cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = cs < C
+        base = X + b.to(tl.int64) * s_b + cs.to(tl.int64)[None, :] * s_c  # (1, BLOCK_C)
+        pivot = tl.load(base, mask=c_ok[None, :], other=0.0).to(tl.float32)  # position 0 of each channel
+        start = split * per_split
+        end = tl.minimum(start + per_split, P)
+        acc1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        for p0 in range(start, end, BLOCK_P):
+            ps = p0 + tl.arange(0, BLOCK_P)
+            ok = (ps < end)[:, None] & c_ok[None, :]
+            x = tl.load(base + ps.to(tl.int64)[:, None] * s_p, mask=ok, other=0.0).to(tl.float32)
+            y = tl.where(ok, x - pivot, 0.0)
+            acc1 += y
+            acc2 += y * y
+        out = OUT + ((b * SPLITS + split) * 2).to(tl.int64) * C + cs
+        tl.store(out, tl.sum(acc1, 0), mask=c_ok)
+        tl.store(out + C, tl.sum(acc2, 0), mask=c_ok)
+
+    def launch_channel_moments(
+        x: Tensor, tiles: tuple[int, int, int, int] | None = None, num_warps: int = 8
+    ) -> Tensor:
+        """Run the kernel on ``x`` ``(B, C, *grid)`` (any strides) with :func:`moment_tiles`' tiles or
+        ``tiles``; returns ``(B, splits, 2, C)`` fp32."""
+        flat = x.flatten(2)  # (B, C, P): a view for channels-last and contiguous grids
+        B, C, P = flat.shape
+        block_p, block_c, splits, per_split = tiles or moment_tiles(B, P, C)
+        out = torch.empty(B, splits, 2, C, device=x.device, dtype=torch.float32)
+        grid = (B, splits, triton.cdiv(C, block_c))
+        _channel_moments_kernel[grid](
+            flat, out, P, C, *flat.stride(), per_split, splits, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps
+        )
+        return out
+
+    # flexible_layout: inductor hands x over in the layout it has (the kernel reads strides): no copy
+    try:
+        _register = torch.library.custom_op(
+            "chunkformer::channel_moments", mutates_args=(), tags=(torch.Tag.flexible_layout,)
+        )
+    except (TypeError, AttributeError):  # pragma: no cover - older torch
+        _register = torch.library.custom_op("chunkformer::channel_moments", mutates_args=())
+
+    @_register
+    def _channel_moments_op(x: Tensor) -> Tensor:
+        """Opaque to ``torch.compile``: inductor calls it as it is."""
+        return launch_channel_moments(x)
+
+    @_channel_moments_op.register_fake
+    def _(x: Tensor) -> Tensor:
+        B, C = x.shape[:2]
+        splits = moment_tiles(B, math.prod(x.shape[2:]), C)[2]
+        return x.new_empty(B, splits, 2, C, dtype=torch.float32)
+
+    @triton.jit
+    def _add_rms_norm_kernel(A, B, W, OUT, N, D, s_a, s_b, eps,
+                             HAS_B: tl.constexpr, HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program (row block): ``OUT = rms_norm(A + B) * W`` on ``BLOCK_R`` rows, each held whole in registers.
+        ``A`` / ``B`` rows are read through their strides (unit-stride columns); ``OUT`` is a contiguous ``(N, D)``."""
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        ok = (rows < N)[:, None] & (cols < D)[None, :]
+        x = tl.load(A + rows[:, None] * s_a + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_B:
+            x += tl.load(B + rows[:, None] * s_b + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)  # (BLOCK_R,)
+        y = x * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+        tl.store(OUT + rows[:, None] * D + cols[None, :], y.to(OUT.dtype.element_ty), mask=ok)
+
+    def rms_tiles(dim: int) -> tuple[int, int, int]:
+        """``(BLOCK_R, BLOCK_D, num_warps)``: whole rows, about 4096 elements per program."""
+        block_d = triton.next_power_of_2(dim)
+        return max(1, 4096 // block_d), block_d, 8 if block_d >= 1024 else 4
+
+    def launch_add_rms_norm(a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float, tiles=None) -> Tensor:
+        """Run the kernel on ``a`` (and ``b``) of shape ``(*rows, D)``; returns a contiguous ``(*rows, D)``."""
+        D = a.shape[-1]
+        a2 = a.reshape(-1, D)  # a view for row-major tokens (the channels-last grid's)
+        b2 = b.reshape(-1, D) if b is not None else a2
+        if a2.stride(-1) != 1 or b2.stride(-1) != 1:
+            a2, b2 = a2.contiguous(), b2.contiguous()
+        dtype = a.dtype if b is None else torch.promote_types(a.dtype, b.dtype)
+        out = torch.empty(a.shape, device=a.device, dtype=dtype)
+        block_r, block_d, warps = tiles or rms_tiles(D)
+        N = a2.shape[0]
+        _add_rms_norm_kernel[(triton.cdiv(N, block_r),)](
+            a2, b2, weight if weight is not None else a2, out, N, D, a2.stride(0), b2.stride(0), eps,
+            HAS_B=b is not None, HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        )
+        return out
+
+    try:
+        _register_rms = torch.library.custom_op(
+            "chunkformer::add_rms_norm", mutates_args=(), tags=(torch.Tag.flexible_layout,)
+        )
+    except (TypeError, AttributeError):  # pragma: no cover - older torch
+        _register_rms = torch.library.custom_op("chunkformer::add_rms_norm", mutates_args=())
+
+    @_register_rms
+    def _add_rms_norm_op(a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float) -> Tensor:
+        """Opaque to ``torch.compile``: inductor calls it as it is."""
+        return launch_add_rms_norm(a, b, weight, eps)
+
+    @_add_rms_norm_op.register_fake
+    def _(a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float) -> Tensor:
+        return torch.empty(a.shape, device=a.device, dtype=a.dtype if b is None else torch.promote_types(a.dtype, b.dtype))
