@@ -33,7 +33,7 @@ here only, to be measured before the library adopts either):
 * all three;
 * ``merge summed in bf16 (before)``: the decoder's half-precision merge as it was before it summed in
   fp32 (which inductor may fold into the residual GEMM as an ``addmm`` whose C operand aten copies);
-* ``nn.GroupNorm statistics (before)``: every GroupNorm of the scaffold and router as ``nn.GroupNorm`` of
+* ``nn.GroupNorm statistics (before)``: every GroupNorm of the scaffold as ``nn.GroupNorm`` of
   ``x + shift``, whose statistics inductor compiles as a reduction per ``(sample, group)``, instead of
   :func:`~chunkformer.norms.channel_moments`' coalesced per-channel sums;
 * ``RMSNorm by inductor (before)``: the encoder's output norm as ``rms_norm(h + skip)`` for inductor, which
@@ -210,6 +210,9 @@ def position_table_per_call():
 class _NNGroupNorm(GroupNorm):
     """The norm as before :class:`~chunkformer.norms.GroupNorm`'s statistics: ``nn.GroupNorm(x + shift)``."""
 
+    def takes_kernel(self, x: torch.Tensor) -> bool:
+        return False  # the ResBlock then keeps conv1's bias in its conv
+
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         if shift is not None:
             x = x + shift.reshape(*shift.shape, *([1] * (x.ndim - 2)))
@@ -227,8 +230,8 @@ def nn_group_norm(model: nn.Module) -> nn.Module:
 class _InductorRMSNorm(RMSNorm):
     """The norm as before :func:`~chunkformer.norms.add_rms_norm`: ``rms_norm(x + residual)``, for inductor to fuse."""
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return RMSNorm.forward(self, x if residual is None else x + residual)
+    def takes_kernel(self, x: torch.Tensor) -> bool:
+        return False  # the encoder then sums its last block as before, and the norm is rms_norm(h)
 
 
 def inductor_rms_norm(model: nn.Module) -> nn.Module:

@@ -144,8 +144,12 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(*args, **kwargs)
         self.use_kernel = True
 
+    def takes_kernel(self, x: Tensor) -> bool:
+        """Whether ``forward(x)`` takes :func:`group_norm`'s statistics (else ``nn.GroupNorm``)."""
+        return self.use_kernel and sampling_kernel(x) and x.ndim >= 3 and x.stride(1) == 1
+
     def forward(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
-        if self.use_kernel and sampling_kernel(x) and x.ndim >= 3 and x.stride(1) == 1:
+        if self.takes_kernel(x):
             out = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, shift)
             return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
         if shift is not None:
@@ -158,9 +162,13 @@ def sampling_kernel(x: Tensor) -> bool:
     return x.is_cuda and triton is not None and not torch.is_grad_enabled()
 
 
-def add_rms_norm_reference(a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float) -> Tensor:
+def add_rms_norm_reference(
+    a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float, bias: Tensor | None = None
+) -> Tensor:
     """:func:`add_rms_norm` in plain torch (the sum and the norm in fp32, one rounding)."""
     x = a.float() if b is None else a.float() + b.float()
+    if bias is not None:
+        x = x + bias.float()
     out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
         out = out * weight.float()
@@ -168,17 +176,22 @@ def add_rms_norm_reference(a: Tensor, b: Tensor | None, weight: Tensor | None, e
 
 
 def add_rms_norm(
-    a: Float[Tensor, "*rows dim"], b: Float[Tensor, "*rows dim"] | None, weight: Tensor | None, eps: float
+    a: Float[Tensor, "*rows dim"],
+    b: Float[Tensor, "*rows dim"] | None,
+    weight: Tensor | None,
+    eps: float,
+    bias: Float[Tensor, "dim"] | None = None,
 ) -> Float[Tensor, "*rows dim"]:
-    """``rms_norm(a + b) * weight`` over the last dim, summed and normalised in fp32, rounded once to the
-    addends' dtype. A Triton kernel on CUDA (a row per program, both addends read once), torch elsewhere."""
+    """``rms_norm(a + b + bias) * weight`` over the last dim, summed and normalised in fp32, rounded once to
+    the addends' dtype. A Triton kernel on CUDA (whole rows per program, each addend read once), torch elsewhere."""
     if b is not None and b.shape != a.shape:
         raise ValueError(f"the addends must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if weight is not None and weight.shape != a.shape[-1:]:
-        raise ValueError(f"weight must be ({a.shape[-1]},), got {tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.shape != a.shape[-1:]:
+            raise ValueError(f"{name} must be ({a.shape[-1]},), got {tuple(t.shape)}")
     if a.is_cuda and triton is not None:
-        return _add_rms_norm_op(a, b, weight, eps)
-    return add_rms_norm_reference(a, b, weight, eps)
+        return _add_rms_norm_op(a, b, weight, eps, bias)
+    return add_rms_norm_reference(a, b, weight, eps, bias)
 
 
 def set_group_norm_kernel(model: nn.Module, enabled: bool) -> int:
@@ -252,15 +265,8 @@ if triton is not None:
         )
         return out
 
-    # flexible_layout: inductor hands x over in the layout it has (the kernel reads strides): no copy
-    try:
-        _register = torch.library.custom_op(
-            "chunkformer::channel_moments", mutates_args=(), tags=(torch.Tag.flexible_layout,)
-        )
-    except (TypeError, AttributeError):  # pragma: no cover - older torch
-        _register = torch.library.custom_op("chunkformer::channel_moments", mutates_args=())
-
-    @_register
+    # a fixed layout: x arrives as traced (channels-last in the scaffold), which is what the kernel reads fast
+    @torch.library.custom_op("chunkformer::channel_moments", mutates_args=())
     def _channel_moments_op(x: Tensor) -> Tensor:
         """Opaque to ``torch.compile``: inductor calls it as it is."""
         return launch_channel_moments(x)
@@ -272,9 +278,9 @@ if triton is not None:
         return x.new_empty(B, splits, 2, C, dtype=torch.float32)
 
     @triton.jit
-    def _add_rms_norm_kernel(A, B, W, OUT, N, D, s_a, s_b, eps,
-                             HAS_B: tl.constexpr, HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Program (row block): ``OUT = rms_norm(A + B) * W`` on ``BLOCK_R`` rows, each held whole in registers.
+    def _add_rms_norm_kernel(A, B, BIAS, W, OUT, N, D, s_a, s_b, eps, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program (row block): ``OUT = rms_norm(A + B + BIAS) * W`` on ``BLOCK_R`` rows, each held whole in registers.
         ``A`` / ``B`` rows are read through their strides (unit-stride columns); ``OUT`` is a contiguous ``(N, D)``."""
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
@@ -282,6 +288,9 @@ if triton is not None:
         x = tl.load(A + rows[:, None] * s_a + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_B:
             x += tl.load(B + rows[:, None] * s_b + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(BIAS + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+            x = tl.where(ok, x, 0.0)  # padding columns out of the mean square
         rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)  # (BLOCK_R,)
         y = x * rstd[:, None]
         if HAS_W:
@@ -293,7 +302,9 @@ if triton is not None:
         block_d = triton.next_power_of_2(dim)
         return max(1, 4096 // block_d), block_d, 8 if block_d >= 1024 else 4
 
-    def launch_add_rms_norm(a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float, tiles=None) -> Tensor:
+    def launch_add_rms_norm(
+        a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float, bias: Tensor | None = None, tiles=None
+    ) -> Tensor:
         """Run the kernel on ``a`` (and ``b``) of shape ``(*rows, D)``; returns a contiguous ``(*rows, D)``."""
         D = a.shape[-1]
         a2 = a.reshape(-1, D)  # a view for row-major tokens (the channels-last grid's)
@@ -305,23 +316,20 @@ if triton is not None:
         block_r, block_d, warps = tiles or rms_tiles(D)
         N = a2.shape[0]
         _add_rms_norm_kernel[(triton.cdiv(N, block_r),)](
-            a2, b2, weight if weight is not None else a2, out, N, D, a2.stride(0), b2.stride(0), eps,
-            HAS_B=b is not None, HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+            a2, b2, bias if bias is not None else a2, weight if weight is not None else a2, out, N, D,
+            a2.stride(0), b2.stride(0), eps, HAS_B=b is not None, HAS_BIAS=bias is not None, HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
         )
         return out
 
-    try:
-        _register_rms = torch.library.custom_op(
-            "chunkformer::add_rms_norm", mutates_args=(), tags=(torch.Tag.flexible_layout,)
-        )
-    except (TypeError, AttributeError):  # pragma: no cover - older torch
-        _register_rms = torch.library.custom_op("chunkformer::add_rms_norm", mutates_args=())
-
-    @_register_rms
-    def _add_rms_norm_op(a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float) -> Tensor:
+    # a fixed layout (inductor's default for custom ops): given a free hand, inductor wrote a bias-added addend
+    # NCHW and the op's row view copied it (1.2 ms in an H100 profile)
+    @torch.library.custom_op("chunkformer::add_rms_norm", mutates_args=())
+    def _add_rms_norm_op(
+        a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float, bias: Tensor | None
+    ) -> Tensor:
         """Opaque to ``torch.compile``: inductor calls it as it is."""
-        return launch_add_rms_norm(a, b, weight, eps)
+        return launch_add_rms_norm(a, b, weight, eps, bias)
 
     @_add_rms_norm_op.register_fake
-    def _(a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float) -> Tensor:
+    def _(a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float, bias: Tensor | None) -> Tensor:
         return torch.empty(a.shape, device=a.device, dtype=a.dtype if b is None else torch.promote_types(a.dtype, b.dtype))

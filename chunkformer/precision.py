@@ -26,23 +26,32 @@ class RMSNorm(nn.RMSNorm):
     between input and weight") at every call. Casting the weight, as autocast does for a
     linear layer's, keeps the fused kernel (which accumulates in fp32) and the log clean.
 
-    ``forward(x, residual)`` normalises ``x + residual``; when sampling on a GPU (CUDA, no grad,
-    ``use_kernel``) that is :func:`~chunkformer.norms.add_rms_norm`, which reads each addend once.
+    ``forward(x, residual, bias)`` normalises ``x + residual + bias``; when sampling on a GPU (CUDA, no
+    grad, ``use_kernel``) that is :func:`~chunkformer.norms.add_rms_norm`, which reads each addend once.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.use_kernel = True
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalise ``x`` (``x + residual``: summed in the norm, with one read of each when sampling on a GPU)."""
+    def takes_kernel(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x, residual)`` runs :func:`~chunkformer.norms.add_rms_norm`'s kernel."""
+        return self.use_kernel and len(self.normalized_shape) == 1 and sampling_kernel(x)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Normalise ``x`` (``x + residual + bias``: summed inside the norm when sampling on a GPU)."""
         weight = self.weight
         if weight is not None and weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
-        if residual is not None and self.use_kernel and len(self.normalized_shape) == 1 and sampling_kernel(x):
-            return add_rms_norm(x, residual, weight, torch.finfo(x.dtype).eps if self.eps is None else self.eps)
+        if (residual is not None or bias is not None) and self.takes_kernel(x):
+            eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+            return add_rms_norm(x, residual, weight, eps, bias)
         if residual is not None:
             x = x + residual
+        if bias is not None:
+            x = x + bias
         return F.rms_norm(x, self.normalized_shape, weight, self.eps)
 
 

@@ -37,7 +37,6 @@ from ._typing import Float, Tensor, check_finite, typechecked
 from .budget import Rho, _tail_drop, check_rho
 from .grid import GridShape, check_grid, conv_nd, to_grid
 from .grid import norm_groups as group_count
-from .norms import GroupNorm
 from .precision import FP32Module
 
 __all__ = ["Router", "RouterOutput", "RouterKind", "ROUTER_KINDS"]
@@ -134,7 +133,7 @@ class Router(FP32Module):
             self.predictor = conv_nd(ndim, hidden, hidden, 3, padding=1, **fk)
             self.scorer = nn.Sequential(
                 conv_nd(ndim, hidden, hidden, 3, padding=1, **fk),
-                GroupNorm(group_count(hidden, norm_groups), hidden, **fk),
+                nn.GroupNorm(group_count(hidden, norm_groups), hidden, **fk),
                 nn.SiLU(),
                 conv_nd(ndim, hidden, 1, 1, **fk),
             )

@@ -47,7 +47,7 @@ class ResBlock(nn.Module):
     ``taps_narrowing`` turns that on; it starts on for the shapes where it measured faster than
     cuDNN (``TAPS_FASTER``: DC-DiT-XL's ``1152 -> 288``). Both norms are
     :class:`~chunkformer.norms.GroupNorm`: when sampling on a GPU their statistics are one
-    coalesced pass over the grid, and the conditioning is added inside the second.
+    coalesced pass over the grid, and the conditioning and conv1's bias are added inside the second.
     """
 
     def __init__(
@@ -94,21 +94,42 @@ class ResBlock(nn.Module):
     def forward(
         self, x: Float[Tensor, "batch cin *grid"], c: Float[Tensor, "batch cond"] | None = None
     ) -> Float[Tensor, "batch cout *grid"]:
-        h, skip = self.branches(x, c)
-        return h + skip
+        return self.conv2(self._inner(x, c)) + self.skip(x)  # (B, cout, *grid)
 
-    @typechecked
-    def branches(
-        self, x: Float[Tensor, "batch cin *grid"], c: Float[Tensor, "batch cond"] | None = None
-    ) -> tuple[Float[Tensor, "batch cout *grid"], Float[Tensor, "batch cout *grid"]]:
-        """The two terms ``forward`` adds: the conv branch and the skip (``x`` or its 1x1 conv)."""
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, inner, *grid)
+    def _inner(self, x: Tensor, c: Tensor | None) -> Tensor:
+        """``SiLU(norm2(conv1(SiLU(norm1(x))) + cond))``: ``(B, inner, *grid)``, ready for ``conv2``.
+
+        On the norm's kernel path the conditioning, and conv1's bias, are added inside ``norm2`` from
+        the raw conv output: compiled, a bias added outside an opaque op is one more pass over the grid."""
+        a = F.silu(self.norm1(x))  # (B, cin, *grid)
         shift = None
         if self.cond is not None:
             _require_cond(c, self.cond.in_features)
-            shift = self.cond(F.silu(c))  # (B, inner), added to h inside the norm (h + shift is never formed)
-        h = self.conv2(F.silu(self.norm2(h, shift)))  # (B, cout, *grid)
-        return h, self.skip(x)
+            shift = self.cond(F.silu(c))  # (B, inner)
+        conv = self.conv1
+        taps = isinstance(conv, TapConv2d) and conv.takes_taps(a)  # the taps op adds its bias itself
+        if conv.bias is not None and not taps and self.norm2.takes_kernel(a):
+            h = conv._conv_forward(a, conv.weight, None)  # (B, inner, *grid), no bias: it joins the shift
+            bias = conv.bias.float().expand(a.shape[0], -1)
+            shift = bias if shift is None else shift.float() + bias
+        else:
+            h = conv(a)  # (B, inner, *grid)
+        return F.silu(self.norm2(h, shift))
+
+    def raw_terms(
+        self, x: Float[Tensor, "batch cin *grid"], c: Float[Tensor, "batch cond"] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(h, skip, bias)`` with ``forward(x, c) == h + skip + bias`` (bias over channels): the two convs'
+        outputs without their biases, which are summed into ``bias``, for a norm that adds all three itself."""
+        inner = self._inner(x, c)
+        h = self.conv2._conv_forward(inner, self.conv2.weight, None)  # (B, cout, *grid)
+        bias = self.conv2.bias
+        if isinstance(self.skip, nn.Identity):
+            return h, x, bias
+        skip = self.skip._conv_forward(x, self.skip.weight, None)  # (B, cout, *grid)
+        if self.skip.bias is not None:
+            bias = self.skip.bias if bias is None else bias + self.skip.bias
+        return h, skip, bias
 
 
 class ChunkEncoder(nn.Module):
@@ -156,8 +177,10 @@ class ChunkEncoder(nn.Module):
         h = self.embed(x)  # (B, width, *grid)
         for block in self.blocks[:-1]:
             h = block(h, c)  # (B, width, *grid)
-        h, skip = self.blocks[-1].branches(h, c)  # (B, dim, *grid) each
-        return self.norm(to_tokens(h), to_tokens(skip))  # (B, L, dim): RMSNorm of their sum, summed in the norm
+        if self.norm.takes_kernel(h):  # the last block's terms summed inside the norm: one read of each
+            h, skip, bias = self.blocks[-1].raw_terms(h, c)  # (B, dim, *grid) each, bias (dim,)
+            return self.norm(to_tokens(h), to_tokens(skip), bias)  # (B, L, dim)
+        return self.norm(to_tokens(self.blocks[-1](h, c)))  # (B, L, dim)
 
 
 class FinalLayer(nn.Module):

@@ -110,9 +110,13 @@ class TapConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, 3, padding=1, **kwargs)
         self.use_taps = True
 
-    def forward(self, x: Tensor) -> Tensor:
+    def takes_taps(self, x: Tensor) -> bool:
+        """Whether ``forward(x)`` runs the taps path (else cuDNN)."""
         half = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(x.device.type)
-        if self.use_taps and x.is_cuda and half and not torch.is_grad_enabled():
+        return self.use_taps and x.is_cuda and half and not torch.is_grad_enabled()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.takes_taps(x):
             return conv3x3_taps(x, self.weight, self.bias)  # (B, cout, H, W), channels-last
         return super().forward(x)
 
