@@ -33,12 +33,12 @@ here only, to be measured before the library adopts either):
 * all three;
 * ``merge summed in bf16 (before)``: the decoder's half-precision merge as it was before it summed in
   fp32 (which inductor may fold into the residual GEMM as an ``addmm`` whose C operand aten copies);
-* ``nn.GroupNorm statistics (before)``: every GroupNorm of the scaffold as ``nn.GroupNorm`` of
-  ``x + shift``, whose statistics inductor compiles as a reduction per ``(sample, group)``, instead of
-  :func:`~chunkformer.norms.channel_moments`' coalesced per-channel sums;
-* ``RMSNorm by inductor (before)``: the encoder's output norm as ``rms_norm(h + skip)`` for inductor, which
-  loops over each 1152-wide row twice, instead of :func:`~chunkformer.norms.add_rms_norm` (one read of each
-  addend); ``both norms by inductor (before)``: both;
+* ``GroupNorm statistics kernel``: the scaffold's GroupNorms with :func:`~chunkformer.norms.channel_moments`'
+  coalesced per-channel sums (the conditioning and conv1's bias added inside the norm) instead of inductor's
+  reduction per ``(sample, group)``; ``residual RMSNorm kernel``: the encoder's output norm as
+  :func:`~chunkformer.norms.add_rms_norm` (one read of each addend) instead of ``rms_norm(h + skip)`` for
+  inductor, which loops over each 1152-wide row twice; ``both norm kernels``: both
+  (``chunkformer.set_norm_kernels``; off by default, since none measured faster);
 * ``position table per call (before)``: DiT and DC-DiT computing their sin-cos table in every call (inlined
   by inductor into the add: a sine per element) instead of keeping it as a buffer.
 
@@ -207,39 +207,24 @@ def position_table_per_call():
         dit.position_table, dcdit.position_table = before
 
 
-class _NNGroupNorm(GroupNorm):
-    """The norm as before :class:`~chunkformer.norms.GroupNorm`'s statistics: ``nn.GroupNorm(x + shift)``."""
-
-    def takes_kernel(self, x: torch.Tensor) -> bool:
-        return False  # the ResBlock then keeps conv1's bias in its conv
-
-    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
-        if shift is not None:
-            x = x + shift.reshape(*shift.shape, *([1] * (x.ndim - 2)))
-        return nn.GroupNorm.forward(self, x)
+class _KernelGroupNorm(GroupNorm):
+    """:class:`~chunkformer.norms.GroupNorm` with its Triton statistics on (a class of its own: dynamo guards on it)."""
 
 
-def nn_group_norm(model: nn.Module) -> nn.Module:
-    """Every scaffold and router GroupNorm as ``nn.GroupNorm`` of the shifted input (inductor's statistics); in place."""
-    for m in model.modules():
-        if isinstance(m, GroupNorm):
-            m.__class__ = _NNGroupNorm  # a class of its own: dynamo guards on it
-    return model
+class _KernelRMSNorm(RMSNorm):
+    """:class:`~chunkformer.precision.RMSNorm` with its residual kernel on (a class of its own)."""
 
 
-class _InductorRMSNorm(RMSNorm):
-    """The norm as before :func:`~chunkformer.norms.add_rms_norm`: ``rms_norm(x + residual)``, for inductor to fuse."""
-
-    def takes_kernel(self, x: torch.Tensor) -> bool:
-        return False  # the encoder then sums its last block as before, and the norm is rms_norm(h)
-
-
-def inductor_rms_norm(model: nn.Module) -> nn.Module:
-    """The encoder's residual RMSNorm as one torch expression (inductor loops over its 1152-wide rows twice); in place."""
-    for m in model.modules():
-        if type(m) is RMSNorm:
-            m.__class__ = _InductorRMSNorm
-    return model
+def norm_kernels(group: bool = True, rms: bool = True):
+    """A patch turning on the Triton GroupNorm statistics and / or the encoder's residual RMSNorm; in place."""
+    def patch(model: nn.Module) -> nn.Module:
+        for m in model.modules():
+            if group and type(m) is GroupNorm:
+                m.__class__, m.use_kernel = _KernelGroupNorm, True
+            if rms and type(m) is RMSNorm:
+                m.__class__, m.use_kernel = _KernelRMSNorm, True
+        return model
+    return patch
 
 
 def residual_in_gemm(model: nn.Module) -> nn.Module:
@@ -266,9 +251,9 @@ VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change 
     "residual in its GEMM": ({}, residual_in_gemm),
     "all three paths": ({}, lambda m: residual_in_gemm(split_widening(gemm_1x1(m)))),
     "merge summed in bf16 (before)": ({}, merge_in_bf16),
-    "nn.GroupNorm statistics (before)": ({}, nn_group_norm),
-    "RMSNorm by inductor (before)": ({}, inductor_rms_norm),
-    "both norms by inductor (before)": ({}, lambda m: inductor_rms_norm(nn_group_norm(m))),
+    "GroupNorm statistics kernel": ({}, norm_kernels(rms=False)),
+    "residual RMSNorm kernel": ({}, norm_kernels(group=False)),
+    "both norm kernels": ({}, norm_kernels()),
     "default with the FX graph cache off": (_NO_CACHE, lambda m: m),  # what the settings of the context variants change alone
     # compiled inside wide_persistent_reductions(); settings of their own, so dynamo does not hand them the graph
     # it compiled for the same model under other settings

@@ -21,6 +21,7 @@ from .dechunk import dechunk, smooth_dense, smooth_windowed, ste_ones
 from .flops import FlopReport, count_flops, sampling_tflops
 from .grid import grid_coords, sincos_embed, to_grid, to_tokens
 from .hostsync import count_host_syncs
+from .norms import set_norm_kernels
 from .models import DCDiT, DiT, create_model, list_models, load_weights, save_pretrained
 from .plan import ChunkPlan, nearest_kept
 from .precision import set_fp32_router_dechunk
@@ -52,6 +53,7 @@ __all__ = [
     "TapConv2d",
     "conv3x3_taps",
     "set_taps_narrowing",
+    "set_norm_kernels",
     "Router",
     "RouterOutput",
     "TimestepAdaptiveBudget",

@@ -46,7 +46,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
-__all__ = ["GroupNorm", "add_rms_norm", "channel_moments", "group_norm", "group_stats", "set_group_norm_kernel"]
+__all__ = ["GroupNorm", "add_rms_norm", "channel_moments", "group_norm", "group_stats", "set_norm_kernels"]
 
 
 def moment_tiles(batch: int, positions: int, channels: int) -> tuple[int, int, int, int]:
@@ -137,12 +137,13 @@ class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` of ``x + shift`` (``shift`` ``(B, C)``, optional), with :func:`group_norm`'s
     statistics when sampling on a GPU (CUDA, no grad, channels-last ``x``), ``nn.GroupNorm`` otherwise.
 
-    Same parameters and state dict as ``nn.GroupNorm``; set ``use_kernel = False`` to keep it. Returns
-    what ``nn.GroupNorm`` would: fp32 under autocast, else ``x``'s dtype."""
+    Same parameters and state dict as ``nn.GroupNorm``. The kernel path is opt-in (``use_kernel``, or
+    :func:`set_norm_kernels`): in a compiled DC-DiT-XL scaffold it measured no faster (docs/performance.md).
+    Returns what ``nn.GroupNorm`` would: fp32 under autocast, else ``x``'s dtype."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.use_kernel = True
+        self.use_kernel = False
 
     def takes_kernel(self, x: Tensor) -> bool:
         """Whether ``forward(x)`` takes :func:`group_norm`'s statistics (else ``nn.GroupNorm``)."""
@@ -194,17 +195,21 @@ def add_rms_norm(
     return add_rms_norm_reference(a, b, weight, eps, bias)
 
 
-def set_group_norm_kernel(model: nn.Module, enabled: bool) -> int:
-    """Turn :func:`group_norm`'s statistics on or off in every :class:`GroupNorm` of ``model`` (on by
-    default). Returns the number of norms set; raises if ``model`` has none.
+def set_norm_kernels(model: nn.Module, enabled: bool) -> int:
+    """Turn the Triton norm paths on or off in ``model``: :class:`GroupNorm`'s statistics (the scaffold's
+    ResBlocks then add conv1's bias inside the norm) and the encoder's residual RMSNorm (its last block's
+    terms summed inside :func:`add_rms_norm`). Off by default. Returns the number of norms set; raises
+    if ``model`` has none.
 
         import chunkformer as cf
         model = cf.create_model("DC-DiT-S", input_size=16, depth=1)
-        assert cf.set_group_norm_kernel(model, False) == 9
+        assert cf.set_norm_kernels(model, True) == 11  # the scaffold's 8 GroupNorms and the model's 3 RMSNorms
     """
-    norms = [m for m in model.modules() if isinstance(m, GroupNorm)]
+    from .precision import RMSNorm
+
+    norms = [m for m in model.modules() if isinstance(m, (GroupNorm, RMSNorm))]
     if not norms:
-        raise ValueError(f"{type(model).__name__} has no chunkformer GroupNorm (the conv scaffold and router have them)")
+        raise ValueError(f"{type(model).__name__} has no chunkformer GroupNorm or RMSNorm (the conv scaffold has them)")
     for norm in norms:
         norm.use_kernel = bool(enabled)
     return len(norms)

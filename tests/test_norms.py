@@ -1,0 +1,197 @@
+"""chunkformer.norms: GroupNorm from per-channel sums, the residual RMSNorm, their Triton kernels and the
+model paths that use them (opt-in)."""
+
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import chunkformer as cf
+from chunkformer import norms, precision
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    groups=st.integers(1, 4),
+    per_group=st.integers(1, 5),
+    grid=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    offset=st.sampled_from([0.0, 3.0, 100.0]),
+    with_shift=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_group_norm_from_channel_sums_equals_torch_group_norm_of_the_shifted_input(
+    batch, groups, per_group, grid, offset, with_shift, seed
+):
+    assume(per_group * math.prod(grid) >= 4)  # a group of one value has no spread: 1 / sqrt(eps) amplifies fp32 rounding
+    g = torch.Generator().manual_seed(seed)
+    C = groups * per_group
+    shape = (batch, C, *grid)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x = x + offset * torch.randn(1, C, *[1] * len(grid), generator=g, dtype=torch.float64)  # channel offsets
+    shift = torch.randn(batch, C, generator=g, dtype=torch.float64) if with_shift else None
+    w, b = torch.randn(C, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)
+    full = x if shift is None else x + shift.view(batch, C, *[1] * len(grid))
+    ref = F.group_norm(full, groups, w, b, 1e-5)
+    out = norms.group_norm(x, groups, w, b, 1e-5, shift)
+    assert out.shape == shape and out.dtype == torch.float64  # fp32 at least: fp64 in, fp64 out
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_group_stats_keep_the_variance_under_a_large_offset_where_one_pass_moments_cancel():
+    """Pivoted sums: an offset of 1e4 standard deviations leaves the fp32 variance exact to 1e-3; the plain
+    E[x^2] - E[x]^2 of the same fp32 data is off by far more."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 8, 16, 16, generator=g, dtype=torch.float64) + 1e4).float()
+    mean, var = norms.group_stats(x, 4)
+    ref_var, ref_mean = torch.var_mean(x.double().view(2, 4, -1), dim=-1, unbiased=False)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-3, atol=0)
+    flat = x.view(2, 4, -1)
+    naive = (flat * flat).mean(-1) - flat.mean(-1) ** 2
+    assert ((naive.double() - ref_var).abs() / ref_var).max() > 1e-2
+
+
+def test_group_norm_rejects_groups_that_do_not_divide_and_misshapen_shifts():
+    x = torch.randn(2, 6, 4, 4)
+    with pytest.raises(ValueError, match="do not split into 4 groups"):
+        norms.group_stats(x, 4)
+    with pytest.raises(ValueError, match=r"shift must be \(batch, channels\)"):
+        norms.group_stats(x, 3, torch.randn(6))
+    with pytest.raises(ValueError, match="grid of rank >= 1"):
+        norms.channel_moments(torch.randn(2, 6))
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 9), dim=st.integers(1, 70), parts=st.sampled_from(["a", "ab", "ab+bias", "a+bias"]),
+       seed=st.integers(0, 2**16))
+def test_add_rms_norm_is_rms_norm_of_the_sum(rows, dim, parts, seed):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(rows, dim, generator=g), torch.randn(rows, dim, generator=g)
+    w, bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
+    b = b if "b" in parts.split("+")[0] else None
+    bias = bias if "bias" in parts else None
+    total = a + (0 if b is None else b) + (0 if bias is None else bias)
+    ref = F.rms_norm(total.double(), (dim,), w.double(), 1e-5)
+    torch.testing.assert_close(norms.add_rms_norm(a, b, w, 1e-5, bias).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_add_rms_norm_checks_its_shapes():
+    with pytest.raises(ValueError, match="one shape"):
+        norms.add_rms_norm(torch.randn(3, 4), torch.randn(3, 5), None, 1e-5)
+    with pytest.raises(ValueError, match=r"bias must be \(4,\)"):
+        norms.add_rms_norm(torch.randn(3, 4), None, None, 1e-5, torch.randn(3))
+
+
+def test_triton_norm_kernels_match_torch_under_the_triton_interpreter():
+    """Both CUDA kernels run on the CPU by Triton's interpreter (set before import): ragged tiles, channels-last
+    and contiguous grids, strided token rows, and the custom ops eager and traced by torch.compile."""
+    pytest.importorskip("triton")
+    code = """
+import torch
+from chunkformer import norms
+torch.manual_seed(0)
+for shape, tiles in [((2, 40, 5, 7), (8, 32, 3, 16)), ((3, 64, 33), None), ((1, 70, 3, 3), (4, 64, 3, 4))]:
+    x = torch.randn(shape) + 5
+    for xx in (x, x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x.transpose(1, 2).contiguous().transpose(1, 2)):
+        out = norms.launch_channel_moments(xx, tiles).sum(1)
+        ref = norms.channel_moments_reference(xx).sum(1)
+        assert torch.allclose(out, ref, atol=1e-4, rtol=1e-5), (shape, tiles, (out - ref).abs().max())
+x = torch.randn(2, 64, 6, 5).contiguous(memory_format=torch.channels_last)
+traced = torch.compile(lambda t: norms._channel_moments_op(t * 1).sum(1) + 1, backend="aot_eager")
+assert torch.allclose(traced(x), norms.channel_moments_reference(x).sum(1) + 1, atol=1e-4)
+for N, D, tiles in [(7, 40, None), (5, 96, (2, 128, 4)), (9, 33, (4, 64, 4))]:
+    a, b, w, bias = torch.randn(N, D), torch.randn(N, D), torch.randn(D), torch.randn(D)
+    for bb, ww, bi in [(None, None, None), (b, w, None), (b, w, bias), (None, w, bias)]:
+        out = norms.launch_add_rms_norm(a, bb, ww, 1e-5, bi, tiles)
+        assert torch.allclose(out, norms.add_rms_norm_reference(a, bb, ww, 1e-5, bi), atol=1e-5), (N, D, tiles)
+a = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last).flatten(2).transpose(1, 2)  # token rows
+b, bias = torch.randn(2, 30, 8), torch.randn(8)
+traced = torch.compile(lambda a, b: norms._add_rms_norm_op(a * 1, b, None, 1e-5, bias) + 1, backend="aot_eager")
+assert torch.allclose(traced(a, b), norms.add_rms_norm_reference(a, b, None, 1e-5, bias) + 1, atol=1e-5)
+print('ok')
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+def _seeded_model():
+    torch.manual_seed(0)
+    model = cf.create_model("DC-DiT-S", input_size=16, depth=1).eval()
+    with torch.no_grad():  # zero-init layers and unit norms would hide the biases and the affine parameters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (0.02 if p.dim() > 1 else 0.1))
+    return model
+
+
+@pytest.fixture
+def kernels_everywhere(monkeypatch):
+    """The norms take their kernel path on the CPU too (torch stands in for Triton there); counts the calls."""
+    calls = {"moments": 0, "rms": 0}
+    moments, rms = norms.channel_moments, precision.add_rms_norm
+
+    def counted_moments(x):
+        calls["moments"] += 1
+        return moments(x)
+
+    def counted_rms(*args):
+        calls["rms"] += 1
+        return rms(*args)
+
+    for module in (norms, precision):
+        monkeypatch.setattr(module, "sampling_kernel", lambda x: not torch.is_grad_enabled())
+    monkeypatch.setattr(norms, "channel_moments", counted_moments)
+    monkeypatch.setattr(precision, "add_rms_norm", counted_rms)
+    return calls
+
+
+def test_the_norm_kernel_paths_compute_what_the_default_model_computes(kernels_everywhere):
+    """Opted in, every scaffold GroupNorm takes the channel sums (the conditioning and conv1's bias folded in)
+    and the encoder's output norm sums its last block inside add_rms_norm; the output is unchanged."""
+    model = _seeded_model()
+    x = torch.randn(2, 4, 16, 16).contiguous(memory_format=torch.channels_last)
+    t, y = torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        ref = model(x, t, y)
+        assert kernels_everywhere == {"moments": 0, "rms": 0}  # off by default
+        assert cf.set_norm_kernels(model, True) == 11
+        out = model(x, t, y)
+    assert kernels_everywhere == {"moments": 8, "rms": 1}
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    model(x, t, y).sum().backward()  # with grad: torch's norms, so training works as before
+    assert kernels_everywhere == {"moments": 8, "rms": 1}
+    assert cf.set_norm_kernels(model, False) == 11
+
+
+def test_set_norm_kernels_needs_a_model_with_chunkformer_norms():
+    with pytest.raises(ValueError, match="no chunkformer GroupNorm or RMSNorm"):
+        cf.set_norm_kernels(torch.nn.Linear(2, 2), True)
+
+
+def test_scaffold_compile_norm_variants_switch_the_kernels_on_and_keep_the_output(kernels_everywhere):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import scaffold_compile as bench
+
+    model = _seeded_model()
+    x = torch.randn(2, 4, 16, 16).contiguous(memory_format=torch.channels_last)
+    t, y = torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        ref = model(x, t, y)
+        for name, expected in [("GroupNorm statistics kernel", {"moments": 8, "rms": 0}),
+                               ("residual RMSNorm kernel", {"moments": 0, "rms": 1}),
+                               ("both norm kernels", {"moments": 8, "rms": 1})]:
+            kernels_everywhere.update(moments=0, rms=0)
+            patched = bench.VARIANTS[name][1](copy.deepcopy(model))
+            torch.testing.assert_close(patched(x, t, y), ref, rtol=1e-4, atol=1e-5)
+            assert kernels_everywhere == expected, name
