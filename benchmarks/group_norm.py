@@ -18,7 +18,7 @@ compiled:
   (rows x 128-channel) tiles of the channels-last grid, split over the grid so every SM has work
   (``channel_sums``), then the same compiled finish and normalise + SiLU (a candidate for the
   scaffold, measured here first);
-* ``chunkformer GroupNorm``: what the scaffold runs since session 15, :class:`chunkformer.norms.GroupNorm`
+* ``chunkformer GroupNorm``: :class:`chunkformer.norms.GroupNorm` with its kernel path on (opt-in)
   (per-channel sums of ``x`` less each channel's first value, in channel blocks of 32 or 64 with the
   grid split for ~1024 programs, recombined into group statistics, normalised by inductor), compiled.
 
@@ -136,9 +136,10 @@ def triton_sums(weight, bias):
 
 
 def library_norm(norm: torch.nn.GroupNorm) -> GroupNorm:
-    """The scaffold's :class:`chunkformer.norms.GroupNorm` with ``norm``'s weights."""
+    """:class:`chunkformer.norms.GroupNorm` with ``norm``'s weights and its Triton statistics on."""
     out = GroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps).to(norm.weight.device)
     out.load_state_dict(norm.state_dict())
+    out.use_kernel = True  # opt-in in the library
     return out
 
 
