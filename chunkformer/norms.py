@@ -270,8 +270,16 @@ if triton is not None:
         )
         return out
 
-    # a fixed layout: x arrives as traced (channels-last in the scaffold), which is what the kernel reads fast
-    @torch.library.custom_op("chunkformer::channel_moments", mutates_args=())
+    # flexible_layout: x comes as inductor has it (the kernel reads strides; channels-last conv outputs read fast).
+    # A fixed layout would conform it to the strides traced before inductor's channels-last layout pass
+    try:
+        _register = torch.library.custom_op(
+            "chunkformer::channel_moments", mutates_args=(), tags=(torch.Tag.flexible_layout,)
+        )
+    except (TypeError, AttributeError):  # pragma: no cover - older torch
+        _register = torch.library.custom_op("chunkformer::channel_moments", mutates_args=())
+
+    @_register
     def _channel_moments_op(x: Tensor) -> Tensor:
         """Opaque to ``torch.compile``: inductor calls it as it is."""
         return launch_channel_moments(x)
@@ -283,16 +291,19 @@ if triton is not None:
         return x.new_empty(B, splits, 2, C, dtype=torch.float32)
 
     @triton.jit
-    def _add_rms_norm_kernel(A, B, BIAS, W, OUT, N, D, s_a, s_b, eps, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _add_rms_norm_kernel(A, B, BIAS, W, OUT, N, L, D, sa_n, sa_l, sa_d, sb_n, sb_l, sb_d, eps,
+                             HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_W: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         """Program (row block): ``OUT = rms_norm(A + B + BIAS) * W`` on ``BLOCK_R`` rows, each held whole in registers.
-        ``A`` / ``B`` rows are read through their strides (unit-stride columns); ``OUT`` is a contiguous ``(N, D)``."""
+        ``A`` / ``B`` are ``(N, L, D)`` read through their strides (row ``r`` is ``(r // L, r % L)``); ``OUT`` is a
+        contiguous ``(N * L, D)``."""
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        n, l = rows // L, rows % L
         cols = tl.arange(0, BLOCK_D)
-        ok = (rows < N)[:, None] & (cols < D)[None, :]
-        x = tl.load(A + rows[:, None] * s_a + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        ok = (rows < N * L)[:, None] & (cols < D)[None, :]
+        x = tl.load(A + (n * sa_n + l * sa_l)[:, None] + cols[None, :] * sa_d, mask=ok, other=0.0).to(tl.float32)
         if HAS_B:
-            x += tl.load(B + rows[:, None] * s_b + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            x += tl.load(B + (n * sb_n + l * sb_l)[:, None] + cols[None, :] * sb_d, mask=ok, other=0.0).to(tl.float32)
         if HAS_BIAS:
             x += tl.load(BIAS + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
             x = tl.where(ok, x, 0.0)  # padding columns out of the mean square
@@ -310,25 +321,32 @@ if triton is not None:
     def launch_add_rms_norm(
         a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float, bias: Tensor | None = None, tiles=None
     ) -> Tensor:
-        """Run the kernel on ``a`` (and ``b``) of shape ``(*rows, D)``; returns a contiguous ``(*rows, D)``."""
+        """Run the kernel on ``a`` (and ``b``) of shape ``(*rows, D)``, any strides; returns a contiguous ``(*rows, D)``."""
         D = a.shape[-1]
-        a2 = a.reshape(-1, D)  # a view for row-major tokens (the channels-last grid's)
-        b2 = b.reshape(-1, D) if b is not None else a2
-        if a2.stride(-1) != 1 or b2.stride(-1) != 1:
-            a2, b2 = a2.contiguous(), b2.contiguous()
+        a3 = a.reshape(-1, *a.shape[-2:]) if a.ndim > 1 else a[None, None]  # (N, L, D): a view for token grids
+        b3 = (b.reshape(-1, *b.shape[-2:]) if b.ndim > 1 else b[None, None]) if b is not None else a3
         dtype = a.dtype if b is None else torch.promote_types(a.dtype, b.dtype)
         out = torch.empty(a.shape, device=a.device, dtype=dtype)
         block_r, block_d, warps = tiles or rms_tiles(D)
-        N = a2.shape[0]
-        _add_rms_norm_kernel[(triton.cdiv(N, block_r),)](
-            a2, b2, bias if bias is not None else a2, weight if weight is not None else a2, out, N, D,
-            a2.stride(0), b2.stride(0), eps, HAS_B=b is not None, HAS_BIAS=bias is not None, HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        N, L = a3.shape[:2]
+        _add_rms_norm_kernel[(triton.cdiv(N * L, block_r),)](
+            a3, b3, bias if bias is not None else a3, weight if weight is not None else a3, out, N, L, D,
+            *a3.stride(), *b3.stride(), eps, HAS_B=b is not None, HAS_BIAS=bias is not None,
+            HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
         )
         return out
 
-    # a fixed layout (inductor's default for custom ops): given a free hand, inductor wrote a bias-added addend
-    # NCHW and the op's row view copied it (1.2 ms in an H100 profile)
-    @torch.library.custom_op("chunkformer::add_rms_norm", mutates_args=())
+    # flexible_layout: the addends come as inductor has them (channels-last conv outputs: row-major tokens) and the
+    # kernel reads their strides. With a fixed layout inductor conformed them to the strides traced before its
+    # channels-last layout pass (NCHW conv outputs): a copy, or an identity pass over each after a .contiguous()
+    try:
+        _register_rms = torch.library.custom_op(
+            "chunkformer::add_rms_norm", mutates_args=(), tags=(torch.Tag.flexible_layout,)
+        )
+    except (TypeError, AttributeError):  # pragma: no cover - older torch
+        _register_rms = torch.library.custom_op("chunkformer::add_rms_norm", mutates_args=())
+
+    @_register_rms
     def _add_rms_norm_op(
         a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float, bias: Tensor | None
     ) -> Tensor:

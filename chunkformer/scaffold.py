@@ -179,9 +179,7 @@ class ChunkEncoder(nn.Module):
             h = block(h, c)  # (B, width, *grid)
         if self.norm.takes_kernel(h):  # the last block's terms summed inside the norm: one read of each
             h, skip, bias = self.blocks[-1].raw_terms(h, c)  # (B, dim, *grid) each, bias (dim,)
-            # row-major tokens, free for channels-last convs; it pins the layout the compiled graph hands the op
-            # (traced without it, inductor copied both addends to another layout and the op copied them back)
-            return self.norm(to_tokens(h).contiguous(), to_tokens(skip).contiguous(), bias)  # (B, L, dim)
+            return self.norm(to_tokens(h), to_tokens(skip), bias)  # (B, L, dim)
         return self.norm(to_tokens(self.blocks[-1](h, c)))  # (B, L, dim)
 
 

@@ -115,8 +115,11 @@ for N, D, tiles in [(7, 40, None), (5, 96, (2, 128, 4)), (9, 33, (4, 64, 4))]:
     for bb, ww, bi in [(None, None, None), (b, w, None), (b, w, bias), (None, w, bias)]:
         out = norms.launch_add_rms_norm(a, bb, ww, 1e-5, bi, tiles)
         assert torch.allclose(out, norms.add_rms_norm_reference(a, bb, ww, 1e-5, bi), atol=1e-5), (N, D, tiles)
-a = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last).flatten(2).transpose(1, 2)  # token rows
+nchw_rows = torch.randn(2, 8, 5, 6).flatten(2).transpose(1, 2)  # tokens of an NCHW grid: column stride 30
 b, bias = torch.randn(2, 30, 8), torch.randn(8)
+out = norms.launch_add_rms_norm(nchw_rows, b, None, 1e-5, bias)
+assert torch.allclose(out, norms.add_rms_norm_reference(nchw_rows, b, None, 1e-5, bias), atol=1e-5)
+a = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last).flatten(2).transpose(1, 2)  # token rows
 traced = torch.compile(lambda a, b: norms._add_rms_norm_op(a * 1, b, None, 1e-5, bias) + 1, backend="aot_eager")
 assert torch.allclose(traced(a, b), norms.add_rms_norm_reference(a, b, None, 1e-5, bias) + 1, atol=1e-5)
 print('ok')
