@@ -33,12 +33,11 @@ here only, to be measured before the library adopts either):
 * all three;
 * ``merge summed in bf16 (before)``: the decoder's half-precision merge as it was before it summed in
   fp32 (which inductor may fold into the residual GEMM as an ``addmm`` whose C operand aten copies);
-* ``GroupNorm statistics kernel``: the scaffold's GroupNorms with :func:`~chunkformer.norms.channel_moments`'
-  coalesced per-channel sums (the conditioning and conv1's bias added inside the norm) instead of inductor's
-  reduction per ``(sample, group)``; ``residual RMSNorm kernel``: the encoder's output norm as
-  :func:`~chunkformer.norms.add_rms_norm` (one read of each addend) instead of ``rms_norm(h + skip)`` for
-  inductor, which loops over each 1152-wide row twice; ``both norm kernels``: both
-  (``chunkformer.set_norm_kernels``; off by default, since none measured faster);
+* ``GroupNorm by inductor (before)``: the scaffold's GroupNorms as inductor compiles ``nn.GroupNorm(x + shift)``
+  (a reduction per ``(sample, group)``) instead of :func:`~chunkformer.norms.channel_moments`' coalesced
+  per-channel sums; ``RMSNorm by inductor (before)``: the encoder's output norm as ``rms_norm(h + skip)``
+  for inductor, which loops over each 1152-wide row twice, instead of :func:`~chunkformer.norms.add_rms_norm`
+  (one read of each addend); ``both norms by inductor (before)``: both (``chunkformer.set_norm_kernels(model, False)``);
 * ``position table per call (before)``: DiT and DC-DiT computing their sin-cos table in every call (inlined
   by inductor into the add: a sine per element) instead of keeping it as a buffer.
 
@@ -207,22 +206,23 @@ def position_table_per_call():
         dit.position_table, dcdit.position_table = before
 
 
-class _KernelGroupNorm(GroupNorm):
-    """:class:`~chunkformer.norms.GroupNorm` with its Triton statistics on (a class of its own: dynamo guards on it)."""
+class _InductorGroupNorm(GroupNorm):
+    """:class:`~chunkformer.norms.GroupNorm` with its Triton statistics off (a class of its own: dynamo guards on it)."""
 
 
-class _KernelRMSNorm(RMSNorm):
-    """:class:`~chunkformer.precision.RMSNorm` with its residual kernel on (a class of its own)."""
+class _InductorRMSNorm(RMSNorm):
+    """:class:`~chunkformer.precision.RMSNorm` with its residual kernel off (a class of its own)."""
 
 
-def norm_kernels(group: bool = True, rms: bool = True):
-    """A patch turning on the Triton GroupNorm statistics and / or the encoder's residual RMSNorm; in place."""
+def inductor_norms(group: bool = True, rms: bool = True):
+    """A patch turning off the Triton GroupNorm statistics and / or the encoder's residual RMSNorm (inductor's
+    norms, as before session 15); in place."""
     def patch(model: nn.Module) -> nn.Module:
         for m in model.modules():
             if group and type(m) is GroupNorm:
-                m.__class__, m.use_kernel = _KernelGroupNorm, True
+                m.__class__, m.use_kernel = _InductorGroupNorm, False
             if rms and type(m) is RMSNorm:
-                m.__class__, m.use_kernel = _KernelRMSNorm, True
+                m.__class__, m.use_kernel = _InductorRMSNorm, False
         return model
     return patch
 
@@ -251,9 +251,9 @@ VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change 
     "residual in its GEMM": ({}, residual_in_gemm),
     "all three paths": ({}, lambda m: residual_in_gemm(split_widening(gemm_1x1(m)))),
     "merge summed in bf16 (before)": ({}, merge_in_bf16),
-    "GroupNorm statistics kernel": ({}, norm_kernels(rms=False)),
-    "residual RMSNorm kernel": ({}, norm_kernels(group=False)),
-    "both norm kernels": ({}, norm_kernels()),
+    "GroupNorm by inductor (before)": ({}, inductor_norms(rms=False)),
+    "RMSNorm by inductor (before)": ({}, inductor_norms(group=False)),
+    "both norms by inductor (before)": ({}, inductor_norms()),
     "default with the FX graph cache off": (_NO_CACHE, lambda m: m),  # what the settings of the context variants change alone
     # compiled inside wide_persistent_reductions(); settings of their own, so dynamo does not hand them the graph
     # it compiled for the same model under other settings

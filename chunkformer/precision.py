@@ -27,13 +27,13 @@ class RMSNorm(nn.RMSNorm):
     linear layer's, keeps the fused kernel (which accumulates in fp32) and the log clean.
 
     ``forward(x, residual, bias)`` normalises ``x + residual + bias``; when sampling on a GPU (CUDA, no
-    grad, ``use_kernel``, off by default: :func:`~chunkformer.norms.set_norm_kernels`) that is
+    grad, ``use_kernel``: on by default, :func:`~chunkformer.norms.set_norm_kernels`) that is
     :func:`~chunkformer.norms.add_rms_norm`, which reads each addend once.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.use_kernel = False
+        self.use_kernel = True
 
     def takes_kernel(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x, residual)`` runs :func:`~chunkformer.norms.add_rms_norm`'s kernel."""

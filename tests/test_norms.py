@@ -140,8 +140,9 @@ def _seeded_model():
 
 @pytest.fixture
 def kernels_everywhere(monkeypatch):
-    """The norms take their kernel path on the CPU too (torch stands in for Triton there); counts the calls."""
-    calls = {"moments": 0, "rms": 0}
+    """The norms take their kernel path on the CPU, compiled or not (torch stands in for Triton there); counts
+    the calls. ``compiling`` is a switch: GroupNorm takes its path only while torch.compile traces."""
+    calls = {"moments": 0, "rms": 0, "compiling": True}
     moments, rms = norms.channel_moments, precision.add_rms_norm
 
     def counted_moments(x):
@@ -154,27 +155,42 @@ def kernels_everywhere(monkeypatch):
 
     for module in (norms, precision):
         monkeypatch.setattr(module, "sampling_kernel", lambda x: not torch.is_grad_enabled())
+    monkeypatch.setattr(norms, "compiling", lambda: calls["compiling"])
     monkeypatch.setattr(norms, "channel_moments", counted_moments)
     monkeypatch.setattr(precision, "add_rms_norm", counted_rms)
     return calls
 
 
-def test_the_norm_kernel_paths_compute_what_the_default_model_computes(kernels_everywhere):
-    """Opted in, every scaffold GroupNorm takes the channel sums (the conditioning and conv1's bias folded in)
-    and the encoder's output norm sums its last block inside add_rms_norm; the output is unchanged."""
-    model = _seeded_model()
+def _inputs():
     x = torch.randn(2, 4, 16, 16).contiguous(memory_format=torch.channels_last)
-    t, y = torch.tensor([10, 900]), torch.tensor([1, 2])
+    return x, torch.tensor([10, 900]), torch.tensor([1, 2])
+
+
+def test_the_norm_kernel_paths_compute_what_torchs_norms_compute(kernels_everywhere):
+    """On by default: every scaffold GroupNorm takes the channel sums (the conditioning and conv1's bias folded
+    in) and the encoder's output norm sums its last block inside add_rms_norm; the output is torch's."""
+    model = _seeded_model()
+    x, t, y = _inputs()
     with torch.no_grad():
+        assert cf.set_norm_kernels(model, False) == 11
         ref = model(x, t, y)
-        assert kernels_everywhere == {"moments": 0, "rms": 0}  # off by default
+        assert (kernels_everywhere["moments"], kernels_everywhere["rms"]) == (0, 0)
         assert cf.set_norm_kernels(model, True) == 11
         out = model(x, t, y)
-    assert kernels_everywhere == {"moments": 8, "rms": 1}
+    assert (kernels_everywhere["moments"], kernels_everywhere["rms"]) == (8, 1)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     model(x, t, y).sum().backward()  # with grad: torch's norms, so training works as before
-    assert kernels_everywhere == {"moments": 8, "rms": 1}
-    assert cf.set_norm_kernels(model, False) == 11
+    assert (kernels_everywhere["moments"], kernels_everywhere["rms"]) == (8, 1)
+
+
+def test_group_norm_takes_its_kernel_only_when_compiled_and_by_default(kernels_everywhere):
+    """Eager, nn.GroupNorm's fused kernel beats the sums plus separate torch ops: only the RMSNorm path runs."""
+    model = _seeded_model()  # fresh: the default settings
+    kernels_everywhere["compiling"] = False
+    with torch.no_grad():
+        model(*_inputs())
+    assert (kernels_everywhere["moments"], kernels_everywhere["rms"]) == (0, 1)
+    assert all(m.use_kernel for m in model.modules() if isinstance(m, (norms.GroupNorm, precision.RMSNorm)))
 
 
 def test_set_norm_kernels_needs_a_model_with_chunkformer_norms():
@@ -182,19 +198,18 @@ def test_set_norm_kernels_needs_a_model_with_chunkformer_norms():
         cf.set_norm_kernels(torch.nn.Linear(2, 2), True)
 
 
-def test_scaffold_compile_norm_variants_switch_the_kernels_on_and_keep_the_output(kernels_everywhere):
+def test_scaffold_compile_norm_variants_switch_the_kernels_off_and_keep_the_output(kernels_everywhere):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import scaffold_compile as bench
 
     model = _seeded_model()
-    x = torch.randn(2, 4, 16, 16).contiguous(memory_format=torch.channels_last)
-    t, y = torch.tensor([10, 900]), torch.tensor([1, 2])
+    x, t, y = _inputs()
     with torch.no_grad():
         ref = model(x, t, y)
-        for name, expected in [("GroupNorm statistics kernel", {"moments": 8, "rms": 0}),
-                               ("residual RMSNorm kernel", {"moments": 0, "rms": 1}),
-                               ("both norm kernels", {"moments": 8, "rms": 1})]:
+        for name, expected in [("GroupNorm by inductor (before)", (0, 1)),
+                               ("RMSNorm by inductor (before)", (8, 0)),
+                               ("both norms by inductor (before)", (0, 0))]:
             kernels_everywhere.update(moments=0, rms=0)
             patched = bench.VARIANTS[name][1](copy.deepcopy(model))
             torch.testing.assert_close(patched(x, t, y), ref, rtol=1e-4, atol=1e-5)
-            assert kernels_everywhere == expected, name
+            assert (kernels_everywhere["moments"], kernels_everywhere["rms"]) == expected, name
