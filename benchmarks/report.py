@@ -245,7 +245,17 @@ def short_attention_table(data: dict) -> str:
 
 
 def group_norm_table(data: dict) -> str:
-    """benchmarks/group_norm.py: GroupNorm + SiLU formulations on channels-last bf16 grids."""
+    """benchmarks/group_norm.py: GroupNorm + SiLU formulations on channels-last bf16 grids (``--kernels``: the
+    statistics kernels from CUDA graphs, the best three tilings of ``channel_moments`` per shape)."""
+    if "sweep" in data:
+        lines = [f"{data['card']}, torch {data['torch']}, bf16 channels-last, GPU ms per call from CUDA graphs "
+                 f"(`{data['command']}`)", "", "| shape (B, C, H, W) | form | ms | TB/s |", "|---|---|---|---|"]
+        for shape in dict.fromkeys(tuple(r["shape"]) for r in data["sweep"]):
+            rows = [r for r in data["sweep"] if tuple(r["shape"]) == shape]
+            tiled = sorted((r for r in rows if r["variant"].startswith("moments")), key=lambda r: r["graph_ms"])
+            for r in [r for r in rows if not r["variant"].startswith("moments")] + tiled[:3]:
+                lines.append(f"| {shape} | {r['variant']} | {r['graph_ms']:.4f} | {r['tb_per_s']:.2f} |")
+        return "\n".join(lines + (["", f"Note: {data['note']}."] if data.get("note") else []))
     lines = [f"{data['card']}, torch {data['torch']}, bf16 channels-last, ms per call (`{data['command']}`)", "",
              "| shape (B, C, H, W) | form | ms | TB/s (one read + one write) | relative error, offset 0 / 10 |",
              "|---|---|---|---|---|"]
