@@ -425,3 +425,19 @@ def test_scaffold_compile_contexts_change_what_they_say_and_restore_it():
         assert type(V.choices).__name__ == "WideRows"
     assert type(V.choices).__name__ != "WideRows"
     assert set(bench.CONTEXTS) <= set(bench.VARIANTS)
+
+
+def test_report_prints_every_kept_group_norm_and_scaffold_compile_result():
+    """Each JSON form of these benchmarks (group_norm.py's rows and its --kernels sweep) has a table."""
+    import json
+
+    report = _load("report")
+    results = ROOT / "benchmarks" / "results"
+    sweeps = 0
+    for path in sorted(results.glob("group_norm_*.json")):
+        data = json.loads(path.read_text())
+        sweeps += "sweep" in data
+        assert report.group_norm_table(data).count("\n| (") >= 3, path.name
+    assert sweeps >= 1
+    for path in sorted(results.glob("scaffold_compile_*.json")):
+        assert "| default |" in report.scaffold_compile_table(json.loads(path.read_text())), path.name
