@@ -1,11 +1,14 @@
 """Sampling fast paths of the scaffold's norms: GroupNorm statistics in one coalesced pass over a
 channels-last grid, and a residual add + RMSNorm in one pass over rows wider than inductor keeps in registers.
 
+    import torch, torch.nn.functional as F
+    from chunkformer.norms import GroupNorm
+
     norm = GroupNorm(32, 288).cuda()
     x = torch.randn(64, 288, 32, 32, device="cuda").to(torch.bfloat16, memory_format=torch.channels_last)
     shift = torch.randn(64, 288, device="cuda")          # e.g. a ResBlock's conditioning, added before the norm
     with torch.no_grad():
-        y = norm(x, shift)                               # nn.GroupNorm(32, 288)(x + shift[:, :, None, None])
+        y = torch.compile(norm)(x, shift)                # nn.GroupNorm(32, 288)(x + shift[:, :, None, None])
     assert torch.allclose(y.float(), F.group_norm(x.float() + shift[:, :, None, None], 32, norm.weight, norm.bias), atol=1e-3)
 
 Compiled, inductor reduces each ``(sample, group)`` of a GroupNorm over the grid, 9 contiguous channels (18
