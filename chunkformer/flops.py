@@ -37,6 +37,8 @@ from torch import nn
 
 from . import attention as _attention
 from .dechunk import blur_macs, resolve_smoothing, window_radius
+from .norms import GroupNorm
+from .precision import RMSNorm
 from .scaffold import DeChunkDecoder
 
 __all__ = ["FlopReport", "FlopCounter", "count_flops", "sampling_tflops", "COMPONENTS"]
@@ -190,6 +192,11 @@ class FlopCounter:
         self.tally[comp] += value
 
     def __enter__(self) -> "FlopCounter":
+        # the norms' kernel paths call convs without their modules (biases folded into the norms), past these
+        # hooks: counted on torch's path, which has the same FLOPs; restored on exit
+        self._norm_kernels = [(m, m.use_kernel) for m in self.model.modules() if isinstance(m, (GroupNorm, RMSNorm))]
+        for m, _ in self._norm_kernels:
+            m.use_kernel = False
         for name, module in self.model.named_modules():
             comp = _component(name)
             if isinstance(module, nn.Linear):
@@ -226,6 +233,8 @@ class FlopCounter:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for m, enabled in self._norm_kernels:
+            m.use_kernel = enabled
         if self._observe_attention in _attention._observers:
             _attention._observers.remove(self._observe_attention)
 

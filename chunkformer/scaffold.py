@@ -46,8 +46,10 @@ class ResBlock(nn.Module):
     as one GEMM of its taps plus their shifted sum when sampling on a GPU in bf16/fp16 (no grad).
     ``taps_narrowing`` turns that on; it starts on for the shapes where it measured faster than
     cuDNN (``TAPS_FASTER``: DC-DiT-XL's ``1152 -> 288``). Both norms are
-    :class:`~chunkformer.norms.GroupNorm`: when sampling on a GPU their statistics are one
-    coalesced pass over the grid, and the conditioning and conv1's bias are added inside the second.
+    :class:`~chunkformer.norms.GroupNorm`: when sampling compiled on a GPU their statistics are one
+    coalesced pass over the grid, and the conditioning and conv1's bias are added inside the second
+    (conv1 then runs without its bias, past its module's hooks: :class:`~chunkformer.FlopCounter`
+    counts with the kernel paths off).
     """
 
     def __init__(

@@ -213,3 +213,16 @@ def test_scaffold_compile_norm_variants_switch_the_kernels_off_and_keep_the_outp
             patched = bench.VARIANTS[name][1](copy.deepcopy(model))
             torch.testing.assert_close(patched(x, t, y), ref, rtol=1e-4, atol=1e-5)
             assert (kernels_everywhere["moments"], kernels_everywhere["rms"]) == expected, name
+
+
+def test_flop_counts_do_not_depend_on_the_norm_kernel_paths(kernels_everywhere):
+    """The kernel paths call convs past their modules (the FLOP counter's hooks): the counter counts torch's
+    path instead, which has the same FLOPs, and leaves the settings as it found them."""
+    model = _seeded_model()
+    x, t, y = _inputs()
+    with torch.no_grad():
+        with_kernels = cf.count_flops(model, x, t, y).total
+        assert all(m.use_kernel for m in model.modules() if isinstance(m, (norms.GroupNorm, precision.RMSNorm)))
+        cf.set_norm_kernels(model, False)
+        without = cf.count_flops(model, x, t, y).total
+    assert with_kernels == without > 0
