@@ -48,7 +48,7 @@ class ResBlock(nn.Module):
     cuDNN (``TAPS_FASTER``: DC-DiT-XL's ``1152 -> 288``). Both norms are
     :class:`~chunkformer.norms.GroupNorm`: when sampling compiled on a GPU their statistics are one
     coalesced pass over the grid, and the conditioning and conv1's bias are added inside the second
-    (conv1 then runs without its bias, past its module's hooks: :class:`~chunkformer.FlopCounter`
+    (conv1 then runs without its bias, past its module's hooks: :class:`~chunkformer.flops.FlopCounter`
     counts with the kernel paths off).
     """
 
