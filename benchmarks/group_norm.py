@@ -190,16 +190,12 @@ def kernel_sweep(dev) -> list[dict]:
                  "chunkformer statistics, default tiles": (gn.launch_channel_moments, nbytes)}
         for block_c in sorted({32, 64, 128, triton.next_power_of_2(C)}):
             for elems in (2048, 4096, 8192):
-                block_p = elems // block_c
-                if block_p < 1:
+                if elems < block_c:
                     continue
                 for warps in (4, 8):
                     for programs in (528, 1056, 2112):
-                        per_prog = B * -(-C // block_c)
-                        splits = max(1, min(-(-programs // per_prog), -(-H * W // block_p)))
-                        per_split = -(-(-(-H * W // splits)) // block_p) * block_p
-                        tiles = (block_p, block_c, -(-H * W // per_split), per_split)
-                        name = f"moments {block_p}x{block_c} w{warps} ~{programs} programs"
+                        tiles = gn.moment_tiles(B, H * W, C, block_c, elems, programs)
+                        name = f"moments {tiles[0]}x{block_c} w{warps} ~{programs} programs"
                         timed[name] = (lambda x, t=tiles, w=warps: gn.launch_channel_moments(x, t, w), nbytes)
         for name, (fn, moved) in timed.items():
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

@@ -51,23 +51,31 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
+else:
+    from .tapconv import strided_custom_op
 
 __all__ = ["GroupNorm", "add_rms_norm", "channel_moments", "group_norm", "group_stats", "set_norm_kernels"]
 
 
-def moment_tiles(batch: int, positions: int, channels: int) -> tuple[int, int, int, int]:
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def moment_tiles(
+    batch: int, positions: int, channels: int, block_c: int | None = None, elements: int = 2048, programs: int = 528
+) -> tuple[int, int, int, int]:
     """``(BLOCK_P, BLOCK_C, splits, positions per split)`` of :func:`channel_moments`' kernel.
 
-    Tiles of 2048 elements, 64 channels wide (128 from 1024 channels), and the grid split so that
-    about 528 programs run (four per SM of a 132-SM card): the fastest of 72 tilings timed on an H100
-    at DC-DiT-XL's shapes (``benchmarks/group_norm.py --kernels``; 0.016 ms at ``(64, 288, 32, 32)``,
-    2.3 TB/s, against 0.036 for inductor's statistics)."""
-    block_c = 128 if channels >= 1024 else min(64, 1 << max(channels - 1, 0).bit_length())
-    block_p = min(2048 // block_c, 1 << max(positions - 1, 0).bit_length())
-    programs = batch * -(-channels // block_c)
-    splits = max(1, min(-(-528 // programs), -(-positions // block_p)))
-    per_split = -(-(-(-positions // splits)) // block_p) * block_p  # a whole number of tiles
-    return block_p, block_c, -(-positions // per_split), per_split
+    By default tiles of 2048 elements, 64 channels wide (128 from 1024 channels), and the grid split so
+    that about 528 programs run (four per SM of a 132-SM card): the fastest of 72 tilings timed on an
+    H100 at DC-DiT-XL's shapes (``benchmarks/group_norm.py --kernels``, which sweeps these arguments;
+    0.016 ms at ``(64, 288, 32, 32)``, 2.3 TB/s, against 0.036 for inductor's statistics)."""
+    if block_c is None:
+        block_c = 128 if channels >= 1024 else min(64, 1 << max(channels - 1, 0).bit_length())
+    block_p = min(max(1, elements // block_c), 1 << max(positions - 1, 0).bit_length())
+    splits = max(1, min(_cdiv(programs, batch * _cdiv(channels, block_c)), _cdiv(positions, block_p)))
+    per_split = _cdiv(_cdiv(positions, splits), block_p) * block_p  # a whole number of tiles
+    return block_p, block_c, _cdiv(positions, per_split), per_split
 
 
 def channel_moments_reference(x: Tensor) -> Tensor:
@@ -283,16 +291,9 @@ if triton is not None:
         )
         return out
 
-    # flexible_layout: x comes as inductor has it (the kernel reads strides; channels-last conv outputs read fast).
-    # A fixed layout would conform it to the strides traced before inductor's channels-last layout pass
-    try:
-        _register = torch.library.custom_op(
-            "chunkformer::channel_moments", mutates_args=(), tags=(torch.Tag.flexible_layout,)
-        )
-    except (TypeError, AttributeError):  # pragma: no cover - older torch
-        _register = torch.library.custom_op("chunkformer::channel_moments", mutates_args=())
-
-    @_register
+    # x as inductor has it (channels-last conv outputs read fast); a fixed layout would conform it to the strides
+    # traced before inductor's channels-last layout pass
+    @strided_custom_op("chunkformer::channel_moments")
     def _channel_moments_op(x: Tensor) -> Tensor:
         """Opaque to ``torch.compile``: inductor calls it as it is."""
         return launch_channel_moments(x)
@@ -349,17 +350,10 @@ if triton is not None:
         )
         return out
 
-    # flexible_layout: the addends come as inductor has them (channels-last conv outputs: row-major tokens) and the
-    # kernel reads their strides. With a fixed layout inductor conformed them to the strides traced before its
-    # channels-last layout pass (NCHW conv outputs): a copy, or an identity pass over each after a .contiguous()
-    try:
-        _register_rms = torch.library.custom_op(
-            "chunkformer::add_rms_norm", mutates_args=(), tags=(torch.Tag.flexible_layout,)
-        )
-    except (TypeError, AttributeError):  # pragma: no cover - older torch
-        _register_rms = torch.library.custom_op("chunkformer::add_rms_norm", mutates_args=())
-
-    @_register_rms
+    # the addends as inductor has them (channels-last conv outputs: row-major tokens). With a fixed layout inductor
+    # conformed them to the strides traced before its channels-last layout pass (NCHW conv outputs): a copy, or an
+    # identity pass over each after a .contiguous()
+    @strided_custom_op("chunkformer::add_rms_norm")
     def _add_rms_norm_op(
         a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float, bias: Tensor | None
     ) -> Tensor:

@@ -213,15 +213,16 @@ if triton is not None:
         )
         return out
 
-    # flexible_layout: inductor hands the taps over in the layout it chose (the kernel reads strides): no copy
-    try:
-        _register = torch.library.custom_op(
-            "chunkformer::tap_sum", mutates_args=(), tags=(torch.Tag.flexible_layout,)
-        )
-    except (TypeError, AttributeError):  # pragma: no cover - older torch
-        _register = torch.library.custom_op("chunkformer::tap_sum", mutates_args=())
+    def strided_custom_op(name: str):
+        """``torch.library.custom_op(name)`` for a kernel that reads its inputs through their strides: tagged
+        ``flexible_layout``, so inductor hands the inputs over in the layout it has, with no copy to conform
+        them to the strides traced before its own layout pass."""
+        try:
+            return torch.library.custom_op(name, mutates_args=(), tags=(torch.Tag.flexible_layout,))
+        except (TypeError, AttributeError):  # pragma: no cover - older torch
+            return torch.library.custom_op(name, mutates_args=())
 
-    @_register
+    @strided_custom_op("chunkformer::tap_sum")  # the taps in the layout inductor chose: no copy
     def _tap_sum_op(taps: Tensor, bias: Tensor | None) -> Tensor:
         """Opaque to ``torch.compile``: inductor calls it as it is. Returns the channels-last grid itself."""
         out = _grid_like(taps)
