@@ -169,8 +169,9 @@ def graph_ms(fn, reps: int, *args) -> float:
 
 def kernel_sweep(dev) -> list[dict]:
     """GPU time (CUDA graphs) of the statistics alone: inductor's (the reduction of a compiled
-    ``native_group_norm`` returning only mean and rstd) against ``channel_moments``' kernel at each tiling,
-    and of the whole GroupNorm + SiLU both ways."""
+    ``native_group_norm`` returning only mean and rstd) against ``channel_moments``' kernel at each tiling;
+    of the normalising pass + SiLU alone, inductor's against ``scale_shift``'s kernel at each tiling; and of
+    the whole GroupNorm + SiLU both ways."""
     from chunkformer import norms as gn
 
     rows = []
@@ -186,8 +187,23 @@ def kernel_sweep(dev) -> list[dict]:
 
         timed = {"inductor statistics (compiled native_group_norm)": (inductor_stats, nbytes),
                  "inductor GroupNorm + SiLU": (torch.compile(module_gn(norm)), 2 * nbytes),
-                 "chunkformer GroupNorm + SiLU": (torch.compile(module_gn(library_norm(norm))), 2 * nbytes),
+                 "chunkformer GroupNorm + SiLU": (torch.compile(lambda x, n=library_norm(norm): n(x, silu=True)), 2 * nbytes),
                  "chunkformer statistics, default tiles": (gn.launch_channel_moments, nbytes)}
+        centre, scale = torch.randn(B, C, device=dev), torch.rand(B, C, device=dev) + 0.5
+
+        @torch.compile
+        def inductor_apply(x, centre=centre, scale=scale, b=norm.bias):
+            return F.silu((x.float() + centre[:, :, None, None]) * scale[:, :, None, None] + b[:, None, None]).to(x.dtype)
+
+        timed["inductor normalising pass + SiLU"] = (inductor_apply, 2 * nbytes)
+        timed["chunkformer scale_shift + SiLU, default tiles"] = (
+            lambda x: gn.launch_scale_shift(x, centre, scale, norm.bias, True), 2 * nbytes)
+        for block_c in sorted({32, 64, 128, min(triton.next_power_of_2(C), 512)}):
+            for elems in (2048, 4096, 8192):
+                for warps in (4, 8):
+                    tiles = (max(1, elems // block_c), block_c, warps)
+                    timed[f"apply {tiles[0]}x{block_c} w{warps}"] = (
+                        lambda x, t=tiles: gn.launch_scale_shift(x, centre, scale, norm.bias, True, t), 2 * nbytes)
         for block_c in sorted({32, 64, 128, triton.next_power_of_2(C)}):
             for elems in (2048, 4096, 8192):
                 if elems < block_c:
@@ -201,9 +217,10 @@ def kernel_sweep(dev) -> list[dict]:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 ms = graph_ms(fn, 20, x)
             rows.append({"shape": list(shape), "variant": name, "graph_ms": ms, "tb_per_s": moved / (ms * 1e-3) / 1e12})
-        best = sorted((r for r in rows if r["shape"] == list(shape) and r["variant"].startswith("moments")),
-                      key=lambda r: r["graph_ms"])
-        for r in [r for r in rows if r["shape"] == list(shape) and not r["variant"].startswith("moments")] + best[:6]:
+        best = [sorted((r for r in rows if r["shape"] == list(shape) and r["variant"].startswith(kind)),
+                       key=lambda r: r["graph_ms"])[:4] for kind in ("moments", "apply")]
+        swept = ("moments", "apply")
+        for r in [r for r in rows if r["shape"] == list(shape) and not r["variant"].startswith(swept)] + best[0] + best[1]:
             print(f"{str(shape):<22} {r['variant']:<52} {r['graph_ms']:8.4f} ms {r['tb_per_s']:5.2f} TB/s", flush=True)
     return rows
 

@@ -38,6 +38,11 @@ here only, to be measured before the library adopts either):
   per-channel sums; ``RMSNorm by inductor (before)``: the encoder's output norm as ``rms_norm(h + skip)``
   for inductor, which loops over each 1152-wide row twice, instead of :func:`~chunkformer.norms.add_rms_norm`
   (one read of each addend); ``both norms by inductor (before)``: both (``chunkformer.set_norm_kernels(model, False)``);
+* ``normalising pass by inductor (before)``: every GroupNorm's normalisation + SiLU as torch ops inductor fuses
+  into a pass of its own, instead of :func:`~chunkformer.norms.scale_shift`'s kernel; ``encoder fed NCHW (before)``:
+  the encoder traced with the NCHW input it is called with, which kept its four GroupNorms on inductor's path
+  (their kernels need channels-last strides); ``router GroupNorm by inductor (before)``: the router's
+  ``nn.GroupNorm``; ``session 15 GroupNorms (before)``: all three (session 15's library);
 * ``position table per call (before)``: DiT and DC-DiT computing their sin-cos table in every call (inlined
   by inductor into the add: a sine per element) instead of keeping it as a buffer.
 
@@ -76,7 +81,7 @@ import chunkformer as cf  # noqa: E402
 from chunkformer.dechunk import dechunk, ste_ones  # noqa: E402
 from chunkformer.norms import GroupNorm  # noqa: E402
 from chunkformer.precision import RMSNorm  # noqa: E402
-from chunkformer.scaffold import DeChunkDecoder  # noqa: E402
+from chunkformer.scaffold import ChunkEncoder, DeChunkDecoder  # noqa: E402
 from step_speed import cuda_ms, save_result  # noqa: E402
 
 class _Conv1x1AsLinear(nn.Conv2d):
@@ -227,6 +232,46 @@ def inductor_norms(group: bool = True, rms: bool = True):
     return patch
 
 
+class _InductorApplyGroupNorm(GroupNorm):
+    """:class:`~chunkformer.norms.GroupNorm` normalising in torch ops (one pass inductor writes, fp32 out, the SiLU
+    outside), as in session 15, instead of :func:`~chunkformer.norms.scale_shift`'s kernel; the statistics unchanged."""
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
+        if not self.takes_kernel(x):
+            return GroupNorm.forward(self, x, shift, silu)
+        k = x.shape[1] // self.num_groups
+        mean, var = cf.norms.group_stats(x, self.num_groups, shift)  # (B, G)
+        scale = torch.rsqrt(var + self.eps).repeat_interleave(k, 1) * self.weight.float()  # (B, C)
+        centre = -mean.repeat_interleave(k, 1) + (0 if shift is None else shift.float())
+        out = (x.float() + centre[:, :, None, None]) * scale[:, :, None, None] + self.bias.float()[:, None, None]
+        return F.silu(out) if silu else out
+
+
+class _NCHWEncoder(ChunkEncoder):
+    """:class:`~chunkformer.scaffold.ChunkEncoder` fed as called (NCHW), as before session 16: traced with NCHW
+    strides, its four GroupNorms stay on inductor's path."""
+
+    def _sampling_layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def session15_norms(apply: bool = True, encoder: bool = True, router: bool = True):
+    """A patch undoing session 16's GroupNorm changes, each or all: the normalising pass by inductor
+    (``apply``), the encoder fed NCHW (``encoder``), the router's ``nn.GroupNorm`` (``router``); in place."""
+    def patch(model: nn.Module) -> nn.Module:
+        if apply:
+            for m in model.modules():
+                if type(m) is GroupNorm:
+                    m.__class__ = _InductorApplyGroupNorm
+        if encoder:
+            model.encoder.__class__ = _NCHWEncoder
+        if router:
+            m = model.router.scorer[1]
+            m.__class__, m.use_kernel = _InductorGroupNorm, False
+        return model
+    return patch
+
+
 def residual_in_gemm(model: nn.Module) -> nn.Module:
     """Add the de-chunked grid inside the decoder's residual GEMM (bf16 routing only); in place."""
     model.decoder.__class__ = _MergeInGemm
@@ -254,6 +299,10 @@ VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change 
     "GroupNorm by inductor (before)": ({}, inductor_norms(rms=False)),
     "RMSNorm by inductor (before)": ({}, inductor_norms(group=False)),
     "both norms by inductor (before)": ({}, inductor_norms()),
+    "normalising pass by inductor (before)": ({}, session15_norms(encoder=False, router=False)),
+    "encoder fed NCHW (before)": ({}, session15_norms(apply=False, router=False)),
+    "router GroupNorm by inductor (before)": ({}, session15_norms(apply=False, encoder=False)),
+    "session 15 GroupNorms (before)": ({}, session15_norms()),
     "default with the FX graph cache off": (_NO_CACHE, lambda m: m),  # what the settings of the context variants change alone
     # compiled inside wide_persistent_reductions(); settings of their own, so dynamo does not hand them the graph
     # it compiled for the same model under other settings

@@ -54,7 +54,9 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 else:
     from .tapconv import strided_custom_op
 
-__all__ = ["GroupNorm", "add_rms_norm", "channel_moments", "group_norm", "group_stats", "set_norm_kernels"]
+__all__ = [
+    "GroupNorm", "add_rms_norm", "channel_moments", "group_norm", "group_stats", "scale_shift", "set_norm_kernels",
+]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -130,10 +132,12 @@ def group_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
     shift: Float[Tensor, "batch channels"] | None = None,
+    silu: bool = False,
 ) -> Float[Tensor, "batch channels *grid"]:
-    """``F.group_norm(x + shift, groups, weight, bias, eps)`` from :func:`group_stats`, in fp32.
+    """``F.group_norm(x + shift, groups, weight, bias, eps)`` (then SiLU if ``silu``) from :func:`group_stats`,
+    normalised in fp32 by :func:`scale_shift` and rounded once to ``x``'s dtype; channels-last.
 
-    Forward only on CUDA (the Triton sums have no backward)."""
+    Forward only on CUDA (the Triton kernels have no backward)."""
     B, C = x.shape[:2]
     mean, var = group_stats(x, groups, shift)  # (B, G) each
     scale = repeat(torch.rsqrt(var + eps), "b g -> b (g k)", k=C // groups)  # (B, C)
@@ -142,35 +146,81 @@ def group_norm(
         centre = centre + shift.float()
     if weight is not None:
         scale = scale * weight.float()
+    return scale_shift(x, centre, scale, bias, silu)  # (x + centre) * scale + bias
+
+
+def channels_last_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An empty tensor of ``x``'s shape with the channels (dim 1) innermost: ``(B, C, *grid)`` over a
+    ``(B, *grid, C)`` buffer, whatever ``x``'s strides."""
+    return x.new_empty(x.shape[0], *x.shape[2:], x.shape[1], dtype=dtype).movedim(-1, 1)
+
+
+def scale_shift_reference(
+    x: Tensor, centre: Tensor, scale: Tensor, bias: Tensor | None = None, silu: bool = False
+) -> Tensor:
+    """:func:`scale_shift` in plain torch (fp32, one rounding; channels-last out)."""
     tail = (1,) * (x.ndim - 2)
-    out = (x.float() + centre.view(B, C, *tail)) * scale.view(B, C, *tail)
-    return out if bias is None else out + bias.float().view(C, *tail)
+    out = (x.float() + centre.float().view(*centre.shape, *tail)) * scale.float().view(*scale.shape, *tail)
+    if bias is not None:
+        out = out + bias.float().view(-1, *tail)
+    if silu:
+        out = out * torch.sigmoid(out)
+    result = channels_last_like(x)
+    result.copy_(out)
+    return result
+
+
+def scale_shift(
+    x: Float[Tensor, "batch channels *grid"],
+    centre: Float[Tensor, "batch channels"],
+    scale: Float[Tensor, "batch channels"],
+    bias: Float[Tensor, "channels"] | None = None,
+    silu: bool = False,
+) -> Float[Tensor, "batch channels *grid"]:
+    """``(x + centre) * scale + bias`` per ``(sample, channel)``, then SiLU if ``silu``: a norm's normalising pass.
+
+    In fp32, rounded once to ``x``'s dtype, returned channels-last (what a conv reads). A Triton kernel on CUDA
+    (one read of ``x`` through its strides, one write), torch elsewhere."""
+    B, C = x.shape[:2]
+    for name, t in (("centre", centre), ("scale", scale)):
+        if t.shape != (B, C):
+            raise ValueError(f"{name} must be (batch, channels) = {(B, C)}, got {tuple(t.shape)}")
+    if bias is not None and bias.shape != (C,):
+        raise ValueError(f"bias must be ({C},), got {tuple(bias.shape)}")
+    if x.is_cuda and triton is not None:
+        return _scale_shift_op(x, centre.float().contiguous(), scale.float().contiguous(), bias, silu)
+    return scale_shift_reference(x, centre, scale, bias, silu)
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` of ``x + shift`` (``shift`` ``(B, C)``, optional), with :func:`group_norm`'s
-    statistics when sampling compiled on a GPU (CUDA, no grad, under ``torch.compile``, channels-last
-    ``x``), ``nn.GroupNorm`` otherwise.
+    """``nn.GroupNorm`` of ``x + shift`` (``shift`` ``(B, C)``, optional), then SiLU if ``silu``, with
+    :func:`group_norm`'s kernels when sampling compiled on a GPU (CUDA, no grad, under ``torch.compile``,
+    channels-last ``x``), ``nn.GroupNorm`` otherwise.
 
     Same parameters and state dict as ``nn.GroupNorm``; ``use_kernel = False`` (or
-    :func:`set_norm_kernels`) keeps ``nn.GroupNorm`` everywhere. Returns what ``nn.GroupNorm`` would:
-    fp32 under autocast, else ``x``'s dtype."""
+    :func:`set_norm_kernels`) keeps ``nn.GroupNorm`` everywhere. Returns what ``nn.GroupNorm`` would
+    (fp32 under autocast, else ``x``'s dtype), except that the kernel path returns ``x``'s dtype: its one
+    rounding is the one the next conv's autocast would make."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.use_kernel = True
 
     def takes_kernel(self, x: Tensor) -> bool:
-        """Whether ``forward(x)`` takes :func:`group_norm`'s statistics (else ``nn.GroupNorm``)."""
-        return self.use_kernel and sampling_kernel(x) and compiling() and x.ndim >= 3 and x.stride(1) == 1
+        """Whether ``forward(x)`` takes :func:`group_norm`'s kernels (else ``nn.GroupNorm``)."""
+        return self.wants_channels_last(x) and x.stride(1) == 1
 
-    def forward(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
+    def wants_channels_last(self, x: Tensor) -> bool:
+        """Whether the kernels would run for ``x`` laid out channels-last (then a caller should lay it out so)."""
+        return self.use_kernel and sampling_kernel(x) and compiling() and x.ndim >= 3
+
+    def forward(self, x: Tensor, shift: Tensor | None = None, silu: bool = False) -> Tensor:
         if self.takes_kernel(x):
-            out = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, shift)
-            return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, shift, silu)
         if shift is not None:
             x = x + shift.reshape(*shift.shape, *([1] * (x.ndim - 2)))
-        return super().forward(x)
+        out = super().forward(x)
+        return torch.nn.functional.silu(out) if silu else out
 
 
 def sampling_kernel(x: Tensor) -> bool:
@@ -224,7 +274,7 @@ def set_norm_kernels(model: nn.Module, enabled: bool) -> int:
 
         import chunkformer as cf
         model = cf.create_model("DC-DiT-S", input_size=16, depth=1)
-        assert cf.set_norm_kernels(model, False) == 11  # the scaffold's 8 GroupNorms and the model's 3 RMSNorms
+        assert cf.set_norm_kernels(model, False) == 12  # 9 GroupNorms (scaffold, router), 3 RMSNorms
     """
     from .precision import RMSNorm
 
@@ -363,3 +413,56 @@ if triton is not None:
     @_add_rms_norm_op.register_fake
     def _(a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float, bias: Tensor | None) -> Tensor:
         return torch.empty(a.shape, device=a.device, dtype=a.dtype if b is None else torch.promote_types(a.dtype, b.dtype))
+
+    @triton.jit
+    def _scale_shift_kernel(X, CENTRE, SCALE, BIAS, OUT, P, C, s_b, s_c, s_p,
+                            HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Program (sample, position block, channel block): ``OUT = (X + CENTRE) * SCALE + BIAS`` (then SiLU) in
+        fp32. ``X`` ``(B, C, P)`` read through its strides; ``CENTRE`` / ``SCALE`` contiguous ``(B, C)`` fp32;
+        ``OUT`` a contiguous ``(B, P, C)`` (channels-last)."""
+        b = tl.program_id(0)
+        ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = cs < C
+        ok = (ps < P)[:, None] & c_ok[None, :]
+        x = tl.load(X + b.to(tl.int64) * s_b + cs.to(tl.int64)[None, :] * s_c + ps.to(tl.int64)[:, None] * s_p,
+                    mask=ok, other=0.0).to(tl.float32)
+        centre = tl.load(CENTRE + b * C + cs, mask=c_ok, other=0.0)
+        scale = tl.load(SCALE + b * C + cs, mask=c_ok, other=0.0)
+        y = (x + centre[None, :]) * scale[None, :]
+        if HAS_BIAS:
+            y += tl.load(BIAS + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        out = OUT + (b.to(tl.int64) * P + ps.to(tl.int64)[:, None]) * C + cs[None, :]
+        tl.store(out, y.to(OUT.dtype.element_ty), mask=ok)
+
+    def scale_shift_tiles(channels: int, elements: int = 4096, block_c: int | None = None) -> tuple[int, int, int]:
+        """``(BLOCK_P, BLOCK_C, num_warps)`` of :func:`scale_shift`'s kernel: whole rows of channels up to 512
+        wide (a contiguous span of the channels-last grid per program), about ``elements`` per program."""
+        block_c = block_c or min(triton.next_power_of_2(channels), 512)
+        return max(1, elements // block_c), block_c, 8 if elements >= 4096 else 4
+
+    def launch_scale_shift(x: Tensor, centre: Tensor, scale: Tensor, bias: Tensor | None, silu: bool,
+                           tiles: tuple[int, int, int] | None = None) -> Tensor:
+        """Run the kernel on ``x`` ``(B, C, *grid)`` (any strides); returns a channels-last tensor of ``x``'s dtype."""
+        out = channels_last_like(x)
+        flat = x.flatten(2)  # (B, C, P): a view for channels-last and contiguous grids
+        B, C, P = flat.shape
+        block_p, block_c, warps = tiles or scale_shift_tiles(C)
+        grid = (B, triton.cdiv(P, block_p), triton.cdiv(C, block_c))
+        _scale_shift_kernel[grid](
+            flat, centre, scale, bias if bias is not None else centre, out, P, C, *flat.stride(),
+            HAS_BIAS=bias is not None, SILU=silu, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
+        )
+        return out
+
+    # x as inductor has it; the output is channels-last whatever x's layout, in the fake as in the kernel
+    @strided_custom_op("chunkformer::scale_shift")
+    def _scale_shift_op(x: Tensor, centre: Tensor, scale: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+        """Opaque to ``torch.compile``: inductor calls it as it is."""
+        return launch_scale_shift(x, centre, scale, bias, silu)
+
+    @_scale_shift_op.register_fake
+    def _(x: Tensor, centre: Tensor, scale: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+        return channels_last_like(x)

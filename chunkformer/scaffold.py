@@ -103,7 +103,7 @@ class ResBlock(nn.Module):
 
         On the norm's kernel path the conditioning, and conv1's bias, are added inside ``norm2`` from
         the raw conv output: compiled, a bias added outside an opaque op is one more pass over the grid."""
-        a = F.silu(self.norm1(x))  # (B, cin, *grid)
+        a = self.norm1(x, silu=True)  # SiLU(GroupNorm(x)): (B, cin, *grid)
         shift = None
         if self.cond is not None:
             _require_cond(c, self.cond.in_features)
@@ -116,7 +116,7 @@ class ResBlock(nn.Module):
             shift = bias if shift is None else shift.float() + bias
         else:
             h = conv(a)  # (B, inner, *grid)
-        return F.silu(self.norm2(h, shift))
+        return self.norm2(h, shift, silu=True)
 
     def raw_terms(
         self, x: Float[Tensor, "batch cin *grid"], c: Float[Tensor, "batch cond"] | None = None
@@ -176,13 +176,24 @@ class ChunkEncoder(nn.Module):
             )
         if x.shape[1] != self.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels, expected in_channels={self.in_channels}")
-        h = self.embed(x)  # (B, width, *grid)
+        h = self.embed(self._sampling_layout(x))  # (B, width, *grid)
         for block in self.blocks[:-1]:
             h = block(h, c)  # (B, width, *grid)
         if self.norm.takes_kernel(h):  # the last block's terms summed inside the norm: one read of each
             h, skip, bias = self.blocks[-1].raw_terms(h, c)  # (B, dim, *grid) each, bias (dim,)
             return self.norm(to_tokens(h), to_tokens(skip), bias)  # (B, L, dim)
         return self.norm(to_tokens(self.blocks[-1](h, c)))  # (B, L, dim)
+
+
+    def _sampling_layout(self, x: Tensor) -> Tensor:
+        """``x`` channels-last where the norms take their kernels (compiled sampling on a GPU), else ``x``.
+
+        The kernel paths are chosen while ``torch.compile`` traces, from the strides the trace sees: an NCHW
+        input would keep every encoder GroupNorm on inductor's own (slower) path, though inductor later
+        runs the convs channels-last anyway."""
+        if self.blocks[0].norm1.wants_channels_last(x) and x.stride(1) != 1:
+            return x.movedim(1, -1).contiguous().movedim(-1, 1)  # (B, C, *grid) over a (B, *grid, C) buffer
+        return x
 
 
 class FinalLayer(nn.Module):

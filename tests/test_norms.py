@@ -1,5 +1,5 @@
-"""chunkformer.norms: GroupNorm from per-channel sums, the residual RMSNorm, their Triton kernels and the
-model paths that use them (opt-in)."""
+"""chunkformer.norms: GroupNorm from per-channel sums and a normalising pass of its own, the residual RMSNorm,
+their Triton kernels and the model paths that use them (on by default when sampling compiled on a GPU)."""
 
 import copy
 import math
@@ -93,8 +93,39 @@ def test_add_rms_norm_checks_its_shapes():
         norms.add_rms_norm(torch.randn(3, 4), None, None, 1e-5, torch.randn(3))
 
 
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 3), channels=st.integers(1, 9), grid=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+       with_bias=st.booleans(), silu=st.booleans(), channels_last=st.booleans(), seed=st.integers(0, 2**16))
+def test_scale_shift_is_the_affine_map_per_sample_and_channel_then_silu_written_channels_last(
+    batch, channels, grid, with_bias, silu, channels_last, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, *grid, generator=g)
+    if channels_last:
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    centre, scale = torch.randn(batch, channels, generator=g), torch.randn(batch, channels, generator=g)
+    bias = torch.randn(channels, generator=g) if with_bias else None
+    out = norms.scale_shift(x, centre, scale, bias, silu)
+    expect = torch.empty_like(x, dtype=torch.float64)
+    for b in range(batch):  # element by element from the definition, in fp64
+        for c in range(channels):
+            v = (x[b, c].double() + centre[b, c].double()) * scale[b, c].double() + (bias[c].double() if with_bias else 0)
+            expect[b, c] = v * torch.sigmoid(v) if silu else v
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.movedim(1, -1).is_contiguous()  # channels-last, whatever x's layout: what the next conv reads
+    torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_scale_shift_checks_its_shapes():
+    x = torch.randn(2, 6, 4, 4)
+    with pytest.raises(ValueError, match=r"centre must be \(batch, channels\)"):
+        norms.scale_shift(x, torch.randn(6), torch.randn(2, 6))
+    with pytest.raises(ValueError, match=r"bias must be \(6,\)"):
+        norms.scale_shift(x, torch.randn(2, 6), torch.randn(2, 6), torch.randn(2, 6))
+
+
 def test_triton_norm_kernels_match_torch_under_the_triton_interpreter():
-    """Both CUDA kernels run on the CPU by Triton's interpreter (set before import): ragged tiles, channels-last
+    """The three CUDA kernels run on the CPU by Triton's interpreter (set before import): ragged tiles, channels-last
     and contiguous grids, strided token rows, and the custom ops eager and traced by torch.compile."""
     pytest.importorskip("triton")
     code = """
@@ -122,6 +153,18 @@ assert torch.allclose(out, norms.add_rms_norm_reference(nchw_rows, b, None, 1e-5
 a = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last).flatten(2).transpose(1, 2)  # token rows
 traced = torch.compile(lambda a, b: norms._add_rms_norm_op(a * 1, b, None, 1e-5, bias) + 1, backend="aot_eager")
 assert torch.allclose(traced(a, b), norms.add_rms_norm_reference(a, b, None, 1e-5, bias) + 1, atol=1e-5)
+for shape, tiles in [((2, 40, 5, 7), (8, 32, 4)), ((3, 24, 33), None), ((1, 70, 3, 3), (4, 64, 4))]:
+    x = torch.randn(shape)
+    centre, scale, bias = torch.randn(shape[:2]), torch.randn(shape[:2]), torch.randn(shape[1])
+    for xx in (x, x.movedim(1, -1).contiguous().movedim(-1, 1)):
+        for bi, silu in [(None, False), (bias, True), (bias, False)]:
+            out = norms.launch_scale_shift(xx, centre, scale, bi, silu, tiles)
+            ref = norms.scale_shift_reference(xx, centre, scale, bi, silu)
+            assert out.stride() == ref.stride() and torch.allclose(out, ref, atol=1e-5), (shape, tiles, silu)
+x = torch.randn(2, 64, 6, 5)
+centre, scale = torch.randn(2, 64), torch.randn(2, 64)
+traced = torch.compile(lambda t: norms._scale_shift_op(t * 1, centre, scale, None, True) + 1, backend="aot_eager")
+assert torch.allclose(traced(x), norms.scale_shift_reference(x, centre, scale, None, True) + 1, atol=1e-5)
 print('ok')
 """
     env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
@@ -142,8 +185,8 @@ def _seeded_model():
 def kernels_everywhere(monkeypatch):
     """The norms take their kernel path on the CPU, compiled or not (torch stands in for Triton there); counts
     the calls. ``compiling`` is a switch: GroupNorm takes its path only while torch.compile traces."""
-    calls = {"moments": 0, "rms": 0, "compiling": True}
-    moments, rms = norms.channel_moments, precision.add_rms_norm
+    calls = {"moments": 0, "rms": 0, "apply": 0, "compiling": True}
+    moments, rms, apply = norms.channel_moments, precision.add_rms_norm, norms.scale_shift
 
     def counted_moments(x):
         calls["moments"] += 1
@@ -153,34 +196,40 @@ def kernels_everywhere(monkeypatch):
         calls["rms"] += 1
         return rms(*args)
 
+    def counted_apply(*args):
+        calls["apply"] += 1
+        return apply(*args)
+
     for module in (norms, precision):
         monkeypatch.setattr(module, "sampling_kernel", lambda x: not torch.is_grad_enabled())
     monkeypatch.setattr(norms, "compiling", lambda: calls["compiling"])
     monkeypatch.setattr(norms, "channel_moments", counted_moments)
     monkeypatch.setattr(precision, "add_rms_norm", counted_rms)
+    monkeypatch.setattr(norms, "scale_shift", counted_apply)
     return calls
 
 
 def _inputs():
-    x = torch.randn(2, 4, 16, 16).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 16, 16)  # NCHW, as users pass it: the encoder lays it out channels-last for the kernels
     return x, torch.tensor([10, 900]), torch.tensor([1, 2])
 
 
 def test_the_norm_kernel_paths_compute_what_torchs_norms_compute(kernels_everywhere):
-    """On by default: every scaffold GroupNorm takes the channel sums (the conditioning and conv1's bias folded
-    in) and the encoder's output norm sums its last block inside add_rms_norm; the output is torch's."""
+    """On by default: every GroupNorm (the scaffold's 8, from an NCHW input too, and the router's) takes the
+    channel sums and the normalising pass (the conditioning and conv1's bias folded in) and the encoder's output
+    norm sums its last block inside add_rms_norm; the output is torch's."""
     model = _seeded_model()
     x, t, y = _inputs()
     with torch.no_grad():
-        assert cf.set_norm_kernels(model, False) == 11
+        assert cf.set_norm_kernels(model, False) == 12
         ref = model(x, t, y)
-        assert (kernels_everywhere["moments"], kernels_everywhere["rms"]) == (0, 0)
-        assert cf.set_norm_kernels(model, True) == 11
+        assert (kernels_everywhere["moments"], kernels_everywhere["apply"], kernels_everywhere["rms"]) == (0, 0, 0)
+        assert cf.set_norm_kernels(model, True) == 12
         out = model(x, t, y)
-    assert (kernels_everywhere["moments"], kernels_everywhere["rms"]) == (8, 1)
+    assert (kernels_everywhere["moments"], kernels_everywhere["apply"], kernels_everywhere["rms"]) == (9, 9, 1)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     model(x, t, y).sum().backward()  # with grad: torch's norms, so training works as before
-    assert (kernels_everywhere["moments"], kernels_everywhere["rms"]) == (8, 1)
+    assert (kernels_everywhere["moments"], kernels_everywhere["apply"], kernels_everywhere["rms"]) == (9, 9, 1)
 
 
 def test_group_norm_takes_its_kernel_only_when_compiled_and_by_default(kernels_everywhere):
@@ -206,13 +255,20 @@ def test_scaffold_compile_norm_variants_switch_the_kernels_off_and_keep_the_outp
     x, t, y = _inputs()
     with torch.no_grad():
         ref = model(x, t, y)
-        for name, expected in [("GroupNorm by inductor (before)", (0, 1)),
-                               ("RMSNorm by inductor (before)", (8, 0)),
-                               ("both norms by inductor (before)", (0, 0))]:
-            kernels_everywhere.update(moments=0, rms=0)
+        for name, expected in [("GroupNorm by inductor (before)", (0, 0, 1)),
+                               ("RMSNorm by inductor (before)", (9, 9, 0)),
+                               ("both norms by inductor (before)", (0, 0, 0)),
+                               ("normalising pass by inductor (before)", (9, 0, 1)),
+                               # the decoder's 4; the router's input is NCHW too here, as torch's RMSNorm keeps
+                               # the NCHW grid's strides (the CUDA kernel writes rows: the router's would run)
+                               ("encoder fed NCHW (before)", (4, 4, 1)),
+                               ("router GroupNorm by inductor (before)", (8, 8, 1)),
+                               ("session 15 GroupNorms (before)", (4, 0, 1))]:
+            kernels_everywhere.update(moments=0, rms=0, apply=0)
             patched = bench.VARIANTS[name][1](copy.deepcopy(model))
             torch.testing.assert_close(patched(x, t, y), ref, rtol=1e-4, atol=1e-5)
-            assert (kernels_everywhere["moments"], kernels_everywhere["rms"]) == expected, name
+            got = (kernels_everywhere["moments"], kernels_everywhere["apply"], kernels_everywhere["rms"])
+            assert got == expected, name
 
 
 def test_flop_counts_do_not_depend_on_the_norm_kernel_paths(kernels_everywhere):
