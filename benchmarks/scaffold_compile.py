@@ -23,7 +23,7 @@ here only, to be measured before the library adopts either):
 
 * ``1x1 as GEMMs``: the 1x1 convs (ResBlock skips, router projections) as cuBLAS GEMMs over the
   channels-last cells instead of cuDNN convs (``scaffold_ops.py``: 0.077 against 0.109 ms for
-  ``1152 -> 288`` alone on an H100);
+  ``1152 -> 288`` alone on an H100); the library's default since session 16, where the input is channels-last;
 * ``widening conv split``: the encoder's ``288 -> 1152`` 3x3 conv as four ``288 -> 288`` convs,
   concatenated (0.75 ms alone against four times 0.164);
 * both;
@@ -42,7 +42,9 @@ here only, to be measured before the library adopts either):
   into a pass of its own, instead of :func:`~chunkformer.norms.scale_shift`'s kernel; ``encoder fed NCHW (before)``:
   the encoder traced with the NCHW input it is called with, which kept its four GroupNorms on inductor's path
   (their kernels need channels-last strides); ``router GroupNorm by inductor (before)``: the router's
-  ``nn.GroupNorm``; ``session 15 GroupNorms (before)``: all three (session 15's library);
+  ``nn.GroupNorm``; ``session 15 GroupNorms (before)``: all three; ``1x1 convs by cuDNN (before)``: the 1x1
+  convs through cuDNN instead of :class:`~chunkformer.tapconv.PointwiseConv2d`'s GEMM; ``session 15 library
+  (before)``: all four;
 * ``position table per call (before)``: DiT and DC-DiT computing their sin-cos table in every call (inlined
   by inductor into the add: a sine per element) instead of keeping it as a buffer.
 
@@ -82,6 +84,7 @@ from chunkformer.dechunk import dechunk, ste_ones  # noqa: E402
 from chunkformer.norms import GroupNorm  # noqa: E402
 from chunkformer.precision import RMSNorm  # noqa: E402
 from chunkformer.scaffold import ChunkEncoder, DeChunkDecoder  # noqa: E402
+from chunkformer.tapconv import PointwiseConv2d  # noqa: E402
 from step_speed import cuda_ms, save_result  # noqa: E402
 
 class _Conv1x1AsLinear(nn.Conv2d):
@@ -108,10 +111,23 @@ class _SplitWideConv2d(nn.Conv2d):
 
 
 def gemm_1x1(model: nn.Module) -> nn.Module:
-    """Run every 1x1 conv of ``model`` (skips, router projections) as a GEMM; in place."""
+    """Run every 1x1 conv of ``model`` (skips, router projections) as a GEMM whatever its input; in place.
+    Since session 16 the library's :class:`~chunkformer.tapconv.PointwiseConv2d` does so when sampling."""
     for m in model.modules():
-        if type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.groups == 1:
+        if type(m) in (nn.Conv2d, PointwiseConv2d) and m.kernel_size == (1, 1) and m.groups == 1:
             m.__class__ = _Conv1x1AsLinear
+    return model
+
+
+class _CudnnPointwiseConv2d(PointwiseConv2d):
+    """:class:`~chunkformer.tapconv.PointwiseConv2d` kept on cuDNN (a class of its own: dynamo guards on it)."""
+
+
+def cudnn_1x1(model: nn.Module) -> nn.Module:
+    """The 1x1 convs through cuDNN, as before session 16; in place."""
+    for m in model.modules():
+        if type(m) is PointwiseConv2d:
+            m.__class__, m.use_gemm = _CudnnPointwiseConv2d, False
     return model
 
 
@@ -304,6 +320,8 @@ VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change 
     "encoder fed NCHW (before)": ({}, session15_norms(apply=False, router=False)),
     "router GroupNorm by inductor (before)": ({}, session15_norms(apply=False, encoder=False)),
     "session 15 GroupNorms (before)": ({}, session15_norms()),
+    "1x1 convs by cuDNN (before)": ({}, cudnn_1x1),
+    "session 15 library (before)": ({}, lambda m: cudnn_1x1(session15_norms()(m))),
     "default with the FX graph cache off": (_NO_CACHE, lambda m: m),  # what the settings of the context variants change alone
     # compiled inside wide_persistent_reductions(); settings of their own, so dynamo does not hand them the graph
     # it compiled for the same model under other settings

@@ -437,11 +437,12 @@ if triton is not None:
         out = OUT + (b.to(tl.int64) * P + ps.to(tl.int64)[:, None]) * C + cs[None, :]
         tl.store(out, y.to(OUT.dtype.element_ty), mask=ok)
 
-    def scale_shift_tiles(channels: int, elements: int = 4096, block_c: int | None = None) -> tuple[int, int, int]:
-        """``(BLOCK_P, BLOCK_C, num_warps)`` of :func:`scale_shift`'s kernel: whole rows of channels up to 512
-        wide (a contiguous span of the channels-last grid per program), about ``elements`` per program."""
-        block_c = block_c or min(triton.next_power_of_2(channels), 512)
-        return max(1, elements // block_c), block_c, 8 if elements >= 4096 else 4
+    def scale_shift_tiles(channels: int, elements: int = 2048, block_c: int | None = None) -> tuple[int, int, int]:
+        """``(BLOCK_P, BLOCK_C, num_warps)`` of :func:`scale_shift`'s kernel: ``elements`` per program, 64 channels
+        wide (128 from 1024 channels), 4 warps; the fastest of 24 tilings timed on an H100 at DC-DiT-XL's shapes
+        (``benchmarks/group_norm.py --kernels``: 0.0305 ms at ``(64, 288, 32, 32)``, 2.5 TB/s; 0.108 at width 1152)."""
+        block_c = block_c or (128 if channels >= 1024 else min(64, triton.next_power_of_2(channels)))
+        return max(1, elements // block_c), block_c, 4
 
     def launch_scale_shift(x: Tensor, centre: Tensor, scale: Tensor, bias: Tensor | None, silu: bool,
                            tiles: tuple[int, int, int] | None = None) -> Tensor:

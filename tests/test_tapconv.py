@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import chunkformer as cf
 from chunkformer.scaffold import ResBlock
-from chunkformer.tapconv import TapConv2d, conv3x3_taps, tap_sum, tap_sum_reference, tap_weights
+from chunkformer.tapconv import PointwiseConv2d, TapConv2d, conv3x3_taps, tap_sum, tap_sum_reference, tap_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,3 +138,63 @@ def test_set_taps_narrowing_switches_every_narrowing_conv_of_a_model():
     assert cf.set_taps_narrowing(model, False) == 1 and not conv.use_taps
     with pytest.raises(ValueError, match="has no TapConv2d"):
         cf.set_taps_narrowing(cf.create_model("DiT-S/2", input_size=8, depth=1), False)
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 6), w=st.integers(1, 6), cin=st.integers(1, 9), cout=st.integers(1, 9),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_pointwise_conv_as_a_gemm_over_cells_equals_the_1x1_convolution(b, h, w, cin, cout, bias, seed):
+    """The GEMM path (forced on the CPU) against F.conv2d, with and without the bias, and through _conv_forward
+    without it (what ResBlock.raw_terms calls); the result is channels-last, like cuDNN's for such an input."""
+    torch.manual_seed(seed)
+    conv = PointwiseConv2d(cin, cout, bias=bias).double()
+    x = torch.randn(b, cin, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PointwiseConv2d, "takes_gemm", lambda self, x: True)
+        ref = F.conv2d(x, conv.weight, conv.bias)
+        out = conv(x)
+        raw = conv._conv_forward(x, conv.weight, None)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(raw, F.conv2d(x, conv.weight), rtol=1e-10, atol=1e-10)
+    assert out.permute(0, 2, 3, 1).is_contiguous()
+
+
+def test_pointwise_conv_takes_the_gemm_only_when_sampling_on_a_gpu_in_half_precision_from_channels_last():
+    conv = PointwiseConv2d(4, 3)
+    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert not conv.takes_gemm(x)  # CPU
+    assert conv.state_dict().keys() == torch.nn.Conv2d(4, 3, 1).state_dict().keys()
+    if torch.cuda.is_available():  # pragma: no cover - GPU runs only
+        xc = x.cuda().bfloat16()
+        with torch.no_grad():
+            assert conv.cuda().bfloat16().takes_gemm(xc)
+            assert not conv.takes_gemm(xc.contiguous())  # NCHW: the cells are not rows
+            assert not conv.float().takes_gemm(xc.float())  # fp32 without autocast: cuDNN (TF32), not an fp32 GEMM
+
+
+def test_conv_nd_builds_pointwise_convs_for_plain_2d_1x1_convs_only():
+    from chunkformer.grid import conv_nd
+
+    assert type(conv_nd(2, 8, 4, 1)) is PointwiseConv2d
+    assert type(conv_nd(2, 8, 4, 1, bias=False)) is PointwiseConv2d
+    assert type(conv_nd(2, 8, 4, 3, padding=1)) is torch.nn.Conv2d
+    assert type(conv_nd(2, 8, 8, 1, groups=8)) is torch.nn.Conv2d
+    assert type(conv_nd(3, 8, 4, 1)) is torch.nn.Conv3d
+    model = cf.create_model("DC-DiT-S", input_size=16, depth=1)
+    names = [n for n, m in model.named_modules() if isinstance(m, PointwiseConv2d)]
+    assert names == ["encoder.blocks.1.skip", "router.proj", "router.scorer.3", "decoder.blocks.0.skip"]
+
+
+def test_a_model_with_every_pointwise_conv_forced_onto_its_gemm_computes_the_same(monkeypatch):
+    torch.manual_seed(0)
+    model = cf.create_model("DC-DiT-S", input_size=16, depth=1).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # zero-init layers would hide the decoder's skip
+            p.add_(torch.randn_like(p) * 0.02)
+        x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 2])
+        ref = model(x, t, y)
+        calls = []
+        monkeypatch.setattr(PointwiseConv2d, "takes_gemm", lambda self, x: calls.append(self) or True)
+        out = model(x, t, y)
+    assert len({id(m) for m in calls}) == 4
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
