@@ -8,9 +8,10 @@ only" row, ``scaffold_compile.py``) runs about 5 ms of GPU work in some 80 kerne
 fall behind, and each Triton kernel of our own is launched from Python through a custom op. This measures:
 
 * **per op**: host microseconds per call of each of chunkformer's Triton kernels launched directly
-  (``launch_*``), through its custom op (``torch.ops.chunkformer.*``: the dispatcher and the op's Python on
-  top), and, for scale, of an inductor-compiled pointwise function; on inputs so small that the GPU never
-  holds the host back, timed on the host clock without a sync inside the loop;
+  (``launch_*``), through its op called eagerly (``torch.ops.chunkformer.*``: the dispatcher and the op's
+  Python on top; until session 16 an opaque custom op, which compiled code called the same way), and, for
+  scale, of an inductor-compiled pointwise function; on inputs so small that the GPU never holds the host
+  back, timed on the host clock without a sync inside the loop;
 * **per scaffold**: wall ms per call of the compiled scaffold (``scaffold_compile.py``'s variants) at
   batch 1, where its GPU time is small: close to its host time. ``--cudagraphs`` adds the default under
   ``mode="reduce-overhead"`` (one CUDA graph replay per call: the GPU time alone).
@@ -57,12 +58,12 @@ def op_rows(dev) -> list[dict]:
     ops = torch.ops.chunkformer
     timed = {
         "channel_moments: launch": lambda: norms.launch_channel_moments(x),
-        "channel_moments: custom op": lambda: ops.channel_moments(x),
+        "channel_moments: op, eager": lambda: ops.channel_moments(x),
         "scale_shift: launch": lambda: norms.launch_scale_shift(x, centre, scale, None, True),
-        "scale_shift: custom op": lambda: ops.scale_shift(x, centre, scale, None, True),
+        "scale_shift: op, eager": lambda: ops.scale_shift(x, centre, scale, None, True),
         "add_rms_norm: launch": lambda: norms.launch_add_rms_norm(a, b, w, 1e-5, None),
-        "add_rms_norm: custom op": lambda: ops.add_rms_norm(a, b, w, 1e-5, None),
-        "tap_sum: custom op": lambda: ops.tap_sum(taps, None),
+        "add_rms_norm: op, eager": lambda: ops.add_rms_norm(a, b, w, 1e-5, None),
+        "tap_sum: op, eager": lambda: ops.tap_sum(taps, None),
         "inductor pointwise kernel (compiled function)": lambda: pointwise(x),
         "torch.empty": lambda: torch.empty(1, 64, device=dev),
     }

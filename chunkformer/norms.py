@@ -52,7 +52,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 else:
-    from .tapconv import strided_custom_op
+    from .tapconv import kernel_op, wrap_triton
 
 __all__ = [
     "GroupNorm", "add_rms_norm", "channel_moments", "group_norm", "group_stats", "scale_shift", "set_norm_kernels",
@@ -336,23 +336,14 @@ if triton is not None:
         block_p, block_c, splits, per_split = tiles or moment_tiles(B, P, C)
         out = torch.empty(B, splits, 2, C, device=x.device, dtype=torch.float32)
         grid = (B, splits, triton.cdiv(C, block_c))
-        _channel_moments_kernel[grid](
+        wrap_triton(_channel_moments_kernel)[grid](
             flat, out, P, C, *flat.stride(), per_split, splits, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps
         )
         return out
 
-    # x as inductor has it (channels-last conv outputs read fast); a fixed layout would conform it to the strides
-    # traced before inductor's channels-last layout pass
-    @strided_custom_op("chunkformer::channel_moments")
+    @kernel_op("chunkformer::channel_moments")  # traced into by torch.compile: inductor launches the kernel
     def _channel_moments_op(x: Tensor) -> Tensor:
-        """Opaque to ``torch.compile``: inductor calls it as it is."""
         return launch_channel_moments(x)
-
-    @_channel_moments_op.register_fake
-    def _(x: Tensor) -> Tensor:
-        B, C = x.shape[:2]
-        splits = moment_tiles(B, math.prod(x.shape[2:]), C)[2]
-        return x.new_empty(B, splits, 2, C, dtype=torch.float32)
 
     @triton.jit
     def _add_rms_norm_kernel(A, B, BIAS, W, OUT, N, L, D, sa_n, sa_l, sa_d, sb_n, sb_l, sb_d, eps,
@@ -393,26 +384,18 @@ if triton is not None:
         out = torch.empty(a.shape, device=a.device, dtype=dtype)
         block_r, block_d, warps = tiles or rms_tiles(D)
         N, L = a3.shape[:2]
-        _add_rms_norm_kernel[(triton.cdiv(N * L, block_r),)](
+        wrap_triton(_add_rms_norm_kernel)[(triton.cdiv(N * L, block_r),)](
             a3, b3, bias if bias is not None else a3, weight if weight is not None else a3, out, N, L, D,
             *a3.stride(), *b3.stride(), eps, HAS_B=b is not None, HAS_BIAS=bias is not None,
             HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
         )
         return out
 
-    # the addends as inductor has them (channels-last conv outputs: row-major tokens). With a fixed layout inductor
-    # conformed them to the strides traced before its channels-last layout pass (NCHW conv outputs): a copy, or an
-    # identity pass over each after a .contiguous()
-    @strided_custom_op("chunkformer::add_rms_norm")
+    @kernel_op("chunkformer::add_rms_norm")  # the addends with the strides traced (the scaffold's: channels-last)
     def _add_rms_norm_op(
         a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float, bias: Tensor | None
     ) -> Tensor:
-        """Opaque to ``torch.compile``: inductor calls it as it is."""
         return launch_add_rms_norm(a, b, weight, eps, bias)
-
-    @_add_rms_norm_op.register_fake
-    def _(a: Tensor, b: Tensor | None, weight: Tensor | None, eps: float, bias: Tensor | None) -> Tensor:
-        return torch.empty(a.shape, device=a.device, dtype=a.dtype if b is None else torch.promote_types(a.dtype, b.dtype))
 
     @triton.jit
     def _scale_shift_kernel(X, CENTRE, SCALE, BIAS, OUT, P, C, s_b, s_c, s_p,
@@ -452,18 +435,12 @@ if triton is not None:
         B, C, P = flat.shape
         block_p, block_c, warps = tiles or scale_shift_tiles(C)
         grid = (B, triton.cdiv(P, block_p), triton.cdiv(C, block_c))
-        _scale_shift_kernel[grid](
+        wrap_triton(_scale_shift_kernel)[grid](
             flat, centre, scale, bias if bias is not None else centre, out, P, C, *flat.stride(),
             HAS_BIAS=bias is not None, SILU=silu, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
         )
         return out
 
-    # x as inductor has it; the output is channels-last whatever x's layout, in the fake as in the kernel
-    @strided_custom_op("chunkformer::scale_shift")
+    @kernel_op("chunkformer::scale_shift")  # the output channels-last whatever x's layout
     def _scale_shift_op(x: Tensor, centre: Tensor, scale: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
-        """Opaque to ``torch.compile``: inductor calls it as it is."""
         return launch_scale_shift(x, centre, scale, bias, silu)
-
-    @_scale_shift_op.register_fake
-    def _(x: Tensor, centre: Tensor, scale: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
-        return channels_last_like(x)

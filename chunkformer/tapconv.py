@@ -11,9 +11,9 @@ to its nine neighbours; output cell ``(i, j)`` then sums tap ``(a, b)`` of cell 
 j + b - 1)`` over the nine offsets, in fp32, with zeros outside the grid. The same sum as the
 convolution in another order. It pays where cuDNN's kernel for a shape is slow: DC-DiT-XL's
 narrowing ``1152 -> 288`` conv, which cuDNN runs at about 360 TFLOP/s on an H100 against 600
-for the scaffold's other convs. The shifted sum is a Triton kernel on CUDA, wrapped as a custom
-op that ``torch.compile`` treats as opaque (it neither fuses it into its neighbours nor copies
-the tap tensor around it), and plain torch elsewhere. Forward only: :class:`TapConv2d` takes
+for the scaffold's other convs. The shifted sum is a Triton kernel on CUDA, wrapped as an op
+``torch.compile`` traces into (:func:`kernel_op`: inductor launches it from its own code), and plain
+torch elsewhere. Forward only: :class:`TapConv2d` takes
 this path only without grad, so training keeps cuDNN.
 """
 
@@ -29,6 +29,8 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
+else:
+    from torch.library import wrap_triton  # a kernel torch.compile traces into (a plain launch when eager)
 
 __all__ = ["TAPS_FASTER", "PointwiseConv2d", "TapConv2d", "conv3x3_taps", "set_taps_narrowing", "tap_sum", "tap_weights"]
 
@@ -225,7 +227,7 @@ if triton is not None:
         B, H, W, _, C = taps.shape
         block_w, block_c, warps = tiles or tap_sum_tiles(W, C)
         grid = (B * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))
-        _tap_sum_kernel[grid](
+        wrap_triton(_tap_sum_kernel)[grid](
             taps,
             bias if bias is not None else taps,
             out,
@@ -240,27 +242,18 @@ if triton is not None:
         )
         return out
 
-    def strided_custom_op(name: str):
-        """``torch.library.custom_op(name)`` for a kernel that reads its inputs through their strides: tagged
-        ``flexible_layout``, so inductor hands the inputs over in the layout it has, with no copy to conform
-        them to the strides traced before its own layout pass."""
-        try:
-            return torch.library.custom_op(name, mutates_args=(), tags=(torch.Tag.flexible_layout,))
-        except (TypeError, AttributeError):  # pragma: no cover - older torch
-            return torch.library.custom_op(name, mutates_args=())
+    def kernel_op(name: str):
+        """``torch.library.triton_op(name)``: an op backed by Triton kernels that ``torch.compile`` traces into, so
+        inductor launches each kernel from its own generated code. As an opaque custom op each call cost 70-90 us
+        of host time in the dispatcher and the op's Python (``benchmarks/launch_overhead.py``), which made the
+        compiled scaffold alone bound by its host. Inductor hands a traced kernel its inputs with the strides the
+        trace saw (copying any it laid out otherwise): the scaffold traces its grids channels-last for that."""
+        return torch.library.triton_op(name, mutates_args=())
 
-    @strided_custom_op("chunkformer::tap_sum")  # the taps in the layout inductor chose: no copy
+    @kernel_op("chunkformer::tap_sum")
     def _tap_sum_op(taps: Tensor, bias: Tensor | None) -> Tensor:
-        """Opaque to ``torch.compile``: inductor calls it as it is. Returns the channels-last grid itself."""
-        out = _grid_like(taps)
-        launch_tap_sum(taps, bias, rearrange(out, "b c h w -> b h w c"))
-        return out
-
-    @_tap_sum_op.register_fake
-    def _(taps: Tensor, bias: Tensor | None) -> Tensor:
-        return _grid_like(taps)
-
-    def _grid_like(taps: Tensor) -> Tensor:
-        """An empty channels-last ``(B, C, H, W)`` for taps ``(B, H, W, 9, C)``."""
+        """The channels-last grid ``(B, C, H, W)`` of the shifted sum."""
         B, H, W, _, C = taps.shape
-        return taps.new_empty(B, H, W, C).permute(0, 3, 1, 2)  # channels-last; no copy
+        out = taps.new_empty(B, H, W, C)
+        launch_tap_sum(taps, bias, out)
+        return out.permute(0, 3, 1, 2)  # channels-last; no copy

@@ -100,7 +100,7 @@ def test_resblock_takes_the_taps_path_only_where_it_is_meant_to():
 
 def test_triton_tap_sum_matches_torch_under_the_triton_interpreter():
     """The CUDA kernel run on the CPU by Triton's interpreter (set before import), ragged tiles included, and
-    its custom op eager and traced by torch.compile."""
+    its op eager (torch.compile traces into it only on a GPU: tests/test_norms.py's GPU test)."""
     pytest.importorskip("triton")
     code = """
 import torch
@@ -116,8 +116,6 @@ ref = tapconv.tap_sum_reference(taps, bias)
 out = tapconv._tap_sum_op(taps, bias)  # the custom op, eager: (B, C, H, W) channels-last
 assert out.shape == (2, 64, 5, 6) and out.is_contiguous(memory_format=torch.channels_last)
 assert torch.allclose(out, ref, atol=1e-5)
-compiled = torch.compile(lambda t, b: tapconv._tap_sum_op(t * 1, b) + 1, backend="aot_eager")  # traced via its fake
-assert torch.allclose(compiled(taps, bias), ref + 1, atol=1e-5)
 print('ok')
 """
     env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
