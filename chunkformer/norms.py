@@ -52,7 +52,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 else:
-    from .tapconv import kernel_op, wrap_triton
+    from .tapconv import kernel_op, launcher
 
 __all__ = [
     "GroupNorm", "add_rms_norm", "channel_moments", "group_norm", "group_stats", "scale_shift", "set_norm_kernels",
@@ -336,7 +336,7 @@ if triton is not None:
         block_p, block_c, splits, per_split = tiles or moment_tiles(B, P, C)
         out = torch.empty(B, splits, 2, C, device=x.device, dtype=torch.float32)
         grid = (B, splits, triton.cdiv(C, block_c))
-        wrap_triton(_channel_moments_kernel)[grid](
+        launcher(_channel_moments_kernel, x)[grid](
             flat, out, P, C, *flat.stride(), per_split, splits, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps
         )
         return out
@@ -384,7 +384,7 @@ if triton is not None:
         out = torch.empty(a.shape, device=a.device, dtype=dtype)
         block_r, block_d, warps = tiles or rms_tiles(D)
         N, L = a3.shape[:2]
-        wrap_triton(_add_rms_norm_kernel)[(triton.cdiv(N * L, block_r),)](
+        launcher(_add_rms_norm_kernel, a)[(triton.cdiv(N * L, block_r),)](
             a3, b3, bias if bias is not None else a3, weight if weight is not None else a3, out, N, L, D,
             *a3.stride(), *b3.stride(), eps, HAS_B=b is not None, HAS_BIAS=bias is not None,
             HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
@@ -435,7 +435,7 @@ if triton is not None:
         B, C, P = flat.shape
         block_p, block_c, warps = tiles or scale_shift_tiles(C)
         grid = (B, triton.cdiv(P, block_p), triton.cdiv(C, block_c))
-        wrap_triton(_scale_shift_kernel)[grid](
+        launcher(_scale_shift_kernel, x)[grid](
             flat, centre, scale, bias if bias is not None else centre, out, P, C, *flat.stride(),
             HAS_BIAS=bias is not None, SILU=silu, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
         )

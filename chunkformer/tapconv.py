@@ -30,7 +30,8 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 else:
-    from torch.library import wrap_triton  # a kernel torch.compile traces into (a plain launch when eager)
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.library import wrap_triton  # a kernel torch.compile traces into
 
 __all__ = ["TAPS_FASTER", "PointwiseConv2d", "TapConv2d", "conv3x3_taps", "set_taps_narrowing", "tap_sum", "tap_weights"]
 
@@ -227,7 +228,7 @@ if triton is not None:
         B, H, W, _, C = taps.shape
         block_w, block_c, warps = tiles or tap_sum_tiles(W, C)
         grid = (B * H, triton.cdiv(W, block_w), triton.cdiv(C, block_c))
-        wrap_triton(_tap_sum_kernel)[grid](
+        launcher(_tap_sum_kernel, taps)[grid](
             taps,
             bias if bias is not None else taps,
             out,
@@ -241,6 +242,12 @@ if triton is not None:
             num_warps=warps,
         )
         return out
+
+    def launcher(kernel, x: Tensor):
+        """``kernel`` to launch on ``x``: recorded by ``wrap_triton`` while torch traces ``x`` (a fake tensor, in an
+        op torch.compile traces into), else the kernel itself (``wrap_triton`` outside an op costs about 300 us of
+        host time per launch)."""
+        return wrap_triton(kernel) if is_fake(x) else kernel
 
     def kernel_op(name: str):
         """``torch.library.triton_op(name)``: an op backed by Triton kernels that ``torch.compile`` traces into, so
