@@ -11,9 +11,9 @@ to its nine neighbours; output cell ``(i, j)`` then sums tap ``(a, b)`` of cell 
 j + b - 1)`` over the nine offsets, in fp32, with zeros outside the grid. The same sum as the
 convolution in another order. It pays where cuDNN's kernel for a shape is slow: DC-DiT-XL's
 narrowing ``1152 -> 288`` conv, which cuDNN runs at about 360 TFLOP/s on an H100 against 600
-for the scaffold's other convs. The shifted sum is a Triton kernel on CUDA, wrapped as an op
-``torch.compile`` traces into (:func:`kernel_op`: inductor launches it from its own code), and plain
-torch elsewhere. Forward only: :class:`TapConv2d` takes
+for the scaffold's other convs. The shifted sum is a Triton kernel on CUDA, wrapped as a custom
+op that ``torch.compile`` treats as opaque (it neither fuses it into its neighbours nor copies
+the tap tensor around it), and plain torch elsewhere. Forward only: :class:`TapConv2d` takes
 this path only without grad, so training keeps cuDNN.
 """
 
@@ -257,10 +257,25 @@ if triton is not None:
         trace saw (copying any it laid out otherwise): the scaffold traces its grids channels-last for that."""
         return torch.library.triton_op(name, mutates_args=())
 
-    @kernel_op("chunkformer::tap_sum")
+    def strided_custom_op(name: str):
+        """``torch.library.custom_op(name)`` for a kernel that reads its inputs through their strides: opaque to
+        ``torch.compile`` and tagged ``flexible_layout``, so inductor hands the inputs over in the layout it has,
+        with no copy to conform them to the strides the trace saw. For the taps, whose GEMM output inductor pads
+        (rows of 2592 stored 2624 apart at XL): traced into, the kernel's exact strides cost a 340 MB copy."""
+        return torch.library.custom_op(name, mutates_args=(), tags=(torch.Tag.flexible_layout,))
+
+    @strided_custom_op("chunkformer::tap_sum")  # the taps in the layout inductor chose: no copy
     def _tap_sum_op(taps: Tensor, bias: Tensor | None) -> Tensor:
-        """The channels-last grid ``(B, C, H, W)`` of the shifted sum."""
+        """Opaque to ``torch.compile``: inductor calls it as it is. Returns the channels-last grid itself."""
+        out = _grid_like(taps)
+        launch_tap_sum(taps, bias, rearrange(out, "b c h w -> b h w c"))
+        return out
+
+    @_tap_sum_op.register_fake
+    def _(taps: Tensor, bias: Tensor | None) -> Tensor:
+        return _grid_like(taps)
+
+    def _grid_like(taps: Tensor) -> Tensor:
+        """An empty channels-last ``(B, C, H, W)`` for taps ``(B, H, W, 9, C)``."""
         B, H, W, _, C = taps.shape
-        out = taps.new_empty(B, H, W, C)
-        launch_tap_sum(taps, bias, out)
-        return out.permute(0, 3, 1, 2)  # channels-last; no copy
+        return taps.new_empty(B, H, W, C).permute(0, 3, 1, 2)  # channels-last; no copy
