@@ -252,8 +252,10 @@ def group_norm_table(data: dict) -> str:
                  f"(`{data['command']}`)", "", "| shape (B, C, H, W) | form | ms | TB/s |", "|---|---|---|---|"]
         for shape in dict.fromkeys(tuple(r["shape"]) for r in data["sweep"]):
             rows = [r for r in data["sweep"] if tuple(r["shape"]) == shape]
-            tiled = sorted((r for r in rows if r["variant"].startswith("moments")), key=lambda r: r["graph_ms"])
-            for r in [r for r in rows if not r["variant"].startswith("moments")] + tiled[:3]:
+            swept = ("moments", "apply")  # the tilings of channel_moments and scale_shift: the best three of each
+            tiled = [r for kind in swept
+                     for r in sorted((r for r in rows if r["variant"].startswith(kind)), key=lambda r: r["graph_ms"])[:3]]
+            for r in [r for r in rows if not r["variant"].startswith(swept)] + tiled:
                 lines.append(f"| {shape} | {r['variant']} | {r['graph_ms']:.4f} | {r['tb_per_s']:.2f} |")
         return "\n".join(lines + (["", f"Note: {data['note']}."] if data.get("note") else []))
     lines = [f"{data['card']}, torch {data['torch']}, bf16 channels-last, ms per call (`{data['command']}`)", "",
@@ -304,7 +306,16 @@ def scaffold_compile_table(data: dict) -> str:
     return "\n".join(lines + _profiles_and_note(data, "heaviest kernels"))
 
 
-PLOTTED = ("step_speed_256_serving_pos_table_h100.json", "step_speed_512_serving_pos_table_h100.json")  # the figure's runs
+def launch_table(data: dict) -> str:
+    """benchmarks/launch_overhead.py: host time per call of the Triton ops and of the compiled scaffold at batch 1."""
+    lines = [f"{data['card']}, torch {data['torch']}, host time per call (`{data['command']}`)", "",
+             "| what | host time per call |", "|---|---|"]
+    lines += [f"| {r['op']} | {r['host_us']:.1f} us |" for r in data["ops"]]
+    lines += [f"| compiled scaffold at batch 1: {r['variant']} | {r['host_ms']:.3f} ms |" for r in data["scaffolds"]]
+    return "\n".join(lines + (["", f"Note: {data['note']}."] if data.get("note") else []))
+
+
+PLOTTED = ("step_speed_256_serving_h200.json", "step_speed_512_serving_h200.json")  # the figure's runs
 
 
 def main() -> None:
@@ -318,7 +329,7 @@ def main() -> None:
               ("train_speed_256*_h200.json", train_table), ("small_train_speed_*.json", small_train_table),
               ("sample_speed_*.json", sample_table), ("short_attention_*.json", short_attention_table),
               ("group_norm_*.json", group_norm_table), ("tap_conv_*.json", tap_conv_table),
-              ("scaffold_compile_*.json", scaffold_compile_table))
+              ("scaffold_compile_*.json", scaffold_compile_table), ("launch_overhead_*.json", launch_table))
     for pattern, table in tables:
         for path in sorted(RESULTS.glob(pattern)):
             print(table(json.loads(path.read_text())), end="\n\n")

@@ -441,3 +441,17 @@ def test_report_prints_every_kept_group_norm_and_scaffold_compile_result():
     assert sweeps >= 1
     for path in sorted(results.glob("scaffold_compile_*.json")):
         assert "| default |" in report.scaffold_compile_table(json.loads(path.read_text())), path.name
+
+
+def test_report_prints_every_kept_launch_overhead_result():
+    """launch_overhead.py's JSON (per-op host time, the compiled scaffold at batch 1) has a table with a row each."""
+    import json
+
+    report = _load("report")
+    paths = sorted((ROOT / "benchmarks" / "results").glob("launch_overhead_*.json"))
+    assert paths
+    for path in paths:
+        data = json.loads(path.read_text())
+        table = report.launch_table(data)
+        assert table.count("\n| ") == 1 + len(data["ops"]) + len(data["scaffolds"]), path.name
+        assert "| compiled scaffold at batch 1: default |" in table, path.name
