@@ -102,7 +102,7 @@ class ResBlock(nn.Module):
         """``SiLU(norm2(conv1(SiLU(norm1(x))) + cond))``: ``(B, inner, *grid)``, ready for ``conv2``.
 
         On the norm's kernel path the conditioning, and conv1's bias, are added inside ``norm2`` from
-        the raw conv output: compiled, a bias added outside an opaque op is one more pass over the grid."""
+        the raw conv output: compiled, a bias added before a kernel of our own is one more pass over the grid."""
         a = self.norm1(x, silu=True)  # SiLU(GroupNorm(x)): (B, cin, *grid)
         shift = None
         if self.cond is not None:
@@ -183,7 +183,6 @@ class ChunkEncoder(nn.Module):
             h, skip, bias = self.blocks[-1].raw_terms(h, c)  # (B, dim, *grid) each, bias (dim,)
             return self.norm(to_tokens(h), to_tokens(skip), bias)  # (B, L, dim)
         return self.norm(to_tokens(self.blocks[-1](h, c)))  # (B, L, dim)
-
 
     def _sampling_layout(self, x: Tensor) -> Tensor:
         """``x`` channels-last where the norms take their kernels (compiled sampling on a GPU), else ``x``.

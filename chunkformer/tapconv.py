@@ -129,9 +129,9 @@ class PointwiseConv2d(nn.Conv2d):
     in bf16/fp16 (CUDA, no grad, a half-precision input or autocast, channels-last ``x``), as cuDNN otherwise.
 
     A channels-last grid is already a ``(cells, channels)`` matrix, and cuBLAS runs DC-DiT-XL's 1x1 convs
-    faster than cuDNN (``1152 -> 288``: 0.077 against 0.109 ms on an H100). In the compiled 256px scaffold the
-    scaffold's four (the ResBlock skips, the router's projection and head) took it from 5.32 to 5.13 ms
-    (docs/performance.md). Same parameters and state dict as ``nn.Conv2d``; ``use_gemm = False`` keeps cuDNN.
+    faster than cuDNN (``1152 -> 288``: 0.077 against 0.109 ms on an H100). As GEMMs, DC-DiT-XL's four (the
+    ResBlock skips, the router's projection and head) took the compiled 256px scaffold from 5.32 to 5.13 ms
+    on an H100 (docs/performance.md). Same parameters and state dict as ``nn.Conv2d``; ``use_gemm = False`` keeps cuDNN.
     """
 
     def __init__(self, in_channels: int, out_channels: int, **kwargs) -> None:
