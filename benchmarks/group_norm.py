@@ -217,10 +217,10 @@ def kernel_sweep(dev) -> list[dict]:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 ms = graph_ms(fn, 20, x)
             rows.append({"shape": list(shape), "variant": name, "graph_ms": ms, "tb_per_s": moved / (ms * 1e-3) / 1e12})
-        best = [sorted((r for r in rows if r["shape"] == list(shape) and r["variant"].startswith(kind)),
-                       key=lambda r: r["graph_ms"])[:4] for kind in ("moments", "apply")]
-        swept = ("moments", "apply")
-        for r in [r for r in rows if r["shape"] == list(shape) and not r["variant"].startswith(swept)] + best[0] + best[1]:
+        swept = ("moments", "apply")  # the two tile sweeps: the best four of each are printed
+        best = [r for kind in swept for r in sorted(
+            (r for r in rows if r["shape"] == list(shape) and r["variant"].startswith(kind)), key=lambda r: r["graph_ms"])[:4]]
+        for r in [r for r in rows if r["shape"] == list(shape) and not r["variant"].startswith(swept)] + best:
             print(f"{str(shape):<22} {r['variant']:<52} {r['graph_ms']:8.4f} ms {r['tb_per_s']:5.2f} TB/s", flush=True)
     return rows
 

@@ -44,7 +44,9 @@ here only, to be measured before the library adopts either):
   (their kernels need channels-last strides); ``router GroupNorm by inductor (before)``: the router's
   ``nn.GroupNorm``; ``session 15 GroupNorms (before)``: all three; ``1x1 convs by cuDNN (before)``: the 1x1
   convs through cuDNN instead of :class:`~chunkformer.tapconv.PointwiseConv2d`'s GEMM; ``session 15 library
-  (before)``: all four;
+  (before)``: all four. Since the norm kernels are traced (``torch.library.triton_op``), a kernel reads the
+  strides the trace saw, so the twins with an NCHW encoder hand ``add_rms_norm`` NCHW token rows (0.54 against
+  0.20 ms on an H200): they time session 15's choices, not session 15's library;
 * ``position table per call (before)``: DiT and DC-DiT computing their sin-cos table in every call (inlined
   by inductor into the add: a sine per element) instead of keeping it as a buffer.
 
