@@ -44,7 +44,8 @@ def test_group_norm_from_channel_sums_equals_torch_group_norm_of_the_shifted_inp
     full = x if shift is None else x + shift.view(batch, C, *[1] * len(grid))
     ref = F.group_norm(full, groups, w, b, 1e-5)
     out = norms.group_norm(x, groups, w, b, 1e-5, shift)
-    assert out.shape == shape and out.dtype == torch.float64  # fp32 at least: fp64 in, fp64 out
+    assert out.shape == shape and out.dtype == x.dtype == torch.float64  # x.dtype out, channels-last
+    assert out.movedim(1, -1).is_contiguous()
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
