@@ -47,6 +47,7 @@ here only, to be measured before the library adopts either):
   (before)``: all four. Since the norm kernels are traced (``torch.library.triton_op``), a kernel reads the
   strides the trace saw, so the twins with an NCHW encoder hand ``add_rms_norm`` NCHW token rows (0.54 against
   0.20 ms on an H200): they time session 15's choices, not session 15's library;
+* ``conv weights channels-last``: the weights stored channels-last, so no call converts them (measured next);
 * ``position table per call (before)``: DiT and DC-DiT computing their sin-cos table in every call (inlined
   by inductor into the add: a sine per element) instead of keeping it as a buffer.
 
@@ -291,6 +292,13 @@ def session15_norms(apply: bool = True, encoder: bool = True, router: bool = Tru
     return patch
 
 
+def channels_last_weights(model: nn.Module) -> nn.Module:
+    """Store every conv weight channels-last (``model.to(memory_format=torch.channels_last)``); in place. The
+    compiled scaffold otherwise converts each 3x3 conv's weight to channels-last in every call (a small kernel
+    and a launch each, about twenty per call with the router's casts: seen in inductor's output code)."""
+    return model.to(memory_format=torch.channels_last)
+
+
 def residual_in_gemm(model: nn.Module) -> nn.Module:
     """Add the de-chunked grid inside the decoder's residual GEMM (bf16 routing only); in place."""
     model.decoder.__class__ = _MergeInGemm
@@ -323,6 +331,7 @@ VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change 
     "router GroupNorm by inductor (before)": ({}, session15_norms(apply=False, encoder=False)),
     "session 15 GroupNorms (before)": ({}, session15_norms()),
     "1x1 convs by cuDNN (before)": ({}, cudnn_1x1),
+    "conv weights channels-last": ({}, channels_last_weights),
     "session 15 library (before)": ({}, lambda m: cudnn_1x1(session15_norms()(m))),
     "default with the FX graph cache off": (_NO_CACHE, lambda m: m),  # what the settings of the context variants change alone
     # compiled inside wide_persistent_reductions(); settings of their own, so dynamo does not hand them the graph

@@ -295,6 +295,11 @@ def test_scaffold_compile_paths_compute_the_same_function_through_other_kernels(
             assert (type(patched.decoder).__name__ == "_MergeInGemm") == ("residual" in name or "three" in name)
             assert (type(patched.decoder).__name__ == "_MergeInBf16") == ("bf16" in name)
             torch.testing.assert_close(patched(x, t, y), ref, rtol=1e-5, atol=1e-5)
+        stored = bench.VARIANTS["conv weights channels-last"][1](copy.deepcopy(model))
+        convs = [m for m in stored.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+        assert not model.encoder.blocks[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(stored(x, t, y), ref, rtol=1e-5, atol=1e-5)
     wide = [m for m in bench.split_widening(copy.deepcopy(model)).modules() if type(m).__name__ == "_SplitWideConv2d"]
     assert [(m.in_channels, m.out_channels) for m in wide] == [(96, 384)]  # the encoder's, not the 4 -> 96 embed
 
