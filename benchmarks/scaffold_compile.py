@@ -259,10 +259,7 @@ class _InductorApplyGroupNorm(GroupNorm):
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
         if not self.takes_kernel(x):
             return GroupNorm.forward(self, x, shift, silu)
-        k = x.shape[1] // self.num_groups
-        mean, var = cf.norms.group_stats(x, self.num_groups, shift)  # (B, G)
-        scale = torch.rsqrt(var + self.eps).repeat_interleave(k, 1) * self.weight.float()  # (B, C)
-        centre = -mean.repeat_interleave(k, 1) + (0 if shift is None else shift.float())
+        centre, scale = cf.norms.group_norm_terms(x, self.num_groups, self.weight, self.eps, shift)  # (B, C) each
         out = (x.float() + centre[:, :, None, None]) * scale[:, :, None, None] + self.bias.float()[:, None, None]
         return F.silu(out) if silu else out
 

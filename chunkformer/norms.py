@@ -142,7 +142,20 @@ def group_norm(
     normalised in fp32 by :func:`scale_shift` and rounded once to ``x``'s dtype; channels-last.
 
     Forward only on CUDA (the Triton kernels have no backward)."""
-    B, C = x.shape[:2]
+    centre, scale = group_norm_terms(x, groups, weight, eps, shift)
+    return scale_shift(x, centre, scale, bias, silu)  # (x + centre) * scale + bias
+
+
+def group_norm_terms(
+    x: Float[Tensor, "batch channels *grid"],
+    groups: int,
+    weight: Tensor | None = None,
+    eps: float = 1e-5,
+    shift: Float[Tensor, "batch channels"] | None = None,
+) -> tuple[Float[Tensor, "batch channels"], Float[Tensor, "batch channels"]]:
+    """``(centre, scale)`` per ``(sample, channel)``, fp32, with ``group_norm(x) = (x + centre) * scale + bias``:
+    ``centre = shift - mean``, ``scale = weight / sqrt(var + eps)`` from :func:`group_stats`."""
+    C = x.shape[1]
     mean, var = group_stats(x, groups, shift)  # (B, G) each
     scale = repeat(torch.rsqrt(var + eps), "b g -> b (g k)", k=C // groups)  # (B, C)
     centre = -repeat(mean, "b g -> b (g k)", k=C // groups)
@@ -150,7 +163,7 @@ def group_norm(
         centre = centre + shift.float()
     if weight is not None:
         scale = scale * weight.float()
-    return scale_shift(x, centre, scale, bias, silu)  # (x + centre) * scale + bias
+    return centre, scale
 
 
 def channels_last_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
