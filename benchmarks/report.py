@@ -292,6 +292,7 @@ def _profiles_and_note(data: dict, caption: str) -> list[str]:
     for name, kernels in data.get("profiles", {}).items():
         lines += ["", f"{name}, {caption}:", "", "| ms | kernel |", "|---|---|"]
         lines += [f"| {ms:.3f} | `{k[:90]}` |" for k, ms in list(kernels.items())[:8]]
+        lines += [f"| {ms:.3f} | {k} |" for k, ms in kernels.items() if k.startswith("(all ")]  # every kernel summed
     return lines + (["", f"Note: {data['note']}."] if data.get("note") else [])
 
 

@@ -424,7 +424,7 @@ def main(argv=None) -> dict:
         print(f"{r['variant']:34s} {r['compile_s']:9.0f} {r['ms']:8.3f} {r['vs_default']:8.3f} {r['max_abs_diff']:10.2e}")
     for name, ks in profiles.items():
         print(f"\n{name}: GPU ms per call by kernel")
-        for k, v in list(ks.items())[:12]:
+        for k, v in list(ks.items())[:12] + [kv for kv in ks.items() if kv[0].startswith("(all ")]:
             print(f"{v:8.3f}  {k[:100]}")
     return save_result(args.out, card, size=args.size, batch=inputs[0].shape[0], rows=rows,
                        **({"profiles": profiles} if profiles else {}))

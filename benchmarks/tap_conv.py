@@ -106,7 +106,8 @@ def main(argv=None):
 
 
 def kernels(fn, reps: int = 10) -> dict[str, float]:
-    """GPU ms per call of each kernel ``fn`` launches, heaviest first (top 30)."""
+    """GPU ms per call of each kernel ``fn`` launches, heaviest first (top 30), then ``"(all N launches)"``: the
+    sum over every kernel (set against the call's GPU time, the rest is idle time between kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda_ms(fn, 3)
@@ -114,12 +115,10 @@ def kernels(fn, reps: int = 10) -> dict[str, float]:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    per = {
-        e.key: e.self_device_time_total / 1e3 / reps
-        for e in prof.key_averages()
-        if e.device_type.name == "CUDA" and e.self_device_time_total > 0
-    }
-    return dict(sorted(per.items(), key=lambda kv: -kv[1])[:30])
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    per = {e.key: e.self_device_time_total / 1e3 / reps for e in events}
+    launches = round(sum(e.count for e in events) / reps)
+    return dict(sorted(per.items(), key=lambda kv: -kv[1])[:30]) | {f"(all {launches} launches)": sum(per.values())}
 
 
 def scaffold_kernels(dev) -> dict[str, dict[str, float]]:
