@@ -47,7 +47,13 @@ here only, to be measured before the library adopts either):
   (before)``: all four. Since the norm kernels are traced (``torch.library.triton_op``), a kernel reads the
   strides the trace saw, so the twins with an NCHW encoder hand ``add_rms_norm`` NCHW token rows (0.54 against
   0.20 ms on an H200): they time session 15's choices, not session 15's library;
-* ``conv weights channels-last``: the weights stored channels-last, so no call converts them (measured next);
+* ``conv weights channels-last``: the weights stored channels-last, so no call converts them (session 17, H100:
+  no change at 256px, 1.4% at 512px);
+* ``inputs copied per kernel (before)``: the GroupNorms' and ResBlocks' inputs not marked
+  :func:`~chunkformer.inductor.written_once`, so inductor copies an input it has not written for each Triton op
+  (the de-chunk merge output three times, 151 MB each at 256px); ``merge inlined (before)``: the smoothed slots
+  inlined into the plug-back gather and the STE gate multiplied in, as in session 16; ``session 16 library
+  (before)``: both;
 * ``position table per call (before)``: DiT and DC-DiT computing their sin-cos table in every call (inlined
   by inductor into the add: a sine per element) instead of keeping it as a buffer.
 
@@ -83,10 +89,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chunkformer as cf  # noqa: E402
-from chunkformer.dechunk import dechunk, ste_ones  # noqa: E402
+from chunkformer.dechunk import PROB_CLAMP, dechunk, resolve_smoothing, smooth_dense, smooth_windowed, ste_ones  # noqa: E402
 from chunkformer.norms import GroupNorm  # noqa: E402
 from chunkformer.precision import RMSNorm  # noqa: E402
-from chunkformer.scaffold import ChunkEncoder, DeChunkDecoder  # noqa: E402
+from chunkformer.scaffold import ChunkEncoder, DeChunkDecoder, ResBlock  # noqa: E402
 from chunkformer.tapconv import PointwiseConv2d  # noqa: E402
 from step_speed import cuda_ms, save_result  # noqa: E402
 
@@ -289,6 +295,61 @@ def session15_norms(apply: bool = True, encoder: bool = True, router: bool = Tru
     return patch
 
 
+class _CopiedInputGroupNorm(GroupNorm):
+    """:class:`~chunkformer.norms.GroupNorm` without :func:`~chunkformer.inductor.written_once` (before session 17):
+    an input inductor has not written is copied for each of the statistics and normalising kernels."""
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
+        if self.takes_kernel(x):
+            return cf.norms.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, shift, silu)
+        return GroupNorm.forward(self, x, shift, silu)
+
+
+class _CopiedInputResBlock(ResBlock):
+    """:class:`~chunkformer.scaffold.ResBlock` whose input is not marked :func:`~chunkformer.inductor.written_once`."""
+
+    def _shared_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def inputs_copied(model: nn.Module) -> nn.Module:
+    """Undo session 17's :func:`~chunkformer.inductor.written_once` in the GroupNorms and ResBlocks; in place."""
+    for m in model.modules():
+        if type(m) is GroupNorm:
+            m.__class__ = _CopiedInputGroupNorm
+        elif type(m) is ResBlock:
+            m.__class__ = _CopiedInputResBlock
+    return model
+
+
+def _merge_inlined(self, y, plan, router_out, enc_tokens):
+    """``DeChunkDecoder.merge`` as in session 16: the smoothed slots left for inductor to inline into the plug-back
+    gather (each slot's probability re-derived per channel of every cell) and the STE gate, exactly 1, multiplied in."""
+    dtype = torch.float32 if self.fp32 else y.dtype
+    autocast = torch.is_autocast_enabled(enc_tokens.device.type)
+    res = self.residual(enc_tokens if autocast else enc_tokens.float())  # (B, L, d)
+    with torch.autocast(device_type=enc_tokens.device.type, enabled=False):
+        slots = plan.unchunk(y).to(dtype)  # (B, M, d)
+        if self.smoothing != "none" and self.sigma > 0:
+            p = torch.take_along_dim(router_out.probs.float(), plan.positions, dim=1).clamp(PROB_CLAMP, 1 - PROB_CLAMP)
+            if resolve_smoothing(self.smoothing, slots.shape[1], plan.num_tokens, slots.device) == "dense":
+                slots = smooth_dense(slots, p, plan, self.sigma)
+            else:
+                slots = smooth_windowed(slots, p, plan, self.sigma, truncate=self.truncate)
+        gate = ste_ones(router_out.confidence.float())[..., None]  # (B, L, 1)
+        return (plan.plug_back(slots).float() * gate + res.float()).to(dtype)
+
+
+class _MergeInlined(DeChunkDecoder):
+    merge = _merge_inlined
+
+
+def merge_inlined(model: nn.Module) -> nn.Module:
+    """The de-chunk merge as in session 16 (slots inlined into the gather, the gate multiplied in); in place."""
+    model.decoder.__class__ = _MergeInlined
+    return model
+
+
 def channels_last_weights(model: nn.Module) -> nn.Module:
     """Store every conv weight channels-last (``model.to(memory_format=torch.channels_last)``); in place. The
     compiled scaffold otherwise converts each 3x3 conv's weight to channels-last in every call (a small kernel
@@ -329,6 +390,9 @@ VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change 
     "session 15 GroupNorms (before)": ({}, session15_norms()),
     "1x1 convs by cuDNN (before)": ({}, cudnn_1x1),
     "conv weights channels-last": ({}, channels_last_weights),
+    "inputs copied per kernel (before)": ({}, inputs_copied),
+    "merge inlined (before)": ({}, merge_inlined),
+    "session 16 library (before)": ({}, lambda m: merge_inlined(inputs_copied(m))),
     "session 15 library (before)": ({}, lambda m: cudnn_1x1(session15_norms()(m))),
     "default with the FX graph cache off": (_NO_CACHE, lambda m: m),  # what the settings of the context variants change alone
     # compiled inside wide_persistent_reductions(); settings of their own, so dynamo does not hand them the graph

@@ -49,6 +49,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from ._typing import Float, Tensor
+from .inductor import compiling, written_once
 
 try:
     import triton
@@ -232,8 +233,8 @@ class GroupNorm(nn.GroupNorm):
         return self.use_kernel and sampling_kernel(x) and compiling() and x.ndim >= 3
 
     def forward(self, x: Tensor, shift: Tensor | None = None, silu: bool = False) -> Tensor:
-        if self.takes_kernel(x):
-            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, shift, silu)
+        if self.takes_kernel(x):  # x read by two kernels and the pivot: written once
+            return group_norm(written_once(x), self.num_groups, self.weight, self.bias, self.eps, shift, silu)
         if shift is not None:
             x = x + shift.reshape(*shift.shape, *([1] * (x.ndim - 2)))
         out = super().forward(x)
@@ -243,12 +244,6 @@ class GroupNorm(nn.GroupNorm):
 def sampling_kernel(x: Tensor) -> bool:
     """Whether a norm may take its Triton path for ``x``: CUDA, Triton, no grad."""
     return x.is_cuda and triton is not None and not torch.is_grad_enabled()
-
-
-def compiling() -> bool:
-    """Whether ``torch.compile`` is tracing (then inductor fuses :func:`group_norm`'s normalisation into one
-    pass; eager, ``nn.GroupNorm``'s fused kernel is faster than its separate ops)."""
-    return torch.compiler.is_compiling()
 
 
 def add_rms_norm_reference(

@@ -17,6 +17,7 @@ from torch import nn
 from ._typing import Float, Tensor, typechecked
 from .dechunk import SMOOTHINGS, Smoothing, dechunk, ste_ones
 from .grid import conv_nd, norm_groups, to_grid, to_tokens
+from .inductor import written_once
 from .norms import GroupNorm
 from .plan import ChunkPlan
 from .precision import FP32Module, RMSNorm
@@ -96,7 +97,13 @@ class ResBlock(nn.Module):
     def forward(
         self, x: Float[Tensor, "batch cin *grid"], c: Float[Tensor, "batch cond"] | None = None
     ) -> Float[Tensor, "batch cout *grid"]:
+        x = self._shared_input(x)
         return self.conv2(self._inner(x, c)) + self.skip(x)  # (B, cout, *grid)
+
+    def _shared_input(self, x: Tensor) -> Tensor:
+        """``x``, on the norm's kernel path written once for norm1's two kernels and the skip
+        (:func:`~chunkformer.norms.written_once`): else inductor copies it for each."""
+        return written_once(x) if self.norm1.takes_kernel(x) else x
 
     def _inner(self, x: Tensor, c: Tensor | None) -> Tensor:
         """``SiLU(norm2(conv1(SiLU(norm1(x))) + cond))``: ``(B, inner, *grid)``, ready for ``conv2``.
@@ -123,6 +130,7 @@ class ResBlock(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(h, skip, bias)`` with ``forward(x, c) == h + skip + bias`` (bias over channels): the two convs'
         outputs without their biases, which are summed into ``bias``, for a norm that adds all three itself."""
+        x = self._shared_input(x)
         inner = self._inner(x, c)
         h = self.conv2._conv_forward(inner, self.conv2.weight, None)  # (B, cout, *grid)
         bias = self.conv2.bias
@@ -311,11 +319,14 @@ class DeChunkDecoder(nn.Module):
                 plan.unchunk(y), router_out.probs, plan,
                 sigma=self.sigma, smoothing=self.smoothing, truncate=self.truncate, dtype=dtype,
             )  # (B, L, d)
-            gate = ste_ones(router_out.confidence.float())[..., None]  # (B, L, 1), == 1 forward
+            full = full.float()
+            confidence = router_out.confidence
+            if torch.is_grad_enabled() and confidence.requires_grad:  # else the gate, exactly 1, is left out
+                full = full * ste_ones(confidence.float())[..., None]  # (B, L, d) * (B, L, 1)
             # summed in fp32 and rounded once (the same bf16 values as a bf16 sum, since the gate is 1). It also
             # keeps inductor from folding the sum into the residual GEMM as an addmm, whose (B L, d) C operand
             # aten first copies into the output (a 0.11 ms memcpy in a compiled H100 step, in some compiles)
-            return (full.float() * gate + res.float()).to(dtype)
+            return (full + res.float()).to(dtype)
 
     @typechecked
     def forward(

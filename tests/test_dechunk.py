@@ -179,3 +179,30 @@ def test_tiled_blur_gradient_is_the_band_matrix_transposed():
 
     x = torch.randn(2, 64, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: _blur_axis(x, 64, 1.5, 6), (x,))
+
+
+@given(plan_inputs(max_tokens=48))
+def test_merge_gates_with_the_ste_only_where_the_router_learns(inputs):
+    """With grad, ``z = dechunk(y) * STE(c) + W e``: c's gradient is the de-chunked value summed over channels. Without
+    (sampling), the gate, exactly 1, is left out: a NaN confidence cannot reach z."""
+    from chunkformer.routing import RouterOutput
+
+    grid, mask, probs, seed = inputs
+    g = torch.Generator().manual_seed(seed)
+    plan = ChunkPlan.from_mask(mask, probs, grid=grid, mode="padded")
+    dec = DeChunkDecoder(8, 2, cond_dim=0)
+    torch.nn.init.normal_(dec.residual.weight, generator=g)
+    y, enc = torch.randn(mask.shape[0], plan.width, 8, generator=g), torch.randn(*mask.shape, 8, generator=g)
+
+    def route(confidence):
+        return RouterOutput(probs=probs, mask=mask, natural_mask=mask, confidence=confidence, grid=tuple(grid),
+                            batch_size=[mask.shape[0]])
+
+    confidence = torch.rand(mask.shape, generator=g).requires_grad_()
+    z = dec.merge(y, plan, route(confidence), enc)
+    z.sum().backward()
+    full = dechunk(plan.unchunk(y), probs, plan, sigma=dec.sigma)  # (B, L, 8)
+    torch.testing.assert_close(confidence.grad, full.sum(-1))
+    with torch.no_grad():
+        sampled = dec.merge(y, plan, route(torch.full(mask.shape, float("nan"))), enc)
+    torch.testing.assert_close(sampled, z.detach(), rtol=0, atol=0)
