@@ -22,6 +22,7 @@ eager, in bf16 autocast on CUDA (fp32 on the CPU), with the default attention ba
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -154,7 +155,7 @@ def main() -> None:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
-            "card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
+            "card": card, "torch": torch.__version__, "command": "python " + shlex.join(sys.argv),
             "preset": args.preset, "compile_merge": args.compile_merge, "batch": batch, "steps": steps, "latent": size, "rows": rows,
         }, indent=1))
 

@@ -12,6 +12,7 @@ budget-range checks (``chunkformer.value_checks``); the sampling hot path turns 
 import argparse
 import json
 import platform
+import shlex
 import sys
 from collections import Counter
 from pathlib import Path
@@ -70,7 +71,7 @@ def main(argv=None) -> dict:
                                 attn_backend="sdpa", **kw)
         rows[f"DC-DiT-S {mode}"] = measure(model, x, t, y, {"rho": 0.2})
     result = {"device": "cpu (counts do not depend on the device)", "torch": torch.__version__,
-              "python": platform.python_version(), "command": "python " + " ".join(sys.argv), "batch": B,
+              "python": platform.python_version(), "command": "python " + shlex.join(sys.argv), "batch": B,
               "rows": rows}
     print(f"MNIST-S sizes (32x32x1, width 384, 12 blocks), batch {B}, training mode, rho 0.2 for DC-DiT\n")
     print("| model | host syncs fwd / bwd | without value checks | dispatched ops fwd / bwd |")

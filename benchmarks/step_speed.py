@@ -64,6 +64,7 @@ import ast
 import contextlib
 import json
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -83,7 +84,7 @@ def bucket(tokens: float, multiple: int = 8) -> int:
 def save_result(out: Path | None, card: str, **fields) -> dict:
     """A benchmark's JSON record: the card, torch version and command line, then ``fields``; written to
     ``out`` when given (every script in benchmarks/ ends with this)."""
-    result = {"card": card, "torch": torch.__version__, "command": "python " + " ".join(sys.argv), **fields}
+    result = {"card": card, "torch": torch.__version__, "command": "python " + shlex.join(sys.argv), **fields}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))

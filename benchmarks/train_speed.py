@@ -13,6 +13,7 @@ over the DiT of the same width (training FLOPs taken as 3x the forward's), and p
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -104,7 +105,7 @@ def main() -> None:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"card": card, "torch": torch.__version__,
-                                        "command": "python " + " ".join(sys.argv), "batch": batch,
+                                        "command": "python " + shlex.join(sys.argv), "batch": batch,
                                         "compiled": args.compile,
                                         "rows": rows}, indent=1))
 
