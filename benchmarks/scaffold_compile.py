@@ -49,6 +49,7 @@ here only, to be measured before the library adopts either):
   0.20 ms on an H200): they time session 15's choices, not session 15's library;
 * ``conv weights channels-last``: the weights stored channels-last, so no call converts them (session 17, H100:
   no change at 256px, 1.4% at 512px);
+* ``dense smoothing``: the de-chunk's smoothing dense at every size (``"auto"`` takes the windowed form at 512px);
 * ``inputs copied per kernel (before)``: the GroupNorms' and ResBlocks' inputs not marked
   :func:`~chunkformer.inductor.written_once`, so inductor copies an input it has not written for each Triton op
   (the de-chunk merge output three times, 151 MB each at 256px); ``merge inlined (before)``: the smoothed slots
@@ -350,6 +351,13 @@ def merge_inlined(model: nn.Module) -> nn.Module:
     return model
 
 
+def dense_smoothing(model: nn.Module) -> nn.Module:
+    """The de-chunk's smoothing in its dense ``(B, M, M)`` form whatever ``"auto"`` picks (at 512px it picks the
+    windowed form, from fp32 timings: a bf16 merge makes the dense form's batched GEMM a bf16 one); in place."""
+    model.decoder.smoothing = "dense"
+    return model
+
+
 def channels_last_weights(model: nn.Module) -> nn.Module:
     """Store every conv weight channels-last (``model.to(memory_format=torch.channels_last)``); in place. The
     compiled scaffold otherwise converts each 3x3 conv's weight to channels-last in every call (a small kernel
@@ -390,6 +398,7 @@ VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change 
     "session 15 GroupNorms (before)": ({}, session15_norms()),
     "1x1 convs by cuDNN (before)": ({}, cudnn_1x1),
     "conv weights channels-last": ({}, channels_last_weights),
+    "dense smoothing": ({}, dense_smoothing),
     "inputs copied per kernel (before)": ({}, inputs_copied),
     "merge inlined (before)": ({}, merge_inlined),
     "session 16 library (before)": ({}, lambda m: merge_inlined(inputs_copied(m))),

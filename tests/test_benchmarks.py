@@ -288,7 +288,7 @@ def test_scaffold_compile_paths_compute_the_same_function_through_other_kernels(
         for name in ("1x1 as GEMMs", "widening conv split", "1x1 as GEMMs + widening conv split",
                      "residual in its GEMM", "all three paths", "merge summed in bf16 (before)",
                      "1x1 + split + wide persistent", "inputs copied per kernel (before)", "merge inlined (before)",
-                     "session 16 library (before)"):
+                     "session 16 library (before)", "dense smoothing"):
             patched = bench.VARIANTS[name][1](copy.deepcopy(model))
             kinds = {type(m).__name__ for m in patched.modules()}
             assert ("_Conv1x1AsLinear" in kinds) == ("1x1" in name or "three" in name)
