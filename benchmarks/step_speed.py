@@ -29,7 +29,9 @@ instead of DC-DiT's fp32 (the release's flag of that name), to show what that po
 
 Every row is compiled and warmed first, then all are timed in ``--rounds`` interleaved rounds and
 each reports its median round: single back-to-back timings of the same step moved by up to 5%
-between runs on an H100, and drift over a run must not fall on the rows timed last.
+between runs on an H100, and drift over a run must not fall on the rows timed last. A round of a short
+row (the scaffold alone) makes more calls, so that it lasts about as long as the slowest row's (up to 8x
+``--reps / --rounds``; ``calls_per_round`` in the JSON).
 ``--cudnn-benchmark`` lets cuDNN time its algorithms for every convolution shape (all models);
 its heuristic choice for the scaffold's 3x3 ``1152 -> 288`` conv runs at about 370 TFLOP/s on an
 H100, against about 580 for the ``288 -> 288`` ones (``scaffold_ops.py``).
@@ -370,12 +372,18 @@ def main(argv=None) -> dict:
                 step_ms(case[1], 1)  # compiles
             print(f"compiled: {case[0]}", flush=True)
         per_round = max(args.reps // args.rounds, 1)
+        # each case's round lasts about as long as the slowest case's (up to 8x the calls): timed over a few
+        # calls, a short row (the scaffold alone) was at the mercy of host hiccups (session 17, 512px on an
+        # H100: scaffold rounds of 5.6 to 12.4 ms, five calls each)
+        guess = {case[0]: step_ms(case[1], 2) for case in cases}
+        calls = {name: min(8 * per_round, max(per_round, round(per_round * max(guess.values()) / ms)))
+                 for name, ms in guess.items()}
         times = {case[0]: [] for case in cases}
         for _ in range(args.rounds):
             for name, fn, *_ in cases:
-                times[name].append(step_ms(fn, per_round))
+                times[name].append(step_ms(fn, calls[name]))
         rows = [{"row": name, "ms": statistics.median(times[name]), "ms_rounds": times[name], "flops": flops,
-                 "kept": kept, **({"base": base} if base != "plain" else {})}
+                 "kept": kept, "calls_per_round": calls[name], **({"base": base} if base != "plain" else {})}
                 for name, _, flops, kept, base in cases]
 
     by_name = {r["row"]: r for r in rows}

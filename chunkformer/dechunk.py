@@ -40,6 +40,10 @@ SMOOTHINGS: tuple[str, ...] = get_args(Smoothing)
 # a quarter of the grid kept; benchmarks/scaffold_profile.py) dense / windowed smoothing took
 # 0.14 / 0.69 ms at 256px on an H100 (M^2 / L = 64) and 0.91 / 0.75 ms at 512px on an H200 (M^2 / L = 256).
 DENSE_SMOOTHING_MAX_RATIO = 128
+# the same in half precision, where the dense form's batched GEMM runs in bf16 / fp16 instead of fp32: at 512px
+# (M^2 / L = 256) the compiled serving scaffold took 5.32 ms dense against 5.43 windowed on an H100
+# (benchmarks/scaffold_compile.py --size 512 --variants 'dense smoothing')
+DENSE_SMOOTHING_MAX_RATIO_HALF = 256
 
 PROB_CLAMP = 1e-4  # p is clamped to [1e-4, 1 - 1e-4] before smoothing, as in DC-DiT
 
@@ -146,17 +150,20 @@ def _gaussian_blur(x: Tensor, grid: tuple[int, ...], sigma: float, radius: int) 
     return x
 
 
-def resolve_smoothing(smoothing: str, width: int, tokens: int, device: torch.device | str) -> str:
-    """The smoothing form that runs for ``width`` slots on a grid of ``tokens`` positions.
+def resolve_smoothing(
+    smoothing: str, width: int, tokens: int, device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> str:
+    """The smoothing form that runs for ``width`` slots on a grid of ``tokens`` positions, in ``dtype``.
 
-    ``"auto"`` is ``"dense"`` on CUDA while ``width^2 <= DENSE_SMOOTHING_MAX_RATIO * tokens``,
-    else ``"windowed"`` (on the CPU the dense kernel's ``exp`` over ``B M^2`` pairs loses at
-    every size: ``benchmarks/smoothing.py``)."""
+    ``"auto"`` is ``"dense"`` on CUDA while ``width^2 <= DENSE_SMOOTHING_MAX_RATIO * tokens`` (``_HALF`` for a
+    bf16 / fp16 de-chunk), else ``"windowed"`` (on the CPU the dense kernel's ``exp`` over ``B M^2`` pairs loses
+    at every size: ``benchmarks/smoothing.py``)."""
     if smoothing not in SMOOTHINGS:
         raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
     if smoothing != "auto":
         return smoothing
-    small = width * width <= DENSE_SMOOTHING_MAX_RATIO * tokens
+    half = dtype in (torch.bfloat16, torch.float16)
+    small = width * width <= (DENSE_SMOOTHING_MAX_RATIO_HALF if half else DENSE_SMOOTHING_MAX_RATIO) * tokens
     return "dense" if small and torch.device(device).type == "cuda" else "windowed"
 
 
@@ -207,7 +214,7 @@ def dechunk(
     ``"auto"`` picks ``"dense"`` or ``"windowed"`` by :func:`resolve_smoothing`. ``dtype``: the
     precision of the values (fp32, DC-DiT's choice, by default; the Gaussian weights are fp32 either way).
     """
-    smoothing = resolve_smoothing(smoothing, y.shape[1], plan.num_tokens, y.device)
+    smoothing = resolve_smoothing(smoothing, y.shape[1], plan.num_tokens, y.device, dtype)
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0 (grid cells), got {sigma}")
     with torch.autocast(device_type=y.device.type, enabled=False):

@@ -164,7 +164,8 @@ def _dechunk_flops(module: DeChunkDecoder, args, kwargs, output) -> float:
     plan = args[1] if len(args) > 1 else kwargs["plan"]
     B, L, d = plan.order.shape[0], plan.num_tokens, module.dim
     flops = 0.0
-    smoothing = resolve_smoothing(module.smoothing, plan.positions.shape[1], L, plan.positions.device)
+    dtype = torch.float32 if module.fp32 else args[0].dtype  # the de-chunk's precision (DeChunkDecoder.merge)
+    smoothing = resolve_smoothing(module.smoothing, plan.positions.shape[1], L, plan.positions.device, dtype)
     if smoothing == "none" or module.sigma <= 0:
         return flops
     if smoothing == "dense":

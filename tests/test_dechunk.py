@@ -103,10 +103,14 @@ def test_dechunk_runs_fp32_under_autocast():
 
 @given(st.integers(1, 4096), st.integers(1, 4096))
 def test_auto_smoothing_is_dense_only_while_the_kernel_stays_linear_in_the_grid(width, tokens):
-    from chunkformer.dechunk import DENSE_SMOOTHING_MAX_RATIO, resolve_smoothing
+    from chunkformer.dechunk import DENSE_SMOOTHING_MAX_RATIO, DENSE_SMOOTHING_MAX_RATIO_HALF, resolve_smoothing
 
     choice = resolve_smoothing("auto", width, tokens, "cuda")
     assert choice == ("dense" if width**2 <= DENSE_SMOOTHING_MAX_RATIO * tokens else "windowed")
+    for half in (torch.bfloat16, torch.float16):  # a half-precision GEMM: dense up to a larger ratio
+        choice = resolve_smoothing("auto", width, tokens, "cuda", half)
+        assert choice == ("dense" if width**2 <= DENSE_SMOOTHING_MAX_RATIO_HALF * tokens else "windowed")
+        assert resolve_smoothing("auto", width, tokens, "cpu", half) == "windowed"
     assert resolve_smoothing("auto", width, tokens, "cpu") == "windowed"  # the dense kernel loses on CPUs
     for explicit in ("windowed", "dense", "none"):
         for device in ("cpu", "cuda"):
