@@ -52,9 +52,10 @@ here only, to be measured before the library adopts either):
 * ``dense smoothing``: the de-chunk's smoothing dense at every size (``"auto"`` takes the windowed form at 512px);
 * ``inputs copied per kernel (before)``: the GroupNorms' and ResBlocks' inputs not marked
   :func:`~chunkformer.inductor.written_once`, so inductor copies an input it has not written for each Triton op
-  (the de-chunk merge output three times, 151 MB each at 256px); ``merge inlined (before)``: the smoothed slots
-  inlined into the plug-back gather and the STE gate multiplied in, as in session 16; ``session 16 library
-  (before)``: both;
+  (the de-chunk merge output three times, 151 MB each at 256px); ``gate multiplied (before)``: the de-chunk
+  merge multiplying by the STE gate (exactly 1) when sampling too, as in session 16; ``session 16 library
+  (before)``: both; ``de-chunk slots written once``: the smoothed slots written before the plug-back gathers them
+  (a candidate: inlined, the gather re-derives each slot's smoothing per channel of every cell);
 * ``position table per call (before)``: DiT and DC-DiT computing their sin-cos table in every call (inlined
   by inductor into the add: a sine per element) instead of keeping it as a buffer.
 
@@ -91,6 +92,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chunkformer as cf  # noqa: E402
 from chunkformer.dechunk import PROB_CLAMP, dechunk, resolve_smoothing, smooth_dense, smooth_windowed, ste_ones  # noqa: E402
+from chunkformer.inductor import written_once  # noqa: E402
 from chunkformer.norms import GroupNorm  # noqa: E402
 from chunkformer.precision import RMSNorm  # noqa: E402
 from chunkformer.scaffold import ChunkEncoder, DeChunkDecoder, ResBlock  # noqa: E402
@@ -323,9 +325,11 @@ def inputs_copied(model: nn.Module) -> nn.Module:
     return model
 
 
-def _merge_inlined(self, y, plan, router_out, enc_tokens):
-    """``DeChunkDecoder.merge`` as in session 16: the smoothed slots left for inductor to inline into the plug-back
-    gather (each slot's probability re-derived per channel of every cell) and the STE gate, exactly 1, multiplied in."""
+def _merge_with(self, y, plan, router_out, enc_tokens, gate: bool = False, slots_written: bool = False):
+    """``DeChunkDecoder.merge`` with the STE gate (exactly 1) multiplied in whether or not a gradient flows (as in
+    session 16), and / or the smoothed slots marked :func:`~chunkformer.inductor.written_once` before the plug-back
+    gathers them (else inductor inlines their smoothing into the gather: each slot's probability re-derived per
+    channel of every cell)."""
     dtype = torch.float32 if self.fp32 else y.dtype
     autocast = torch.is_autocast_enabled(enc_tokens.device.type)
     res = self.residual(enc_tokens if autocast else enc_tokens.float())  # (B, L, d)
@@ -333,21 +337,35 @@ def _merge_inlined(self, y, plan, router_out, enc_tokens):
         slots = plan.unchunk(y).to(dtype)  # (B, M, d)
         if self.smoothing != "none" and self.sigma > 0:
             p = torch.take_along_dim(router_out.probs.float(), plan.positions, dim=1).clamp(PROB_CLAMP, 1 - PROB_CLAMP)
-            if resolve_smoothing(self.smoothing, slots.shape[1], plan.num_tokens, slots.device) == "dense":
+            if resolve_smoothing(self.smoothing, slots.shape[1], plan.num_tokens, slots.device, dtype) == "dense":
                 slots = smooth_dense(slots, p, plan, self.sigma)
             else:
                 slots = smooth_windowed(slots, p, plan, self.sigma, truncate=self.truncate)
-        gate = ste_ones(router_out.confidence.float())[..., None]  # (B, L, 1)
-        return (plan.plug_back(slots).float() * gate + res.float()).to(dtype)
+        full = plan.plug_back(written_once(slots) if slots_written else slots).float()  # (B, L, d)
+        if gate:
+            full = full * ste_ones(router_out.confidence.float())[..., None]
+        return (full + res.float()).to(dtype)
 
 
-class _MergeInlined(DeChunkDecoder):
-    merge = _merge_inlined
+class _MergeGated(DeChunkDecoder):
+    def merge(self, y, plan, router_out, enc_tokens):
+        return _merge_with(self, y, plan, router_out, enc_tokens, gate=True)
 
 
-def merge_inlined(model: nn.Module) -> nn.Module:
-    """The de-chunk merge as in session 16 (slots inlined into the gather, the gate multiplied in); in place."""
-    model.decoder.__class__ = _MergeInlined
+class _MergeSlotsWritten(DeChunkDecoder):
+    def merge(self, y, plan, router_out, enc_tokens):
+        return _merge_with(self, y, plan, router_out, enc_tokens, slots_written=True)
+
+
+def gate_multiplied(model: nn.Module) -> nn.Module:
+    """The de-chunk merge multiplying by the STE gate when sampling too, as in session 16; in place."""
+    model.decoder.__class__ = _MergeGated
+    return model
+
+
+def slots_written(model: nn.Module) -> nn.Module:
+    """The smoothed slots written once before the plug-back gathers them; in place."""
+    model.decoder.__class__ = _MergeSlotsWritten
     return model
 
 
@@ -400,8 +418,9 @@ VARIANTS = {  # name -> (torch.compile keyword arguments, a compute-path change 
     "conv weights channels-last": ({}, channels_last_weights),
     "dense smoothing": ({}, dense_smoothing),
     "inputs copied per kernel (before)": ({}, inputs_copied),
-    "merge inlined (before)": ({}, merge_inlined),
-    "session 16 library (before)": ({}, lambda m: merge_inlined(inputs_copied(m))),
+    "gate multiplied (before)": ({}, gate_multiplied),
+    "de-chunk slots written once": ({}, slots_written),
+    "session 16 library (before)": ({}, lambda m: gate_multiplied(inputs_copied(m))),
     "session 15 library (before)": ({}, lambda m: cudnn_1x1(session15_norms()(m))),
     "default with the FX graph cache off": (_NO_CACHE, lambda m: m),  # what the settings of the context variants change alone
     # compiled inside wide_persistent_reductions(); settings of their own, so dynamo does not hand them the graph

@@ -28,7 +28,6 @@ from typing import Literal, get_args
 import torch
 
 from ._typing import Bool, Float, Tensor, typechecked
-from .inductor import written_once
 from .plan import ChunkPlan
 
 __all__ = ["smooth_dense", "smooth_windowed", "smoothing_weights", "ste_ones", "dechunk", "Smoothing",
@@ -226,7 +225,4 @@ def dechunk(
                 y = smooth_dense(y, p, plan, sigma)
             else:
                 y = smooth_windowed(y, p, plan, sigma, truncate=truncate)
-            # compiled, the slots are written before the plug-back gathers them: inlined, the gather re-derived
-            # each slot's probability (its position, a sigmoid) for every one of the d channels of every cell
-            y = written_once(y)  # (B, M, d)
         return plan.plug_back(y)  # (B, L, d)

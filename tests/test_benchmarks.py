@@ -287,15 +287,16 @@ def test_scaffold_compile_paths_compute_the_same_function_through_other_kernels(
         ref = model(x, t, y)
         for name in ("1x1 as GEMMs", "widening conv split", "1x1 as GEMMs + widening conv split",
                      "residual in its GEMM", "all three paths", "merge summed in bf16 (before)",
-                     "1x1 + split + wide persistent", "inputs copied per kernel (before)", "merge inlined (before)",
-                     "session 16 library (before)", "dense smoothing"):
+                     "1x1 + split + wide persistent", "inputs copied per kernel (before)", "gate multiplied (before)",
+                     "session 16 library (before)", "dense smoothing", "de-chunk slots written once"):
             patched = bench.VARIANTS[name][1](copy.deepcopy(model))
             kinds = {type(m).__name__ for m in patched.modules()}
             assert ("_Conv1x1AsLinear" in kinds) == ("1x1" in name or "three" in name)
             assert ("_SplitWideConv2d" in kinds) == ("split" in name or "three" in name)
             assert (type(patched.decoder).__name__ == "_MergeInGemm") == ("residual" in name or "three" in name)
             assert (type(patched.decoder).__name__ == "_MergeInBf16") == ("bf16" in name)
-            assert (type(patched.decoder).__name__ == "_MergeInlined") == ("inlined" in name or "16 library" in name)
+            assert (type(patched.decoder).__name__ == "_MergeGated") == ("gate" in name or "16 library" in name)
+            assert (type(patched.decoder).__name__ == "_MergeSlotsWritten") == ("slots" in name)
             assert ("_CopiedInputResBlock" in kinds and "_CopiedInputGroupNorm" in kinds and "ResBlock" not in kinds
                     and "GroupNorm" not in kinds) == ("copied" in name or "16 library" in name)
             torch.testing.assert_close(patched(x, t, y), ref, rtol=1e-5, atol=1e-5)
