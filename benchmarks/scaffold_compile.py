@@ -49,13 +49,16 @@ here only, to be measured before the library adopts either):
   0.20 ms on an H200): they time session 15's choices, not session 15's library;
 * ``conv weights channels-last``: the weights stored channels-last, so no call converts them (session 17, H100:
   no change at 256px, 1.4% at 512px);
-* ``dense smoothing``: the de-chunk's smoothing dense at every size (``"auto"`` takes the windowed form at 512px);
+* ``dense smoothing``: the de-chunk's smoothing dense at every size. Measured against ``"auto"``'s windowed form at
+  512px (5.323 against 5.433 ms, H100), then adopted: ``"auto"`` now smooths a bf16 de-chunk densely there, so in
+  the serving scaffold this variant equals the default at both sizes;
 * ``inputs copied per kernel (before)``: the GroupNorms' and ResBlocks' inputs not marked
   :func:`~chunkformer.inductor.written_once`, so inductor copies an input it has not written for each Triton op
   (the de-chunk merge output three times, 151 MB each at 256px); ``gate multiplied (before)``: the de-chunk
   merge multiplying by the STE gate (exactly 1) when sampling too, as in session 16; ``session 16 library
   (before)``: both; ``de-chunk slots written once``: the smoothed slots written before the plug-back gathers them
-  (a candidate: inlined, the gather re-derives each slot's smoothing per channel of every cell);
+  (inlined, the gather re-derives each slot's smoothing per channel of every cell; not adopted: 5.145 against
+  5.133 ms at 256px, H100);
 * ``position table per call (before)``: DiT and DC-DiT computing their sin-cos table in every call (inlined
   by inductor into the add: a sine per element) instead of keeping it as a buffer.
 

@@ -102,7 +102,7 @@ class ResBlock(nn.Module):
 
     def _shared_input(self, x: Tensor) -> Tensor:
         """``x``, on the norm's kernel path written once for norm1's two kernels and the skip
-        (:func:`~chunkformer.norms.written_once`): else inductor copies it for each."""
+        (:func:`~chunkformer.inductor.written_once`): else inductor copies it for each."""
         return written_once(x) if self.norm1.takes_kernel(x) else x
 
     def _inner(self, x: Tensor, c: Tensor | None) -> Tensor:
@@ -245,7 +245,8 @@ class DeChunkDecoder(nn.Module):
     """De-chunk the backbone's output and decode it to the model's output channels.
 
     ``z = dechunk(y) * STE(c_sel) + W_res enc_tokens`` (fp32; ``W_res`` zero-init, so a
-    new model starts as a gated identity around the backbone), then ``depth`` ResBlocks
+    new model starts as a gated identity around the backbone; the gate, exactly 1 forward, is applied only
+    where a gradient can reach the router), then ``depth`` ResBlocks
     narrowing ``dim -> width`` in the first, RMSNorm, and :class:`FinalLayer` at ``width``.
 
     Args:
