@@ -241,7 +241,18 @@ def short_attention_table(data: dict) -> str:
         for r in data["rows"]:
             cells = ["-" if r["backends"][n] is None else f"{r['backends'][n]['ms']:.4f}" for n in backends]
             lines.append(f"| {r['batch']} x {r['tokens']} | {r['ideal']:.4f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    if any(r.get("whole head") for r in data["rows"]):  # --whole-head: best correct configuration per length
+        lines += ["", "| batch x tokens | SDPA + copy | whole-head candidate, best | / SDPA | configuration (max error) |",
+                  "|---|---|---|---|---|"]
+        for r in data["rows"]:
+            best = r.get("whole head best")
+            if best is None:
+                lines.append(f"| {r['batch']} x {r['tokens']} | {r['sdpa + copy']:.4f} | - | - | none correct |")
+                continue
+            w = r["whole head"][best]
+            lines.append(f"| {r['batch']} x {r['tokens']} | {r['sdpa + copy']:.4f} | {w['ms']:.4f} | "
+                         f"{w['ms'] / r['sdpa + copy']:.2f} | {best} ({w['err']:.1e}) |")
+    return "\n".join(lines + (["", f"Note: {data['note']}."] if data.get("note") else []))
 
 
 def group_norm_table(data: dict) -> str:

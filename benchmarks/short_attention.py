@@ -15,6 +15,12 @@ alone (copy included), and the Triton flash-attention forward below at each tile
 query block and head). "ideal" scales the longest length's SDPA time by the FLOPs (``L^2``).
 Errors are max |diff| against fp32 SDPA. The candidate lost everywhere (1.6-2.1x slower than
 cuDNN at its best tiles; docs/performance.md), so it lives here, not in the package.
+
+``--whole-head`` adds a second candidate (session 18) for up to 256 keys: one pass over every key of a
+head, held as up to four power-of-two tiles (160 = 128 + 32, so no padded columns) with no running
+max, at each configuration in ``WHOLE_HEAD_CONFIGS``. At head dim 64 it beats cuDNN at 160 tokens; at
+72 it computes wrong values, faults or runs ten times slower on the H200's Triton, depending on the
+layout of its products (docs/performance.md), so it is not in the package either.
 """
 
 import argparse
@@ -159,6 +165,138 @@ def _bhl(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def key_chunks(seq_len: int, smallest: int = 16) -> tuple[int, int, int, int]:
+    """Powers of two, largest first, that cover ``seq_len`` rounded up to ``smallest``: the key
+    tiles of :func:`whole_head_forward` (160 -> (128, 32, 0, 0); 208 -> (128, 64, 16, 0)).
+    Unused tiles are 0. Four tiles of at least 16 cover any multiple of 16 up to 256."""
+    if not 0 < seq_len <= 256:
+        raise ValueError(f"key_chunks covers 1..256 keys, got {seq_len}")
+    left = -(-seq_len // smallest) * smallest
+    chunks = []
+    while left:
+        c = 1 << (left.bit_length() - 1)
+        chunks.append(c)
+        left -= c
+    return tuple(chunks + [0] * (4 - len(chunks)))
+
+
+@triton.jit
+def _scores(qa, qb, k_ptr, s_kl, start, L_K, da, db, d_ok,
+            N: tl.constexpr, DB: tl.constexpr, LAST: tl.constexpr):
+    """Logits of a query block against keys ``[start, start + N)`` (-inf past ``L_K`` on the last tile)."""
+    cols = start + tl.arange(0, N)
+    col_ok = cols < L_K
+    ka = tl.load(k_ptr + cols[None, :] * s_kl + da[:, None], mask=col_ok[None, :], other=0.0)  # (DA, N)
+    s = tl.dot(qa, ka)
+    if DB > 0:
+        kb = tl.load(k_ptr + cols[None, :] * s_kl + db[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s += tl.dot(qb, kb)
+    if LAST:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _values(p, acc, v_ptr, s_vl, start, L_K, dv, dv_ok, N: tl.constexpr):
+    """``acc += p @ v[start:start + N]`` over the head dim padded to a power of two (one product: two
+    products sharing ``p`` from registers fault on Hopper with Triton 3.5)."""
+    cols = start + tl.arange(0, N)
+    col_ok = cols < L_K
+    v = tl.load(v_ptr + cols[:, None] * s_vl + dv[None, :], mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+    return acc + tl.dot(p, v)
+
+
+@triton.jit
+def _attn_whole_head(Q, K, V, O, scale_log2e,
+                     s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
+                     H, L_Q, L_K,
+                     D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
+                     KA: tl.constexpr, KB: tl.constexpr, KC: tl.constexpr, KD: tl.constexpr,
+                     GRID_M: tl.constexpr):
+    """All keys of one head in one pass (no running max): the keys come as up to four power-of-two
+    tiles ``KA + KB + KC + KD >= L_K``, so a 160-key head computes 160 columns, not 256. Program
+    ``(m, b * H + h)`` takes query blocks ``m, m + GRID_M, ...``."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_ptr = Q + b * s_qb + h * s_qh
+    k_ptr = K + b * s_kb + h * s_kh
+    v_ptr = V + b * s_vb + h * s_vh
+    o_ptr = O + b * s_ob + h * s_oh
+    da = tl.arange(0, DA)
+    db = DA + tl.arange(0, DB if DB > 0 else 16)
+    d_ok = db < D
+    DV: tl.constexpr = DA if DB == 0 else 2 * DA
+    dv = tl.arange(0, DV)
+    dv_ok = dv < D
+    for m0 in range(pid_m * BLOCK_M, L_Q, GRID_M * BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < L_Q
+        qa = tl.load(q_ptr + rows[:, None] * s_ql + da[None, :], mask=row_ok[:, None], other=0.0)
+        qb = tl.load(q_ptr + rows[:, None] * s_ql + db[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        s0 = _scores(qa, qb, k_ptr, s_kl, 0, L_K, da, db, d_ok, KA, DB, KB == 0) * scale_log2e
+        m = tl.max(s0, 1)
+        if KB > 0:
+            s1 = _scores(qa, qb, k_ptr, s_kl, KA, L_K, da, db, d_ok, KB, DB, KC == 0) * scale_log2e
+            m = tl.maximum(m, tl.max(s1, 1))
+        if KC > 0:
+            s2 = _scores(qa, qb, k_ptr, s_kl, KA + KB, L_K, da, db, d_ok, KC, DB, KD == 0) * scale_log2e
+            m = tl.maximum(m, tl.max(s2, 1))
+        if KD > 0:
+            s3 = _scores(qa, qb, k_ptr, s_kl, KA + KB + KC, L_K, da, db, d_ok, KD, DB, True) * scale_log2e
+            m = tl.maximum(m, tl.max(s3, 1))
+        acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+        p = tl.exp2(s0 - m[:, None])
+        l_i = tl.sum(p, 1)
+        acc = _values(p.to(V.dtype.element_ty), acc, v_ptr, s_vl, 0, L_K, dv, dv_ok, KA)
+        if KB > 0:
+            p = tl.exp2(s1 - m[:, None])
+            l_i += tl.sum(p, 1)
+            acc = _values(p.to(V.dtype.element_ty), acc, v_ptr, s_vl, KA, L_K, dv, dv_ok, KB)
+        if KC > 0:
+            p = tl.exp2(s2 - m[:, None])
+            l_i += tl.sum(p, 1)
+            acc = _values(p.to(V.dtype.element_ty), acc, v_ptr, s_vl, KA + KB, L_K, dv, dv_ok, KC)
+        if KD > 0:
+            p = tl.exp2(s3 - m[:, None])
+            l_i += tl.sum(p, 1)
+            acc = _values(p.to(V.dtype.element_ty), acc, v_ptr, s_vl, KA + KB + KC, L_K, dv, dv_ok, KD)
+        tl.store(o_ptr + rows[:, None] * s_ol + dv[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & dv_ok[None, :])
+
+
+@dataclass(frozen=True)
+class WholeHeadConfig:
+    """Launch shape of :func:`whole_head_forward`: query rows per block, query-block programs per
+    head (0: one per block), warps, pipeline stages."""
+
+    block_m: int = 64
+    grid_m: int = 0
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def whole_head_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: WholeHeadConfig | None = None,
+                       scale: float | None = None) -> torch.Tensor:
+    """Softmax attention ``(B, Lq, H, dh), (B, Lk, H, dh) x2 -> (B, Lq, H, dh)`` for ``Lk <= 256``, no
+    mask, forward only: every key of a head in one pass, in power-of-two tiles (:func:`key_chunks`)."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    DA, DB = split_head_dim(D)
+    KA, KB, KC, KD = key_chunks(Lk)
+    cfg = config or WholeHeadConfig()
+    blocks = -(-Lq // cfg.block_m)
+    grid_m = blocks if cfg.grid_m <= 0 else min(cfg.grid_m, blocks)
+    out = torch.zeros(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    _attn_whole_head[(grid_m, B * H)](q, k, v, out, scale * 1.4426950408889634,
+                                      *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), H, Lq, Lk,
+                                      D=D, DA=DA, DB=DB, BLOCK_M=cfg.block_m, KA=KA, KB=KB, KC=KC, KD=KD,
+                                      GRID_M=grid_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
 SDPA_BACKENDS = {"sdpa cuDNN": SDPBackend.CUDNN_ATTENTION, "sdpa flash": SDPBackend.FLASH_ATTENTION,
                  "sdpa memory-efficient": SDPBackend.EFFICIENT_ATTENTION}
 SHAPES = ((64, 160), (64, 208), (64, 256), (16, 616), (16, 824), (16, 1024))
@@ -166,6 +304,8 @@ CONFIGS = [KernelConfig(64, 32, 4, 2), KernelConfig(64, 64, 4, 2), KernelConfig(
            KernelConfig(64, 128, 4, 2), KernelConfig(128, 32, 8, 2), KernelConfig(128, 64, 8, 2),
            KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 2), KernelConfig(128, 64, 4, 2),
            KernelConfig(32, 32, 4, 2), KernelConfig(64, 32, 4, 1), KernelConfig(32, 64, 2, 2)]
+WHOLE_HEAD_CONFIGS = [WholeHeadConfig(bm, gm, w, st) for bm in (64, 128) for gm in (0, 1) for w in (4, 8)
+                      for st in (1, 2)] + [WholeHeadConfig(32, 0, 4, 1), WholeHeadConfig(32, 0, 2, 1)]
 
 
 def main(argv=None):
@@ -174,6 +314,10 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=72)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-triton", action="store_true", help="leave out the Triton candidate (a quick run)")
+    ap.add_argument("--whole-head", action="store_true",
+                    help="also time the whole-head Triton candidate (up to 256 tokens; faults at head dim 72 on "
+                         "the H200's Triton: run it with --head-dim 64)")
+    ap.add_argument("--short-only", action="store_true", help="only the batch-64 shapes (160-256 tokens)")
     ap.add_argument("--sdpa-backends", action="store_true",
                     help="also time each of SDPA's kernels (cuDNN, flash, memory-efficient) on its own")
     ap.add_argument("--out", type=Path, default=None)
@@ -188,7 +332,7 @@ def main(argv=None):
     flex = torch.compile(flex_attention)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {H} heads of {D}")
     rows = []
-    for B, L in SHAPES:
+    for B, L in [s for s in SHAPES if s[1] <= 256 or not args.short_only]:
         qkv = torch.randn(B, L, 3, H, D, device=dev, dtype=torch.bfloat16)
         q, k, v = qkv.unbind(2)  # (B, L, H, dh) views, as the model's rearrange gives them
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
@@ -227,17 +371,30 @@ def main(argv=None):
                 triton_rows[name] = {"ms": ms(lambda: flash_forward(q, k, v, cfg)), "err": err}
             except Exception as e:  # noqa: BLE001
                 print(f"{name}: {type(e).__name__} {str(e)[:200]}")
+        whole = {}
+        for cfg in WHOLE_HEAD_CONFIGS if args.whole_head and L <= 256 else []:
+            name = f"{cfg.block_m} rows, {'1 program' if cfg.grid_m == 1 else 'a program per block'}, " \
+                   f"w{cfg.num_warps} s{cfg.num_stages}"
+            try:
+                out = whole_head_forward(q, k, v, cfg)
+                err = float((out.float() - ref).abs().max())
+                whole[name] = {"ms": ms(lambda: whole_head_forward(q, k, v, cfg)), "err": err}
+            except Exception as e:  # noqa: BLE001
+                print(f"whole head {name}: {type(e).__name__} {str(e)[:200]}")
+        row["whole head"] = whole
+        good = [n for n in whole if whole[n]["err"] < 1e-2]
+        row["whole head best"] = min(good, key=lambda n: whole[n]["ms"]) if good else None
         d = default_config(L, D)
         row["triton"] = triton_rows
         row["triton default"] = f"{d.block_m}x{d.block_n} w{d.num_warps} s{d.num_stages}"
         best = min(triton_rows, key=lambda n: triton_rows[n]["ms"]) if triton_rows else None
         row["triton best"] = best
         rows.append(row)
-        cells = "  ".join(f"{n}: {r['ms']:.4f} ({r['err']:.1e})" for n, r in {**row.get("backends", {}), **triton_rows}.items()
+        cells = "  ".join(f"{n}: {r['ms']:.4f} ({r['err']:.1e})" for n, r in {**row.get("backends", {}), **triton_rows, **whole}.items()
                           if r is not None)
         print(f"B={B} L={L}: sdpa+copy {row['sdpa + copy']:.4f} sdpa {row['sdpa']:.4f} flex {row.get('flex', 0):.4f} "
               f"err {row['sdpa_err']:.1e} | {cells}", flush=True)
-    for B in sorted({b for b, _ in SHAPES}):
+    for B in sorted({r["batch"] for r in rows}):
         longest = max((r for r in rows if r["batch"] == B), key=lambda r: r["tokens"])
         for r in rows:
             if r["batch"] == B:
@@ -250,6 +407,13 @@ def main(argv=None):
         shape = "B={batch} L={tokens}".format(**r)
         print(f"{shape:<14}{r['ideal']:>8.4f}{r['sdpa + copy']:>11.4f}{r.get('flex', float('nan')):>8.4f}"
               f"{dflt:>12.4f}{best:>12.4f}  {r['triton best']}")
+    if any(r.get("whole head best") for r in rows):
+        print(f"\n{'shape':<14}{'ideal':>8}{'sdpa+copy':>11}{'whole head':>12}{'/ sdpa':>8}  best config (error)")
+        for r in rows:
+            if r.get("whole head best"):
+                w = r["whole head"][r["whole head best"]]
+                print(f"{'B={batch} L={tokens}'.format(**r):<14}{r['ideal']:>8.4f}{r['sdpa + copy']:>11.4f}"
+                      f"{w['ms']:>12.4f}{w['ms'] / r['sdpa + copy']:>8.2f}  {r['whole head best']} ({w['err']:.1e})")
     if args.sdpa_backends:
         print(f"\n{'shape':<14}{'ideal':>8}" + "".join(f"{n:>24}" for n in SDPA_BACKENDS) + "   (ms, copy included)")
         for r in rows:

@@ -334,6 +334,15 @@ def test_attention_and_group_norm_tables_show_every_measured_row():
     assert "| 64 x 160 | 0.0346 | 0.0795 | nan | - |" in text
     assert "| batch x tokens | FLOP-scaled ideal | sdpa cuDNN | sdpa flash |" in text
     assert "| 64 x 160 | 0.0346 | 0.0795 | - |" in text
+    whole = {"card": "H200", "torch": "2.11", "command": "c", "heads": 16, "head_dim": 64, "note": "n", "rows": [
+        {"batch": 64, "tokens": 160, "ideal": 0.02, "sdpa + copy": 0.06, "triton": {}, "triton best": None,
+         "whole head": {"64 rows, 1 program, w4 s2": {"ms": 0.052, "err": 4e-3}},
+         "whole head best": "64 rows, 1 program, w4 s2"},
+        {"batch": 64, "tokens": 208, "ideal": 0.03, "sdpa + copy": 0.06, "triton": {}, "triton best": None,
+         "whole head": {"64 rows, 1 program, w4 s2": {"ms": 0.07, "err": 2.0}}, "whole head best": None}]}
+    text = report.short_attention_table(whole)
+    assert "| 64 x 160 | 0.0600 | 0.0520 | 0.87 | 64 rows, 1 program, w4 s2 (4.0e-03) |" in text
+    assert "| 64 x 208 | 0.0600 | - | - | none correct |" in text and text.endswith("Note: n.")
     norm = {"card": "H200", "torch": "2.11", "command": "c", "rows": [
         {"shape": [64, 288, 32, 32], "offset": 0.0, "variant": "one-pass compiled", "ms": 0.084, "tb_per_s": 0.9,
          "rel_err": 2.6e-3},
@@ -388,6 +397,28 @@ def test_sample_speed_times_each_setting_of_the_sampling_recipe(tmp_path, benchm
     assert json.loads((tmp_path / "s.json").read_text())["rows"] == result["rows"]
 
 
+@given(st.integers(1, 256))
+def test_whole_head_key_tiles_are_distinct_powers_of_two_covering_the_keys(n):
+    pytest.importorskip("triton")
+    key_chunks = _short_attention().key_chunks
+    tiles = [c for c in key_chunks(n) if c]
+    assert len(key_chunks(n)) == 4 and tiles == sorted(set(tiles), reverse=True)
+    assert all(c >= 16 and c & (c - 1) == 0 for c in tiles)
+    assert n <= sum(tiles) < n + 16  # padded to a multiple of 16 and no further
+    with pytest.raises(ValueError, match="1..256"):
+        key_chunks(256 + n)
+
+
+def _short_attention():
+    """benchmarks/short_attention.py, loaded once (its Triton kernels compile lazily, so the CPU can import it)."""
+    if "short_attention" not in _LOADED:
+        _LOADED["short_attention"] = _load("short_attention")
+    return _LOADED["short_attention"]
+
+
+_LOADED: dict = {}
+
+
 def test_triton_candidates_match_torch_under_the_triton_interpreter():
     """The Triton kernels of benchmarks/group_norm.py and short_attention.py, run on the CPU by Triton's
     interpreter (set before import)."""
@@ -406,6 +437,11 @@ for B, L, H, D, cfg in [(2, 37, 2, 72, a.KernelConfig(16, 16)), (1, 32, 3, 64, a
     q, k, v = torch.randn(B, L, 3, H, D).unbind(2)  # strided views, as the model's fused qkv gives them
     ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     assert torch.allclose(a.flash_forward(q, k, v, cfg), ref, atol=1e-5), (B, L, H, D)
+for B, L, H, D, cfg in [(2, 37, 2, 72, a.WholeHeadConfig(16)), (1, 208, 1, 80, a.WholeHeadConfig(32, 2)),
+                        (1, 64, 2, 64, a.WholeHeadConfig(64))]:  # ragged, three key tiles, one tile
+    q, k, v = torch.randn(B, L, 3, H, D).unbind(2)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    assert torch.allclose(a.whole_head_forward(q, k, v, cfg), ref, atol=1e-5), (B, L, H, D)
 print('ok')
 """
     env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
