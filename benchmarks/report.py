@@ -255,6 +255,36 @@ def short_attention_table(data: dict) -> str:
     return "\n".join(lines + (["", f"Note: {data['note']}."] if data.get("note") else []))
 
 
+def kernel_loads_table(data: dict) -> str:
+    """benchmarks/kernel_loads.py: global loads by width in the attention candidates' sm_90 PTX."""
+    lines = [f"{data['card']}, {data['heads']} heads, {data['tokens']} tokens (`{data['command']}`)", "",
+             "| kernel | head dim | head-start hint | global loads by width |", "|---|---|---|---|"]
+    for r in data["rows"]:
+        loads = ", ".join(f"{n} x `{k}`" for k, n in sorted(r["loads"].items()))
+        hint = "none" if r["head_align"] == 1 else f"multiple of {r['head_align']}"
+        lines.append(f"| {r['kernel']} | {r['head_dim']} | {hint} | {loads} |")
+    return "\n".join(lines)
+
+
+def whole_head_table(data: dict) -> str:
+    """benchmarks/whole_head_isolated.py: each whole-head configuration at head dim 72 in its own process."""
+    tokens = sorted({int(L) for r in data["rows"] if r["result"] for L in r["result"]})
+    lines = [f"{data['card']}, torch {data['torch']}, batch 64, 16 heads of 72, bf16, ms per call "
+             f"(`{data['command']}`)", "",
+             "| products | values' product | block rows, programs, warps, stages | "
+             + " | ".join(f"{L} tokens: ms (SDPA)" for L in tokens) + " | max error |",
+             "|---|---|---|" + "---|" * len(tokens) + "---|"]
+    for r in data["rows"]:
+        head = f"| {'wgmma' if r['wgmma'] else 'mma.sync'} | {'split' if r['split_values'] else 'whole'} | {r['config']} |"
+        if r["result"] is None:
+            lines.append(head + " - |" * len(tokens) + f" {r['error']} |")
+            continue
+        cells = [f"{r['result'][str(L)]['ms']:.4f} ({r['result'][str(L)]['sdpa_ms']:.4f})" for L in tokens]
+        err = max(v["err"] for v in r["result"].values())
+        lines.append(head + " " + " | ".join(cells) + f" | {err:.1e} |")
+    return "\n".join(lines + (["", f"Note: {data['note']}."] if data.get("note") else []))
+
+
 def group_norm_table(data: dict) -> str:
     """benchmarks/group_norm.py: GroupNorm + SiLU formulations on channels-last bf16 grids (``--kernels``: the
     statistics kernels from CUDA graphs, the best three tilings of ``channel_moments`` per shape)."""
@@ -340,6 +370,7 @@ def main() -> None:
               ("scaffold_profile_*.json", scaffold_table), ("smoothing_*.json", smoothing_table),
               ("train_speed_256*_h200.json", train_table), ("small_train_speed_*.json", small_train_table),
               ("sample_speed_*.json", sample_table), ("short_attention_*.json", short_attention_table),
+              ("kernel_loads_*.json", kernel_loads_table), ("whole_head_isolated_*.json", whole_head_table),
               ("group_norm_*.json", group_norm_table), ("tap_conv_*.json", tap_conv_table),
               ("scaffold_compile_*.json", scaffold_compile_table), ("launch_overhead_*.json", launch_table))
     for pattern, table in tables:

@@ -64,11 +64,22 @@ def default_config(seq_len: int, head_dim: int) -> KernelConfig:
     return KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
 
 
+@triton.jit
+def _head_start(h, stride, ALIGN: tl.constexpr):
+    """``h * stride`` elements, declared a multiple of ``ALIGN`` (1: nothing declared). Triton proves a
+    pointer aligned only from integer arguments divisible by 16: at a head stride of 72 nothing says a
+    head starts 16 bytes in, and without this every load is one element wide (``kernel_loads.py``)."""
+    start = h * stride
+    if ALIGN > 1:
+        start = tl.multiple_of(start, ALIGN)
+    return start
+
+
 def _attn_fwd(Q, K, V, O, scale_log2e,
               s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
               H, L_Q, L_K,
               D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, HEAD_ALIGN: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -76,9 +87,9 @@ def _attn_fwd(Q, K, V, O, scale_log2e,
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     da = tl.arange(0, DA)
-    q_ptr = Q + b * s_qb + h * s_qh
-    k_ptr = K + b * s_kb + h * s_kh
-    v_ptr = V + b * s_vb + h * s_vh
+    q_ptr = Q + b * s_qb + _head_start(h, s_qh, HEAD_ALIGN)
+    k_ptr = K + b * s_kb + _head_start(h, s_kh, HEAD_ALIGN)
+    v_ptr = V + b * s_vb + _head_start(h, s_vh, HEAD_ALIGN)
     row_ok = rows < L_Q
     qa = tl.load(q_ptr + rows[:, None] * s_ql + da[None, :], mask=row_ok[:, None], other=0.0)  # (BM, DA)
     acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
@@ -112,7 +123,7 @@ def _attn_fwd(Q, K, V, O, scale_log2e,
             acc_b = tl.dot(p, vb, acc_b * alpha[:, None])
         m_i = m_new
     inv = 1.0 / l_i
-    o_ptr = O + b * s_ob + h * s_oh
+    o_ptr = O + b * s_ob + _head_start(h, s_oh, HEAD_ALIGN)
     tl.store(o_ptr + rows[:, None] * s_ol + da[None, :], (acc_a * inv[:, None]).to(O.dtype.element_ty),
              mask=row_ok[:, None])
     if DB > 0:
@@ -156,8 +167,15 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Ker
     _kernel[grid](q, k, v, out, scale * 1.4426950408889634,
                  *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), H, Lq, Lk,
                  D=D, DA=DA, DB=DB, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_N=Lk % cfg.block_n == 0,
-                 **launch)
+                 HEAD_ALIGN=head_alignment(*(t.stride(2) for t in (q, k, v, out))), **launch)
     return out
+
+
+def head_alignment(*head_strides: int) -> int:
+    """The largest power of two up to 16 that divides every head stride (in elements): what the kernels
+    may tell Triton about where a head starts (8 at dh = 72). Triton infers alignment only from integer
+    arguments divisible by 16; without the hint, a head stride of 72 makes every load one element wide."""
+    return math.gcd(16, *head_strides)
 
 
 def _bhl(t: torch.Tensor) -> tuple[int, int, int]:
@@ -197,13 +215,17 @@ def _scores(qa, qb, k_ptr, s_kl, start, L_K, da, db, d_ok,
 
 
 @triton.jit
-def _values(p, acc, v_ptr, s_vl, start, L_K, dv, dv_ok, N: tl.constexpr):
-    """``acc += p @ v[start:start + N]`` over the head dim padded to a power of two (one product: two
-    products sharing ``p`` from registers fault on Hopper with Triton 3.5)."""
+def _values(p, acc, acc_b, v_ptr, s_vl, start, L_K, dv, dv_ok, db, d_ok, N: tl.constexpr, SPLIT: tl.constexpr):
+    """``acc += p @ v[start:start + N]``: over the head dim padded to a power of two, or (``SPLIT``) as
+    two products, the first ``DA`` lanes into ``acc`` and the rest into ``acc_b``."""
     cols = start + tl.arange(0, N)
     col_ok = cols < L_K
     v = tl.load(v_ptr + cols[:, None] * s_vl + dv[None, :], mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-    return acc + tl.dot(p, v)
+    acc = acc + tl.dot(p, v)
+    if SPLIT:
+        vb = tl.load(v_ptr + cols[:, None] * s_vl + db[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc_b = acc_b + tl.dot(p, vb)
+    return acc, acc_b
 
 
 @triton.jit
@@ -212,7 +234,7 @@ def _attn_whole_head(Q, K, V, O, scale_log2e,
                      H, L_Q, L_K,
                      D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
                      KA: tl.constexpr, KB: tl.constexpr, KC: tl.constexpr, KD: tl.constexpr,
-                     GRID_M: tl.constexpr):
+                     GRID_M: tl.constexpr, SPLIT_V: tl.constexpr, HEAD_ALIGN: tl.constexpr):
     """All keys of one head in one pass (no running max): the keys come as up to four power-of-two
     tiles ``KA + KB + KC + KD >= L_K``, so a 160-key head computes 160 columns, not 256. Program
     ``(m, b * H + h)`` takes query blocks ``m, m + GRID_M, ...``."""
@@ -220,14 +242,15 @@ def _attn_whole_head(Q, K, V, O, scale_log2e,
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    q_ptr = Q + b * s_qb + h * s_qh
-    k_ptr = K + b * s_kb + h * s_kh
-    v_ptr = V + b * s_vb + h * s_vh
-    o_ptr = O + b * s_ob + h * s_oh
+    q_ptr = Q + b * s_qb + _head_start(h, s_qh, HEAD_ALIGN)
+    k_ptr = K + b * s_kb + _head_start(h, s_kh, HEAD_ALIGN)
+    v_ptr = V + b * s_vb + _head_start(h, s_vh, HEAD_ALIGN)
+    o_ptr = O + b * s_ob + _head_start(h, s_oh, HEAD_ALIGN)
     da = tl.arange(0, DA)
     db = DA + tl.arange(0, DB if DB > 0 else 16)
     d_ok = db < D
-    DV: tl.constexpr = DA if DB == 0 else 2 * DA
+    SPLIT: tl.constexpr = SPLIT_V and DB > 0
+    DV: tl.constexpr = DA if DB == 0 or SPLIT else 2 * DA
     dv = tl.arange(0, DV)
     dv_ok = dv < D
     for m0 in range(pid_m * BLOCK_M, L_Q, GRID_M * BLOCK_M):
@@ -247,34 +270,44 @@ def _attn_whole_head(Q, K, V, O, scale_log2e,
             s3 = _scores(qa, qb, k_ptr, s_kl, KA + KB + KC, L_K, da, db, d_ok, KD, DB, True) * scale_log2e
             m = tl.maximum(m, tl.max(s3, 1))
         acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_M, DB if DB > 0 else 16], dtype=tl.float32)
         p = tl.exp2(s0 - m[:, None])
         l_i = tl.sum(p, 1)
-        acc = _values(p.to(V.dtype.element_ty), acc, v_ptr, s_vl, 0, L_K, dv, dv_ok, KA)
+        acc, acc_b = _values(p.to(V.dtype.element_ty), acc, acc_b, v_ptr, s_vl, 0, L_K, dv, dv_ok, db, d_ok, KA,
+                             SPLIT)
         if KB > 0:
             p = tl.exp2(s1 - m[:, None])
             l_i += tl.sum(p, 1)
-            acc = _values(p.to(V.dtype.element_ty), acc, v_ptr, s_vl, KA, L_K, dv, dv_ok, KB)
+            acc, acc_b = _values(p.to(V.dtype.element_ty), acc, acc_b, v_ptr, s_vl, KA, L_K, dv, dv_ok, db, d_ok,
+                                 KB, SPLIT)
         if KC > 0:
             p = tl.exp2(s2 - m[:, None])
             l_i += tl.sum(p, 1)
-            acc = _values(p.to(V.dtype.element_ty), acc, v_ptr, s_vl, KA + KB, L_K, dv, dv_ok, KC)
+            acc, acc_b = _values(p.to(V.dtype.element_ty), acc, acc_b, v_ptr, s_vl, KA + KB, L_K, dv, dv_ok, db,
+                                 d_ok, KC, SPLIT)
         if KD > 0:
             p = tl.exp2(s3 - m[:, None])
             l_i += tl.sum(p, 1)
-            acc = _values(p.to(V.dtype.element_ty), acc, v_ptr, s_vl, KA + KB + KC, L_K, dv, dv_ok, KD)
+            acc, acc_b = _values(p.to(V.dtype.element_ty), acc, acc_b, v_ptr, s_vl, KA + KB + KC, L_K, dv, dv_ok,
+                                 db, d_ok, KD, SPLIT)
         tl.store(o_ptr + rows[:, None] * s_ol + dv[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
                  mask=row_ok[:, None] & dv_ok[None, :])
+        if SPLIT:
+            tl.store(o_ptr + rows[:, None] * s_ol + db[None, :], (acc_b / l_i[:, None]).to(O.dtype.element_ty),
+                     mask=row_ok[:, None] & d_ok[None, :])
 
 
 @dataclass(frozen=True)
 class WholeHeadConfig:
     """Launch shape of :func:`whole_head_forward`: query rows per block, query-block programs per
-    head (0: one per block), warps, pipeline stages."""
+    head (0: one per block), warps, pipeline stages, and whether the values' product is split as the
+    head dim is (64 + 16 lanes at 72) or runs over the head dim padded to a power of two (128)."""
 
     block_m: int = 64
     grid_m: int = 0
     num_warps: int = 4
     num_stages: int = 1
+    split_values: bool = False
 
 
 def whole_head_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: WholeHeadConfig | None = None,
@@ -293,7 +326,9 @@ def whole_head_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config
     _attn_whole_head[(grid_m, B * H)](q, k, v, out, scale * 1.4426950408889634,
                                       *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), H, Lq, Lk,
                                       D=D, DA=DA, DB=DB, BLOCK_M=cfg.block_m, KA=KA, KB=KB, KC=KC, KD=KD,
-                                      GRID_M=grid_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                                      GRID_M=grid_m, SPLIT_V=cfg.split_values,
+                                      HEAD_ALIGN=head_alignment(*(t.stride(2) for t in (q, k, v, out))),
+                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

@@ -343,6 +343,13 @@ def test_attention_and_group_norm_tables_show_every_measured_row():
     text = report.short_attention_table(whole)
     assert "| 64 x 160 | 0.0600 | 0.0520 | 0.87 | 64 rows, 1 program, w4 s2 (4.0e-03) |" in text
     assert "| 64 x 208 | 0.0600 | - | - | none correct |" in text and text.endswith("Note: n.")
+    isolated = {"card": "H200", "torch": "2.11", "command": "c", "rows": [
+        {"wgmma": True, "split_values": True, "config": "64 1 4 2", "result": None, "error": "illegal memory access"},
+        {"wgmma": False, "split_values": False, "config": "128 1 8 1", "error": None,
+         "result": {"160": {"ms": 0.25, "sdpa_ms": 0.081, "err": 4e-3}, "208": {"ms": 0.45, "sdpa_ms": 0.082, "err": 5e-3}}}]}
+    text = report.whole_head_table(isolated)
+    assert "| wgmma | split | 64 1 4 2 | - | - | illegal memory access |" in text
+    assert "| mma.sync | whole | 128 1 8 1 | 0.2500 (0.0810) | 0.4500 (0.0820) | 5.0e-03 |" in text
     norm = {"card": "H200", "torch": "2.11", "command": "c", "rows": [
         {"shape": [64, 288, 32, 32], "offset": 0.0, "variant": "one-pass compiled", "ms": 0.084, "tb_per_s": 0.9,
          "rel_err": 2.6e-3},
@@ -407,6 +414,37 @@ def test_whole_head_key_tiles_are_distinct_powers_of_two_covering_the_keys(n):
     assert n <= sum(tiles) < n + 16  # padded to a multiple of 16 and no further
     with pytest.raises(ValueError, match="1..256"):
         key_chunks(256 + n)
+
+
+@given(st.lists(st.integers(1, 4096), min_size=1, max_size=4))
+def test_head_alignment_is_the_largest_power_of_two_up_to_16_dividing_every_head_stride(head_strides):
+    pytest.importorskip("triton")
+    align = _short_attention().head_alignment(*head_strides)
+    assert align in (1, 2, 4, 8, 16) and all(s % align == 0 for s in head_strides)
+    assert align == 16 or any(s % (2 * align) for s in head_strides)
+
+
+def test_head_start_hint_makes_the_sm90_loads_16_bytes_wide_at_head_dim_72(tmp_path):
+    """Compiled for an H100 on the CPU: without the hint Triton loads one bf16 at a time at dh = 72; with
+    it every load is 8 or 16 bytes. At dh = 64 Triton proves the alignment itself."""
+    pytest.importorskip("triton")
+    bench = _load("kernel_loads")
+    fn, constexprs, warps, stages = next(iter(bench.candidates(160, 64, 16).values()))
+    try:
+        bench.global_loads(fn, constexprs, bench.strides(160, 16, 64), warps, stages)
+    except Exception as e:  # noqa: BLE001 - this Triton has no NVIDIA backend or ptxas
+        pytest.skip(f"Triton cannot compile for sm_90 here: {type(e).__name__}: {str(e)[:200]}")
+    result = bench.main(["--head-dims", "72", "64", "--out", str(tmp_path / "k.json")])
+    for r in result["rows"]:
+        widths = set(r["loads"])
+        if r["head_dim"] == 72 and r["head_align"] == 1:
+            assert widths == {"ld.global.b16"}, r
+        else:
+            assert "ld.global.b16" not in widths and any("16 B" in w or "v4" in w for w in widths), r
+    assert {(r["head_dim"], r["head_align"]) for r in result["rows"]} == {(72, 1), (72, 8), (64, 1), (64, 16)}
+    assert json.loads((tmp_path / "k.json").read_text())["rows"] == result["rows"]
+    text = _load("report").kernel_loads_table(result)
+    assert "| 72 | multiple of 8 |" in text and "| 72 | none | 160 x `ld.global.b16` |" in text
 
 
 def _short_attention():

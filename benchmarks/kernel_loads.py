@@ -1,0 +1,99 @@
+"""How wide the attention candidates' global loads are, compiled for an H100 / H200 (sm_90) on any machine.
+
+    python benchmarks/kernel_loads.py --out benchmarks/results/kernel_loads_sm90.json
+
+No GPU needed: Triton compiles each kernel of ``short_attention.py`` for ``sm_90`` from its source, and
+this counts the global loads of the PTX by width: ``ld.global`` into registers, ``cp.async`` into shared
+memory (where Triton pipelines a loop). Each candidate is compiled at DC-DiT-XL's
+head dim (72) and at 64, with the head-start hint (``HEAD_ALIGN``, from ``head_alignment``: 8 at 72) and
+without it (1), for the fused ``(B, L, 3, H, dh)`` projection the model hands to attention at 160 tokens.
+
+Triton proves a pointer 16-byte aligned only from integer arguments divisible by 16. A head starts at
+``h * dh`` elements, and at ``dh = 72`` no argument says that is a multiple of 8. Without the hint every
+load is one bf16 wide (``ld.global.b16``); with it, loads are 16 bytes (``ld.global.v4.b32``). Session 13's
+candidate ran without the hint, which may be why it lost to cuDNN (docs/performance.md, session 18).
+"""
+
+import argparse
+import re
+from collections import Counter
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import short_attention as sa
+from step_speed import save_result
+
+POINTERS = ("Q", "K", "V", "O")
+
+
+def strides(tokens: int, heads: int, head_dim: int) -> dict[str, int]:
+    """The kernels' integer arguments for q, k, v as views of a fused ``(B, L, 3, H, dh)`` projection and
+    a contiguous ``(B, L, H, dh)`` output."""
+    row, out_row = 3 * heads * head_dim, heads * head_dim
+    args = {"H": heads, "L_Q": tokens, "L_K": tokens}
+    for t in "qkv":
+        args |= {f"s_{t}b": tokens * row, f"s_{t}l": row, f"s_{t}h": head_dim}
+    return args | {"s_ob": tokens * out_row, "s_ol": out_row, "s_oh": head_dim}
+
+
+def global_loads(fn, constexprs: dict, ints: dict[str, int], num_warps: int, num_stages: int) -> dict[str, int]:
+    """Global load instructions by width in ``fn``'s PTX for sm_90, integer arguments specialised as
+    Triton's launcher would (divisible by 16 or not)."""
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constexprs else "*bf16" if n in POINTERS else
+                 "fp32" if n == "scale_log2e" else "i32" for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n in POINTERS or (n in ints and ints[n] % 16 == 0)}
+    source = ASTSource(fn=fn, signature=signature, attrs=attrs,
+                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = kernel.asm["ptx"]
+    loads = Counter(re.findall(r"ld\.global[\w.]*", ptx))  # into registers
+    loads.update(f"cp.async {int(size, 16)} B" for size in  # into shared memory (pipelined loops)
+                 re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+)", ptx))
+    return dict(loads)
+
+
+def candidates(tokens: int, head_dim: int, align: int) -> dict[str, tuple]:
+    """Each candidate kernel with its constexprs and launch shape, as ``short_attention.py`` runs it."""
+    da, db = sa.split_head_dim(head_dim)
+    ka, kb, kc, kd = sa.key_chunks(tokens)
+    return {
+        "session 13 (key blocks, running max; 128x64 w4 s2)": (
+            sa._kernel, dict(D=head_dim, DA=da, DB=db, BLOCK_M=128, BLOCK_N=64, EVEN_N=tokens % 64 == 0,
+                             HEAD_ALIGN=align), 4, 2),
+        "whole head (64 rows, 1 program, w4 s2)": (
+            sa._attn_whole_head, dict(D=head_dim, DA=da, DB=db, BLOCK_M=64, KA=ka, KB=kb, KC=kc, KD=kd, GRID_M=1,
+                                      SPLIT_V=False, HEAD_ALIGN=align), 4, 2),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=160)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[72, 64])
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    rows = []
+    for head_dim in args.head_dims:
+        hint = sa.head_alignment(head_dim)  # every head stride is dh in these layouts
+        for align in dict.fromkeys((1, hint)):
+            for name, (fn, constexprs, warps, stages) in candidates(args.tokens, head_dim, align).items():
+                loads = global_loads(fn, constexprs, strides(args.tokens, args.heads, head_dim), warps, stages)
+                rows.append({"kernel": name, "head_dim": head_dim, "head_align": align, "loads": loads})
+                print(f"dh={head_dim} HEAD_ALIGN={align:<2} {name}: {loads}", flush=True)
+    print(f"\n{'kernel':<52}{'dh':>4}{'hint':>6}  global loads by width (sm_90 PTX)")
+    for r in rows:
+        print(f"{r['kernel']:<52}{r['head_dim']:>4}{r['head_align']:>6}  "
+              + ", ".join(f"{n} x {k}" for k, n in sorted(r["loads"].items())))
+    return save_result(args.out, f"none (PTX for sm_90, Triton {triton.__version__})", tokens=args.tokens,
+                       heads=args.heads, rows=rows)
+
+
+if __name__ == "__main__":
+    main()
