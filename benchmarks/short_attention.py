@@ -14,13 +14,15 @@ alone (copy included), and the Triton flash-attention forward below at each tile
 ``CONFIGS`` (head dim split as 64 + 16 lanes, 8 masked; one program per
 query block and head). "ideal" scales the longest length's SDPA time by the FLOPs (``L^2``).
 Errors are max |diff| against fp32 SDPA. The candidate lost everywhere (1.6-2.1x slower than
-cuDNN at its best tiles; docs/performance.md), so it lives here, not in the package.
+cuDNN at its best tiles; docs/performance.md), so it lives here, not in the package. That was measured
+before its loads were vectorised at head dim 72 (``_head_start``; ``kernel_loads.py``), and not since.
 
 ``--whole-head`` adds a second candidate (session 18) for up to 256 keys: one pass over every key of a
 head, held as up to four power-of-two tiles (160 = 128 + 32, so no padded columns) with no running
 max, at each configuration in ``WHOLE_HEAD_CONFIGS``. At head dim 64 it beats cuDNN at 160 tokens; at
-72 it computes wrong values, faults or runs ten times slower on the H200's Triton, depending on the
-layout of its products (docs/performance.md), so it is not in the package either.
+72, before ``_head_start``, it faulted or ran 3-41x slower than cuDNN on the H200's Triton, depending on
+the layout of its products (docs/performance.md; ``whole_head_isolated.py`` runs each configuration in a
+process of its own). Not in the package either.
 """
 
 import argparse
@@ -350,8 +352,8 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-triton", action="store_true", help="leave out the Triton candidate (a quick run)")
     ap.add_argument("--whole-head", action="store_true",
-                    help="also time the whole-head Triton candidate (up to 256 tokens; faults at head dim 72 on "
-                         "the H200's Triton: run it with --head-dim 64)")
+                    help="also time the whole-head Triton candidate (up to 256 tokens; some configurations fault at "
+                         "head dim 72 on the H200's Triton, which ends the run: see whole_head_isolated.py)")
     ap.add_argument("--short-only", action="store_true", help="only the batch-64 shapes (160-256 tokens)")
     ap.add_argument("--sdpa-backends", action="store_true",
                     help="also time each of SDPA's kernels (cuDNN, flash, memory-efficient) on its own")
