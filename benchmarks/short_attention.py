@@ -136,13 +136,9 @@ def _attn_fwd(Q, K, V, O, scale_log2e,
 _kernel = triton.jit(_attn_fwd)
 
 
-def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: KernelConfig | None = None,
-                  scale: float | None = None) -> torch.Tensor:
-    """Softmax attention ``(B, Lq, H, dh), (B, Lk, H, dh) x2 -> (B, Lq, H, dh)``, no mask, forward only.
-
-    ``config``: tiles (default: :func:`default_config` for ``Lk``); ``scale``: logit scale
-    (default ``1 / sqrt(dh)``). Gradients do not flow: use SDPA where they must.
-    """
+def _checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q (B, Lq, H, dh)``, ``k, v (B, Lk, H, dh)`` as the kernels take them (unit stride on the head dim),
+    or a ValueError that says what is wrong."""
     if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
         raise ValueError(f"expected q (B, Lq, H, dh) and k, v (B, Lk, H, dh); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -155,8 +151,18 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Ker
         raise ValueError(f"on CUDA the kernel takes fp16 or bf16 (got {q.dtype}); cast, or run under autocast")
     if D > 256:
         raise ValueError(f"head_dim {D} > 256 is not supported; use SDPA")
-    if min(t.stride(-1) for t in (q, k, v)) != 1 or max(t.stride(-1) for t in (q, k, v)) != 1:
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+
+
+def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: KernelConfig | None = None,
+                  scale: float | None = None) -> torch.Tensor:
+    """Softmax attention ``(B, Lq, H, dh), (B, Lk, H, dh) x2 -> (B, Lq, H, dh)``, no mask, forward only.
+
+    ``config``: tiles (default: :func:`default_config` for ``Lk``); ``scale``: logit scale
+    (default ``1 / sqrt(dh)``). Gradients do not flow: use SDPA where they must.
+    """
+    q, k, v = _checked(q, k, v)
+    B, Lq, H, D = q.shape
     Lk = k.shape[1]
     DA, DB = split_head_dim(D)
     cfg = config or default_config(Lk, D)
@@ -316,6 +322,7 @@ def whole_head_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config
                        scale: float | None = None) -> torch.Tensor:
     """Softmax attention ``(B, Lq, H, dh), (B, Lk, H, dh) x2 -> (B, Lq, H, dh)`` for ``Lk <= 256``, no
     mask, forward only: every key of a head in one pass, in power-of-two tiles (:func:`key_chunks`)."""
+    q, k, v = _checked(q, k, v)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     DA, DB = split_head_dim(D)
@@ -323,7 +330,9 @@ def whole_head_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config
     cfg = config or WholeHeadConfig()
     blocks = -(-Lq // cfg.block_m)
     grid_m = blocks if cfg.grid_m <= 0 else min(cfg.grid_m, blocks)
-    out = torch.zeros(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     _attn_whole_head[(grid_m, B * H)](q, k, v, out, scale * 1.4426950408889634,
                                       *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), H, Lq, Lk,
