@@ -16,11 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def _attention_kernel(spec: dict | None) -> str:
+    """How a step run attended, when not through SDPA alone (``step_speed.py --attention-kernel``)."""
+    if not spec:
+        return ""
+    return f"; attention up to {spec['max_tokens']} keys: Triton {spec['kernel']} ({spec['tiles'] or 'its default tiles'})"
+
+
 def step_table(data: dict) -> str:
     lines = [f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, "
              f"{'torch.compile' if data['compiled'] else 'eager'}, bf16 autocast"
              f"{', median of %d interleaved rounds' % data['rounds'] if data.get('rounds') else ''}"
-             f"{'; filled: fill_capacity=True, attention unmasked' if data.get('fill_capacity') else ''} "
+             f"{'; filled: fill_capacity=True, attention unmasked' if data.get('fill_capacity') else ''}"
+             f"{_attention_kernel(data.get('attention_kernel'))} "
              f"(`{data['command']}`)", "",
              "| row | tokens | ms | GFLOPs/sample | speed-up | FLOP-predicted | measured / predicted |",
              "|---|---|---|---|---|---|---|"]

@@ -23,6 +23,10 @@ max, at each configuration in ``WHOLE_HEAD_CONFIGS``. At head dim 64 it beats cu
 72, before ``_head_start``, it faulted or ran 3-41x slower than cuDNN on the H200's Triton, depending on
 the layout of its products (docs/performance.md; ``whole_head_isolated.py`` runs each configuration in a
 process of its own). Not in the package either.
+
+Both candidates are also ops that ``torch.compile`` traces into (``whole_head_attention``,
+``key_block_attention``), and ``use_in_models`` routes chunkformer's unmasked no-grad attention through
+one of them: ``step_speed.py --attention-kernel`` times whole models that way.
 """
 
 import argparse
@@ -36,6 +40,8 @@ import triton
 import triton.language as tl
 from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from chunkformer.tapconv import kernel_op, launcher
 
 
 def split_head_dim(head_dim: int) -> tuple[int, int]:
@@ -172,7 +178,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Ker
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     grid = (-(-Lq // cfg.block_m), B * H)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _kernel[grid](q, k, v, out, scale * 1.4426950408889634,
+    launcher(_kernel, q)[grid](q, k, v, out, scale * 1.4426950408889634,
                  *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), H, Lq, Lk,
                  D=D, DA=DA, DB=DB, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_N=Lk % cfg.block_n == 0,
                  HEAD_ALIGN=head_alignment(*(t.stride(2) for t in (q, k, v, out))), **launch)
@@ -334,13 +340,61 @@ def whole_head_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config
     if out.numel() == 0:
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    _attn_whole_head[(grid_m, B * H)](q, k, v, out, scale * 1.4426950408889634,
+    launcher(_attn_whole_head, q)[(grid_m, B * H)](q, k, v, out, scale * 1.4426950408889634,
                                       *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), H, Lq, Lk,
                                       D=D, DA=DA, DB=DB, BLOCK_M=cfg.block_m, KA=KA, KB=KB, KC=KC, KD=KD,
                                       GRID_M=grid_m, SPLIT_V=cfg.split_values,
                                       HEAD_ALIGN=head_alignment(*(t.stride(2) for t in (q, k, v, out))),
                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+# The candidates as ops torch.compile traces into, so that a whole compiled model can run them (step_speed.py
+# --attention-kernel). Their tiles are read when an op is traced: set them before compiling.
+OP_CONFIGS: dict[str, KernelConfig | WholeHeadConfig | None] = {"whole head": WholeHeadConfig(64, 1, 4, 2),
+                                                                 "key blocks": None}
+
+
+@kernel_op("chunkformer_bench::whole_head_attention")
+def whole_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`whole_head_forward` with ``OP_CONFIGS["whole head"]``, ``(B, L, H, dh)`` in and out."""
+    return whole_head_forward(q, k, v, OP_CONFIGS["whole head"])
+
+
+@kernel_op("chunkformer_bench::key_block_attention")
+def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`flash_forward` (session 13's kernel) with ``OP_CONFIGS["key blocks"]``, ``(B, L, H, dh)``."""
+    return flash_forward(q, k, v, OP_CONFIGS["key blocks"])
+
+
+KERNEL_OPS = {"whole head": whole_head_attention, "key blocks": key_block_attention}
+
+
+def use_in_models(kind: str, max_tokens: int, config=None, cuda_only: bool = True):
+    """Route chunkformer's unmasked attention through a candidate wherever no gradient is taken and the
+    sequence has at most ``max_tokens`` keys (both DiT-XL/2 and DC-DiT-XL call ``masked_sdpa``); SDPA does
+    the rest. Installs for the whole process; returns a function that restores SDPA. ``cuda_only=False``
+    lets the CPU take it too (Triton's interpreter, for tests)."""
+    import chunkformer.attention as attention
+
+    if kind not in KERNEL_OPS:
+        raise ValueError(f"unknown attention kernel {kind!r}; one of {sorted(KERNEL_OPS)}")
+    if kind == "whole head" and not 0 < max_tokens <= 256:
+        raise ValueError(f"the whole-head kernel takes up to 256 keys, got max_tokens={max_tokens}")
+    op, sdpa = KERNEL_OPS[kind], attention.masked_sdpa
+    OP_CONFIGS[kind] = config if config is not None else OP_CONFIGS[kind]
+
+    def masked_sdpa(q, k, v, mask):  # (B, H, M, dh), as attention.masked_sdpa takes them
+        if (mask is None and (q.is_cuda or not cuda_only) and not torch.is_grad_enabled()
+                and k.shape[-2] <= max_tokens and q.shape[-1] <= 256):
+            return op(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+        return sdpa(q, k, v, mask)
+
+    attention.masked_sdpa = masked_sdpa
+
+    def restore():
+        attention.masked_sdpa = sdpa
+    return restore
 
 
 SDPA_BACKENDS = {"sdpa cuDNN": SDPBackend.CUDNN_ATTENTION, "sdpa flash": SDPBackend.FLASH_ATTENTION,

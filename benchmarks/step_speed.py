@@ -46,6 +46,12 @@ split``, ``residual in its GEMM``, ``all three paths``, ``merge summed in bf16 (
 against the same DiT-XL/2. A path compiled inside a context (``wide persistent reductions``, ``position
 table per call (before)``) changes DiT-XL/2's graph too, so it also adds a DiT-XL/2 row compiled in it.
 
+``--attention-kernel NAME`` runs every model's unmasked, gradient-free attention over at most
+``--attention-max-tokens`` keys (default 256) through one of ``short_attention.py``'s Triton candidates
+(``whole head``, ``key blocks``; tiles from ``--attention-tiles``, e.g. ``64,1,4,2``), DiT-XL/2 and
+DC-DiT-XL alike, so the whole table compares models with the same attention. Compare it with a run
+without the flag on the same machine.
+
 ``--bf16-weights`` adds DiT-XL/2 (plain and CFG) and every DC-DiT variant's rho / Lite-CFG rows
 with their weights cast to bf16 once (``model.to(torch.bfloat16)``; DC-DiT's fp32 router and
 de-chunk residual stay fp32), under the same autocast, each DC-DiT row against the bf16-weight
@@ -187,9 +193,32 @@ def main(argv=None) -> dict:
                     help="set torch._inductor.config.KEY = VALUE (a Python literal) for every model; repeatable")
     ap.add_argument("--rows", default=None, metavar="REGEX",
                     help="time only the DC-DiT rows whose name matches (DiT-XL/2 rows always run); nothing else compiles")
+    ap.add_argument("--attention-kernel", default=None, metavar="NAME",
+                    help="every model's unmasked no-grad attention through this Triton candidate of short_attention.py "
+                         "('whole head' or 'key blocks'), where it has at most --attention-max-tokens keys (GPU)")
+    ap.add_argument("--attention-max-tokens", type=int, default=256)
+    ap.add_argument("--attention-tiles", default=None, metavar="INTS",
+                    help="the candidate's tiles: 'block_m,grid_m,warps,stages' (whole head) or "
+                         "'block_m,block_n,warps,stages' (key blocks); default: its own")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     args.bf16_weights = args.bf16_weights or args.bf16_weights_only
+    attention_kernel, restore_attention = None, None
+    if args.attention_kernel:
+        import short_attention
+
+        if args.attention_kernel not in short_attention.KERNEL_OPS:
+            ap.error(f"--attention-kernel: {args.attention_kernel!r} is not one of {sorted(short_attention.KERNEL_OPS)}")
+        tiles = None
+        if args.attention_tiles:
+            ints = [int(n) for n in args.attention_tiles.split(",")]
+            if len(ints) != 4:
+                ap.error(f"--attention-tiles takes four integers, got {args.attention_tiles!r}")
+            tiles = (short_attention.WholeHeadConfig if args.attention_kernel == "whole head"
+                     else short_attention.KernelConfig)(*ints)
+        restore_attention = short_attention.use_in_models(args.attention_kernel, args.attention_max_tokens, tiles)
+        attention_kernel = {"kernel": args.attention_kernel, "max_tokens": args.attention_max_tokens,
+                            "tiles": None if tiles is None else str(tiles)}
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     inductor = set_inductor_config(args.inductor)
     # every DC-DiT variant shares DCDiT.forward's code object, and each (model, capacity) is one more compiled
@@ -419,7 +448,8 @@ def main(argv=None) -> dict:
           f"{''.join(f', inductor {k}={v!r}' for k, v in inductor.items())}"
           f"{f'; rows ending in {ab_tag.strip()} compiled with those options' if ab else ''}"
           f"; median of {args.rounds} interleaved rounds"
-          f"{'; filled: fill_capacity=True, attention unmasked' if args.fill_capacity else ''}")
+          f"{'; filled: fill_capacity=True, attention unmasked' if args.fill_capacity else ''}"
+          f"{'; attention up to %d keys: Triton %s' % (args.attention_max_tokens, args.attention_kernel) if attention_kernel else ''}")
     print(f"{'row':<50}{'kept':>6}{'ms':>9}{'GFLOPs':>9}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}")
     for r in rows:
         print(f"{r['row']:<50}{r['kept']:>6}{r['ms']:>9.2f}{r['flops'] / 1e9:>9.1f}{r['measured_speedup']:>10.2f}"
@@ -433,12 +463,15 @@ def main(argv=None) -> dict:
     for key, value in ab_shares.items():
         if value is not None:
             print(f"{ab_tag.strip()} {key.replace('_', ' ')}: {value:.1%} ({value / scaffold_share_flops:.2f}x its share)")
+    if restore_attention is not None:
+        restore_attention()
     return save_result(args.out, card, size=args.size, batch=batch, compiled=not args.no_compile,
                        fill_capacity=args.fill_capacity, cudnn_benchmark=args.cudnn_benchmark, rounds=args.rounds,
                        masked=not args.no_masked, rows=rows, scaffold_time_share=time_share,
                        scaffold_flop_share=scaffold_share_flops, bf16_routing=args.bf16_routing,
                        scaffold_time_share_bf16_routing=low_share, bf16_weights=args.bf16_weights,
-                       inductor_config=inductor, ab_options=ab, ab_tag=ab_tag, ab_shares=ab_shares)
+                       inductor_config=inductor, ab_options=ab, ab_tag=ab_tag, ab_shares=ab_shares,
+                       attention_kernel=attention_kernel)
 
 
 if __name__ == "__main__":

@@ -457,6 +457,78 @@ def _short_attention():
 _LOADED: dict = {}
 
 
+def test_step_speed_records_the_attention_kernel_and_puts_sdpa_back(tmp_path, benchmarks):
+    pytest.importorskip("triton")
+    import chunkformer.attention as attention
+
+    step_speed = _load("step_speed")
+    sdpa = attention.masked_sdpa
+    result = step_speed.main(["--tiny", "--no-compile", "--no-masked", "--fill-capacity", "--rounds", "1",
+                              "--attention-kernel", "whole head", "--attention-max-tokens", "160",
+                              "--attention-tiles", "32,1,4,1", "--out", str(tmp_path / "a.json")])
+    assert attention.masked_sdpa is sdpa  # the CPU run attended through SDPA (the candidate is CUDA-only)
+    assert result["attention_kernel"] == {"kernel": "whole head", "max_tokens": 160,
+                                          "tiles": str(_short_attention().WholeHeadConfig(32, 1, 4, 1))}
+    assert "attention up to 160 keys: Triton whole head (WholeHeadConfig(" in _load("report").step_table(result)
+    with pytest.raises(SystemExit):
+        step_speed.main(["--tiny", "--no-compile", "--attention-kernel", "tiles"])
+    with pytest.raises(SystemExit):
+        step_speed.main(["--tiny", "--no-compile", "--attention-kernel", "whole head", "--attention-tiles", "1,2"])
+
+
+def test_candidate_attention_runs_inside_a_model_only_where_no_gradient_is_taken():
+    """``short_attention.use_in_models`` under Triton's interpreter (set before import): a DiT's blocks call the
+    candidate op once each without grad, and the output matches SDPA's; with grad, and after ``restore``,
+    SDPA runs alone."""
+    pytest.importorskip("triton")
+    code = """
+import sys; sys.path.insert(0, 'benchmarks')
+import torch, chunkformer as cf, chunkformer.attention as attention, short_attention as a
+torch.manual_seed(0)
+m = cf.create_model('DiT-S/2', input_size=8, depth=2).eval()
+for p in m.parameters():
+    torch.nn.init.normal_(p, 0, 0.05)  # DiT starts with a zero output layer: give every path a say
+x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 500]), torch.tensor([1, 2])
+with torch.no_grad():
+    base = m(x, t, y)
+calls = []
+real = a.KERNEL_OPS['whole head']
+a.KERNEL_OPS['whole head'] = lambda *args: (calls.append(args[0].shape), real(*args))[1]
+sdpa = attention.masked_sdpa
+restore = a.use_in_models('whole head', 256, a.WholeHeadConfig(16), cuda_only=False)
+with torch.no_grad():
+    got = m(x, t, y)
+assert len(calls) == 2 and calls[0] == (2, 16, 6, 64), calls  # one per block, (B, L, H, dh)
+assert torch.allclose(got, base, atol=1e-5) and not torch.equal(got, base), (got - base).abs().max()
+m(x, t, y).sum().backward()  # with grad: SDPA
+assert len(calls) == 2
+restore()
+assert attention.masked_sdpa is sdpa
+a.use_in_models('whole head', 8, cuda_only=False)  # 16 keys > 8: SDPA
+with torch.no_grad():
+    m(x, t, y)
+assert len(calls) == 2
+try:
+    a.use_in_models('whole head', 257)
+except ValueError as e:
+    assert '256 keys' in str(e)
+else:
+    raise AssertionError('the whole-head kernel took 257 keys')
+try:
+    a.use_in_models('tiles', 256)
+except ValueError as e:
+    assert 'whole head' in str(e)
+else:
+    raise AssertionError('an unknown kernel was accepted')
+print('ok')
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
 def test_triton_candidates_match_torch_under_the_triton_interpreter():
     """The Triton kernels of benchmarks/group_norm.py and short_attention.py, run on the CPU by Triton's
     interpreter (set before import)."""
