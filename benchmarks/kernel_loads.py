@@ -3,8 +3,9 @@
     python benchmarks/kernel_loads.py --out benchmarks/results/kernel_loads_sm90.json
 
 No GPU needed: Triton compiles each kernel of ``short_attention.py`` for ``sm_90`` from its source, and
-this counts the global loads of the PTX by width: ``ld.global`` into registers, ``cp.async`` into shared
-memory (where Triton pipelines a loop). Each candidate is compiled at DC-DiT-XL's
+this counts the global loads of the PTX by width (``ld.global`` into registers, ``cp.async`` into shared
+memory, where Triton pipelines a loop), and reads registers and spills from Triton's bundled ``ptxas -v``
+and shared memory from the compiled kernel: how many programs an SM can hold. Each candidate is compiled at DC-DiT-XL's
 head dim (72) and at 64, with the head-start hint (``HEAD_ALIGN``, from ``head_alignment``: 8 at 72) and
 without it (1), for the fused ``(B, L, 3, H, dh)`` projection the model hands to attention at 160 tokens.
 
@@ -16,6 +17,8 @@ candidate ran without the hint, which may be why it lost to cuDNN (docs/performa
 
 import argparse
 import re
+import subprocess
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -39,9 +42,9 @@ def strides(tokens: int, heads: int, head_dim: int) -> dict[str, int]:
     return args | {"s_ob": tokens * out_row, "s_ol": out_row, "s_oh": head_dim}
 
 
-def global_loads(fn, constexprs: dict, ints: dict[str, int], num_warps: int, num_stages: int) -> dict[str, int]:
-    """Global load instructions by width in ``fn``'s PTX for sm_90, integer arguments specialised as
-    Triton's launcher would (divisible by 16 or not)."""
+def compile_sm90(fn, constexprs: dict, ints: dict[str, int], num_warps: int, num_stages: int):
+    """``fn`` compiled for sm_90 from its source, integer arguments specialised as Triton's launcher would
+    (divisible by 16 or not)."""
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else "*bf16" if n in POINTERS else
                  "fp32" if n == "scale_log2e" else "i32" for n in names}
@@ -49,13 +52,35 @@ def global_loads(fn, constexprs: dict, ints: dict[str, int], num_warps: int, num
              if n in POINTERS or (n in ints and ints[n] % 16 == 0)}
     source = ASTSource(fn=fn, signature=signature, attrs=attrs,
                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
-    ptx = kernel.asm["ptx"]
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def global_loads(fn, constexprs: dict, ints: dict[str, int], num_warps: int, num_stages: int) -> dict[str, int]:
+    """Global load instructions by width in ``fn``'s PTX for sm_90 (:func:`compile_sm90`)."""
+    return _loads(compile_sm90(fn, constexprs, ints, num_warps, num_stages).asm["ptx"])
+
+
+def _loads(ptx: str) -> dict[str, int]:
     loads = Counter(re.findall(r"ld\.global[\w.]*", ptx))  # into registers
     loads.update(f"cp.async {int(size, 16)} B" for size in  # into shared memory (pipelined loops)
                  re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+)", ptx))
     return dict(loads)
+
+
+def resources(kernel) -> dict[str, int | None]:
+    """Registers per thread and spilled bytes (from Triton's bundled ``ptxas -v`` on the kernel's PTX), and
+    shared memory per program: what bounds how many programs an SM holds."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        info = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(tmp) / "kernel.cubin")],
+                              capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores", info)
+    return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None,
+            "shared_bytes": kernel.metadata.shared}
 
 
 def candidates(tokens: int, head_dim: int, align: int) -> dict[str, tuple]:
@@ -66,9 +91,10 @@ def candidates(tokens: int, head_dim: int, align: int) -> dict[str, tuple]:
         "session 13 (key blocks, running max; 128x64 w4 s2)": (
             sa._kernel, dict(D=head_dim, DA=da, DB=db, BLOCK_M=128, BLOCK_N=64, EVEN_N=tokens % 64 == 0,
                              HEAD_ALIGN=align), 4, 2),
-        "whole head (64 rows, 1 program, w4 s2)": (
+        **{f"whole head{', values split' if split else ''} (64 rows, 1 program, w4 s{stages})": (
             sa._attn_whole_head, dict(D=head_dim, DA=da, DB=db, BLOCK_M=64, KA=ka, KB=kb, KC=kc, KD=kd, GRID_M=1,
-                                      SPLIT_V=False, HEAD_ALIGN=align), 4, 2),
+                                      SPLIT_V=split, HEAD_ALIGN=align), 4, stages)
+           for split in (False, True) for stages in (2, 1)},
     }
 
 
@@ -84,12 +110,14 @@ def main(argv=None):
         hint = sa.head_alignment(head_dim)  # every head stride is dh in these layouts
         for align in dict.fromkeys((1, hint)):
             for name, (fn, constexprs, warps, stages) in candidates(args.tokens, head_dim, align).items():
-                loads = global_loads(fn, constexprs, strides(args.tokens, args.heads, head_dim), warps, stages)
-                rows.append({"kernel": name, "head_dim": head_dim, "head_align": align, "loads": loads})
-                print(f"dh={head_dim} HEAD_ALIGN={align:<2} {name}: {loads}", flush=True)
-    print(f"\n{'kernel':<52}{'dh':>4}{'hint':>6}  global loads by width (sm_90 PTX)")
+                kernel = compile_sm90(fn, constexprs, strides(args.tokens, args.heads, head_dim), warps, stages)
+                rows.append({"kernel": name, "head_dim": head_dim, "head_align": align,
+                             "loads": _loads(kernel.asm["ptx"]), **resources(kernel)})
+                print(f"dh={head_dim} HEAD_ALIGN={align:<2} {name}: {rows[-1]}", flush=True)
+    print(f"\n{'kernel':<52}{'dh':>4}{'hint':>6}{'regs':>6}{'spill B':>9}{'smem KiB':>10}  global loads by width")
     for r in rows:
-        print(f"{r['kernel']:<52}{r['head_dim']:>4}{r['head_align']:>6}  "
+        print(f"{r['kernel']:<52}{r['head_dim']:>4}{r['head_align']:>6}{r['registers'] or '-':>6}"
+              f"{r['spill_bytes'] if r['spill_bytes'] is not None else '-':>9}{r['shared_bytes'] / 1024:>10.1f}  "
               + ", ".join(f"{n} x {k}" for k, n in sorted(r["loads"].items())))
     return save_result(args.out, f"none (PTX for sm_90, Triton {triton.__version__})", tokens=args.tokens,
                        heads=args.heads, rows=rows)

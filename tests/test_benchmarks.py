@@ -444,7 +444,8 @@ def test_head_start_hint_makes_the_sm90_loads_16_bytes_wide_at_head_dim_72(tmp_p
     assert {(r["head_dim"], r["head_align"]) for r in result["rows"]} == {(72, 1), (72, 8), (64, 1), (64, 16)}
     assert json.loads((tmp_path / "k.json").read_text())["rows"] == result["rows"]
     text = _load("report").kernel_loads_table(result)
-    assert "| 72 | multiple of 8 |" in text and "| 72 | none | 160 x `ld.global.b16` |" in text
+    assert "| 72 | multiple of 8 |" in text and "| 160 x `ld.global.b16` |" in text
+    assert all(r["registers"] and r["registers"] <= 255 and r["shared_bytes"] > 0 for r in result["rows"])
 
 
 def _short_attention():
