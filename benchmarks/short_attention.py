@@ -101,24 +101,18 @@ def _attn_fwd(Q, K, V, O, scale_log2e,
     row_ok = rows < L_Q
     qa = tl.load(q_ptr + rows[:, None] * s_ql + da[None, :], mask=row_ok[:, None], other=0.0)  # (BM, DA)
     acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
-    if DB > 0:  # the rest of the head dim, padded to DB lanes (masked beyond D)
-        db = DA + tl.arange(0, DB)
-        d_ok = db < D
-        qb = tl.load(q_ptr + rows[:, None] * s_ql + db[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # the rest of the head dim, padded to DB lanes (masked beyond D; unused when DB == 0)
+    db = DA + tl.arange(0, DB if DB > 0 else 16)
+    d_ok = db < D
+    qb = tl.load(q_ptr + rows[:, None] * s_ql + db[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DB > 0:
         acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, L_K, BLOCK_N):
         cols = start + offs_n
         col_ok = cols < L_K
-        ka = tl.load(k_ptr + cols[None, :] * s_kl + da[:, None], mask=col_ok[None, :], other=0.0)  # (DA, BN)
-        s = tl.dot(qa, ka)
-        if DB > 0:
-            kb = tl.load(k_ptr + cols[None, :] * s_kl + db[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            s += tl.dot(qb, kb)
-        s = s * scale_log2e
-        if not EVEN_N:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
+        s = _scores(qa, qb, k_ptr, s_kl, start, L_K, da, db, d_ok, BLOCK_N, DB, not EVEN_N) * scale_log2e
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
