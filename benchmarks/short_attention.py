@@ -88,6 +88,7 @@ def _attn_fwd(Q, K, V, O, scale_log2e,
               H, L_Q, L_K,
               D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, HEAD_ALIGN: tl.constexpr):
+    scale_log2e = tl.full([], scale_log2e, tl.float32)  # inductor passes a Python float as fp64: keep fp32
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -246,6 +247,7 @@ def _attn_whole_head(Q, K, V, O, scale_log2e,
     """All keys of one head in one pass (no running max): the keys come as up to four power-of-two
     tiles ``KA + KB + KC + KD >= L_K``, so a 160-key head computes 160 columns, not 256. Program
     ``(m, b * H + h)`` takes query blocks ``m, m + GRID_M, ...``."""
+    scale_log2e = tl.full([], scale_log2e, tl.float32)  # as in _attn_fwd
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H

@@ -364,6 +364,7 @@ if triton is not None:
         """Program (row block): ``OUT = rms_norm(A + B + BIAS) * W`` on ``BLOCK_R`` rows, each held whole in registers.
         ``A`` / ``B`` are ``(N, L, D)`` read through their strides (row ``r`` is ``(r // L, r % L)``); ``OUT`` is a
         contiguous ``(N * L, D)``."""
+        eps = tl.full([], eps, tl.float32)  # inductor passes a Python float as fp64, which would make the rows fp64
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         n, l = rows // L, rows % L
         cols = tl.arange(0, BLOCK_D)
