@@ -42,12 +42,12 @@ def strides(tokens: int, heads: int, head_dim: int) -> dict[str, int]:
     return args | {"s_ob": tokens * out_row, "s_ol": out_row, "s_oh": head_dim}
 
 
-def compile_sm90(fn, constexprs: dict, ints: dict[str, int], num_warps: int, num_stages: int):
+def compile_sm90(fn, constexprs: dict, ints: dict[str, int], num_warps: int, num_stages: int, scale_type="fp32"):
     """``fn`` compiled for sm_90 from its source, integer arguments specialised as Triton's launcher would
-    (divisible by 16 or not)."""
+    (divisible by 16 or not). ``scale_type="fp64"`` types the logit scale as inductor does a Python float."""
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else "*bf16" if n in POINTERS else
-                 "fp32" if n == "scale_log2e" else "i32" for n in names}
+                 scale_type if n == "scale_log2e" else "i32" for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n in POINTERS or (n in ints and ints[n] % 16 == 0)}
     source = ASTSource(fn=fn, signature=signature, attrs=attrs,

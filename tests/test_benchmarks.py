@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -429,11 +430,7 @@ def test_head_start_hint_makes_the_sm90_loads_16_bytes_wide_at_head_dim_72(tmp_p
     it every load is 8 or 16 bytes. At dh = 64 Triton proves the alignment itself."""
     pytest.importorskip("triton")
     bench = _load("kernel_loads")
-    fn, constexprs, warps, stages = next(iter(bench.candidates(160, 64, 16).values()))
-    try:
-        bench.global_loads(fn, constexprs, bench.strides(160, 16, 64), warps, stages)
-    except Exception as e:  # noqa: BLE001 - this Triton has no NVIDIA backend or ptxas
-        pytest.skip(f"Triton cannot compile for sm_90 here: {type(e).__name__}: {str(e)[:200]}")
+    _skip_without_sm90(bench)
     result = bench.main(["--head-dims", "72", "64", "--out", str(tmp_path / "k.json")])
     for r in result["rows"]:
         widths = set(r["loads"])
@@ -446,6 +443,33 @@ def test_head_start_hint_makes_the_sm90_loads_16_bytes_wide_at_head_dim_72(tmp_p
     text = _load("report").kernel_loads_table(result)
     assert "| 72 | multiple of 8 |" in text and "| 160 x `ld.global.b16` |" in text
     assert all(r["registers"] and r["registers"] <= 255 and r["shared_bytes"] > 0 for r in result["rows"])
+
+
+def _skip_without_sm90(kernel_loads):
+    """Skip where this Triton cannot compile for sm_90 (no NVIDIA backend or ptxas): a kernel known to compile."""
+    fn, constexprs, warps, stages = next(iter(kernel_loads.candidates(160, 64, 16).values()))
+    try:
+        kernel_loads.compile_sm90(fn, constexprs, kernel_loads.strides(160, 16, 64), warps, stages)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"Triton cannot compile for sm_90 here: {type(e).__name__}: {str(e)[:200]}")
+
+
+def f64_ops(ptx: str) -> set[str]:
+    """The PTX instructions on f64 values, but the cast of an f64 argument to f32."""
+    return set(re.findall(r"(?<![\w.])[a-z]+(?:\.[a-z0-9]+)*\.f64\b", ptx)) - {"cvt.rn.f32.f64"}
+
+
+def test_the_attention_candidates_keep_an_fp64_scale_out_of_their_arithmetic():
+    """Inductor types a Python float argument fp64 on a GPU. Compiled for sm_90 that way, each candidate must still
+    compile (session 13's kernel failed: its products' accumulator became fp64) and cast the scale once, with no f64
+    arithmetic on the scores (the whole-head kernel had its softmax in fp64)."""
+    pytest.importorskip("triton")
+    bench = _load("kernel_loads")
+    ints = bench.strides(160, 16, 72)
+    _skip_without_sm90(bench)
+    for name, (fn, constexprs, warps, stages) in bench.candidates(160, 72, 8).items():
+        ptx = bench.compile_sm90(fn, constexprs, ints, warps, stages, scale_type="fp64").asm["ptx"]
+        assert "cvt.rn.f32.f64" in ptx and not f64_ops(ptx), (name, f64_ops(ptx))
 
 
 def _short_attention():

@@ -4,6 +4,7 @@ their Triton kernels and the model paths that use them (on by default when sampl
 import copy
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,31 @@ print('ok')
     env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+def test_the_rms_kernel_keeps_an_fp64_eps_out_of_its_arithmetic():
+    """Inductor types a Python float argument fp64 on a GPU: compiled for sm_90 that way, the residual RMSNorm kernel
+    must cast ``eps`` once and keep its rows in fp32 (it squared, scaled and rounded them in f64 before)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = norms._add_rms_norm_kernel
+    names = fn.arg_names
+    constexprs = dict(HAS_B=True, HAS_BIAS=True, HAS_W=True, BLOCK_R=4, BLOCK_D=1024)
+
+    def ptx(eps_type: str) -> str:
+        signature = {n: "constexpr" if n in constexprs else "*bf16" if n in ("A", "B", "BIAS", "W", "OUT") else
+                     eps_type if n == "eps" else "i32" for n in names}
+        source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+
+    try:
+        ptx("fp32")
+    except Exception as e:  # noqa: BLE001 - this Triton has no NVIDIA backend or ptxas
+        pytest.skip(f"Triton cannot compile for sm_90 here: {type(e).__name__}: {str(e)[:200]}")
+    f64 = set(re.findall(r"(?<![\w.])[a-z]+(?:\.[a-z0-9]+)*\.f64\b", ptx("fp64")))
+    assert f64 == {"cvt.rn.f32.f64"}, f64
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor traces into the Triton kernels on a GPU only")
