@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chunkformer as cf  # noqa: E402
-from step_speed import bucket, save_result, step_ms  # noqa: E402  (benchmarks/ is on the path as a script)
+from step_speed import add_attention_kernel_arguments, bucket, install_attention_kernel, save_result, step_ms  # noqa: E402  (benchmarks/ is on the path as a script)
 
 CLASSES = (  # first match wins; names as CUDA, cuDNN, cuBLAS and Triton report them (Triton names list
     ("triton fused", r"^triton_"),  # the fused aten ops, "convolution" among them: they go first)
@@ -76,10 +76,12 @@ def main(argv=None) -> dict:
                     help="also profile the scaffold alone (filled, no blocks) and list its heaviest kernels")
     ap.add_argument("--serving", action="store_true",
                     help="bf16 weights everywhere; DC-DiT filled with fp32 and with bf16 routing (instead of masked / filled)")
+    add_attention_kernel_arguments(ap)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if not 0.0 <= args.rho < 1.0:
         ap.error(f"--rho must be in [0, 1), got {args.rho}")
+    attention_kernel, restore_attention = install_attention_kernel(ap, args)
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
         ap.error("profiling needs a CUDA device; use --tiny for a CPU smoke run")
@@ -134,13 +136,19 @@ def main(argv=None) -> dict:
                      key=lambda c: -results[names[-1]]["by_class"].get(c, 0.0))
     card = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"\n{card}, torch {torch.__version__}, {args.size}px, batch {batch}, capacity {capacity} "
-          f"(rho {args.rho:g}), {'torch.compile' if cuda else 'eager'}, bf16 autocast; GPU ms per step")
+          f"(rho {args.rho:g}), {'torch.compile' if cuda else 'eager'}, bf16 autocast; GPU ms per step"
+          f"{'; attention up to %d keys: Triton %s' % (args.attention_max_tokens, args.attention_kernel) if attention_kernel else ''}")
     print(f"{'class':<18}" + "".join(f"{n[-24:]:>26}" for n in names))
     for c in classes:
         print(f"{c:<18}" + "".join(f"{results[n]['by_class'].get(c, 0.0):>26.2f}" for n in names))
     print(f"{'GPU total':<18}" + "".join(f"{results[n]['gpu_ms']:>26.2f}" for n in names))
     print(f"{'wall':<18}" + "".join(f"{results[n]['ms']:>26.2f}" for n in names))
     print(f"{'GFLOPs / sample':<18}" + "".join(f"{results[n]['gflops']:>26.1f}" for n in names))
+    for n in names:  # which attention kernel each model ran, and what it cost
+        attention = {k: v for k, v in results[n]["by_kernel"].items() if kernel_class(k) == "attention"}
+        if attention:
+            print(f"attention in {n}: " + "; ".join(f"{v:.2f} ms {k[:60]}" for k, v in
+                                                      sorted(attention.items(), key=lambda kv: -kv[1])))
     masked, filled = (results[n]["by_kernel"] for n in names[1:3])  # --serving: fp32 / bf16 routing
     a, b = ("fp32 routing", "bf16 routing") if args.serving else ("masked", "filled")
     diff = sorted(set(masked) | set(filled), key=lambda k: -abs(filled.get(k, 0.0) - masked.get(k, 0.0)))
@@ -156,8 +164,10 @@ def main(argv=None) -> dict:
             print(f"{v:>8.3f}  {kernel_class(k):<14}{k[:100]}")
     for r in results.values():  # keep the JSON small: the top kernels per model only
         r["by_kernel"] = dict(sorted(r["by_kernel"].items(), key=lambda kv: -kv[1])[: 3 * args.top])
+    if restore_attention is not None:
+        restore_attention()
     return save_result(args.out, card, size=args.size, batch=batch, rho=args.rho, capacity=capacity,
-                       serving=args.serving, models=results,
+                       serving=args.serving, models=results, attention_kernel=attention_kernel,
                        **({"bf16_vs_fp32_routing": top} if args.serving else {"filled_vs_masked": top}))
 
 

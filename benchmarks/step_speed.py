@@ -160,6 +160,38 @@ def step_ms(fn, reps: int, *args) -> float:
     return 1e3 * (time.perf_counter() - start) / reps
 
 
+def add_attention_kernel_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--attention-kernel``, ``--attention-max-tokens``, ``--attention-tiles`` (also ``step_profile.py``'s)."""
+    ap.add_argument("--attention-kernel", default=None, metavar="NAME",
+                    help="every model's unmasked no-grad attention through this Triton candidate of short_attention.py "
+                         "('whole head' or 'key blocks'), where it has at most --attention-max-tokens keys (GPU)")
+    ap.add_argument("--attention-max-tokens", type=int, default=256)
+    ap.add_argument("--attention-tiles", default=None, metavar="INTS",
+                    help="the candidate's tiles: 'block_m,grid_m,warps,stages' (whole head) or "
+                         "'block_m,block_n,warps,stages' (key blocks); default: its own")
+
+
+def install_attention_kernel(ap: argparse.ArgumentParser, args) -> tuple[dict | None, object]:
+    """Route attention through ``--attention-kernel`` if given: ``(the setting as recorded, restore function or
+    None)``; a bad name or tile list is a usage error."""
+    if not args.attention_kernel:
+        return None, None
+    import short_attention
+
+    if args.attention_kernel not in short_attention.KERNEL_OPS:
+        ap.error(f"--attention-kernel: {args.attention_kernel!r} is not one of {sorted(short_attention.KERNEL_OPS)}")
+    tiles = None
+    if args.attention_tiles:
+        ints = [int(n) for n in args.attention_tiles.split(",")]
+        if len(ints) != 4:
+            ap.error(f"--attention-tiles takes four integers, got {args.attention_tiles!r}")
+        tiles = (short_attention.WholeHeadConfig if args.attention_kernel == "whole head"
+                 else short_attention.KernelConfig)(*ints)
+    restore = short_attention.use_in_models(args.attention_kernel, args.attention_max_tokens, tiles)
+    return {"kernel": args.attention_kernel, "max_tokens": args.attention_max_tokens,
+            "tiles": None if tiles is None else str(tiles)}, restore
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, choices=(256, 512), default=256, help="image size (latent = size / 8)")
@@ -193,32 +225,11 @@ def main(argv=None) -> dict:
                     help="set torch._inductor.config.KEY = VALUE (a Python literal) for every model; repeatable")
     ap.add_argument("--rows", default=None, metavar="REGEX",
                     help="time only the DC-DiT rows whose name matches (DiT-XL/2 rows always run); nothing else compiles")
-    ap.add_argument("--attention-kernel", default=None, metavar="NAME",
-                    help="every model's unmasked no-grad attention through this Triton candidate of short_attention.py "
-                         "('whole head' or 'key blocks'), where it has at most --attention-max-tokens keys (GPU)")
-    ap.add_argument("--attention-max-tokens", type=int, default=256)
-    ap.add_argument("--attention-tiles", default=None, metavar="INTS",
-                    help="the candidate's tiles: 'block_m,grid_m,warps,stages' (whole head) or "
-                         "'block_m,block_n,warps,stages' (key blocks); default: its own")
+    add_attention_kernel_arguments(ap)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     args.bf16_weights = args.bf16_weights or args.bf16_weights_only
-    attention_kernel, restore_attention = None, None
-    if args.attention_kernel:
-        import short_attention
-
-        if args.attention_kernel not in short_attention.KERNEL_OPS:
-            ap.error(f"--attention-kernel: {args.attention_kernel!r} is not one of {sorted(short_attention.KERNEL_OPS)}")
-        tiles = None
-        if args.attention_tiles:
-            ints = [int(n) for n in args.attention_tiles.split(",")]
-            if len(ints) != 4:
-                ap.error(f"--attention-tiles takes four integers, got {args.attention_tiles!r}")
-            tiles = (short_attention.WholeHeadConfig if args.attention_kernel == "whole head"
-                     else short_attention.KernelConfig)(*ints)
-        restore_attention = short_attention.use_in_models(args.attention_kernel, args.attention_max_tokens, tiles)
-        attention_kernel = {"kernel": args.attention_kernel, "max_tokens": args.attention_max_tokens,
-                            "tiles": None if tiles is None else str(tiles)}
+    attention_kernel, restore_attention = install_attention_kernel(ap, args)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     inductor = set_inductor_config(args.inductor)
     # every DC-DiT variant shares DCDiT.forward's code object, and each (model, capacity) is one more compiled

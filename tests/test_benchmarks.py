@@ -368,6 +368,7 @@ def test_step_profile_compares_dit_with_masked_and_filled_dcdit(tmp_path, benchm
     assert result["capacity"] == step_profile.bucket(8 * 8 / 4 * 0.6) and (tmp_path / "p.json").is_file()
     assert step_profile.kernel_class("triton_poi_fused__to_copy_add_convolution_silu_15") == "triton fused"
     assert step_profile.kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma") == "attention"
+    assert step_profile.kernel_class("_attn_fwd") == "attention"  # short_attention.py's candidate
     assert step_profile.kernel_class("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc") == "convolution"
     assert step_profile.kernel_class("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "gemm"
     with pytest.raises(SystemExit):
