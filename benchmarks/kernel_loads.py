@@ -89,7 +89,7 @@ def candidates(tokens: int, head_dim: int, align: int) -> dict[str, tuple]:
     ka, kb, kc, kd = sa.key_chunks(tokens)
     return {
         "session 13 (key blocks, running max; 128x64 w4 s2)": (
-            sa._kernel, dict(D=head_dim, DA=da, DB=db, BLOCK_M=128, BLOCK_N=64, EVEN_N=tokens % 64 == 0,
+            sa._attention_kernel, dict(D=head_dim, DA=da, DB=db, BLOCK_M=128, BLOCK_N=64, EVEN_N=tokens % 64 == 0,
                              HEAD_ALIGN=align), 4, 2),
         **{f"whole head{', values split' if split else ''} (64 rows, 1 program, w4 s{stages})": (
             sa._attn_whole_head, dict(D=head_dim, DA=da, DB=db, BLOCK_M=64, KA=ka, KB=kb, KC=kc, KD=kd, GRID_M=1,

@@ -23,12 +23,21 @@ def _attention_kernel(spec: dict | None) -> str:
     return f"; attention up to {spec['max_tokens']} keys: Triton {spec['kernel']} ({spec['tiles'] or 'its default tiles'})"
 
 
+def _short_attention(setting) -> str:
+    """Whether a step run had chunkformer's short-attention kernel on (files before session 19 say nothing: off)."""
+    if setting is None:
+        return ""
+    if not setting:
+        return "; SDPA only"
+    return "; short-attention kernel at " + ", ".join(f"dh {d}: {lo + 1}-{hi} keys" for d, (lo, hi) in setting.items())
+
+
 def step_table(data: dict) -> str:
     lines = [f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, "
              f"{'torch.compile' if data['compiled'] else 'eager'}, bf16 autocast"
              f"{', median of %d interleaved rounds' % data['rounds'] if data.get('rounds') else ''}"
              f"{'; filled: fill_capacity=True, attention unmasked' if data.get('fill_capacity') else ''}"
-             f"{_attention_kernel(data.get('attention_kernel'))} "
+             f"{_attention_kernel(data.get('attention_kernel'))}{_short_attention(data.get('short_attention'))} "
              f"(`{data['command']}`)", "",
              "| row | tokens | ms | GFLOPs/sample | speed-up | FLOP-predicted | measured / predicted |",
              "|---|---|---|---|---|---|---|"]

@@ -1,21 +1,25 @@
-"""Unmasked attention at DC-DiT-XL's kept lengths: SDPA's kernels against a Triton candidate (not adopted).
+"""Unmasked attention at DC-DiT-XL's kept lengths: SDPA's kernels against Triton kernels of our own.
 
     python benchmarks/short_attention.py --out benchmarks/results/short_attention_h100.json
+    python benchmarks/short_attention.py --no-flex --lengths 128,136,144,160,176,192   # the window's edges
 
 DC-DiT-XL attends over 160-1024 kept tokens with 16 heads of 72, and SDPA's default kernel on an
 H100 (cuDNN's flash kernel, which pads the head dim to 128 and tiles 64 x 128) takes nearly as
 long at 160 tokens as at 256. This asks whether a kernel of our own would shrink with the budget.
 At the step benchmark's token counts (batch 64 at 160 / 208 / 256 tokens, batch 16 at 616 / 824 /
-1024) it times one attention call as the model makes it: q, k, v are views of a fused
-``(B, L, 3, H, dh)`` projection and the result must reach the output projection as a contiguous
-``(B, L, H * dh)``. Rows: SDPA's default choice with the transpose copy after it, the same without
-the copy, FlexAttention compiled (no mask), with ``--sdpa-backends`` each of SDPA's kernels forced
-alone (copy included), and the Triton flash-attention forward below at each tile configuration in
-``CONFIGS`` (head dim split as 64 + 16 lanes, 8 masked; one program per
-query block and head). "ideal" scales the longest length's SDPA time by the FLOPs (``L^2``).
-Errors are max |diff| against fp32 SDPA. The candidate lost everywhere (1.6-2.1x slower than
-cuDNN at its best tiles; docs/performance.md), so it lives here, not in the package. That was measured
-before its loads were vectorised at head dim 72 (``_head_start``; ``kernel_loads.py``), and not since.
+1024; ``--lengths``: batch 64 at the counts given) it times one attention call as the model makes it:
+q, k, v are views of a fused ``(B, L, 3, H, dh)`` projection and the result must reach the output
+projection as a contiguous ``(B, L, H * dh)``. Rows: SDPA's default choice with the transpose copy
+after it, the same without the copy, FlexAttention compiled (no mask), with ``--sdpa-backends`` each
+of SDPA's kernels forced alone (copy included), and the key-block kernel of
+:mod:`chunkformer.short_attention` at each tile configuration in ``CONFIGS`` (flash attention's
+forward; head dim split as 64 + 16 lanes, 8 masked; one program per query block and head). "ideal"
+scales the longest length's SDPA time by the FLOPs (``L^2``). Errors are max |diff| against fp32 SDPA.
+
+That kernel lost everywhere in session 13 (1.6-2.1x slower than cuDNN) with one-element loads at head
+dim 72. With its loads vectorised (``_head_start``; ``kernel_loads.py``) it beats cuDNN at 136-192 keys
+(0.057-0.062 against 0.079 ms on an H100) and loses at 128 and below and at 208 and above, so the
+library takes it in that window only (``chunkformer.short_attention.WINS``; docs/performance.md).
 
 ``--whole-head`` adds a second candidate (session 18) for up to 256 keys: one pass over every key of a
 head, held as up to four power-of-two tiles (160 = 128 + 32, so no padded columns) with no running
@@ -41,28 +45,12 @@ import triton.language as tl
 from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from chunkformer.short_attention import (AttentionTiles, _attention_kernel, _checked, _head_start, _scores, forward,  # noqa: F401
+                                         head_alignment, split_head_dim)  # the key-block kernel is the library's
 from chunkformer.tapconv import kernel_op, launcher
 
 
-def split_head_dim(head_dim: int) -> tuple[int, int]:
-    """``head_dim = main + rest`` with ``main`` the largest power of two <= head_dim and ``rest``
-    padded to a power of two >= 16 (0 when head_dim is a power of two): 72 -> (64, 16)."""
-    if head_dim < 16:
-        raise ValueError(f"head_dim must be at least 16, got {head_dim}")
-    main = 1 << (head_dim.bit_length() - 1)
-    left = head_dim - main
-    rest = 0 if left == 0 else max(16, 1 << (left - 1).bit_length())
-    return main, rest
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Tile sizes and launch shape of one kernel instance."""
-
-    block_m: int = 64   # query rows per program
-    block_n: int = 64   # keys per inner step
-    num_warps: int = 4
-    num_stages: int = 2
+KernelConfig = AttentionTiles  # the key-block kernel's tiles (block_m, block_n, num_warps, num_stages)
 
 
 def default_config(seq_len: int, head_dim: int) -> KernelConfig:
@@ -72,119 +60,10 @@ def default_config(seq_len: int, head_dim: int) -> KernelConfig:
     return KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
 
 
-@triton.jit
-def _head_start(h, stride, ALIGN: tl.constexpr):
-    """``h * stride`` elements, declared a multiple of ``ALIGN`` (1: nothing declared). Triton proves a
-    pointer aligned only from integer arguments divisible by 16: at a head stride of 72 nothing says a
-    head starts 16 bytes in, and without this every load is one element wide (``kernel_loads.py``)."""
-    start = h * stride
-    if ALIGN > 1:
-        start = tl.multiple_of(start, ALIGN)
-    return start
-
-
-def _attn_fwd(Q, K, V, O, scale_log2e,
-              s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
-              H, L_Q, L_K,
-              D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, HEAD_ALIGN: tl.constexpr):
-    scale_log2e = tl.full([], scale_log2e, tl.float32)  # inductor passes a Python float as fp64: keep fp32
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    da = tl.arange(0, DA)
-    q_ptr = Q + b * s_qb + _head_start(h, s_qh, HEAD_ALIGN)
-    k_ptr = K + b * s_kb + _head_start(h, s_kh, HEAD_ALIGN)
-    v_ptr = V + b * s_vb + _head_start(h, s_vh, HEAD_ALIGN)
-    row_ok = rows < L_Q
-    qa = tl.load(q_ptr + rows[:, None] * s_ql + da[None, :], mask=row_ok[:, None], other=0.0)  # (BM, DA)
-    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
-    # the rest of the head dim, padded to DB lanes (masked beyond D; unused when DB == 0)
-    db = DA + tl.arange(0, DB if DB > 0 else 16)
-    d_ok = db < D
-    qb = tl.load(q_ptr + rows[:, None] * s_ql + db[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if DB > 0:
-        acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in range(0, L_K, BLOCK_N):
-        cols = start + offs_n
-        col_ok = cols < L_K
-        s = _scores(qa, qb, k_ptr, s_kl, start, L_K, da, db, d_ok, BLOCK_N, DB, not EVEN_N) * scale_log2e
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(V.dtype.element_ty)
-        va = tl.load(v_ptr + cols[:, None] * s_vl + da[None, :], mask=col_ok[:, None], other=0.0)  # (BN, DA)
-        acc_a = tl.dot(p, va, acc_a * alpha[:, None])
-        if DB > 0:
-            vb = tl.load(v_ptr + cols[:, None] * s_vl + db[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            acc_b = tl.dot(p, vb, acc_b * alpha[:, None])
-        m_i = m_new
-    inv = 1.0 / l_i
-    o_ptr = O + b * s_ob + _head_start(h, s_oh, HEAD_ALIGN)
-    tl.store(o_ptr + rows[:, None] * s_ol + da[None, :], (acc_a * inv[:, None]).to(O.dtype.element_ty),
-             mask=row_ok[:, None])
-    if DB > 0:
-        tl.store(o_ptr + rows[:, None] * s_ol + db[None, :], (acc_b * inv[:, None]).to(O.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
-
-
-_kernel = triton.jit(_attn_fwd)
-
-
-def _checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``q (B, Lq, H, dh)``, ``k, v (B, Lk, H, dh)`` as the kernels take them (unit stride on the head dim),
-    or a ValueError that says what is wrong."""
-    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
-        raise ValueError(f"expected q (B, Lq, H, dh) and k, v (B, Lk, H, dh); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    B, Lq, H, D = q.shape
-    if k.shape[0] != B or k.shape[2] != H or k.shape[3] != D:
-        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} disagree on batch, heads or head dim")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"on CUDA the kernel takes fp16 or bf16 (got {q.dtype}); cast, or run under autocast")
-    if D > 256:
-        raise ValueError(f"head_dim {D} > 256 is not supported; use SDPA")
-    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-
-
-def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: KernelConfig | None = None,
-                  scale: float | None = None) -> torch.Tensor:
-    """Softmax attention ``(B, Lq, H, dh), (B, Lk, H, dh) x2 -> (B, Lq, H, dh)``, no mask, forward only.
-
-    ``config``: tiles (default: :func:`default_config` for ``Lk``); ``scale``: logit scale
-    (default ``1 / sqrt(dh)``). Gradients do not flow: use SDPA where they must.
-    """
-    q, k, v = _checked(q, k, v)
-    B, Lq, H, D = q.shape
-    Lk = k.shape[1]
-    DA, DB = split_head_dim(D)
-    cfg = config or default_config(Lk, D)
-    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
-    if B * Lq * H == 0:
-        return out
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    grid = (-(-Lq // cfg.block_m), B * H)
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    launcher(_kernel, q)[grid](q, k, v, out, scale * 1.4426950408889634,
-                 *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), H, Lq, Lk,
-                 D=D, DA=DA, DB=DB, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_N=Lk % cfg.block_n == 0,
-                 HEAD_ALIGN=head_alignment(*(t.stride(2) for t in (q, k, v, out))), **launch)
-    return out
-
-
-def head_alignment(*head_strides: int) -> int:
-    """The largest power of two up to 16 that divides every head stride (in elements): what the kernels
-    may tell Triton about where a head starts (8 at dh = 72). Triton infers alignment only from integer
-    arguments divisible by 16; without the hint, a head stride of 72 makes every load one element wide."""
-    return math.gcd(16, *head_strides)
+def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: KernelConfig | None = None) -> torch.Tensor:
+    """The key-block kernel (:func:`chunkformer.short_attention.forward`, session 13's candidate) at ``config``
+    (default: :func:`default_config` for the key count): ``(B, Lq, H, dh), (B, Lk, H, dh) x2 -> (B, Lq, H, dh)``."""
+    return forward(q, k, v, config or default_config(k.shape[1], q.shape[-1]))
 
 
 def _bhl(t: torch.Tensor) -> tuple[int, int, int]:
@@ -205,22 +84,6 @@ def key_chunks(seq_len: int, smallest: int = 16) -> tuple[int, int, int, int]:
         chunks.append(c)
         left -= c
     return tuple(chunks + [0] * (4 - len(chunks)))
-
-
-@triton.jit
-def _scores(qa, qb, k_ptr, s_kl, start, L_K, da, db, d_ok,
-            N: tl.constexpr, DB: tl.constexpr, LAST: tl.constexpr):
-    """Logits of a query block against keys ``[start, start + N)`` (-inf past ``L_K`` on the last tile)."""
-    cols = start + tl.arange(0, N)
-    col_ok = cols < L_K
-    ka = tl.load(k_ptr + cols[None, :] * s_kl + da[:, None], mask=col_ok[None, :], other=0.0)  # (DA, N)
-    s = tl.dot(qa, ka)
-    if DB > 0:
-        kb = tl.load(k_ptr + cols[None, :] * s_kl + db[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        s += tl.dot(qb, kb)
-    if LAST:
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-    return s
 
 
 @triton.jit
@@ -414,6 +277,8 @@ def main(argv=None):
                     help="also time the whole-head Triton candidate (up to 256 tokens; some configurations fault at "
                          "head dim 72 on the H200's Triton, which ends the run: see whole_head_isolated.py)")
     ap.add_argument("--short-only", action="store_true", help="only the batch-64 shapes (160-256 tokens)")
+    ap.add_argument("--lengths", default=None, metavar="INTS",
+                    help="these token counts at batch 64 instead of the step benchmark's shapes, e.g. 128,144,160")
     ap.add_argument("--sdpa-backends", action="store_true",
                     help="also time each of SDPA's kernels (cuDNN, flash, memory-efficient) on its own")
     ap.add_argument("--out", type=Path, default=None)
@@ -428,7 +293,9 @@ def main(argv=None):
     flex = torch.compile(flex_attention)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {H} heads of {D}")
     rows = []
-    for B, L in [s for s in SHAPES if s[1] <= 256 or not args.short_only]:
+    shapes = ([(64, int(n)) for n in args.lengths.split(",")] if args.lengths else
+              [s for s in SHAPES if s[1] <= 256 or not args.short_only])
+    for B, L in shapes:
         qkv = torch.randn(B, L, 3, H, D, device=dev, dtype=torch.bfloat16)
         q, k, v = qkv.unbind(2)  # (B, L, H, dh) views, as the model's rearrange gives them
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))

@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chunkformer as cf  # noqa: E402
-from step_speed import add_attention_kernel_arguments, bucket, install_attention_kernel, save_result, step_ms  # noqa: E402  (benchmarks/ is on the path as a script)
+from step_speed import (add_attention_kernel_arguments, bucket, install_attention_kernel, save_result,  # noqa: E402
+                        short_attention_setting, step_ms)  # benchmarks/ is on the path as a script
 
 CLASSES = (  # first match wins; names as CUDA, cuDNN, cuBLAS and Triton report them (Triton names list
     ("triton fused", r"^triton_"),  # the fused aten ops, "convolution" among them: they go first)
@@ -137,7 +138,8 @@ def main(argv=None) -> dict:
     card = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"\n{card}, torch {torch.__version__}, {args.size}px, batch {batch}, capacity {capacity} "
           f"(rho {args.rho:g}), {'torch.compile' if cuda else 'eager'}, bf16 autocast; GPU ms per step"
-          f"{'; attention up to %d keys: Triton %s' % (args.attention_max_tokens, args.attention_kernel) if attention_kernel else ''}")
+          f"{'; attention up to %d keys: Triton %s' % (args.attention_max_tokens, args.attention_kernel) if attention_kernel else ''}"
+          f"{'; SDPA only (--no-short-attention)' if args.no_short_attention else ''}")
     print(f"{'class':<18}" + "".join(f"{n[-24:]:>26}" for n in names))
     for c in classes:
         print(f"{c:<18}" + "".join(f"{results[n]['by_class'].get(c, 0.0):>26.2f}" for n in names))
@@ -168,6 +170,7 @@ def main(argv=None) -> dict:
         restore_attention()
     return save_result(args.out, card, size=args.size, batch=batch, rho=args.rho, capacity=capacity,
                        serving=args.serving, models=results, attention_kernel=attention_kernel,
+                       short_attention=short_attention_setting(args),
                        **({"bf16_vs_fp32_routing": top} if args.serving else {"filled_vs_masked": top}))
 
 

@@ -169,11 +169,15 @@ def add_attention_kernel_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--attention-tiles", default=None, metavar="INTS",
                     help="the candidate's tiles: 'block_m,grid_m,warps,stages' (whole head) or "
                          "'block_m,block_n,warps,stages' (key blocks); default: its own")
+    ap.add_argument("--no-short-attention", action="store_true",
+                    help="SDPA for every attention: turn off chunkformer.short_attention (by default its kernel takes "
+                         "the unmasked no-grad attention inside its WINS: 129-192 keys at head dim 72)")
 
 
 def install_attention_kernel(ap: argparse.ArgumentParser, args) -> tuple[dict | None, object]:
     """Route attention through ``--attention-kernel`` if given: ``(the setting as recorded, restore function or
-    None)``; a bad name or tile list is a usage error."""
+    None)``; a bad name or tile list is a usage error. Applies ``--no-short-attention`` first."""
+    cf.set_short_attention(not args.no_short_attention)
     if not args.attention_kernel:
         return None, None
     import short_attention
@@ -190,6 +194,11 @@ def install_attention_kernel(ap: argparse.ArgumentParser, args) -> tuple[dict | 
     restore = short_attention.use_in_models(args.attention_kernel, args.attention_max_tokens, tiles)
     return {"kernel": args.attention_kernel, "max_tokens": args.attention_max_tokens,
             "tiles": None if tiles is None else str(tiles)}, restore
+
+
+def short_attention_setting(args) -> dict | bool:
+    """What the result file records of the library's short-attention kernel: its windows, or False if off."""
+    return False if args.no_short_attention else {str(d): list(w) for d, w in cf.short_attention.WINS.items()}
 
 
 def main(argv=None) -> dict:
@@ -460,7 +469,8 @@ def main(argv=None) -> dict:
           f"{f'; rows ending in {ab_tag.strip()} compiled with those options' if ab else ''}"
           f"; median of {args.rounds} interleaved rounds"
           f"{'; filled: fill_capacity=True, attention unmasked' if args.fill_capacity else ''}"
-          f"{'; attention up to %d keys: Triton %s' % (args.attention_max_tokens, args.attention_kernel) if attention_kernel else ''}")
+          f"{'; attention up to %d keys: Triton %s' % (args.attention_max_tokens, args.attention_kernel) if attention_kernel else ''}"
+          f"{'; SDPA only (--no-short-attention)' if args.no_short_attention else ''}")
     print(f"{'row':<50}{'kept':>6}{'ms':>9}{'GFLOPs':>9}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}")
     for r in rows:
         print(f"{r['row']:<50}{r['kept']:>6}{r['ms']:>9.2f}{r['flops'] / 1e9:>9.1f}{r['measured_speedup']:>10.2f}"
@@ -482,7 +492,7 @@ def main(argv=None) -> dict:
                        scaffold_flop_share=scaffold_share_flops, bf16_routing=args.bf16_routing,
                        scaffold_time_share_bf16_routing=low_share, bf16_weights=args.bf16_weights,
                        inductor_config=inductor, ab_options=ab, ab_tag=ab_tag, ab_shares=ab_shares,
-                       attention_kernel=attention_kernel)
+                       attention_kernel=attention_kernel, short_attention=short_attention_setting(args))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@
 from ._typing import TYPECHECK, value_checks
 from .adapters import BackboneAdapter, Conditioning, UnsupportedModelError, register_adapter
 from .attention import chunk_attention
-from . import merging
+from . import merging, short_attention
 from .budget import TimestepAdaptiveBudget, ratio_loss, tail_drop
 from .caching import StepCache
 from .dechunk import dechunk, smooth_dense, smooth_windowed, ste_ones
@@ -27,6 +27,7 @@ from .plan import ChunkPlan, nearest_kept
 from .precision import set_fp32_router_dechunk
 from .routing import Router, RouterOutput
 from .scaffold import ChunkEncoder, DeChunkDecoder, FinalLayer, ResBlock
+from .short_attention import set_short_attention
 from .tapconv import TapConv2d, conv3x3_taps, set_taps_narrowing
 from .wrapping import ChunkWrapper, summary, unwrap, wrap
 
@@ -78,6 +79,8 @@ __all__ = [
     "UnsupportedModelError",
     "register_adapter",
     "merging",
+    "short_attention",
+    "set_short_attention",
     "StepCache",
     "set_fp32_router_dechunk",
 ]

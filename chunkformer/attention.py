@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import short_attention
 from ._typing import Float, Tensor, typechecked
 from .plan import ChunkPlan
 
@@ -182,7 +183,10 @@ def avoids_cudnn(q: Tensor, mask: Tensor | None) -> bool:
 
 def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` on ``(B, H, M, dh)``, off cuDNN's
-    kernel when its masked backward would run (see :func:`avoids_cudnn`)."""
+    kernel when its masked backward would run (see :func:`avoids_cudnn`), and through
+    :mod:`~chunkformer.short_attention`'s kernel where SDPA's pads a short unmasked sequence."""
+    if short_attention.runs_here(q, k, mask):
+        return short_attention.attend(q, k, v)
     if avoids_cudnn(q, mask):
         with sdpa_kernel(_MASKED_TRAINING_KERNELS):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -1,0 +1,217 @@
+"""A Triton attention forward for short unmasked sequences, where SDPA's default kernel pads.
+
+On Hopper, SDPA's default choice (cuDNN's flash kernel) pads the keys to a multiple of 128 and a head
+dim of 72 to 128. Just past 128 keys it costs what it costs at 256: with 16 heads of 72 at batch 64,
+0.036 ms at 128 keys and 0.079-0.080 at 136 to 192 on an H100 (``benchmarks/short_attention.py
+--lengths``). DC-DiT-XL at rho 0.4 attends over 160 kept tokens in each of its 28 blocks. This kernel
+costs 0.057-0.062 ms there: key blocks of 64 with a running max (flash attention's forward), the head dim
+split as 64 + 16 lanes (8 masked at 72) so nothing is padded to 128, one program per 64 queries and head.
+
+:func:`~chunkformer.attention.masked_sdpa` sends a call here when :func:`runs_here`: CUDA, fp16 / bf16, no
+mask, no gradient, and a head dim and key count inside :data:`WINS`, where it was measured faster than
+SDPA on an H100 and an H200. Elsewhere (training, masks, other lengths) SDPA runs.
+:func:`set_short_attention` turns it off. It is a ``torch.library.triton_op``: compiled graphs launch
+the kernel from their own code.
+
+    import torch, chunkformer as cf
+    q = torch.randn(2, 4, 160, 72)                          # (B, H, L, dh)
+    assert not cf.short_attention.runs_here(q, q, None)     # fp32 on the CPU: SDPA runs
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .tapconv import triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from .tapconv import kernel_op, launcher
+
+__all__ = ["AttentionTiles", "WINS", "attend", "forward", "runs_here", "set_short_attention", "split_head_dim"]
+
+# head dim -> (lo, hi]: the key counts where the kernel beat SDPA's choice on an H100 and an H200 (bf16, batch 64,
+# 16 heads; benchmarks/results/short_attention_lengths_hd72_h100.json, short_attention_keyblocks_hint_h200.json).
+# At dh 64 cuDNN pads nothing and the kernel lost at 160 and 176 keys; at 208 and 256 it lost at 72.
+WINS: dict[int, tuple[int, int]] = {72: (128, 192)}
+_enabled = True
+
+
+def set_short_attention(enabled: bool) -> None:
+    """Let :func:`~chunkformer.attention.masked_sdpa` use the kernel where it wins (the default), or never."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+@dataclass(frozen=True)
+class AttentionTiles:
+    """Tiles and launch shape of the kernel: 64 queries x 64 keys, 4 warps, 3 stages was the fastest of 12
+    at 136-192 keys on the H100 (the H200's best at 160, 64 x 32 with 2 stages, was within 2% of it)."""
+
+    block_m: int = 64   # query rows per program
+    block_n: int = 64   # keys per inner step
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def split_head_dim(head_dim: int) -> tuple[int, int]:
+    """``head_dim = main + rest`` with ``main`` the largest power of two <= head_dim and ``rest``
+    padded to a power of two >= 16 (0 when head_dim is a power of two): 72 -> (64, 16)."""
+    if head_dim < 16:
+        raise ValueError(f"head_dim must be at least 16, got {head_dim}")
+    main = 1 << (head_dim.bit_length() - 1)
+    left = head_dim - main
+    rest = 0 if left == 0 else max(16, 1 << (left - 1).bit_length())
+    return main, rest
+
+
+def head_alignment(*head_strides: int) -> int:
+    """The largest power of two up to 16 that divides every head stride (in elements): what the kernel may
+    tell Triton about where a head starts (8 at dh = 72). Triton infers alignment only from integer
+    arguments divisible by 16; without the hint, a head stride of 72 makes every load one element wide."""
+    return math.gcd(16, *head_strides)
+
+
+def runs_here(q: Tensor, k: Tensor, mask: Tensor | None) -> bool:
+    """Whether attention of ``q (B, H, Lq, dh)`` over ``k (B, H, Lk, dh)`` takes the kernel: on, Triton,
+    CUDA, fp16 / bf16, no mask, no gradient, and ``Lk`` inside ``WINS[dh]``."""
+    window = WINS.get(q.shape[-1])
+    return (_enabled and triton is not None and window is not None and mask is None and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16) and not torch.is_grad_enabled()
+            and window[0] < k.shape[-2] <= window[1])
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Softmax attention ``(B, H, Lq, dh), (B, H, Lk, dh) x2 -> (B, H, Lq, dh)``, no mask, forward only,
+    as SDPA takes and returns it (any strides in; the output is a view of a ``(B, Lq, H, dh)`` tensor)."""
+    return _short_attention_op(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+
+def _checked(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``q (B, Lq, H, dh)``, ``k, v (B, Lk, H, dh)`` with unit stride on the head dim, or a ValueError."""
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q (B, Lq, H, dh) and k, v (B, Lk, H, dh); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} disagree on batch, heads or head dim")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > 256:
+        raise ValueError(f"head dim {q.shape[-1]} > 256 is not supported; use SDPA")
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, tiles: AttentionTiles | None = None) -> Tensor:
+    """Run the kernel: ``q (B, Lq, H, dh)``, ``k, v (B, Lk, H, dh)`` (any strides) -> a contiguous
+    ``(B, Lq, H, dh)``, scale ``1 / sqrt(dh)``. Raises on CPU tensors unless Triton's interpreter is on."""
+    if triton is None:
+        raise RuntimeError("the short-attention kernel needs Triton (it ships with CUDA builds of torch); use SDPA")
+    q, k, v = _checked(q, k, v)
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    DA, DB = split_head_dim(D)
+    t = tiles or AttentionTiles()
+    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    strides = [s for x in (q, k, v, out) for s in (x.stride(0), x.stride(1), x.stride(2))]
+    launcher(_attention_kernel, q)[(triton.cdiv(Lq, t.block_m), B * H)](
+        q, k, v, out, 1.4426950408889634 / math.sqrt(D), *strides, H, Lq, Lk,
+        D=D, DA=DA, DB=DB, BLOCK_M=t.block_m, BLOCK_N=t.block_n, EVEN_N=Lk % t.block_n == 0,
+        HEAD_ALIGN=head_alignment(*(x.stride(2) for x in (q, k, v, out))),
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _head_start(h, stride, ALIGN: tl.constexpr):
+        """``h * stride`` elements, declared a multiple of ``ALIGN`` (1: nothing declared), so that a head
+        stride of 72 still gets 16-byte loads (``benchmarks/kernel_loads.py``)."""
+        start = h * stride
+        if ALIGN > 1:
+            start = tl.multiple_of(start, ALIGN)
+        return start
+
+    @triton.jit
+    def _scores(qa, qb, k_ptr, s_kl, start, L_K, da, db, d_ok,
+                N: tl.constexpr, DB: tl.constexpr, LAST: tl.constexpr):
+        """Logits ``(BM, N)`` of a query block against keys ``[start, start + N)`` (-inf past ``L_K`` on the
+        last tile): the first ``DA`` lanes of the head dim in one product, the rest in another."""
+        cols = start + tl.arange(0, N)
+        col_ok = cols < L_K
+        ka = tl.load(k_ptr + cols[None, :] * s_kl + da[:, None], mask=col_ok[None, :], other=0.0)  # (DA, N)
+        s = tl.dot(qa, ka)
+        if DB > 0:
+            kb = tl.load(k_ptr + cols[None, :] * s_kl + db[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            s += tl.dot(qb, kb)
+        if LAST:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        return s
+
+    @triton.jit
+    def _attention_kernel(Q, K, V, O, scale_log2e,
+                          s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
+                          H, L_Q, L_K,
+                          D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, HEAD_ALIGN: tl.constexpr):
+        """Program ``(m, b * H + h)``: query rows ``[m * BLOCK_M, (m + 1) * BLOCK_M)`` of head ``h`` of sample
+        ``b`` against every key, ``BLOCK_N`` at a time with a running max; fp32 accumulators."""
+        scale_log2e = tl.full([], scale_log2e, tl.float32)  # inductor passes a Python float as fp64: keep fp32
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < L_Q
+        q_ptr = Q + b * s_qb + _head_start(h, s_qh, HEAD_ALIGN)
+        k_ptr = K + b * s_kb + _head_start(h, s_kh, HEAD_ALIGN)
+        v_ptr = V + b * s_vb + _head_start(h, s_vh, HEAD_ALIGN)
+        da = tl.arange(0, DA)
+        db = DA + tl.arange(0, DB if DB > 0 else 16)  # the rest of the head dim, padded to DB lanes (masked past D)
+        d_ok = db < D
+        qa = tl.load(q_ptr + rows[:, None] * s_ql + da[None, :], mask=row_ok[:, None], other=0.0)  # (BM, DA)
+        qb = tl.load(q_ptr + rows[:, None] * s_ql + db[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+        if DB > 0:
+            acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, L_K, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < L_K
+            s = _scores(qa, qb, k_ptr, s_kl, start, L_K, da, db, d_ok, BLOCK_N, DB, not EVEN_N) * scale_log2e
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p = p.to(V.dtype.element_ty)
+            va = tl.load(v_ptr + cols[:, None] * s_vl + da[None, :], mask=col_ok[:, None], other=0.0)  # (BN, DA)
+            acc_a = tl.dot(p, va, acc_a * alpha[:, None])
+            if DB > 0:
+                vb = tl.load(v_ptr + cols[:, None] * s_vl + db[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                             other=0.0)
+                acc_b = tl.dot(p, vb, acc_b * alpha[:, None])
+            m_i = m_new
+        inv = 1.0 / l_i
+        o_ptr = O + b * s_ob + _head_start(h, s_oh, HEAD_ALIGN)
+        tl.store(o_ptr + rows[:, None] * s_ol + da[None, :], (acc_a * inv[:, None]).to(O.dtype.element_ty),
+                 mask=row_ok[:, None])
+        if DB > 0:
+            tl.store(o_ptr + rows[:, None] * s_ol + db[None, :], (acc_b * inv[:, None]).to(O.dtype.element_ty),
+                     mask=row_ok[:, None] & d_ok[None, :])
+
+    @kernel_op("chunkformer::short_attention")
+    def _short_attention_op(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """:func:`forward` with the default tiles, ``(B, L, H, dh)`` in and out: traced into by torch.compile."""
+        return forward(q, k, v)
+
+else:  # pragma: no cover - no Triton: runs_here is never true
+
+    def _short_attention_op(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return forward(q, k, v)

@@ -1,0 +1,121 @@
+"""chunkformer.short_attention: the Triton forward for short unmasked attention, where it is chosen, and that
+masked_sdpa sends it the calls it should (the kernel itself runs here under Triton's interpreter)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import chunkformer as cf
+from chunkformer import short_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@given(head_dim=st.integers(16, 512))
+def test_split_head_dim_is_a_power_of_two_and_a_padded_rest(head_dim):
+    main, rest = short_attention.split_head_dim(head_dim)
+    assert main & (main - 1) == 0 and main <= head_dim < 2 * main
+    if head_dim == main:
+        assert rest == 0
+    else:
+        assert rest & (rest - 1) == 0 and rest >= 16 and main + rest >= head_dim
+        assert rest == 16 or main + rest // 2 < head_dim  # no smaller power of two would cover it
+
+
+def test_split_head_dim_refuses_tiny_heads():
+    with pytest.raises(ValueError, match="at least 16"):
+        short_attention.split_head_dim(8)
+
+
+BASE = dict(head_dim=72, keys=160, dtype=torch.bfloat16, device="cuda", mask=False, grad=False, enabled=True)
+CASES = [  # each differs from BASE (taken) in one respect
+    ({}, True),
+    (dict(keys=129), True), (dict(keys=192), True), (dict(keys=128), False), (dict(keys=193), False),
+    (dict(keys=256), False), (dict(dtype=torch.float16), True), (dict(dtype=torch.float32), False),
+    (dict(head_dim=64), False), (dict(head_dim=80), False), (dict(device="cpu"), False),
+    (dict(mask=True), False), (dict(grad=True), False), (dict(enabled=False), False),
+]
+
+
+@pytest.mark.parametrize("change,taken", CASES)
+def test_runs_here_only_for_unmasked_gradient_free_half_precision_cuda_calls_inside_the_window(change, taken):
+    c = {**BASE, **change}
+    try:
+        cf.set_short_attention(c["enabled"])
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.set_grad_enabled(c["grad"]):
+            q = torch.empty(2, 16, 100, c["head_dim"], device=c["device"], dtype=c["dtype"])  # queries: any count
+            k = torch.empty(2, 16, c["keys"], c["head_dim"], device=c["device"], dtype=c["dtype"])
+            mask = torch.ones(2, 1, 1, c["keys"], dtype=torch.bool, device=c["device"]) if c["mask"] else None
+            assert short_attention.runs_here(q, k, mask) is taken
+    finally:
+        cf.set_short_attention(True)
+
+
+def test_forward_checks_its_inputs():
+    q = torch.randn(2, 10, 4, 72)
+    for bad, match in [((q, q[:1], q[:1]), "disagree"), ((q, q, q.half()), "share a dtype"),
+                       ((q[0], q[0], q[0]), "expected q"), ((q, q[..., :64], q[..., :64]), "disagree")]:
+        with pytest.raises(ValueError, match=match):
+            short_attention._checked(*bad)
+
+
+def test_kernel_equals_sdpa_and_masked_sdpa_routes_through_it_under_the_triton_interpreter():
+    """The kernel on the CPU (Triton's interpreter, set before import): ragged query and key counts, head dims with
+    and without a padded rest, strided views of a fused projection. Then masked_sdpa, told the kernel runs here,
+    calls it for unmasked attention (a DiT's two blocks) and gives SDPA's outputs."""
+    pytest.importorskip("triton")
+    code = """
+import torch, torch.nn.functional as F, chunkformer as cf
+from chunkformer import attention, short_attention as sa
+torch.manual_seed(0)
+for B, Lq, Lk, H, D, tiles in [(2, 37, 37, 2, 72, sa.AttentionTiles(16, 16)), (1, 20, 50, 3, 64, sa.AttentionTiles(16, 32)),
+                               (2, 33, 64, 1, 80, sa.AttentionTiles(32, 16)), (1, 5, 3, 2, 72, sa.AttentionTiles(16, 16))]:
+    q = torch.randn(B, Lq, H, D)
+    k, v = torch.randn(B, Lk, 2, H, D).unbind(2)  # strided views
+    ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    out = sa.forward(q, k, v, tiles)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert torch.allclose(out, ref, atol=1e-5), (B, Lq, Lk, H, D, (out - ref).abs().max())
+calls = []
+sa.runs_here = lambda q, k, mask: mask is None  # as if on a GPU, inside the window
+real = sa.forward
+sa.forward = lambda q, k, v, tiles=None: calls.append(q.shape) or real(q, k, v, sa.AttentionTiles(16, 16))
+model = cf.create_model("DiT-S/2", input_size=8, depth=2, hidden_size=64, num_heads=2).eval()  # head dim 32
+x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
+with torch.no_grad():
+    out = model(x, t, y)
+assert len(calls) == 2, calls
+sa.runs_here = lambda q, k, mask: False
+with torch.no_grad():
+    assert torch.allclose(out, model(x, t, y), atol=1e-5)
+print('ok')
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel runs on a GPU (here: interpreter tests only)")
+def test_compiled_dcdit_step_with_the_kernel_matches_sdpa_on_a_gpu():  # pragma: no cover - GPU runs
+    """DC-DiT-XL-shaped attention (16 heads of 72) at 160 kept tokens, compiled: the op is traced in, and the step
+    agrees with SDPA's to bf16 accuracy."""
+    torch.manual_seed(0)
+    m = cf.create_model("DC-DiT-XL", input_size=32, depth=2, plan_mode="fixed", capacity=160,
+                        fill_capacity=True).cuda().eval()
+    x, t, y = torch.randn(4, 4, 32, 32, device="cuda"), torch.tensor([1, 200, 500, 900], device="cuda"), \
+        torch.tensor([1, 2, 3, 4], device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = torch.compile(m)(x, t, y)
+        cf.set_short_attention(False)
+        try:
+            ref = m(x, t, y)
+        finally:
+            cf.set_short_attention(True)
+    torch.testing.assert_close(fast.float(), ref.float(), rtol=2e-2, atol=2e-2)
