@@ -377,7 +377,7 @@ def launch_table(data: dict) -> str:
     return "\n".join(lines + (["", f"Note: {data['note']}."] if data.get("note") else []))
 
 
-PLOTTED = ("step_speed_256_serving_s17_b_h100.json", "step_speed_512_serving_s17_h100.json")  # the figure's runs
+PLOTTED = ("step_speed_256_serving_s19_h100.json", "step_speed_512_serving_s17_h100.json")  # the figure's runs (512px: the same kernels since session 17)
 
 
 def main() -> None:
