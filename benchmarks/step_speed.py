@@ -50,7 +50,9 @@ table per call (before)``) changes DiT-XL/2's graph too, so it also adds a DiT-X
 ``--attention-max-tokens`` keys (default 256) through one of ``short_attention.py``'s Triton candidates
 (``whole head``, ``key blocks``; tiles from ``--attention-tiles``, e.g. ``64,1,4,2``), DiT-XL/2 and
 DC-DiT-XL alike, so the whole table compares models with the same attention. Compare it with a run
-without the flag on the same machine.
+without the flag on the same machine. ``--no-short-attention`` turns off the library's own short-attention
+kernel (``chunkformer.short_attention``: by default it takes unmasked no-grad attention of 129-192 keys at
+head dim 72, the rho-0.4 rows at 256px), for an SDPA-only run to compare with.
 
 ``--bf16-weights`` adds DiT-XL/2 (plain and CFG) and every DC-DiT variant's rho / Lite-CFG rows
 with their weights cast to bf16 once (``model.to(torch.bfloat16)``; DC-DiT's fp32 router and
