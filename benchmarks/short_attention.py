@@ -21,6 +21,11 @@ dim 72. With its loads vectorised (``_head_start``; ``kernel_loads.py``) it beat
 (0.057-0.062 against 0.079 ms on an H100) and loses at 128 and below and at 208 and above, so the
 library takes it in that window only (``chunkformer.short_attention.WINS``; docs/performance.md).
 
+``--tails`` adds a variant of it (session 19, not yet timed): whole blocks of keys unmasked, then what they
+leave as one tile of 16 or 32 keys, and the query rows past the last whole block in a second launch with
+16- or 32-row blocks. At 208 keys (3 x 64 + 16) the library's kernel computes 4 x 4 tiles of 64, 1.5x the
+work, and loses to cuDNN by 8%; this asks whether the variant wins past 192 keys (rho 0.2 at 256px).
+
 ``--whole-head`` adds a second candidate (session 18) for up to 256 keys: one pass over every key of a
 head, held as up to four power-of-two tiles (160 = 128 + 32, so no padded columns) with no running
 max, at each configuration in ``WHOLE_HEAD_CONFIGS``. At head dim 64 it beats cuDNN at 160 tokens; at
@@ -170,6 +175,105 @@ def _attn_whole_head(Q, K, V, O, scale_log2e,
                      mask=row_ok[:, None] & d_ok[None, :])
 
 
+def tail_tile(count: int, block: int) -> int:
+    """Width of a last tile that covers what whole blocks leave: 0 when ``block`` divides ``count``, else the
+    remainder rounded up to a power of two of at least 16 (208 in blocks of 64: 16, not another 64)."""
+    rest = count % block
+    return 0 if rest == 0 else max(16, 1 << (rest - 1).bit_length())
+
+
+@triton.jit
+def _key_step(qa, qb, acc_a, acc_b, m_i, l_i, k_ptr, v_ptr, s_kl, s_vl, start, L_K, da, db, d_ok, scale_log2e,
+              N: tl.constexpr, DB: tl.constexpr, MASKED: tl.constexpr):
+    """One running-max softmax step over keys ``[start, start + N)`` (masked past ``L_K`` if ``MASKED``)."""
+    cols = start + tl.arange(0, N)
+    col_ok = cols < L_K
+    s = _scores(qa, qb, k_ptr, s_kl, start, L_K, da, db, d_ok, N, DB, MASKED) * scale_log2e
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v_ptr.dtype.element_ty)
+    va = tl.load(v_ptr + cols[:, None] * s_vl + da[None, :], mask=col_ok[:, None], other=0.0)  # (N, DA)
+    acc_a = tl.dot(p, va, acc_a * alpha[:, None])
+    if DB > 0:
+        vb = tl.load(v_ptr + cols[:, None] * s_vl + db[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc_b = tl.dot(p, vb, acc_b * alpha[:, None])
+    return acc_a, acc_b, m_new, l_i
+
+
+@triton.jit
+def _attn_tails(Q, K, V, O, scale_log2e,
+                s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
+                H, L_Q, L_K, ROW0,
+                D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, HEAD_ALIGN: tl.constexpr):
+    """The key-block kernel with no padded tiles to speak of: whole blocks of ``BLOCK_N`` keys unmasked, then the
+    rest as one masked tile of ``TAIL_N`` keys; query rows from ``ROW0`` (:func:`tails_forward` launches the
+    rows that whole blocks of ``BLOCK_M`` leave again, in blocks of 16 or 32)."""
+    scale_log2e = tl.full([], scale_log2e, tl.float32)  # inductor passes a Python float as fp64
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = ROW0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < L_Q
+    q_ptr = Q + b * s_qb + _head_start(h, s_qh, HEAD_ALIGN)
+    k_ptr = K + b * s_kb + _head_start(h, s_kh, HEAD_ALIGN)
+    v_ptr = V + b * s_vb + _head_start(h, s_vh, HEAD_ALIGN)
+    da = tl.arange(0, DA)
+    DBP: tl.constexpr = DB if DB > 0 else 16
+    db = DA + tl.arange(0, DBP)
+    d_ok = db < D
+    qa = tl.load(q_ptr + rows[:, None] * s_ql + da[None, :], mask=row_ok[:, None], other=0.0)
+    qb = tl.load(q_ptr + rows[:, None] * s_ql + db[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, DBP], dtype=tl.float32)  # unused when DB == 0
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    whole = (L_K // BLOCK_N) * BLOCK_N
+    for start in range(0, whole, BLOCK_N):
+        acc_a, acc_b, m_i, l_i = _key_step(qa, qb, acc_a, acc_b, m_i, l_i, k_ptr, v_ptr, s_kl, s_vl, start, L_K,
+                                           da, db, d_ok, scale_log2e, BLOCK_N, DB, False)
+    if TAIL_N > 0:
+        acc_a, acc_b, m_i, l_i = _key_step(qa, qb, acc_a, acc_b, m_i, l_i, k_ptr, v_ptr, s_kl, s_vl, whole, L_K,
+                                           da, db, d_ok, scale_log2e, TAIL_N, DB, True)
+    inv = 1.0 / l_i
+    o_ptr = O + b * s_ob + _head_start(h, s_oh, HEAD_ALIGN)
+    tl.store(o_ptr + rows[:, None] * s_ol + da[None, :], (acc_a * inv[:, None]).to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    if DB > 0:
+        tl.store(o_ptr + rows[:, None] * s_ol + db[None, :], (acc_b * inv[:, None]).to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+
+
+def tails_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: KernelConfig | None = None,
+                  split_rows: bool = True) -> torch.Tensor:
+    """:func:`_attn_tails` at ``config`` (default: the library's tiles), ``(B, L, H, dh)`` in and out. With
+    ``split_rows`` the rows past the last whole block of ``block_m`` run in a second launch with blocks of
+    ``tail_tile`` rows (two warps: no spills on sm_90 at dh 72), so 16 rows are not computed as 64; else every
+    block is ``block_m``."""
+    q, k, v = _checked(q, k, v)
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    DA, DB = split_head_dim(D)
+    cfg = config or AttentionTiles()
+    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    common = (q, k, v, out, 1.4426950408889634 / math.sqrt(D), *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), H, Lq, Lk)
+    consts = dict(D=D, DA=DA, DB=DB, BLOCK_N=cfg.block_n, TAIL_N=tail_tile(Lk, cfg.block_n),
+                  HEAD_ALIGN=head_alignment(*(t.stride(2) for t in (q, k, v, out))), num_stages=cfg.num_stages)
+    rows = (Lq // cfg.block_m) * cfg.block_m if split_rows else -(-Lq // cfg.block_m) * cfg.block_m
+    if rows:
+        launcher(_attn_tails, q)[(rows // cfg.block_m, B * H)](*common, 0, BLOCK_M=cfg.block_m,
+                                                              num_warps=cfg.num_warps, **consts)
+    rest = tail_tile(Lq, cfg.block_m) if split_rows else 0
+    if rest:
+        launcher(_attn_tails, q)[(1, B * H)](*common, rows, BLOCK_M=rest, num_warps=2, **consts)
+    return out
+
+
 @dataclass(frozen=True)
 class WholeHeadConfig:
     """Launch shape of :func:`whole_head_forward`: query rows per block, query-block programs per
@@ -211,7 +315,7 @@ def whole_head_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config
 # The candidates as ops torch.compile traces into, so that a whole compiled model can run them (step_speed.py
 # --attention-kernel). Their tiles are read when an op is traced: set them before compiling.
 OP_CONFIGS: dict[str, KernelConfig | WholeHeadConfig | None] = {"whole head": WholeHeadConfig(64, 1, 4, 2),
-                                                                 "key blocks": None}
+                                                                 "key blocks": None, "key blocks, tails": None}
 
 
 @kernel_op("chunkformer_bench::whole_head_attention")
@@ -226,7 +330,14 @@ def key_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return flash_forward(q, k, v, OP_CONFIGS["key blocks"])
 
 
-KERNEL_OPS = {"whole head": whole_head_attention, "key blocks": key_block_attention}
+@kernel_op("chunkformer_bench::key_tail_attention")
+def key_tail_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`tails_forward` with ``OP_CONFIGS["key blocks, tails"]``, ``(B, L, H, dh)`` in and out."""
+    return tails_forward(q, k, v, OP_CONFIGS["key blocks, tails"])
+
+
+KERNEL_OPS = {"whole head": whole_head_attention, "key blocks": key_block_attention,
+              "key blocks, tails": key_tail_attention}
 
 
 def use_in_models(kind: str, max_tokens: int, config=None, cuda_only: bool = True):
@@ -276,6 +387,9 @@ def main(argv=None):
     ap.add_argument("--whole-head", action="store_true",
                     help="also time the whole-head Triton candidate (up to 256 tokens; some configurations fault at "
                          "head dim 72 on the H200's Triton, which ends the run: see whole_head_isolated.py)")
+    ap.add_argument("--tails", action="store_true",
+                    help="also time the key-block kernel with tail tiles (tails_forward): the keys and query rows "
+                         "that whole blocks leave as one 16- or 32-wide tile, not a whole padded block")
     ap.add_argument("--short-only", action="store_true", help="only the batch-64 shapes (160-256 tokens)")
     ap.add_argument("--lengths", default=None, metavar="INTS",
                     help="these token counts at batch 64 instead of the step benchmark's shapes, e.g. 128,144,160")
@@ -334,6 +448,18 @@ def main(argv=None):
                 triton_rows[name] = {"ms": ms(lambda: flash_forward(q, k, v, cfg)), "err": err}
             except Exception as e:  # noqa: BLE001
                 print(f"{name}: {type(e).__name__} {str(e)[:200]}")
+        tails = {}
+        for cfg in CONFIGS if args.tails else []:
+            name = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+            try:
+                out = tails_forward(q, k, v, cfg)
+                err = float((out.float() - ref).abs().max())
+                tails[name] = {"ms": ms(lambda: tails_forward(q, k, v, cfg)), "err": err}
+            except Exception as e:  # noqa: BLE001
+                print(f"tails {name}: {type(e).__name__} {str(e)[:200]}")
+        row["tails"] = tails
+        good = [n for n in tails if tails[n]["err"] < 1e-2]
+        row["tails best"] = min(good, key=lambda n: tails[n]["ms"]) if good else None
         whole = {}
         for cfg in WHOLE_HEAD_CONFIGS if args.whole_head and L <= 256 else []:
             name = f"{cfg.block_m} rows, {'1 program' if cfg.grid_m == 1 else 'a program per block'}, " \
@@ -370,6 +496,14 @@ def main(argv=None):
         shape = "B={batch} L={tokens}".format(**r)
         print(f"{shape:<14}{r['ideal']:>8.4f}{r['sdpa + copy']:>11.4f}{r.get('flex', float('nan')):>8.4f}"
               f"{dflt:>12.4f}{best:>12.4f}  {r['triton best']}")
+    if any(r.get("tails best") for r in rows):
+        print(f"\n{'shape':<14}{'sdpa+copy':>11}{'key blocks':>12}{'tails':>10}{'/ sdpa':>8}  best config (error)")
+        for r in rows:
+            if r.get("tails best"):
+                w = r["tails"][r["tails best"]]
+                kb = r["triton"][r["triton best"]]["ms"] if r["triton best"] else float("nan")
+                print(f"{'B={batch} L={tokens}'.format(**r):<14}{r['sdpa + copy']:>11.4f}{kb:>12.4f}"
+                      f"{w['ms']:>10.4f}{w['ms'] / r['sdpa + copy']:>8.2f}  {r['tails best']} ({w['err']:.1e})")
     if any(r.get("whole head best") for r in rows):
         print(f"\n{'shape':<14}{'ideal':>8}{'sdpa+copy':>11}{'whole head':>12}{'/ sdpa':>8}  best config (error)")
         for r in rows:

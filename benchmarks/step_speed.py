@@ -166,7 +166,7 @@ def add_attention_kernel_arguments(ap: argparse.ArgumentParser) -> None:
     """``--attention-kernel``, ``--attention-max-tokens``, ``--attention-tiles`` (also ``step_profile.py``'s)."""
     ap.add_argument("--attention-kernel", default=None, metavar="NAME",
                     help="every model's unmasked no-grad attention through this Triton candidate of short_attention.py "
-                         "('whole head' or 'key blocks'), where it has at most --attention-max-tokens keys (GPU)")
+                         "('whole head', 'key blocks' or 'key blocks, tails'), where it has at most --attention-max-tokens keys (GPU)")
     ap.add_argument("--attention-max-tokens", type=int, default=256)
     ap.add_argument("--attention-tiles", default=None, metavar="INTS",
                     help="the candidate's tiles: 'block_m,grid_m,warps,stages' (whole head) or "

@@ -418,6 +418,15 @@ def test_whole_head_key_tiles_are_distinct_powers_of_two_covering_the_keys(n):
         key_chunks(256 + n)
 
 
+@given(count=st.integers(1, 1024), block=st.sampled_from([16, 32, 64, 128]))
+def test_tail_tile_covers_the_rest_with_the_smallest_power_of_two_of_at_least_16(count, block):
+    pytest.importorskip("triton")
+    tail, rest = _short_attention().tail_tile(count, block), count % block
+    assert (tail == 0) == (rest == 0)
+    if rest:
+        assert tail & (tail - 1) == 0 and 16 <= tail <= block and tail >= rest and (tail == 16 or tail < 2 * rest)
+
+
 @given(st.lists(st.integers(1, 4096), min_size=1, max_size=4))
 def test_head_alignment_is_the_largest_power_of_two_up_to_16_dividing_every_head_stride(head_strides):
     pytest.importorskip("triton")
@@ -573,6 +582,13 @@ for B, L, H, D, cfg in [(2, 37, 2, 72, a.WholeHeadConfig(16)), (1, 208, 1, 80, a
     q, k, v = torch.randn(B, L, 3, H, D).unbind(2)
     ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     assert torch.allclose(a.whole_head_forward(q, k, v, cfg), ref, atol=1e-5), (B, L, H, D)
+for B, Lq, Lk, H, D, cfg in [(2, 37, 37, 2, 72, a.KernelConfig(16, 16)), (1, 50, 50, 1, 72, a.KernelConfig(32, 32)),
+                             (1, 20, 64, 2, 64, a.KernelConfig(16, 16)), (2, 3, 5, 1, 80, a.KernelConfig(16, 16))]:
+    q = torch.randn(B, Lq, H, D)  # ragged rows (a second launch) and keys (a tail tile), whole blocks, tiny
+    k, v = torch.randn(B, Lk, 2, H, D).unbind(2)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    for split in (True, False):
+        assert torch.allclose(a.tails_forward(q, k, v, cfg, split), ref, atol=1e-5), (B, Lq, Lk, H, D, split)
 print('ok')
 """
     env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
