@@ -50,8 +50,8 @@ import triton.language as tl
 from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from chunkformer.short_attention import (AttentionTiles, _attention_kernel, _checked, _head_start, _scores, forward,  # noqa: F401
-                                         head_alignment, split_head_dim)  # the key-block kernel is the library's
+from chunkformer.short_attention import (AttentionTiles, _attention_kernel, _checked, _head_start, _key_step,  # noqa: F401
+                                         _scores, _store_rows, forward, head_alignment, split_head_dim)  # the key-block kernel and its pieces are the library's
 from chunkformer.tapconv import kernel_op, launcher
 
 
@@ -183,26 +183,6 @@ def tail_tile(count: int, block: int) -> int:
 
 
 @triton.jit
-def _key_step(qa, qb, acc_a, acc_b, m_i, l_i, k_ptr, v_ptr, s_kl, s_vl, start, L_K, da, db, d_ok, scale_log2e,
-              N: tl.constexpr, DB: tl.constexpr, MASKED: tl.constexpr):
-    """One running-max softmax step over keys ``[start, start + N)`` (masked past ``L_K`` if ``MASKED``)."""
-    cols = start + tl.arange(0, N)
-    col_ok = cols < L_K
-    s = _scores(qa, qb, k_ptr, s_kl, start, L_K, da, db, d_ok, N, DB, MASKED) * scale_log2e
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    p = p.to(v_ptr.dtype.element_ty)
-    va = tl.load(v_ptr + cols[:, None] * s_vl + da[None, :], mask=col_ok[:, None], other=0.0)  # (N, DA)
-    acc_a = tl.dot(p, va, acc_a * alpha[:, None])
-    if DB > 0:
-        vb = tl.load(v_ptr + cols[:, None] * s_vl + db[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc_b = tl.dot(p, vb, acc_b * alpha[:, None])
-    return acc_a, acc_b, m_new, l_i
-
-
-@triton.jit
 def _attn_tails(Q, K, V, O, scale_log2e,
                 s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
                 H, L_Q, L_K, ROW0,
@@ -238,13 +218,7 @@ def _attn_tails(Q, K, V, O, scale_log2e,
     if TAIL_N > 0:
         acc_a, acc_b, m_i, l_i = _key_step(qa, qb, acc_a, acc_b, m_i, l_i, k_ptr, v_ptr, s_kl, s_vl, whole, L_K,
                                            da, db, d_ok, scale_log2e, TAIL_N, DB, True)
-    inv = 1.0 / l_i
-    o_ptr = O + b * s_ob + _head_start(h, s_oh, HEAD_ALIGN)
-    tl.store(o_ptr + rows[:, None] * s_ol + da[None, :], (acc_a * inv[:, None]).to(O.dtype.element_ty),
-             mask=row_ok[:, None])
-    if DB > 0:
-        tl.store(o_ptr + rows[:, None] * s_ol + db[None, :], (acc_b * inv[:, None]).to(O.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+    _store_rows(O + b * s_ob + _head_start(h, s_oh, HEAD_ALIGN), rows, row_ok, s_ol, acc_a, acc_b, l_i, da, db, d_ok, DB)
 
 
 def tails_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: KernelConfig | None = None,
@@ -378,6 +352,20 @@ WHOLE_HEAD_CONFIGS = [WholeHeadConfig(bm, gm, w, st) for bm in (64, 128) for gm 
                       for st in (1, 2)] + [WholeHeadConfig(32, 0, 4, 1), WholeHeadConfig(32, 0, 2, 1)]
 
 
+def config_name(cfg: KernelConfig | WholeHeadConfig) -> str:
+    """How the tables name a configuration: ``64x32 w4 s2``; whole head ``64 rows, 1 program, w4 s2``."""
+    if isinstance(cfg, WholeHeadConfig):
+        return (f"{cfg.block_m} rows, {'1 program' if cfg.grid_m == 1 else 'a program per block'}, "
+                f"w{cfg.num_warps} s{cfg.num_stages}")
+    return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def best_correct(timings: dict) -> str | None:
+    """The fastest configuration whose error is under 1e-2 (bf16 against fp32 SDPA), or None."""
+    good = [n for n in timings if timings[n]["err"] < 1e-2]
+    return min(good, key=lambda n: timings[n]["ms"]) if good else None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", type=int, default=16)
@@ -437,45 +425,29 @@ def main(argv=None):
                 except RuntimeError as e:  # this kernel does not take these shapes here
                     print(f"{name}: {str(e)[:160]}")
                     row["backends"][name] = None
-        triton_rows = {}
-        for cfg in [] if args.no_triton else CONFIGS + [default_config(L, D)]:
-            name = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
-            if name in triton_rows:
-                continue
-            try:
-                out = flash_forward(q, k, v, cfg)
-                err = float((out.float() - ref).abs().max())
-                triton_rows[name] = {"ms": ms(lambda: flash_forward(q, k, v, cfg)), "err": err}
-            except Exception as e:  # noqa: BLE001
-                print(f"{name}: {type(e).__name__} {str(e)[:200]}")
-        tails = {}
-        for cfg in CONFIGS if args.tails else []:
-            name = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
-            try:
-                out = tails_forward(q, k, v, cfg)
-                err = float((out.float() - ref).abs().max())
-                tails[name] = {"ms": ms(lambda: tails_forward(q, k, v, cfg)), "err": err}
-            except Exception as e:  # noqa: BLE001
-                print(f"tails {name}: {type(e).__name__} {str(e)[:200]}")
-        row["tails"] = tails
-        good = [n for n in tails if tails[n]["err"] < 1e-2]
-        row["tails best"] = min(good, key=lambda n: tails[n]["ms"]) if good else None
-        whole = {}
-        for cfg in WHOLE_HEAD_CONFIGS if args.whole_head and L <= 256 else []:
-            name = f"{cfg.block_m} rows, {'1 program' if cfg.grid_m == 1 else 'a program per block'}, " \
-                   f"w{cfg.num_warps} s{cfg.num_stages}"
-            try:
-                out = whole_head_forward(q, k, v, cfg)
-                err = float((out.float() - ref).abs().max())
-                whole[name] = {"ms": ms(lambda: whole_head_forward(q, k, v, cfg)), "err": err}
-            except Exception as e:  # noqa: BLE001
-                print(f"whole head {name}: {type(e).__name__} {str(e)[:200]}")
+        def timed(forward, configs, label=""):
+            """``{config name: {"ms", "err"}}`` for ``forward`` at each config; a failure is printed, not fatal."""
+            out = {}
+            for cfg in configs:
+                name = config_name(cfg)
+                if name in out:
+                    continue
+                try:
+                    err = float((forward(q, k, v, cfg).float() - ref).abs().max())
+                    out[name] = {"ms": ms(lambda: forward(q, k, v, cfg)), "err": err}
+                except Exception as e:  # noqa: BLE001
+                    print(f"{label}{name}: {type(e).__name__} {str(e)[:200]}")
+            return out
+
+        triton_rows = timed(flash_forward, [] if args.no_triton else CONFIGS + [default_config(L, D)])
+        row["tails"] = timed(tails_forward, CONFIGS if args.tails else [], "tails ")
+        row["tails best"] = best_correct(row["tails"])
+        whole = timed(whole_head_forward, WHOLE_HEAD_CONFIGS if args.whole_head and L <= 256 else [], "whole head ")
         row["whole head"] = whole
-        good = [n for n in whole if whole[n]["err"] < 1e-2]
-        row["whole head best"] = min(good, key=lambda n: whole[n]["ms"]) if good else None
+        row["whole head best"] = best_correct(whole)
         d = default_config(L, D)
         row["triton"] = triton_rows
-        row["triton default"] = f"{d.block_m}x{d.block_n} w{d.num_warps} s{d.num_stages}"
+        row["triton default"] = config_name(d)
         best = min(triton_rows, key=lambda n: triton_rows[n]["ms"]) if triton_rows else None
         row["triton best"] = best
         rows.append(row)

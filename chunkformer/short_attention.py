@@ -155,6 +155,36 @@ if triton is not None:
         return s
 
     @triton.jit
+    def _key_step(qa, qb, acc_a, acc_b, m_i, l_i, k_ptr, v_ptr, s_kl, s_vl, start, L_K, da, db, d_ok, scale_log2e,
+                  N: tl.constexpr, DB: tl.constexpr, MASKED: tl.constexpr):
+        """One step of the running-max softmax over keys ``[start, start + N)`` (-inf past ``L_K`` if ``MASKED``):
+        the updated ``(acc_a, acc_b, m_i, l_i)`` (``acc_b``, the last ``DB`` lanes, untouched when ``DB == 0``)."""
+        cols = start + tl.arange(0, N)
+        col_ok = cols < L_K
+        s = _scores(qa, qb, k_ptr, s_kl, start, L_K, da, db, d_ok, N, DB, MASKED) * scale_log2e
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(v_ptr.dtype.element_ty)
+        va = tl.load(v_ptr + cols[:, None] * s_vl + da[None, :], mask=col_ok[:, None], other=0.0)  # (N, DA)
+        acc_a = tl.dot(p, va, acc_a * alpha[:, None])
+        if DB > 0:
+            vb = tl.load(v_ptr + cols[:, None] * s_vl + db[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            acc_b = tl.dot(p, vb, acc_b * alpha[:, None])
+        return acc_a, acc_b, m_new, l_i
+
+    @triton.jit
+    def _store_rows(o_ptr, rows, row_ok, s_ol, acc_a, acc_b, l_i, da, db, d_ok, DB: tl.constexpr):
+        """Write ``acc / l`` for ``rows`` of one head: the first ``DA`` lanes, then the last ``DB`` (if any)."""
+        inv = 1.0 / l_i
+        tl.store(o_ptr + rows[:, None] * s_ol + da[None, :], (acc_a * inv[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+        if DB > 0:
+            tl.store(o_ptr + rows[:, None] * s_ol + db[None, :], (acc_b * inv[:, None]).to(o_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
     def _attention_kernel(Q, K, V, O, scale_log2e,
                           s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
                           H, L_Q, L_K,
@@ -173,38 +203,20 @@ if triton is not None:
         k_ptr = K + b * s_kb + _head_start(h, s_kh, HEAD_ALIGN)
         v_ptr = V + b * s_vb + _head_start(h, s_vh, HEAD_ALIGN)
         da = tl.arange(0, DA)
-        db = DA + tl.arange(0, DB if DB > 0 else 16)  # the rest of the head dim, padded to DB lanes (masked past D)
+        DBP: tl.constexpr = DB if DB > 0 else 16
+        db = DA + tl.arange(0, DBP)  # the rest of the head dim, padded to DB lanes (masked past D)
         d_ok = db < D
         qa = tl.load(q_ptr + rows[:, None] * s_ql + da[None, :], mask=row_ok[:, None], other=0.0)  # (BM, DA)
         qb = tl.load(q_ptr + rows[:, None] * s_ql + db[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
-        if DB > 0:
-            acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_M, DBP], dtype=tl.float32)  # unused when DB == 0
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, L_K, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < L_K
-            s = _scores(qa, qb, k_ptr, s_kl, start, L_K, da, db, d_ok, BLOCK_N, DB, not EVEN_N) * scale_log2e
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            p = p.to(V.dtype.element_ty)
-            va = tl.load(v_ptr + cols[:, None] * s_vl + da[None, :], mask=col_ok[:, None], other=0.0)  # (BN, DA)
-            acc_a = tl.dot(p, va, acc_a * alpha[:, None])
-            if DB > 0:
-                vb = tl.load(v_ptr + cols[:, None] * s_vl + db[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                             other=0.0)
-                acc_b = tl.dot(p, vb, acc_b * alpha[:, None])
-            m_i = m_new
-        inv = 1.0 / l_i
-        o_ptr = O + b * s_ob + _head_start(h, s_oh, HEAD_ALIGN)
-        tl.store(o_ptr + rows[:, None] * s_ol + da[None, :], (acc_a * inv[:, None]).to(O.dtype.element_ty),
-                 mask=row_ok[:, None])
-        if DB > 0:
-            tl.store(o_ptr + rows[:, None] * s_ol + db[None, :], (acc_b * inv[:, None]).to(O.dtype.element_ty),
-                     mask=row_ok[:, None] & d_ok[None, :])
+            acc_a, acc_b, m_i, l_i = _key_step(qa, qb, acc_a, acc_b, m_i, l_i, k_ptr, v_ptr, s_kl, s_vl, start, L_K,
+                                               da, db, d_ok, scale_log2e, BLOCK_N, DB, not EVEN_N)
+        _store_rows(O + b * s_ob + _head_start(h, s_oh, HEAD_ALIGN), rows, row_ok, s_ol, acc_a, acc_b, l_i,
+                    da, db, d_ok, DB)
 
     @kernel_op("chunkformer::short_attention")
     def _short_attention_op(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
