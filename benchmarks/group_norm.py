@@ -38,7 +38,7 @@ import triton.language as tl
 from einops import reduce
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_speed import cuda_ms, save_result  # noqa: E402
+from step_speed import cuda_ms, graph_ms, save_result  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chunkformer.norms import GroupNorm  # noqa: E402
@@ -141,30 +141,6 @@ def library_norm(norm: torch.nn.GroupNorm) -> GroupNorm:
     out.load_state_dict(norm.state_dict())
     out.use_kernel = True  # opt-in in the library
     return out
-
-
-def graph_ms(fn, reps: int, *args) -> float:
-    """GPU ms per call of ``fn(*args)`` replayed from a CUDA graph of ``reps`` calls: no host time in it
-    (``cuda_ms`` of a single GroupNorm mostly times the host launching it)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn(*args)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (5 * reps)
 
 
 def kernel_sweep(dev) -> list[dict]:

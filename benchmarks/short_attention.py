@@ -378,6 +378,14 @@ def main(argv=None):
     ap.add_argument("--tails", action="store_true",
                     help="also time the key-block kernel with tail tiles (tails_forward): the keys and query rows "
                          "that whole blocks leave as one 16- or 32-wide tile, not a whole padded block")
+    ap.add_argument("--tails-configs", default=None, metavar="TILES",
+                    help="the --tails configurations to time instead of CONFIGS, 'block_m,block_n,warps,stages' "
+                         "separated by ';' (a configuration that faults ends the process: give one per run)")
+    ap.add_argument("--tails-whole-rows", action="store_true",
+                    help="--tails with every query block block_m rows (the last one masked), no second launch")
+    ap.add_argument("--host-clock", action="store_true",
+                    help="time calls between two CUDA events as they are launched (sessions 13-19's clock; host "
+                         "launch time included) instead of replaying a CUDA graph of them")
     ap.add_argument("--short-only", action="store_true", help="only the batch-64 shapes (160-256 tokens)")
     ap.add_argument("--lengths", default=None, metavar="INTS",
                     help="these token counts at batch 64 instead of the step benchmark's shapes, e.g. 128,144,160")
@@ -386,11 +394,18 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     dev, H, D = torch.device("cuda"), args.heads, args.head_dim
-    from step_speed import cuda_ms, save_result  # benchmarks/ is on the path as a script
+    from step_speed import cuda_ms, graph_ms, save_result  # benchmarks/ is on the path as a script
     from torch.nn.attention.flex_attention import flex_attention
 
     def ms(fn):
-        return cuda_ms(fn, 200, warmup=10)
+        return cuda_ms(fn, 200, warmup=10) if args.host_clock else graph_ms(fn, 50)
+
+    tails_configs = CONFIGS
+    if args.tails_configs:
+        try:
+            tails_configs = [KernelConfig(*(int(n) for n in c.split(","))) for c in args.tails_configs.split(";")]
+        except (TypeError, ValueError):
+            ap.error(f"--tails-configs: expected 'block_m,block_n,warps,stages;...', got {args.tails_configs!r}")
 
     flex = torch.compile(flex_attention)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {H} heads of {D}")
@@ -440,7 +455,8 @@ def main(argv=None):
             return out
 
         triton_rows = timed(flash_forward, [] if args.no_triton else CONFIGS + [default_config(L, D)])
-        row["tails"] = timed(tails_forward, CONFIGS if args.tails else [], "tails ")
+        row["tails"] = timed(lambda q, k, v, cfg: tails_forward(q, k, v, cfg, split_rows=not args.tails_whole_rows),
+                             tails_configs if args.tails else [], "tails ")
         row["tails best"] = best_correct(row["tails"])
         whole = timed(whole_head_forward, WHOLE_HEAD_CONFIGS if args.whole_head and L <= 256 else [], "whole head ")
         row["whole head"] = whole
@@ -451,7 +467,8 @@ def main(argv=None):
         best = min(triton_rows, key=lambda n: triton_rows[n]["ms"]) if triton_rows else None
         row["triton best"] = best
         rows.append(row)
-        cells = "  ".join(f"{n}: {r['ms']:.4f} ({r['err']:.1e})" for n, r in {**row.get("backends", {}), **triton_rows, **whole}.items()
+        cells = "  ".join(f"{n}: {r['ms']:.4f} ({r['err']:.1e})" for n, r in {**row.get("backends", {}), **triton_rows,
+                                                                               **{f"tails {t}": x for t, x in row["tails"].items()}, **whole}.items()
                           if r is not None)
         print(f"B={B} L={L}: sdpa+copy {row['sdpa + copy']:.4f} sdpa {row['sdpa']:.4f} flex {row.get('flex', 0):.4f} "
               f"err {row['sdpa_err']:.1e} | {cells}", flush=True)
@@ -489,7 +506,8 @@ def main(argv=None):
             cells = "".join(f"{'-' if b is None else format(b['ms'], '.4f'):>24}" for b in r["backends"].values())
             print(f"{'B={batch} L={tokens}'.format(**r):<14}{r['ideal']:>8.4f}{cells}")
     if args.out:
-        save_result(args.out, torch.cuda.get_device_name(), heads=H, head_dim=D, rows=rows)
+        save_result(args.out, torch.cuda.get_device_name(), heads=H, head_dim=D,
+                    clock="host: CUDA events around launches" if args.host_clock else "CUDA graph of 50 calls", rows=rows)
 
 
 if __name__ == "__main__":

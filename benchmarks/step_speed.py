@@ -150,6 +150,31 @@ def cuda_ms(fn, reps: int, *args, warmup: int = 5) -> float:
     return start.elapsed_time(end) / reps
 
 
+def graph_ms(fn, reps: int, *args) -> float:
+    """GPU ms per call of ``fn(*args)`` replayed from a CUDA graph of ``reps`` calls: no host time in it
+    (``cuda_ms`` of a kernel that runs for tens of microseconds mostly times the host launching it: a
+    single GroupNorm, one attention call)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn(*args)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (5 * reps)
+
+
 def step_ms(fn, reps: int, *args) -> float:
     for _ in range(3):
         fn(*args)
