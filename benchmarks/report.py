@@ -49,19 +49,23 @@ def step_table(data: dict) -> str:
     lines += [f"Note on {r['row']}: {r['note']}.\n" for r in data["rows"] if r.get("note")]
     if data.get("note"):
         lines.append(f"Note: {data['note']}.\n")
+    gpu = [(label, data.get(key)) for label, key in (("", "scaffold_gpu_share"),
+                                                     (", bf16 routing", "scaffold_gpu_share_bf16_routing"))]
+    gpu_lines = [f"Scaffold alone{label}, GPU clock (CUDA graphs of it and of the rho=0 step): {v:.1%} of the step "
+                 f"({v / data['scaffold_flop_share']:.2f}x its share)." for label, v in gpu if v is not None]
     if data.get("scaffold_time_share") is None:  # --rows left the scaffold or the rho-0 row out
         low = data.get("scaffold_time_share_bf16_routing")
         if low is not None:  # a run of the bf16-routing rows only
             lines.append(f"Scaffold alone, bf16 routing: {low:.1%} of the rho=0 step's time for "
                          f"{data['scaffold_flop_share']:.1%} of its FLOPs ({low / data['scaffold_flop_share']:.2f}x its share).")
-        return "\n".join(lines)
+        return "\n".join(lines + gpu_lines)
     lines.append(f"Scaffold alone: {data['scaffold_time_share']:.1%} of the rho=0 step's time for "
                  f"{data['scaffold_flop_share']:.1%} of its FLOPs "
                  f"({data['scaffold_time_share'] / data['scaffold_flop_share']:.2f}x its share)"
                  + ("." if not data.get("scaffold_time_share_bf16_routing") else
                     f"; with bf16 routing {data['scaffold_time_share_bf16_routing']:.1%} "
                     f"({data['scaffold_time_share_bf16_routing'] / data['scaffold_flop_share']:.2f}x)."))
-    return "\n".join(lines)
+    return "\n".join(lines + gpu_lines)
 
 
 def ops_table(data: dict) -> str:
@@ -243,7 +247,8 @@ def sample_table(data: dict) -> str:
 
 def short_attention_table(data: dict) -> str:
     """benchmarks/short_attention.py: one unmasked attention call per kernel at the kept lengths."""
-    lines = [f"{data['card']}, torch {data['torch']}, {data['heads']} heads of {data['head_dim']}, bf16, ms per call "
+    clock = f", {data['clock']}" if data.get("clock") else ""
+    lines = [f"{data['card']}, torch {data['torch']}, {data['heads']} heads of {data['head_dim']}, bf16, ms per call{clock} "
              f"(`{data['command']}`)", "",
              "| batch x tokens | FLOP-scaled ideal | SDPA (cuDNN) + copy | FlexAttention | Triton candidate, best tiles |",
              "|---|---|---|---|---|"]
@@ -258,6 +263,15 @@ def short_attention_table(data: dict) -> str:
         for r in data["rows"]:
             cells = ["-" if r["backends"][n] is None else f"{r['backends'][n]['ms']:.4f}" for n in backends]
             lines.append(f"| {r['batch']} x {r['tokens']} | {r['ideal']:.4f} | " + " | ".join(cells) + " |")
+    if any(r.get("tails") for r in data["rows"]):  # --tails: best correct configuration per length
+        lines += ["", "| batch x tokens | SDPA + copy | tails candidate, best | / SDPA | configuration (max error) |",
+                  "|---|---|---|---|---|"]
+        for r in data["rows"]:
+            best = r.get("tails best")
+            w = r["tails"].get(best)
+            lines.append(f"| {r['batch']} x {r['tokens']} | {r['sdpa + copy']:.4f} | " +
+                         ("- | - | none correct |" if w is None else
+                          f"{w['ms']:.4f} | {w['ms'] / r['sdpa + copy']:.2f} | {best} ({w['err']:.1e}) |"))
     if any(r.get("whole head") for r in data["rows"]):  # --whole-head: best correct configuration per length
         lines += ["", "| batch x tokens | SDPA + copy | whole-head candidate, best | / SDPA | configuration (max error) |",
                   "|---|---|---|---|---|"]

@@ -15,16 +15,21 @@ of SDPA's kernels forced alone (copy included), and the key-block kernel of
 :mod:`chunkformer.short_attention` at each tile configuration in ``CONFIGS`` (flash attention's
 forward; head dim split as 64 + 16 lanes, 8 masked; one program per query block and head). "ideal"
 scales the longest length's SDPA time by the FLOPs (``L^2``). Errors are max |diff| against fp32 SDPA.
+Each call is timed from a CUDA graph of 50 calls (``--host-clock``: between two events around 200 launches,
+the clock of sessions 13-19, where the host's launch time shows through at these 0.06-0.08 ms kernels).
 
 That kernel lost everywhere in session 13 (1.6-2.1x slower than cuDNN) with one-element loads at head
 dim 72. With its loads vectorised (``_head_start``; ``kernel_loads.py``) it beats cuDNN at 136-192 keys
 (0.057-0.062 against 0.079 ms on an H100) and loses at 128 and below and at 208 and above, so the
 library takes it in that window only (``chunkformer.short_attention.WINS``; docs/performance.md).
 
-``--tails`` adds a variant of it (session 19, not yet timed): whole blocks of keys unmasked, then what they
-leave as one tile of 16 or 32 keys, and the query rows past the last whole block in a second launch with
-16- or 32-row blocks. At 208 keys (3 x 64 + 16) the library's kernel computes 4 x 4 tiles of 64, 1.5x the
-work, and loses to cuDNN by 8%; this asks whether the variant wins past 192 keys (rho 0.2 at 256px).
+``--tails`` adds a variant of it (session 19): whole blocks of keys unmasked, then what they leave as one
+tile of 16 or 32 keys, and the query rows past the last whole block in a second launch with 16- or 32-row
+blocks (``--tails-whole-rows``: no second launch). At 208 keys (3 x 64 + 16) the library's kernel computes
+4 x 4 tiles of 64, 1.5x the work, and loses to cuDNN by 6%. Timed in session 20 on an H200, the variant
+lost everywhere: 0.095-0.104 ms at 208 keys against the kernel's 0.087 and cuDNN's 0.082, and slower than
+the kernel at 160 too; two of its configurations hit an illegal memory access at 208 (``--tails-configs``
+runs one configuration per process for that reason).
 
 ``--whole-head`` adds a second candidate (session 18) for up to 256 keys: one pass over every key of a
 head, held as up to four power-of-two tiles (160 = 128 + 32, so no padded columns) with no running
