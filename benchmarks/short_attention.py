@@ -408,9 +408,13 @@ def main(argv=None):
     tails_configs = CONFIGS
     if args.tails_configs:
         try:
-            tails_configs = [KernelConfig(*(int(n) for n in c.split(","))) for c in args.tails_configs.split(";")]
-        except (TypeError, ValueError):
-            ap.error(f"--tails-configs: expected 'block_m,block_n,warps,stages;...', got {args.tails_configs!r}")
+            tiles = [[int(n) for n in c.split(",")] for c in args.tails_configs.split(";")]
+        except ValueError:
+            tiles = [[]]
+        if any(len(t) != 4 for t in tiles):
+            ap.error(f"--tails-configs: expected four integers per configuration, 'block_m,block_n,warps,stages', "
+                     f"separated by ';'; got {args.tails_configs!r}")
+        tails_configs = [KernelConfig(*t) for t in tiles]
 
     flex = torch.compile(flex_attention)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {H} heads of {D}")

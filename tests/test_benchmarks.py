@@ -175,6 +175,10 @@ def test_step_speed_rows_and_scaffold_share(tmp_path, benchmarks):
     assert b["scaffold_time_share"] is None and b["scaffold_time_share_bf16_routing"] > 0
     report = _load("report")
     assert "Scaffold alone, bf16 routing:" in report.step_table(b)
+    assert b["scaffold_gpu_share_bf16_routing"] is None and "GPU clock" not in report.step_table(b)  # CUDA only
+    on_gpu = dict(b, scaffold_gpu_share_bf16_routing=1.14 * b["scaffold_flop_share"])
+    assert "Scaffold alone, bf16 routing, GPU clock" in report.step_table(on_gpu)
+    assert "(1.14x its share)." in report.step_table(on_gpu)
     # --cudnn-narrowing: every DC-DiT row and scaffold twice, the decoder's narrowing conv through cuDNN in the twin
     n = step_speed.main(["--tiny", "--no-compile", "--no-masked", "--fill-capacity", "--bf16-routing",
                          "--bf16-weights-only", "--cudnn-narrowing", "--rounds", "1", "--rows", "rho=0.4|scaffold"])
@@ -344,6 +348,15 @@ def test_attention_and_group_norm_tables_show_every_measured_row():
     text = report.short_attention_table(whole)
     assert "| 64 x 160 | 0.0600 | 0.0520 | 0.87 | 64 rows, 1 program, w4 s2 (4.0e-03) |" in text
     assert "| 64 x 208 | 0.0600 | - | - | none correct |" in text and text.endswith("Note: n.")
+    tails = {"card": "H200", "torch": "2.11", "command": "c", "heads": 16, "head_dim": 72, "clock": "CUDA graph of 50 calls",
+             "rows": [{"batch": 64, "tokens": 208, "ideal": 0.05, "sdpa + copy": 0.082, "triton": {}, "triton best": None,
+                       "tails": {"64x64 w4 s3": {"ms": 0.095, "err": 4e-3}}, "tails best": "64x64 w4 s3"},
+                      {"batch": 64, "tokens": 224, "ideal": 0.06, "sdpa + copy": 0.082, "triton": {}, "triton best": None,
+                       "tails": {"64x64 w4 s3": {"ms": 0.1, "err": 3.0}}, "tails best": None}]}
+    text = report.short_attention_table(tails)
+    assert "ms per call, CUDA graph of 50 calls" in text
+    assert "| 64 x 208 | 0.0820 | 0.0950 | 1.16 | 64x64 w4 s3 (4.0e-03) |" in text
+    assert "| 64 x 224 | 0.0820 | - | - | none correct |" in text
     isolated = {"card": "H200", "torch": "2.11", "command": "c", "rows": [
         {"wgmma": True, "split_values": True, "config": "64 1 4 2", "result": None, "error": "illegal memory access"},
         {"wgmma": False, "split_values": False, "config": "128 1 8 1", "error": None,
@@ -425,6 +438,13 @@ def test_tail_tile_covers_the_rest_with_the_smallest_power_of_two_of_at_least_16
     assert (tail == 0) == (rest == 0)
     if rest:
         assert tail & (tail - 1) == 0 and 16 <= tail <= block and tail >= rest and (tail == 16 or tail < 2 * rest)
+
+
+@pytest.mark.parametrize("tiles", ["64,x,4,3", "64,64,4,3,2", "64,64,4,3;64"])
+def test_short_attention_rejects_malformed_tails_configs(tiles, benchmarks):
+    pytest.importorskip("triton")
+    with pytest.raises(SystemExit):  # a usage error before anything touches the GPU
+        _short_attention().main(["--tails", "--tails-configs", tiles])
 
 
 @given(st.lists(st.integers(1, 4096), min_size=1, max_size=4))
