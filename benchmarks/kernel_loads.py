@@ -13,6 +13,11 @@ Triton proves a pointer 16-byte aligned only from integer arguments divisible by
 ``h * dh`` elements, and at ``dh = 72`` no argument says that is a multiple of 8. Without the hint every
 load is one bf16 wide (``ld.global.b16``); with it, loads are 16 bytes (``ld.global.v4.b32``). Session 13's
 candidate ran without the hint, which may be why it lost to cuDNN (docs/performance.md, session 18).
+
+Each row also counts the products, barriers, layout conversions and shared buffers of the kernel's code
+(``instructions``). ``--tokens 208`` shows what the tails candidate's one tile of 16 keys costs on top of
+the library's kernel: a step outside the pipelined loop, with its own products, barriers and conversions
+(session 20).
 """
 
 import argparse
@@ -83,14 +88,29 @@ def resources(kernel) -> dict[str, int | None]:
             "shared_bytes": kernel.metadata.shared}
 
 
+def instructions(kernel) -> dict[str, int]:
+    """What a kernel's sm_90 code spends beyond its loads: Hopper products (``wgmma``), Ampere products
+    (``mma.sync``), barriers (PTX), and layout conversions and shared-memory buffers (Triton's TTGIR)."""
+    ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
+    return {"wgmma": len(re.findall(r"wgmma\.mma_async", ptx)), "mma.sync": len(re.findall(r"mma\.sync", ptx)),
+            "barriers": len(re.findall(r"bar\.sync|barrier", ptx)), "layout conversions": ttgir.count("convert_layout"),
+            "shared buffers": ttgir.count("local_alloc")}
+
+
 def candidates(tokens: int, head_dim: int, align: int) -> dict[str, tuple]:
     """Each candidate kernel with its constexprs and launch shape, as ``short_attention.py`` runs it."""
     da, db = sa.split_head_dim(head_dim)
     ka, kb, kc, kd = sa.key_chunks(tokens)
+    tiles = sa.AttentionTiles()
+    key_blocks = dict(D=head_dim, DA=da, DB=db, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_ALIGN=align)
     return {
         "session 13 (key blocks, running max; 128x64 w4 s2)": (
             sa._attention_kernel, dict(D=head_dim, DA=da, DB=db, BLOCK_M=128, BLOCK_N=64, EVEN_N=tokens % 64 == 0,
                              HEAD_ALIGN=align), 4, 2),
+        "the library's (key blocks; 64x64 w4 s3)": (
+            sa._attention_kernel, key_blocks | dict(EVEN_N=tokens % tiles.block_n == 0), 4, 3),
+        "tails (the library's tiles, then one tail tile of keys)": (
+            sa._attn_tails, key_blocks | dict(TAIL_N=sa.tail_tile(tokens, tiles.block_n)), 4, 3),
         **{f"whole head{', values split' if split else ''} (64 rows, 1 program, w4 s{stages})": (
             sa._attn_whole_head, dict(D=head_dim, DA=da, DB=db, BLOCK_M=64, KA=ka, KB=kb, KC=kc, KD=kd, GRID_M=1,
                                       SPLIT_V=split, HEAD_ALIGN=align), 4, stages)
@@ -112,7 +132,8 @@ def main(argv=None):
             for name, (fn, constexprs, warps, stages) in candidates(args.tokens, head_dim, align).items():
                 kernel = compile_sm90(fn, constexprs, strides(args.tokens, args.heads, head_dim), warps, stages)
                 rows.append({"kernel": name, "head_dim": head_dim, "head_align": align,
-                             "loads": _loads(kernel.asm["ptx"]), **resources(kernel)})
+                             "loads": _loads(kernel.asm["ptx"]), **resources(kernel),
+                             "instructions": instructions(kernel)})
                 print(f"dh={head_dim} HEAD_ALIGN={align:<2} {name}: {rows[-1]}", flush=True)
     print(f"\n{'kernel':<52}{'dh':>4}{'hint':>6}{'regs':>6}{'spill B':>9}{'smem KiB':>10}  global loads by width")
     for r in rows:

@@ -289,14 +289,18 @@ def short_attention_table(data: dict) -> str:
 def kernel_loads_table(data: dict) -> str:
     """benchmarks/kernel_loads.py: global loads by width in the attention candidates' sm_90 PTX."""
     lines = [f"{data['card']}, {data['heads']} heads, {data['tokens']} tokens (`{data['command']}`)", "",
-             "| kernel | head dim | head-start hint | registers | spilled bytes | shared KiB | global loads by width |",
-             "|---|---|---|---|---|---|---|"]
+             "| kernel | head dim | head-start hint | registers | spilled bytes | shared KiB | global loads by width "
+             "| wgmma / mma.sync / barriers / layout conversions |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         loads = ", ".join(f"{n} x `{k}`" for k, n in sorted(r["loads"].items()))
         hint = "none" if r["head_align"] == 1 else f"multiple of {r['head_align']}"
         regs, spill = (("-" if r.get(k) is None else r[k]) for k in ("registers", "spill_bytes"))
         smem = "-" if r.get("shared_bytes") is None else f"{r['shared_bytes'] / 1024:.0f}"
-        lines.append(f"| {r['kernel']} | {r['head_dim']} | {hint} | {regs} | {spill} | {smem} | {loads} |")
+        ins = r.get("instructions")  # session 20 on
+        counts = "-" if ins is None else " / ".join(str(ins[k]) for k in ("wgmma", "mma.sync", "barriers",
+                                                                          "layout conversions"))
+        lines.append(f"| {r['kernel']} | {r['head_dim']} | {hint} | {regs} | {spill} | {smem} | {loads} | {counts} |")
     return "\n".join(lines)
 
 

@@ -473,6 +473,9 @@ def test_head_start_hint_makes_the_sm90_loads_16_bytes_wide_at_head_dim_72(tmp_p
     text = _load("report").kernel_loads_table(result)
     assert "| 72 | multiple of 8 |" in text and "| 160 x `ld.global.b16` |" in text
     assert all(r["registers"] and r["registers"] <= 255 and r["shared_bytes"] > 0 for r in result["rows"])
+    library = next(r["instructions"] for r in result["rows"] if r["kernel"].startswith("the library's"))
+    assert library["wgmma"] > 0 and library["mma.sync"] == 0  # four warps: Hopper's products
+    assert f"| {library['wgmma']} / 0 / {library['barriers']} / {library['layout conversions']} |" in text
 
 
 def _skip_without_sm90(kernel_loads):
