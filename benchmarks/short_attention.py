@@ -28,7 +28,7 @@ tile of 16 or 32 keys, and the query rows past the last whole block in a second 
 blocks (``--tails-whole-rows``: no second launch). At 208 keys (3 x 64 + 16) the library's kernel computes
 4 x 4 tiles of 64, 1.5x the work, and loses to cuDNN by 6%. Timed in session 20 on an H200, the variant
 lost everywhere: 0.095-0.104 ms at 208 keys against the kernel's 0.087 and cuDNN's 0.082, and slower than
-the kernel at 160 too; two of its configurations hit an illegal memory access at 208 (``--tails-configs``
+the kernel at 160 too; two of its configurations hit an illegal memory access past 160 keys (``--tails-configs``
 runs one configuration per process for that reason).
 
 ``--whole-head`` adds a second candidate (session 18) for up to 256 keys: one pass over every key of a
