@@ -9,8 +9,8 @@ split as 64 + 16 lanes (8 masked at 72) so nothing is padded to 128, one program
 
 :func:`~chunkformer.attention.masked_sdpa` sends a call here when :func:`runs_here`: CUDA, fp16 / bf16, no
 mask, no gradient, and a head dim and key count inside :data:`WINS`, where it was measured faster than
-SDPA (on an H100 at 136 to 192 keys, on an H200 at 160). Elsewhere (training, masks, other lengths) SDPA runs.
-:func:`set_short_attention` turns it off. It is a ``torch.library.triton_op``: compiled graphs launch
+SDPA (on an H100 at 136 to 192 keys, on an H200 at 144 to 192). Elsewhere (training, masks, other
+lengths) SDPA runs. :func:`set_short_attention` turns it off. It is a ``torch.library.triton_op``: compiled graphs launch
 the kernel from their own code.
 
     import torch, chunkformer as cf
@@ -34,8 +34,8 @@ if triton is not None:
 __all__ = ["AttentionTiles", "WINS", "attend", "forward", "runs_here", "set_short_attention", "split_head_dim"]
 
 # head dim -> (lo, hi]: the key counts where the kernel beat SDPA's choice (bf16, batch 64, 16 heads; H100 at 136-192,
-# H200 at 160; benchmarks/results/short_attention_lengths_hd72_h100.json, short_attention_keyblocks_hint_h200.json).
-# At dh 64 cuDNN pads nothing and the kernel lost at 160 and 176 keys; at 208 and 256 it lost at 72.
+# H200 at 144-192; benchmarks/results/short_attention_lengths_hd72_h100.json, short_attention_lengths_graph_s20_h200.json).
+# At dh 64 cuDNN pads nothing and the kernel lost at 160 and 176 keys; at 200-256 it lost at 72 (by 6-16%).
 WINS: dict[int, tuple[int, int]] = {72: (128, 192)}
 _enabled = True
 
