@@ -44,7 +44,6 @@ one of them: ``step_speed.py --attention-kernel`` times whole models that way.
 """
 
 import argparse
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +54,8 @@ import triton.language as tl
 from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from chunkformer.short_attention import (AttentionTiles, _attention_kernel, _checked, _head_start, _key_step,  # noqa: F401
-                                         _scores, _store_rows, forward, head_alignment, split_head_dim)  # the key-block kernel and its pieces are the library's
+from chunkformer.short_attention import (AttentionTiles, _attention_kernel, _head_start, _key_step,  # noqa: F401
+                                         _scores, _store_rows, forward, head_alignment, launch_inputs, split_head_dim)  # the key-block kernel and its pieces are the library's
 from chunkformer.tapconv import kernel_op, launcher
 
 
@@ -74,11 +73,6 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Ker
     """The key-block kernel (:func:`chunkformer.short_attention.forward`, session 13's candidate) at ``config``
     (default: :func:`default_config` for the key count): ``(B, Lq, H, dh), (B, Lk, H, dh) x2 -> (B, Lq, H, dh)``."""
     return forward(q, k, v, config or default_config(k.shape[1], q.shape[-1]))
-
-
-def _bhl(t: torch.Tensor) -> tuple[int, int, int]:
-    """Strides of a ``(B, L, H, dh)`` tensor in the kernel's order: batch, position, head."""
-    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def key_chunks(seq_len: int, smallest: int = 16) -> tuple[int, int, int, int]:
@@ -232,17 +226,12 @@ def tails_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Ker
     ``split_rows`` the rows past the last whole block of ``block_m`` run in a second launch with blocks of
     ``tail_tile`` rows (two warps: no spills on sm_90 at dh 72), so 16 rows are not computed as 64; else every
     block is ``block_m``."""
-    q, k, v = _checked(q, k, v)
-    B, Lq, H, D = q.shape
-    Lk = k.shape[1]
-    DA, DB = split_head_dim(D)
-    cfg = config or AttentionTiles()
-    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    out, common, consts = launch_inputs(q, k, v)
     if out.numel() == 0:
         return out
-    common = (q, k, v, out, 1.4426950408889634 / math.sqrt(D), *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), H, Lq, Lk)
-    consts = dict(D=D, DA=DA, DB=DB, BLOCK_N=cfg.block_n, TAIL_N=tail_tile(Lk, cfg.block_n),
-                  HEAD_ALIGN=head_alignment(*(t.stride(2) for t in (q, k, v, out))), num_stages=cfg.num_stages)
+    B, Lq, H, _ = out.shape
+    cfg = config or AttentionTiles()
+    consts |= dict(BLOCK_N=cfg.block_n, TAIL_N=tail_tile(k.shape[1], cfg.block_n), num_stages=cfg.num_stages)
     rows = (Lq // cfg.block_m) * cfg.block_m if split_rows else -(-Lq // cfg.block_m) * cfg.block_m
     if rows:
         launcher(_attn_tails, q)[(rows // cfg.block_m, B * H)](*common, 0, BLOCK_M=cfg.block_m,
@@ -270,24 +259,17 @@ def whole_head_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config
                        scale: float | None = None) -> torch.Tensor:
     """Softmax attention ``(B, Lq, H, dh), (B, Lk, H, dh) x2 -> (B, Lq, H, dh)`` for ``Lk <= 256``, no
     mask, forward only: every key of a head in one pass, in power-of-two tiles (:func:`key_chunks`)."""
-    q, k, v = _checked(q, k, v)
-    B, Lq, H, D = q.shape
-    Lk = k.shape[1]
-    DA, DB = split_head_dim(D)
-    KA, KB, KC, KD = key_chunks(Lk)
+    KA, KB, KC, KD = key_chunks(k.shape[1])
+    out, args, consts = launch_inputs(q, k, v, scale)
+    if out.numel() == 0:
+        return out
+    B, Lq, H, _ = out.shape
     cfg = config or WholeHeadConfig()
     blocks = -(-Lq // cfg.block_m)
     grid_m = blocks if cfg.grid_m <= 0 else min(cfg.grid_m, blocks)
-    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
-        return out
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    launcher(_attn_whole_head, q)[(grid_m, B * H)](q, k, v, out, scale * 1.4426950408889634,
-                                      *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), H, Lq, Lk,
-                                      D=D, DA=DA, DB=DB, BLOCK_M=cfg.block_m, KA=KA, KB=KB, KC=KC, KD=KD,
-                                      GRID_M=grid_m, SPLIT_V=cfg.split_values,
-                                      HEAD_ALIGN=head_alignment(*(t.stride(2) for t in (q, k, v, out))),
-                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launcher(_attn_whole_head, q)[(grid_m, B * H)](*args, BLOCK_M=cfg.block_m, KA=KA, KB=KB, KC=KC, KD=KD,
+                                                  GRID_M=grid_m, SPLIT_V=cfg.split_values,
+                                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts)
     return out
 
 

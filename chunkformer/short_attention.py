@@ -10,8 +10,8 @@ split as 64 + 16 lanes (8 masked at 72) so nothing is padded to 128, one program
 :func:`~chunkformer.attention.masked_sdpa` sends a call here when :func:`runs_here`: CUDA, fp16 / bf16, no
 mask, no gradient, and a head dim and key count inside :data:`WINS`, where it was measured faster than
 SDPA (on an H100 at 136 to 192 keys, on an H200 at 144 to 192). Elsewhere (training, masks, other
-lengths) SDPA runs. :func:`set_short_attention` turns it off. It is a ``torch.library.triton_op``: compiled graphs launch
-the kernel from their own code.
+lengths) SDPA runs. :func:`set_short_attention` turns it off. It is a ``torch.library.triton_op``:
+compiled graphs launch the kernel from their own code.
 
     import torch, chunkformer as cf
     q = torch.randn(2, 4, 160, 72)                          # (B, H, L, dh)
@@ -104,28 +104,37 @@ def _checked(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
 
 
+def launch_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> tuple[Tensor, tuple, dict]:
+    """What every launch of a kernel of this form takes, for ``q (B, Lq, H, dh)``, ``k, v (B, Lk, H, dh)``:
+    ``(out, args, consts)`` with ``out`` an empty contiguous ``(B, Lq, H, dh)``; ``args`` = q, k, v, out (checked),
+    the logit scale in log2 units (default ``1 / sqrt(dh)``), the batch, position and head strides of each, then
+    H, Lq, Lk; ``consts`` = the head dim and its split (``D, DA, DB``) and ``HEAD_ALIGN``."""
+    q, k, v = _checked(q, k, v)
+    B, Lq, H, D = q.shape
+    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    strides = [s for x in (q, k, v, out) for s in (x.stride(0), x.stride(1), x.stride(2))]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    args = (q, k, v, out, scale * 1.4426950408889634, *strides, H, Lq, k.shape[1])
+    DA, DB = split_head_dim(D)
+    consts = dict(D=D, DA=DA, DB=DB, HEAD_ALIGN=head_alignment(*(x.stride(2) for x in (q, k, v, out))))
+    return out, args, consts
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, tiles: AttentionTiles | None = None) -> Tensor:
     """Run the kernel: ``q (B, Lq, H, dh)``, ``k, v (B, Lk, H, dh)`` (any strides) -> a contiguous
     ``(B, Lq, H, dh)``, scale ``1 / sqrt(dh)``. Raises on CPU tensors unless Triton's interpreter is on."""
     if triton is None:
         raise RuntimeError("the short-attention kernel needs Triton (it ships with CUDA builds of torch); use SDPA")
-    q, k, v = _checked(q, k, v)
-    B, Lq, H, D = q.shape
-    Lk = k.shape[1]
-    DA, DB = split_head_dim(D)
-    t = tiles or AttentionTiles()
-    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    out, args, consts = launch_inputs(q, k, v)
     if out.numel() == 0:
         return out
-    strides = [s for x in (q, k, v, out) for s in (x.stride(0), x.stride(1), x.stride(2))]
+    B, Lq, H, _ = out.shape
+    t = tiles or AttentionTiles()
     launcher(_attention_kernel, q)[(triton.cdiv(Lq, t.block_m), B * H)](
-        q, k, v, out, 1.4426950408889634 / math.sqrt(D), *strides, H, Lq, Lk,
-        D=D, DA=DA, DB=DB, BLOCK_M=t.block_m, BLOCK_N=t.block_n, EVEN_N=Lk % t.block_n == 0,
-        HEAD_ALIGN=head_alignment(*(x.stride(2) for x in (q, k, v, out))),
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        *args, BLOCK_M=t.block_m, BLOCK_N=t.block_n, EVEN_N=k.shape[1] % t.block_n == 0,
+        num_warps=t.num_warps, num_stages=t.num_stages, **consts,
     )
     return out
-
 
 if triton is not None:
 
