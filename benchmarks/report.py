@@ -4,6 +4,7 @@
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -95,6 +96,11 @@ def profile_table(data: dict) -> str:
     for key, label in (("gpu_ms", "GPU total"), ("ms", "wall clock"), ("gflops", "GFLOPs / sample")):
         lines.append(f"| {label} | " + " | ".join(f"{data['models'][n][key]:.{1 if key == 'gflops' else 2}f}"
                                                    for n in names) + " |")
+    for label, pattern in (("of which GELU", r"gelu"), ("of which LayerNorm + modulate", r"native_layer_norm")):
+        sums = [sum(v for k, v in data["models"][n].get("by_kernel", {}).items() if re.search(pattern, k))
+                for n in names]
+        if any(sums):  # the backbone's token-wise kernels, to set against their token share (session 21)
+            lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in sums) + " |")
     if data.get("note"):
         lines += ["", f"Note: {data['note']}."]
     return "\n".join(lines)
@@ -172,6 +178,19 @@ def train_table(data: dict) -> str:
     for r in data["rows"]:
         lines.append(f"| {r['model']} | {r['images_per_s']:.1f} | {r['train_gflops_per_image']:.1f} "
                      f"| {r['measured_speedup']:.2f} | {r['flop_speedup']:.2f} | {r['peak_gib']:.1f} |")
+    return "\n".join(lines)
+
+
+def block_tokens_table(data: dict) -> str:
+    """benchmarks/block_tokens.py: one DiT block's cost per token, by kernel role, against the largest count."""
+    roles = list(data["rows"][-1]["roles_per_token_vs_ref"])
+    lines = [f"{data['card']}, torch {data['torch']}, one DiT block (d = {data['dim']}, {data['heads']} heads), batch "
+             f"{data['batch']}, bf16, compiled; GPU ms per call, and each role's cost per token against "
+             f"{data['reference_tokens']} tokens, 1.00 = proportional (`{data['command']}`)", "",
+             "| tokens | ms | per token | " + " | ".join(roles) + " |", "|---" * (len(roles) + 3) + "|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['tokens']} | {r['ms']:.3f} | {r['per_token_vs_ref']:.2f} | "
+                     + " | ".join(f"{r['roles_per_token_vs_ref'][k]:.2f}" for k in roles) + " |")
     return "\n".join(lines)
 
 
@@ -406,11 +425,12 @@ def main() -> None:
     tables = (("vs_release_*.json", release_table), ("step_profile_*.json", profile_table),
               ("scaffold_ops_*.json", ops_table), ("attention_masks_*.json", full_plan_table),
               ("scaffold_profile_*.json", scaffold_table), ("smoothing_*.json", smoothing_table),
-              ("train_speed_256*_h200.json", train_table), ("small_train_speed_*.json", small_train_table),
+              ("train_speed_256*.json", train_table), ("small_train_speed_*.json", small_train_table),
               ("sample_speed_*.json", sample_table), ("short_attention_*.json", short_attention_table),
               ("kernel_loads_*.json", kernel_loads_table), ("whole_head_isolated_*.json", whole_head_table),
               ("group_norm_*.json", group_norm_table), ("tap_conv_*.json", tap_conv_table),
-              ("scaffold_compile_*.json", scaffold_compile_table), ("launch_overhead_*.json", launch_table))
+              ("scaffold_compile_*.json", scaffold_compile_table), ("launch_overhead_*.json", launch_table),
+              ("block_tokens_*.json", block_tokens_table))
     for pattern, table in tables:
         for path in sorted(RESULTS.glob(pattern)):
             print(table(json.loads(path.read_text())), end="\n\n")

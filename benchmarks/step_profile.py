@@ -47,8 +47,10 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
-def profile_step(fn, reps: int, *args) -> tuple[float, dict[str, float], dict[str, float]]:
-    """(wall ms per step, GPU ms per step by class, GPU ms per step by kernel)."""
+def profile_step(fn, reps: int, *args, per_call: str | None = None
+                 ) -> tuple[float, dict[str, float], dict[str, float], dict[str, list[float]]]:
+    """(wall ms per step, GPU ms per step by class, GPU ms per step by kernel, and for each kernel whose name
+    matches the regex ``per_call`` its calls' GPU ms in the last profiled step, in launch order)."""
     from torch.profiler import ProfilerActivity, profile
 
     wall = step_ms(fn, reps, *args)  # also warms up (and compiles)
@@ -63,7 +65,19 @@ def profile_step(fn, reps: int, *args) -> tuple[float, dict[str, float], dict[st
     by_class: dict[str, float] = defaultdict(float)
     for k, v in by_kernel.items():
         by_class[kernel_class(k)] += v
-    return wall, dict(by_class), dict(by_kernel)
+    gpu_events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    return wall, dict(by_class), dict(by_kernel), last_step_calls(gpu_events, per_call, reps) if per_call else {}
+
+
+def last_step_calls(events, pattern: str, reps: int) -> dict[str, list[float]]:
+    """GPU ms of each call, in launch order, of the kernels whose names match ``pattern`` in the last of
+    ``reps`` profiled steps (``events``: the profiler's kernel events, with ``name`` and
+    ``device_time_total`` in us; every step launches the same kernels)."""
+    matched = [e for e in events if re.search(pattern, e.name)]
+    calls: dict[str, list[float]] = defaultdict(list)
+    for e in matched[len(matched) - len(matched) // reps:]:
+        calls[e.name].append(e.device_time_total / 1e3)
+    return dict(calls)
 
 
 def main(argv=None) -> dict:
@@ -75,6 +89,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--scaffold", action="store_true",
                     help="also profile the scaffold alone (filled, no blocks) and list its heaviest kernels")
+    ap.add_argument("--per-call", default=None, metavar="REGEX",
+                    help="also list, for each model, every call of the kernels whose names match REGEX in one step "
+                         "(count, min / median / max ms): a kernel slower in one model than its twin in another shows "
+                         "whether every call is slow or some")
     ap.add_argument("--serving", action="store_true",
                     help="bf16 weights everywhere; DC-DiT filled with fp32 and with bf16 routing (instead of masked / filled)")
     add_attention_kernel_arguments(ap)
@@ -82,6 +100,11 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if not 0.0 <= args.rho < 1.0:
         ap.error(f"--rho must be in [0, 1), got {args.rho}")
+    if args.per_call is not None:
+        try:
+            re.compile(args.per_call)
+        except re.error as e:
+            ap.error(f"--per-call must be a regular expression ({e}), got {args.per_call!r}")
     attention_kernel, restore_attention = install_attention_kernel(ap, args)
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
@@ -125,11 +148,13 @@ def main(argv=None) -> dict:
         for name, m in models.items():
             fn = torch.compile(m) if cuda else m
             if cuda:
-                wall, by_class, by_kernel = profile_step(fn, args.reps, x, t, y)
+                wall, by_class, by_kernel, calls = profile_step(fn, args.reps, x, t, y, per_call=args.per_call)
             else:
-                wall, by_class, by_kernel = step_ms(fn, args.reps, x, t, y), {}, {}
+                wall, by_class, by_kernel, calls = step_ms(fn, args.reps, x, t, y), {}, {}, {}
             results[name] = {"ms": wall, "gpu_ms": sum(by_class.values()), "by_class": by_class,
                              "by_kernel": by_kernel, "gflops": cf.count_flops(m, x, t, y).per_sample / 1e9}
+            if args.per_call is not None:
+                results[name]["per_call"] = calls
             print(f"{name}: {wall:.2f} ms", flush=True)
 
     names = list(results)
@@ -159,6 +184,12 @@ def main(argv=None) -> dict:
         print(f"\nkernels where {b} and {a} differ most (ms per step): {a} / {b}")
         for r in top:
             print(f"{r['masked_ms']:>8.3f} {r['filled_ms']:>8.3f}  {r['kernel'][:110]}")
+    if args.per_call is not None:
+        print(f"\ncalls per step of the kernels matching {args.per_call!r}: count, min / median / max ms")
+        for n in names:
+            for k, ms in sorted(results[n].get("per_call", {}).items()):
+                ms = sorted(ms)
+                print(f"  {n[:40]:<40} {len(ms):>4}  {ms[0]:.4f} / {ms[len(ms) // 2]:.4f} / {ms[-1]:.4f}  {k[:70]}")
     if args.scaffold:
         kernels = sorted(results[scaffold]["by_kernel"].items(), key=lambda kv: -kv[1])
         print("\nthe scaffold's heaviest kernels (ms per step, class):")

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -391,6 +392,39 @@ def test_step_profile_compares_dit_with_masked_and_filled_dcdit(tmp_path, benchm
                                        "DC-DiT-XL rho=0.2 filled, bf16 weights + routing",
                                        "scaffold only, filled, bf16 weights + routing"]
     assert "bf16_vs_fp32_routing" in serving and serving["serving"] is True
+    with pytest.raises(SystemExit):
+        step_profile.main(["--tiny", "--per-call", "gelu("])  # not a regular expression
+
+
+def test_step_profile_per_call_keeps_the_last_steps_calls_in_launch_order(benchmarks):
+    step_profile = _load("step_profile")
+    ev = lambda name, us: types.SimpleNamespace(name=name, device_time_total=us)  # noqa: E731
+    step = lambda slow: [ev("nvjet_gemm", 300.0), ev("triton_poi_fused_gelu_view_31", slow),  # noqa: E731
+                         ev("triton_red_fused_layer_norm_32", 50.0), ev("triton_poi_fused_gelu_view_31", 85.0)]
+    events = step(133.0) + step(90.0)  # two profiled steps: the second one's calls are kept
+    calls = step_profile.last_step_calls(events, "gelu|layer_norm", reps=2)
+    assert calls == {"triton_poi_fused_gelu_view_31": [0.09, 0.085], "triton_red_fused_layer_norm_32": [0.05]}
+    assert step_profile.last_step_calls(events, "no such kernel", reps=2) == {}
+
+
+def test_block_tokens_reports_each_role_per_token_against_the_largest_count(tmp_path, benchmarks):
+    block_tokens = _load("block_tokens")
+    result = block_tokens.main(["--tiny", "--tokens", "16,8", "--code-dir", str(tmp_path / "code"),
+                                "--out", str(tmp_path / "b.json")])
+    assert [r["tokens"] for r in result["rows"]] == [8, 16] and result["reference_tokens"] == 16
+    assert result["rows"][-1]["per_token_vs_ref"] == pytest.approx(1.0)  # the reference against itself
+    ms8, ms16 = (r["ms"] for r in result["rows"])
+    assert result["rows"][0]["per_token_vs_ref"] == pytest.approx(ms8 / ms16 * 2)
+    assert (tmp_path / "b.json").is_file() and (tmp_path / "code").is_dir()
+    assert block_tokens.role("triton_poi_fused_gelu_view_31") == "gelu"
+    assert block_tokens.role("triton_red_fused__to_copy_add_mul_native_layer_norm_split_unsqueeze_view_33") == "layer norm"
+    assert block_tokens.role("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert block_tokens.role("_attention_kernel") == "attention"  # chunkformer.short_attention's
+    assert block_tokens.role("nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_bias_TNT") == "gemm"
+    assert block_tokens.role("triton_poi_fused_add_mul_split_unsqueeze_view_4") == "other"
+    for bad in ("8,x", "0,8", ","):
+        with pytest.raises(SystemExit):
+            block_tokens.main(["--tiny", "--tokens", bad])
 
 
 def test_scaffold_ops_times_every_form_and_measures_its_error(tmp_path, benchmarks):
