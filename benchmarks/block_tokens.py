@@ -11,6 +11,7 @@ the GPU's clock (a CUDA graph of calls) and sums its kernels by role (GEMM, atte
 modulate, GELU, other). For each role it prints the cost per token against the 256-token block's: 1.00
 is proportional, 1.5 means that role costs half as much again per token as at 256. ``--code-dir`` writes
 each token count's inductor output code, to see which layout or fusion a slow kernel was given.
+``--unfused-gelu`` runs the MLP's GELU as its own pass (the library's path before session 21).
 """
 
 import argparse
@@ -72,6 +73,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=20, help="calls per CUDA graph and per profile")
     ap.add_argument("--code-dir", type=Path, default=None, help="write inductor's output code here, one file per count")
+    ap.add_argument("--unfused-gelu", action="store_true",
+                    help="the MLP's GELU as its own pass after fc1 (Mlp.fuse_gelu = False; before session 21)")
     ap.add_argument("--tiny", action="store_true", help="a small block on the CPU, eager (a smoke run)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -91,6 +94,7 @@ def main(argv=None) -> dict:
     for p in block.parameters():  # adaLN-Zero's gates start at zero; a live block is what gets timed
         torch.nn.init.normal_(p, std=0.02)
     block = block.to(torch.bfloat16)
+    block.mlp.fuse_gelu = not args.unfused_gelu
     seen: set[str] = set()
     if args.code_dir is not None:
         args.code_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +132,8 @@ def main(argv=None) -> dict:
         r["per_token_vs_ref"] = r["ms"] / ref["ms"] * scale
         r["roles_per_token_vs_ref"] = dict(zip(names, rel))
         print(f"{r['tokens']:>7}{r['ms']:>9.3f}{r['per_token_vs_ref']:>11.2f}" + "".join(f"{v:>12.2f}" for v in rel))
-    return save_result(args.out, card, batch=batch, dim=dim, heads=heads, reference_tokens=ref["tokens"], rows=rows)
+    return save_result(args.out, card, batch=batch, dim=dim, heads=heads, fused_gelu=not args.unfused_gelu,
+                       reference_tokens=ref["tokens"], rows=rows)
 
 
 if __name__ == "__main__":

@@ -194,6 +194,18 @@ def block_tokens_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def gelu_epilogue_table(data: dict) -> str:
+    """benchmarks/gelu_epilogue.py: fc1 + GELU as two ops against GELU in the GEMM's epilogue."""
+    lines = [f"{data['card']}, torch {data['torch']}, fc1 {data['dim']} -> {data['hidden']} + tanh-GELU, bf16, ms per "
+             f"call (`{data['command']}`)", "",
+             "| rows | fc1, then GELU | GELU in the epilogue | speed-up | max error, two ops / epilogue |",
+             "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['rows']} | {r['separate_ms']:.4f} | {r['epilogue_ms']:.4f} | {r['speedup']:.2f} | "
+                     f"{r['separate_err']:.1e} / {r['epilogue_err']:.1e} |")
+    return "\n".join(lines)
+
+
 def small_train_table(data: dict) -> str:
     lines = [f"{data['card']}, torch {data['torch']}, 32x32x1, batch {data['batch']}, bf16 autocast, fused AdamW, "
              f"commit {data.get('commit', '?')} (`{data['command']}`)", "",
@@ -430,7 +442,7 @@ def main() -> None:
               ("kernel_loads_*.json", kernel_loads_table), ("whole_head_isolated_*.json", whole_head_table),
               ("group_norm_*.json", group_norm_table), ("tap_conv_*.json", tap_conv_table),
               ("scaffold_compile_*.json", scaffold_compile_table), ("launch_overhead_*.json", launch_table),
-              ("block_tokens_*.json", block_tokens_table))
+              ("block_tokens_*.json", block_tokens_table), ("gelu_epilogue_*.json", gelu_epilogue_table))
     for pattern, table in tables:
         for path in sorted(RESULTS.glob(pattern)):
             print(table(json.loads(path.read_text())), end="\n\n")

@@ -22,7 +22,7 @@ from .flops import FlopReport, count_flops, sampling_tflops
 from .grid import grid_coords, sincos_embed, to_grid, to_tokens
 from .hostsync import count_host_syncs
 from .norms import set_norm_kernels
-from .models import DCDiT, DiT, create_model, list_models, load_weights, save_pretrained
+from .models import DCDiT, DiT, create_model, list_models, load_weights, save_pretrained, set_fused_gelu
 from .plan import ChunkPlan, nearest_kept
 from .precision import set_fp32_router_dechunk
 from .routing import Router, RouterOutput
@@ -81,6 +81,7 @@ __all__ = [
     "merging",
     "short_attention",
     "set_short_attention",
+    "set_fused_gelu",
     "StepCache",
     "set_fp32_router_dechunk",
 ]

@@ -37,6 +37,7 @@ from torch import nn
 
 from . import attention as _attention
 from .dechunk import blur_macs, resolve_smoothing, window_radius
+from .models.dit import Mlp
 from .norms import GroupNorm
 from .precision import RMSNorm
 from .scaffold import DeChunkDecoder
@@ -198,6 +199,10 @@ class FlopCounter:
         self._norm_kernels = [(m, m.use_kernel) for m in self.model.modules() if isinstance(m, (GroupNorm, RMSNorm))]
         for m, _ in self._norm_kernels:
             m.use_kernel = False
+        # likewise the MLP's fused GELU, which calls fc1's weights without fc1
+        self._fused_gelu = [(m, m.fuse_gelu) for m in self.model.modules() if isinstance(m, Mlp)]
+        for m, _ in self._fused_gelu:
+            m.fuse_gelu = False
         for name, module in self.model.named_modules():
             comp = _component(name)
             if isinstance(module, nn.Linear):
@@ -236,6 +241,8 @@ class FlopCounter:
         self._handles.clear()
         for m, enabled in self._norm_kernels:
             m.use_kernel = enabled
+        for m, enabled in self._fused_gelu:
+            m.fuse_gelu = enabled
         if self._observe_attention in _attention._observers:
             _attention._observers.remove(self._observe_attention)
 

@@ -407,6 +407,21 @@ def test_step_profile_per_call_keeps_the_last_steps_calls_in_launch_order(benchm
     assert step_profile.last_step_calls(events, "no such kernel", reps=2) == {}
 
 
+def test_gelu_epilogue_times_both_forms_and_report_tabulates_them(tmp_path, benchmarks):
+    gelu_epilogue, report = _load("gelu_epilogue"), _load("report")
+    result = gelu_epilogue.main(["--tiny", "--reps", "2", "--out", str(tmp_path / "g.json")])
+    assert [r["rows"] for r in result["rows"]] == [32, 48] and (tmp_path / "g.json").is_file()
+    for r in result["rows"]:
+        assert r["speedup"] == pytest.approx(r["separate_ms"] / r["epilogue_ms"])
+        assert 0 < r["separate_err"] < 0.05 and 0 < r["epilogue_err"] < 0.05  # bf16 against an fp64 reference
+    data = {"card": "H100", "torch": "2.11", "command": "python benchmarks/gelu_epilogue.py", "dim": 1152,
+            "hidden": 4608, "rows": [{"rows": 13312, "separate_ms": 0.278, "epilogue_ms": 0.2136, "speedup": 1.3015,
+                                      "separate_err": 0.0156, "epilogue_err": 0.0157}]}
+    assert "| 13312 | 0.2780 | 0.2136 | 1.30 | 1.6e-02 / 1.6e-02 |" in report.gelu_epilogue_table(data)
+    with pytest.raises(SystemExit):
+        gelu_epilogue.main(["--tiny", "--tokens", "12,x"])
+
+
 def test_block_tokens_reports_each_role_per_token_against_the_largest_count(tmp_path, benchmarks):
     block_tokens = _load("block_tokens")
     result = block_tokens.main(["--tiny", "--tokens", "16,8", "--code-dir", str(tmp_path / "code"),
@@ -415,7 +430,8 @@ def test_block_tokens_reports_each_role_per_token_against_the_largest_count(tmp_
     assert result["rows"][-1]["per_token_vs_ref"] == pytest.approx(1.0)  # the reference against itself
     ms8, ms16 = (r["ms"] for r in result["rows"])
     assert result["rows"][0]["per_token_vs_ref"] == pytest.approx(ms8 / ms16 * 2)
-    assert (tmp_path / "b.json").is_file() and (tmp_path / "code").is_dir()
+    assert (tmp_path / "b.json").is_file() and (tmp_path / "code").is_dir() and result["fused_gelu"]
+    assert block_tokens.main(["--tiny", "--tokens", "8", "--unfused-gelu"])["fused_gelu"] is False
     assert block_tokens.role("triton_poi_fused_gelu_view_31") == "gelu"
     assert block_tokens.role("triton_red_fused__to_copy_add_mul_native_layer_norm_split_unsqueeze_view_33") == "layer norm"
     assert block_tokens.role("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"

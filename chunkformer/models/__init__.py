@@ -2,7 +2,7 @@
 
 from .checkpoint import clean_state_dict, load_weights, save_pretrained
 from .dcdit import DCDiT
-from .dit import DiT, DiTBlock, ForwardInfo
+from .dit import DiT, DiTBlock, ForwardInfo, set_fused_gelu
 from .registry import MODEL_SIZES, create_model, list_models
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "DiT",
     "DiTBlock",
     "ForwardInfo",
+    "set_fused_gelu",
     "MODEL_SIZES",
     "clean_state_dict",
     "create_model",
