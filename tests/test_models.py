@@ -354,6 +354,7 @@ def test_mlp_fuses_its_gelu_only_when_sampling_on_a_gpu_in_half_precision():
     x = torch.randn(2, 5, 8)
     with torch.no_grad():
         assert not mlp.takes_epilogue(x)  # CPU
+        assert not mlp.takes_epilogue(x.to("meta"))  # the FLOP counter's meta tensors: no autocast to ask
     assert mlp.state_dict().keys() == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}  # checkpoints unchanged
     if torch.cuda.is_available():  # pragma: no cover - GPU runs only
         m, xc = Mlp(8, 32).cuda(), x.cuda()
@@ -407,3 +408,23 @@ def test_gelu_in_the_gemm_epilogue_matches_gelu_after_the_gemm_on_a_gpu():  # pr
     assert fused.shape == (3, 208, 256) and fused.dtype == autocast.dtype == torch.bfloat16
     err = lambda y: (y.double().cpu() - ref).abs().max().item()  # noqa: E731
     assert err(fused) <= 1.5 * err(two_ops) + 1e-3 and err(autocast) <= 1.5 * err(two_ops) + 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GEMM epilogue is cuBLASLt's (GPU)")
+def test_a_compiled_dcdit_samples_alike_with_its_gelu_fused_or_not():  # pragma: no cover - GPU runs only
+    torch.manual_seed(0)
+    model = cf.create_model("DC-DiT-S", input_size=16, depth=2, plan_mode="fixed", capacity=48,
+                            fill_capacity=True).cuda().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # adaLN-Zero gates start at zero: the MLP would not show in the output
+            p.add_(torch.randn_like(p) * 0.02)
+    model = model.to(torch.bfloat16)
+    x, t, y = torch.randn(2, 4, 16, 16, device="cuda"), torch.tensor([10, 900], device="cuda"), torch.tensor([1, 2], device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert model.blocks[0].mlp.takes_epilogue(torch.randn(2, 48, 384, device="cuda"))
+        fused = torch.compile(model, fullgraph=True)(x, t, y).float()
+        cf.set_fused_gelu(model, False)
+        torch._dynamo.reset()
+        plain = torch.compile(model, fullgraph=True)(x, t, y).float()
+    assert torch.isfinite(fused).all()
+    torch.testing.assert_close(fused, plain, rtol=0.05, atol=0.05)

@@ -164,9 +164,9 @@ class Mlp(nn.Module):
 
     def takes_epilogue(self, x: Tensor) -> bool:
         """Whether ``forward(x)`` runs the GELU in fc1's GEMM epilogue (else as its own op)."""
-        half = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(x.device.type)
-        return (self.fuse_gelu and x.is_cuda and half and not torch.is_grad_enabled()
-                and self.fc1.bias is not None)
+        if not (self.fuse_gelu and x.is_cuda and self.fc1.bias is not None) or torch.is_grad_enabled():
+            return False  # (autocast is asked only on CUDA: meta tensors, the FLOP counter's, have no autocast)
+        return x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda")
 
     def forward(self, x: Tensor) -> Tensor:
         if self.takes_epilogue(x):
