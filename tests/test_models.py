@@ -356,6 +356,8 @@ def test_mlp_fuses_its_gelu_only_when_sampling_on_a_gpu_in_half_precision():
         assert not mlp.takes_epilogue(x)  # CPU
         assert not mlp.takes_epilogue(x.to("meta"))  # the FLOP counter's meta tensors: no autocast to ask
     assert mlp.state_dict().keys() == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}  # checkpoints unchanged
+    with pytest.raises(ValueError, match="has no chunkformer Mlp"):
+        cf.set_fused_gelu(torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.GELU()), False)
     if torch.cuda.is_available():  # pragma: no cover - GPU runs only
         m, xc = Mlp(8, 32).cuda(), x.cuda()
         assert not m.takes_epilogue(xc.bfloat16())  # grad enabled: training keeps the two ops
