@@ -73,6 +73,7 @@ import argparse
 import ast
 import contextlib
 import json
+import os
 import re
 import shlex
 import statistics
@@ -91,10 +92,16 @@ def bucket(tokens: float, multiple: int = 8) -> int:
     return max(multiple, -(-round(tokens) // multiple) * multiple)
 
 
+RECORDED_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "TORCHINDUCTOR_CACHE_DIR")  # settings that change what a run measures
+
+
 def save_result(out: Path | None, card: str, **fields) -> dict:
-    """A benchmark's JSON record: the card, torch version and command line, then ``fields``; written to
-    ``out`` when given (every script in benchmarks/ ends with this)."""
-    result = {"card": card, "torch": torch.__version__, "command": "python " + shlex.join(sys.argv), **fields}
+    """A benchmark's JSON record: the card, torch version and command line (prefixed with any of
+    ``RECORDED_ENV`` that is set), then ``fields``; written to ``out`` when given (every script in
+    benchmarks/ ends with this)."""
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in RECORDED_ENV if os.environ.get(k)]
+    command = " ".join([*env, "python", shlex.join(sys.argv)])
+    result = {"card": card, "torch": torch.__version__, "command": command, **fields}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))

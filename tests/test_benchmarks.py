@@ -721,3 +721,15 @@ def test_report_prints_every_kept_launch_overhead_result():
         table = report.launch_table(data)
         assert table.count("\n| ") == 1 + len(data["ops"]) + len(data["scaffolds"]), path.name
         assert "| compiled scaffold at batch 1: default |" in table, path.name
+
+
+def test_a_result_records_the_allocator_setting_it_ran_under(tmp_path, benchmarks, monkeypatch):
+    step_speed = _load("step_speed")
+    monkeypatch.setattr(sys, "argv", ["benchmarks/step_profile.py", "--rho", "0.2"])
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert step_speed.save_result(None, "cpu")["command"] == "python benchmarks/step_profile.py --rho 0.2"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    result = step_speed.save_result(tmp_path / "r.json", "cpu", rows=[])
+    assert result["command"] == "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python benchmarks/step_profile.py --rho 0.2"
+    assert json.loads((tmp_path / "r.json").read_text())["command"] == result["command"]
