@@ -437,6 +437,7 @@ def test_block_tokens_reports_each_role_per_token_against_the_largest_count(tmp_
     assert block_tokens.role("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
     assert block_tokens.role("_attention_kernel") == "attention"  # chunkformer.short_attention's
     assert block_tokens.role("nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_bias_TNT") == "gemm"
+    assert block_tokens.role("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_gelu_bias") == "gemm"
     assert block_tokens.role("triton_poi_fused_add_mul_split_unsqueeze_view_4") == "other"
     for bad in ("8,x", "0,8", ","):
         with pytest.raises(SystemExit):
