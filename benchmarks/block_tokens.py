@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chunkformer.models.dit import DiTBlock  # noqa: E402
+from step_profile import kernel_ms  # noqa: E402
 from step_speed import graph_ms, save_result, step_ms  # noqa: E402
 
 ROLES = (  # first match wins, on the kernel names inductor, cuBLAS and cuDNN give (a GEMM with the GELU in its
@@ -36,21 +37,6 @@ ROLES = (  # first match wins, on the kernel names inductor, cuBLAS and cuDNN gi
 
 def role(kernel: str) -> str:
     return next((name for name, pattern in ROLES if re.search(pattern, kernel, re.IGNORECASE)), "other")
-
-
-def kernels_per_call(fn, reps: int) -> dict[str, float]:
-    """GPU ms per call of ``fn()`` by kernel name (CUDA profiler over ``reps`` calls)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    out: dict[str, float] = defaultdict(float)
-    for e in prof.key_averages():
-        if e.device_type.name == "CUDA" and e.self_device_time_total > 0:
-            out[e.key] += e.self_device_time_total / 1e3 / reps
-    return dict(out)
 
 
 def new_code(seen: set[str]) -> str:
@@ -111,7 +97,7 @@ def main(argv=None) -> dict:
                 (args.code_dir / f"block_{n}.py").write_text(new_code(seen))
             if cuda:
                 ms = graph_ms(lambda: fn(x, c), args.reps)
-                kernels = kernels_per_call(lambda: fn(x, c), args.reps)
+                kernels, _ = kernel_ms(fn, args.reps, x, c)
             else:
                 ms, kernels = step_ms(fn, args.reps, x, c), {}
             roles: dict[str, float] = defaultdict(float)

@@ -51,9 +51,19 @@ def profile_step(fn, reps: int, *args, per_call: str | None = None
                  ) -> tuple[float, dict[str, float], dict[str, float], dict[str, list[float]]]:
     """(wall ms per step, GPU ms per step by class, GPU ms per step by kernel, and for each kernel whose name
     matches the regex ``per_call`` its calls' GPU ms in the last profiled step, in launch order)."""
+    wall = step_ms(fn, reps, *args)  # also warms up (and compiles)
+    by_kernel, gpu_events = kernel_ms(fn, reps, *args)
+    by_class: dict[str, float] = defaultdict(float)
+    for k, v in by_kernel.items():
+        by_class[kernel_class(k)] += v
+    return wall, dict(by_class), by_kernel, last_step_calls(gpu_events, per_call, reps) if per_call else {}
+
+
+def kernel_ms(fn, reps: int, *args) -> tuple[dict[str, float], list]:
+    """GPU ms per call of ``fn(*args)`` by kernel name, over ``reps`` profiled calls, and the profiler's
+    kernel events in launch order (also ``block_tokens.py``'s)."""
     from torch.profiler import ProfilerActivity, profile
 
-    wall = step_ms(fn, reps, *args)  # also warms up (and compiles)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn(*args)
@@ -62,11 +72,7 @@ def profile_step(fn, reps: int, *args, per_call: str | None = None
     for e in prof.key_averages():
         if e.device_type.name == "CUDA" and e.self_device_time_total > 0:
             by_kernel[e.key] += e.self_device_time_total / 1e3 / reps
-    by_class: dict[str, float] = defaultdict(float)
-    for k, v in by_kernel.items():
-        by_class[kernel_class(k)] += v
-    gpu_events = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    return wall, dict(by_class), dict(by_kernel), last_step_calls(gpu_events, per_call, reps) if per_call else {}
+    return dict(by_kernel), [e for e in prof.events() if e.device_type.name == "CUDA"]
 
 
 def last_step_calls(events, pattern: str, reps: int) -> dict[str, list[float]]:
