@@ -414,19 +414,29 @@ def test_gelu_in_the_gemm_epilogue_matches_gelu_after_the_gemm_on_a_gpu():  # pr
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GEMM epilogue is cuBLASLt's (GPU)")
 def test_a_compiled_dcdit_samples_alike_with_its_gelu_fused_or_not():  # pragma: no cover - GPU runs only
-    torch.manual_seed(0)
-    model = cf.create_model("DC-DiT-S", input_size=16, depth=2, plan_mode="fixed", capacity=48,
-                            fill_capacity=True).cuda().eval()
-    with torch.no_grad():
-        for p in model.parameters():  # adaLN-Zero gates start at zero: the MLP would not show in the output
-            p.add_(torch.randn_like(p) * 0.02)
-    model = model.to(torch.bfloat16)
-    x, t, y = torch.randn(2, 4, 16, 16, device="cuda"), torch.tensor([10, 900], device="cuda"), torch.tensor([1, 2], device="cuda")
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        assert model.blocks[0].mlp.takes_epilogue(torch.randn(2, 48, 384, device="cuda"))
-        fused = torch.compile(model, fullgraph=True)(x, t, y).float()
-        cf.set_fused_gelu(model, False)
-        torch._dynamo.reset()
-        plain = torch.compile(model, fullgraph=True)(x, t, y).float()
-    assert torch.isfinite(fused).all()
-    torch.testing.assert_close(fused, plain, rtol=0.05, atol=0.05)
+    """Compiled whole (fullgraph) both ways; in a subprocess without the jaxtyping wrappers, which a compiled
+    model on the GPU's kernel paths does not trace (as the suite's other compiled-model tests)."""
+    code = """
+        import torch, chunkformer as cf
+        torch.manual_seed(0)
+        model = cf.create_model("DC-DiT-S", input_size=16, depth=2, plan_mode="fixed", capacity=48,
+                                fill_capacity=True).cuda().eval()
+        with torch.no_grad():
+            for p in model.parameters():  # adaLN-Zero gates start at zero: the MLP would not show in the output
+                p.add_(torch.randn_like(p) * 0.02)
+        model = model.to(torch.bfloat16)
+        x, t, y = torch.randn(2, 4, 16, 16, device="cuda"), torch.tensor([10, 900], device="cuda"), torch.tensor([1, 2], device="cuda")
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            assert model.blocks[0].mlp.takes_epilogue(torch.randn(2, 48, 384, device="cuda"))
+            fused = torch.compile(model, fullgraph=True)(x, t, y).float()
+            cf.set_fused_gelu(model, False)
+            torch._dynamo.reset()
+            plain = torch.compile(model, fullgraph=True)(x, t, y).float()
+        assert torch.isfinite(fused).all() and plain.abs().max() > 0
+        torch.testing.assert_close(fused, plain, rtol=0.05, atol=0.05)
+        print("ok")
+    """
+    env = {**os.environ, "CHUNKFORMER_TYPECHECK": "0"}
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-500:] + res.stderr[-3000:]
