@@ -67,6 +67,9 @@ compiles, for every model alike (``triton.autotune_pointwise=False``, ``coordina
 ``torch.compile(options={KEY: VALUE, ...})``: those rows end in ``[KEY=VALUE]`` and are set against
 the DiT-XL/2 compiled the same way, so one process times an inductor setting against the default on
 the same card (with ``--rows``: twice the graphs of the rows it keeps).
+``--unfused-gelu`` builds every row a second time with the MLP's GELU as its own op after fc1
+(``cf.set_fused_gelu(model, False)``, DiT-XL/2 and DC-DiT-XL alike; rows ending in ``[GELU unfused]``),
+so one process shows what the GEMM-epilogue GELU (the default when sampling on a GPU) does to each model.
 """
 
 import argparse
@@ -264,6 +267,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--ab-options", action="append", default=[], metavar="KEY=VALUE",
                     help="also build every row again compiled with torch.compile(options={KEY: VALUE}) (repeatable: one "
                          "options dict), each against the DiT-XL/2 compiled the same way: an A/B in one process")
+    ap.add_argument("--unfused-gelu", action="store_true",
+                    help="also build every row again with the MLP's GELU as its own op (cf.set_fused_gelu(model, "
+                         "False)) instead of in fc1's GEMM epilogue, each against a DiT-XL/2 built the same way")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set torch._inductor.config.KEY = VALUE (a Python literal) for every model; repeatable")
     ap.add_argument("--rows", default=None, metavar="REGEX",
@@ -302,8 +308,10 @@ def main(argv=None) -> dict:
             if name in CONTEXTS:
                 contexts[name] = CONTEXTS[name]
                 context_options[name] = scaffold_variants[name][0]["options"]  # settings of its own
-    if ab and args.cudagraphs:
-        ap.error("--ab-options and --cudagraphs: run them separately")
+    if (ab or args.unfused_gelu) and args.cudagraphs:
+        ap.error("--ab-options / --unfused-gelu and --cudagraphs: run them separately")
+    if ab and args.unfused_gelu:
+        ap.error("--ab-options and --unfused-gelu: run them separately (each builds every row a second time)")
 
     def compile_(m, options=None):
         if args.no_compile:
@@ -317,13 +325,16 @@ def main(argv=None) -> dict:
     x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    def _dit():
+    def _dit(fuse_gelu=True):
         torch.manual_seed(0)
-        return cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval()
+        m = cf.create_model("DiT-XL/2", input_size=latent, **sizes).to(device).eval()
+        if not fuse_gelu:
+            cf.set_fused_gelu(m, False)
+        return m
 
     dit = _dit()
 
-    def dcdit(depth=None, fill=False, fp32=True, weights=torch.float32, taps=True, path=None):
+    def dcdit(depth=None, fill=False, fp32=True, weights=torch.float32, taps=True, path=None, fuse_gelu=True):
         torch.manual_seed(0)
         kw = dict(sizes, depth=depth) if depth is not None else sizes
         m = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=L // 4,
@@ -333,6 +344,8 @@ def main(argv=None) -> dict:
             cf.set_taps_narrowing(m, False)
         if path is not None:  # the same weights through other kernels (scaffold_compile.py)
             paths[path](m)
+        if not fuse_gelu and m.blocks:  # the scaffold alone has no MLP
+            cf.set_fused_gelu(m, False)
         return m.to(weights)
 
     cases = []  # (row, step function, FLOPs per sample, kept, baseline): timed together at the end
@@ -364,21 +377,22 @@ def main(argv=None) -> dict:
     u_cap = bucket(L / 4 * 0.1)  # Lite-CFG: conditional at rho 0, unconditional at rho 0.9
     null = torch.full_like(y, dit.null_class)
 
-    def add_cases(opts: dict | None, tag: str) -> dict:
-        """Every row compiled with ``opts`` (``tag`` ends each row name and baseline key); returns the DC models."""
-        dit_fn = compile_(dit if not opts else _dit(), opts)
+    def add_cases(opts: dict | None, tag: str, fuse_gelu: bool = True) -> dict:
+        """Every row compiled with ``opts`` and the MLP's GELU fused or not (``tag`` ends each row name and
+        baseline key); returns the DC models."""
+        dit_fn = compile_(dit if not opts and fuse_gelu else _dit(fuse_gelu), opts)
         if not args.bf16_weights_only:
             cases.append(("DiT-XL/2" + tag, lambda: dit_fn(x, t, y), dit_flops, L // 4, "plain" + tag))
             cases.append(("DiT-XL/2 CFG" + tag, lambda: (dit_fn(x, t, y), dit_fn(x, t, null)), 2 * dit_flops, L // 4,
                           "cfg" + tag))
         if args.bf16_weights:
-            dit16_fn = compile_(_dit().to(torch.bfloat16), opts)
+            dit16_fn = compile_(_dit(fuse_gelu).to(torch.bfloat16), opts)
             cases.append(("DiT-XL/2, bf16 weights" + tag, lambda: dit16_fn(x, t, y), dit_flops, L // 4, "bf16w-plain" + tag))
             cases.append(("DiT-XL/2 CFG, bf16 weights" + tag, lambda: (dit16_fn(x, t, y), dit16_fn(x, t, null)),
                           2 * dit_flops, L // 4, "bf16w-cfg" + tag))
         models, flops_of = {}, {}  # flops_of[(suffix, rho)]: a --paths row counts its twin's (same math; the
         for suffix, kw in variants:  # residual-in-GEMM path calls no nn.Linear for the counter to see)
-            m = models[suffix] = dcdit(**kw)
+            m = models[suffix] = dcdit(**kw, fuse_gelu=fuse_gelu)
             m_fn = compile_(m, {**(opts or {}), **context_options.get(kw.get("path"), {})} or None)
             b16 = "bf16w-" if "bf16 weights" in suffix else ""  # its DiT-XL/2 baseline
             twin = suffix.replace(f", {kw['path']}", "") if kw.get("path") else None
@@ -428,9 +442,12 @@ def main(argv=None) -> dict:
     with torch.no_grad(), autocast:
         dit_flops = cf.count_flops(dit, x, t, y).per_sample
         ab_tag = " [" + ", ".join(f"{k}={v!r}" for k, v in ab.items()) + "]" if ab else ""
+        ab_tag = " [GELU unfused]" if args.unfused_gelu else ab_tag
         models = add_cases(None, "")
         if ab:
             add_cases(ab, ab_tag)
+        elif args.unfused_gelu:
+            add_cases(None, ab_tag, fuse_gelu=False)
         scaffold_share_flops = flop_share[0]
         dc = models[variants[0][0]]
         if args.cudagraphs and device.type == "cuda":  # static shapes in fixed mode: one graph per capacity
@@ -504,8 +521,8 @@ def main(argv=None) -> dict:
     gpu_share = share(f"DC-DiT-XL scaffold only{w16}", f"DC-DiT-XL rho=0{variants[0][0]}", "gpu_ms")
     low_gpu_share = (share(f"DC-DiT-XL scaffold only, bf16 routing{w16}", f"DC-DiT-XL rho=0{low[0]}", "gpu_ms")
                      if low else None)
-    ab_shares = {}  # the same two shares among the --ab-options rows
-    if ab:
+    ab_shares = {}  # the same two shares among the --ab-options / --unfused-gelu rows
+    if ab_tag:
         ab_shares = {"scaffold_time_share": share(f"DC-DiT-XL scaffold only{w16}{ab_tag}",
                                                   f"DC-DiT-XL rho=0{variants[0][0]}{ab_tag}"),
                      "scaffold_time_share_bf16_routing": share(f"DC-DiT-XL scaffold only, bf16 routing{w16}{ab_tag}",
@@ -516,6 +533,7 @@ def main(argv=None) -> dict:
           f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}"
           f"{''.join(f', inductor {k}={v!r}' for k, v in inductor.items())}"
           f"{f'; rows ending in {ab_tag.strip()} compiled with those options' if ab else ''}"
+          f"{f'; rows ending in {ab_tag.strip()} with the GELU as its own op' if args.unfused_gelu else ''}"
           f"; median of {args.rounds} interleaved rounds"
           f"{'; filled: fill_capacity=True, attention unmasked' if args.fill_capacity else ''}"
           f"{'; attention up to %d keys: Triton %s' % (args.attention_max_tokens, args.attention_kernel) if attention_kernel else ''}"
@@ -546,6 +564,7 @@ def main(argv=None) -> dict:
                        scaffold_time_share_bf16_routing=low_share, scaffold_gpu_share=gpu_share,
                        scaffold_gpu_share_bf16_routing=low_gpu_share, bf16_weights=args.bf16_weights,
                        inductor_config=inductor, ab_options=ab, ab_tag=ab_tag, ab_shares=ab_shares,
+                       unfused_gelu=args.unfused_gelu,
                        attention_kernel=attention_kernel, short_attention=short_attention_setting(args))
 
 

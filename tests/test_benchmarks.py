@@ -225,6 +225,36 @@ def test_step_speed_rows_and_scaffold_share(tmp_path, benchmarks):
         step_speed.main(["--tiny", "--no-compile", "--no-masked"])
 
 
+def test_step_speed_unfused_gelu_twins_every_model_with_its_gelu_as_its_own_op(benchmarks, monkeypatch, capsys):
+    import step_speed
+
+    import chunkformer as cf
+
+    turned_off = []
+    real = cf.set_fused_gelu
+
+    def spy(model, enabled):
+        turned_off.append((type(model).__name__, enabled))
+        return real(model, enabled)
+
+    monkeypatch.setattr(cf, "set_fused_gelu", spy)
+    res = step_speed.main(["--tiny", "--no-compile", "--no-masked", "--fill-capacity", "--bf16-weights-only",
+                           "--rounds", "1", "--rows", "rho=0.4", "--unfused-gelu"])
+    tag = " [GELU unfused]"
+    by = {r["row"]: r for r in res["rows"]}
+    assert {"DiT-XL/2, bf16 weights" + tag, "DC-DiT-XL rho=0.4 filled, bf16 weights" + tag} <= set(by)
+    assert by["DC-DiT-XL rho=0.4 filled, bf16 weights" + tag]["base"] == "bf16w-plain" + tag
+    assert by["DC-DiT-XL rho=0.4 filled, bf16 weights"]["base"] == "bf16w-plain"
+    assert res["unfused_gelu"] and res["ab_tag"] == tag
+    # each twin's models, and only theirs, have the fusion off; the scaffold alone has no MLP to turn off
+    assert ("DiT", False) in turned_off and ("DCDiT", False) in turned_off
+    assert all(not enabled for _, enabled in turned_off)
+    with pytest.raises(SystemExit):
+        step_speed.main(["--tiny", "--no-compile", "--fill-capacity", "--unfused-gelu", "--ab-options",
+                         "max_autotune_pointwise=True"])
+    assert "run them separately" in capsys.readouterr().err
+
+
 def test_release_table_shows_each_row_against_the_release_and_dit():
     report = _load("report")
     row = {"row": "rho=0.4", "release_kept": 154, "ours_kept": 160, "release_ms": 58.0, "ours_ms": 31.0,
