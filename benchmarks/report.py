@@ -426,7 +426,7 @@ def launch_table(data: dict) -> str:
     return "\n".join(lines + (["", f"Note: {data['note']}."] if data.get("note") else []))
 
 
-PLOTTED = ("step_speed_256_serving_s20_b_h100.json", "step_speed_512_serving_s20_h100.json")  # the figure's runs: one H100, session 20
+PLOTTED = ("step_speed_256_serving_s22_h100.json", "step_speed_512_serving_s22_h100.json")  # the figure's runs: H100s, session 22
 
 
 def main() -> None:
