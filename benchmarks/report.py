@@ -206,6 +206,20 @@ def gelu_epilogue_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def process_spread_table(data: dict) -> str:
+    """benchmarks/process_spread.py: one row per fresh process, under each allocator setting."""
+    lines = [f"{data['card']}, torch {data['torch']}, rho {data['rho']:g}, serving configuration, a fresh process and "
+             f"inductor cache per row; ms per step, LayerNorm + modulate and GELU in GPU ms (`{data['command']}`)", "",
+             "| PYTORCH_CUDA_ALLOC_CONF | process | DiT-XL/2 ms | its LayerNorm / GELU | DC-DiT-XL ms | its LayerNorm "
+             "/ GELU | DC LayerNorm against its token share | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        dit, dc = r["models"]["DiT-XL/2"], r["models"]["DC-DiT-XL"]
+        ln_gelu = lambda m: f"{m['roles'].get('layer norm', 0.0):.2f} / {m['roles'].get('gelu', 0.0):.2f}"  # noqa: E731
+        lines.append(f"| {r['setting']} | {r['process']} | {dit['ms']:.2f} | {ln_gelu(dit)} | {dc['ms']:.2f} | "
+                     f"{ln_gelu(dc)} | {r['layer_norm_vs_share']:.2f} | {r['speedup']:.2f} |")
+    return "\n".join(lines)
+
+
 def small_train_table(data: dict) -> str:
     lines = [f"{data['card']}, torch {data['torch']}, 32x32x1, batch {data['batch']}, bf16 autocast, fused AdamW, "
              f"commit {data.get('commit', '?')} (`{data['command']}`)", "",
@@ -442,7 +456,8 @@ def main() -> None:
               ("kernel_loads_*.json", kernel_loads_table), ("whole_head_isolated_*.json", whole_head_table),
               ("group_norm_*.json", group_norm_table), ("tap_conv_*.json", tap_conv_table),
               ("scaffold_compile_*.json", scaffold_compile_table), ("launch_overhead_*.json", launch_table),
-              ("block_tokens_*.json", block_tokens_table), ("gelu_epilogue_*.json", gelu_epilogue_table))
+              ("block_tokens_*.json", block_tokens_table), ("gelu_epilogue_*.json", gelu_epilogue_table),
+              ("process_spread_*.json", process_spread_table))
     for pattern, table in tables:
         for path in sorted(RESULTS.glob(pattern)):
             print(table(json.loads(path.read_text())), end="\n\n")

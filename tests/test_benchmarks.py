@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 
 
-BENCHMARK_MODULES = ("host_syncs", "small_train_speed", "train_speed", "report", "smoothing", "scaffold_profile", "vs_release", "step_speed", "sample_speed", "scaffold_compile")  # studies/ has a report.py too
+BENCHMARK_MODULES = ("host_syncs", "small_train_speed", "train_speed", "report", "smoothing", "scaffold_profile", "vs_release", "step_speed", "sample_speed", "scaffold_compile", "process_spread")  # studies/ has a report.py too
 
 
 @pytest.fixture
@@ -253,6 +253,33 @@ def test_step_speed_unfused_gelu_twins_every_model_with_its_gelu_as_its_own_op(b
         step_speed.main(["--tiny", "--no-compile", "--fill-capacity", "--unfused-gelu", "--ab-options",
                          "max_autotune_pointwise=True"])
     assert "run them separately" in capsys.readouterr().err
+
+
+def test_process_spread_runs_each_setting_in_fresh_processes_and_compares_to_the_token_share(tmp_path, benchmarks):
+    import process_spread
+
+    res = process_spread.main(["--tiny", "--processes", "1", "--settings", "default,expandable_segments:True",
+                               "--out", str(tmp_path / "p.json")])
+    assert [(r["setting"], r["process"]) for r in res["rows"]] == [("default", 0), ("expandable_segments:True", 0)]
+    # each worker reports the allocator setting it ran under: unset for "default", the value otherwise
+    assert [r["alloc_conf"] for r in res["rows"]] == [None, "expandable_segments:True"]
+    for r in res["rows"]:
+        dit, dc = r["models"]["DiT-XL/2"], r["models"]["DC-DiT-XL"]
+        assert dit["tokens"] == 16 and dc["tokens"] == 16  # 8x8 latent, patch 2; capacity bucketed up to 8s
+        assert r["speedup"] == pytest.approx(dit["ms"] / dc["ms"])
+    assert set(res["spread"]) == {"default", "expandable_segments:True"}
+    assert json.loads((tmp_path / "p.json").read_text())["settings"] == ["default", "expandable_segments:True"]
+    with pytest.raises(SystemExit):
+        process_spread.main(["--tiny", "--processes", "0"])
+
+
+def test_process_spread_table_has_a_row_per_process(benchmarks):
+    report = _load("report")
+    model = lambda ms, ln, gelu, tokens: {"ms": ms, "tokens": tokens, "roles": {"layer norm": ln, "gelu": gelu}}  # noqa: E731
+    rows = [{"setting": "default", "process": 0, "speedup": 32.0 / 33.5, "layer_norm_vs_share": 4.5 / (4.0 * 208 / 256),
+             "models": {"DiT-XL/2": model(32.0, 4.0, 0.0, 256), "DC-DiT-XL": model(33.5, 4.5, 0.0, 208)}}]
+    text = report.process_spread_table({"card": "H100", "torch": "2.11", "rho": 0.2, "command": "c", "rows": rows})
+    assert "| default | 0 | 32.00 | 4.00 / 0.00 | 33.50 | 4.50 / 0.00 | 1.38 | 0.96 |" in text
 
 
 def test_release_table_shows_each_row_against_the_release_and_dit():

@@ -1,0 +1,145 @@
+"""Does a compiled sampling step cost the same in every process, and does the allocator setting change it?
+
+    python benchmarks/process_spread.py --out benchmarks/results/process_spread_256_rho0.2_h100.json   # GPU, ~8 min
+    python benchmarks/process_spread.py --tiny                                                          # CPU smoke run
+
+Session 21 found the same compiled GELU and LayerNorm kernels of the 256px rho-0.2 step costing up to 1.55x
+more in some processes than in others (docs/performance.md, "Session 21"), and guessed that the memory of
+their large buffers was mapped in small pieces after compiling had fragmented the GPU's memory. This script
+tests that: for each ``--settings`` value of ``PYTORCH_CUDA_ALLOC_CONF`` (``default`` leaves it unset) it
+starts ``--processes`` fresh Python processes. Each compiles DiT-XL/2 and DC-DiT-XL at ``--rho`` in the
+serving configuration (bf16 weights, bf16 routing, filled fixed-capacity plan; the router keeps every
+token and the capacity is the budget, as in ``step_speed.py``) with an inductor cache of its own (so every
+process autotunes, as a first run does), then profiles both and sums the kernels by ``block_tokens.py``'s
+roles. The table has one row per process: each model's wall ms, its LayerNorm + modulate and GELU ms, and
+the DC step's LayerNorm time against its token share of DiT's (1.00 = it scales). If the spread between a
+setting's processes shrinks under ``expandable_segments:True``, the guess holds.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import chunkformer as cf  # noqa: E402
+from block_tokens import role  # noqa: E402
+from step_profile import kernel_ms  # noqa: E402
+from step_speed import bucket, save_result, step_ms  # noqa: E402
+
+MODELS = ("DiT-XL/2", "DC-DiT-XL")
+
+
+def worker(rho: float, reps: int, tiny: bool) -> dict:
+    """Compile and profile both models in this process: ``{model: {"ms", "tokens", "roles": {role: ms}}}``."""
+    cuda = torch.cuda.is_available() and not tiny
+    device = torch.device("cuda" if cuda else "cpu")
+    latent, batch, sizes = (32, 64, {}) if not tiny else (8, 2, dict(hidden_size=64, depth=2, num_heads=2))
+    L = latent * latent
+    capacity = bucket(L / 4 * (1 - rho))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
+    t, y = (torch.randint(0, 1000, (batch,), generator=g).to(device) for _ in range(2))
+    torch.manual_seed(0)
+    dit = cf.create_model("DiT-XL/2", input_size=latent, **sizes)
+    torch.manual_seed(0)
+    dc = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=capacity, fill_capacity=True,
+                         fp32_router_dechunk=False, **sizes)
+    torch.nn.init.constant_(dc.router.scorer[-1].bias, 30.0)  # keep everything; the capacity is the budget
+    out = {}
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        for name, model, tokens in (("DiT-XL/2", dit, L // 4), ("DC-DiT-XL", dc, capacity)):
+            model = model.to(device).eval().to(torch.bfloat16)
+            fn = torch.compile(model) if cuda else model
+            ms = step_ms(fn, reps, x, t, y)  # also compiles and warms up
+            roles: dict[str, float] = defaultdict(float)
+            if cuda:
+                for kernel, v in kernel_ms(fn, reps, x, t, y)[0].items():
+                    roles[role(kernel)] += v
+            out[name] = {"ms": ms, "tokens": tokens, "roles": dict(roles)}
+    out["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # what this process ran under
+    return out
+
+
+def run_worker(setting: str, args) -> dict:
+    """One fresh process under ``setting`` with an inductor cache of its own; its worker's dict."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    if setting != "default":
+        env["PYTORCH_CUDA_ALLOC_CONF"] = setting
+    with tempfile.TemporaryDirectory() as cache:
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache
+        cmd = [sys.executable, __file__, "--worker", "--rho", str(args.rho), "--reps", str(args.reps)]
+        res = subprocess.run(cmd + (["--tiny"] if args.tiny else []), env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"a worker under {setting!r} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rho", type=float, default=0.2)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--processes", type=int, default=2, help="fresh processes per setting")
+    ap.add_argument("--settings", default="default,expandable_segments:True",
+                    help="comma-separated PYTORCH_CUDA_ALLOC_CONF values, 'default' for unset")
+    ap.add_argument("--tiny", action="store_true", help="small models on the CPU, eager (a smoke run)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if not 0.0 <= args.rho < 1.0:
+        ap.error(f"--rho must be in [0, 1), got {args.rho}")
+    if args.processes < 1:
+        ap.error(f"--processes must be >= 1, got {args.processes}")
+    if args.worker:
+        print(json.dumps(worker(args.rho, args.reps, args.tiny)))
+        return {}
+    if not torch.cuda.is_available() and not args.tiny:
+        ap.error("profiling needs a CUDA device; use --tiny for a CPU smoke run")
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    rows = []
+    for setting in settings:
+        for i in range(args.processes):
+            models = run_worker(setting, args)
+            dit, dc = models["DiT-XL/2"], models["DC-DiT-XL"]
+            share = dc["tokens"] / dit["tokens"]
+
+            def vs_share(r: str) -> float:
+                ref = dit["roles"].get(r, 0.0) * share
+                return dc["roles"].get(r, 0.0) / ref if ref else float("nan")
+
+            alloc_conf = models.pop("alloc_conf")
+            rows.append({"setting": setting, "process": i, "alloc_conf": alloc_conf, "models": models,
+                         "speedup": dit["ms"] / dc["ms"], "layer_norm_vs_share": vs_share("layer norm"),
+                         "gelu_vs_share": vs_share("gelu")})
+            print(f"{setting} #{i}: DiT-XL/2 {dit['ms']:.2f} ms, DC-DiT-XL {dc['ms']:.2f} ms", flush=True)
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu"
+    print(f"\n{card}, torch {torch.__version__}, {'tiny models' if args.tiny else '256px, batch 64'}, rho {args.rho:g}, "
+          "serving configuration, "
+          f"a fresh process and inductor cache per row; ms per step (LayerNorm + modulate, GELU: GPU ms)")
+    print(f"{'PYTORCH_CUDA_ALLOC_CONF':<30}{'#':>3}{'DiT ms':>9}{'DiT LN':>8}{'DiT GELU':>9}{'DC ms':>9}{'DC LN':>8}"
+          f"{'DC GELU':>9}{'LN/share':>9}{'speed-up':>9}")
+    for r in rows:
+        dit, dc = r["models"]["DiT-XL/2"], r["models"]["DC-DiT-XL"]
+        print(f"{r['setting']:<30}{r['process']:>3}{dit['ms']:>9.2f}{dit['roles'].get('layer norm', 0):>8.2f}"
+              f"{dit['roles'].get('gelu', 0):>9.2f}{dc['ms']:>9.2f}{dc['roles'].get('layer norm', 0):>8.2f}"
+              f"{dc['roles'].get('gelu', 0):>9.2f}{r['layer_norm_vs_share']:>9.2f}{r['speedup']:>9.2f}")
+    spread = {}
+    for setting in settings:
+        mine = [r for r in rows if r["setting"] == setting]
+        spread[setting] = {"speedup_min": min(r["speedup"] for r in mine), "speedup_max": max(r["speedup"] for r in mine),
+                           "speedup_median": statistics.median(r["speedup"] for r in mine)}
+        print(f"{setting}: speed-up {spread[setting]['speedup_min']:.3f}-{spread[setting]['speedup_max']:.3f} "
+              f"over {len(mine)} processes")
+    return save_result(args.out, card, rho=args.rho, reps=args.reps, processes=args.processes, settings=settings,
+                       rows=rows, spread=spread)
+
+
+if __name__ == "__main__":
+    main()
