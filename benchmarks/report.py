@@ -54,6 +54,10 @@ def step_table(data: dict) -> str:
                                                      (", bf16 routing", "scaffold_gpu_share_bf16_routing"))]
     gpu_lines = [f"Scaffold alone{label}, GPU clock (CUDA graphs of it and of the rho=0 step): {v:.1%} of the step "
                  f"({v / data['scaffold_flop_share']:.2f}x its share)." for label, v in gpu if v is not None]
+    for label, by_rho in (data.get("scaffold_gpu_shares_by_rho") or {}).items():  # every operating point
+        gpu_lines.append(f"Scaffold alone{', ' + label if label else ''}, GPU clock, against each step: " + "; ".join(
+            f"rho={rho} {v['time_share']:.1%} for {v['flop_share']:.1%} of the FLOPs ({v['ratio']:.2f}x)"
+            for rho, v in by_rho.items()) + ".")
     if data.get("scaffold_time_share") is None:  # --rows left the scaffold or the rho-0 row out
         low = data.get("scaffold_time_share_bf16_routing")
         if low is not None:  # a run of the bf16-routing rows only

@@ -14,7 +14,8 @@ to an untrained router. Each budget is one bucket, one compiled graph.
 
 Rows: rho 0 / 0.2 / 0.4; Lite-CFG (a conditional pass at rho 0 plus an unconditional pass
 at rho 0.9, against DiT's two passes); and the scaffold alone (the same DC-DiT with no
-blocks), whose time share is set against its FLOP share of the rho-0 step. ``--cudagraphs``
+blocks), whose time share is set against its FLOP share of the rho-0 step (on a GPU also against each
+operating point's step, on the GPU's clock). ``--cudagraphs``
 adds both models at rho 0 compiled with ``mode="reduce-overhead"`` (CUDA graphs; GPU only),
 each against DiT-XL/2 compiled the same way. ``--fill-capacity`` adds rho 0 / 0.2 / 0.4 rows of
 DC-DiT with ``fill_capacity=True`` ("filled"): the same weights and tokens (the router keeps
@@ -143,6 +144,21 @@ def set_inductor_config(settings: list[str]) -> dict:
     for key, value in applied.items():
         setattr(*_config_slot(inductor_config, key), value)
     return applied
+
+
+def scaffold_shares(by_name: dict, scaffold_row: str, step_rows: dict[float, str], flop_shares: dict[float, float],
+                    clock: str = "gpu_ms") -> dict[str, dict]:
+    """The scaffold's time share of each step against its FLOP share there: ``{"0.2": {"time_share", "flop_share",
+    "ratio"}}`` for every ``rho`` whose step row and the scaffold row both have ``clock`` (rows as ``main`` makes them)."""
+    out = {}
+    scaffold = by_name.get(scaffold_row, {})
+    for rho, row in step_rows.items():
+        step = by_name.get(row, {})
+        if clock in scaffold and clock in step and rho in flop_shares:
+            time_share = scaffold[clock] / step[clock]
+            out[f"{rho:g}"] = {"time_share": time_share, "flop_share": flop_shares[rho],
+                               "ratio": time_share / flop_shares[rho]}
+    return out
 
 
 def cuda_ms(fn, reps: int, *args, warmup: int = 5) -> float:
@@ -417,10 +433,14 @@ def main(argv=None) -> dict:
             m.capacity = caps[0.0]
         # the scaffold alone (embed, encoder, router, chunk, pack, de-chunk, decoder, final layer): its FLOP share
         # of the first variant's rho-0 step (each model is left at capacity caps[0]), and its time share of that step
-        report = cf.count_flops(models[variants[0][0]], x, t, y)
-        blocks = sum(v for k, v in report.by_component.items() if k.startswith("backbone"))
-        flop_share[0] = 1 - blocks / report.total
-        scaffold_flops = report.per_sample * flop_share[0]
+        first = models[variants[0][0]]
+        for rho, cap in sorted(caps.items(), reverse=True):  # rho 0 last: the model is left at caps[0]
+            first.capacity = cap
+            report = cf.count_flops(first, x, t, y)
+            blocks = sum(v for k, v in report.by_component.items() if k.startswith("backbone"))
+            if not tag:
+                flop_shares[rho] = 1 - blocks / report.total
+        scaffold_flops = report.per_sample * (1 - blocks / report.total)  # of the rho-0 step
         w16 = dict(weights=torch.bfloat16) if args.bf16_weights_only else {}
         scaffolds = [("DC-DiT-XL scaffold only", dcdit(depth=0, **w16))]
         if args.bf16_routing:
@@ -438,7 +458,7 @@ def main(argv=None) -> dict:
                           caps[0.0], ("bf16w-plain" if w16 else "plain") + tag))
         return models
 
-    flop_share = [None]  # the scaffold's FLOP share of the rho-0 step, set by add_cases
+    flop_shares = {}  # rho -> the scaffold's FLOP share of that step (the first variant's), set by add_cases
     with torch.no_grad(), autocast:
         dit_flops = cf.count_flops(dit, x, t, y).per_sample
         ab_tag = " [" + ", ".join(f"{k}={v!r}" for k, v in ab.items()) + "]" if ab else ""
@@ -448,7 +468,7 @@ def main(argv=None) -> dict:
             add_cases(ab, ab_tag)
         elif args.unfused_gelu:
             add_cases(None, ab_tag, fuse_gelu=False)
-        scaffold_share_flops = flop_share[0]
+        scaffold_share_flops = flop_shares[0.0]
         dc = models[variants[0][0]]
         if args.cudagraphs and device.type == "cuda":  # static shapes in fixed mode: one graph per capacity
             dc.capacity = caps[0.0]
@@ -488,7 +508,7 @@ def main(argv=None) -> dict:
         gpu = {}
         if device.type == "cuda":
             for name, fn, *_ in cases:
-                if "scaffold only" in name or name.startswith("DC-DiT-XL rho=0 "):
+                if "scaffold only" in name or name.startswith("DC-DiT-XL rho="):
                     try:
                         gpu[name] = graph_ms(fn, 4)
                     except Exception as e:  # noqa: BLE001 - a row that cannot be captured keeps its host clock only
@@ -521,6 +541,14 @@ def main(argv=None) -> dict:
     gpu_share = share(f"DC-DiT-XL scaffold only{w16}", f"DC-DiT-XL rho=0{variants[0][0]}", "gpu_ms")
     low_gpu_share = (share(f"DC-DiT-XL scaffold only, bf16 routing{w16}", f"DC-DiT-XL rho=0{low[0]}", "gpu_ms")
                      if low else None)
+    # the scaffold's GPU-clock share of the step at each operating point (rho 0 above is the strictest: its
+    # backbone is the longest, so the scaffold's FLOP share is the smallest)
+    gpu_shares_by_rho = {
+        label: scaffold_shares(by_name, f"DC-DiT-XL scaffold only{extra}{w16}",
+                               {rho: f"DC-DiT-XL rho={rho:g}{suffix}" for rho in caps}, flop_shares)
+        for label, extra, suffix in (("", "", variants[0][0]), ("bf16 routing", ", bf16 routing", low[0] if low else None))
+        if suffix is not None}
+    gpu_shares_by_rho = {k: v for k, v in gpu_shares_by_rho.items() if v}
     ab_shares = {}  # the same two shares among the --ab-options / --unfused-gelu rows
     if ab_tag:
         ab_shares = {"scaffold_time_share": share(f"DC-DiT-XL scaffold only{w16}{ab_tag}",
@@ -552,6 +580,10 @@ def main(argv=None) -> dict:
         if value is not None:
             print(f"{label}, GPU clock (CUDA graphs of the scaffold and of the rho=0 step): {value:.1%} of the step "
                   f"({value / scaffold_share_flops:.2f}x its share)")
+    for label, by_rho in gpu_shares_by_rho.items():
+        print(f"scaffold{' with ' + label if label else ''}, GPU clock, at each operating point: " + "; ".join(
+            f"rho={rho} {v['time_share']:.1%} of the step for {v['flop_share']:.1%} of its FLOPs ({v['ratio']:.2f}x)"
+            for rho, v in by_rho.items()))
     for key, value in ab_shares.items():
         if value is not None:
             print(f"{ab_tag.strip()} {key.replace('_', ' ')}: {value:.1%} ({value / scaffold_share_flops:.2f}x its share)")
@@ -562,7 +594,8 @@ def main(argv=None) -> dict:
                        masked=not args.no_masked, rows=rows, scaffold_time_share=time_share,
                        scaffold_flop_share=scaffold_share_flops, bf16_routing=args.bf16_routing,
                        scaffold_time_share_bf16_routing=low_share, scaffold_gpu_share=gpu_share,
-                       scaffold_gpu_share_bf16_routing=low_gpu_share, bf16_weights=args.bf16_weights,
+                       scaffold_gpu_share_bf16_routing=low_gpu_share, scaffold_flop_shares_by_rho={f"{r:g}": v for r, v in flop_shares.items()},
+                       scaffold_gpu_shares_by_rho=gpu_shares_by_rho, bf16_weights=args.bf16_weights,
                        inductor_config=inductor, ab_options=ab, ab_tag=ab_tag, ab_shares=ab_shares,
                        unfused_gelu=args.unfused_gelu,
                        attention_kernel=attention_kernel, short_attention=short_attention_setting(args))

@@ -180,6 +180,18 @@ def test_step_speed_rows_and_scaffold_share(tmp_path, benchmarks):
     on_gpu = dict(b, scaffold_gpu_share_bf16_routing=1.14 * b["scaffold_flop_share"])
     assert "Scaffold alone, bf16 routing, GPU clock" in report.step_table(on_gpu)
     assert "(1.14x its share)." in report.step_table(on_gpu)
+    # the FLOP share at each operating point: the scaffold's FLOPs are a larger part of a shorter step
+    shares = b["scaffold_flop_shares_by_rho"]
+    assert set(shares) == {"0", "0.2", "0.4"} and shares["0"] < shares["0.2"] < shares["0.4"] < 1
+    assert shares["0"] == pytest.approx(b["scaffold_flop_share"])
+    assert b["scaffold_gpu_shares_by_rho"] == {}  # no GPU clock on the CPU
+    rows = {"sc": {"gpu_ms": 5.0}, "r0": {"gpu_ms": 35.0}, "r2": {"gpu_ms": 25.0}, "r4": {"ms": 20.0}}
+    by_rho = step_speed.scaffold_shares(rows, "sc", {0.0: "r0", 0.2: "r2", 0.4: "r4"}, {0.0: 0.125, 0.2: 0.16, 0.4: 0.2})
+    assert list(by_rho) == ["0", "0.2"]  # rho 0.4's row has no GPU clock
+    assert by_rho["0.2"]["time_share"] == pytest.approx(0.2) and by_rho["0.2"]["ratio"] == pytest.approx(1.25)
+    assert by_rho["0"]["ratio"] == pytest.approx(8 / 7)  # 1/7 of the step for 1/8 of its FLOPs
+    text = report.step_table(dict(on_gpu, scaffold_gpu_shares_by_rho={"bf16 routing": by_rho}))
+    assert "rho=0.2 20.0% for 16.0% of the FLOPs (1.25x)" in text
     # --cudnn-narrowing: every DC-DiT row and scaffold twice, the decoder's narrowing conv through cuDNN in the twin
     n = step_speed.main(["--tiny", "--no-compile", "--no-masked", "--fill-capacity", "--bf16-routing",
                          "--bf16-weights-only", "--cudnn-narrowing", "--rounds", "1", "--rows", "rho=0.4|scaffold"])
