@@ -34,11 +34,9 @@ from block_tokens import role  # noqa: E402
 from step_profile import kernel_ms  # noqa: E402
 from step_speed import bucket, save_result, step_ms  # noqa: E402
 
-MODELS = ("DiT-XL/2", "DC-DiT-XL")
-
-
 def worker(rho: float, reps: int, tiny: bool) -> dict:
-    """Compile and profile both models in this process: ``{model: {"ms", "tokens", "roles": {role: ms}}}``."""
+    """Compile and profile both models in this process: ``{model: {"ms", "tokens", "roles": {role: ms}}}``, and
+    ``"alloc_conf"``, the ``PYTORCH_CUDA_ALLOC_CONF`` it ran under."""
     cuda = torch.cuda.is_available() and not tiny
     device = torch.device("cuda" if cuda else "cpu")
     latent, batch, sizes = (32, 64, {}) if not tiny else (8, 2, dict(hidden_size=64, depth=2, num_heads=2))
