@@ -136,6 +136,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, tiles: AttentionTiles | None = None
     )
     return out
 
+
 if triton is not None:
 
     @triton.jit
