@@ -434,7 +434,8 @@ def main(argv=None) -> dict:
         # the scaffold alone (embed, encoder, router, chunk, pack, de-chunk, decoder, final layer): its FLOP share
         # of the first variant's rho-0 step (each model is left at capacity caps[0]), and its time share of that step
         first = models[variants[0][0]]
-        for rho, cap in sorted(caps.items(), reverse=True):  # rho 0 last: the model is left at caps[0]
+        counted = caps if not tag else {0.0: caps[0.0]}  # a twin's rows have the same FLOPs: rho 0 only
+        for rho, cap in sorted(counted.items(), reverse=True):  # rho 0 last: the model is left at caps[0]
             first.capacity = cap
             report = cf.count_flops(first, x, t, y)
             blocks = sum(v for k, v in report.by_component.items() if k.startswith("backbone"))
