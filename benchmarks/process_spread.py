@@ -19,6 +19,7 @@ setting's processes shrinks under ``expandable_segments:True``, the guess holds.
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,20 @@ import chunkformer as cf  # noqa: E402
 from block_tokens import role  # noqa: E402
 from step_profile import kernel_ms  # noqa: E402
 from step_speed import bucket, save_result, step_ms  # noqa: E402
+
+
+def chosen_configs(cache: str | None, needle: str = "layer_norm") -> dict[str, list[dict]]:
+    """The launch configs that inductor's autotuning chose (its ``.best_config`` files in the inductor cache
+    ``cache``) for each Triton kernel whose name holds ``needle``: ``{kernel name: [config, ...]}``, a list
+    because two graphs may each name a kernel alike."""
+    found: dict[str, list[dict]] = defaultdict(list)
+    for best in sorted(Path(cache).rglob("*.best_config")) if cache else ():
+        for src in sorted(best.parent.glob("*.py")):
+            name = re.search(r"def (triton_\w+)\(", src.read_text())
+            if name and needle in name.group(1):
+                found[name.group(1)].append(json.loads(best.read_text()))
+    return dict(found)
+
 
 def worker(rho: float, reps: int, tiny: bool) -> dict:
     """Compile and profile both models in this process: ``{model: {"ms", "tokens", "roles": {role: ms}}}``, and
@@ -58,11 +73,15 @@ def worker(rho: float, reps: int, tiny: bool) -> dict:
             fn = torch.compile(model) if cuda else model
             ms = step_ms(fn, reps, x, t, y)  # also compiles and warms up
             roles: dict[str, float] = defaultdict(float)
+            norms = {}  # LayerNorm kernel -> GPU ms
             if cuda:
                 for kernel, v in kernel_ms(fn, reps, x, t, y)[0].items():
                     roles[role(kernel)] += v
-            out[name] = {"ms": ms, "tokens": tokens, "roles": dict(roles)}
+                    if role(kernel) == "layer norm":
+                        norms[kernel] = v
+            out[name] = {"ms": ms, "tokens": tokens, "roles": dict(roles), "layer_norm_kernels": norms}
     out["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # what this process ran under
+    out["layer_norm_configs"] = chosen_configs(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
     return out
 
 
@@ -112,8 +131,9 @@ def main(argv=None) -> dict:
                 ref = dit["roles"].get(r, 0.0) * share
                 return dc["roles"].get(r, 0.0) / ref if ref else float("nan")
 
-            alloc_conf = models.pop("alloc_conf")
+            alloc_conf, configs = models.pop("alloc_conf"), models.pop("layer_norm_configs", {})
             rows.append({"setting": setting, "process": i, "alloc_conf": alloc_conf, "models": models,
+                         "layer_norm_configs": configs,
                          "speedup": dit["ms"] / dc["ms"], "layer_norm_vs_share": vs_share("layer norm"),
                          "gelu_vs_share": vs_share("gelu")})
             print(f"{setting} #{i}: DiT-XL/2 {dit['ms']:.2f} ms, DC-DiT-XL {dc['ms']:.2f} ms", flush=True)
@@ -128,6 +148,13 @@ def main(argv=None) -> dict:
         print(f"{r['setting']:<30}{r['process']:>3}{dit['ms']:>9.2f}{dit['roles'].get('layer norm', 0):>8.2f}"
               f"{dit['roles'].get('gelu', 0):>9.2f}{dc['ms']:>9.2f}{dc['roles'].get('layer norm', 0):>8.2f}"
               f"{dc['roles'].get('gelu', 0):>9.2f}{r['layer_norm_vs_share']:>9.2f}{r['speedup']:>9.2f}")
+    print("\nLayerNorm kernels: GPU ms per step in each process, and the launch config autotuning chose there")
+    for r in rows:
+        for model, m in r["models"].items():
+            for kernel, v in sorted(m.get("layer_norm_kernels", {}).items()):
+                cfgs = "; ".join(", ".join(f"{k}={c[k]}" for k in sorted(c) if k.isupper() or k.startswith("num_"))
+                                 for c in r["layer_norm_configs"].get(kernel, []))
+                print(f"  {r['setting']} #{r['process']} {model:<10} {v:7.3f}  {kernel[-60:]}  [{cfgs or 'no autotuning'}]")
     spread = {}
     for setting in settings:
         mine = [r for r in rows if r["setting"] == setting]
