@@ -42,10 +42,16 @@ def step_table(data: dict) -> str:
              f"(`{data['command']}`)", "",
              "| row | tokens | ms | GFLOPs/sample | speed-up | FLOP-predicted | measured / predicted |",
              "|---|---|---|---|---|---|---|"]
+    clock = any("gpu_speedup" in r for r in data["rows"])  # runs since session 23: the GPU's clock too
+    if clock:
+        lines[-2:] = [lines[-2] + " GPU ms | speed-up, GPU clock | measured / predicted, GPU clock |",
+                      lines[-1] + "---|---|---|"]
     for r in data["rows"]:
         mark = " (see note)" if r.get("note") else ""
+        on_gpu = "" if not clock else (f" {r['gpu_ms']:.2f} | {r['gpu_speedup']:.2f} | {r['gpu_fraction_of_flop_speedup']:.2f} |"
+                                       if "gpu_speedup" in r else " - | - | - |")
         lines.append(f"| {r['row']}{mark} | {r['kept']} | {r['ms']:.2f} | {r['flops'] / 1e9:.1f} | {r['measured_speedup']:.2f} "
-                     f"| {r['flop_speedup']:.2f} | {r['fraction_of_flop_speedup']:.2f} |")
+                     f"| {r['flop_speedup']:.2f} | {r['fraction_of_flop_speedup']:.2f} |{on_gpu}")
     lines.append("")
     lines += [f"Note on {r['row']}: {r['note']}.\n" for r in data["rows"] if r.get("note")]
     if data.get("note"):
@@ -221,6 +227,20 @@ def process_spread_table(data: dict) -> str:
         ln_gelu = lambda m: f"{m['roles'].get('layer norm', 0.0):.2f} / {m['roles'].get('gelu', 0.0):.2f}"  # noqa: E731
         lines.append(f"| {r['setting']} | {r['process']} | {dit['ms']:.2f} | {ln_gelu(dit)} | {dc['ms']:.2f} | "
                      f"{ln_gelu(dc)} | {r['layer_norm_vs_share']:.2f} | {r['speedup']:.2f} |")
+    kernels = sorted({(model, k) for r in data["rows"] for model, m in r["models"].items()
+                      for k, v in m.get("layer_norm_kernels", {}).items() if v >= 0.1})  # the step's big ones
+    if kernels:  # runs since session 23 keep each LayerNorm kernel and the config autotuning chose for it
+        procs = [f"{r['setting']} #{r['process']}" for r in data["rows"]]
+        lines += ["", "LayerNorm kernels of 0.1 ms a step or more, GPU ms per step in each process, and their "
+                  "launch configs (each distinct one once)", "",
+                  "| model | kernel | " + " | ".join(procs) + " | launch config |", "|---|---|" + "---|" * (len(procs) + 1)]
+        for model, k in kernels:
+            ms = [r["models"][model].get("layer_norm_kernels", {}).get(k) for r in data["rows"]]
+            configs = {", ".join(f"{n}={c[n]}" for n in sorted(c) if n.isupper() or n.startswith("num_"))
+                       for r in data["rows"] for c in r.get("layer_norm_configs", {}).get(k, [])}
+            config = " / ".join(sorted(configs)) or "none recorded (not autotuned)"
+            lines.append(f"| {model} | `{k}` | " + " | ".join("-" if v is None else f"{v:.2f}" for v in ms)
+                         + f" | {config} |")
     return "\n".join(lines)
 
 
@@ -444,7 +464,7 @@ def launch_table(data: dict) -> str:
     return "\n".join(lines + (["", f"Note: {data['note']}."] if data.get("note") else []))
 
 
-PLOTTED = ("step_speed_256_serving_s22_h100.json", "step_speed_512_serving_s22_h100.json")  # the figure's runs: H100s, session 22
+PLOTTED = ("step_speed_256_serving_s23_h100.json", "step_speed_512_serving_s23_h100.json")  # the figure's runs: one H100, session 23
 
 
 def main() -> None:

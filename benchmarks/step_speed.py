@@ -15,7 +15,9 @@ to an untrained router. Each budget is one bucket, one compiled graph.
 Rows: rho 0 / 0.2 / 0.4; Lite-CFG (a conditional pass at rho 0 plus an unconditional pass
 at rho 0.9, against DiT's two passes); and the scaffold alone (the same DC-DiT with no
 blocks), whose time share is set against its FLOP share of the rho-0 step (on a GPU also against each
-operating point's step, on the GPU's clock). ``--cudagraphs``
+operating point's step, on the GPU's clock). On a GPU every DiT-XL/2 and fixed-rho DC-DiT row is also
+replayed from a CUDA graph in interleaved rounds of its own, and its speed-up read on the GPU's clock
+(``gpu_ms``, ``gpu_speedup`` in the JSON). ``--cudagraphs``
 adds both models at rho 0 compiled with ``mode="reduce-overhead"`` (CUDA graphs; GPU only),
 each against DiT-XL/2 compiled the same way. ``--fill-capacity`` adds rho 0 / 0.2 / 0.4 rows of
 DC-DiT with ``fill_capacity=True`` ("filled"): the same weights and tokens (the router keeps
@@ -146,6 +148,19 @@ def set_inductor_config(settings: list[str]) -> dict:
     return applied
 
 
+def add_speedups(rows: list[dict], base: dict[str, dict]) -> None:
+    """Set each row's speed-up over its DiT-XL/2 baseline (``base[row["base"]]``, ``"plain"`` if it names
+    none), the FLOP-predicted one and their ratio; on the GPU's clock too where both rows have ``gpu_ms``."""
+    for r in rows:
+        ref = base[r.get("base", "plain")]
+        r["measured_speedup"] = ref["ms"] / r["ms"]
+        r["flop_speedup"] = ref["flops"] / r["flops"]
+        r["fraction_of_flop_speedup"] = r["measured_speedup"] / r["flop_speedup"]
+        if "gpu_ms" in r and "gpu_ms" in ref:
+            r["gpu_speedup"] = ref["gpu_ms"] / r["gpu_ms"]
+            r["gpu_fraction_of_flop_speedup"] = r["gpu_speedup"] / r["flop_speedup"]
+
+
 def scaffold_shares(by_name: dict, scaffold_row: str, step_rows: dict[float, str], flop_shares: dict[float, float],
                     clock: str = "gpu_ms") -> dict[str, dict]:
     """The scaffold's time share of each step against its FLOP share there: ``{"0.2": {"time_share", "flop_share",
@@ -176,10 +191,8 @@ def cuda_ms(fn, reps: int, *args, warmup: int = 5) -> float:
     return start.elapsed_time(end) / reps
 
 
-def graph_ms(fn, reps: int, *args) -> float:
-    """GPU ms per call of ``fn(*args)`` replayed from a CUDA graph of ``reps`` calls: no host time in it
-    (``cuda_ms`` of a kernel that runs for tens of microseconds mostly times the host launching it: a
-    single GroupNorm, one attention call)."""
+def capture_graph(fn, reps: int, *args) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of ``reps`` calls of ``fn(*args)``, captured after three warm-up calls on a side stream."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -191,14 +204,26 @@ def graph_ms(fn, reps: int, *args) -> float:
         for _ in range(reps):
             fn(*args)
     graph.replay()
+    return graph
+
+
+def replay_ms(graph: "torch.cuda.CUDAGraph", reps: int, replays: int = 5) -> float:
+    """GPU ms per call of a graph of ``reps`` calls, over ``replays`` replays."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
-    for _ in range(5):
+    for _ in range(replays):
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / (5 * reps)
+    return start.elapsed_time(end) / (replays * reps)
+
+
+def graph_ms(fn, reps: int, *args) -> float:
+    """GPU ms per call of ``fn(*args)`` replayed from a CUDA graph of ``reps`` calls: no host time in it
+    (``cuda_ms`` of a kernel that runs for tens of microseconds mostly times the host launching it: a
+    single GroupNorm, one attention call)."""
+    return replay_ms(capture_graph(fn, reps, *args), reps)
 
 
 def step_ms(fn, reps: int, *args) -> float:
@@ -506,16 +531,27 @@ def main(argv=None) -> dict:
         # the scaffold share's two rows also on the GPU's clock, replayed from a CUDA graph: alone, the scaffold
         # is a 5 ms step of short kernels whose host time can show through (session 20, H100: rounds of 5.1 and
         # 6.0-6.8 ms in one run), which it cannot inside a GPU-bound step
-        gpu = {}
+        # Since session 23 every DiT-XL/2 row and every fixed-rho DC-DiT row too, in interleaved rounds of their own,
+        # so each speed-up is also read on the GPU's clock: a row's host time carries the GPU's idle gaps between
+        # launches, which a longer list of short kernels (the scaffold's) has more of
+        gpu_times: dict[str, list[float]] = {}
         if device.type == "cuda":
+            graphs = {}
             for name, fn, *_ in cases:
-                if "scaffold only" in name or name.startswith("DC-DiT-XL rho="):
+                if "scaffold only" in name or name.startswith(("DC-DiT-XL rho=", "DiT-XL/2")):
                     try:
-                        gpu[name] = graph_ms(fn, 4)
+                        graphs[name] = capture_graph(fn, 4)
                     except Exception as e:  # noqa: BLE001 - a row that cannot be captured keeps its host clock only
                         print(f"{name}: no CUDA-graph time ({type(e).__name__}: {str(e)[:120]})")
+            gpu_times = {name: [] for name in graphs}
+            for _ in range(args.rounds):
+                for name, graph in graphs.items():
+                    gpu_times[name].append(replay_ms(graph, 4, replays=2))
+            del graphs
         rows = [{"row": name, "ms": statistics.median(times[name]), "ms_rounds": times[name], "flops": flops,
-                 "kept": kept, "calls_per_round": calls[name], **({"gpu_ms": gpu[name]} if name in gpu else {}),
+                 "kept": kept, "calls_per_round": calls[name],
+                 **({"gpu_ms": statistics.median(gpu_times[name]), "gpu_ms_rounds": gpu_times[name]}
+                    if name in gpu_times else {}),
                  **({"base": base} if base != "plain" else {})}
                 for name, _, flops, kept, base in cases]
 
@@ -524,11 +560,7 @@ def main(argv=None) -> dict:
         ("plain", "DiT-XL/2"), ("cfg", "DiT-XL/2 CFG"), ("bf16w-plain", "DiT-XL/2, bf16 weights"),
         ("bf16w-cfg", "DiT-XL/2 CFG, bf16 weights"))}
     base["graphs"] = by_name.get("DiT-XL/2 CUDA graphs")
-    for r in rows:
-        ref = base[r.get("base", "plain")]
-        r["measured_speedup"] = ref["ms"] / r["ms"]
-        r["flop_speedup"] = ref["flops"] / r["flops"]
-        r["fraction_of_flop_speedup"] = r["measured_speedup"] / r["flop_speedup"]
+    add_speedups(rows, base)
 
     def share(scaffold_row: str, step_row: str, clock: str = "ms") -> float | None:
         """Time share of the scaffold in a rho-0 step, on the host's clock (``ms``) or the GPU's (``gpu_ms``)."""
@@ -567,10 +599,14 @@ def main(argv=None) -> dict:
           f"{'; filled: fill_capacity=True, attention unmasked' if args.fill_capacity else ''}"
           f"{'; attention up to %d keys: Triton %s' % (args.attention_max_tokens, args.attention_kernel) if attention_kernel else ''}"
           f"{'; SDPA only (--no-short-attention)' if args.no_short_attention else ''}")
-    print(f"{'row':<50}{'kept':>6}{'ms':>9}{'GFLOPs':>9}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}")
+    clock = any("gpu_speedup" in r for r in rows)  # then also each row on the GPU's clock
+    print(f"{'row':<50}{'kept':>6}{'ms':>9}{'GFLOPs':>9}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}"
+          + (f"{'GPU ms':>9}{'speed-up':>10}{'ratio':>7}" if clock else ""))
     for r in rows:
+        on_gpu = (f"{r['gpu_ms']:>9.2f}{r['gpu_speedup']:>10.2f}{r['gpu_fraction_of_flop_speedup']:>7.2f}"
+                  if "gpu_speedup" in r else "")
         print(f"{r['row']:<50}{r['kept']:>6}{r['ms']:>9.2f}{r['flops'] / 1e9:>9.1f}{r['measured_speedup']:>10.2f}"
-              f"{r['flop_speedup']:>10.2f}{r['fraction_of_flop_speedup']:>7.2f}")
+              f"{r['flop_speedup']:>10.2f}{r['fraction_of_flop_speedup']:>7.2f}{on_gpu}")
     if time_share is not None:
         print(f"scaffold: {time_share:.1%} of the rho=0{variants[0][0]} step's time for {scaffold_share_flops:.1%} of "
               f"its FLOPs ({time_share / scaffold_share_flops:.2f}x its share)")

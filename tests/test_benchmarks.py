@@ -803,3 +803,57 @@ def test_a_result_records_the_allocator_setting_it_ran_under(tmp_path, benchmark
     result = step_speed.save_result(tmp_path / "r.json", "cpu", rows=[])
     assert result["command"] == "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python benchmarks/step_profile.py --rho 0.2"
     assert json.loads((tmp_path / "r.json").read_text())["command"] == result["command"]
+
+
+def test_speedups_on_the_gpu_clock_where_both_rows_have_one(benchmarks):
+    import step_speed
+
+    rows = [{"row": "DiT", "ms": 32.0, "gpu_ms": 31.0, "flops": 240e9},
+            {"row": "DC rho=0.2", "ms": 32.0, "gpu_ms": 29.5, "flops": 200e9, "base": "x"},
+            {"row": "Lite-CFG", "ms": 40.0, "flops": 300e9, "base": "cfg"},
+            {"row": "DiT CFG", "ms": 64.0, "flops": 480e9}]
+    base = {"plain": rows[0], "x": rows[0], "cfg": rows[3]}
+    step_speed.add_speedups(rows, base)
+    dc, lite = rows[1], rows[2]
+    assert dc["measured_speedup"] == pytest.approx(1.0) and dc["flop_speedup"] == pytest.approx(1.2)
+    assert dc["gpu_speedup"] == pytest.approx(31.0 / 29.5)  # a tie on the host's clock, 5% on the GPU's
+    assert dc["gpu_fraction_of_flop_speedup"] == pytest.approx(31.0 / 29.5 / 1.2)
+    assert lite["measured_speedup"] == pytest.approx(1.6) and "gpu_speedup" not in lite  # its base has no GPU clock
+    report = _load("report")
+    rows = [dict(r, kept=k) for r, k in zip(rows, (256, 208, 256, 256))]
+    data = {"card": "H100", "torch": "2.11", "size": 256, "batch": 64, "compiled": True, "command": "c", "rows": rows,
+            "scaffold_time_share": None, "scaffold_flop_share": 0.11}
+    text = report.step_table(data)
+    assert "| DC rho=0.2 | 208 | 32.00 | 200.0 | 1.00 | 1.20 | 0.83 | 29.50 | 1.05 | 0.88 |" in text
+    assert "| Lite-CFG | 256 | 40.00 | 300.0 | 1.60 | 1.60 | 1.00 | - | - | - |" in text
+    assert "speed-up, GPU clock" in text
+    # a run without the GPU's clock keeps the seven columns
+    host_only = [{k: v for k, v in r.items() if not k.startswith("gpu")} for r in rows]
+    assert "GPU clock" not in report.step_table(dict(data, rows=host_only)).split("\n")[2]
+
+
+def test_process_spread_reads_the_autotuned_config_of_each_layer_norm_kernel(tmp_path, benchmarks):
+    import process_spread
+
+    def kernel(folder: str, name: str, config: dict | None) -> None:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "c0.py").write_text(f"@triton.jit\ndef {name}(in_ptr0, out_ptr0, xnumel):\n    pass\n")
+        if config is not None:
+            (tmp_path / folder / "k.best_config").write_text(json.dumps(config))
+
+    kernel("ab", "triton_red_fused_native_layer_norm_7", {"XBLOCK": 8, "R0_BLOCK": 512, "num_warps": 8})
+    kernel("cd", "triton_red_fused_native_layer_norm_8", None)  # one config: nothing autotuned, nothing recorded
+    kernel("ef", "triton_poi_fused_gelu_3", {"XBLOCK": 1024, "num_warps": 4})  # not a LayerNorm
+    found = process_spread.chosen_configs(str(tmp_path))
+    assert found == {"triton_red_fused_native_layer_norm_7": [{"XBLOCK": 8, "R0_BLOCK": 512, "num_warps": 8}]}
+    assert process_spread.chosen_configs(None) == {}
+    report = _load("report")
+    model = lambda ms, kernels: {"ms": ms, "tokens": 256, "roles": {"layer norm": sum(kernels.values())},  # noqa: E731
+                                 "layer_norm_kernels": kernels}
+    rows = [{"setting": "default", "process": i, "speedup": 1.0, "layer_norm_vs_share": 1.0,
+             "models": {"DiT-XL/2": model(30.0, {"k7": k7, "tiny": 0.05}), "DC-DiT-XL": model(30.0, {})},
+             "layer_norm_configs": {"k7": [{"XBLOCK": x, "num_warps": 8, "configs_hash": "h"}]}}
+            for i, (k7, x) in enumerate(((2.1, 8), (2.9, 16)))]
+    text = report.process_spread_table({"card": "H100", "torch": "2.11", "rho": 0.2, "command": "c", "rows": rows})
+    assert "| DiT-XL/2 | `k7` | 2.10 | 2.90 | XBLOCK=16, num_warps=8 / XBLOCK=8, num_warps=8 |" in text
+    assert "`tiny`" not in text  # under 0.1 ms a step
