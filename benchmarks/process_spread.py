@@ -49,11 +49,9 @@ def chosen_configs(cache: str | None, needle: str = "layer_norm") -> dict[str, l
     return dict(found)
 
 
-def worker(rho: float, reps: int, tiny: bool) -> dict:
-    """Compile and profile both models in this process: ``{model: {"ms", "tokens", "roles": {role: ms}}}``, and
-    ``"alloc_conf"``, the ``PYTORCH_CUDA_ALLOC_CONF`` it ran under."""
-    cuda = torch.cuda.is_available() and not tiny
-    device = torch.device("cuda" if cuda else "cpu")
+def serving_models(rho: float, tiny: bool, device: torch.device):
+    """256px inputs ``(x, t, y)`` at batch 64 and ``[(name, model, tokens)]``: DiT-XL/2 and DC-DiT-XL at ``rho``
+    in the serving configuration, bf16 weights, on ``device`` (``tiny``: width 64, depth 2, an 8x8 latent)."""
     latent, batch, sizes = (32, 64, {}) if not tiny else (8, 2, dict(hidden_size=64, depth=2, num_heads=2))
     L = latent * latent
     capacity = bucket(L / 4 * (1 - rho))
@@ -66,10 +64,20 @@ def worker(rho: float, reps: int, tiny: bool) -> dict:
     dc = cf.create_model("DC-DiT-XL", input_size=latent, plan_mode="fixed", capacity=capacity, fill_capacity=True,
                          fp32_router_dechunk=False, **sizes)
     torch.nn.init.constant_(dc.router.scorer[-1].bias, 30.0)  # keep everything; the capacity is the budget
+    models = [(name, m.to(device).eval().to(torch.bfloat16), tokens)
+              for name, m, tokens in (("DiT-XL/2", dit, L // 4), ("DC-DiT-XL", dc, capacity))]
+    return (x, t, y), models
+
+
+def worker(rho: float, reps: int, tiny: bool) -> dict:
+    """Compile and profile both models in this process: ``{model: {"ms", "tokens", "roles": {role: ms}}}``, and
+    ``"alloc_conf"``, the ``PYTORCH_CUDA_ALLOC_CONF`` it ran under."""
+    cuda = torch.cuda.is_available() and not tiny
+    device = torch.device("cuda" if cuda else "cpu")
+    (x, t, y), models = serving_models(rho, tiny, device)
     out = {}
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-        for name, model, tokens in (("DiT-XL/2", dit, L // 4), ("DC-DiT-XL", dc, capacity)):
-            model = model.to(device).eval().to(torch.bfloat16)
+        for name, model, tokens in models:
             fn = torch.compile(model) if cuda else model
             ms = step_ms(fn, reps, x, t, y)  # also compiles and warms up
             roles: dict[str, float] = defaultdict(float)

@@ -244,6 +244,22 @@ def process_spread_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def norm_placement_table(data: dict) -> str:
+    """benchmarks/norm_placement.py: each LayerNorm kernel's time, trial by trial, as the buffers move."""
+    kernels = list(data["spread"])
+    what = data["model"] + (f" rho {data['rho']:g}" if data.get("rho") is not None else "")
+    lines = [f"{data['card']}, torch {data['torch']}, {what}, {data['tokens']} tokens, serving configuration; each "
+             f"trial after an emptied allocator and a spacer; GPU ms per step (`{data['command']}`)", "",
+             "| trial | spacer MiB | step ms | " + " | ".join(f"`{k}`" for k in kernels) + " |",
+             "|---|---|---|" + "---|" * len(kernels)]
+    for i, tr in enumerate(data["trials"]):
+        lines.append(f"| {i} | {tr['spacer_pages'] * 2} | {tr['ms']:.2f} | " + " | ".join(
+            f"{tr['layer_norm_kernels'][k]:.2f}" if k in tr["layer_norm_kernels"] else "-" for k in kernels) + " |")
+    lines.append("| slowest / fastest | | | " + " | ".join(f"{data['spread'][k]['max_over_min']:.2f}x"
+                                                          for k in kernels) + " |")
+    return "\n".join(lines)
+
+
 def small_train_table(data: dict) -> str:
     lines = [f"{data['card']}, torch {data['torch']}, 32x32x1, batch {data['batch']}, bf16 autocast, fused AdamW, "
              f"commit {data.get('commit', '?')} (`{data['command']}`)", "",
@@ -481,7 +497,7 @@ def main() -> None:
               ("group_norm_*.json", group_norm_table), ("tap_conv_*.json", tap_conv_table),
               ("scaffold_compile_*.json", scaffold_compile_table), ("launch_overhead_*.json", launch_table),
               ("block_tokens_*.json", block_tokens_table), ("gelu_epilogue_*.json", gelu_epilogue_table),
-              ("process_spread_*.json", process_spread_table))
+              ("process_spread_*.json", process_spread_table), ("norm_placement_*.json", norm_placement_table))
     for pattern, table in tables:
         for path in sorted(RESULTS.glob(pattern)):
             print(table(json.loads(path.read_text())), end="\n\n")

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 
 
-BENCHMARK_MODULES = ("host_syncs", "small_train_speed", "train_speed", "report", "smoothing", "scaffold_profile", "vs_release", "step_speed", "sample_speed", "scaffold_compile", "process_spread")  # studies/ has a report.py too
+BENCHMARK_MODULES = ("host_syncs", "small_train_speed", "train_speed", "report", "smoothing", "scaffold_profile", "vs_release", "step_speed", "sample_speed", "scaffold_compile", "process_spread", "norm_placement")  # studies/ has a report.py too
 
 
 @pytest.fixture
@@ -857,3 +857,31 @@ def test_process_spread_reads_the_autotuned_config_of_each_layer_norm_kernel(tmp
     text = report.process_spread_table({"card": "H100", "torch": "2.11", "rho": 0.2, "command": "c", "rows": rows})
     assert "| DiT-XL/2 | `k7` | 2.10 | 2.90 | XBLOCK=16, num_warps=8 / XBLOCK=8, num_warps=8 |" in text
     assert "`tiny`" not in text  # under 0.1 ms a step
+
+
+def test_norm_placement_runs_trials_with_spacers_and_finds_kernel_source(tmp_path, benchmarks):
+    import norm_placement
+
+    res = norm_placement.main(["--tiny", "--trials", "3", "--max-pages", "2", "--reps", "1", "--out", str(tmp_path / "n.json")])
+    pages = [tr["spacer_pages"] for tr in res["trials"]]
+    assert pages[0] == 0 and all(1 <= p <= 2 for p in pages[1:])  # the first trial without a spacer
+    assert all(tr["ms"] > 0 for tr in res["trials"]) and res["model"] == "DiT-XL/2" and res["rho"] is None
+    assert json.loads((tmp_path / "n.json").read_text())["tokens"] == 16
+    with pytest.raises(SystemExit):
+        norm_placement.main(["--tiny", "--trials", "1"])
+    code = ("k0 = async_compile.triton('a', '''\nimport triton\n@triton.jit\ndef triton_red_fused_layer_norm_7(in_ptr0):\n"
+            "    x = 1\n''', device_str='cuda')\n\nk1 = async_compile.triton('b', '''\n@triton.jit\ndef triton_poi_gelu_2(p):\n"
+            "    y = 2\n''', device_str='cuda')\n")
+    src = norm_placement.kernel_source(code, ["triton_red_fused_layer_norm_7"])
+    assert "def triton_red_fused_layer_norm_7(in_ptr0):\n    x = 1\n" in src and "gelu" not in src
+
+
+def test_norm_placement_table_shows_each_trial_and_the_spread(benchmarks):
+    report = _load("report")
+    trials = [{"spacer_pages": 0, "ms": 30.0, "layer_norm_kernels": {"k7": 2.1}},
+              {"spacer_pages": 37, "ms": 30.8, "layer_norm_kernels": {"k7": 2.9}}]
+    data = {"card": "H100", "torch": "2.11", "command": "c", "model": "DiT-XL/2", "rho": None, "tokens": 256,
+            "trials": trials, "spread": {"k7": {"min": 2.1, "max": 2.9, "max_over_min": 2.9 / 2.1}}}
+    text = report.norm_placement_table(data)
+    assert "| 1 | 74 | 30.80 | 2.90 |" in text and "| slowest / fastest | | | 1.38x |" in text
+    assert "DiT-XL/2, 256 tokens" in text
