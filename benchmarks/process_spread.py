@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
             for kernel, v in sorted(m.get("layer_norm_kernels", {}).items()):
                 cfgs = "; ".join(", ".join(f"{k}={c[k]}" for k in sorted(c) if k.isupper() or k.startswith("num_"))
                                  for c in r["layer_norm_configs"].get(kernel, []))
-                print(f"  {r['setting']} #{r['process']} {model:<10} {v:7.3f}  {kernel[-60:]}  [{cfgs or 'no autotuning'}]")
+                print(f"  {r['setting']} #{r['process']} {model:<10} {v:7.3f}  {kernel[-60:]}  [{cfgs or 'none recorded'}]")
     spread = {}
     for setting in settings:
         mine = [r for r in rows if r["setting"] == setting]

@@ -528,17 +528,17 @@ def main(argv=None) -> dict:
         for _ in range(args.rounds):
             for name, fn, *_ in cases:
                 times[name].append(step_ms(fn, calls[name]))
-        # the scaffold share's two rows also on the GPU's clock, replayed from a CUDA graph: alone, the scaffold
-        # is a 5 ms step of short kernels whose host time can show through (session 20, H100: rounds of 5.1 and
-        # 6.0-6.8 ms in one run), which it cannot inside a GPU-bound step
-        # Since session 23 every DiT-XL/2 row and every fixed-rho DC-DiT row too, in interleaved rounds of their own,
-        # so each speed-up is also read on the GPU's clock: a row's host time carries the GPU's idle gaps between
-        # launches, which a longer list of short kernels (the scaffold's) has more of
+        # The scaffold alone, every fixed-rho DC-DiT row and every DiT-XL/2 row also on the GPU's clock, replayed
+        # from CUDA graphs in interleaved rounds of their own. A row's host time carries the GPU's idle gaps
+        # between launches, which a step with more short kernels has more of; alone, the scaffold is a 5 ms step
+        # of short kernels whose host time can show through (session 20, H100: rounds of 5.1 and 6.0-6.8 ms in
+        # one run). The --cudagraphs rows are CUDA graphs already.
         gpu_times: dict[str, list[float]] = {}
         if device.type == "cuda":
             graphs = {}
             for name, fn, *_ in cases:
-                if "scaffold only" in name or name.startswith(("DC-DiT-XL rho=", "DiT-XL/2")):
+                wanted = "scaffold only" in name or name.startswith(("DC-DiT-XL rho=", "DiT-XL/2"))
+                if wanted and "CUDA graphs" not in name:
                     try:
                         graphs[name] = capture_graph(fn, 4)
                     except Exception as e:  # noqa: BLE001 - a row that cannot be captured keeps its host clock only
