@@ -13,7 +13,10 @@ token and the capacity is the budget, as in ``step_speed.py``) with an inductor 
 process autotunes, as a first run does), then profiles both and sums the kernels by ``block_tokens.py``'s
 roles. The table has one row per process: each model's wall ms, its LayerNorm + modulate and GELU ms, and
 the DC step's LayerNorm time against its token share of DiT's (1.00 = it scales). If the spread between a
-setting's processes shrinks under ``expandable_segments:True``, the guess holds.
+setting's processes shrinks under ``expandable_segments:True``, the guess holds. (Session 23: it does not.)
+Each process also keeps every LayerNorm kernel's time and the launch config inductor's autotuning chose for
+it (from the ``.best_config`` files in its cache), so a second table shows which kernel moves between
+processes and whether its config did.
 """
 
 import argparse
