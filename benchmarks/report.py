@@ -33,19 +33,27 @@ def _short_attention(setting) -> str:
     return "; short-attention kernel at " + ", ".join(f"dh {d}: {lo + 1}-{hi} keys" for d, (lo, hi) in setting.items())
 
 
+def _table(caption: str | None, columns: list[str]) -> list[str]:
+    """A markdown table's first lines: ``caption`` and a blank line (unless ``None``), the column names, and the
+    separator row with one ``---`` per column."""
+    return ([caption, ""] if caption is not None else []) + ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def _note(data: dict) -> list[str]:
+    """A table's closing note, from the run's ``note`` field (none if it has none)."""
+    return ["", f"Note: {data['note']}."] if data.get("note") else []
+
+
 def step_table(data: dict) -> str:
-    lines = [f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, "
-             f"{'torch.compile' if data['compiled'] else 'eager'}, bf16 autocast"
-             f"{', median of %d interleaved rounds' % data['rounds'] if data.get('rounds') else ''}"
-             f"{'; filled: fill_capacity=True, attention unmasked' if data.get('fill_capacity') else ''}"
-             f"{_attention_kernel(data.get('attention_kernel'))}{_short_attention(data.get('short_attention'))} "
-             f"(`{data['command']}`)", "",
-             "| row | tokens | ms | GFLOPs/sample | speed-up | FLOP-predicted | measured / predicted |",
-             "|---|---|---|---|---|---|---|"]
+    caption = (f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, "
+               f"{'torch.compile' if data['compiled'] else 'eager'}, bf16 autocast"
+               f"{', median of %d interleaved rounds' % data['rounds'] if data.get('rounds') else ''}"
+               f"{'; filled: fill_capacity=True, attention unmasked' if data.get('fill_capacity') else ''}"
+               f"{_attention_kernel(data.get('attention_kernel'))}{_short_attention(data.get('short_attention'))} "
+               f"(`{data['command']}`)")
     clock = any("gpu_speedup" in r for r in data["rows"])  # runs since session 23: the GPU's clock too
-    if clock:
-        lines[-2:] = [lines[-2] + " GPU ms | speed-up, GPU clock | measured / predicted, GPU clock |",
-                      lines[-1] + "---|---|---|"]
+    lines = _table(caption, ["row", "tokens", "ms", "GFLOPs/sample", "speed-up", "FLOP-predicted", "measured / predicted"]
+                   + (["GPU ms", "speed-up, GPU clock", "measured / predicted, GPU clock"] if clock else []))
     for r in data["rows"]:
         mark = " (see note)" if r.get("note") else ""
         on_gpu = "" if not clock else (f" {r['gpu_ms']:.2f} | {r['gpu_speedup']:.2f} | {r['gpu_fraction_of_flop_speedup']:.2f} |"
@@ -81,9 +89,9 @@ def step_table(data: dict) -> str:
 
 def ops_table(data: dict) -> str:
     """benchmarks/scaffold_ops.py: each scaffold operation in its equivalent forms."""
-    lines = [f"{data['card']}, torch {data['torch']}, batch {data['batch']}, {data['grid']}x{data['grid']} grid, "
-             f"d = {data['dim']}, width {data['width']}, {data['kept']} kept (`{data['command']}`)", "",
-             "| operation | form | ms | TFLOP/s | relative error (vs fp64) |", "|---|---|---|---|---|"]
+    lines = _table(f"{data['card']}, torch {data['torch']}, batch {data['batch']}, {data['grid']}x{data['grid']} grid, "
+                   f"d = {data['dim']}, width {data['width']}, {data['kept']} kept (`{data['command']}`)",
+                   ["operation", "form", "ms", "TFLOP/s", "relative error (vs fp64)"])
     from scaffold_ops import op_flops  # noqa: PLC0415  (benchmarks/ is on the path when run as a script)
 
     for r in data["rows"]:
@@ -98,9 +106,8 @@ def profile_table(data: dict) -> str:
     names = list(data["models"])
     classes = sorted({c for m in data["models"].values() for c in m["by_class"]},
                      key=lambda c: -data["models"][names[-1]]["by_class"].get(c, 0.0))
-    lines = [f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, capacity "
-             f"{data['capacity']} (rho {data['rho']:g}), GPU ms per step (`{data['command']}`)", "",
-             "| kernel class | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines = _table(f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, capacity "
+                   f"{data['capacity']} (rho {data['rho']:g}), GPU ms per step (`{data['command']}`)", ["kernel class", *names])
     for c in classes:
         lines.append(f"| {c} | " + " | ".join(f"{data['models'][n]['by_class'].get(c, 0.0):.2f}" for n in names) + " |")
     for key, label in (("gpu_ms", "GPU total"), ("ms", "wall clock"), ("gflops", "GFLOPs / sample")):
@@ -111,16 +118,13 @@ def profile_table(data: dict) -> str:
                 for n in names]
         if any(sums):  # the backbone's token-wise kernels, to set against their token share (session 21)
             lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in sums) + " |")
-    if data.get("note"):
-        lines += ["", f"Note: {data['note']}."]
-    return "\n".join(lines)
+    return "\n".join(lines + _note(data))
 
 
 def full_plan_table(data: dict) -> str:
     """benchmarks/attention_masks.py: attention over full plans per SDPA backend."""
-    lines = [f"{data['card']}, torch {data['torch']}, bf16, 16 heads of 72, ms per call (`{data['command']}`)", "",
-             "| batch x slots | default (no mask) | flash | efficient | cuDNN | default with a bool mask |",
-             "|---|---|---|---|---|---|"]
+    lines = _table(f"{data['card']}, torch {data['torch']}, bf16, 16 heads of 72, ms per call (`{data['command']}`)",
+                   ["batch x slots", "default (no mask)", "flash", "efficient", "cuDNN", "default with a bool mask"])
     for r in data["full_plans"]:
         lines.append(f"| {r['batch']} x {r['slots']} | {r['default']:.3f} | {r['flash']:.3f} | {r['efficient']:.3f} "
                      f"| {r['cudnn']:.3f} | {r['bool mask']:.3f} |")
@@ -129,9 +133,8 @@ def full_plan_table(data: dict) -> str:
 
 def scaffold_table(data: dict) -> str:
     """benchmarks/scaffold_profile.py: cumulative stages of the scaffold, time share against FLOP share."""
-    lines = [f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, each row compiled, "
-             f"bf16 autocast (`{data['command']}`)", "",
-             "| row | ms | GFLOPs/sample | time share | FLOP share |", "|---|---|---|---|---|"]
+    lines = _table(f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, each row compiled, "
+                   f"bf16 autocast (`{data['command']}`)", ["row", "ms", "GFLOPs/sample", "time share", "FLOP share"])
     lines += [f"| {r['row']} | {r['ms']:.2f} | {r['gflops_per_sample']:.1f} | {r['time_share']:.0%} | {r['flop_share']:.0%} |"
               for r in data["rows"]]
     return "\n".join(lines)
@@ -140,10 +143,9 @@ def scaffold_table(data: dict) -> str:
 def smoothing_table(data: dict) -> str:
     """benchmarks/smoothing.py: dense against windowed de-chunk smoothing."""
     mode = "compiled" if data.get("compiled") else "eager"
-    lines = [f"{data['card']}, torch {data['torch']}, d = {data['dim']}, fp32, {mode}, about 25% kept "
-             f"(`{data['command']}`)", "",
-             "| grid | batch | M | auto picks | dense ms | windowed ms | speed-up | dense peak MiB | windowed peak MiB "
-             "| relative error, sigma 1 / 2 / 4 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = _table(f"{data['card']}, torch {data['torch']}, d = {data['dim']}, fp32, {mode}, about 25% kept "
+                   f"(`{data['command']}`)", ["grid", "batch", "M", "auto picks", "dense ms", "windowed ms", "speed-up",
+                                              "dense peak MiB", "windowed peak MiB", "relative error, sigma 1 / 2 / 4"])
     for r in data["rows"]:
         mib = [f"{v:.0f}" if v is not None else "-" for v in (r["dense_peak_mib"], r["windowed_peak_mib"])]
         errs = " / ".join(f"{e:.1e}" for e in r["relative_error"].values())
@@ -154,11 +156,11 @@ def smoothing_table(data: dict) -> str:
 
 def release_table(data: dict) -> str:
     """benchmarks/vs_release.py: the authors' release against ours and DiT-XL/2, one card, one run."""
-    lines = [f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, bf16 autocast; release "
-             f"eager (flash-attn stand-ins), ours and DiT-XL/2 compiled"
-             f"{'; ours filled (fill_capacity=True)' if data.get('fill_capacity') else ''} (`{data['command']}`)", "",
-             "| row | kept (release / ours) | release ms | ours ms | ours / release | DiT-XL/2 ms "
-             "| release vs DiT-XL/2 | ours vs DiT-XL/2 |", "|---|---|---|---|---|---|---|---|"]
+    caption = (f"{data['card']}, torch {data['torch']}, {data['size']}px, batch {data['batch']}, bf16 autocast; release "
+               f"eager (flash-attn stand-ins), ours and DiT-XL/2 compiled"
+               f"{'; ours filled (fill_capacity=True)' if data.get('fill_capacity') else ''} (`{data['command']}`)")
+    lines = _table(caption, ["row", "kept (release / ours)", "release ms", "ours ms", "ours / release", "DiT-XL/2 ms",
+                             "release vs DiT-XL/2", "ours vs DiT-XL/2"])
     lines += [f"| {r['row']} | {r['release_kept']} / {r['ours_kept']} | {r['release_ms']:.2f} | {r['ours_ms']:.2f} "
               f"| {r['ours_over_release']:.2f}x | {r['dit_ms']:.2f} | {r['release_over_dit']:.2f}x "
               f"| {r['ours_over_dit']:.2f}x |" for r in data["rows"]]
@@ -168,9 +170,9 @@ def release_table(data: dict) -> str:
 def nearest_table(data: dict) -> str:
     lines = []
     for run in data["runs"].values():
-        lines += [f"{run.get('device_name', '?')}, torch {data['torch']}, about {data['keep']:.0%} of each grid kept", "",
-                  "| grid | batch | dense ms | separable ms | speed-up | dense peak MiB | separable peak MiB | equal |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += _table(f"{run.get('device_name', '?')}, torch {data['torch']}, about {data['keep']:.0%} of each grid kept",
+                        ["grid", "batch", "dense ms", "separable ms", "speed-up", "dense peak MiB", "separable peak MiB",
+                         "equal"])
         for r in run["rows"]:
             grid = "x".join(str(g) for g in r["grid"])
             lines.append(f"| {grid} | {r['batch']} | {r['dense_ms']:.2f} | {r['new_ms']:.2f} | {r['speedup']:.1f}x "
@@ -181,10 +183,9 @@ def nearest_table(data: dict) -> str:
 
 def train_table(data: dict) -> str:
     mode = "torch.compile, DC-DiT in fixed-capacity mode" if data.get("compiled") else "eager"
-    lines = [f"{data['card']}, torch {data['torch']}, 256px, batch {data['batch']}, {mode}, bf16 autocast "
-             f"(`{data['command']}`)", "",
-             "| model | images/s | training GFLOPs/image | speed-up | FLOP-predicted | peak GiB |",
-             "|---|---|---|---|---|---|"]
+    lines = _table(f"{data['card']}, torch {data['torch']}, 256px, batch {data['batch']}, {mode}, bf16 autocast "
+                   f"(`{data['command']}`)",
+                   ["model", "images/s", "training GFLOPs/image", "speed-up", "FLOP-predicted", "peak GiB"])
     for r in data["rows"]:
         lines.append(f"| {r['model']} | {r['images_per_s']:.1f} | {r['train_gflops_per_image']:.1f} "
                      f"| {r['measured_speedup']:.2f} | {r['flop_speedup']:.2f} | {r['peak_gib']:.1f} |")
@@ -194,10 +195,10 @@ def train_table(data: dict) -> str:
 def block_tokens_table(data: dict) -> str:
     """benchmarks/block_tokens.py: one DiT block's cost per token, by kernel role, against the largest count."""
     roles = list(data["rows"][-1]["roles_per_token_vs_ref"])
-    lines = [f"{data['card']}, torch {data['torch']}, one DiT block (d = {data['dim']}, {data['heads']} heads), batch "
-             f"{data['batch']}, bf16, compiled; GPU ms per call, and each role's cost per token against "
-             f"{data['reference_tokens']} tokens, 1.00 = proportional (`{data['command']}`)", "",
-             "| tokens | ms | per token | " + " | ".join(roles) + " |", "|---" * (len(roles) + 3) + "|"]
+    lines = _table(f"{data['card']}, torch {data['torch']}, one DiT block (d = {data['dim']}, {data['heads']} heads), "
+                   f"batch {data['batch']}, bf16, compiled; GPU ms per call, and each role's cost per token against "
+                   f"{data['reference_tokens']} tokens, 1.00 = proportional (`{data['command']}`)",
+                   ["tokens", "ms", "per token", *roles])
     for r in data["rows"]:
         lines.append(f"| {r['tokens']} | {r['ms']:.3f} | {r['per_token_vs_ref']:.2f} | "
                      + " | ".join(f"{r['roles_per_token_vs_ref'][k]:.2f}" for k in roles) + " |")
@@ -206,10 +207,9 @@ def block_tokens_table(data: dict) -> str:
 
 def gelu_epilogue_table(data: dict) -> str:
     """benchmarks/gelu_epilogue.py: fc1 + GELU as two ops against GELU in the GEMM's epilogue."""
-    lines = [f"{data['card']}, torch {data['torch']}, fc1 {data['dim']} -> {data['hidden']} + tanh-GELU, bf16, ms per "
-             f"call (`{data['command']}`)", "",
-             "| rows | fc1, then GELU | GELU in the epilogue | speed-up | max error, two ops / epilogue |",
-             "|---|---|---|---|---|"]
+    lines = _table(f"{data['card']}, torch {data['torch']}, fc1 {data['dim']} -> {data['hidden']} + tanh-GELU, bf16, "
+                   f"ms per call (`{data['command']}`)",
+                   ["rows", "fc1, then GELU", "GELU in the epilogue", "speed-up", "max error, two ops / epilogue"])
     for r in data["rows"]:
         lines.append(f"| {r['rows']} | {r['separate_ms']:.4f} | {r['epilogue_ms']:.4f} | {r['speedup']:.2f} | "
                      f"{r['separate_err']:.1e} / {r['epilogue_err']:.1e} |")
@@ -218,10 +218,10 @@ def gelu_epilogue_table(data: dict) -> str:
 
 def process_spread_table(data: dict) -> str:
     """benchmarks/process_spread.py: one row per fresh process, under each allocator setting."""
-    lines = [f"{data['card']}, torch {data['torch']}, rho {data['rho']:g}, serving configuration, a fresh process and "
-             f"inductor cache per row; ms per step, LayerNorm + modulate and GELU in GPU ms (`{data['command']}`)", "",
-             "| PYTORCH_CUDA_ALLOC_CONF | process | DiT-XL/2 ms | its LayerNorm / GELU | DC-DiT-XL ms | its LayerNorm "
-             "/ GELU | DC LayerNorm against its token share | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    lines = _table(f"{data['card']}, torch {data['torch']}, rho {data['rho']:g}, serving configuration, a fresh process "
+                   f"and inductor cache per row; ms per step, LayerNorm + modulate and GELU in GPU ms (`{data['command']}`)",
+                   ["PYTORCH_CUDA_ALLOC_CONF", "process", "DiT-XL/2 ms", "its LayerNorm / GELU", "DC-DiT-XL ms",
+                    "its LayerNorm / GELU", "DC LayerNorm against its token share", "speed-up"])
     for r in data["rows"]:
         dit, dc = r["models"]["DiT-XL/2"], r["models"]["DC-DiT-XL"]
         ln_gelu = lambda m: f"{m['roles'].get('layer norm', 0.0):.2f} / {m['roles'].get('gelu', 0.0):.2f}"  # noqa: E731
@@ -231,9 +231,8 @@ def process_spread_table(data: dict) -> str:
                       for k, v in m.get("layer_norm_kernels", {}).items() if v >= 0.1})  # the step's big ones
     if kernels:  # runs since session 23 keep each LayerNorm kernel and the config autotuning chose for it
         procs = [f"{r['setting']} #{r['process']}" for r in data["rows"]]
-        lines += ["", "LayerNorm kernels of 0.1 ms a step or more, GPU ms per step in each process, and their "
-                  "launch configs (each distinct one once)", "",
-                  "| model | kernel | " + " | ".join(procs) + " | launch config |", "|---|---|" + "---|" * (len(procs) + 1)]
+        lines += ["", *_table("LayerNorm kernels of 0.1 ms a step or more, GPU ms per step in each process, and their "
+                              "launch configs (each distinct one once)", ["model", "kernel", *procs, "launch config"])]
         for model, k in kernels:
             ms = [r["models"][model].get("layer_norm_kernels", {}).get(k) for r in data["rows"]]
             configs = {", ".join(f"{n}={c[n]}" for n in sorted(c) if n.isupper() or n.startswith("num_"))
@@ -248,10 +247,9 @@ def norm_placement_table(data: dict) -> str:
     """benchmarks/norm_placement.py: each LayerNorm kernel's time, trial by trial, as the buffers move."""
     kernels = list(data["spread"])
     what = data["model"] + (f" rho {data['rho']:g}" if data.get("rho") is not None else "")
-    lines = [f"{data['card']}, torch {data['torch']}, {what}, {data['tokens']} tokens, serving configuration; each "
-             f"trial after an emptied allocator and a spacer; GPU ms per step (`{data['command']}`)", "",
-             "| trial | spacer MiB | step ms | " + " | ".join(f"`{k}`" for k in kernels) + " |",
-             "|---|---|---|" + "---|" * len(kernels)]
+    lines = _table(f"{data['card']}, torch {data['torch']}, {what}, {data['tokens']} tokens, serving configuration; each "
+                   f"trial after an emptied allocator and a spacer; GPU ms per step (`{data['command']}`)",
+                   ["trial", "spacer MiB", "step ms", *(f"`{k}`" for k in kernels)])
     for i, tr in enumerate(data["trials"]):
         lines.append(f"| {i} | {tr['spacer_pages'] * 2} | {tr['ms']:.2f} | " + " | ".join(
             f"{tr['layer_norm_kernels'][k]:.2f}" if k in tr["layer_norm_kernels"] else "-" for k in kernels) + " |")
@@ -261,10 +259,10 @@ def norm_placement_table(data: dict) -> str:
 
 
 def small_train_table(data: dict) -> str:
-    lines = [f"{data['card']}, torch {data['torch']}, 32x32x1, batch {data['batch']}, bf16 autocast, fused AdamW, "
-             f"commit {data.get('commit', '?')} (`{data['command']}`)", "",
-             "| variant | steps/s | speed-up | FLOP-predicted | host syncs / step | GPU kernel ms / step (wall ms) |",
-             "|---|---|---|---|---|---|"]
+    caption = (f"{data['card']}, torch {data['torch']}, 32x32x1, batch {data['batch']}, bf16 autocast, fused AdamW, "
+               f"commit {data.get('commit', '?')} (`{data['command']}`)")
+    lines = _table(caption, ["variant", "steps/s", "speed-up", "FLOP-predicted", "host syncs / step",
+                             "GPU kernel ms / step (wall ms)"])
     for r in data["rows"]:
         busy = f"{r['gpu_kernel_ms']:.1f} ({1e3 / r['steps_per_s']:.1f})" if "gpu_kernel_ms" in r else ""
         lines.append(f"| {r['row']} | {r['steps_per_s']:.2f} | {r['measured_speedup']:.2f} | {r['flop_speedup']:.2f} "
@@ -274,9 +272,9 @@ def small_train_table(data: dict) -> str:
 
 
 def syncs_table(after: dict, before: dict | None) -> str:
-    lines = [f"Host syncs and dispatched ops, batch {after['batch']}, training mode (`{after['command']}`)", "",
-             "| model | host syncs fwd / bwd | without value checks | dispatched ops fwd / bwd |"
-             + (" ops fwd before |" if before else ""), "|---|---|---|---|" + ("---|" if before else "")]
+    lines = _table(f"Host syncs and dispatched ops, batch {after['batch']}, training mode (`{after['command']}`)",
+                   ["model", "host syncs fwd / bwd", "without value checks", "dispatched ops fwd / bwd"]
+                   + (["ops fwd before"] if before else []))
     for name, r in after["rows"].items():
         old = before["rows"].get(name) if before else None
         lines.append(f"| {name} | {r['syncs_fwd']} / {r['syncs_bwd']} | {r['syncs_fwd_unchecked']} / "
@@ -320,10 +318,10 @@ def plot(files: list[Path], out: Path) -> None:
 
 def sample_table(data: dict) -> str:
     """benchmarks/sample_speed.py: images/s of the sampling recipe under each speed setting."""
-    lines = [f"{data['card']}, torch {data['torch']}, {data['latent'] * 8}px, batch {data['batch']}, {data['num']} images x "
-             f"{data['steps']} Euler steps, no guidance (`{data['command']}`)", "",
-             "| model | setting | images/s | vs the model's defaults | vs DiT-XL/2 (its setting) | TFLOPs/image |",
-             "|---|---|---|---|---|---|"]
+    caption = (f"{data['card']}, torch {data['torch']}, {data['latent'] * 8}px, batch {data['batch']}, {data['num']} images x "
+               f"{data['steps']} Euler steps, no guidance (`{data['command']}`)")
+    lines = _table(caption, ["model", "setting", "images/s", "vs the model's defaults", "vs DiT-XL/2 (its setting)",
+                             "TFLOPs/image"])
     for r in data["rows"]:
         lines.append(f"| {r['model']} | {r['setting']} | {r['images_per_s']:.1f} | {r['speedup_vs_defaults']:.2f}x "
                      f"| {r['speedup_vs_dit']:.2f}x ({r['dit_setting']}) | {r['tflops_per_image']:.3f} |")
@@ -333,24 +331,23 @@ def sample_table(data: dict) -> str:
 def short_attention_table(data: dict) -> str:
     """benchmarks/short_attention.py: one unmasked attention call per kernel at the kept lengths."""
     clock = f", {data['clock']}" if data.get("clock") else ""
-    lines = [f"{data['card']}, torch {data['torch']}, {data['heads']} heads of {data['head_dim']}, bf16, ms per call{clock} "
-             f"(`{data['command']}`)", "",
-             "| batch x tokens | FLOP-scaled ideal | SDPA (cuDNN) + copy | FlexAttention | Triton candidate, best tiles |",
-             "|---|---|---|---|---|"]
+    caption = (f"{data['card']}, torch {data['torch']}, {data['heads']} heads of {data['head_dim']}, bf16, ms per call{clock} "
+               f"(`{data['command']}`)")
+    lines = _table(caption, ["batch x tokens", "FLOP-scaled ideal", "SDPA (cuDNN) + copy", "FlexAttention",
+                             "Triton candidate, best tiles"])
     for r in data["rows"]:
         best = f"{r['triton'][r['triton best']]['ms']:.4f} ({r['triton best']})" if r.get("triton best") else "-"
         lines.append(f"| {r['batch']} x {r['tokens']} | {r['ideal']:.4f} | {r['sdpa + copy']:.4f} | "
                      f"{r.get('flex', float('nan')):.4f} | {best} |")
     backends = [name for name in data["rows"][0].get("backends", {})]
     if backends:  # --sdpa-backends: each SDPA kernel forced alone, the copy included
-        lines += ["", "| batch x tokens | FLOP-scaled ideal | " + " | ".join(backends) + " |",
-                  "|---|---|" + "---|" * len(backends)]
+        lines += ["", *_table(None, ["batch x tokens", "FLOP-scaled ideal", *backends])]
         for r in data["rows"]:
             cells = ["-" if r["backends"][n] is None else f"{r['backends'][n]['ms']:.4f}" for n in backends]
             lines.append(f"| {r['batch']} x {r['tokens']} | {r['ideal']:.4f} | " + " | ".join(cells) + " |")
     if any(r.get("tails") for r in data["rows"]):  # --tails: best correct configuration per length
-        lines += ["", "| batch x tokens | SDPA + copy | tails candidate, best | / SDPA | configuration (max error) |",
-                  "|---|---|---|---|---|"]
+        lines += ["", *_table(None, ["batch x tokens", "SDPA + copy", "tails candidate, best", "/ SDPA",
+                                     "configuration (max error)"])]
         for r in data["rows"]:
             best = r.get("tails best")
             w = r["tails"].get(best)
@@ -358,8 +355,8 @@ def short_attention_table(data: dict) -> str:
                          ("- | - | none correct |" if w is None else
                           f"{w['ms']:.4f} | {w['ms'] / r['sdpa + copy']:.2f} | {best} ({w['err']:.1e}) |"))
     if any(r.get("whole head") for r in data["rows"]):  # --whole-head: best correct configuration per length
-        lines += ["", "| batch x tokens | SDPA + copy | whole-head candidate, best | / SDPA | configuration (max error) |",
-                  "|---|---|---|---|---|"]
+        lines += ["", *_table(None, ["batch x tokens", "SDPA + copy", "whole-head candidate, best", "/ SDPA",
+                                     "configuration (max error)"])]
         for r in data["rows"]:
             best = r.get("whole head best")
             if best is None:
@@ -368,15 +365,14 @@ def short_attention_table(data: dict) -> str:
             w = r["whole head"][best]
             lines.append(f"| {r['batch']} x {r['tokens']} | {r['sdpa + copy']:.4f} | {w['ms']:.4f} | "
                          f"{w['ms'] / r['sdpa + copy']:.2f} | {best} ({w['err']:.1e}) |")
-    return "\n".join(lines + (["", f"Note: {data['note']}."] if data.get("note") else []))
+    return "\n".join(lines + _note(data))
 
 
 def kernel_loads_table(data: dict) -> str:
     """benchmarks/kernel_loads.py: global loads by width in the attention candidates' sm_90 PTX."""
-    lines = [f"{data['card']}, {data['heads']} heads, {data['tokens']} tokens (`{data['command']}`)", "",
-             "| kernel | head dim | head-start hint | registers | spilled bytes | shared KiB | global loads by width "
-             "| wgmma / mma.sync / barriers / layout conversions |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = _table(f"{data['card']}, {data['heads']} heads, {data['tokens']} tokens (`{data['command']}`)",
+                   ["kernel", "head dim", "head-start hint", "registers", "spilled bytes", "shared KiB",
+                    "global loads by width", "wgmma / mma.sync / barriers / layout conversions"])
     for r in data["rows"]:
         loads = ", ".join(f"{n} x `{k}`" for k, n in sorted(r["loads"].items()))
         hint = "none" if r["head_align"] == 1 else f"multiple of {r['head_align']}"
@@ -392,11 +388,10 @@ def kernel_loads_table(data: dict) -> str:
 def whole_head_table(data: dict) -> str:
     """benchmarks/whole_head_isolated.py: each whole-head configuration at head dim 72 in its own process."""
     tokens = sorted({int(L) for r in data["rows"] if r["result"] for L in r["result"]})
-    lines = [f"{data['card']}, torch {data['torch']}, batch 64, 16 heads of 72, bf16, ms per call "
-             f"(`{data['command']}`)", "",
-             "| products | values' product | block rows, programs, warps, stages | "
-             + " | ".join(f"{L} tokens: ms (SDPA)" for L in tokens) + " | max error |",
-             "|---|---|---|" + "---|" * len(tokens) + "---|"]
+    caption = (f"{data['card']}, torch {data['torch']}, batch 64, 16 heads of 72, bf16, ms per call "
+               f"(`{data['command']}`)")
+    lines = _table(caption, ["products", "values' product", "block rows, programs, warps, stages",
+                             *(f"{L} tokens: ms (SDPA)" for L in tokens), "max error"])
     for r in data["rows"]:
         head = f"| {'wgmma' if r['wgmma'] else 'mma.sync'} | {'split' if r['split_values'] else 'whole'} | {r['config']} |"
         if r["result"] is None:
@@ -405,15 +400,15 @@ def whole_head_table(data: dict) -> str:
         cells = [f"{r['result'][str(L)]['ms']:.4f} ({r['result'][str(L)]['sdpa_ms']:.4f})" for L in tokens]
         err = max(v["err"] for v in r["result"].values())
         lines.append(head + " " + " | ".join(cells) + f" | {err:.1e} |")
-    return "\n".join(lines + (["", f"Note: {data['note']}."] if data.get("note") else []))
+    return "\n".join(lines + _note(data))
 
 
 def group_norm_table(data: dict) -> str:
     """benchmarks/group_norm.py: GroupNorm + SiLU formulations on channels-last bf16 grids (``--kernels``: the
     statistics kernels from CUDA graphs, the best three tilings of ``channel_moments`` per shape)."""
     if "sweep" in data:
-        lines = [f"{data['card']}, torch {data['torch']}, bf16 channels-last, GPU ms per call from CUDA graphs "
-                 f"(`{data['command']}`)", "", "| shape (B, C, H, W) | form | ms | TB/s |", "|---|---|---|---|"]
+        lines = _table(f"{data['card']}, torch {data['torch']}, bf16 channels-last, GPU ms per call from CUDA graphs "
+                       f"(`{data['command']}`)", ["shape (B, C, H, W)", "form", "ms", "TB/s"])
         for shape in dict.fromkeys(tuple(r["shape"]) for r in data["sweep"]):
             rows = [r for r in data["sweep"] if tuple(r["shape"]) == shape]
             swept = ("moments", "apply")  # the tilings of channel_moments and scale_shift: the best three of each
@@ -421,10 +416,9 @@ def group_norm_table(data: dict) -> str:
                      for r in sorted((r for r in rows if r["variant"].startswith(kind)), key=lambda r: r["graph_ms"])[:3]]
             for r in [r for r in rows if not r["variant"].startswith(swept)] + tiled:
                 lines.append(f"| {shape} | {r['variant']} | {r['graph_ms']:.4f} | {r['tb_per_s']:.2f} |")
-        return "\n".join(lines + (["", f"Note: {data['note']}."] if data.get("note") else []))
-    lines = [f"{data['card']}, torch {data['torch']}, bf16 channels-last, ms per call (`{data['command']}`)", "",
-             "| shape (B, C, H, W) | form | ms | TB/s (one read + one write) | relative error, offset 0 / 10 |",
-             "|---|---|---|---|---|"]
+        return "\n".join(lines + _note(data))
+    lines = _table(f"{data['card']}, torch {data['torch']}, bf16 channels-last, ms per call (`{data['command']}`)",
+                   ["shape (B, C, H, W)", "form", "ms", "TB/s (one read + one write)", "relative error, offset 0 / 10"])
     offset10 = {(tuple(r["shape"]), r["variant"]): r["rel_err"] for r in data["rows"] if r["offset"]}
     for r in data["rows"]:
         if not r["offset"]:
@@ -436,9 +430,8 @@ def group_norm_table(data: dict) -> str:
 
 def tap_conv_table(data: dict) -> str:
     """benchmarks/tap_conv.py: the narrowing 3x3 conv through cuDNN and as a GEMM of its taps (+ kernel profiles)."""
-    lines = [f"{data['card']}, torch {data['torch']}, bf16 channels-last, no grad, ms per call (`{data['command']}`)", "",
-             "| batch x cin -> cout, grid | form | ms | TFLOP/s (the conv's FLOPs) | relative error |",
-             "|---|---|---|---|---|"]
+    lines = _table(f"{data['card']}, torch {data['torch']}, bf16 channels-last, no grad, ms per call (`{data['command']}`)",
+                   ["batch x cin -> cout, grid", "form", "ms", "TFLOP/s (the conv's FLOPs)", "relative error"])
     for r in data["rows"]:
         b, cin, cout, side = r["shape"]
         lines.append(f"| {b} x {cin} -> {cout}, {side}x{side} | {r['form']} | {r['ms']:.4f} | {r['tflops']:.0f} | "
@@ -454,18 +447,17 @@ def _profiles_and_note(data: dict, caption: str) -> list[str]:
     """A kernel benchmark's tail: each profiled form's eight heaviest kernels, then the run's note."""
     lines = []
     for name, kernels in data.get("profiles", {}).items():
-        lines += ["", f"{name}, {caption}:", "", "| ms | kernel |", "|---|---|"]
+        lines += ["", *_table(f"{name}, {caption}:", ["ms", "kernel"])]
         lines += [f"| {ms:.3f} | `{k[:90]}` |" for k, ms in list(kernels.items())[:8]]
         lines += [f"| {ms:.3f} | {k} |" for k, ms in kernels.items() if k.startswith("(all ")]  # every kernel summed
-    return lines + (["", f"Note: {data['note']}."] if data.get("note") else [])
+    return lines + _note(data)
 
 
 def scaffold_compile_table(data: dict) -> str:
     """benchmarks/scaffold_compile.py: the scaffold alone under each inductor setting (+ kernel profiles)."""
-    lines = [f"{data['card']}, torch {data['torch']}, DC-DiT-XL scaffold only, {data['size']}px, batch {data['batch']}, "
-             f"bf16 weights + routing, filled, GPU ms per call (`{data['command']}`)", "",
-             "| variant | compile s | ms | speed-up over default | max abs difference from default |",
-             "|---|---|---|---|---|"]
+    caption = (f"{data['card']}, torch {data['torch']}, DC-DiT-XL scaffold only, {data['size']}px, batch {data['batch']}, "
+               f"bf16 weights + routing, filled, GPU ms per call (`{data['command']}`)")
+    lines = _table(caption, ["variant", "compile s", "ms", "speed-up over default", "max abs difference from default"])
     lines += [f"| {r['variant']} | {r['compile_s']:.0f} | {r['ms']:.3f} | {r['vs_default']:.3f} | {_sci(r['max_abs_diff'])} |"
               for r in data["rows"]]
     return "\n".join(lines + _profiles_and_note(data, "heaviest kernels"))
@@ -473,11 +465,11 @@ def scaffold_compile_table(data: dict) -> str:
 
 def launch_table(data: dict) -> str:
     """benchmarks/launch_overhead.py: host time per call of the Triton ops and of the compiled scaffold at batch 1."""
-    lines = [f"{data['card']}, torch {data['torch']}, host time per call (`{data['command']}`)", "",
-             "| what | host time per call |", "|---|---|"]
+    lines = _table(f"{data['card']}, torch {data['torch']}, host time per call (`{data['command']}`)",
+                   ["what", "host time per call"])
     lines += [f"| {r['op']} | {r['host_us']:.1f} us |" for r in data["ops"]]
     lines += [f"| compiled scaffold at batch 1: {r['variant']} | {r['host_ms']:.3f} ms |" for r in data["scaffolds"]]
-    return "\n".join(lines + (["", f"Note: {data['note']}."] if data.get("note") else []))
+    return "\n".join(lines + _note(data))
 
 
 PLOTTED = ("step_speed_256_serving_s23_h100.json", "step_speed_512_serving_s23_h100.json")  # the figure's runs: one H100, session 23
