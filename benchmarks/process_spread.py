@@ -52,6 +52,12 @@ def chosen_configs(cache: str | None, needle: str = "layer_norm") -> dict[str, l
     return dict(found)
 
 
+def config_text(config: dict) -> str:
+    """A launch config as ``R0_BLOCK=32, XBLOCK=16, num_stages=1, num_warps=4``: its block sizes and launch
+    counts, without the cache's bookkeeping fields."""
+    return ", ".join(f"{k}={config[k]}" for k in sorted(config) if k.isupper() or k.startswith("num_"))
+
+
 def serving_models(rho: float, tiny: bool, device: torch.device):
     """256px inputs ``(x, t, y)`` at batch 64 and ``[(name, model, tokens)]``: DiT-XL/2 and DC-DiT-XL at ``rho``
     in the serving configuration, bf16 weights, on ``device`` (``tiny``: width 64, depth 2, an 8x8 latent)."""
@@ -163,8 +169,7 @@ def main(argv=None) -> dict:
     for r in rows:
         for model, m in r["models"].items():
             for kernel, v in sorted(m.get("layer_norm_kernels", {}).items()):
-                cfgs = "; ".join(", ".join(f"{k}={c[k]}" for k in sorted(c) if k.isupper() or k.startswith("num_"))
-                                 for c in r["layer_norm_configs"].get(kernel, []))
+                cfgs = "; ".join(config_text(c) for c in r["layer_norm_configs"].get(kernel, []))
                 print(f"  {r['setting']} #{r['process']} {model:<10} {v:7.3f}  {kernel[-60:]}  [{cfgs or 'none recorded'}]")
     spread = {}
     for setting in settings:

@@ -227,6 +227,8 @@ def process_spread_table(data: dict) -> str:
         ln_gelu = lambda m: f"{m['roles'].get('layer norm', 0.0):.2f} / {m['roles'].get('gelu', 0.0):.2f}"  # noqa: E731
         lines.append(f"| {r['setting']} | {r['process']} | {dit['ms']:.2f} | {ln_gelu(dit)} | {dc['ms']:.2f} | "
                      f"{ln_gelu(dc)} | {r['layer_norm_vs_share']:.2f} | {r['speedup']:.2f} |")
+    from process_spread import config_text  # noqa: PLC0415  (benchmarks/ is on the path when run as a script)
+
     kernels = sorted({(model, k) for r in data["rows"] for model, m in r["models"].items()
                       for k, v in m.get("layer_norm_kernels", {}).items() if v >= 0.1})  # the step's big ones
     if kernels:  # runs since session 23 keep each LayerNorm kernel and the config autotuning chose for it
@@ -235,8 +237,7 @@ def process_spread_table(data: dict) -> str:
                               "launch configs (each distinct one once)", ["model", "kernel", *procs, "launch config"])]
         for model, k in kernels:
             ms = [r["models"][model].get("layer_norm_kernels", {}).get(k) for r in data["rows"]]
-            configs = {", ".join(f"{n}={c[n]}" for n in sorted(c) if n.isupper() or n.startswith("num_"))
-                       for r in data["rows"] for c in r.get("layer_norm_configs", {}).get(k, [])}
+            configs = {config_text(c) for r in data["rows"] for c in r.get("layer_norm_configs", {}).get(k, [])}
             config = " / ".join(sorted(configs)) or "none recorded (not autotuned)"
             lines.append(f"| {model} | `{k}` | " + " | ".join("-" if v is None else f"{v:.2f}" for v in ms)
                          + f" | {config} |")
