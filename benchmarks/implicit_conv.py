@@ -85,11 +85,12 @@ def main(argv=None) -> dict:
     if args.tiny:
         shapes = [(32, 32), (32, 64), (64, 16)]
     card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-    print(f"{card}, torch {torch.__version__}, triton {triton.__version__}, batch {B}, grid {S}x{S}, bf16 channels-last")
-    if dev.type == "cuda":
+    dtype = torch.float32 if args.tiny else torch.bfloat16  # Triton's interpreter mis-reads bf16 through descriptors
+    print(f"{card}, torch {torch.__version__}, triton {triton.__version__}, batch {B}, grid {S}x{S}, "
+          f"{str(dtype).removeprefix('torch.')} channels-last")
+    if dev.type == "cuda":  # scratch for descriptors made on the device (the recorded run had it; host ones do not need it)
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=dev))
     g = torch.Generator(device=dev).manual_seed(0)
-    dtype = torch.float32 if args.tiny else torch.bfloat16  # Triton's interpreter mis-reads bf16 through descriptors
     rows = []
     for cin, cout in shapes:
         x = torch.randn(B, cin, S, S, generator=g, device=dev).to(dtype).to(memory_format=torch.channels_last)

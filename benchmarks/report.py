@@ -259,6 +259,20 @@ def norm_placement_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def conv_forms_table(data: dict) -> str:
+    """benchmarks/cell_gemm.py and implicit_conv.py: a conv in several forms, GPU ms per call from CUDA graphs
+    (a tiling sweep shows every untiled form and the best three tilings of each shape)."""
+    lines = _table(f"{data['card']}, torch {data['torch']}, batch {data['batch']}, {data['grid']}x{data['grid']} grid, "
+                   f"bf16 channels-last, GPU ms per call from CUDA graphs (`{data['command']}`)",
+                   ["operation", "form", "ms", "TFLOP/s", "relative error (vs fp64)"])
+    for op in dict.fromkeys(r.get("op") or r["shape"] for r in data["rows"]):
+        rows = [r for r in data["rows"] if (r.get("op") or r["shape"]) == op]
+        tiled = sorted((r for r in rows if r["form"].startswith("triton") and r["ms"] == r["ms"]), key=lambda r: r["ms"])
+        for r in [r for r in rows if not r["form"].startswith("triton")] + tiled[:3]:
+            lines.append(f"| {op} | {r['form']} | {r['ms']:.4f} | {r['tflops']:.0f} | {r['rel_err']:.1e} |")
+    return "\n".join(lines + _note(data))
+
+
 def small_train_table(data: dict) -> str:
     caption = (f"{data['card']}, torch {data['torch']}, 32x32x1, batch {data['batch']}, bf16 autocast, fused AdamW, "
                f"commit {data.get('commit', '?')} (`{data['command']}`)")
@@ -473,7 +487,7 @@ def launch_table(data: dict) -> str:
     return "\n".join(lines + _note(data))
 
 
-PLOTTED = ("step_speed_256_serving_s23_h100.json", "step_speed_512_serving_s23_h100.json")  # the figure's runs: one H100, session 23
+PLOTTED = ("step_speed_256_serving_s24_h100.json", "step_speed_512_serving_s24_h100.json")  # the figure's runs: one H100, session 24
 
 
 def main() -> None:
@@ -490,7 +504,8 @@ def main() -> None:
               ("group_norm_*.json", group_norm_table), ("tap_conv_*.json", tap_conv_table),
               ("scaffold_compile_*.json", scaffold_compile_table), ("launch_overhead_*.json", launch_table),
               ("block_tokens_*.json", block_tokens_table), ("gelu_epilogue_*.json", gelu_epilogue_table),
-              ("process_spread_*.json", process_spread_table), ("norm_placement_*.json", norm_placement_table))
+              ("process_spread_*.json", process_spread_table), ("norm_placement_*.json", norm_placement_table),
+              ("cell_gemm_*.json", conv_forms_table), ("implicit_conv_*.json", conv_forms_table))
     for pattern, table in tables:
         for path in sorted(RESULTS.glob(pattern)):
             print(table(json.loads(path.read_text())), end="\n\n")

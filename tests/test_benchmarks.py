@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 
 
-BENCHMARK_MODULES = ("host_syncs", "small_train_speed", "train_speed", "report", "smoothing", "scaffold_profile", "vs_release", "step_speed", "sample_speed", "scaffold_compile", "process_spread", "norm_placement")  # studies/ has a report.py too
+BENCHMARK_MODULES = ("host_syncs", "small_train_speed", "train_speed", "report", "smoothing", "scaffold_profile", "vs_release", "step_speed", "sample_speed", "scaffold_compile", "process_spread", "norm_placement", "cell_gemm", "implicit_conv")  # studies/ has a report.py too
 
 
 @pytest.fixture
@@ -885,3 +885,39 @@ def test_norm_placement_table_shows_each_trial_and_the_spread(benchmarks):
     text = report.norm_placement_table(data)
     assert "| 1 | 74 | 30.80 | 2.90 |" in text and "| slowest / fastest | | | 1.38x |" in text
     assert "DiT-XL/2, 256 tokens" in text
+
+
+def test_cell_gemm_forms_agree_with_the_conv(tmp_path, benchmarks):
+    import cell_gemm
+
+    res = cell_gemm.main(["--tiny", "--out", str(tmp_path / "c.json")])
+    assert {r["op"] for r in res["rows"]} == {"widening 3x3 288->1152 + 1x1 skip", "embed 3x3 4->288"}
+    assert all(r["rel_err"] < 2e-2 for r in res["rows"])  # bf16 forms of the same sum, against fp64
+    x, w = torch.randn(2, 3, 5, 4), torch.randn(6, 3, 3, 3)
+    cols = cell_gemm.neighbourhoods(x, pad_to=8)  # (40, 27 + 5 zero columns)
+    assert cols.shape == (2 * 5 * 4, 32) and not cols[:, 27:].any()
+    got = cell_gemm.to_grid(cols @ cell_gemm.neighbourhood_weights(w, pad_to=8), x)
+    torch.testing.assert_close(got, torch.nn.functional.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_forms_table_keeps_the_baselines_and_the_best_tilings(benchmarks):
+    report = _load("report")
+    rows = [{"shape": "288->288", "form": "cuDNN", "ms": 0.166, "tflops": 590.0, "rel_err": 3e-3}]
+    rows += [{"shape": "288->288", "form": f"triton rows 4, N {n}", "ms": ms, "tflops": 1.0, "rel_err": 2e-3}
+             for n, ms in ((32, 0.40), (64, 0.30), (128, 0.28), (256, 0.29), (512, float("nan")))]
+    text = report.conv_forms_table({"card": "H100", "torch": "2.11", "batch": 64, "grid": 32, "command": "c", "rows": rows})
+    assert "| 288->288 | cuDNN | 0.1660 | 590 | 3.0e-03 |" in text
+    assert "N 128 | 0.2800" in text and "N 256" in text and "N 64" in text and "N 32 |" not in text and "N 512" not in text
+
+
+def test_implicit_conv_kernel_matches_the_conv_in_triton_interpreter(tmp_path):
+    pytest.importorskip("triton")
+    import subprocess
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
+    out = tmp_path / "i.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "implicit_conv.py"), "--tiny", "--out", str(out)],
+                   env=env, check=True, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    mine = [r for r in rows if r["form"].startswith("triton")]
+    assert len(mine) == 3 and all("error" not in r and r["rel_err"] < 1e-5 for r in mine)  # fp32, zeros from TMA at the border
