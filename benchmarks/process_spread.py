@@ -16,7 +16,9 @@ the DC step's LayerNorm time against its token share of DiT's (1.00 = it scales)
 setting's processes shrinks under ``expandable_segments:True``, the guess holds. (Session 23: it does not.)
 Each process also keeps every LayerNorm kernel's time and the launch config inductor's autotuning chose for
 it (from the ``.best_config`` files in its cache), so a second table shows which kernel moves between
-processes and whether its config did.
+processes and whether its config did. Since session 24 each process keeps every kernel's time too, and a third
+table lists the kernels that move by more than 10% between processes or that some process does not launch (a
+cuBLAS or cuDNN algorithm chosen differently, say): what else changes when the LayerNorm kernel turns slow.
 """
 
 import argparse
@@ -50,6 +52,24 @@ def chosen_configs(cache: str | None, needle: str = "layer_norm") -> dict[str, l
             if name and needle in name.group(1):
                 found[name.group(1)].append(json.loads(best.read_text()))
     return dict(found)
+
+
+def moving_kernels(rows: list[dict], min_ms: float = 0.05, ratio: float = 1.1) -> list[dict]:
+    """Kernels of ``min_ms`` GPU ms a step or more (in some process) whose time differs by more than ``ratio``
+    between the processes of ``rows``, or that some process does not launch at all: ``{"model", "kernel",
+    "ms": [per process, None where absent]}``, largest spread first. Runs before session 24 kept no kernel list."""
+    out = []
+    for model in dict.fromkeys(m for r in rows for m in r["models"]):
+        lists = [r["models"][model].get("kernels") for r in rows]
+        if any(k is None for k in lists):
+            continue
+        for kernel in sorted(set().union(*lists)):
+            ms = [k.get(kernel) for k in lists]
+            present = [v for v in ms if v is not None]
+            if max(present) >= min_ms and (None in ms or max(present) > ratio * min(present)):
+                out.append({"model": model, "kernel": kernel, "ms": ms})
+    spread = lambda e: float("inf") if None in e["ms"] else max(e["ms"]) / min(e["ms"])  # noqa: E731
+    return sorted(out, key=spread, reverse=True)
 
 
 def config_text(config: dict) -> str:
@@ -90,13 +110,15 @@ def worker(rho: float, reps: int, tiny: bool) -> dict:
             fn = torch.compile(model) if cuda else model
             ms = step_ms(fn, reps, x, t, y)  # also compiles and warms up
             roles: dict[str, float] = defaultdict(float)
-            norms = {}  # LayerNorm kernel -> GPU ms
+            norms, kernels = {}, {}  # LayerNorm kernel -> GPU ms; every kernel -> GPU ms
             if cuda:
-                for kernel, v in kernel_ms(fn, reps, x, t, y)[0].items():
+                kernels = kernel_ms(fn, reps, x, t, y)[0]
+                for kernel, v in kernels.items():
                     roles[role(kernel)] += v
                     if role(kernel) == "layer norm":
                         norms[kernel] = v
-            out[name] = {"ms": ms, "tokens": tokens, "roles": dict(roles), "layer_norm_kernels": norms}
+            out[name] = {"ms": ms, "tokens": tokens, "roles": dict(roles), "layer_norm_kernels": norms,
+                         "kernels": {k: round(v, 4) for k, v in kernels.items()}}
     out["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # what this process ran under
     out["layer_norm_configs"] = chosen_configs(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
     return out
@@ -171,6 +193,10 @@ def main(argv=None) -> dict:
             for kernel, v in sorted(m.get("layer_norm_kernels", {}).items()):
                 cfgs = "; ".join(config_text(c) for c in r["layer_norm_configs"].get(kernel, []))
                 print(f"  {r['setting']} #{r['process']} {model:<10} {v:7.3f}  {kernel[-60:]}  [{cfgs or 'none recorded'}]")
+    moving = moving_kernels(rows)
+    print("\nKernels of 0.05 ms a step or more that move by over 10% between processes, or are absent from some:")
+    for e in moving:
+        print(f"  {e['model']:<10} " + " ".join("    -" if v is None else f"{v:6.3f}" for v in e["ms"]) + f"  {e['kernel'][:90]}")
     spread = {}
     for setting in settings:
         mine = [r for r in rows if r["setting"] == setting]
@@ -179,7 +205,7 @@ def main(argv=None) -> dict:
         print(f"{setting}: speed-up {spread[setting]['speedup_min']:.3f}-{spread[setting]['speedup_max']:.3f} "
               f"over {len(mine)} processes")
     return save_result(args.out, card, rho=args.rho, reps=args.reps, processes=args.processes, settings=settings,
-                       rows=rows, spread=spread)
+                       rows=rows, spread=spread, moving_kernels=moving)
 
 
 if __name__ == "__main__":

@@ -241,7 +241,13 @@ def process_spread_table(data: dict) -> str:
             config = " / ".join(sorted(configs)) or "none recorded (not autotuned)"
             lines.append(f"| {model} | `{k}` | " + " | ".join("-" if v is None else f"{v:.2f}" for v in ms)
                          + f" | {config} |")
-    return "\n".join(lines)
+    if data.get("moving_kernels"):  # runs since session 24 keep every kernel
+        procs = [f"{r['setting']} #{r['process']}" for r in data["rows"]]
+        lines += ["", *_table("Kernels of 0.05 ms a step or more that move by over 10% between processes, or that some "
+                              "process does not launch (-), GPU ms per step", ["model", "kernel", *procs])]
+        lines += [f"| {e['model']} | `{e['kernel'][:100]}` | " + " | ".join("-" if v is None else f"{v:.3f}" for v in e["ms"])
+                  + " |" for e in data["moving_kernels"]]
+    return "\n".join(lines + _note(data))
 
 
 def norm_placement_table(data: dict) -> str:

@@ -294,6 +294,29 @@ def test_process_spread_table_has_a_row_per_process(benchmarks):
     assert "| default | 0 | 32.00 | 4.00 / 0.00 | 33.50 | 4.50 / 0.00 | 1.38 | 0.96 |" in text
 
 
+def test_moving_kernels_finds_a_kernel_that_moves_or_goes_missing_and_the_table_lists_it(benchmarks):
+    import process_spread
+
+    def row(kernels: dict | None) -> dict:
+        m = {"ms": 30.0, "tokens": 256, "roles": {}} | ({} if kernels is None else {"kernels": kernels})
+        return {"setting": "default", "process": 0, "models": {"DiT-XL/2": m}}
+
+    rows = [row({"gemm_a": 20.0, "ln_7": 2.10, "tiny": 0.01, "algo_1": 0.30}),
+            row({"gemm_a": 20.5, "ln_7": 2.90, "tiny": 0.03, "algo_2": 0.28})]
+    moving = process_spread.moving_kernels(rows)
+    # absent from one process first, then by spread; gemm_a moves 2.5% and "tiny" is under 0.05 ms
+    assert [e["kernel"] for e in moving] == ["algo_1", "algo_2", "ln_7"]
+    assert moving[0]["ms"] == [0.30, None] and moving[2]["ms"] == [2.10, 2.90]
+    assert process_spread.moving_kernels([row(None), rows[1]]) == []  # a run without kernel lists compares nothing
+    report = _load("report")
+    data = {"card": "H100", "torch": "2.11", "rho": 0.2, "command": "c", "moving_kernels": moving,
+            "rows": [r | {"speedup": 1.0, "layer_norm_vs_share": 1.0,
+                          "models": {"DiT-XL/2": r["models"]["DiT-XL/2"], "DC-DiT-XL": r["models"]["DiT-XL/2"]}}
+                     for r in rows]}
+    text = report.process_spread_table(data)
+    assert "| DiT-XL/2 | `algo_1` | 0.300 | - |" in text and "| DiT-XL/2 | `ln_7` | 2.100 | 2.900 |" in text
+
+
 def test_release_table_shows_each_row_against_the_release_and_dit():
     report = _load("report")
     row = {"row": "rho=0.4", "release_kept": 154, "ours_kept": 160, "release_ms": 58.0, "ours_ms": 31.0,
