@@ -18,10 +18,12 @@ Each process also keeps every LayerNorm kernel's time and the launch config indu
 it (from the ``.best_config`` files in its cache), so a second table shows which kernel moves between
 processes and whether its config did. Since session 24 each process keeps every kernel's time too, and a third
 table lists the kernels that move by more than 10% between processes or that some process does not launch (a
-cuBLAS or cuDNN algorithm chosen differently, say): what else changes when the LayerNorm kernel turns slow.
+cuBLAS or cuDNN algorithm chosen differently, say): what else changes when the LayerNorm kernel turns slow; and
+a hash of each LayerNorm kernel's compiled binary, to tell a different compile from the same code running slower.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -51,6 +53,17 @@ def chosen_configs(cache: str | None, needle: str = "layer_norm") -> dict[str, l
             name = re.search(r"def (triton_\w+)\(", src.read_text())
             if name and needle in name.group(1):
                 found[name.group(1)].append(json.loads(best.read_text()))
+    return dict(found)
+
+
+def binary_hashes(cache: str | None, needle: str = "layer_norm") -> dict[str, list[str]]:
+    """The first 12 hex digits of the sha256 of each compiled binary (``.cubin``) in the inductor cache ``cache``
+    (Triton's cache lies inside it) of the kernels whose name holds ``needle``: ``{kernel name: [hash, ...]}``.
+    Equal hashes in a slow and a fast process mean the same machine code ran at two speeds."""
+    found: dict[str, list[str]] = defaultdict(list)
+    for cubin in sorted(Path(cache).rglob("*.cubin")) if cache else ():
+        if needle in cubin.stem:
+            found[cubin.stem].append(hashlib.sha256(cubin.read_bytes()).hexdigest()[:12])
     return dict(found)
 
 
@@ -121,6 +134,7 @@ def worker(rho: float, reps: int, tiny: bool) -> dict:
                          "kernels": {k: round(v, 4) for k, v in kernels.items()}}
     out["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # what this process ran under
     out["layer_norm_configs"] = chosen_configs(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+    out["layer_norm_binaries"] = binary_hashes(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
     return out
 
 
@@ -171,8 +185,9 @@ def main(argv=None) -> dict:
                 return dc["roles"].get(r, 0.0) / ref if ref else float("nan")
 
             alloc_conf, configs = models.pop("alloc_conf"), models.pop("layer_norm_configs", {})
+            binaries = models.pop("layer_norm_binaries", {})
             rows.append({"setting": setting, "process": i, "alloc_conf": alloc_conf, "models": models,
-                         "layer_norm_configs": configs,
+                         "layer_norm_configs": configs, "layer_norm_binaries": binaries,
                          "speedup": dit["ms"] / dc["ms"], "layer_norm_vs_share": vs_share("layer norm"),
                          "gelu_vs_share": vs_share("gelu")})
             print(f"{setting} #{i}: DiT-XL/2 {dit['ms']:.2f} ms, DC-DiT-XL {dc['ms']:.2f} ms", flush=True)
@@ -192,7 +207,9 @@ def main(argv=None) -> dict:
         for model, m in r["models"].items():
             for kernel, v in sorted(m.get("layer_norm_kernels", {}).items()):
                 cfgs = "; ".join(config_text(c) for c in r["layer_norm_configs"].get(kernel, []))
-                print(f"  {r['setting']} #{r['process']} {model:<10} {v:7.3f}  {kernel[-60:]}  [{cfgs or 'none recorded'}]")
+                cubins = ",".join(r["layer_norm_binaries"].get(kernel, [])) or "-"
+                print(f"  {r['setting']} #{r['process']} {model:<10} {v:7.3f}  {kernel[-60:]}  [{cfgs or 'none recorded'}]"
+                      f"  cubin {cubins}")
     moving = moving_kernels(rows)
     print("\nKernels of 0.05 ms a step or more that move by over 10% between processes, or are absent from some:")
     for e in moving:

@@ -317,6 +317,20 @@ def test_moving_kernels_finds_a_kernel_that_moves_or_goes_missing_and_the_table_
     assert "| DiT-XL/2 | `algo_1` | 0.300 | - |" in text and "| DiT-XL/2 | `ln_7` | 2.100 | 2.900 |" in text
 
 
+def test_binary_hashes_tell_two_compiles_of_a_layer_norm_kernel_apart(tmp_path, benchmarks):
+    import hashlib
+
+    import process_spread
+
+    for folder, name, code in (("a", "triton_red_fused_native_layer_norm_7", b"one"), ("b", "triton_red_fused_native_layer_norm_7", b"two"),
+                               ("c", "triton_poi_fused_gelu_3", b"one")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"{name}.cubin").write_bytes(code)
+    found = process_spread.binary_hashes(str(tmp_path))
+    assert found == {"triton_red_fused_native_layer_norm_7": [hashlib.sha256(c).hexdigest()[:12] for c in (b"one", b"two")]}
+    assert process_spread.binary_hashes(None) == {}
+
+
 def test_release_table_shows_each_row_against_the_release_and_dit():
     report = _load("report")
     row = {"row": "rho=0.4", "release_kept": 154, "ours_kept": 160, "release_ms": 58.0, "ours_ms": 31.0,
