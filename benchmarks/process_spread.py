@@ -19,7 +19,8 @@ it (from the ``.best_config`` files in its cache), so a second table shows which
 processes and whether its config did. Since session 24 each process keeps every kernel's time too, and a third
 table lists the kernels that move by more than 10% between processes or that some process does not launch (a
 cuBLAS or cuDNN algorithm chosen differently, say): what else changes when the LayerNorm kernel turns slow; and
-a hash of each LayerNorm kernel's compiled binary, to tell a different compile from the same code running slower.
+a hash of each LayerNorm kernel's PTX (line info left out), to tell a different compile from the same code running
+slower.
 """
 
 import argparse
@@ -56,15 +57,24 @@ def chosen_configs(cache: str | None, needle: str = "layer_norm") -> dict[str, l
     return dict(found)
 
 
-def binary_hashes(cache: str | None, needle: str = "layer_norm") -> dict[str, list[str]]:
-    """The first 12 hex digits of the sha256 of each compiled binary (``.cubin``) in the inductor cache ``cache``
-    (Triton's cache lies inside it) of the kernels whose name holds ``needle``: ``{kernel name: [hash, ...]}``.
-    Equal hashes in a slow and a fast process mean the same machine code ran at two speeds."""
+def ptx_code(ptx: str) -> str:
+    """A kernel's PTX without what names the process: the ``.file`` / ``.loc`` line info and the debug sections at
+    the end (which spell out the cache's temporary path). Two processes that compiled the same code give equal text."""
+    lines = ptx.splitlines()
+    end = next((i for i, line in enumerate(lines) if line.lstrip().startswith(".section")), len(lines))
+    return "\n".join(line for line in lines[:end] if not line.lstrip().startswith((".file", ".loc", "//")))
+
+
+def code_hashes(cache: str | None, needle: str = "layer_norm") -> dict[str, list[str]]:
+    """The first 12 hex digits of the sha256 of :func:`ptx_code` of each kernel compiled into the inductor cache
+    ``cache`` (Triton's cache lies inside it) whose name holds ``needle``: ``{kernel name: sorted hashes}``, several
+    where graphs of two models each have a kernel of that name. Equal hashes in a slow and a fast process mean the
+    same code ran at two speeds."""
     found: dict[str, list[str]] = defaultdict(list)
-    for cubin in sorted(Path(cache).rglob("*.cubin")) if cache else ():
-        if needle in cubin.stem:
-            found[cubin.stem].append(hashlib.sha256(cubin.read_bytes()).hexdigest()[:12])
-    return dict(found)
+    for ptx in sorted(Path(cache).rglob("*.ptx")) if cache else ():
+        if needle in ptx.stem:
+            found[ptx.stem].append(hashlib.sha256(ptx_code(ptx.read_text()).encode()).hexdigest()[:12])
+    return {k: sorted(v) for k, v in found.items()}
 
 
 def moving_kernels(rows: list[dict], min_ms: float = 0.05, ratio: float = 1.1) -> list[dict]:
@@ -134,7 +144,7 @@ def worker(rho: float, reps: int, tiny: bool) -> dict:
                          "kernels": {k: round(v, 4) for k, v in kernels.items()}}
     out["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # what this process ran under
     out["layer_norm_configs"] = chosen_configs(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
-    out["layer_norm_binaries"] = binary_hashes(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+    out["layer_norm_binaries"] = code_hashes(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
     return out
 
 
@@ -207,9 +217,9 @@ def main(argv=None) -> dict:
         for model, m in r["models"].items():
             for kernel, v in sorted(m.get("layer_norm_kernels", {}).items()):
                 cfgs = "; ".join(config_text(c) for c in r["layer_norm_configs"].get(kernel, []))
-                cubins = ",".join(r["layer_norm_binaries"].get(kernel, [])) or "-"
+                codes = ",".join(r["layer_norm_binaries"].get(kernel, [])) or "-"
                 print(f"  {r['setting']} #{r['process']} {model:<10} {v:7.3f}  {kernel[-60:]}  [{cfgs or 'none recorded'}]"
-                      f"  cubin {cubins}")
+                      f"  PTX {codes}")
     moving = moving_kernels(rows)
     print("\nKernels of 0.05 ms a step or more that move by over 10% between processes, or are absent from some:")
     for e in moving:

@@ -234,15 +234,15 @@ def process_spread_table(data: dict) -> str:
     if kernels:  # runs since session 23 keep each LayerNorm kernel and the config autotuning chose for it
         procs = [f"{r['setting']} #{r['process']}" for r in data["rows"]]
         lines += ["", *_table("LayerNorm kernels of 0.1 ms a step or more, GPU ms per step in each process, and their "
-                              "launch configs and compiled binaries (each distinct one once)",
-                              ["model", "kernel", *procs, "launch config", "cubin sha256"])]
+                              "launch configs and PTX hashes (each distinct one once; a kernel name may belong to both models' graphs)",
+                              ["model", "kernel", *procs, "launch config", "PTX sha256"])]
         for model, k in kernels:
             ms = [r["models"][model].get("layer_norm_kernels", {}).get(k) for r in data["rows"]]
             configs = {config_text(c) for r in data["rows"] for c in r.get("layer_norm_configs", {}).get(k, [])}
             config = " / ".join(sorted(configs)) or "none recorded (not autotuned)"
-            cubins = " / ".join(dict.fromkeys(h for r in data["rows"] for h in r.get("layer_norm_binaries", {}).get(k, [])))
+            codes = " / ".join(dict.fromkeys(h for r in data["rows"] for h in r.get("layer_norm_binaries", {}).get(k, [])))
             lines.append(f"| {model} | `{k}` | " + " | ".join("-" if v is None else f"{v:.2f}" for v in ms)
-                         + f" | {config} | {cubins or 'not recorded'} |")
+                         + f" | {config} | {codes or 'not recorded'} |")
     if data.get("moving_kernels"):  # runs since session 24 keep every kernel
         procs = [f"{r['setting']} #{r['process']}" for r in data["rows"]]
         lines += ["", *_table("Kernels of 0.05 ms a step or more that move by over 10% between processes, or that some "

@@ -317,18 +317,23 @@ def test_moving_kernels_finds_a_kernel_that_moves_or_goes_missing_and_the_table_
     assert "| DiT-XL/2 | `algo_1` | 0.300 | - |" in text and "| DiT-XL/2 | `ln_7` | 2.100 | 2.900 |" in text
 
 
-def test_binary_hashes_tell_two_compiles_of_a_layer_norm_kernel_apart(tmp_path, benchmarks):
-    import hashlib
-
+def test_code_hashes_ignore_the_process_but_not_the_code(tmp_path, benchmarks):
     import process_spread
 
-    for folder, name, code in (("a", "triton_red_fused_native_layer_norm_7", b"one"), ("b", "triton_red_fused_native_layer_norm_7", b"two"),
-                               ("c", "triton_poi_fused_gelu_3", b"one")):
+    def ptx(body: str, path: str) -> str:
+        return (f'.version 8.4\n.file 1 "{path}/k.py"\n.entry k()\n{{\n.loc 1 5 0\n{body}\n}}\n'
+                f"\t.section\t.debug_str\n{{\n.b8 {','.join(str(ord(c)) for c in path)}\n}}\n")
+
+    name = "triton_red_fused_native_layer_norm_7"
+    for folder, body, path in (("a", "ld.global.b32 %r1, [%rd1];", "/tmp/x1"), ("b", "ld.global.b32 %r1, [%rd1];", "/tmp/y2"),
+                               ("c", "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];", "/tmp/z3")):
         (tmp_path / folder).mkdir()
-        (tmp_path / folder / f"{name}.cubin").write_bytes(code)
-    found = process_spread.binary_hashes(str(tmp_path))
-    assert found == {"triton_red_fused_native_layer_norm_7": [hashlib.sha256(c).hexdigest()[:12] for c in (b"one", b"two")]}
-    assert process_spread.binary_hashes(None) == {}
+        (tmp_path / folder / f"{name}.ptx").write_text(ptx(body, path))
+    (tmp_path / "a" / "triton_poi_fused_gelu_3.ptx").write_text(ptx("x", "/tmp/x1"))  # not a LayerNorm
+    hashes = process_spread.code_hashes(str(tmp_path))[name]
+    assert len(hashes) == 3 and len(set(hashes)) == 2  # the same code under two paths: one hash
+    assert list(process_spread.code_hashes(str(tmp_path))) == [name] and process_spread.code_hashes(None) == {}
+    assert "/tmp" not in process_spread.ptx_code(ptx("y", "/tmp/x1"))
 
 
 def test_release_table_shows_each_row_against_the_release_and_dit():
