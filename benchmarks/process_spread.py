@@ -144,7 +144,7 @@ def worker(rho: float, reps: int, tiny: bool) -> dict:
                          "kernels": {k: round(v, 4) for k, v in kernels.items()}}
     out["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # what this process ran under
     out["layer_norm_configs"] = chosen_configs(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
-    out["layer_norm_binaries"] = code_hashes(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+    out["layer_norm_ptx"] = code_hashes(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
     return out
 
 
@@ -195,9 +195,9 @@ def main(argv=None) -> dict:
                 return dc["roles"].get(r, 0.0) / ref if ref else float("nan")
 
             alloc_conf, configs = models.pop("alloc_conf"), models.pop("layer_norm_configs", {})
-            binaries = models.pop("layer_norm_binaries", {})
+            ptx = models.pop("layer_norm_ptx", {})
             rows.append({"setting": setting, "process": i, "alloc_conf": alloc_conf, "models": models,
-                         "layer_norm_configs": configs, "layer_norm_binaries": binaries,
+                         "layer_norm_configs": configs, "layer_norm_ptx": ptx,
                          "speedup": dit["ms"] / dc["ms"], "layer_norm_vs_share": vs_share("layer norm"),
                          "gelu_vs_share": vs_share("gelu")})
             print(f"{setting} #{i}: DiT-XL/2 {dit['ms']:.2f} ms, DC-DiT-XL {dc['ms']:.2f} ms", flush=True)
@@ -217,7 +217,7 @@ def main(argv=None) -> dict:
         for model, m in r["models"].items():
             for kernel, v in sorted(m.get("layer_norm_kernels", {}).items()):
                 cfgs = "; ".join(config_text(c) for c in r["layer_norm_configs"].get(kernel, []))
-                codes = ",".join(r["layer_norm_binaries"].get(kernel, [])) or "-"
+                codes = ",".join(r["layer_norm_ptx"].get(kernel, [])) or "-"
                 print(f"  {r['setting']} #{r['process']} {model:<10} {v:7.3f}  {kernel[-60:]}  [{cfgs or 'none recorded'}]"
                       f"  PTX {codes}")
     moving = moving_kernels(rows)

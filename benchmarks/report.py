@@ -229,10 +229,11 @@ def process_spread_table(data: dict) -> str:
                      f"{ln_gelu(dc)} | {r['layer_norm_vs_share']:.2f} | {r['speedup']:.2f} |")
     from process_spread import config_text  # noqa: PLC0415  (benchmarks/ is on the path when run as a script)
 
+    procs = [f"{r['setting']} #{r['process']}" for r in data["rows"]]
+
     kernels = sorted({(model, k) for r in data["rows"] for model, m in r["models"].items()
                       for k, v in m.get("layer_norm_kernels", {}).items() if v >= 0.1})  # the step's big ones
     if kernels:  # runs since session 23 keep each LayerNorm kernel and the config autotuning chose for it
-        procs = [f"{r['setting']} #{r['process']}" for r in data["rows"]]
         lines += ["", *_table("LayerNorm kernels of 0.1 ms a step or more, GPU ms per step in each process, and their "
                               "launch configs and PTX hashes (each distinct one once; a kernel name may belong to both models' graphs)",
                               ["model", "kernel", *procs, "launch config", "PTX sha256"])]
@@ -240,11 +241,10 @@ def process_spread_table(data: dict) -> str:
             ms = [r["models"][model].get("layer_norm_kernels", {}).get(k) for r in data["rows"]]
             configs = {config_text(c) for r in data["rows"] for c in r.get("layer_norm_configs", {}).get(k, [])}
             config = " / ".join(sorted(configs)) or "none recorded (not autotuned)"
-            codes = " / ".join(dict.fromkeys(h for r in data["rows"] for h in r.get("layer_norm_binaries", {}).get(k, [])))
+            codes = " / ".join(dict.fromkeys(h for r in data["rows"] for h in r.get("layer_norm_ptx", {}).get(k, [])))
             lines.append(f"| {model} | `{k}` | " + " | ".join("-" if v is None else f"{v:.2f}" for v in ms)
                          + f" | {config} | {codes or 'not recorded'} |")
     if data.get("moving_kernels"):  # runs since session 24 keep every kernel
-        procs = [f"{r['setting']} #{r['process']}" for r in data["rows"]]
         lines += ["", *_table("Kernels of 0.05 ms a step or more that move by over 10% between processes, or that some "
                               "process does not launch (-), GPU ms per step", ["model", "kernel", *procs])]
         lines += [f"| {e['model']} | `{e['kernel'][:100]}` | " + " | ".join("-" if v is None else f"{v:.3f}" for v in e["ms"])
@@ -264,7 +264,7 @@ def norm_placement_table(data: dict) -> str:
             f"{tr['layer_norm_kernels'][k]:.2f}" if k in tr["layer_norm_kernels"] else "-" for k in kernels) + " |")
     lines.append("| slowest / fastest | | | " + " | ".join(f"{data['spread'][k]['max_over_min']:.2f}x"
                                                           for k in kernels) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + _note(data))
 
 
 def conv_forms_table(data: dict) -> str:
