@@ -20,7 +20,8 @@ processes and whether its config did. Since session 24 each process keeps every 
 table lists the kernels that move by more than 10% between processes or that some process does not launch (a
 cuBLAS or cuDNN algorithm chosen differently, say): what else changes when the LayerNorm kernel turns slow; and
 a hash of each LayerNorm kernel's PTX (line info left out), to tell a different compile from the same code running
-slower.
+slower. ``--inductor KEY=VALUE`` compiles both models in every process under an inductor setting (session 24:
+``inplace_buffers=False``, to see whether the slow kernel's in-place update of the residual stream draws the state).
 """
 
 import argparse
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chunkformer as cf  # noqa: E402
 from block_tokens import role  # noqa: E402
 from step_profile import kernel_ms  # noqa: E402
-from step_speed import bucket, save_result, step_ms  # noqa: E402
+from step_speed import bucket, parse_settings, save_result, set_inductor_config, step_ms  # noqa: E402
 
 
 def chosen_configs(cache: str | None, needle: str = "layer_norm") -> dict[str, list[dict]]:
@@ -121,11 +122,12 @@ def serving_models(rho: float, tiny: bool, device: torch.device):
     return (x, t, y), models
 
 
-def worker(rho: float, reps: int, tiny: bool) -> dict:
+def worker(rho: float, reps: int, tiny: bool, inductor: list[str] = ()) -> dict:
     """Compile and profile both models in this process: ``{model: {"ms", "tokens", "roles": {role: ms}}}``, and
     ``"alloc_conf"``, the ``PYTORCH_CUDA_ALLOC_CONF`` it ran under."""
     cuda = torch.cuda.is_available() and not tiny
     device = torch.device("cuda" if cuda else "cpu")
+    set_inductor_config(list(inductor))  # both models compile under the same settings
     (x, t, y), models = serving_models(rho, tiny, device)
     out = {}
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
@@ -156,6 +158,7 @@ def run_worker(setting: str, args) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env["TORCHINDUCTOR_CACHE_DIR"] = cache
         cmd = [sys.executable, __file__, "--worker", "--rho", str(args.rho), "--reps", str(args.reps)]
+        cmd += [f"--inductor={item}" for item in args.inductor]
         res = subprocess.run(cmd + (["--tiny"] if args.tiny else []), env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"a worker under {setting!r} failed:\n{res.stderr[-3000:]}")
@@ -169,6 +172,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--processes", type=int, default=2, help="fresh processes per setting")
     ap.add_argument("--settings", default="default,expandable_segments:True",
                     help="comma-separated PYTORCH_CUDA_ALLOC_CONF values, 'default' for unset")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config.KEY in every process before it compiles (repeatable), "
+                         "e.g. inplace_buffers=False")
     ap.add_argument("--tiny", action="store_true", help="small models on the CPU, eager (a smoke run)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None)
@@ -177,8 +183,9 @@ def main(argv=None) -> dict:
         ap.error(f"--rho must be in [0, 1), got {args.rho}")
     if args.processes < 1:
         ap.error(f"--processes must be >= 1, got {args.processes}")
+    inductor = parse_settings(args.inductor, "--inductor")  # checked here; each worker applies them to itself
     if args.worker:
-        print(json.dumps(worker(args.rho, args.reps, args.tiny)))
+        print(json.dumps(worker(args.rho, args.reps, args.tiny, args.inductor)))
         return {}
     if not torch.cuda.is_available() and not args.tiny:
         ap.error("profiling needs a CUDA device; use --tiny for a CPU smoke run")
@@ -232,7 +239,7 @@ def main(argv=None) -> dict:
         print(f"{setting}: speed-up {spread[setting]['speedup_min']:.3f}-{spread[setting]['speedup_max']:.3f} "
               f"over {len(mine)} processes")
     return save_result(args.out, card, rho=args.rho, reps=args.reps, processes=args.processes, settings=settings,
-                       rows=rows, spread=spread, moving_kernels=moving)
+                       inductor=inductor, rows=rows, spread=spread, moving_kernels=moving)
 
 
 if __name__ == "__main__":

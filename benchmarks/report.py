@@ -218,7 +218,8 @@ def gelu_epilogue_table(data: dict) -> str:
 
 def process_spread_table(data: dict) -> str:
     """benchmarks/process_spread.py: one row per fresh process, under each allocator setting."""
-    lines = _table(f"{data['card']}, torch {data['torch']}, rho {data['rho']:g}, serving configuration, a fresh process "
+    inductor = "".join(f", inductor {k}={v}" for k, v in data.get("inductor", {}).items())
+    lines = _table(f"{data['card']}, torch {data['torch']}, rho {data['rho']:g}, serving configuration{inductor}, a fresh process "
                    f"and inductor cache per row; ms per step, LayerNorm + modulate and GELU in GPU ms (`{data['command']}`)",
                    ["PYTORCH_CUDA_ALLOC_CONF", "process", "DiT-XL/2 ms", "its LayerNorm / GELU", "DC-DiT-XL ms",
                     "its LayerNorm / GELU", "DC LayerNorm against its token share", "speed-up"])

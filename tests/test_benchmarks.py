@@ -271,7 +271,13 @@ def test_process_spread_runs_each_setting_in_fresh_processes_and_compares_to_the
     import process_spread
 
     res = process_spread.main(["--tiny", "--processes", "1", "--settings", "default,expandable_segments:True",
-                               "--out", str(tmp_path / "p.json")])
+                               "--inductor", "inplace_buffers=False", "--out", str(tmp_path / "p.json")])
+    assert res["inductor"] == {"inplace_buffers": False}
+    import torch._inductor.config as inductor_config
+
+    assert inductor_config.inplace_buffers  # set in the workers only, not in the process that starts them
+    with pytest.raises(SystemExit, match="no setting"):
+        process_spread.main(["--tiny", "--inductor", "no_such_knob=1"])
     assert [(r["setting"], r["process"]) for r in res["rows"]] == [("default", 0), ("expandable_segments:True", 0)]
     # each worker reports the allocator setting it ran under: unset for "default", the value otherwise
     assert [r["alloc_conf"] for r in res["rows"]] == [None, "expandable_segments:True"]
