@@ -17,12 +17,13 @@ Speed (docs/performance.md has the figures): ``--precision bf16`` casts the weig
 (DC-DiT's fp32 router and de-chunk stay fp32) and samples under bf16 autocast; ``--capacity N``
 samples a DC-DiT with fixed-capacity plans (at most ``N`` tokens per sample, static shapes, no
 host sync; ``--fill``: exactly ``N``, attention without a mask); ``--compile`` compiles the model
-once (it needs those static shapes for a DC-DiT). ``--bf16-routing`` (with ``--precision bf16``) runs
+once (it needs those static shapes for a DC-DiT), ``--compile-option KEY=VALUE`` with an inductor setting. ``--bf16-routing`` (with ``--precision bf16``) runs
 the router and de-chunk under the bf16 autocast too, instead of DC-DiT's fp32
 (:func:`chunkformer.set_fp32_router_dechunk`): the serving configuration of docs/performance.md.
 """
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -41,7 +42,31 @@ from recipes.parallel import barrier, init_distributed
 from recipes.sampling import check_compilable, generate
 from recipes.train import build_model
 
-__all__ = ["main", "load_for_sampling", "set_serving_plan", "to_uint8"]
+__all__ = ["main", "load_for_sampling", "parse_compile_options", "set_serving_plan", "to_uint8"]
+
+
+def parse_compile_options(items: list[str]) -> dict:
+    """``["inplace_buffers=False", "triton.cudagraphs=True"]`` -> ``{"inplace_buffers": False, ...}`` for
+    ``torch.compile(options=...)``. Raises ``ValueError`` for an item without ``=``, a value that is not a
+    Python literal, or a name ``torch._inductor.config`` does not have."""
+    import torch._inductor.config as inductor_config
+
+    options = {}
+    for item in items:
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise ValueError(f"--compile-option expects KEY=VALUE, got {item!r}")
+        *path, leaf = key.split(".")
+        target = inductor_config
+        for part in path:
+            target = getattr(target, part, None)
+        if target is None or not hasattr(target, leaf):
+            raise ValueError(f"torch._inductor.config has no setting {key!r} (see torch._inductor.list_options())")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--compile-option {key}: {value!r} is not a Python literal (True, 3, 'max')") from None
+    return options
 
 
 def load_for_sampling(ckpt: str, *, ema: bool = True, device="cpu"):
@@ -110,10 +135,19 @@ def main(argv=None) -> dict:
                    help="DC-DiT: fixed-capacity plans of at most N tokens per sample (static shapes)")
     p.add_argument("--fill", action="store_true", help="with --capacity: every sample keeps exactly N tokens")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (DC-DiT: needs --capacity)")
+    p.add_argument("--compile-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --compile: an inductor setting for it (a torch._inductor.config name and a Python "
+                        "literal), e.g. inplace_buffers=False; repeatable")
     args = p.parse_args(argv)
 
     if args.bf16_routing and args.precision != "bf16":
         p.error("--bf16-routing needs --precision bf16 (in fp32 the router and de-chunk run fp32 either way)")
+    if args.compile_option and not args.compile:
+        p.error("--compile-option sets up --compile: pass --compile too")
+    try:
+        compile_options = parse_compile_options(args.compile_option)
+    except ValueError as e:
+        p.error(str(e))
     d = init_distributed()
     model, diffusion, cfg, path = load_for_sampling(args.ckpt, ema=not args.no_ema, device=d.device)
     set_serving_plan(model, args.capacity, fill=args.fill)
@@ -133,7 +167,8 @@ def main(argv=None) -> dict:
                    guidance=args.guidance, rho=args.rho, uncond_rho=args.uncond_rho, labels=labels[share],
                    batch_size=args.batch, progress=d.is_main and os.isatty(2), merge_ratio=args.merge_ratio,
                    cache_threshold=args.cache_threshold,
-                   autocast=torch.bfloat16 if args.precision == "bf16" else None, compile=args.compile)
+                   autocast=torch.bfloat16 if args.precision == "bf16" else None, compile=args.compile,
+                   compile_options=compile_options)
     stem = Path(args.out) if args.out else Path(path).parent.parent / "samples" / (
         f"eval-{sampler}{steps}-g{args.guidance:g}-rho{args.rho:g}" + (f"-u{args.uncond_rho:g}" if args.uncond_rho is not None else "")
         + (f"-m{args.merge_ratio:g}" if args.merge_ratio else "") + (f"-c{args.cache_threshold:g}" if args.cache_threshold else ""))
@@ -162,7 +197,7 @@ def main(argv=None) -> dict:
         "guidance": args.guidance, "rho": args.rho, "uncond_rho": args.uncond_rho, "seed": args.seed,
         "merge_ratio": args.merge_ratio, "cache_threshold": args.cache_threshold,
         "precision": args.precision, "bf16_routing": args.bf16_routing, "capacity": args.capacity, "fill": args.fill,
-        "compile": args.compile,
+        "compile": args.compile, "compile_options": compile_options,
         "skipped_steps": float(np.mean([q["skipped"] for q in parts])),
         "num_samples": args.num_samples, "world_size": d.world,
         "kept_fraction": float(np.mean([q["kept"] for q in parts])),

@@ -78,7 +78,8 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
              seed: int = 0, sampler: str = "ddpm", steps: int = 250, guidance: float = 1.0,
              rho: float = 0.0, uncond_rho: float | None = None, labels: torch.Tensor | None = None,
              batch_size: int = 64, progress: bool = False, merge_ratio: float = 0.0,
-             cache_threshold: float = 0.0, autocast: torch.dtype | None = None, compile: bool = False) -> dict:
+             cache_threshold: float = 0.0, autocast: torch.dtype | None = None, compile: bool = False,
+             compile_options: dict | None = None) -> dict:
     """Generate ``num`` samples; returns ``samples`` (N, C, *grid) float, ``labels``, ``kept_fraction``
     (mean over forwards and samples), ``kept_by_t`` (per-step means), ``tflops_per_image`` and
     ``skipped_steps`` (backbone passes step caching skipped, per batch on average).
@@ -88,8 +89,11 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
     forward under ``torch.autocast`` to this dtype (``torch.bfloat16`` after casting the weights once:
     recipes.sample ``--precision bf16``). ``compile``: ``torch.compile`` the model for the run; it needs
     static shapes (DiT, or DC-DiT with ``plan_mode="fixed"``), so every forward does the same work, and
-    FLOPs are counted once, eagerly, on the first batch and added per forward."""
+    FLOPs are counted once, eagerly, on the first batch and added per forward. ``compile_options``: inductor
+    settings for that compile (``torch.compile(options=...)``; docs/recipes.md has one that steadies H100 step times)."""
     model.eval()
+    if compile_options and not compile:
+        raise ValueError("compile_options apply to the compiled model: pass compile=True too")
     if compile:
         check_compilable(model)
         if cache_threshold > 0:
@@ -105,7 +109,8 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
             probe = noise[: min(batch_size, num)].to(device)
             report = cf.count_flops(model, probe, torch.zeros(len(probe), device=device),
                                     labels[: len(probe)].to(device))
-            denoiser = counter = _CountedForward(model, torch.compile(model), report)
+            compiled = torch.compile(model, options=compile_options) if compile_options else torch.compile(model)
+            denoiser = counter = _CountedForward(model, compiled, report)
             counting = nullcontext(counter)
         else:
             denoiser, counting = model, FlopCounter(model)

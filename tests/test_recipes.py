@@ -434,6 +434,36 @@ def test_compiled_sampling_matches_eager_sampling_and_counts_the_same_flops(monk
     assert fast["flops_by_component"]["encoder"] == pytest.approx(eager["flops_by_component"]["encoder"], rel=1e-6)
 
 
+def test_compile_options_reach_torch_compile_and_bad_ones_are_refused_up_front(monkeypatch, tmp_path):
+    from chunkformer.diffusion import create_diffusion
+    from recipes import sample
+    from recipes.sample import parse_compile_options, set_serving_plan
+    from recipes.sampling import generate
+
+    assert parse_compile_options(["inplace_buffers=False", " triton.cudagraphs = True "]) == {
+        "inplace_buffers": False, "triton.cudagraphs": True}
+    for bad, why in (("inplace_buffers", "KEY=VALUE"), ("no_such_knob=1", "no setting"),
+                     ("triton.no_such_knob=1", "no setting"), ("inplace_buffers=maybe", "literal")):
+        with pytest.raises(ValueError, match=why):
+            parse_compile_options([bad])
+    real_compile = torch.compile
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append(kw) or real_compile(m, backend="eager"))
+    model = _tiny_sampler_model()
+    set_serving_plan(model, 40, fill=True)
+    kw = dict(num=1, shape=(2, 16, 16), num_classes=4, device="cpu", sampler="euler", steps=1)
+    diffusion = create_diffusion("flow", learn_sigma=False)
+    generate(model, diffusion, compile=True, compile_options={"inplace_buffers": False}, **kw)
+    generate(model, diffusion, compile=True, **kw)
+    assert seen == [{"options": {"inplace_buffers": False}}, {}]
+    with pytest.raises(ValueError, match="compile=True"):
+        generate(model, diffusion, compile_options={"inplace_buffers": False}, **kw)
+    for argv in (["--compile-option", "inplace_buffers=False"],  # without --compile
+                 ["--compile", "--compile-option", "no_such_knob=1"]):
+        with pytest.raises(SystemExit):
+            sample.main(["--ckpt", str(tmp_path / "never-read"), *argv])  # refused before the checkpoint is read
+
+
 def test_compiled_sampling_refuses_plans_that_change_shape_and_says_how_to_fix():
     from chunkformer.diffusion import create_diffusion
     from recipes.sampling import generate
