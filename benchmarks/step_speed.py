@@ -76,7 +76,6 @@ so one process shows what the GEMM-epilogue GELU (the default when sampling on a
 """
 
 import argparse
-import ast
 import contextlib
 import json
 import os
@@ -91,6 +90,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chunkformer as cf  # noqa: E402
+from recipes.sampling import inductor_setting, parse_compile_options  # noqa: E402
 
 
 def bucket(tokens: float, multiple: int = 8) -> int:
@@ -115,36 +115,19 @@ def save_result(out: Path | None, card: str, **fields) -> dict:
 
 
 def parse_settings(settings: list[str], flag: str) -> dict:
-    """``KEY=VALUE`` items (a dotted ``torch._inductor.config`` name, a Python literal) -> ``{KEY: VALUE}``."""
-    import torch._inductor.config as inductor_config
-
-    parsed = {}
-    for item in settings:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"{flag} expects KEY=VALUE, got {item!r}")
-        target, leaf = _config_slot(inductor_config, key.strip())
-        if target is None or not hasattr(target, leaf):
-            raise SystemExit(f"torch._inductor.config has no setting {key!r}")
-        parsed[key.strip()] = ast.literal_eval(value.strip())
-    return parsed
-
-
-def _config_slot(config, key: str):
-    """``"triton.autotune_pointwise"`` -> (``config.triton``, ``"autotune_pointwise"``); None where a part is missing."""
-    *path, leaf = key.split(".")
-    for part in path:
-        config = getattr(config, part, None)
-    return config, leaf
+    """``KEY=VALUE`` items (a dotted ``torch._inductor.config`` name, a Python literal) -> ``{KEY: VALUE}``; exits
+    with the reason for a bad one (``recipes.sample --compile-option`` parses the same way)."""
+    try:
+        return parse_compile_options(settings, flag)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def set_inductor_config(settings: list[str]) -> dict:
     """Apply ``KEY=VALUE`` settings (``triton.autotune_pointwise=False``) to ``torch._inductor.config``."""
-    import torch._inductor.config as inductor_config
-
     applied = parse_settings(settings, "--inductor")
     for key, value in applied.items():
-        setattr(*_config_slot(inductor_config, key), value)
+        setattr(*inductor_setting(key), value)
     return applied
 
 

@@ -23,7 +23,6 @@ the router and de-chunk under the bf16 autocast too, instead of DC-DiT's fp32
 """
 
 import argparse
-import ast
 import json
 import math
 import os
@@ -39,34 +38,10 @@ from recipes.checkpoints import latest_checkpoint, load_checkpoint
 from recipes.config import from_dict
 from recipes.data import to_display
 from recipes.parallel import barrier, init_distributed
-from recipes.sampling import check_compilable, generate
+from recipes.sampling import check_compilable, generate, parse_compile_options
 from recipes.train import build_model
 
-__all__ = ["main", "load_for_sampling", "parse_compile_options", "set_serving_plan", "to_uint8"]
-
-
-def parse_compile_options(items: list[str]) -> dict:
-    """``["inplace_buffers=False", "triton.cudagraphs=True"]`` -> ``{"inplace_buffers": False, ...}`` for
-    ``torch.compile(options=...)``. Raises ``ValueError`` for an item without ``=``, a value that is not a
-    Python literal, or a name ``torch._inductor.config`` does not have."""
-    import torch._inductor.config as inductor_config
-
-    options = {}
-    for item in items:
-        key, sep, value = (part.strip() for part in item.partition("="))
-        if not sep or not key:
-            raise ValueError(f"--compile-option expects KEY=VALUE, got {item!r}")
-        *path, leaf = key.split(".")
-        target = inductor_config
-        for part in path:
-            target = getattr(target, part, None)
-        if target is None or not hasattr(target, leaf):
-            raise ValueError(f"torch._inductor.config has no setting {key!r} (see torch._inductor.list_options())")
-        try:
-            options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            raise ValueError(f"--compile-option {key}: {value!r} is not a Python literal (True, 3, 'max')") from None
-    return options
+__all__ = ["main", "load_for_sampling", "set_serving_plan", "to_uint8"]
 
 
 def load_for_sampling(ckpt: str, *, ema: bool = True, device="cpu"):

@@ -7,6 +7,7 @@
   timesteps, kept tokens versus timestep, FLOPs by component; returns the metrics.
 """
 
+import ast
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from chunkformer.viz import (
 )
 from recipes.data import to_display
 
-__all__ = ["generate", "sample_images", "plot_router_maps", "make_report_figures"]
+__all__ = ["generate", "inductor_setting", "parse_compile_options", "sample_images", "plot_router_maps", "make_report_figures"]
 
 
 @contextmanager
@@ -74,6 +75,36 @@ def check_compilable(model) -> None:
 
 
 @torch.no_grad()
+def inductor_setting(key: str) -> tuple[object, str] | None:
+    """``"triton.cudagraphs"`` -> ``(torch._inductor.config.triton, "cudagraphs")``, or None for a name the config
+    does not have."""
+    import torch._inductor.config as inductor_config
+
+    *path, leaf = key.split(".")
+    target = inductor_config
+    for part in path:
+        target = getattr(target, part, None)
+    return (target, leaf) if target is not None and hasattr(target, leaf) else None
+
+
+def parse_compile_options(items: list[str], flag: str = "--compile-option") -> dict:
+    """``["inplace_buffers=False", "triton.cudagraphs=True"]`` -> ``{"inplace_buffers": False, ...}`` for
+    ``torch.compile(options=...)``. Raises ``ValueError`` (naming ``flag``) for an item without ``=``, a value that
+    is not a Python literal, or a name ``torch._inductor.config`` does not have."""
+    options = {}
+    for item in items:
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
+        if inductor_setting(key) is None:
+            raise ValueError(f"torch._inductor.config has no setting {key!r} (see torch._inductor.list_options())")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{flag} {key}: {value!r} is not a Python literal (True, 3, 'max')") from None
+    return options
+
+
 def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes: int, device,
              seed: int = 0, sampler: str = "ddpm", steps: int = 250, guidance: float = 1.0,
              rho: float = 0.0, uncond_rho: float | None = None, labels: torch.Tensor | None = None,

@@ -437,8 +437,8 @@ def test_compiled_sampling_matches_eager_sampling_and_counts_the_same_flops(monk
 def test_compile_options_reach_torch_compile_and_bad_ones_are_refused_up_front(monkeypatch, tmp_path):
     from chunkformer.diffusion import create_diffusion
     from recipes import sample
-    from recipes.sample import parse_compile_options, set_serving_plan
-    from recipes.sampling import generate
+    from recipes.sample import set_serving_plan
+    from recipes.sampling import generate, parse_compile_options
 
     assert parse_compile_options(["inplace_buffers=False", " triton.cudagraphs = True "]) == {
         "inplace_buffers": False, "triton.cudagraphs": True}
