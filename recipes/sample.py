@@ -17,8 +17,9 @@ Speed (docs/performance.md has the figures): ``--precision bf16`` casts the weig
 (DC-DiT's fp32 router and de-chunk stay fp32) and samples under bf16 autocast; ``--capacity N``
 samples a DC-DiT with fixed-capacity plans (at most ``N`` tokens per sample, static shapes, no
 host sync; ``--fill``: exactly ``N``, attention without a mask); ``--compile`` compiles the model
-once (it needs those static shapes for a DC-DiT), ``--compile-option KEY=VALUE`` with an inductor setting. ``--bf16-routing`` (with ``--precision bf16``) runs
-the router and de-chunk under the bf16 autocast too, instead of DC-DiT's fp32
+once (it needs those static shapes for a DC-DiT), ``--compile-option KEY=VALUE`` with an inductor
+setting. ``--bf16-routing`` (with ``--precision bf16``) runs the router and de-chunk under the bf16
+autocast too, instead of DC-DiT's fp32
 (:func:`chunkformer.set_fp32_router_dechunk`): the serving configuration of docs/performance.md.
 """
 

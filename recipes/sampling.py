@@ -24,7 +24,8 @@ from chunkformer.viz import (
 )
 from recipes.data import to_display
 
-__all__ = ["generate", "inductor_setting", "parse_compile_options", "sample_images", "plot_router_maps", "make_report_figures"]
+__all__ = ["generate", "inductor_setting", "parse_compile_options", "sample_images", "plot_router_maps",
+           "make_report_figures"]
 
 
 @contextmanager
@@ -74,7 +75,6 @@ def check_compilable(model) -> None:
             "(recipes.sample --capacity N [--fill]; in Python model.plan_mode = 'fixed'; model.capacity = N)")
 
 
-@torch.no_grad()
 def inductor_setting(key: str) -> tuple[object, str] | None:
     """``"triton.cudagraphs"`` -> ``(torch._inductor.config.triton, "cudagraphs")``, or None for a name the config
     does not have."""
@@ -105,6 +105,7 @@ def parse_compile_options(items: list[str], flag: str = "--compile-option") -> d
     return options
 
 
+@torch.no_grad()
 def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes: int, device,
              seed: int = 0, sampler: str = "ddpm", steps: int = 250, guidance: float = 1.0,
              rho: float = 0.0, uncond_rho: float | None = None, labels: torch.Tensor | None = None,

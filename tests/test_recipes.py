@@ -464,6 +464,18 @@ def test_compile_options_reach_torch_compile_and_bad_ones_are_refused_up_front(m
             sample.main(["--ckpt", str(tmp_path / "never-read"), *argv])  # refused before the checkpoint is read
 
 
+def test_generate_samples_without_autograd():
+    from chunkformer.diffusion import create_diffusion
+    from recipes.sampling import generate
+
+    model = _tiny_sampler_model()
+    grad_modes = []
+    model.register_forward_pre_hook(lambda m, args: grad_modes.append(torch.is_grad_enabled()))
+    generate(model, create_diffusion("flow", learn_sigma=False), num=1, shape=(2, 16, 16), num_classes=4,
+             device="cpu", sampler="euler", steps=2)
+    assert grad_modes and not any(grad_modes)  # else every step would keep its activations for a backward
+
+
 def test_compiled_sampling_refuses_plans_that_change_shape_and_says_how_to_fix():
     from chunkformer.diffusion import create_diffusion
     from recipes.sampling import generate
