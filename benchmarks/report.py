@@ -61,6 +61,11 @@ def step_table(data: dict) -> str:
         lines.append(f"| {r['row']}{mark} | {r['kept']} | {r['ms']:.2f} | {r['flops'] / 1e9:.1f} | {r['measured_speedup']:.2f} "
                      f"| {r['flop_speedup']:.2f} | {r['fraction_of_flop_speedup']:.2f} |{on_gpu}")
     lines.append("")
+    norms = [r for r in data["rows"] if r.get("layer_norm_kernels")]  # --norm-kernels (session 24 on)
+    if norms:
+        lines += [*_table(None, ["row", "its LayerNorm kernels of 0.1 ms or more, GPU ms a step"]),
+                  *(f"| {r['row']} | " + ", ".join(f"{v:.2f}" for v in r["layer_norm_kernels"].values()) + " |"
+                    for r in norms), ""]
     lines += [f"Note on {r['row']}: {r['note']}.\n" for r in data["rows"] if r.get("note")]
     if data.get("note"):
         lines.append(f"Note: {data['note']}.\n")

@@ -70,6 +70,9 @@ compiles, for every model alike (``triton.autotune_pointwise=False``, ``coordina
 ``torch.compile(options={KEY: VALUE, ...})``: those rows end in ``[KEY=VALUE]`` and are set against
 the DiT-XL/2 compiled the same way, so one process times an inductor setting against the default on
 the same card (with ``--rows``: twice the graphs of the rows it keeps).
+``--norm-kernels`` profiles each DiT-XL/2 and fixed-rho DC-DiT row after the timing rounds and keeps its LayerNorm
+kernels' GPU ms (``layer_norm_kernels``): on an H100 the in-place one runs 1.4x slower in some processes, and this
+says which rows of the run drew that (docs/performance.md, "Session 24").
 ``--unfused-gelu`` builds every row a second time with the MLP's GELU as its own op after fc1
 (``cf.set_fused_gelu(model, False)``, DiT-XL/2 and DC-DiT-XL alike; rows ending in ``[GELU unfused]``),
 so one process shows what the GEMM-epilogue GELU (the default when sampling on a GPU) does to each model.
@@ -209,6 +212,22 @@ def graph_ms(fn, reps: int, *args) -> float:
     return replay_ms(capture_graph(fn, reps, *args), reps)
 
 
+def layer_norm_kernels(cases: list, reps: int = 3, min_ms: float = 0.1) -> dict[str, dict[str, float]]:
+    """``{row: {kernel: GPU ms a step}}`` of the LayerNorm kernels of ``min_ms`` or more in each DiT-XL/2 and
+    fixed-rho DC-DiT-XL row of ``cases`` (``(name, fn, ...)`` with ``fn()`` one step), over ``reps`` profiled
+    steps. On an H100 one of them, the in-place residual update, runs 1.4x slower in some processes
+    (docs/performance.md, "Session 24"): this says which rows drew that."""
+    from block_tokens import role  # noqa: PLC0415  (both import this module)
+    from step_profile import kernel_ms  # noqa: PLC0415
+
+    out = {}
+    for name, fn, *_ in cases:
+        if name.startswith(("DiT-XL/2", "DC-DiT-XL rho=")) and "CUDA graphs" not in name:
+            found = kernel_ms(fn, reps)[0]
+            out[name] = {k: v for k, v in sorted(found.items()) if role(k) == "layer norm" and v >= min_ms}
+    return out
+
+
 def step_ms(fn, reps: int, *args) -> float:
     for _ in range(3):
         fn(*args)
@@ -277,6 +296,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-masked", action="store_true",
                     help="skip the masked DC-DiT rows (fewer graphs to compile; needs another variant)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
+    ap.add_argument("--norm-kernels", action="store_true",
+                    help="after timing, profile each DiT-XL/2 and fixed-rho DC-DiT row and keep its LayerNorm kernels' "
+                         "GPU ms a step: which rows drew the slow in-place kernel of an H100 process (GPU)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="torch.backends.cudnn.benchmark = True for every model (cuDNN times its algorithms)")
     ap.add_argument("--cudnn-narrowing", action="store_true",
@@ -517,6 +539,7 @@ def main(argv=None) -> dict:
         # of short kernels whose host time can show through (session 20, H100: rounds of 5.1 and 6.0-6.8 ms in
         # one run). The --cudagraphs rows are CUDA graphs already.
         gpu_times: dict[str, list[float]] = {}
+        norms: dict[str, dict[str, float]] = {}  # --norm-kernels: each model row's LayerNorm kernels
         if device.type == "cuda":
             graphs = {}
             for name, fn, *_ in cases:
@@ -531,10 +554,13 @@ def main(argv=None) -> dict:
                 for name, graph in graphs.items():
                     gpu_times[name].append(replay_ms(graph, 4, replays=2))
             del graphs
+            if args.norm_kernels:
+                norms = layer_norm_kernels(cases)
         rows = [{"row": name, "ms": statistics.median(times[name]), "ms_rounds": times[name], "flops": flops,
                  "kept": kept, "calls_per_round": calls[name],
                  **({"gpu_ms": statistics.median(gpu_times[name]), "gpu_ms_rounds": gpu_times[name]}
                     if name in gpu_times else {}),
+                 **({"layer_norm_kernels": norms[name]} if name in norms else {}),
                  **({"base": base} if base != "plain" else {})}
                 for name, _, flops, kept, base in cases]
 
@@ -590,6 +616,10 @@ def main(argv=None) -> dict:
                   if "gpu_speedup" in r else "")
         print(f"{r['row']:<50}{r['kept']:>6}{r['ms']:>9.2f}{r['flops'] / 1e9:>9.1f}{r['measured_speedup']:>10.2f}"
               f"{r['flop_speedup']:>10.2f}{r['fraction_of_flop_speedup']:>7.2f}{on_gpu}")
+    for r in rows:
+        if r.get("layer_norm_kernels"):
+            print(f"LayerNorm kernels, {r['row']}: " + ", ".join(f"{v:.2f}" for v in r["layer_norm_kernels"].values())
+                  + " ms a step")
     if time_share is not None:
         print(f"scaffold: {time_share:.1%} of the rho=0{variants[0][0]} step's time for {scaffold_share_flops:.1%} of "
               f"its FLOPs ({time_share / scaffold_share_flops:.2f}x its share)")

@@ -969,3 +969,24 @@ def test_implicit_conv_kernel_matches_the_conv_in_triton_interpreter(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     mine = [r for r in rows if r["form"].startswith("triton")]
     assert len(mine) == 3 and all("error" not in r and r["rel_err"] < 1e-5 for r in mine)  # fp32, zeros from TMA at the border
+
+
+def test_norm_kernels_profiles_the_model_rows_and_keeps_their_big_layer_norms(benchmarks, monkeypatch):
+    import step_profile
+    import step_speed
+
+    profiled = []
+    fake = {"triton_red_fused_add_native_layer_norm_7": 2.9, "triton_red_fused_native_layer_norm_2": 0.05,
+            "nvjet_sm90_gemm": 20.0}
+    monkeypatch.setattr(step_profile, "kernel_ms", lambda fn, reps: profiled.append(fn()) or (fake, []))
+    cases = [(name, lambda name=name: name, 1.0, 256, "plain") for name in (
+        "DiT-XL/2, bf16 weights", "DC-DiT-XL rho=0.2 filled", "DC-DiT-XL scaffold only", "DiT-XL/2 CUDA graphs")]
+    norms = step_speed.layer_norm_kernels(cases)
+    assert profiled == ["DiT-XL/2, bf16 weights", "DC-DiT-XL rho=0.2 filled"]  # the scaffold and graph rows are not steps
+    assert norms["DiT-XL/2, bf16 weights"] == {"triton_red_fused_add_native_layer_norm_7": 2.9}  # no GEMM, none under 0.1
+    report = _load("report")
+    row = {"row": "DiT-XL/2", "kept": 256, "ms": 31.9, "flops": 2.4e11, "measured_speedup": 1.0, "flop_speedup": 1.0,
+           "fraction_of_flop_speedup": 1.0, "layer_norm_kernels": {"k6": 1.69, "k7": 2.9}}
+    data = {"card": "H100", "torch": "2.11", "size": 256, "batch": 64, "compiled": True, "command": "c",
+            "rows": [row], "scaffold_time_share": None, "scaffold_flop_share": 0.11}
+    assert "| DiT-XL/2 | 1.69, 2.90 |" in report.step_table(data)
