@@ -12,7 +12,7 @@ without it (1), for the fused ``(B, L, 3, H, dh)`` projection the model hands to
 Triton proves a pointer 16-byte aligned only from integer arguments divisible by 16. A head starts at
 ``h * dh`` elements, and at ``dh = 72`` no argument says that is a multiple of 8. Without the hint every
 load is one bf16 wide (``ld.global.b16``); with it, loads are 16 bytes (``ld.global.v4.b32``). Session 13's
-candidate ran without the hint, which may be why it lost to cuDNN (docs/performance.md, session 18).
+candidate ran without the hint, which may be why it lost to cuDNN (docs/performance-log.md, session 18).
 
 Each row also counts the products, barriers, layout conversions and shared buffers of the kernel's code
 (``instructions``). ``--tokens 208`` shows what the tails candidate's one tile of 16 keys costs on top of

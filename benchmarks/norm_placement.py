@@ -5,7 +5,7 @@
 
 Session 23 found one kernel per DiT block, the second fused residual-add + LayerNorm + modulate, running
 1.4x slower in some fresh processes than in others, in DiT-XL/2 as in DC-DiT-XL, with the same source and
-launch config in each (``process_spread.py``; docs/performance.md, "Session 23"). This script asks whether
+launch config in each (``process_spread.py``; docs/performance-log.md, "Session 23"). This script asks whether
 placement decides it, within one process. It compiles one model of the serving configuration once, then
 runs ``--trials`` trials. Each trial empties the caching allocator and holds a spacer of a random number of
 2 MiB pages, so that the step's buffers are mapped afresh, at other addresses. Then it profiles the step

@@ -4,7 +4,7 @@
     python benchmarks/process_spread.py --tiny                                                          # CPU smoke run
 
 Session 21 found the same compiled GELU and LayerNorm kernels of the 256px rho-0.2 step costing up to 1.55x
-more in some processes than in others (docs/performance.md, "Session 21"), and guessed that the memory of
+more in some processes than in others (docs/performance-log.md, "Session 21"), and guessed that the memory of
 their large buffers was mapped in small pieces after compiling had fragmented the GPU's memory. This script
 tests that: for each ``--settings`` value of ``PYTORCH_CUDA_ALLOC_CONF`` (``default`` leaves it unset) it
 starts ``--processes`` fresh Python processes. Each compiles DiT-XL/2 and DC-DiT-XL at ``--rho`` in the

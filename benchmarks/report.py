@@ -1,4 +1,4 @@
-"""Tables and the step-time plot of docs/performance.md, from the JSON files in benchmarks/results/.
+"""Tables and the step-time plot of docs/performance.md (and its log), from the JSON files in benchmarks/results/.
 
     python benchmarks/report.py            # prints the markdown tables, writes docs/img/step_speed.png
 """

@@ -21,7 +21,7 @@ the clock of sessions 13-19, where the host's launch time shows through at these
 That kernel lost everywhere in session 13 (1.6-2.1x slower than cuDNN) with one-element loads at head
 dim 72. With its loads vectorised (``_head_start``; ``kernel_loads.py``) it beats cuDNN at 136-192 keys
 (0.057-0.062 against 0.079 ms on an H100) and loses at 128 and below and at 208 and above, so the
-library takes it in that window only (``chunkformer.short_attention.WINS``; docs/performance.md).
+library takes it in that window only (``chunkformer.short_attention.WINS``; docs/performance-log.md).
 
 ``--tails`` adds a variant of it (session 19): whole blocks of keys unmasked, then what they leave as one
 tile of 16 or 32 keys, and the query rows past the last whole block in a second launch with 16- or 32-row
@@ -35,7 +35,7 @@ runs one configuration per process for that reason).
 head, held as up to four power-of-two tiles (160 = 128 + 32, so no padded columns) with no running
 max, at each configuration in ``WHOLE_HEAD_CONFIGS``. At head dim 64 it beats cuDNN at 160 tokens; at
 72, before ``_head_start``, it faulted or ran 3-41x slower than cuDNN on the H200's Triton, depending on
-the layout of its products (docs/performance.md; ``whole_head_isolated.py`` runs each configuration in a
+the layout of its products (docs/performance-log.md; ``whole_head_isolated.py`` runs each configuration in a
 process of its own). Not in the package either.
 
 Both candidates are also ops that ``torch.compile`` traces into (``whole_head_attention``,

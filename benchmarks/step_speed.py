@@ -72,7 +72,7 @@ the DiT-XL/2 compiled the same way, so one process times an inductor setting aga
 the same card (with ``--rows``: twice the graphs of the rows it keeps).
 ``--norm-kernels`` profiles each DiT-XL/2 and fixed-rho DC-DiT row after the timing rounds and keeps its LayerNorm
 kernels' GPU ms (``layer_norm_kernels``): on an H100 the in-place one runs 1.4x slower in some processes, and this
-says which rows of the run drew that (docs/performance.md, "Session 24").
+says which rows of the run drew that (docs/performance-log.md, "Session 24").
 ``--unfused-gelu`` builds every row a second time with the MLP's GELU as its own op after fc1
 (``cf.set_fused_gelu(model, False)``, DiT-XL/2 and DC-DiT-XL alike; rows ending in ``[GELU unfused]``),
 so one process shows what the GEMM-epilogue GELU (the default when sampling on a GPU) does to each model.
@@ -216,7 +216,7 @@ def layer_norm_kernels(cases: list, reps: int = 3, min_ms: float = 0.1) -> dict[
     """``{row: {kernel: GPU ms a step}}`` of the LayerNorm kernels of ``min_ms`` or more in each DiT-XL/2 and
     fixed-rho DC-DiT-XL row of ``cases`` (``(name, fn, ...)`` with ``fn()`` one step), over ``reps`` profiled
     steps. On an H100 one of them, the in-place residual update, runs 1.4x slower in some processes
-    (docs/performance.md, "Session 24"): this says which rows drew that."""
+    (docs/performance-log.md, "Session 24"): this says which rows drew that."""
     from block_tokens import role  # noqa: PLC0415  (both import this module)
     from step_profile import kernel_ms  # noqa: PLC0415
 

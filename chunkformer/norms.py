@@ -15,7 +15,7 @@ pass over rows wider than inductor keeps in registers.
 
 Compiled, inductor reduces each ``(sample, group)`` of a GroupNorm over the grid, 9 contiguous channels (18
 bytes of bf16) at a time at DC-DiT-XL's width 288: the statistics pass runs at about 0.8 TB/s on an H100,
-half the speed of the normalising pass that follows it (docs/performance.md). :func:`channel_moments`
+half the speed of the normalising pass that follows it (docs/performance-log.md). :func:`channel_moments`
 reads the grid instead as rows of whole channel blocks, which a channels-last layout keeps contiguous,
 and sums every channel over the grid; :func:`group_stats` folds those sums into group means and
 variances (a few hundred numbers per sample), and :func:`scale_shift` normalises in one read and one write
@@ -39,7 +39,7 @@ them only without grad, so training keeps torch's norms. :class:`GroupNorm` take
 ``torch.compile`` (eager, the small ops between its kernels would run one by one) and for a channels-last
 input (the scaffold's encoder lays its input out so). In a compiled DC-DiT-XL step on an H100 the statistics
 and the RMSNorm took the 256px scaffold from 5.69 to 5.45 ms (session 15); the normalising pass, the
-encoder's layout and the router's norm took it 2.5% further (docs/performance.md).
+encoder's layout and the router's norm took it 2.5% further (docs/performance-log.md).
 """
 
 import math

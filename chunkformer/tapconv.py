@@ -36,7 +36,7 @@ else:
 __all__ = ["TAPS_FASTER", "PointwiseConv2d", "TapConv2d", "conv3x3_taps", "set_taps_narrowing", "tap_sum", "tap_weights"]
 
 # (cin, cout) where the taps form measured faster than cuDNN inside a compiled DC-DiT step (H200, bf16;
-# docs/performance.md): ResBlock turns it on for these only. DC-DiT-L's (1024, 256) was slower alone (0.52 vs
+# docs/performance-log.md): ResBlock turns it on for these only. DC-DiT-L's (1024, 256) was slower alone (0.52 vs
 # 0.45 ms), and no other shape has been timed.
 TAPS_FASTER: frozenset[tuple[int, int]] = frozenset({(1152, 288)})
 
@@ -131,7 +131,7 @@ class PointwiseConv2d(nn.Conv2d):
     A channels-last grid is already a ``(cells, channels)`` matrix, and cuBLAS runs DC-DiT-XL's 1x1 convs
     faster than cuDNN (``1152 -> 288``: 0.077 against 0.109 ms on an H100). As GEMMs, DC-DiT-XL's four (the
     ResBlock skips, the router's projection and head) took the compiled 256px scaffold from 5.32 to 5.13 ms
-    on an H100 (docs/performance.md). Same parameters and state dict as ``nn.Conv2d``; ``use_gemm = False`` keeps cuDNN.
+    on an H100 (docs/performance-log.md). Same parameters and state dict as ``nn.Conv2d``; ``use_gemm = False`` keeps cuDNN.
     """
 
     def __init__(self, in_channels: int, out_channels: int, **kwargs) -> None:

@@ -20,7 +20,7 @@ host sync; ``--fill``: exactly ``N``, attention without a mask); ``--compile`` c
 once (it needs those static shapes for a DC-DiT), ``--compile-option KEY=VALUE`` with an inductor
 setting. ``--bf16-routing`` (with ``--precision bf16``) runs the router and de-chunk under the bf16
 autocast too, instead of DC-DiT's fp32
-(:func:`chunkformer.set_fp32_router_dechunk`): the serving configuration of docs/performance.md.
+(:func:`chunkformer.set_fp32_router_dechunk`): the serving configuration of docs/performance-log.md.
 """
 
 import argparse
