@@ -212,6 +212,12 @@ def graph_ms(fn, reps: int, *args) -> float:
     return replay_ms(capture_graph(fn, reps, *args), reps)
 
 
+def model_row(name: str) -> bool:
+    """Whether a row is a DiT-XL/2 or fixed-rho DC-DiT-XL step: not the scaffold alone, not a ``--cudagraphs`` row
+    (a CUDA graph already)."""
+    return name.startswith(("DiT-XL/2", "DC-DiT-XL rho=")) and "CUDA graphs" not in name
+
+
 def layer_norm_kernels(cases: list, reps: int = 3, min_ms: float = 0.1) -> dict[str, dict[str, float]]:
     """``{row: {kernel: GPU ms a step}}`` of the LayerNorm kernels of ``min_ms`` or more in each DiT-XL/2 and
     fixed-rho DC-DiT-XL row of ``cases`` (``(name, fn, ...)`` with ``fn()`` one step), over ``reps`` profiled
@@ -222,7 +228,7 @@ def layer_norm_kernels(cases: list, reps: int = 3, min_ms: float = 0.1) -> dict[
 
     out = {}
     for name, fn, *_ in cases:
-        if name.startswith(("DiT-XL/2", "DC-DiT-XL rho=")) and "CUDA graphs" not in name:
+        if model_row(name):
             found = kernel_ms(fn, reps)[0]
             out[name] = {k: v for k, v in sorted(found.items()) if role(k) == "layer norm" and v >= min_ms}
     return out
@@ -543,8 +549,7 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             graphs = {}
             for name, fn, *_ in cases:
-                wanted = "scaffold only" in name or name.startswith(("DC-DiT-XL rho=", "DiT-XL/2"))
-                if wanted and "CUDA graphs" not in name:
+                if "scaffold only" in name or model_row(name):
                     try:
                         graphs[name] = capture_graph(fn, 4)
                     except Exception as e:  # noqa: BLE001 - a row that cannot be captured keeps its host clock only
