@@ -501,7 +501,7 @@ def launch_table(data: dict) -> str:
     return "\n".join(lines + _note(data))
 
 
-PLOTTED = ("step_speed_256_serving_s24_h100.json", "step_speed_512_serving_s24_h100.json")  # the figure's runs: one H100, session 24
+PLOTTED = ("step_speed_256_serving_s25_h100.json", "step_speed_512_serving_s25_h100.json")  # the figure's runs: one H100, session 25
 
 
 def main() -> None:
