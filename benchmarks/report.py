@@ -92,6 +92,58 @@ def step_table(data: dict) -> str:
     return "\n".join(lines + gpu_lines)
 
 
+def tie_budget(step: dict, attention: dict, blocks: int = 28) -> list[dict]:
+    """What each fixed-rho DC-DiT row of a ``step_speed.py`` run would read over DiT-XL/2 without its two known
+    excesses, on the GPU's clock (the host's where a row has none).
+
+    * attention: SDPA's time a call at the row's keys (``short_attention.py``'s ``sdpa + copy``, same batch) minus its
+      FLOP-scaled time (``ideal``), times ``blocks``. Left out (``None``) where the run's short-attention kernel takes
+      the row's length, or ``attention`` has no row for it.
+    * scaffold: the scaffold-only row's time minus its FLOP share of the step (``scaffold flops / step flops`` of the
+      step's time, the share point 2 of issue 7 measures against).
+
+    One dict per row: ``row``, ``kept``, ``dit_ms``, ``ms``, ``attention_ms`` and ``scaffold_ms`` (the excesses), and the
+    speed-ups ``measured``, ``attention_at_flops``, ``scaffold_at_flops``, ``both`` and ``predicted``."""
+    def clock(r):
+        return r.get("gpu_ms") or r["ms"]
+    rows = step["rows"]
+    dit = next(r for r in rows if r["row"].startswith("DiT-XL/2") and "CFG" not in r["row"])
+    scaffold = next((r for r in rows if "scaffold only" in r["row"]), None)
+    window = (step.get("short_attention") or {}).values()
+    calls = {(a["batch"], a["tokens"]): a for a in attention["rows"]}
+    out = []
+    for r in rows:
+        if not re.search(r"rho=[\d.]+ filled", r["row"]) or r.get("base") != dit.get("base"):
+            continue
+        ms, a = clock(r), calls.get((step["batch"], r["kept"]))
+        own_kernel = any(lo < r["kept"] <= hi for lo, hi in window)
+        att = None if a is None or own_kernel else blocks * (a["sdpa + copy"] - a["ideal"])
+        sc = None if scaffold is None else clock(scaffold) - ms * scaffold["flops"] / r["flops"]
+        speed = lambda saved: clock(dit) / (ms - saved)  # noqa: E731
+        out.append({"row": r["row"], "kept": r["kept"], "dit_ms": clock(dit), "ms": ms, "attention_ms": att,
+                    "scaffold_ms": sc, "measured": speed(0.0),
+                    "attention_at_flops": None if att is None else speed(att),
+                    "scaffold_at_flops": None if sc is None else speed(sc),
+                    "both": None if att is None or sc is None else speed(att + sc),
+                    "predicted": dit["flops"] / r["flops"]})
+    return out
+
+
+def tie_budget_table(step: dict, attention: dict, step_name: str, attention_name: str) -> str:
+    """:func:`tie_budget` as a markdown table: what the speed-ups over DiT-XL/2 are made of."""
+    lines = _table(f"{step['card']}, {step['size']}px, batch {step['batch']}: each fixed-rho row's speed-up over DiT-XL/2 "
+                   f"without attention's or the scaffold's excess over its FLOPs (`{step_name}`, attention from "
+                   f"`{attention_name}`)",
+                   ["row", "tokens", "ms", "attention over its FLOPs, ms", "scaffold over its FLOP share, ms",
+                    "speed-up", "attention at its FLOPs", "scaffold at its FLOP share", "both", "FLOP-predicted"])
+    num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for b in tie_budget(step, attention):
+        lines.append(f"| {b['row']} | {b['kept']} | {b['ms']:.2f} | {num(b['attention_ms'], '.2f')} | "
+                     f"{num(b['scaffold_ms'], '.2f')} | {b['measured']:.2f}x | {num(b['attention_at_flops'], '.2f')}x | "
+                     f"{num(b['scaffold_at_flops'], '.2f')}x | {num(b['both'], '.2f')}x | {b['predicted']:.2f}x |")
+    return "\n".join(lines).replace("| -x |", "| - |")
+
+
 def ops_table(data: dict) -> str:
     """benchmarks/scaffold_ops.py: each scaffold operation in its equivalent forms."""
     lines = _table(f"{data['card']}, torch {data['torch']}, batch {data['batch']}, {data['grid']}x{data['grid']} grid, "
@@ -530,6 +582,9 @@ def main() -> None:
     if syncs.is_file():
         before = RESULTS / "host_syncs_cpu_before.json"
         print(syncs_table(json.loads(syncs.read_text()), json.loads(before.read_text()) if before.is_file() else None))
+    attention = RESULTS / "short_attention_h100.json"  # SDPA a call at each budget's length (session 13's H100)
+    for path in (path for path in steps if path.name in PLOTTED and attention.is_file()):
+        print(tie_budget_table(steps[path], json.loads(attention.read_text()), path.name, attention.name), end="\n\n")
     current = [path for path in steps if path.name in PLOTTED]
     if current:
         plot(current, ROOT / "docs" / "img" / "step_speed.png")

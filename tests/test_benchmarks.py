@@ -990,3 +990,36 @@ def test_norm_kernels_profiles_the_model_rows_and_keeps_their_big_layer_norms(be
     data = {"card": "H100", "torch": "2.11", "size": 256, "batch": 64, "compiled": True, "command": "c",
             "rows": [row], "scaffold_time_share": None, "scaffold_flop_share": 0.11}
     assert "| DiT-XL/2 | 1.69, 2.90 |" in report.step_table(data)
+
+
+@given(dit=st.floats(20, 40), dc=st.floats(20, 40), attention_excess=st.floats(0, 0.01), scaffold_ms=st.floats(2, 6),
+       scaffold_excess=st.floats(0, 1.5))
+def test_tie_budget_gives_back_each_excess_it_is_handed(dit, dc, attention_excess, scaffold_ms, scaffold_excess):
+    """report.tie_budget: a row's speed-up without attention's excess over its FLOPs (28 calls of SDPA minus its
+    FLOP-scaled time) and without the scaffold's time above its FLOP share of the step, each taken off the row's
+    GPU time; rows whose length the short-attention kernel runs get no attention figure."""
+    report = _load("report")
+    flops = {"dit": 240.0, "rho=0.2": 220.0, "rho=0.4": 180.0}
+    share = (scaffold_ms - scaffold_excess) / dc  # the scaffold's FLOP share, chosen so its excess is scaffold_excess
+    row = lambda name, kept, ms, fl: {"row": name, "kept": kept, "ms": ms + 1.0, "gpu_ms": ms,  # noqa: E731
+                                      "flops": fl, "base": "plain"}
+    step = {"card": "test card", "size": 256, "batch": 64, "short_attention": {"72": [128, 192]}, "rows": [
+        row("DiT-XL/2, bf16 weights", 256, dit, flops["dit"]),
+        row("DiT-XL/2 CFG, bf16 weights", 256, 2 * dit, 2 * flops["dit"]),
+        row("DC-DiT-XL rho=0.2 filled", 208, dc, flops["rho=0.2"]),
+        row("DC-DiT-XL rho=0.4 filled", 160, dc, flops["rho=0.4"]),
+        row("DC-DiT-XL scaffold only", 256, scaffold_ms, share * flops["rho=0.2"])]}
+    attention = {"rows": [{"batch": 64, "tokens": 208, "sdpa + copy": 0.06 + attention_excess, "ideal": 0.06},
+                          {"batch": 64, "tokens": 160, "sdpa + copy": 0.08, "ideal": 0.035}]}
+    b02, b04 = report.tie_budget(step, attention)
+    assert (b02["kept"], b04["kept"]) == (208, 160)  # CFG and scaffold rows are not operating points
+    att, sc = 28 * attention_excess, scaffold_excess
+    assert b02["attention_ms"] == pytest.approx(att) and b02["scaffold_ms"] == pytest.approx(sc, abs=1e-9)
+    assert b02["measured"] == pytest.approx(dit / dc)
+    assert b02["attention_at_flops"] == pytest.approx(dit / (dc - att))
+    assert b02["scaffold_at_flops"] == pytest.approx(dit / (dc - sc))
+    assert b02["both"] == pytest.approx(dit / (dc - att - sc))
+    assert b02["predicted"] == pytest.approx(240 / 220)
+    assert b04["attention_ms"] is None and b04["attention_at_flops"] is None and b04["both"] is None  # its own kernel
+    table = report.tie_budget_table(step, attention, "step.json", "attention.json")
+    assert table.count("\n| DC-DiT-XL rho=") == 2 and "| - |" in table and "-x" not in table
