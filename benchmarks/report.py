@@ -582,10 +582,10 @@ def main() -> None:
     if syncs.is_file():
         before = RESULTS / "host_syncs_cpu_before.json"
         print(syncs_table(json.loads(syncs.read_text()), json.loads(before.read_text()) if before.is_file() else None))
-    attention = RESULTS / "short_attention_h100.json"  # SDPA a call at each budget's length (session 13's H100)
-    for path in (path for path in steps if path.name in PLOTTED and attention.is_file()):
-        print(tie_budget_table(steps[path], json.loads(attention.read_text()), path.name, attention.name), end="\n\n")
     current = [path for path in steps if path.name in PLOTTED]
+    attention = RESULTS / "short_attention_h100.json"  # SDPA a call at each budget's length (session 13's H100)
+    for path in current if attention.is_file() else []:
+        print(tie_budget_table(steps[path], json.loads(attention.read_text()), path.name, attention.name), end="\n\n")
     if current:
         plot(current, ROOT / "docs" / "img" / "step_speed.png")
         print(f"\nwrote {ROOT / 'docs' / 'img' / 'step_speed.png'}", file=sys.stderr)
