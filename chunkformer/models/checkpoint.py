@@ -133,9 +133,8 @@ def load_torch_file(path: str | Path, what: str = "checkpoint"):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()
-        reason = next((line for line in first if "Unsupported" in line or "global" in line.lower()), first[0] if first
-                      else "")
-        if "global" not in reason.lower() and "unsupported" not in reason.lower():
+        reason = next((line for line in first if "global" in line.lower()), first[0] if first else "")
+        if "global" not in reason.lower():  # not a refused import: a damaged or foreign file
             raise CorruptCheckpointError(f"{path}: not a readable torch.save {what} ({reason}). The file is damaged "
                                          "or not a checkpoint; copy it again or use another.") from None
         raise UnsafeCheckpointError(
