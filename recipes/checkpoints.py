@@ -116,7 +116,13 @@ def _decode(obj, files: dict):
 
 # ---------------------------------------------------------------------------- writing
 def _remove(path: Path) -> None:
+    """Delete a checkpoint all at once: renamed to a dot-name first (atomic), so a process killed mid-delete
+    leaves no half-deleted ``step-*`` folder behind, only a dot-folder the next save removes."""
     if path.is_dir() and not path.is_symlink():
+        if not path.name.startswith("."):
+            doomed = path.with_name(f".{path.name}.deleting")
+            os.replace(path, doomed)
+            path = doomed
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)

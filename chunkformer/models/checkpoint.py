@@ -132,8 +132,10 @@ def load_torch_file(path: str | Path, what: str = "checkpoint"):
         with torch.serialization.safe_globals(_numpy_array_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()
-        reason = next((line for line in first if "global" in line.lower()), first[0] if first else "")
+        lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+        detail = [x for x in lines if not x.startswith(("Weights only load failed", "Please file an issue",
+                                                         "Check the documentation"))]
+        reason = next((x for x in detail if "global" in x.lower()), detail[0] if detail else "unreadable pickle")
         if "global" not in reason.lower():  # not a refused import: a damaged or foreign file
             raise CorruptCheckpointError(f"{path}: not a readable torch.save {what} ({reason}). The file is damaged "
                                          "or not a checkpoint; copy it again or use another.") from None
