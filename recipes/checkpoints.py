@@ -33,6 +33,7 @@ from chunkformer.models.checkpoint import (
     MANIFEST_NAME,
     CorruptCheckpointError,
     UnsafeCheckpointError,
+    _chmod_like_umask,
     _fsync_dir,
     _fsync_file,
     _unshared,
@@ -150,6 +151,7 @@ def save_checkpoint(state: dict, folder: str | Path, step: int, *, keep: int = 2
         if not re.fullmatch(r"[A-Za-z0-9_]+", top):
             raise ValueError(f"checkpoint entry {top!r}: use letters, digits and '_' (it names a file)")
         save_file(_unshared(group), str(tmp / f"{top}.safetensors"))
+        _chmod_like_umask(tmp / f"{top}.safetensors")
         _fsync_file(tmp / f"{top}.safetensors")
         names.append(f"{top}.safetensors")
     with open(tmp / STATE_NAME, "w") as f:
@@ -216,9 +218,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             meta = json.loads((path / STATE_NAME).read_text())
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}")
-            files = {}
-            for name in sorted(p.name for p in path.glob("*.safetensors")):
-                files[name[: -len(".safetensors")]] = load_safetensors_file(path / name)
+            listed = json.loads((path / MANIFEST_NAME).read_text())["files"]
+            files = {name[: -len(".safetensors")]: load_safetensors_file(path / name, verify=False)
+                     for name in sorted(listed) if name.endswith(".safetensors")}
             state = _decode(meta["state"], files)
         except (ValueError, KeyError, TypeError) as err:
             raise CorruptCheckpointError(f"{path}: cannot read the checkpoint ({err}); use an earlier one") from None

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 -m recipes.train --recipe DC-DiT-XL data.path=/data/in256-latents
     python -m recipes.train --recipe tiny-cpu train.resume=auto  # continue the latest run
 
-Phases: setup -> run folder -> model + EMA -> optimiser -> data -> resume -> loop -> final
+Phases: setup -> model + EMA -> run folder check -> optimiser -> data -> resume -> run folder -> loop -> final
 samples, figures and metrics. A run folder ``results/<run>/`` holds ``log.txt``,
 ``metrics.jsonl``, ``config.json``, ``checkpoints/step-NNNNNNN/`` (safetensors + JSON, see
 :mod:`recipes.checkpoints`), ``samples/`` and ``figures/``. A run folder holds one configuration (the

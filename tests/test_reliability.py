@@ -113,6 +113,7 @@ def test_every_model_loader_refuses_a_malicious_pickle_without_running_it(tmp_pa
     for name, load in loaders.items():
         with pytest.raises(UnsafeCheckpointError) as err:
             load()
+        assert not marker.exists(), f"{name} ran the payload"
         assert_refused(err.value, evil, marker)
     # a folder whose only weights are the pickle: interop picks the .pt and refuses it
     only = tmp_path / "only-pt"
@@ -314,7 +315,9 @@ def test_resuming_an_older_step_moves_later_checkpoints_aside_and_metrics_keep_o
     steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     final = tmp_path / "r" / "final"
-    assert (final / "model.safetensors").stat().st_mode == (final / "config.json").stat().st_mode
+    mode = (final / "config.json").stat().st_mode
+    assert (final / "model.safetensors").stat().st_mode == mode
+    assert all(p.stat().st_mode == mode for p in (ckpts / "step-0000006").iterdir())
 
 
 # ---------------------------------------------------------------------------- one configuration per run folder

@@ -153,16 +153,17 @@ def load_torch_file(path: str | Path, what: str = "checkpoint"):
                                      "damaged or not a checkpoint; copy it again or use another.") from None
 
 
-def load_safetensors_file(path: str | Path) -> dict:
-    """``safetensors.torch.load_file`` after checking ``path`` against the manifest beside it (when one lists it);
-    a file that does not parse raises :class:`CorruptCheckpointError`."""
+def load_safetensors_file(path: str | Path, *, verify: bool = True) -> dict:
+    """``safetensors.torch.load_file`` after checking ``path`` against the manifest beside it (when one lists it;
+    ``verify=False`` when the caller has); a file that does not parse raises :class:`CorruptCheckpointError`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    verify_manifest(path.parent, [path.name])
+    if verify:
+        verify_manifest(path.parent, [path.name])
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
