@@ -407,13 +407,14 @@ def test_kill_9_at_random_moments_leaves_loadable_checkpoints_and_an_exact_resum
                             stderr=subprocess.DEVNULL)
     pattern = {"tmp": f".step-{nth:07d}.tmp", "checkpoint": f"step-{nth:07d}",
                "deleting": f".step-{nth - 2:07d}.deleting"}[at]  # keep_checkpoints=2: step n prunes step n-2
+    landed = ckpts / f"step-{nth:07d}"  # if the poll misses the brief moment, kill right after it
     deadline = time.time() + 120
-    while proc.poll() is None and not (ckpts / pattern).exists() and time.time() < deadline:
+    while proc.poll() is None and not (ckpts / pattern).exists() and not landed.exists() and time.time() < deadline:
         time.sleep(0.002)
     time.sleep(delay)
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
     for path in list_checkpoints(ckpts):  # every surviving checkpoint loads and verifies
         assert load_checkpoint(path)["step"] == int(path.name[5:12])
     train_in_process(root, *KILL_ARGS, "train.run_name=victim", "train.resume=auto")
