@@ -257,6 +257,7 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
                          f"{step} followed one ending at {old_steps}: this run will not repeat a straight "
                          f"{cfg.train.steps}-step run. To split a run exactly, keep train.steps and stop early with "
                          "train.stop_at.")
+    barrier(d)  # every rank has read its checkpoint before rank 0 moves any aside
     log_file = None
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
