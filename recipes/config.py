@@ -34,6 +34,11 @@ __all__ = [
     "to_dict",
     "from_dict",
     "to_yaml",
+    "RUN_CONTROL",
+    "identity",
+    "config_differences",
+    "config_hash",
+    "default_run_name",
 ]
 
 
@@ -117,6 +122,9 @@ class TrainConfig:
     # EMA snapshots saved (loadable with create_model) once training passes each mark: "2.5min", "1500steps"
     # or "9000tflops" (counts FLOPs); in <run>/snapshots/<mark>/ with snapshots.jsonl (step, minutes, TFLOPs)
     snapshots: tuple = ()
+    # stop after this step with a checkpoint (0 = run to train.steps); the schedules still span train.steps,
+    # so a run split at stop_at and resumed repeats a straight one bit for bit
+    stop_at: int = 0
 
 
 @dataclass
@@ -301,3 +309,61 @@ def to_yaml(cfg: Recipe) -> str:
 
     emit(to_dict(cfg), 0)
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- run identity
+# Settings that steer a run without changing what its steps compute: a run may be resumed with other
+# values (e.g. more train.steps, another data.path mount). Everything else is the run's configuration:
+# a run folder holds one, and a checkpoint resumes only into the same one.
+RUN_CONTROL = {
+    "train": {"steps", "stop_at", "resume", "results_dir", "run_name", "log_every", "ckpt_every", "sample_every",
+              "keep_checkpoints", "num_sample_images", "max_minutes", "max_tflops", "count_flops", "snapshots",
+              "compile", "parallel"},
+    "data": {"path", "workers"},
+}
+
+
+def identity(cfg: "Recipe | dict") -> dict:
+    """The recipe without :data:`RUN_CONTROL` settings, as plain JSON (a dict from an older config gets the
+    current defaults for fields it lacks)."""
+    if isinstance(cfg, dict):
+        cfg = from_dict(cfg)
+    out = json.loads(json.dumps(to_dict(cfg)))
+    for section, keys in RUN_CONTROL.items():
+        for key in keys:
+            out[section].pop(key, None)
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: "Recipe | dict", new: "Recipe | dict") -> list[str]:
+    """``["model.overrides.depth: 4 -> 2", ...]``: where two recipes' :func:`identity` differ."""
+    a, b = _flat(identity(old)), _flat(identity(new))
+    return [f"{k}: {json.dumps(a.get(k, '(unset)'))} -> {json.dumps(b.get(k, '(unset)'))}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "(unset)") != b.get(k, "(unset)")]
+
+
+def config_hash(cfg: "Recipe | dict") -> str:
+    """Eight hex digits of the sha256 of :func:`identity`."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def default_run_name(cfg: Recipe) -> str:
+    """``<preset>-<model>`` for a preset as it stands; ``<preset>-<model>-<config_hash>`` once overrides change
+    what it computes (so another configuration never lands in the preset's folder)."""
+    base = f"{cfg.name}-{cfg.model.name.replace('/', '_')}"
+    preset = PRESETS.get(cfg.name)
+    if preset is not None and identity(preset) == identity(cfg):
+        return base
+    return f"{base}-{config_hash(cfg)}"

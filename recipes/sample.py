@@ -1,7 +1,7 @@
 """Sample from a trained model: a PNG grid, and for evaluation an .npz of uint8 samples + a JSON of every setting.
 
     python -m recipes.sample --ckpt results/tiny-cpu-DC-DiT-S --num-samples 64
-    python -m recipes.sample --ckpt results/run/checkpoints/step-0005000.pt --num-samples 5000 \\
+    python -m recipes.sample --ckpt results/run/checkpoints/step-0005000 --num-samples 5000 \\
         --sampler ddim --steps 50 --guidance 1.5 --uncond-rho 0.9 --rho 0.2 --out samples/run-rho0.2
     torchrun --nproc_per_node 8 -m recipes.sample --ckpt ... --num-samples 50000   # each rank a share, merged on rank 0
     python -m recipes.sample --ckpt ... --precision bf16 --capacity 256 --fill --compile      # fast sampling on a GPU
@@ -35,8 +35,8 @@ import torch
 import chunkformer as cf
 from chunkformer.diffusion import create_diffusion
 from chunkformer.viz import save_image_grid
-from recipes.checkpoints import latest_checkpoint, load_checkpoint
-from recipes.config import from_dict
+from recipes.checkpoints import is_checkpoint, latest_checkpoint, load_checkpoint
+from recipes.config import config_differences, from_dict
 from recipes.data import to_display
 from recipes.parallel import barrier, init_distributed
 from recipes.sampling import check_compilable, generate, parse_compile_options
@@ -46,19 +46,34 @@ __all__ = ["main", "load_for_sampling", "set_serving_plan", "to_uint8"]
 
 
 def load_for_sampling(ckpt: str, *, ema: bool = True, device="cpu"):
-    """``(model, diffusion, recipe_or_None, resolved_path)`` from a run folder, checkpoint or pretrained dir."""
+    """``(model, diffusion, recipe_or_None, resolved_path)`` from a run folder, checkpoint or pretrained dir.
+
+    A run folder gives its newest checkpoint that verifies, which must have been written by the configuration
+    in the folder's ``config.json``: a folder whose checkpoints are of another configuration is refused.
+    """
     path = Path(ckpt)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+    if not path.exists():
+        raise FileNotFoundError(f"--ckpt {path} does not exist: pass a run folder, a checkpoints/step-NNNNNNN "
+                                "folder (or legacy .pt) or a save_pretrained folder")
+    if not is_checkpoint(path) and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         model = cf.create_model(str(path)).to(device).eval()
         learn_sigma = model.out_channels != model.in_channels
         return model, create_diffusion("ddpm", learn_sigma=learn_sigma), None, path
-    if path.is_dir():
-        found = latest_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint under {path}")
-        path, state = found
-    else:
+    if is_checkpoint(path):
         state = load_checkpoint(path)
+    else:
+        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = latest_checkpoint(ckpt_dir)
+        if found is None:
+            raise FileNotFoundError(f"no loadable checkpoint under {ckpt_dir}")
+        path, state = found
+        run_config = ckpt_dir.parent / "config.json" if ckpt_dir.name == "checkpoints" else ckpt_dir / "config.json"
+        if run_config.is_file():
+            diff = config_differences(json.loads(run_config.read_text()), state["config"])
+            if diff:
+                raise ValueError(f"{path} was written by another configuration than {run_config} "
+                                 f"({'; '.join(diff)}): this run folder mixes runs. Pass the checkpoint you mean "
+                                 "with --ckpt (a checkpoints/step-NNNNNNN folder), or the run's final/ folder.")
     cfg = from_dict(state["config"])
     model = build_model(cfg, None, None, torch.device(device))
     model.load_state_dict(state["ema" if ema else "model"])
@@ -155,7 +170,7 @@ def main(argv=None) -> dict:
     barrier(d)
     if not d.is_main:
         return {}
-    parts = [torch.load(stem.with_name(stem.name + f".rank{r}.pt")) for r in range(d.world)]
+    parts = [torch.load(stem.with_name(stem.name + f".rank{r}.pt"), weights_only=True) for r in range(d.world)]
     order = torch.cat([q["index"] for q in parts]).argsort()
     samples = torch.cat([q["samples"] for q in parts])[order]
     samples = to_display(samples, cfg.data.pixel_unshuffle if cfg else 1)  # undo space-to-depth

@@ -6,9 +6,12 @@
     torchrun --nproc_per_node 8 -m recipes.train --recipe DC-DiT-XL data.path=/data/in256-latents
     python -m recipes.train --recipe tiny-cpu train.resume=auto  # continue the latest run
 
-Phases: setup -> run folder -> model + EMA -> optimiser -> data -> resume -> loop -> final
+Phases: setup -> model + EMA -> run folder check -> optimiser -> data -> resume -> run folder -> loop -> final
 samples, figures and metrics. A run folder ``results/<run>/`` holds ``log.txt``,
-``metrics.jsonl``, ``config.json``, ``checkpoints/step-*.pt``, ``samples/`` and ``figures/``.
+``metrics.jsonl``, ``config.json``, ``checkpoints/step-NNNNNNN/`` (safetensors + JSON, see
+:mod:`recipes.checkpoints`), ``samples/`` and ``figures/``. A run folder holds one configuration (the
+recipe less :data:`recipes.config.RUN_CONTROL`): the default name gets a hash of it once overrides change
+it, a named folder of another configuration is refused, and nothing is written before a resumed state loads.
 Randomness of step ``s`` (timesteps, noise, label dropout, the multi-budget ``rho``) is drawn
 for the whole global batch from a generator seeded by ``(seed, s)``; each rank takes its slice.
 So a resumed run repeats an uninterrupted one bit for bit, and N processes make the same
@@ -30,8 +33,24 @@ import torch
 
 import chunkformer as cf
 from chunkformer.diffusion import create_diffusion
-from recipes.checkpoints import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from recipes.config import PRESETS, Recipe, apply_overrides, get_recipe, to_dict, to_yaml
+from recipes.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_aside_after,
+    set_rng_state,
+)
+from recipes.config import (
+    PRESETS,
+    Recipe,
+    apply_overrides,
+    config_differences,
+    default_run_name,
+    get_recipe,
+    to_dict,
+    to_yaml,
+)
 from recipes.data import StepBatches, build_source
 from recipes.parallel import (
     Dist,
@@ -130,6 +149,7 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
     """
     # 1. setup ---------------------------------------------------------------------
     snapshots = parse_snapshots(cfg.train.snapshots)  # bad marks fail before any work
+    run_name = cfg.train.run_name or default_run_name(cfg)  # before build_model fills in the data's shapes
     d = init_distributed()
     device = d.device
     torch.manual_seed(cfg.train.seed)
@@ -175,17 +195,10 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
         teacher = DistillationTeacher(_pretrained(cfg)).to(device)
     ddp_model = parallelize(model, d, parallel=cfg.train.parallel, compile=cfg.train.compile)
 
-    # 3. run folder ------------------------------------------------------------------------
-    run_name = cfg.train.run_name or f"{cfg.name}-{cfg.model.name.replace('/', '_')}"
+    # 3. run folder: where, and whether it holds this configuration (nothing is written before the resume loads)
     run_dir = Path(cfg.train.results_dir) / run_name
     ckpt_dir = run_dir / "checkpoints"
-    log_file = None
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        log_file = open(run_dir / "log.txt", "a")
-    _log(d, log_file, f"run folder {run_dir} | {cfg.model.name} {n_params / 1e6:.2f}M params | "
-                      f"world {d.world} on {device} | data {cfg.data.dataset} ({len(source)} samples)")
+    check_run_folder(run_dir, cfg)
 
     # 4. optimiser ------------------------------------------------------------------------------
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}  # one kernel per step on a GPU
@@ -212,24 +225,54 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
     # 5. data -------------------------------------------------------------------------------------
     batches = StepBatches(len(source), cfg.train.global_batch, cfg.train.seed, d.rank, d.world)
 
-    # 6. resume -------------------------------------------------------------------------------------
+    # 6. resume: load and check everything before the run folder is touched ------------------------------
     step = 0
     resume = cfg.train.resume
     found = None
+    notes: list[str] = []  # logged once the run folder exists
     if resume == "auto":
-        found = latest_checkpoint(ckpt_dir)
+        found = latest_checkpoint(ckpt_dir, log=notes.append)
+        if found is None:
+            notes.append(f"train.resume=auto: no loadable checkpoint in {ckpt_dir}; starting at step 0")
     elif resume:
         found = (Path(resume), load_checkpoint(resume))
     train_flops = 0.0  # training FLOPs so far, all ranks: 3x each forward's (backward ~ 2x forward)
     if found is not None:
         path, state = found
+        diff = config_differences(state["config"], cfg)
+        if diff:
+            raise ValueError(f"checkpoint {path} was written by another configuration ({'; '.join(diff)}); nothing "
+                             "was written. Resume it with the settings it was trained with (the 'config' in its "
+                             "state.json), or train this configuration from scratch without train.resume.")
         load_training_state(model, opt, state["model"], state["opt"])
         ema.load_state_dict(state["ema"])
         sched.load_state_dict(state["sched"])
         set_rng_state(state["rng"])
         step = int(state["step"])
         train_flops = float(state.get("train_flops", 0.0))
-        _log(d, log_file, f"resumed from {path} at step {step}")
+        notes.append(f"resumed from {path} at step {step}")
+        old_steps = state["config"].get("train", {}).get("steps", cfg.train.steps)
+        if old_steps != cfg.train.steps and cfg.optim.schedule == "cosine":
+            notes.append(f"warning: the cosine schedule now ends at train.steps={cfg.train.steps}, but steps up to "
+                         f"{step} followed one ending at {old_steps}: this run will not repeat a straight "
+                         f"{cfg.train.steps}-step run. To split a run exactly, keep train.steps and stop early with "
+                         "train.stop_at.")
+    barrier(d)  # every rank has read its checkpoint before rank 0 moves any aside
+    log_file = None
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        log_file = open(run_dir / "log.txt", "a")
+    _log(d, log_file, f"run folder {run_dir} | {cfg.model.name} {n_params / 1e6:.2f}M params | "
+                      f"world {d.world} on {device} | data {cfg.data.dataset} ({len(source)} samples)")
+    for note in notes:
+        _log(d, log_file, note)
+    if d.is_main:
+        moved = set_aside_after(ckpt_dir, step)  # later checkpoints are another branch: out of pruning's way
+        if moved is not None:
+            _log(d, log_file, f"this run continues from step {step}: the {len(moved[1])} later checkpoint(s) "
+                              f"({', '.join(p.name for p in moved[1])}) moved to {moved[0]}")
+        trim_metrics(run_dir / "metrics.jsonl", step)
     count = cfg.train.count_flops or cfg.train.max_tflops > 0 or any(q == "tflops" for _, q, _ in snapshots)
     if count and cfg.train.compile:
         raise ValueError("train.max_tflops / train.count_flops count FLOPs with module hooks, which would recompile a "
@@ -318,6 +361,8 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
             compile_seconds = time.time() - t0                # the budget's clock starts after it
             t0 = time.time()
         stop = _budget_spent(cfg, time.time() - t0, train_flops, d, device)
+        stop_at = step == cfg.train.stop_at < cfg.train.steps  # only when reached, not when resumed past
+        stop = stop or stop_at
 
         # bookkeeping (host syncs only here, every log_every steps)
         for k, v in (("loss", losses["loss"].mean()), ("mse", losses["mse"].mean()),
@@ -365,7 +410,8 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stop:
             checkpoint()
         if stop:
-            _log(d, log_file, f"training budget spent at step {step} ({(time.time() - t0) / 60:.2f} min"
+            why = "train.stop_at reached" if stop_at else "training budget spent"
+            _log(d, log_file, f"{why} at step {step} ({(time.time() - t0) / 60:.2f} min"
                               + (f", {train_flops / 1e12:.3f} TFLOPs" if count else "") + "); stopping")
             break
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < cfg.train.steps and d.is_main:
@@ -398,6 +444,40 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
     if log_file is not None:
         log_file.close()
     return metrics
+
+
+def check_run_folder(run_dir: Path, cfg: Recipe) -> None:
+    """Refuse a run folder whose ``config.json`` is another configuration (see :func:`recipes.config.identity`)."""
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        return
+    try:
+        diff = config_differences(json.loads(saved.read_text()), cfg)
+    except (ValueError, TypeError, KeyError) as err:
+        diff = [f"its config.json cannot be read ({err})"]
+    if diff:
+        raise ValueError(f"{run_dir} holds a run of another configuration ({'; '.join(diff)}); nothing was written. "
+                         f"To continue that run, repeat its settings ({saved}) with train.resume=auto. To run this "
+                         "configuration, leave train.run_name unset (each configuration gets its own folder), name "
+                         "a new one, or delete the folder.")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the ``metrics.jsonl`` lines of steps after ``step`` (they are about to be run again)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a kill
+    if len(keep) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
 
 
 def save_weights(model: torch.nn.Module, directory: Path) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.checkpoints import latest_checkpoint, list_checkpoints, save_checkpoint
+from recipes.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from recipes.config import apply_overrides, from_dict, get_recipe, to_dict, to_yaml
 from recipes.data import StepBatches
 
@@ -85,34 +85,48 @@ def test_step_batches_are_a_function_of_the_step_and_split_across_ranks():
 
 def test_atomic_checkpoint_survives_a_killed_write(tmp_path):
     save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path, 1)
-    # a write killed half-way leaves only a temporary file behind ...
-    (tmp_path / ".step-0000002.pt.tmp").write_bytes(b"\x80\x02partial")
+    # a write killed half-way leaves only a temporary folder behind ...
+    (tmp_path / ".step-0000002.tmp").mkdir()
+    (tmp_path / ".step-0000002.tmp" / "w.safetensors").write_bytes(b"partial")
     # ... and a corrupt final file (e.g. a disk error) is skipped, falling back to the previous one
     (tmp_path / "step-0000003.pt").write_bytes(b"garbage")
     path, state = latest_checkpoint(tmp_path)
-    assert path.name == "step-0000001.pt" and state["step"] == 1
+    assert path.name == "step-0000001" and state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
     save_checkpoint({"step": 4}, tmp_path, 4, keep=2)
     save_checkpoint({"step": 5}, tmp_path, 5, keep=2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000004.pt", "step-0000005.pt"]
+    assert not (tmp_path / ".step-0000002.tmp").exists()  # the next save cleans up
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000004", "step-0000005"]
 
 
-def test_killing_the_writer_process_mid_save_keeps_the_previous_checkpoint(tmp_path):
+@pytest.mark.parametrize("die_in", ["save_file", "rmtree"])
+def test_killing_the_writer_process_mid_save_keeps_the_previous_checkpoint(tmp_path, die_in):
     code = f"""
-import os, signal, torch
+import os, shutil, signal, torch
+import safetensors.torch
 from recipes.checkpoints import save_checkpoint
 save_checkpoint({{"step": 1, "w": torch.ones(4)}}, {str(tmp_path)!r}, 1)
-real_save = torch.save
-def dying_save(obj, f, *a, **k):
-    f.write(b"half a checkpoint")
-    f.flush()
+save_checkpoint({{"step": 2, "w": torch.full((4,), 2.0)}}, {str(tmp_path)!r}, 2)
+def die_writing(state, filename, *a, **k):
+    open(filename, "wb").write(b"half a checkpoint")
     os.kill(os.getpid(), signal.SIGKILL)
-torch.save = dying_save
-save_checkpoint({{"step": 2, "w": torch.zeros(4)}}, {str(tmp_path)!r}, 2)
+def die_deleting(path, *a, **k):  # delete one file of the pruned checkpoint, then die
+    os.remove(next(p for p in os.scandir(path) if p.name.endswith(".safetensors")).path)
+    os.kill(os.getpid(), signal.SIGKILL)
+if {die_in!r} == "rmtree":
+    shutil.rmtree = die_deleting
+else:
+    safetensors.torch.save_file = die_writing
+save_checkpoint({{"step": 3, "w": torch.zeros(4)}}, {str(tmp_path)!r}, 3, keep=2)
 """
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=120)
-    assert res.returncode != 0  # killed
+    assert res.returncode != 0, res.stderr  # killed
+    for path in list_checkpoints(tmp_path):  # no half-written or half-deleted checkpoint is left visible
+        assert load_checkpoint(path)["step"] == int(path.name[5:])
     path, state = latest_checkpoint(tmp_path)
-    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(4))
+    if die_in == "rmtree":  # killed while pruning step 1: step 3 had landed
+        assert state["step"] == 3 and torch.equal(state["w"], torch.zeros(4))
+    else:
+        assert state["step"] == 2 and torch.equal(state["w"], torch.full((4,), 2.0))
 
 
 @needs_digits
@@ -129,7 +143,7 @@ def test_resume_continues_bit_identically(tmp_path):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), (key, name)
     log = (tmp_path / "resumed" / "log.txt").read_text()
-    assert "resumed from" in log and "step-0000002.pt" in log
+    assert "resumed from" in log and "step-0000002" in log
 
 
 @needs_digits

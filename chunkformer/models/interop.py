@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..grid import sincos_table
+from .checkpoint import load_safetensors_file, load_torch_file
 from .dcdit import DCDiT
 from .dit import DiT
 
@@ -55,11 +56,9 @@ def load_state_dict(source) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist (interop loads local files only)")
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_safetensors_file(path)  # checked against a manifest.json beside it, when there is one
+        else:  # weights_only=True: a pickle that asks to import or run code is refused, never executed
+            state = load_torch_file(path, "state dict")
     for key in ("ema", "model", "state_dict"):  # training checkpoints
         if key in state and isinstance(state[key], dict):
             state = state[key]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_weights
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_weights, verify_manifest
 from .dcdit import DCDiT
 from .dit import DiT
 
@@ -50,6 +50,7 @@ def create_model(name: str, *, pretrained: str | Path | None = None, device=None
     """
     path = Path(name)
     if (path / CONFIG_NAME).is_file():
+        verify_manifest(path, [CONFIG_NAME])  # the weights are checked as they load
         config = json.loads((path / CONFIG_NAME).read_text())
         cls = MODEL_CLASSES[config.pop("class")]
         config.update(overrides)
