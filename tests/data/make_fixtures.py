@@ -28,6 +28,11 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         for p in model.parameters():
             if p.is_floating_point():
                 p.add_(torch.randn(p.shape, generator=g) * (0.05 if p.ndim > 1 else 0.02))
+        for m in model.modules():  # the router's head: logits around 0, so about half the tokens are kept
+            if type(m).__name__ == "Router" and m.kind == "predictability":
+                head = m.scorer[-1]
+                head.weight.mul_(20)
+                head.bias.zero_()
     return model.eval()
 
 
