@@ -46,8 +46,9 @@ def dcdit() -> torch.nn.Module:
 
 
 def wrapped(layout: str) -> torch.nn.Module:
-    import chunkformer as cf
     from backbones import OriginalLayoutDiT, tiny_diffusers_dit
+
+    import chunkformer as cf
 
     torch.manual_seed(0)
     backbone = tiny_diffusers_dit(0) if layout == "diffusers" else OriginalLayoutDiT()
