@@ -1,6 +1,6 @@
 """A Triton attention forward for short unmasked sequences, where SDPA's default kernel pads.
 
-On Hopper, SDPA's default choice (cuDNN's flash kernel) pads the keys to a multiple of 128 and a head
+On recent GPUs SDPA's default choice (cuDNN's flash kernel) pads the keys to a multiple of 128 and a head
 dim of 72 to 128, so just past 128 keys it costs what it costs at 256; DC-DiT-XL at rho 0.4 attends over
 160 kept tokens in each block. This kernel runs key blocks of 64 with a running max (flash attention's
 forward), the head dim split as 64 + 16 lanes (8 masked at 72) so nothing is padded to 128, one program

@@ -25,7 +25,7 @@ from ._triton import launcher, strided_custom_op, tl, triton
 
 __all__ = ["TAPS_FASTER", "PointwiseConv2d", "TapConv2d", "conv3x3_taps", "tap_sum", "tap_weights"]
 
-# (cin, cout) where the taps form measured faster than cuDNN inside a compiled DC-DiT step (docs/performance.md):
+# (cin, cout) where the taps form beat cuDNN inside a compiled DC-DiT step (docs/performance.md):
 # apply() turns it on for these only (DC-DiT-XL's narrowing conv).
 TAPS_FASTER: frozenset[tuple[int, int]] = frozenset({(1152, 288)})
 
@@ -84,8 +84,7 @@ def conv3x3_taps(
             f"x must be (batch, {weight.shape[1]}, h, w) for these weights, got {tuple(x.shape)}"
         )
     # cells as rows, channels contiguous: free for a channels-last x, and under torch.compile it makes the
-    # producer write that layout (left to itself, inductor wrote NCHW and cuBLAS ran the transposed
-    # GEMM 3x slower)
+    # producer write that layout (left to itself, inductor wrote NCHW and cuBLAS ran the transposed GEMM)
     rows = rearrange(x, "b c h w -> b h w c").contiguous()  # (B, H, W, cin)
     taps = F.linear(rows, tap_weights(weight))  # (B, H, W, 9 * cout)
     return tap_sum(rearrange(taps, "b h w (k c) -> b h w k c", k=9), bias)  # (B, cout, H, W), channels-last
@@ -126,7 +125,7 @@ class PointwiseConv2d(nn.Conv2d):
     """A 1x1 ``nn.Conv2d`` that runs as one GEMM over the cells of a channels-last grid when sampling on a GPU
     in bf16/fp16 (CUDA, no grad, a half-precision input or autocast, channels-last ``x``), as cuDNN otherwise.
 
-    A channels-last grid is already a ``(cells, channels)`` matrix, and cuBLAS runs these shapes faster than
+    A channels-last grid is already a ``(cells, channels)`` matrix, and cuBLAS runs these shapes ahead of
     cuDNN's 1x1 kernels (docs/performance.md). Made from an ``nn.Conv2d`` by :func:`chunkformer.kernels.apply`
     (a class swap: same parameters and state dict); ``use_kernel = False`` keeps cuDNN.
     """
