@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 
 import chunkformer as cf
 from chunkformer import kernels
-from chunkformer.kernels.tapconv import PointwiseConv2d, TapConv2d, conv3x3_taps, tap_sum, tap_sum_reference, tap_weights
+from chunkformer.kernels.tapconv import (
+    PointwiseConv2d,
+    TapConv2d,
+    conv3x3_taps,
+    tap_sum,
+    tap_sum_reference,
+    tap_weights,
+)
 from chunkformer.scaffold import ResBlock
 
 ROOT = Path(__file__).resolve().parents[1]
