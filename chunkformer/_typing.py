@@ -69,7 +69,7 @@ def value_checks(enabled: bool) -> Iterator[None]:
     """Turn the checks that read tensor values (NaN probabilities, per-sample ``rho`` range) on or
     off inside a ``with`` block (process-wide; restored on exit).
 
-        with cf.value_checks(False):      # no device-to-host sync from value checks
+        with value_checks(False):                # no device-to-host sync from value checks
             samples = diffusion.sample(model_fn, shape)
     """
     previous = _VALUE_CHECKS[0]

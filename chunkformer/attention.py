@@ -27,6 +27,7 @@ such input, so biased packed calls take the sdpa path.
 
 import functools
 import importlib.util
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -34,14 +35,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import short_attention
 from ._typing import Float, Tensor, typechecked
 from .plan import ChunkPlan
 
-__all__ = ["chunk_attention", "dense_attention", "set_attention_backend", "resolve_backend", "BACKENDS"]
+__all__ = ["chunk_attention", "dense_attention", "masked_sdpa", "set_attention_backend", "resolve_backend", "BACKENDS"]
 
 Backend = Literal["auto", "flash", "varlen", "flex", "sdpa", "math"]
 BACKENDS: tuple[str, ...] = ("auto", "flash", "varlen", "flex", "sdpa", "math")
+# SDPA on (B, H, M, dh) with an optional mask: masked_sdpa, or a fast path that falls back to it
+Sdpa = Callable[..., Tensor]
 _default_backend: str = "auto"
 # FLOP counters listen here: observer(heads, head_dim, sum_of_squared_lengths) per attention call
 _observers: list = []
@@ -84,10 +86,10 @@ def resolve_backend(backend: Backend, device: torch.device, dtype: torch.dtype) 
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         if _HAS_FLASH:
             return "flash"
-        if _varlen_runs_on(device):  # no padding to the longest sample: 9% faster per DC-DiT-S training
-            return "varlen"          # step than "sdpa" with equal budgets on an H100 (docs/performance.md)
+        if _varlen_runs_on(device):  # no padding to the longest sample (docs/performance.md)
+            return "varlen"
     # FlexAttention stays opt-in: building its block mask per step costs more than the padded
-    # SDPA path saves (measured on an H200, benchmarks/results/step_time_h200_untuned.json)
+    # SDPA path saves (docs/performance.md)
     return "sdpa"
 
 
@@ -97,13 +99,16 @@ def dense_attention(
     k: Float[Tensor, "batch tokens heads head_dim"],
     v: Float[Tensor, "batch tokens heads head_dim"],
     key_bias: Float[Tensor, "batch tokens"] | None = None,
+    *,
+    sdpa: Sdpa | None = None,
 ) -> Float[Tensor, "batch tokens heads head_dim"]:
-    """Plain multi-head attention over whole sequences (``key_bias``: added to every logit per key)."""
+    """Plain multi-head attention over whole sequences (``key_bias``: added to every logit per key).
+    ``sdpa``: what attends on ``(B, H, L, dh)`` (default :func:`masked_sdpa`)."""
     if _observers:
         _notify(q, float(q.shape[0] * q.shape[1] ** 2))
     q_, k_, v_ = (rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
     bias = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
-    return rearrange(masked_sdpa(q_, k_, v_, bias), "b h l d -> b l h d")
+    return rearrange((sdpa or masked_sdpa)(q_, k_, v_, bias), "b h l d -> b l h d")
 
 
 def _notify(q: Tensor, sum_sq: float) -> None:
@@ -119,11 +124,15 @@ def chunk_attention(
     plan: ChunkPlan,
     backend: Backend = "auto",
     key_bias: Float[Tensor, "*keys"] | None = None,
+    *,
+    sdpa: Sdpa | None = None,
 ) -> Float[Tensor, "*layout heads head_dim"]:
     """Multi-head attention restricted to each sample's kept tokens; layout in == layout out.
 
-    ``key_bias``: ``(T,)`` packed or ``(B, M)`` padded, added to the logits of each key.
+    ``key_bias``: ``(T,)`` packed or ``(B, M)`` padded, added to the logits of each key. ``sdpa``: what
+    attends on ``(B, H, M, dh)`` in the padded / fixed and ``"sdpa"`` paths (default :func:`masked_sdpa`).
     """
+    sdpa = sdpa or masked_sdpa
     if _observers:  # padding slots are masked out, so only kept lengths count (read once per plan)
         _notify(q, plan._derived(("sum_sq",), lambda: float((plan.lengths.double() ** 2).sum())))
     if plan.mode != "packed":
@@ -134,7 +143,7 @@ def chunk_attention(
         # (B, 1, 1, M): attend to real tokens only; a full plan has no others, so no mask (the fast kernels)
         mask = None if plan.full and key_bias is None else _key_mask(plan.valid, key_bias, q.dtype)
         q_, k_, v_ = (rearrange(t, "b m h d -> b h m d") for t in (q, k, v))
-        out = masked_sdpa(q_, k_, v_, mask)
+        out = sdpa(q_, k_, v_, mask)
         return rearrange(out, "b h m d -> b m h d")
 
     if q.ndim != 3:
@@ -164,14 +173,14 @@ def chunk_attention(
     qkv = plan.unpack(torch.cat([rearrange(t, "t h d -> t (h d)") for t in (q, k, v)], dim=-1))  # (B, M, 3 H dh)
     q_, k_, v_ = (rearrange(t, "b m (h d) -> b h m d", h=H) for t in qkv.chunk(3, dim=-1))
     bias = None if key_bias is None else plan.unpack(key_bias[:, None].to(q.dtype))[..., 0]  # (B, M)
-    out = masked_sdpa(q_, k_, v_, _key_mask(plan.valid, bias, q.dtype))
+    out = sdpa(q_, k_, v_, _key_mask(plan.valid, bias, q.dtype))
     out = plan.pack(rearrange(out, "b h m d -> b m (h d)"), total=q.shape[0])  # sync-free: T is known
     return rearrange(out, "t (h d) -> t h d", h=H)
 
 
 # SDPA kernels for masked attention that will be differentiated on a GPU: all but cuDNN's fused one,
 # whose backward with an attention mask fails ("mha_graph.execute(...).is_good()", pytorch#134001;
-# it stopped one of our DC-DiT-S training runs on an H100 with torch 2.11) or returns NaN in dQ for
+# it stopped a DC-DiT-S training run with torch 2.11) or returns NaN in dQ for
 # lengths of 64 mod 128 (pytorch#196678). Inference and unmasked attention keep the default choice.
 _MASKED_TRAINING_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -183,10 +192,7 @@ def avoids_cudnn(q: Tensor, mask: Tensor | None) -> bool:
 
 def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` on ``(B, H, M, dh)``, off cuDNN's
-    kernel when its masked backward would run (see :func:`avoids_cudnn`), and through
-    :mod:`~chunkformer.short_attention`'s kernel where SDPA's pads a short unmasked sequence."""
-    if short_attention.runs_here(q, k, mask):
-        return short_attention.attend(q, k, v)
+    kernel when its masked backward would run (see :func:`avoids_cudnn`)."""
     if avoids_cudnn(q, mask):
         with sdpa_kernel(_MASKED_TRAINING_KERNELS):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -35,13 +35,11 @@ __all__ = ["smooth_dense", "smooth_windowed", "smoothing_weights", "ste_ones", "
 
 Smoothing = Literal["auto", "windowed", "dense", "none"]
 SMOOTHINGS: tuple[str, ...] = get_args(Smoothing)
-# "auto" smooths densely (on CUDA) while M^2 <= this * L. In DC-DiT-XL's compiled scaffold (d = 1152,
-# a quarter of the grid kept; benchmarks/scaffold_profile.py) dense / windowed smoothing took
-# 0.14 / 0.69 ms at 256px on an H100 (M^2 / L = 64) and 0.91 / 0.75 ms at 512px on an H200 (M^2 / L = 256).
+# "auto" smooths densely (on CUDA) while M^2 <= this * L: where DC-DiT-XL's compiled scaffold measured the
+# dense form ahead of the windowed one (benchmarks/scaffold_profile.py; docs/performance.md)
 DENSE_SMOOTHING_MAX_RATIO = 128
-# the same in half precision, where the dense form's batched GEMM runs in bf16 / fp16 instead of fp32: at 512px
-# (M^2 / L = 256) the compiled serving scaffold took 5.32 ms dense against 5.43 windowed on an H100
-# (benchmarks/scaffold_compile.py --size 512 --variants 'dense smoothing')
+# the same in half precision, where the dense form's batched GEMM runs in bf16 / fp16 instead of fp32
+# (benchmarks/scaffold_compile.py --variants 'dense smoothing')
 DENSE_SMOOTHING_MAX_RATIO_HALF = 256
 
 PROB_CLAMP = 1e-4  # p is clamped to [1e-4, 1 - 1e-4] before smoothing, as in DC-DiT
@@ -95,8 +93,8 @@ def window_radius(sigma: float, truncate: float) -> int:
 
 
 def _tiled(size: int, radius: int, device: torch.device | str) -> bool:
-    """Tiles pay on the CPU only (128x128: 20.9 -> 10.8 ms). On an H100 they changed little eager and
-    made the compiled blur about 5x slower than one compiled band matmul (``benchmarks/smoothing.py``)."""
+    """Whether to blur in tiles: on the CPU only, where they pay; on a GPU one compiled band matmul
+    is the better form (``benchmarks/smoothing.py``, docs/performance.md)."""
     cpu = torch.device(device).type == "cpu"
     return cpu and size > BLUR_TILE and size % BLUR_TILE == 0 and radius < BLUR_TILE
 

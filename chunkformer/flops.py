@@ -37,12 +37,11 @@ from torch import nn
 
 from . import attention as _attention
 from .dechunk import blur_macs, resolve_smoothing, window_radius
-from .models.dit import Mlp
-from .norms import GroupNorm
-from .precision import RMSNorm
 from .scaffold import DeChunkDecoder
 
 __all__ = ["FlopReport", "FlopCounter", "count_flops", "sampling_tflops", "COMPONENTS"]
+
+_UNSET = object()
 
 COMPONENTS: tuple[str, ...] = (
     "embed",
@@ -194,15 +193,12 @@ class FlopCounter:
         self.tally[comp] += value
 
     def __enter__(self) -> "FlopCounter":
-        # the norms' kernel paths call convs without their modules (biases folded into the norms), past these
-        # hooks: counted on torch's path, which has the same FLOPs; restored on exit
-        self._norm_kernels = [(m, m.use_kernel) for m in self.model.modules() if isinstance(m, (GroupNorm, RMSNorm))]
-        for m, _ in self._norm_kernels:
+        # fast paths (chunkformer.kernels: layers with a use_kernel switch) may call a conv or a linear layer's
+        # weights without its module, past these hooks: counted on the plain path, which has the same FLOPs
+        self._fast = [(m, m.__dict__.get("use_kernel", _UNSET)) for m in self.model.modules()
+                      if hasattr(m, "use_kernel")]
+        for m, _ in self._fast:
             m.use_kernel = False
-        # likewise the MLP's fused GELU, which calls fc1's weights without fc1
-        self._fused_gelu = [(m, m.fuse_gelu) for m in self.model.modules() if isinstance(m, Mlp)]
-        for m, _ in self._fused_gelu:
-            m.fuse_gelu = False
         for name, module in self.model.named_modules():
             comp = _component(name)
             if isinstance(module, nn.Linear):
@@ -239,10 +235,11 @@ class FlopCounter:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for m, enabled in self._norm_kernels:
-            m.use_kernel = enabled
-        for m, enabled in self._fused_gelu:
-            m.fuse_gelu = enabled
+        for m, setting in self._fast:  # back to the instance's own setting, or to its class's
+            if setting is _UNSET:
+                del m.use_kernel
+            else:
+                m.use_kernel = setting
         if self._observe_attention in _attention._observers:
             _attention._observers.remove(self._observe_attention)
 

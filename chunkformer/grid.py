@@ -12,7 +12,6 @@ from einops import rearrange
 from torch import nn
 
 from ._typing import Float, Int, Tensor, typechecked
-from .tapconv import PointwiseConv2d
 
 __all__ = [
     "GridShape",
@@ -91,10 +90,7 @@ def norm_groups(channels: int, preferred: int) -> int:
 
 
 def conv_nd(ndim: int, *args, **kwargs) -> nn.Module:
-    """``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` for a grid of rank ``ndim``. A plain 2-D 1x1 conv is a
-    :class:`~chunkformer.tapconv.PointwiseConv2d` (an ``nn.Conv2d`` that samples on a GPU as a GEMM)."""
-    if ndim == 2 and len(args) == 3 and args[2] in (1, (1, 1)) and set(kwargs) <= {"bias", "device", "dtype"}:
-        return PointwiseConv2d(*args[:2], **kwargs)
+    """``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` for a grid of rank ``ndim``."""
     return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1](*args, **kwargs)
 
 

@@ -6,7 +6,7 @@ GPU has caught up, and the launch queue runs dry. ``count_host_syncs`` records e
 operation in a block of code on any device (on the CPU too, where nothing waits), so a
 test can hold a hot path to zero without a GPU:
 
-    with cf.value_checks(False), count_host_syncs() as syncs:
+    with value_checks(False), count_host_syncs() as syncs:  # chunkformer._typing.value_checks
         model(x, t, y)                                   # a fixed-capacity DC-DiT
     assert syncs.total == 0, syncs.by_site
 

@@ -339,8 +339,8 @@ def _synced_plan(order: Tensor, lengths: Tensor, grid: tuple, mode: str, B: int)
 
 class _SelectRows(torch.autograd.Function):
     """``x.index_select(0, index)`` for an index without repeats, whose backward copies the
-    gradient into place (``index_copy``) instead of adding it (``index_add``): no atomics. On an
-    H100 the atomic backward of ``pack`` took 17 of DC-DiT-S's 159 ms per training step."""
+    gradient into place (``index_copy``) instead of adding it (``index_add``): no atomics, which
+    made ``pack``'s backward a large share of a training step (docs/performance.md)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, index: Tensor) -> Tensor:
@@ -390,7 +390,7 @@ def nearest_kept(
     No host syncs either way. ``method``: ``"separable"``, ``"dense"`` or ``"auto"`` (dense for
     rank 3, and for grids of up to :data:`DENSE_NEAREST_MAX_TOKENS` positions on CUDA outside
     ``torch.compile``, where its one matmul-like pass beats the separable form's ~20 small
-    kernels: 0.64 vs 1.30 ms at 32x32, batch 64, on an H200, as long as the ``B * L * M``
+    kernels (docs/performance.md), as long as the ``B * L * M``
     distances stay under :data:`DENSE_NEAREST_MAX_PAIRS`: a training batch of 256 at 32x32 with
     1024 slots would need gigabytes; separable everywhere else).
     """

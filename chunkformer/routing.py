@@ -37,7 +37,6 @@ from ._typing import Float, Tensor, check_finite, typechecked
 from .budget import Rho, _tail_drop, check_rho
 from .grid import GridShape, check_grid, conv_nd, to_grid
 from .grid import norm_groups as group_count
-from .norms import GroupNorm
 from .precision import FP32Module
 
 __all__ = ["Router", "RouterOutput", "RouterKind", "ROUTER_KINDS"]
@@ -134,7 +133,7 @@ class Router(FP32Module):
             self.predictor = conv_nd(ndim, hidden, hidden, 3, padding=1, **fk)
             self.scorer = nn.Sequential(
                 conv_nd(ndim, hidden, hidden, 3, padding=1, **fk),
-                GroupNorm(group_count(hidden, norm_groups), hidden, **fk),  # nn.GroupNorm's state dict
+                nn.GroupNorm(group_count(hidden, norm_groups), hidden, **fk),
                 nn.SiLU(),
                 conv_nd(ndim, hidden, 1, 1, **fk),
             )
@@ -166,8 +165,7 @@ class Router(FP32Module):
                 return torch.where(u < keep, 1 - u / (2 * keep), 0.5 * (1 - u) / max(1 - keep, 1e-6))
             if self.kind == "predictability":
                 z = self.proj(to_grid(x, grid))  # (B, d/4, *grid)
-                conv, norm, _, head = self.scorer  # conv -> GroupNorm -> SiLU -> 1x1 head
-                logit = head(norm(conv(z - self.predictor(z)), silu=True))  # (B, 1, *grid)
+                logit = self.scorer(z - self.predictor(z))  # conv -> GroupNorm -> SiLU -> 1x1 head: (B, 1, *grid)
                 return torch.sigmoid(logit.flatten(1).float())  # (B, L)
             q = F.normalize(self.q_proj(x).float(), dim=-1)  # (B, L, d)
             k = F.normalize(self.k_proj(x).float(), dim=-1)  # (B, L, d)

@@ -17,12 +17,9 @@ from torch import nn
 from ._typing import Float, Tensor, typechecked
 from .dechunk import SMOOTHINGS, Smoothing, dechunk, ste_ones
 from .grid import conv_nd, norm_groups, to_grid, to_tokens
-from .inductor import written_once
-from .norms import GroupNorm
 from .plan import ChunkPlan
 from .precision import FP32Module, RMSNorm
 from .routing import RouterOutput
-from .tapconv import TAPS_FASTER, TapConv2d
 
 __all__ = ["ResBlock", "ChunkEncoder", "DeChunkDecoder", "FinalLayer"]
 
@@ -43,14 +40,8 @@ class ResBlock(nn.Module):
     ``min(in_channels, out_channels)``, so a widening block widens in its second conv
     and a narrowing block narrows in its first.
 
-    A 2-D narrowing block's first conv is a :class:`~chunkformer.tapconv.TapConv2d`, which can run
-    as one GEMM of its taps plus their shifted sum when sampling on a GPU in bf16/fp16 (no grad).
-    ``taps_narrowing`` turns that on; it starts on for the shapes where it measured faster than
-    cuDNN (``TAPS_FASTER``: DC-DiT-XL's ``1152 -> 288``). Both norms are
-    :class:`~chunkformer.norms.GroupNorm`: when sampling compiled on a GPU their statistics are one
-    coalesced pass over the grid, and the conditioning and conv1's bias are added inside the second
-    (conv1 then runs without its bias, past its module's hooks: :class:`~chunkformer.flops.FlopCounter`
-    counts with the kernel paths off).
+    GPU fast paths for sampling (fused norms, taps and GEMM convs) are applied by
+    :func:`chunkformer.kernels.apply`, which swaps this block for one with the same parameters.
     """
 
     def __init__(
@@ -66,14 +57,10 @@ class ResBlock(nn.Module):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         inner = min(in_channels, out_channels)
-        self.norm1 = GroupNorm(norm_groups(in_channels, 32), in_channels, **fk)
-        if ndim == 2 and in_channels > out_channels:  # see taps_narrowing
-            self.conv1 = TapConv2d(in_channels, inner, **fk)
-            self.conv1.use_taps = (in_channels, inner) in TAPS_FASTER  # cf.set_taps_narrowing changes it
-        else:
-            self.conv1 = conv_nd(ndim, in_channels, inner, 3, padding=1, **fk)
+        self.norm1 = nn.GroupNorm(norm_groups(in_channels, 32), in_channels, **fk)
+        self.conv1 = conv_nd(ndim, in_channels, inner, 3, padding=1, **fk)
         self.cond = nn.Linear(cond_dim, inner, **fk) if cond_dim else None
-        self.norm2 = GroupNorm(norm_groups(inner, 32), inner, **fk)
+        self.norm2 = nn.GroupNorm(norm_groups(inner, 32), inner, **fk)
         self.conv2 = conv_nd(ndim, inner, out_channels, 3, padding=1, **fk)
         self.skip = (
             conv_nd(ndim, in_channels, out_channels, 1, **fk)
@@ -81,65 +68,20 @@ class ResBlock(nn.Module):
             else nn.Identity()
         )
 
-    @property
-    def taps_narrowing(self) -> bool:
-        """Whether ``conv1`` runs as a GEMM of its taps when sampling on a GPU (settable)."""
-        return isinstance(self.conv1, TapConv2d) and self.conv1.use_taps
-
-    @taps_narrowing.setter
-    def taps_narrowing(self, enabled: bool) -> None:
-        if enabled and not isinstance(self.conv1, TapConv2d):
-            raise ValueError("only a 2-D narrowing block (in_channels > out_channels) has a taps path")
-        if isinstance(self.conv1, TapConv2d):
-            self.conv1.use_taps = enabled
-
     @typechecked
     def forward(
         self, x: Float[Tensor, "batch cin *grid"], c: Float[Tensor, "batch cond"] | None = None
     ) -> Float[Tensor, "batch cout *grid"]:
-        x = self._shared_input(x)
         return self.conv2(self._inner(x, c)) + self.skip(x)  # (B, cout, *grid)
 
-    def _shared_input(self, x: Tensor) -> Tensor:
-        """``x``, on the norm's kernel path written once for norm1's two kernels and the skip
-        (:func:`~chunkformer.inductor.written_once`): else inductor copies it for each."""
-        return written_once(x) if self.norm1.takes_kernel(x) else x
-
     def _inner(self, x: Tensor, c: Tensor | None) -> Tensor:
-        """``SiLU(norm2(conv1(SiLU(norm1(x))) + cond))``: ``(B, inner, *grid)``, ready for ``conv2``.
-
-        On the norm's kernel path the conditioning, and conv1's bias, are added inside ``norm2`` from
-        the raw conv output: compiled, a bias added before a kernel of our own is one more pass over the grid."""
-        a = self.norm1(x, silu=True)  # SiLU(GroupNorm(x)): (B, cin, *grid)
-        shift = None
+        """``SiLU(norm2(conv1(SiLU(norm1(x))) + cond))``: ``(B, inner, *grid)``, ready for ``conv2``."""
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, inner, *grid)
         if self.cond is not None:
             _require_cond(c, self.cond.in_features)
             shift = self.cond(F.silu(c))  # (B, inner)
-        conv = self.conv1
-        taps = isinstance(conv, TapConv2d) and conv.takes_taps(a)  # the taps op adds its bias itself
-        if conv.bias is not None and not taps and self.norm2.takes_kernel(a):
-            h = conv._conv_forward(a, conv.weight, None)  # (B, inner, *grid), no bias: it joins the shift
-            bias = conv.bias.float().expand(a.shape[0], -1)
-            shift = bias if shift is None else shift.float() + bias
-        else:
-            h = conv(a)  # (B, inner, *grid)
-        return self.norm2(h, shift, silu=True)
-
-    def raw_terms(
-        self, x: Float[Tensor, "batch cin *grid"], c: Float[Tensor, "batch cond"] | None = None
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(h, skip, bias)`` with ``forward(x, c) == h + skip + bias`` (bias over channels): the two convs'
-        outputs without their biases, which are summed into ``bias``, for a norm that adds all three itself."""
-        x = self._shared_input(x)
-        inner = self._inner(x, c)
-        h = self.conv2._conv_forward(inner, self.conv2.weight, None)  # (B, cout, *grid)
-        bias = self.conv2.bias
-        if isinstance(self.skip, nn.Identity):
-            return h, x, bias
-        skip = self.skip._conv_forward(x, self.skip.weight, None)  # (B, cout, *grid)
-        if self.skip.bias is not None:
-            bias = self.skip.bias if bias is None else bias + self.skip.bias
-        return h, skip, bias
+            h = h + shift.reshape(*shift.shape, *([1] * (h.ndim - 2)))
+        return F.silu(self.norm2(h))
 
 
 class ChunkEncoder(nn.Module):
@@ -178,29 +120,20 @@ class ChunkEncoder(nn.Module):
     def forward(
         self, x: Float[Tensor, "batch channels *grid"], c: Float[Tensor, "batch cond"] | None = None
     ) -> Float[Tensor, "batch tokens dim"]:
+        self.check_input(x)
+        h = self.embed(x)  # (B, width, *grid)
+        for block in self.blocks:
+            h = block(h, c)  # (B, width, *grid), the last (B, dim, *grid)
+        return self.norm(to_tokens(h))  # (B, L, dim)
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise unless ``x`` is ``(B, in_channels, *grid)`` with a grid of this encoder's rank."""
         if x.ndim != self.ndim + 2:
             raise ValueError(
                 f"x must be (batch, channels, *grid) with a rank-{self.ndim} grid, got shape {tuple(x.shape)}"
             )
         if x.shape[1] != self.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels, expected in_channels={self.in_channels}")
-        h = self.embed(self._sampling_layout(x))  # (B, width, *grid)
-        for block in self.blocks[:-1]:
-            h = block(h, c)  # (B, width, *grid)
-        if self.norm.takes_kernel(h):  # the last block's terms summed inside the norm: one read of each
-            h, skip, bias = self.blocks[-1].raw_terms(h, c)  # (B, dim, *grid) each, bias (dim,)
-            return self.norm(to_tokens(h), to_tokens(skip), bias)  # (B, L, dim)
-        return self.norm(to_tokens(self.blocks[-1](h, c)))  # (B, L, dim)
-
-    def _sampling_layout(self, x: Tensor) -> Tensor:
-        """``x`` channels-last where the norms take their kernels (compiled sampling on a GPU), else ``x``.
-
-        The kernel paths are chosen while ``torch.compile`` traces, from the strides the trace sees: an NCHW
-        input would keep every encoder GroupNorm on inductor's own (slower) path, though inductor later
-        runs the convs channels-last anyway."""
-        if self.blocks[0].norm1.wants_channels_last(x) and x.stride(1) != 1:
-            return x.movedim(1, -1).contiguous().movedim(-1, 1)  # (B, C, *grid) over a (B, *grid, C) buffer
-        return x
 
 
 class FinalLayer(nn.Module):
@@ -324,9 +257,8 @@ class DeChunkDecoder(nn.Module):
             confidence = router_out.confidence
             if torch.is_grad_enabled() and confidence.requires_grad:  # else the gate, exactly 1, is left out
                 full = full * ste_ones(confidence.float())[..., None]  # (B, L, d) * (B, L, 1)
-            # summed in fp32 and rounded once (the same bf16 values as a bf16 sum, since the gate is 1). It also
-            # keeps inductor from folding the sum into the residual GEMM as an addmm, whose (B L, d) C operand
-            # aten first copies into the output (a 0.11 ms memcpy in a compiled H100 step, in some compiles)
+            # summed in fp32 and rounded once (the same bf16 values as a bf16 sum, since the gate is 1); it also
+            # keeps inductor from folding the sum into the residual GEMM as an addmm, which copies its C operand
             return (full + res.float()).to(dtype)
 
     @typechecked

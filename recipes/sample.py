@@ -20,7 +20,9 @@ host sync; ``--fill``: exactly ``N``, attention without a mask); ``--compile`` c
 once (it needs those static shapes for a DC-DiT), ``--compile-option KEY=VALUE`` with an inductor
 setting. ``--bf16-routing`` (with ``--precision bf16``) runs the router and de-chunk under the bf16
 autocast too, instead of DC-DiT's fp32
-(:func:`chunkformer.set_fp32_router_dechunk`): the serving configuration of docs/performance-log.md.
+(:func:`chunkformer.kernels.set_fp32_router_dechunk`): the serving configuration of docs/performance-log.md.
+On CUDA the model samples with :func:`chunkformer.kernels.apply`'s fast paths; ``--no-kernels`` samples the
+plain model.
 """
 
 import argparse
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 
 import chunkformer as cf
+from chunkformer import kernels
 from chunkformer.diffusion import create_diffusion
 from chunkformer.viz import save_image_grid
 from recipes.checkpoints import is_checkpoint, latest_checkpoint, load_checkpoint
@@ -126,6 +129,8 @@ def main(argv=None) -> dict:
                    help="DC-DiT: fixed-capacity plans of at most N tokens per sample (static shapes)")
     p.add_argument("--fill", action="store_true", help="with --capacity: every sample keeps exactly N tokens")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (DC-DiT: needs --capacity)")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="sample the plain model: no GPU fast paths (chunkformer.kernels.apply, on by default on CUDA)")
     p.add_argument("--compile-option", action="append", default=[], metavar="KEY=VALUE",
                    help="with --compile: an inductor setting for it (a torch._inductor.config name and a Python "
                         "literal), e.g. inplace_buffers=False; repeatable")
@@ -147,7 +152,7 @@ def main(argv=None) -> dict:
     if args.precision == "bf16":
         model.to(torch.bfloat16)  # FP32Module keeps DC-DiT's router and de-chunk residual in fp32
     if args.bf16_routing:
-        cf.set_fp32_router_dechunk(model, False)  # raises for a model that does not route
+        kernels.set_fp32_router_dechunk(model, False)  # raises for a model that does not route
     sampler = args.sampler or (cfg.diffusion.sampler if cfg else "ddpm")
     steps = args.steps or (cfg.diffusion.sample_steps if cfg else 250)
     num_classes = model.num_classes
@@ -159,7 +164,7 @@ def main(argv=None) -> dict:
                    batch_size=args.batch, progress=d.is_main and os.isatty(2), merge_ratio=args.merge_ratio,
                    cache_threshold=args.cache_threshold,
                    autocast=torch.bfloat16 if args.precision == "bf16" else None, compile=args.compile,
-                   compile_options=compile_options)
+                   compile_options=compile_options, fast_paths=not args.no_kernels)
     stem = Path(args.out) if args.out else Path(path).parent.parent / "samples" / (
         f"eval-{sampler}{steps}-g{args.guidance:g}-rho{args.rho:g}" + (f"-u{args.uncond_rho:g}" if args.uncond_rho is not None else "")
         + (f"-m{args.merge_ratio:g}" if args.merge_ratio else "") + (f"-c{args.cache_threshold:g}" if args.cache_threshold else ""))

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import chunkformer as cf
+from chunkformer import kernels
 from chunkformer.diffusion import FlowMatching, guided_model_fn
 from chunkformer.flops import FlopCounter
 from chunkformer.viz import (
@@ -40,11 +41,25 @@ def _merging(model, ratio: float):
             cf.merging.remove(model)
 
 
+@contextmanager
+def _fast_paths(model, enabled: bool, device):
+    """:func:`chunkformer.kernels.apply` for the duration of a block when sampling on CUDA (removed afterwards;
+    a model already patched is left as it is)."""
+    patch = enabled and torch.device(device).type == "cuda" and not kernels.applied(model)
+    if patch:
+        kernels.apply(model)
+    try:
+        yield
+    finally:
+        if patch:
+            kernels.remove(model)
+
+
 class _CountedForward:
     """A compiled model that adds a fixed per-sample FLOP count at every call (FlopCounter's hooks do not run
     inside a compiled graph); every other attribute is the model's, as the guidance closures expect."""
 
-    def __init__(self, model, compiled, report: cf.FlopReport) -> None:
+    def __init__(self, model, compiled, report: cf.flops.FlopReport) -> None:
         self._model, self._compiled = model, compiled
         self._per_sample = {name: value / report.batch for name, value in report.by_component.items()}
         self.total, self.by_component = 0.0, dict.fromkeys(report.by_component, 0.0)
@@ -111,7 +126,7 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
              rho: float = 0.0, uncond_rho: float | None = None, labels: torch.Tensor | None = None,
              batch_size: int = 64, progress: bool = False, merge_ratio: float = 0.0,
              cache_threshold: float = 0.0, autocast: torch.dtype | None = None, compile: bool = False,
-             compile_options: dict | None = None) -> dict:
+             compile_options: dict | None = None, fast_paths: bool = True) -> dict:
     """Generate ``num`` samples; returns ``samples`` (N, C, *grid) float, ``labels``, ``kept_fraction``
     (mean over forwards and samples), ``kept_by_t`` (per-step means), ``tflops_per_image`` and
     ``skipped_steps`` (backbone passes step caching skipped, per batch on average).
@@ -122,7 +137,9 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
     recipes.sample ``--precision bf16``). ``compile``: ``torch.compile`` the model for the run; it needs
     static shapes (DiT, or DC-DiT with ``plan_mode="fixed"``), so every forward does the same work, and
     FLOPs are counted once, eagerly, on the first batch and added per forward. ``compile_options``: inductor
-    settings for that compile (``torch.compile(options=...)``; docs/recipes.md has one that steadies H100 step times)."""
+    settings for that compile (``torch.compile(options=...)``; docs/recipes.md has one that steadies step times).
+    ``fast_paths``: on a CUDA ``device``, sample with :func:`chunkformer.kernels.apply`'s GPU fast paths (removed
+    afterwards; ``False`` samples the plain model)."""
     model.eval()
     if compile_options and not compile:
         raise ValueError("compile_options apply to the compiled model: pass compile=True too")
@@ -136,7 +153,7 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
     g = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn((num, *shape), generator=g)
     amp = torch.autocast(torch.device(device).type, dtype=autocast) if autocast is not None else nullcontext()
-    with _merging(model, merge_ratio), amp:
+    with _fast_paths(model, fast_paths, device), _merging(model, merge_ratio), amp:
         if compile:  # a fixed plan's compute does not depend on the content: count one eager forward
             probe = noise[: min(batch_size, num)].to(device)
             report = cf.count_flops(model, probe, torch.zeros(len(probe), device=device),

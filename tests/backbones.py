@@ -70,7 +70,7 @@ class OriginalLayoutDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelTable(num_classes, hidden_size, 0.1)
         side = input_size // patch_size
-        table = cf.sincos_embed(cf.grid_coords((side, side)), hidden_size)[None]
+        table = cf.grid.sincos_embed(cf.grid.grid_coords((side, side)), hidden_size)[None]
         self.pos_embed = nn.Parameter(table, requires_grad=False)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads) for _ in range(depth))
         if opaque_attention:
@@ -103,7 +103,7 @@ class TinyCustomBackbone(nn.Module):
         )
 
 
-class TinyCustomAdapter(cf.BackboneAdapter):
+class TinyCustomAdapter(cf.adapters.BackboneAdapter):
     name = "tiny-custom"
     requires = ("layers", "time", "label")
 
@@ -116,7 +116,7 @@ class TinyCustomAdapter(cf.BackboneAdapter):
     def condition(self, t, y, label_drop=None):
         y = torch.full_like(t, 10, dtype=torch.long) if y is None else y
         vector = self.time(t.float()[:, None] / 1000) + self.label(y)
-        return cf.Conditioning(vector, t, y)
+        return cf.adapters.Conditioning(vector, t, y)
 
     def run_block(self, index, h, cond, plan):
         return self.blocks[index](h + cond.vector[:, None])  # (B, M, d): pad slots are real tokens

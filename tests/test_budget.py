@@ -8,7 +8,8 @@ from conftest import masks
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chunkformer import TimestepAdaptiveBudget, ratio_loss, tail_drop
+from chunkformer import TimestepAdaptiveBudget
+from chunkformer.budget import ratio_loss, tail_drop
 
 
 @given(st.integers(1, 4), st.integers(2, 60), st.floats(0.0, 0.99), st.integers(0, 2**16), st.data())

@@ -8,8 +8,8 @@ from conftest import plan_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chunkformer import ChunkPlan, DeChunkDecoder, dechunk, smooth_dense, smooth_windowed, ste_ones
-from chunkformer.dechunk import smoothing_weights
+from chunkformer import ChunkPlan, DeChunkDecoder
+from chunkformer.dechunk import dechunk, smooth_dense, smooth_windowed, smoothing_weights, ste_ones
 
 
 @given(plan_inputs(), st.sampled_from([torch.float32, torch.float64]))
@@ -103,7 +103,11 @@ def test_dechunk_runs_fp32_under_autocast():
 
 @given(st.integers(1, 4096), st.integers(1, 4096))
 def test_auto_smoothing_is_dense_only_while_the_kernel_stays_linear_in_the_grid(width, tokens):
-    from chunkformer.dechunk import DENSE_SMOOTHING_MAX_RATIO, DENSE_SMOOTHING_MAX_RATIO_HALF, resolve_smoothing
+    from chunkformer.dechunk import (
+        DENSE_SMOOTHING_MAX_RATIO,
+        DENSE_SMOOTHING_MAX_RATIO_HALF,
+        resolve_smoothing,
+    )
 
     choice = resolve_smoothing("auto", width, tokens, "cuda")
     assert choice == ("dense" if width**2 <= DENSE_SMOOTHING_MAX_RATIO * tokens else "windowed")

@@ -81,10 +81,10 @@ def test_sampling_tflops_with_cfg_and_lite_cfg():
                             num_classes=3).eval()
     torch.nn.init.constant_(model.router.scorer[-1].bias, 0.5)
     x, t, y = torch.randn(2, 4, 16, 16), torch.randint(0, 1000, (2,)), torch.randint(0, 3, (2,))
-    plain = cf.sampling_tflops(model, x, t, y, steps=10)
-    cfg = cf.sampling_tflops(model, x, t, y, steps=10, guidance="cfg")
-    lite = cf.sampling_tflops(model, x, t, y, steps=10, guidance="lite")
+    plain = cf.flops.sampling_tflops(model, x, t, y, steps=10)
+    cfg = cf.flops.sampling_tflops(model, x, t, y, steps=10, guidance="cfg")
+    lite = cf.flops.sampling_tflops(model, x, t, y, steps=10, guidance="lite")
     assert plain < lite < cfg
     assert cfg == pytest.approx(2 * plain, rel=0.05)  # null label changes routing slightly
     with pytest.raises(ValueError, match="guidance"):
-        cf.sampling_tflops(model, x, t, y, guidance="cfg++")
+        cf.flops.sampling_tflops(model, x, t, y, guidance="cfg++")

@@ -6,13 +6,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import chunkformer as cf
+from chunkformer._typing import value_checks
 from chunkformer.diffusion import create_diffusion
 from chunkformer.diffusion.guidance import guided_model_fn
+from chunkformer.hostsync import count_host_syncs
 
 
 def test_the_counter_sees_each_kind_of_read_back():
     x = torch.arange(6.0)
-    with cf.count_host_syncs() as syncs:
+    with count_host_syncs() as syncs:
         x.sum().item()
         bool(x.max() > 2)
         x.tolist()
@@ -21,7 +23,7 @@ def test_the_counter_sees_each_kind_of_read_back():
         torch.repeat_interleave(x, torch.tensor([1, 0, 2, 1, 1, 1]))
     assert syncs.total == 6, syncs.by_site
     assert all("test_hostsync.py" in site for site in syncs.by_site)
-    with cf.count_host_syncs() as none:  # shapes known up front: nothing waits
+    with count_host_syncs() as none:  # shapes known up front: nothing waits
         torch.repeat_interleave(x, torch.tensor([1, 0, 2, 1, 1, 1]), output_size=6)
         x[torch.tensor([0, 2])].sum() + x.cumsum(0)
         torch.where(x > 2, x, 0.0)
@@ -42,12 +44,12 @@ def test_a_forward_waits_at_most_once_whatever_the_depth(mode, depth, rho, train
     per block. The value checks add one (the router's NaN check), and none when switched off."""
     model = tiny(mode, depth).train(training)
     x, t, y = torch.randn(3, 1, 16, 16), torch.rand(3) * 999, torch.randint(0, 10, (3,))
-    with cf.value_checks(False), cf.count_host_syncs() as syncs:
+    with value_checks(False), count_host_syncs() as syncs:
         out = model(x, t, y, rho=rho)
         if training:
             out.float().square().mean().backward()
     assert syncs.total == (0 if mode == "fixed" else 1), syncs.by_site
-    with cf.count_host_syncs() as checked:
+    with count_host_syncs() as checked:
         model(x, t, y, rho=rho)
     assert checked.total == syncs.total + 1, checked.by_site
 
@@ -65,7 +67,7 @@ def test_a_lite_cfg_sampling_loop_in_fixed_capacity_mode_never_waits_per_step(ki
         fn = guided_model_fn(model, y, scale=1.25, null_class=model.null_class, rho=0.0, uncond_rho=0.9,
                              learn_sigma=learn_sigma)
         kw = {"sampler": sampler} if kind == "ddpm" else {}
-        with torch.no_grad(), cf.value_checks(False), cf.count_host_syncs() as syncs:
+        with torch.no_grad(), value_checks(False), count_host_syncs() as syncs:
             diffusion.sample(fn, (4, 1, 16, 16), steps=steps, noise=torch.randn(4, 1, 16, 16), **kw)
         counts.append(syncs.total)
         model_sites = [s for s in syncs.by_site if not s.split("@ ")[1].startswith(("gaussian.py", "respace.py"))]
@@ -77,7 +79,7 @@ def test_value_checks_switch_restores_and_still_catches_nan_when_on():
     model = tiny("fixed", 1)
     x = torch.full((2, 1, 16, 16), float("nan"))
     t, y = torch.rand(2) * 999, torch.randint(0, 10, (2,))
-    with cf.value_checks(False):
+    with value_checks(False):
         model(x, t, y)  # unchecked: NaN flows through
     with pytest.raises(ValueError, match="must be finite"):
         model(x, t, y)
@@ -93,7 +95,7 @@ def test_packing_a_plan_or_a_cfg_concatenation_reads_nothing_from_the_device(B1,
     both = torch.cat(plans)
     for plan in (*plans, both):
         x = torch.randn(plan.lengths.shape[0], plan.width, 5, generator=g)
-        with cf.count_host_syncs() as syncs:
+        with count_host_syncs() as syncs:
             packed = plan.pack(x)
         assert syncs.total == 0, syncs.by_site
         assert torch.equal(packed, x[plan.valid])  # the reference: boolean-mask indexing (a sync)

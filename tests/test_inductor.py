@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from chunkformer.inductor import written_once
+from chunkformer.kernels.inductor import written_once
 
 
 def test_written_once_is_x_itself_eager():

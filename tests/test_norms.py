@@ -1,7 +1,6 @@
-"""chunkformer.norms: GroupNorm from per-channel sums and a normalising pass of its own, the residual RMSNorm,
-their Triton kernels and the model paths that use them (on by default when sampling compiled on a GPU)."""
+"""chunkformer.kernels.norms: GroupNorm from per-channel sums and a normalising pass of its own, the residual
+RMSNorm, their Triton kernels and the model paths that kernels.apply() gives them, against torch's norms."""
 
-import copy
 import math
 import os
 import re
@@ -16,7 +15,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import chunkformer as cf
-from chunkformer import norms, precision
+from chunkformer import kernels
+from chunkformer.kernels import norms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,7 @@ def test_triton_norm_kernels_match_torch_under_the_triton_interpreter():
     pytest.importorskip("triton")
     code = """
 import torch
-from chunkformer import norms
+from chunkformer.kernels import norms
 torch.manual_seed(0)
 for shape, tiles in [((2, 40, 5, 7), (8, 32, 3, 16)), ((3, 64, 33), None), ((1, 70, 3, 3), (4, 64, 3, 4))]:
     x = torch.randn(shape) + 5
@@ -189,11 +189,12 @@ def test_the_rms_kernel_keeps_an_fp64_eps_out_of_its_arithmetic():
     assert f64 == {"cvt.rn.f32.f64"}, f64
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor traces into the Triton kernels on a GPU only")
 def test_the_kernel_ops_compiled_by_inductor_compute_the_references_on_a_gpu():  # pragma: no cover - GPU runs
     """Each op traced into by torch.compile (inductor launches the kernel itself, with the strides the trace saw),
     against the torch references, from channels-last, NCHW and strided inputs."""
-    from chunkformer import tapconv
+    from chunkformer.kernels import tapconv
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -219,6 +220,7 @@ def _seeded_model():
     with torch.no_grad():  # zero-init layers and unit norms would hide the biases and the affine parameters
         for p in model.parameters():
             p.add_(torch.randn_like(p) * (0.02 if p.dim() > 1 else 0.1))
+    assert kernels.apply(model, force=True)["norms"] == 10  # 9 GroupNorms (scaffold, router), the encoder's RMSNorm
     return model
 
 
@@ -227,7 +229,7 @@ def kernels_everywhere(monkeypatch):
     """The norms take their kernel path on the CPU, compiled or not (torch stands in for Triton there); counts
     the calls. ``compiling`` is a switch: GroupNorm takes its path only while torch.compile traces."""
     calls = {"moments": 0, "rms": 0, "apply": 0, "compiling": True}
-    moments, rms, apply = norms.channel_moments, precision.add_rms_norm, norms.scale_shift
+    moments, rms, apply = norms.channel_moments, norms.add_rms_norm, norms.scale_shift
 
     def counted_moments(x):
         calls["moments"] += 1
@@ -241,11 +243,10 @@ def kernels_everywhere(monkeypatch):
         calls["apply"] += 1
         return apply(*args)
 
-    for module in (norms, precision):
-        monkeypatch.setattr(module, "sampling_kernel", lambda x: not torch.is_grad_enabled())
+    monkeypatch.setattr(norms, "sampling_kernel", lambda x: not torch.is_grad_enabled())
     monkeypatch.setattr(norms, "compiling", lambda: calls["compiling"])
     monkeypatch.setattr(norms, "channel_moments", counted_moments)
-    monkeypatch.setattr(precision, "add_rms_norm", counted_rms)
+    monkeypatch.setattr(norms, "add_rms_norm", counted_rms)
     monkeypatch.setattr(norms, "scale_shift", counted_apply)
     return calls
 
@@ -256,19 +257,23 @@ def _inputs():
 
 
 def test_the_norm_kernel_paths_compute_what_torchs_norms_compute(kernels_everywhere):
-    """On by default: every GroupNorm (the scaffold's 8, from an NCHW input too, and the router's) takes the
+    """On once applied: every GroupNorm (the scaffold's 8, from an NCHW input too, and the router's) takes the
     channel sums and the normalising pass (the conditioning and conv1's bias folded in) and the encoder's output
     norm sums its last block inside add_rms_norm; the output is torch's."""
     model = _seeded_model()
     x, t, y = _inputs()
     with torch.no_grad():
-        assert cf.set_norm_kernels(model, False) == 12
+        assert kernels.set_norm_kernels(model, False) == 10
         ref = model(x, t, y)
         assert (kernels_everywhere["moments"], kernels_everywhere["apply"], kernels_everywhere["rms"]) == (0, 0, 0)
-        assert cf.set_norm_kernels(model, True) == 12
+        assert kernels.set_norm_kernels(model, True) == 10
         out = model(x, t, y)
+        kernels.remove(model)
+        plain = model(x, t, y)
     assert (kernels_everywhere["moments"], kernels_everywhere["apply"], kernels_everywhere["rms"]) == (9, 9, 1)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ref, plain, rtol=0, atol=0)  # switched off, the patched model is the plain one
+    kernels.apply(model, force=True)
     model(x, t, y).sum().backward()  # with grad: torch's norms, so training works as before
     assert (kernels_everywhere["moments"], kernels_everywhere["apply"], kernels_everywhere["rms"]) == (9, 9, 1)
 
@@ -280,36 +285,12 @@ def test_group_norm_takes_its_kernel_only_when_compiled_and_by_default(kernels_e
     with torch.no_grad():
         model(*_inputs())
     assert (kernels_everywhere["moments"], kernels_everywhere["rms"]) == (0, 1)
-    assert all(m.use_kernel for m in model.modules() if isinstance(m, (norms.GroupNorm, precision.RMSNorm)))
+    assert all(m.use_kernel for m in model.modules() if isinstance(m, (norms.GroupNorm, norms.RMSNorm)))
 
 
-def test_set_norm_kernels_needs_a_model_with_chunkformer_norms():
-    with pytest.raises(ValueError, match="no chunkformer GroupNorm or RMSNorm"):
-        cf.set_norm_kernels(torch.nn.Linear(2, 2), True)
-
-
-def test_scaffold_compile_norm_variants_switch_the_kernels_off_and_keep_the_output(kernels_everywhere):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import scaffold_compile as bench
-
-    model = _seeded_model()
-    x, t, y = _inputs()
-    with torch.no_grad():
-        ref = model(x, t, y)
-        for name, expected in [("GroupNorm by inductor (before)", (0, 0, 1)),
-                               ("RMSNorm by inductor (before)", (9, 9, 0)),
-                               ("both norms by inductor (before)", (0, 0, 0)),
-                               ("normalising pass by inductor (before)", (9, 0, 1)),
-                               # the decoder's 4; the router's input is NCHW too here, as torch's RMSNorm keeps
-                               # the NCHW grid's strides (the CUDA kernel writes rows: the router's would run)
-                               ("encoder fed NCHW (before)", (4, 4, 1)),
-                               ("router GroupNorm by inductor (before)", (8, 8, 1)),
-                               ("session 15 GroupNorms (before)", (4, 0, 1))]:
-            kernels_everywhere.update(moments=0, rms=0, apply=0)
-            patched = bench.VARIANTS[name][1](copy.deepcopy(model))
-            torch.testing.assert_close(patched(x, t, y), ref, rtol=1e-4, atol=1e-5)
-            got = (kernels_everywhere["moments"], kernels_everywhere["apply"], kernels_everywhere["rms"])
-            assert got == expected, name
+def test_set_norm_kernels_needs_a_patched_model():
+    with pytest.raises(ValueError, match="no kernel GroupNorm or RMSNorm.*apply"):
+        kernels.set_norm_kernels(cf.create_model("DC-DiT-S", input_size=8, depth=1), True)
 
 
 def test_flop_counts_do_not_depend_on_the_norm_kernel_paths(kernels_everywhere):
@@ -319,7 +300,7 @@ def test_flop_counts_do_not_depend_on_the_norm_kernel_paths(kernels_everywhere):
     x, t, y = _inputs()
     with torch.no_grad():
         with_kernels = cf.count_flops(model, x, t, y).total
-        assert all(m.use_kernel for m in model.modules() if isinstance(m, (norms.GroupNorm, precision.RMSNorm)))
-        cf.set_norm_kernels(model, False)
+        assert all(m.use_kernel for m in model.modules() if isinstance(m, (norms.GroupNorm, norms.RMSNorm)))
+        kernels.set_norm_kernels(model, False)
         without = cf.count_flops(model, x, t, y).total
     assert with_kernels == without > 0

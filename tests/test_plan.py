@@ -10,10 +10,10 @@ from conftest import grids, masks, plan_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chunkformer import ChunkPlan, grid_coords, nearest_kept
+from chunkformer import ChunkPlan
 from chunkformer import plan as plan_module
-from chunkformer.plan import PLAN_MODES
-from chunkformer.plan import _nearest_kept_dense
+from chunkformer.grid import grid_coords
+from chunkformer.plan import PLAN_MODES, _nearest_kept_dense, nearest_kept
 
 
 def brute_force_nearest(mask_row: torch.Tensor, grid) -> list[int]:
@@ -201,7 +201,7 @@ def test_capacity_keeps_most_probable(inputs, capacity, mode):
 
 @given(grids(), st.integers(1, 3), st.data())
 def test_position_embedding_follows_original_coordinates(grid, B, data):
-    from chunkformer import grid_coords, sincos_embed
+    from chunkformer.grid import grid_coords, sincos_embed
 
     L = math.prod(grid)
     mask = data.draw(masks(B, L))
@@ -216,7 +216,7 @@ def test_position_embedding_follows_original_coordinates(grid, B, data):
 def test_position_embedding_is_every_slots_own_sincos_in_every_layout(inputs, mode):
     """The embedding comes from a per-position table gathered by slot; it must equal the sin-cos of each slot's
     own coordinates, padding slots and the packed layout included."""
-    from chunkformer import sincos_embed
+    from chunkformer.grid import sincos_embed
 
     grid, mask, probs, _ = inputs
     L = math.prod(grid)

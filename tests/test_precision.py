@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import chunkformer as cf
+import chunkformer.kernels
 from chunkformer.dechunk import dechunk
 from chunkformer.plan import ChunkPlan
 from chunkformer.routing import Router
@@ -134,15 +135,15 @@ def test_switching_a_built_model_equals_building_it_that_way(seed, enabled):
     the captured config), and switching back restores it."""
     strict, low = pair()
     built, other = (strict, low) if enabled else (low, strict)
-    assert cf.set_fp32_router_dechunk(other, enabled) == 2  # the router and the decoder
+    assert cf.kernels.set_fp32_router_dechunk(other, enabled) == 2  # the router and the decoder
     assert other.config["fp32_router_dechunk"] is enabled
     x, t, y = inputs(seed)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(other(x, t, y), built(x, t, y))
-        cf.set_fp32_router_dechunk(other, not enabled)
+        cf.kernels.set_fp32_router_dechunk(other, not enabled)
         assert not torch.equal(other(x, t, y), built(x, t, y))  # the flag is read at every forward
 
 
 def test_switching_needs_a_model_that_routes():
     with pytest.raises(ValueError, match="no Router or DeChunkDecoder"):
-        cf.set_fp32_router_dechunk(cf.create_model("DiT-S/2", input_size=8, depth=1), False)
+        cf.kernels.set_fp32_router_dechunk(cf.create_model("DiT-S/2", input_size=8, depth=1), False)

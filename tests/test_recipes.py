@@ -555,3 +555,22 @@ def test_ddp_broadcasts_buffers_only_when_there_is_more_than_a_position_table():
         assert parallelize(with_norm, d).broadcast_buffers is True
     finally:
         dist.destroy_process_group()
+
+
+def test_generate_applies_the_gpu_fast_paths_on_cuda_only_and_removes_them_afterwards(monkeypatch):
+    import chunkformer as cf
+    from chunkformer import kernels
+    from recipes import sampling
+
+    calls, real = [], kernels.apply
+    monkeypatch.setattr(kernels, "apply", lambda model: calls.append("apply") or real(model, force=True))
+    model = cf.create_model("DC-DiT-S", input_size=8, depth=1)
+    for enabled, device, expected in [(True, "cuda", ["apply"]), (False, "cuda", []), (True, "cpu", [])]:
+        calls.clear()
+        with sampling._fast_paths(model, enabled, device):
+            assert calls == expected and bool(kernels.applied(model)) == bool(expected)
+        assert kernels.applied(model) == {}  # removed afterwards
+    real(model, force=True)
+    with sampling._fast_paths(model, True, "cuda"):  # already patched: left as it is
+        pass
+    assert calls == [] and kernels.applied(model)

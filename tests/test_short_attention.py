@@ -1,5 +1,5 @@
-"""chunkformer.short_attention: the Triton forward for short unmasked attention, where it is chosen, and that
-masked_sdpa sends it the calls it should (the kernel itself runs here under Triton's interpreter)."""
+"""chunkformer.kernels.short_attention: the Triton forward for short unmasked attention, where it is chosen, and
+that a patched DiT's attention sends it the calls it should (the kernel runs here under Triton's interpreter)."""
 
 import os
 import subprocess
@@ -12,8 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import chunkformer as cf
-from chunkformer import short_attention
+from chunkformer.kernels import short_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,14 +49,14 @@ def test_runs_here_only_for_unmasked_gradient_free_half_precision_cuda_calls_ins
     if taken:
         pytest.importorskip("triton")  # without Triton nothing is taken
     try:
-        cf.set_short_attention(c["enabled"])
+        short_attention.set_short_attention(c["enabled"])
         with FakeTensorMode(allow_non_fake_inputs=True), torch.set_grad_enabled(c["grad"]):
             q = torch.empty(2, 16, 100, c["head_dim"], device=c["device"], dtype=c["dtype"])  # queries: any count
             k = torch.empty(2, 16, c["keys"], c["head_dim"], device=c["device"], dtype=c["dtype"])
             mask = torch.ones(2, 1, 1, c["keys"], dtype=torch.bool, device=c["device"]) if c["mask"] else None
             assert short_attention.runs_here(q, k, mask) is taken
     finally:
-        cf.set_short_attention(True)
+        short_attention.set_short_attention(True)
 
 
 def test_forward_checks_its_inputs():
@@ -68,14 +67,15 @@ def test_forward_checks_its_inputs():
             short_attention._checked(*bad)
 
 
-def test_kernel_equals_sdpa_and_masked_sdpa_routes_through_it_under_the_triton_interpreter():
+def test_kernel_equals_sdpa_and_a_patched_dit_routes_through_it_under_the_triton_interpreter():
     """The kernel on the CPU (Triton's interpreter, set before import): ragged query and key counts, head dims with
-    and without a padded rest, strided views of a fused projection. Then masked_sdpa, told the kernel runs here,
-    calls it for unmasked attention (a DiT's two blocks) and gives SDPA's outputs."""
+    and without a padded rest, strided views of a fused projection. Then a DiT patched by kernels.apply, told the
+    kernel runs here, calls it for unmasked attention (its two blocks) and gives the plain model's outputs."""
     pytest.importorskip("triton")
     code = """
 import torch, torch.nn.functional as F, chunkformer as cf
-from chunkformer import attention, short_attention as sa
+from chunkformer import kernels
+from chunkformer.kernels import short_attention as sa
 torch.manual_seed(0)
 for B, Lq, Lk, H, D, tiles in [(2, 37, 37, 2, 72, sa.AttentionTiles(16, 16)), (1, 20, 50, 3, 64, sa.AttentionTiles(16, 32)),
                                (2, 33, 64, 1, 80, sa.AttentionTiles(32, 16)), (1, 5, 3, 2, 72, sa.AttentionTiles(16, 16))]:
@@ -92,11 +92,12 @@ sa.forward = lambda q, k, v, tiles=None: calls.append(q.shape) or real(q, k, v, 
 model = cf.create_model("DiT-S/2", input_size=8, depth=2, hidden_size=64, num_heads=2).eval()  # head dim 32
 x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
 with torch.no_grad():
+    plain = model(x, t, y)
+    assert not calls
+    assert kernels.apply(model, force=True)["attention"] == 2
     out = model(x, t, y)
 assert len(calls) == 2, calls
-sa.runs_here = lambda q, k, mask: False
-with torch.no_grad():
-    assert torch.allclose(out, model(x, t, y), atol=1e-5)
+assert torch.allclose(out, plain, atol=1e-5)
 print('ok')
 """
     env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
@@ -104,6 +105,7 @@ print('ok')
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-500:] + res.stderr[-3000:]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel runs on a GPU (here: interpreter tests only)")
 def test_on_a_gpu_the_kernel_matches_sdpa_alone_in_a_model_and_compiled():  # pragma: no cover - GPU runs
     """DC-DiT-XL's shapes (16 heads of 72, 160 kept tokens): one call against fp32 SDPA; a two-block DC-DiT-XL with
@@ -118,7 +120,8 @@ def test_on_a_gpu_the_kernel_matches_sdpa_alone_in_a_model_and_compiled():  # pr
 
     code = """
 import torch, chunkformer as cf
-from chunkformer import short_attention
+from chunkformer import kernels
+from chunkformer.kernels import short_attention
 torch.manual_seed(0)
 m = cf.create_model("DC-DiT-XL", input_size=32, depth=2, plan_mode="fixed", capacity=160, fill_capacity=True).cuda().eval()
 with torch.no_grad():  # adaLN-zero and the zero final layer would make every output 0
@@ -127,13 +130,14 @@ with torch.no_grad():  # adaLN-zero and the zero final layer would make every ou
             p.normal_(0, 0.02)
 x = torch.randn(4, 4, 32, 32, device="cuda")
 t, y = torch.tensor([1, 200, 500, 900], device="cuda"), torch.tensor([1, 2, 3, 4], device="cuda")
+kernels.apply(m)
 calls, real = [], short_attention.forward
 short_attention.forward = lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw)
 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
     fast = m(x, t, y).float()
     assert len(calls) == 2, calls  # one per block
     compiled = torch.compile(m)(x, t, y).float()
-    cf.set_short_attention(False)
+    short_attention.set_short_attention(False)
     slow = m(x, t, y).float()
     torch._dynamo.reset()
     compiled_slow = torch.compile(m)(x, t, y).float()
@@ -141,6 +145,7 @@ scale = slow.abs().max()
 print((fast - slow).abs().max().item(), (compiled - compiled_slow).abs().max().item(), (compiled - fast).abs().max().item(), scale.item())
 assert scale > 0 and (fast - slow).abs().max() <= 2e-2 * scale, ((fast - slow).abs().max(), scale)
 assert (compiled - compiled_slow).abs().max() <= 2e-2 * scale, ((compiled - compiled_slow).abs().max(), scale)
+short_attention.set_short_attention(True)
 print('ok')
 """
     env = {**os.environ, "CHUNKFORMER_TYPECHECK": "0"}  # compiled models run without the jaxtyping wrappers

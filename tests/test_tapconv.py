@@ -1,4 +1,5 @@
-"""conv3x3_taps: a 3x3 conv as a GEMM of its taps plus their shifted sum equals the convolution."""
+"""chunkformer.kernels.tapconv: a 3x3 conv as a GEMM of its taps plus their shifted sum, and a 1x1 conv as a GEMM
+over cells, equal the convolutions; kernels.apply() gives them to the layers they fit."""
 
 import os
 import subprocess
@@ -12,8 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import chunkformer as cf
+from chunkformer import kernels
+from chunkformer.kernels.tapconv import (
+    PointwiseConv2d,
+    TapConv2d,
+    conv3x3_taps,
+    tap_sum,
+    tap_sum_reference,
+    tap_weights,
+)
 from chunkformer.scaffold import ResBlock
-from chunkformer.tapconv import PointwiseConv2d, TapConv2d, conv3x3_taps, tap_sum, tap_sum_reference, tap_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,33 +78,30 @@ def test_bad_shapes_are_refused_with_the_expected_layout():
         conv3x3_taps(torch.zeros(1, 5, 4, 4), torch.zeros(2, 4, 3, 3))
 
 
-def test_resblock_takes_the_taps_path_only_where_it_is_meant_to():
-    """Narrowing 2-D blocks get a TapConv2d, on by default only for the measured shape; the marked block on the CPU
-    (no CUDA) runs the plain conv, so its outputs equal an unmarked twin's exactly."""
-    assert ResBlock(1152, 288, None).taps_narrowing  # DC-DiT-XL's decoder, in TAPS_FASTER
-    for cin, cout in ((1024, 256), (768, 192)):  # L and B: a taps path, off until timed
-        block = ResBlock(cin, cout, None)
-        assert isinstance(block.conv1, TapConv2d) and not block.taps_narrowing
-        block.taps_narrowing = True
-        assert block.conv1.use_taps
-    assert (
-        not ResBlock(288, 288, None).taps_narrowing and not ResBlock(1152, 288, None, ndim=1).taps_narrowing
-    )
-    with pytest.raises(ValueError, match="has a taps path"):
-        ResBlock(288, 1152, None).taps_narrowing = True  # widening: conv1 is a plain conv
-    marked = ResBlock(1152, 288, None)
-    assert isinstance(marked.conv1, torch.nn.Conv2d)
-    assert (
-        marked.state_dict().keys() == ResBlock(1152, 288, None, ndim=1).state_dict().keys()
-    )  # checkpoints load as before
+def test_apply_gives_the_taps_path_to_narrowing_convs_only_where_it_is_meant_to():
+    """Narrowing 2-D blocks get a TapConv2d, by default only for the measured shape; on the CPU (no CUDA) the
+    patched block runs the plain conv, so its outputs equal the plain block's exactly."""
+    def patched(block, **kw):
+        holder = torch.nn.Sequential(cf.DeChunkDecoder(8, 4, depth=1))  # apply() patches scaffolds only
+        holder[0].blocks[0] = block
+        kernels.apply(holder, force=True, **kw)
+        return block
+
+    assert isinstance(patched(ResBlock(1152, 288, None)).conv1, TapConv2d)  # DC-DiT-XL's decoder, in TAPS_FASTER
+    for cin, cout in ((1024, 256), (768, 192)):  # L and B: no taps path unless asked
+        assert type(patched(ResBlock(cin, cout, None)).conv1) is torch.nn.Conv2d
+        assert isinstance(patched(ResBlock(cin, cout, None), taps=True).conv1, TapConv2d)
+    assert type(patched(ResBlock(288, 288, None), taps=True).conv1) is torch.nn.Conv2d  # not narrowing
+    assert type(patched(ResBlock(1152, 288, None, ndim=1), taps=True).conv1) is torch.nn.Conv1d
     torch.manual_seed(0)
     block = ResBlock(1024, 256, 8).eval()
-    block.taps_narrowing = True
+    keys = block.state_dict().keys()
     x, c = torch.randn(1, 1024, 3, 3), torch.randn(1, 8)
     with torch.no_grad():
-        marked = block(x, c)
-        block.taps_narrowing = False
-        torch.testing.assert_close(block(x, c), marked, rtol=0, atol=0)
+        plain = block(x, c)
+        patched(block, taps=True)
+        assert isinstance(block.conv1, TapConv2d) and block.state_dict().keys() == keys  # checkpoints load as before
+        torch.testing.assert_close(block(x, c), plain, rtol=0, atol=0)
 
 
 def test_triton_tap_sum_matches_torch_under_the_triton_interpreter():
@@ -104,7 +110,7 @@ def test_triton_tap_sum_matches_torch_under_the_triton_interpreter():
     pytest.importorskip("triton")
     code = """
 import torch
-from chunkformer import tapconv
+from chunkformer.kernels import tapconv
 for (B, H, W, C), tiles in [((2, 5, 7, 40), (4, 32, 1)), ((1, 3, 9, 64), (8, 64, 1)), ((2, 4, 4, 16), None)]:
     taps = torch.randn(B, H, W, 9, C)
     for bias in (None, torch.randn(C)):
@@ -126,16 +132,18 @@ print('ok')
 
 
 def test_set_taps_narrowing_switches_every_narrowing_conv_of_a_model():
-    import chunkformer as cf
-
-    model = cf.create_model("DC-DiT-S", input_size=8, depth=1)  # decoder 384 -> 96: a TapConv2d, off by default
+    model = cf.create_model("DC-DiT-S", input_size=8, depth=1)  # decoder 384 -> 96: not in TAPS_FASTER
+    kernels.apply(model, force=True)
+    assert not [m for m in model.modules() if isinstance(m, TapConv2d)]
+    assert kernels.set_taps_narrowing(model, True) == 1
     (conv,) = [m for m in model.modules() if isinstance(m, TapConv2d)]
-    assert not conv.use_taps
-    assert cf.set_taps_narrowing(model, True) == 1 and conv.use_taps
-    assert cf.set_taps_narrowing(model, None) == 1 and not conv.use_taps  # back to TAPS_FASTER's choice
-    assert cf.set_taps_narrowing(model, False) == 1 and not conv.use_taps
-    with pytest.raises(ValueError, match="has no TapConv2d"):
-        cf.set_taps_narrowing(cf.create_model("DiT-S/2", input_size=8, depth=1), False)
+    assert conv.use_kernel
+    assert kernels.set_taps_narrowing(model, None) == 1 and not conv.use_kernel  # back to TAPS_FASTER's choice
+    assert kernels.set_taps_narrowing(model, False) == 1 and not conv.use_kernel
+    kernels.remove(model)
+    assert type(conv) is torch.nn.Conv2d and "use_kernel" not in conv.__dict__
+    with pytest.raises(ValueError, match="has no narrowing 3x3 conv"):
+        kernels.set_taps_narrowing(cf.create_model("DiT-S/2", input_size=8, depth=1), False)
 
 
 @settings(max_examples=25, deadline=None)
@@ -170,15 +178,16 @@ def test_pointwise_conv_takes_the_gemm_only_when_sampling_on_a_gpu_in_half_preci
             assert not conv.float().takes_gemm(xc.float())  # fp32 without autocast: cuDNN (TF32), not an fp32 GEMM
 
 
-def test_conv_nd_builds_pointwise_convs_for_plain_2d_1x1_convs_only():
+def test_apply_makes_gemms_of_the_scaffolds_plain_2d_1x1_convs_only():
     from chunkformer.grid import conv_nd
 
-    assert type(conv_nd(2, 8, 4, 1)) is PointwiseConv2d
-    assert type(conv_nd(2, 8, 4, 1, bias=False)) is PointwiseConv2d
-    assert type(conv_nd(2, 8, 4, 3, padding=1)) is torch.nn.Conv2d
-    assert type(conv_nd(2, 8, 8, 1, groups=8)) is torch.nn.Conv2d
-    assert type(conv_nd(3, 8, 4, 1)) is torch.nn.Conv3d
+    assert PointwiseConv2d.fits(conv_nd(2, 8, 4, 1)) and PointwiseConv2d.fits(conv_nd(2, 8, 4, 1, bias=False))
+    assert not PointwiseConv2d.fits(conv_nd(2, 8, 4, 3, padding=1))
+    assert not PointwiseConv2d.fits(conv_nd(2, 8, 8, 1, groups=8))
+    assert not PointwiseConv2d.fits(conv_nd(2, 8, 4, 1, stride=2))
+    assert not PointwiseConv2d.fits(conv_nd(3, 8, 4, 1))
     model = cf.create_model("DC-DiT-S", input_size=16, depth=1)
+    kernels.apply(model, force=True)
     names = [n for n, m in model.named_modules() if isinstance(m, PointwiseConv2d)]
     assert names == ["encoder.blocks.1.skip", "router.proj", "router.scorer.3", "decoder.blocks.0.skip"]
 
@@ -191,6 +200,7 @@ def test_a_model_with_every_pointwise_conv_forced_onto_its_gemm_computes_the_sam
             p.add_(torch.randn_like(p) * 0.02)
         x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 2])
         ref = model(x, t, y)
+        kernels.apply(model, force=True)
         calls = []
         monkeypatch.setattr(PointwiseConv2d, "takes_gemm", lambda self, x: calls.append(self) or True)
         out = model(x, t, y)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import chunkformer as cf
+from chunkformer._typing import TYPECHECK
 
 
 def run_python(code: str, typecheck: str | None) -> str:
@@ -24,19 +25,20 @@ def run_python(code: str, typecheck: str | None) -> str:
 
 
 def test_switch_is_on_in_the_suite_and_catches_wrong_shapes():
-    assert cf.TYPECHECK
+    assert TYPECHECK
     plan = cf.ChunkPlan.from_mask(torch.ones(2, 6, dtype=torch.bool), grid=(2, 3))
     with pytest.raises(Exception, match="(?i)type-check|shape|dimension"):
         plan.pack(torch.randn(2, 6))  # missing the feature dimension
     with pytest.raises(Exception):
-        cf.to_grid(torch.randn(2, 6), (2, 3))
+        cf.grid.to_grid(torch.randn(2, 6), (2, 3))
 
 
 def test_switch_off_by_default_leaves_plain_functions():
     code = """
         import chunkformer as cf
+        from chunkformer._typing import TYPECHECK
         from chunkformer.plan import ChunkPlan
-        print(cf.TYPECHECK, hasattr(ChunkPlan.gather, "__wrapped__"), hasattr(cf.to_grid, "__wrapped__"))
+        print(TYPECHECK, hasattr(ChunkPlan.gather, "__wrapped__"), hasattr(cf.grid.to_grid, "__wrapped__"))
     """
     assert run_python(code, None) == "False False False"
     assert run_python(code, "1") == "True True True"

@@ -77,11 +77,11 @@ def test_distillation_loss_is_zero_when_the_student_sees_the_teachers_tokens(lay
     student, teacher = upcycle(dit)
     student.eval()
     x, t, y = inputs()
-    grid = cf.grid_coords((8, 8)).long()
+    grid = cf.grid.grid_coords((8, 8)).long()
     keep = ((grid % patch) == 0).all(-1)  # (64,)
     student.router = FixedRouter(keep)
     patch_tokens = teacher.adapter.patch_tokens(teacher.model, x)  # (B, 64 / P^2, d), with positions
-    coords = cf.grid_coords((8 // patch, 8 // patch))
+    coords = cf.grid.grid_coords((8 // patch, 8 // patch))
     no_pos = patch_tokens - student.backbone.position_embedding(coords)
     full = torch.zeros(3, 64, 32)
     full[:, keep] = no_pos

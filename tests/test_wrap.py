@@ -154,7 +154,7 @@ def test_wrapped_position_embedding_matches_the_backbone_table_at_patch_centres(
 
 def test_custom_adapter_and_any_backbone():
     backbone = TinyCustomBackbone()
-    with pytest.raises(cf.UnsupportedModelError, match="BackboneAdapter"):
+    with pytest.raises(cf.adapters.UnsupportedModelError, match="BackboneAdapter"):
         cf.wrap(backbone)
     w = cf.wrap(backbone, adapter=TinyCustomAdapter)
     assert w.plan_mode == "padded"  # unknown attention: pad slots hold real tokens
@@ -169,7 +169,7 @@ def test_custom_adapter_and_any_backbone():
 
 
 def test_unsupported_models_fail_at_wrap_time_naming_what_is_missing():
-    with pytest.raises(cf.UnsupportedModelError) as err:
+    with pytest.raises(cf.adapters.UnsupportedModelError) as err:
         cf.wrap(torch.nn.Sequential(torch.nn.Linear(3, 3)))
     message = str(err.value)
     for name in ("chunkformer", "dit", "diffusers", "pos_embed", "transformer_blocks"):
@@ -181,7 +181,7 @@ def test_unsupported_models_fail_at_wrap_time_naming_what_is_missing():
         cf.wrap(w)
     with pytest.raises(ValueError, match="unknown adapter"):
         cf.wrap(make("dit"), adapter="timm")
-    with pytest.raises(cf.UnsupportedModelError, match="pos_embed"):
+    with pytest.raises(cf.adapters.UnsupportedModelError, match="pos_embed"):
         cf.wrap(make("chunkformer"), adapter="dit")
     with pytest.raises(ValueError, match="attention"):
         cf.wrap(make("dit-opaque"), plan_mode="packed")

@@ -2,7 +2,7 @@
 
 from .checkpoint import clean_state_dict, load_weights, save_pretrained
 from .dcdit import DCDiT
-from .dit import DiT, DiTBlock, ForwardInfo, set_fused_gelu
+from .dit import DiT, DiTBlock, ForwardInfo
 from .registry import MODEL_SIZES, create_model, list_models
 
 __all__ = [
@@ -10,7 +10,6 @@ __all__ = [
     "DiT",
     "DiTBlock",
     "ForwardInfo",
-    "set_fused_gelu",
     "MODEL_SIZES",
     "clean_state_dict",
     "create_model",

@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from .._typing import Bool, Float, Int, Tensor, typechecked
-from ..attention import Backend, chunk_attention, dense_attention
+from ..attention import Backend, Sdpa, chunk_attention, dense_attention
 from ..caching import run_with_cache, skipped_last
 from ..grid import conv_nd, sincos_table
 from ..plan import ChunkPlan
@@ -33,8 +33,6 @@ __all__ = [
     "DiTBlock",
     "Attention",
     "Mlp",
-    "gelu_linear",
-    "set_fused_gelu",
     "TimestepEmbedder",
     "LabelEmbedder",
     "ForwardInfo",
@@ -126,70 +124,29 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, plan: ChunkPlan | None = None, key_bias: Tensor | None = None) -> Tensor:
         """``key_bias``: optional per-key logit offset (token merging's proportional attention)."""
+        return self.attend(x, plan, key_bias, None)
+
+    def attend(self, x: Tensor, plan: ChunkPlan | None, key_bias: Tensor | None, sdpa: Sdpa | None) -> Tensor:
+        """:meth:`forward` with ``sdpa`` (``(q, k, v, mask) -> out`` on ``(B, H, M, dh)``; ``None``:
+        :func:`~chunkformer.attention.masked_sdpa`) for the attention of each sample."""
         q, k, v = rearrange(self.qkv(x), "... (three h d) -> three ... h d", three=3, h=self.num_heads)
         if plan is None:
-            out = dense_attention(q, k, v, key_bias)  # (B, L, H, dh)
+            out = dense_attention(q, k, v, key_bias, sdpa=sdpa)  # (B, L, H, dh)
         else:
-            out = chunk_attention(q, k, v, plan, self.backend, key_bias)  # (T, H, dh) | (B, M, H, dh)
+            out = chunk_attention(q, k, v, plan, self.backend, key_bias, sdpa=sdpa)  # (T, H, dh) | (B, M, H, dh)
         return self.proj(rearrange(out, "... h d -> ... (h d)"))
 
 
-def gelu_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """``gelu_tanh(x @ weight.T + bias)`` as one cuBLASLt GEMM with the bias and the GELU in its epilogue
-    (``torch._addmm_activation``) on CUDA; two ops elsewhere (on the CPU that op's GELU is the exact one, not
-    tanh's). ``x`` ``(..., in)`` -> ``(..., out)``, in the autocast dtype when autocast is on, else in ``x``'s."""
-    if not x.is_cuda:
-        return F.gelu(F.linear(x, weight, bias), approximate="tanh")
-    on = torch.is_autocast_enabled(x.device.type)
-    dtype = torch.get_autocast_dtype(x.device.type) if on else x.dtype
-    rows = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
-    out = torch._addmm_activation(bias.to(dtype), rows, weight.to(dtype).t(), use_gelu=True)  # (N, out)
-    return out.view(*x.shape[:-1], weight.shape[0])
-
-
 class Mlp(nn.Module):
-    """``Linear -> GELU(tanh) -> Linear``.
-
-    Sampling on a GPU in bf16/fp16 (CUDA, no grad, a half-precision input or autocast), the GELU runs in
-    fc1's GEMM epilogue (:func:`gelu_linear`) instead of as a pass over the ``(tokens, 4d)`` hidden
-    tensor, the block's largest: fc1 + GELU 1.28-1.30x faster at DiT-XL's 13-16K rows on an H100
-    (``benchmarks/gelu_epilogue.py``). ``fuse_gelu = False`` keeps the two-step path.
-    """
+    """``Linear -> GELU(tanh) -> Linear``."""
 
     def __init__(self, dim: int, hidden: int, *, device=None, dtype=None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
         self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
-        self.fuse_gelu = True
-
-    def takes_epilogue(self, x: Tensor) -> bool:
-        """Whether ``forward(x)`` runs the GELU in fc1's GEMM epilogue (else as its own op)."""
-        if not (self.fuse_gelu and x.is_cuda and self.fc1.bias is not None) or torch.is_grad_enabled():
-            return False  # (autocast is asked only on CUDA: meta tensors, the FLOP counter's, have no autocast)
-        return x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda")
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.takes_epilogue(x):
-            return self.fc2(gelu_linear(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-def set_fused_gelu(model: nn.Module, enabled: bool) -> int:
-    """Choose where every :class:`Mlp` in ``model`` runs its GELU when sampling on a GPU in half precision:
-    ``True`` (the default) in fc1's GEMM epilogue, ``False`` as its own pass. Returns the number of MLPs
-    set; raises if ``model`` has none.
-
-        import chunkformer as cf
-        model = cf.create_model("DiT-S/2", input_size=8, depth=2)
-        assert cf.set_fused_gelu(model, False) == 2
-    """
-    mlps = [m for m in model.modules() if isinstance(m, Mlp)]
-    if not mlps:
-        raise ValueError(f"{type(model).__name__} has no chunkformer Mlp: only DiT and DC-DiT backbones built here "
-                         "have one (a wrapped model keeps its own MLP)")
-    for m in mlps:
-        m.fuse_gelu = bool(enabled)
-    return len(mlps)
 
 
 class DiTBlock(nn.Module):

@@ -1,21 +1,22 @@
 """A Triton attention forward for short unmasked sequences, where SDPA's default kernel pads.
 
-On Hopper, SDPA's default choice (cuDNN's flash kernel) pads the keys to a multiple of 128 and a head
-dim of 72 to 128. Just past 128 keys it costs what it costs at 256: with 16 heads of 72 at batch 64,
-0.036 ms at 128 keys and 0.079-0.080 at 136 to 192 on an H100 (``benchmarks/short_attention.py
---lengths``). DC-DiT-XL at rho 0.4 attends over 160 kept tokens in each of its 28 blocks. This kernel
-costs 0.057-0.062 ms there: key blocks of 64 with a running max (flash attention's forward), the head dim
-split as 64 + 16 lanes (8 masked at 72) so nothing is padded to 128, one program per 64 queries and head.
+On recent GPUs SDPA's default choice (cuDNN's flash kernel) pads the keys to a multiple of 128 and a head
+dim of 72 to 128, so just past 128 keys it costs what it costs at 256; DC-DiT-XL at rho 0.4 attends over
+160 kept tokens in each block. This kernel runs key blocks of 64 with a running max (flash attention's
+forward), the head dim split as 64 + 16 lanes (8 masked at 72) so nothing is padded to 128, one program
+per 64 queries and head.
 
-:func:`~chunkformer.attention.masked_sdpa` sends a call here when :func:`runs_here`: CUDA, fp16 / bf16, no
-mask, no gradient, and a head dim and key count inside :data:`WINS`, where it was measured faster than
-SDPA (on an H100 at 136 to 192 keys, on an H200 at 144 to 192). Elsewhere (training, masks, other
-lengths) SDPA runs. :func:`set_short_attention` turns it off. It is a ``torch.library.triton_op``:
-compiled graphs launch the kernel from their own code.
+:func:`sdpa` sends a call here when :func:`runs_here`: CUDA, fp16 / bf16, no mask, no gradient, and a head
+dim and key count inside :data:`WINS` (where ``benchmarks/short_attention.py`` measured it ahead of SDPA;
+docs/performance.md), and to :func:`~chunkformer.attention.masked_sdpa` otherwise. :class:`Attention`, which
+:func:`chunkformer.kernels.apply` swaps in for DiT's attention, attends through it; :func:`set_short_attention`
+turns it off process-wide. It is a ``torch.library.triton_op``: compiled graphs launch the kernel from their
+own code.
 
-    import torch, chunkformer as cf
+    import torch
+    from chunkformer.kernels import short_attention
     q = torch.randn(2, 4, 160, 72)                          # (B, H, L, dh)
-    assert not cf.short_attention.runs_here(q, q, None)     # fp32 on the CPU: SDPA runs
+    assert not short_attention.runs_here(q, q, None)        # fp32 on the CPU: SDPA runs
 """
 
 import math
@@ -24,32 +25,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .tapconv import triton
+from ..attention import masked_sdpa
+from ..models.dit import Attention as PlainAttention
+from ._triton import kernel_op, launcher, tl, triton
 
-if triton is not None:
-    import triton.language as tl
+__all__ = ["Attention", "AttentionTiles", "WINS", "attend", "forward", "runs_here", "sdpa", "set_short_attention",
+           "split_head_dim"]
 
-    from .tapconv import kernel_op, launcher
-
-__all__ = ["AttentionTiles", "WINS", "attend", "forward", "runs_here", "set_short_attention", "split_head_dim"]
-
-# head dim -> (lo, hi]: the key counts where the kernel beat SDPA's choice (bf16, batch 64, 16 heads; H100 at 136-192,
-# H200 at 144-192; benchmarks/results/short_attention_lengths_hd72_h100.json, short_attention_lengths_graph_s20_h200.json).
-# At dh 64 cuDNN pads nothing and the kernel lost at 160 and 176 keys; at 200-256 it lost at 72 (by 6-16%).
+# head dim -> (lo, hi]: the key counts where the kernel beat SDPA's choice (bf16, batch 64, 16 heads;
+# benchmarks/short_attention.py --lengths, docs/performance.md). At dh 64 cuDNN pads nothing and SDPA stays.
 WINS: dict[int, tuple[int, int]] = {72: (128, 192)}
 _enabled = True
 
 
 def set_short_attention(enabled: bool) -> None:
-    """Let :func:`~chunkformer.attention.masked_sdpa` use the kernel where it wins (the default), or never."""
+    """Let :func:`sdpa` use the kernel where it wins (the default), or never (process-wide)."""
     global _enabled
     _enabled = bool(enabled)
 
 
 @dataclass(frozen=True)
 class AttentionTiles:
-    """Tiles and launch shape of the kernel: 64 queries x 64 keys, 4 warps, 3 stages was the fastest of 12
-    at 136-192 keys on the H100 (the H200's best at 160, 64 x 32 with 2 stages, was within 2% of it)."""
+    """Tiles and launch shape of the kernel: 64 queries x 64 keys, 4 warps, 3 stages (the best of the tilings
+    ``benchmarks/short_attention.py`` sweeps at 136-192 keys)."""
 
     block_m: int = 64   # query rows per program
     block_n: int = 64   # keys per inner step
@@ -88,6 +86,23 @@ def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Softmax attention ``(B, H, Lq, dh), (B, H, Lk, dh) x2 -> (B, H, Lq, dh)``, no mask, forward only,
     as SDPA takes and returns it (any strides in; the output is a view of a ``(B, Lq, H, dh)`` tensor)."""
     return _short_attention_op(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """:func:`~chunkformer.attention.masked_sdpa` on ``(B, H, M, dh)``, through the kernel where :func:`runs_here`."""
+    if runs_here(q, k, mask):
+        return attend(q, k, v)
+    return masked_sdpa(q, k, v, mask)
+
+
+class Attention(PlainAttention):
+    """DiT's :class:`~chunkformer.models.dit.Attention` attending through :func:`sdpa` (a class swap made by
+    :func:`chunkformer.kernels.apply`: same parameters and state dict)."""
+
+    plain_class = PlainAttention
+
+    def forward(self, x: Tensor, plan=None, key_bias: Tensor | None = None) -> Tensor:
+        return self.attend(x, plan, key_bias, sdpa)
 
 
 def _checked(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -142,7 +157,7 @@ if triton is not None:
     @triton.jit
     def _head_start(h, stride, ALIGN: tl.constexpr):
         """``h * stride`` elements, declared a multiple of ``ALIGN`` (1: nothing declared), so that a head
-        stride of 72 still gets 16-byte loads (``benchmarks/kernel_loads.py``)."""
+        stride of 72 still gets 16-byte loads."""
         start = h * stride
         if ALIGN > 1:
             start = tl.multiple_of(start, ALIGN)

@@ -1,4 +1,4 @@
-"""A 3x3 convolution as one GEMM of its nine taps plus their shifted sum (a sampling fast path).
+"""A 3x3 convolution as one GEMM of its nine taps plus their shifted sum, and a 1x1 convolution as a GEMM.
 
     conv = nn.Conv2d(1152, 288, 3, padding=1).cuda()
     x = torch.randn(64, 1152, 32, 32, device="cuda").to(memory_format=torch.channels_last)
@@ -9,12 +9,10 @@
 For each cell the GEMM maps its ``cin`` channels to the ``9 * cout`` values the cell contributes
 to its nine neighbours; output cell ``(i, j)`` then sums tap ``(a, b)`` of cell ``(i + a - 1,
 j + b - 1)`` over the nine offsets, in fp32, with zeros outside the grid. The same sum as the
-convolution in another order. It pays where cuDNN's kernel for a shape is slow: DC-DiT-XL's
-narrowing ``1152 -> 288`` conv, which cuDNN runs at about 360 TFLOP/s on an H100 against 600
-for the scaffold's other convs. The shifted sum is a Triton kernel on CUDA, wrapped as a custom
-op that ``torch.compile`` treats as opaque (it neither fuses it into its neighbours nor copies
-the tap tensor around it), and plain torch elsewhere. Forward only: :class:`TapConv2d` takes
-this path only without grad, so training keeps cuDNN.
+convolution in another order; it pays for shapes where cuDNN's own kernel is slow (``TAPS_FASTER``).
+The shifted sum is a Triton kernel on CUDA, wrapped as a custom op that ``torch.compile`` treats as
+opaque (it neither fuses it into its neighbours nor copies the tap tensor around it), and plain torch
+elsewhere. Forward only: :class:`TapConv2d` takes this path only without grad, so training keeps cuDNN.
 """
 
 import torch
@@ -22,22 +20,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ._typing import Float, Tensor
+from .._typing import Float, Tensor
+from ._triton import launcher, strided_custom_op, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
-    triton = None
-else:
-    from torch._subclasses.fake_tensor import is_fake
-    from torch.library import wrap_triton  # a kernel torch.compile traces into
+__all__ = ["TAPS_FASTER", "PointwiseConv2d", "TapConv2d", "conv3x3_taps", "tap_sum", "tap_weights"]
 
-__all__ = ["TAPS_FASTER", "PointwiseConv2d", "TapConv2d", "conv3x3_taps", "set_taps_narrowing", "tap_sum", "tap_weights"]
-
-# (cin, cout) where the taps form measured faster than cuDNN inside a compiled DC-DiT step (H200, bf16;
-# docs/performance-log.md): ResBlock turns it on for these only. DC-DiT-L's (1024, 256) was slower alone (0.52 vs
-# 0.45 ms), and no other shape has been timed.
+# (cin, cout) where the taps form beat cuDNN inside a compiled DC-DiT step (docs/performance.md):
+# apply() turns it on for these only (DC-DiT-XL's narrowing conv).
 TAPS_FASTER: frozenset[tuple[int, int]] = frozenset({(1152, 288)})
 
 
@@ -95,8 +84,7 @@ def conv3x3_taps(
             f"x must be (batch, {weight.shape[1]}, h, w) for these weights, got {tuple(x.shape)}"
         )
     # cells as rows, channels contiguous: free for a channels-last x, and under torch.compile it makes the
-    # producer write that layout (left to itself, inductor wrote NCHW and cuBLAS ran the transposed
-    # GEMM 3x slower)
+    # producer write that layout (left to itself, inductor wrote NCHW and cuBLAS ran the transposed GEMM)
     rows = rearrange(x, "b c h w -> b h w c").contiguous()  # (B, H, W, cin)
     taps = F.linear(rows, tap_weights(weight))  # (B, H, W, 9 * cout)
     return tap_sum(rearrange(taps, "b h w (k c) -> b h w k c", k=9), bias)  # (B, cout, H, W), channels-last
@@ -104,72 +92,67 @@ def conv3x3_taps(
 
 class TapConv2d(nn.Conv2d):
     """A 3x3 ``nn.Conv2d`` (padding 1) that runs as :func:`conv3x3_taps` when sampling on a GPU in
-    bf16/fp16 (CUDA, no grad, a half-precision input or autocast), and as cuDNN otherwise.
+    bf16/fp16 (CUDA, no grad, a half-precision input or autocast) and ``use_kernel``, as cuDNN otherwise.
 
-    Same parameters and state dict as ``nn.Conv2d``; set ``use_taps = False`` to keep cuDNN.
+    Made from an ``nn.Conv2d`` by :func:`chunkformer.kernels.apply` (a class swap: same parameters and state dict).
     """
+
+    plain_class = nn.Conv2d
+    use_kernel = True
 
     def __init__(self, in_channels: int, out_channels: int, **kwargs) -> None:
         super().__init__(in_channels, out_channels, 3, padding=1, **kwargs)
-        self.use_taps = True
 
     def takes_taps(self, x: Tensor) -> bool:
         """Whether ``forward(x)`` runs the taps path (else cuDNN)."""
         half = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(x.device.type)
-        return self.use_taps and x.is_cuda and half and not torch.is_grad_enabled()
+        return self.use_kernel and x.is_cuda and half and not torch.is_grad_enabled()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.takes_taps(x):
             return conv3x3_taps(x, self.weight, self.bias)  # (B, cout, H, W), channels-last
         return super().forward(x)
 
+    @staticmethod
+    def fits(conv: nn.Module) -> bool:
+        """Whether ``conv`` is a plain 2-D 3x3 conv with padding 1 (what the taps path computes)."""
+        return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+                and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+                and conv.padding_mode == "zeros")
+
 
 class PointwiseConv2d(nn.Conv2d):
     """A 1x1 ``nn.Conv2d`` that runs as one GEMM over the cells of a channels-last grid when sampling on a GPU
     in bf16/fp16 (CUDA, no grad, a half-precision input or autocast, channels-last ``x``), as cuDNN otherwise.
 
-    A channels-last grid is already a ``(cells, channels)`` matrix, and cuBLAS runs DC-DiT-XL's 1x1 convs
-    faster than cuDNN (``1152 -> 288``: 0.077 against 0.109 ms on an H100). As GEMMs, DC-DiT-XL's four (the
-    ResBlock skips, the router's projection and head) took the compiled 256px scaffold from 5.32 to 5.13 ms
-    on an H100 (docs/performance-log.md). Same parameters and state dict as ``nn.Conv2d``; ``use_gemm = False`` keeps cuDNN.
+    A channels-last grid is already a ``(cells, channels)`` matrix, and cuBLAS runs these shapes ahead of
+    cuDNN's 1x1 kernels (docs/performance.md). Made from an ``nn.Conv2d`` by :func:`chunkformer.kernels.apply`
+    (a class swap: same parameters and state dict); ``use_kernel = False`` keeps cuDNN.
     """
+
+    plain_class = nn.Conv2d
+    use_kernel = True
 
     def __init__(self, in_channels: int, out_channels: int, **kwargs) -> None:
         super().__init__(in_channels, out_channels, 1, **kwargs)
-        self.use_gemm = True
 
     def takes_gemm(self, x: Tensor) -> bool:
         """Whether the conv runs as a GEMM for ``x`` (else cuDNN)."""
         half = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(x.device.type)
-        return self.use_gemm and x.is_cuda and half and not torch.is_grad_enabled() and x.stride(1) == 1
+        return self.use_kernel and x.is_cuda and half and not torch.is_grad_enabled() and x.stride(1) == 1
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        # forward's path, and the one callers take to run the conv without its bias (ResBlock.raw_terms)
+        # forward's path, and the one the scaffold's kernels take to run the conv without its bias
         if self.takes_gemm(x):
             cells = rearrange(x, "b c h w -> b h w c")  # (B, H, W, cin): a view of a channels-last x
             return rearrange(F.linear(cells, weight.flatten(1), bias), "b h w c -> b c h w")  # channels-last
         return super()._conv_forward(x, weight, bias)
 
-
-def set_taps_narrowing(model: nn.Module, enabled: bool | None) -> int:
-    """Choose the path of every :class:`TapConv2d` in ``model`` (the decoder's narrowing conv): ``True``
-    the taps when sampling on a GPU, ``False`` cuDNN, ``None`` the default (taps for the shapes in
-    ``TAPS_FASTER``). Returns the number of convs set; raises if ``model`` has none.
-
-        import chunkformer as cf
-        model = cf.create_model("DC-DiT-S", input_size=16, depth=1)
-        assert cf.set_taps_narrowing(model, False) == 1
-    """
-    convs = [m for m in model.modules() if isinstance(m, TapConv2d)]
-    if not convs:
-        raise ValueError(
-            f"{type(model).__name__} has no TapConv2d: only 2-D scaffolds with a narrowing ResBlock "
-            "(DC-DiT's decoder) have one"
-        )
-    for conv in convs:
-        default = (conv.in_channels, conv.out_channels) in TAPS_FASTER
-        conv.use_taps = default if enabled is None else bool(enabled)
-    return len(convs)
+    @staticmethod
+    def fits(conv: nn.Module) -> bool:
+        """Whether ``conv`` is a plain 2-D 1x1 conv (stride 1, no padding, one group)."""
+        return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.padding in ((0, 0), "valid")
+                and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1)
 
 
 if triton is not None:
@@ -218,8 +201,7 @@ if triton is not None:
 
     def tap_sum_tiles(width: int, channels: int) -> tuple[int, int, int]:
         """``(BLOCK_W, BLOCK_C, num_warps)`` for a grid width and channel count."""
-        # 16 cells x 64 channels was the fastest of seven tilings on an H200 at 1152 -> 288 / 256 on
-        # 32x32 and 64x64 grids (benchmarks/tap_conv.py): 0.10 ms against 0.13 for 32 x 32
+        # 16 cells x 64 channels: the best of the tilings benchmarks/tap_conv.py sweeps (docs/performance.md)
         return min(16, triton.next_power_of_2(width)), 64, 4
 
     def launch_tap_sum(taps: Tensor, bias: Tensor | None, out: Tensor, tiles=None) -> Tensor:
@@ -242,27 +224,6 @@ if triton is not None:
             num_warps=warps,
         )
         return out
-
-    def launcher(kernel, x: Tensor):
-        """``kernel`` to launch on ``x``: recorded by ``wrap_triton`` while torch traces ``x`` (a fake tensor, in an
-        op torch.compile traces into), else the kernel itself (``wrap_triton`` outside an op costs about 300 us of
-        host time per launch)."""
-        return wrap_triton(kernel) if is_fake(x) else kernel
-
-    def kernel_op(name: str):
-        """``torch.library.triton_op(name)``: an op backed by Triton kernels that ``torch.compile`` traces into, so
-        inductor launches each kernel from its own generated code. As an opaque custom op each call cost 70-90 us
-        of host time in the dispatcher and the op's Python (``benchmarks/launch_overhead.py``), which made the
-        compiled scaffold alone bound by its host. Inductor hands a traced kernel its inputs with the strides the
-        trace saw (copying any it laid out otherwise): the scaffold traces its grids channels-last for that."""
-        return torch.library.triton_op(name, mutates_args=())
-
-    def strided_custom_op(name: str):
-        """``torch.library.custom_op(name)`` for a kernel that reads its inputs through their strides: opaque to
-        ``torch.compile`` and tagged ``flexible_layout``, so inductor hands the inputs over in the layout it has,
-        with no copy to conform them to the strides the trace saw. For the taps, whose GEMM output inductor pads
-        (rows of 2592 stored 2624 apart at XL): traced into, the kernel's exact strides cost a 340 MB copy."""
-        return torch.library.custom_op(name, mutates_args=(), tags=(torch.Tag.flexible_layout,))
 
     @strided_custom_op("chunkformer::tap_sum")  # the taps in the layout inductor chose: no copy
     def _tap_sum_op(taps: Tensor, bias: Tensor | None) -> Tensor:

@@ -3,7 +3,7 @@ channels-last grid and its normalising pass (with the SiLU) in another, and a re
 pass over rows wider than inductor keeps in registers.
 
     import torch, torch.nn.functional as F
-    from chunkformer.norms import GroupNorm
+    from chunkformer.kernels.norms import GroupNorm
 
     norm = GroupNorm(32, 288).cuda()
     x = torch.randn(64, 288, 32, 32, device="cuda").to(torch.bfloat16, memory_format=torch.channels_last)
@@ -13,9 +13,8 @@ pass over rows wider than inductor keeps in registers.
     ref = F.silu(F.group_norm(x.float() + shift[:, :, None, None], 32, norm.weight, norm.bias))
     assert torch.allclose(y.float(), ref, atol=2e-2)
 
-Compiled, inductor reduces each ``(sample, group)`` of a GroupNorm over the grid, 9 contiguous channels (18
-bytes of bf16) at a time at DC-DiT-XL's width 288: the statistics pass runs at about 0.8 TB/s on an H100,
-half the speed of the normalising pass that follows it (docs/performance-log.md). :func:`channel_moments`
+Compiled, inductor reduces each ``(sample, group)`` of a GroupNorm over the grid a few contiguous channels
+at a time (9 at DC-DiT-XL's width 288), a slow read of the grid. :func:`channel_moments`
 reads the grid instead as rows of whole channel blocks, which a channels-last layout keeps contiguous,
 and sums every channel over the grid; :func:`group_stats` folds those sums into group means and
 variances (a few hundred numbers per sample), and :func:`scale_shift` normalises in one read and one write
@@ -32,36 +31,26 @@ partial sums gives both moments.
 hands it its conv branch and its skip (``d = 1152`` at XL). Compiled, inductor loops over a row of more
 than 1024 elements twice (once for the mean square, once to normalise), reading both addends twice.
 
-On CUDA all three are Triton kernels wrapped as ``torch.library.triton_op`` (:func:`~chunkformer.tapconv.kernel_op`:
-``torch.compile`` traces into them and inductor launches the kernels from its own code, with the strides the
-trace saw), elsewhere torch. Forward only: :class:`GroupNorm` and :class:`~chunkformer.precision.RMSNorm` take
-them only without grad, so training keeps torch's norms. :class:`GroupNorm` takes its path only under
-``torch.compile`` (eager, the small ops between its kernels would run one by one) and for a channels-last
-input (the scaffold's encoder lays its input out so). In a compiled DC-DiT-XL step on an H100 the statistics
-and the RMSNorm took the 256px scaffold from 5.69 to 5.45 ms (session 15); the normalising pass, the
-encoder's layout and the router's norm took it 2.5% further (docs/performance-log.md).
+On CUDA all three are Triton kernels wrapped as ``torch.library.triton_op`` (``torch.compile`` traces into
+them and inductor launches the kernels from its own code, with the strides the trace saw), elsewhere torch.
+Forward only: :class:`GroupNorm` and :class:`RMSNorm` take them only without grad, so training keeps torch's
+norms. :class:`GroupNorm` takes its path only under ``torch.compile`` (eager, the small ops between its kernels
+would run one by one) and for a channels-last input (the fast encoder lays its input out so).
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from ._typing import Float, Tensor
+from .._typing import Float, Tensor
+from ..precision import RMSNorm as PlainRMSNorm
+from ._triton import kernel_op, launcher, tl, triton
 from .inductor import compiling, written_once
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
-    triton = None
-else:
-    from .tapconv import kernel_op, launcher
-
-__all__ = [
-    "GroupNorm", "add_rms_norm", "channel_moments", "group_norm", "group_stats", "scale_shift", "set_norm_kernels",
-]
+__all__ = ["GroupNorm", "RMSNorm", "add_rms_norm", "channel_moments", "group_norm", "group_stats", "scale_shift"]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -74,9 +63,8 @@ def moment_tiles(
     """``(BLOCK_P, BLOCK_C, splits, positions per split)`` of :func:`channel_moments`' kernel.
 
     By default tiles of 2048 elements, 64 channels wide (128 from 1024 channels), and the grid split so
-    that about 528 programs run (four per SM of a 132-SM card): the fastest of 72 tilings timed on an
-    H100 at DC-DiT-XL's shapes (``benchmarks/group_norm.py --kernels``, which sweeps these arguments;
-    0.016 ms at ``(64, 288, 32, 32)``, 2.3 TB/s, against 0.036 for inductor's statistics)."""
+    that about 528 programs run: the best of the tilings ``benchmarks/group_norm.py --kernels`` sweeps at
+    DC-DiT-XL's shapes (docs/performance.md)."""
     if block_c is None:
         block_c = 128 if channels >= 1024 else min(64, 1 << max(channels - 1, 0).bit_length())
     block_p = min(max(1, elements // block_c), 1 << max(positions - 1, 0).bit_length())
@@ -211,18 +199,17 @@ def scale_shift(
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` of ``x + shift`` (``shift`` ``(B, C)``, optional), then SiLU if ``silu``, with
-    :func:`group_norm`'s kernels when sampling compiled on a GPU (CUDA, no grad, under ``torch.compile``,
-    channels-last ``x``), ``nn.GroupNorm`` otherwise.
+    """``nn.GroupNorm`` of ``x + shift`` (``shift`` ``(B, C)``, optional), then SiLU if ``silu`` (default: the
+    module's ``fused_silu``), with :func:`group_norm`'s kernels when sampling compiled on a GPU (CUDA, no grad,
+    under ``torch.compile``, channels-last ``x``, ``use_kernel``), ``nn.GroupNorm`` otherwise.
 
-    Same parameters and state dict as ``nn.GroupNorm``; ``use_kernel = False`` (or
-    :func:`set_norm_kernels`) keeps ``nn.GroupNorm`` everywhere. Returns what ``nn.GroupNorm`` would
-    (fp32 under autocast, else ``x``'s dtype), except that the kernel path returns ``x``'s dtype: its one
-    rounding is the one the next conv's autocast would make."""
+    Made from an ``nn.GroupNorm`` by :func:`chunkformer.kernels.apply` (a class swap: same parameters and
+    state dict). Returns what ``nn.GroupNorm`` would (fp32 under autocast, else ``x``'s dtype), except that the
+    kernel path returns ``x``'s dtype: its one rounding is the one the next conv's autocast would make."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.use_kernel = True
+    plain_class = nn.GroupNorm
+    use_kernel = True
+    fused_silu = False
 
     def takes_kernel(self, x: Tensor) -> bool:
         """Whether ``forward(x)`` takes :func:`group_norm`'s kernels (else ``nn.GroupNorm``)."""
@@ -232,13 +219,41 @@ class GroupNorm(nn.GroupNorm):
         """Whether the kernels would run for ``x`` laid out channels-last (then a caller should lay it out so)."""
         return self.use_kernel and sampling_kernel(x) and compiling() and x.ndim >= 3
 
-    def forward(self, x: Tensor, shift: Tensor | None = None, silu: bool = False) -> Tensor:
+    def forward(self, x: Tensor, shift: Tensor | None = None, silu: bool | None = None) -> Tensor:
+        silu = self.fused_silu if silu is None else silu
         if self.takes_kernel(x):  # x read by two kernels and the pivot: written once
             return group_norm(written_once(x), self.num_groups, self.weight, self.bias, self.eps, shift, silu)
         if shift is not None:
             x = x + shift.reshape(*shift.shape, *([1] * (x.ndim - 2)))
         out = super().forward(x)
-        return torch.nn.functional.silu(out) if silu else out
+        return F.silu(out) if silu else out
+
+
+class RMSNorm(PlainRMSNorm):
+    """:class:`chunkformer.precision.RMSNorm` whose ``forward(x, residual, bias)`` normalises
+    ``x + residual + bias``: summed inside :func:`add_rms_norm`'s kernel (each addend read once) when sampling
+    on a GPU (CUDA, no grad, ``use_kernel``), added first otherwise. Made by :func:`chunkformer.kernels.apply`
+    (a class swap: same parameters and state dict)."""
+
+    plain_class = PlainRMSNorm
+    use_kernel = True
+
+    def takes_kernel(self, x: Tensor) -> bool:
+        """Whether ``forward(x, residual)`` runs :func:`add_rms_norm`'s kernel."""
+        return self.use_kernel and len(self.normalized_shape) == 1 and sampling_kernel(x)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        if (residual is not None or bias is not None) and self.takes_kernel(x):
+            weight = self.weight
+            if weight is not None and weight.dtype != x.dtype:
+                weight = weight.to(x.dtype)
+            eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+            return add_rms_norm(x, residual, weight, eps, bias)
+        if residual is not None:
+            x = x + residual
+        if bias is not None:
+            x = x + bias
+        return super().forward(x)
 
 
 def sampling_kernel(x: Tensor) -> bool:
@@ -276,26 +291,6 @@ def add_rms_norm(
     if a.is_cuda and triton is not None:
         return _add_rms_norm_op(a, b, weight, eps, bias)
     return add_rms_norm_reference(a, b, weight, eps, bias)
-
-
-def set_norm_kernels(model: nn.Module, enabled: bool) -> int:
-    """Turn the Triton norm paths on (the default) or off in ``model``: :class:`GroupNorm`'s statistics
-    (the scaffold's ResBlocks then add conv1's bias inside the norm; compiled sampling only) and the
-    encoder's residual RMSNorm (its last block's terms summed inside :func:`add_rms_norm`; sampling on a
-    GPU). Returns the number of norms set; raises if ``model`` has none.
-
-        import chunkformer as cf
-        model = cf.create_model("DC-DiT-S", input_size=16, depth=1)
-        assert cf.set_norm_kernels(model, False) == 12  # 9 GroupNorms (scaffold, router), 3 RMSNorms
-    """
-    from .precision import RMSNorm
-
-    norms = [m for m in model.modules() if isinstance(m, (GroupNorm, RMSNorm))]
-    if not norms:
-        raise ValueError(f"{type(model).__name__} has no chunkformer GroupNorm or RMSNorm (the conv scaffold has them)")
-    for norm in norms:
-        norm.use_kernel = bool(enabled)
-    return len(norms)
 
 
 if triton is not None:
@@ -435,8 +430,8 @@ if triton is not None:
 
     def scale_shift_tiles(channels: int, elements: int = 2048, block_c: int | None = None) -> tuple[int, int, int]:
         """``(BLOCK_P, BLOCK_C, num_warps)`` of :func:`scale_shift`'s kernel: ``elements`` per program, 64 channels
-        wide (128 from 1024 channels), 4 warps; the fastest of 24 tilings timed on an H100 at DC-DiT-XL's shapes
-        (``benchmarks/group_norm.py --kernels``: 0.0305 ms at ``(64, 288, 32, 32)``, 2.5 TB/s; 0.108 at width 1152)."""
+        wide (128 from 1024 channels), 4 warps; the best of the tilings ``benchmarks/group_norm.py --kernels``
+        sweeps at DC-DiT-XL's shapes."""
         block_c = block_c or (128 if channels >= 1024 else min(64, triton.next_power_of_2(channels)))
         return max(1, elements // block_c), block_c, 4
 

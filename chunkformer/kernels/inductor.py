@@ -1,7 +1,7 @@
 """What the sampling fast paths tell ``torch.compile``'s inductor about buffers.
 
     import torch
-    from chunkformer.inductor import written_once
+    from chunkformer.kernels.inductor import written_once
 
     def f(a, b):
         h = written_once(a + b)                          # one buffer, however many consumers read it
@@ -16,7 +16,7 @@ own. Where several kernels read one such result, :func:`written_once` makes it o
 
 import torch
 
-from ._typing import Tensor
+from .._typing import Tensor
 
 __all__ = ["compiling", "written_once"]
 
@@ -30,9 +30,8 @@ def written_once(x: Tensor) -> Tensor:
     """``x``; while ``torch.compile`` traces, marked so that inductor writes it once, in the strides the trace
     saw, as the one buffer all its consumers read (no copy if it is a buffer with those strides already).
 
-    In DC-DiT-XL's compiled 256px scaffold the de-chunk merge output, read by the decoder's GroupNorm
-    statistics, its normalising pass and the skip GEMM, was written three times (151 MB each), and the
-    encoder's residual sums two or three times. Eager, and where the marker is missing, ``x`` itself."""
+    A ResBlock's input, read by its GroupNorm's statistics, the normalising pass and the skip, would otherwise
+    be written once per consumer. Eager, and where the marker is missing, ``x`` itself."""
     if compiling() and _FORCE_STRIDES is not None:
         return _FORCE_STRIDES(x, x.stride())  # lowered to a stride requirement on x (ExternKernel.require_strides)
     return x
