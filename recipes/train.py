@@ -72,14 +72,17 @@ def build_model(cfg: Recipe, source_shape: tuple[int, ...] | None, num_classes: 
     every checkpoint rebuilds exactly this model.
     """
     if cfg.upcycle.source:
-        return build_upcycled(cfg, source_shape, device)
-    kw = cfg.model.overrides
-    if source_shape is not None:
-        kw.setdefault("in_channels", source_shape[0])
-        kw.setdefault("input_size", list(source_shape[1:]))
-    if num_classes is not None:
-        kw.setdefault("num_classes", num_classes)
-    return cf.create_model(cfg.model.name, **kw).to(device)
+        model = build_upcycled(cfg, source_shape, device)
+    else:
+        kw = cfg.model.overrides
+        if source_shape is not None:
+            kw.setdefault("in_channels", source_shape[0])
+            kw.setdefault("input_size", list(source_shape[1:]))
+        if num_classes is not None:
+            kw.setdefault("num_classes", num_classes)
+        model = cf.create_model(cfg.model.name, **kw).to(device)
+    model.num_timesteps = cfg.diffusion.num_timesteps  # the timesteps its forward accepts: [0, T)
+    return model
 
 
 WRAP_OPTIONS = ("target_ratio", "router", "encoder_depth", "decoder_depth", "scaffold_width", "sigma", "smoothing",
