@@ -135,10 +135,10 @@ class Recipe:
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> "Recipe":
+    def validate(self, *, data: bool = True, outputs: bool = True) -> "Recipe":
         """Raise :class:`~recipes.validate.ConfigError` naming the first setting outside its accepted range
         (:func:`recipes.validate.validate`; writes nothing); returns ``self``."""
-        validate(self)
+        validate(self, data=data, outputs=outputs)
         return self
 
 
@@ -220,7 +220,7 @@ def _convert(value: str, hint, where: str):
         try:
             return hint(value)
         except ValueError:
-            raise ValueError(f"{where}={value}: expected {'an integer' if hint is int else 'a number'}") from None
+            raise ValueError(f"{where}={value}: expected {hint.__name__}, e.g. {where}={hint(1)}") from None
     if hint is str:
         return value
     if hint in (tuple, list, dict) or origin in (tuple, list, dict):

@@ -138,7 +138,7 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
     counts neither in ``steps_per_sec`` nor against ``train.max_minutes``.
     """
     # 1. setup ---------------------------------------------------------------------
-    validate(cfg)  # every setting in range, the resume path there, the results folder writable: before any work
+    validate(cfg, data=not dry_run, outputs=not dry_run)  # settings in range, paths there: before any work
     snapshots = parse_snapshots(cfg.train.snapshots)
     d = init_distributed()
     device = d.device
@@ -474,11 +474,15 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     with usage_errors(p):  # a bad key or value: one line and exit status 2, before any work
         cfg = apply_overrides(get_recipe(args.recipe), args.overrides)
-        validate(cfg)
+        run = not (args.print_config or args.dry_run)
+        validate(cfg, data=run, outputs=run)
     if args.print_config:
         print(to_yaml(cfg))
         return {}
-    return train(cfg, dry_run=args.dry_run)
+    try:
+        return train(cfg, dry_run=args.dry_run)
+    except DataError as err:  # an unreadable image: its path, without a traceback (exit status 1)
+        p.exit(1, f"{p.prog}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -81,10 +81,11 @@ def _model_keywords(name: str) -> set[str] | None:
     return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "device", "dtype")}
 
 
-def validate(cfg) -> None:
+def validate(cfg, *, data: bool = True, outputs: bool = True) -> None:
     """Raise :class:`ConfigError` for the first setting of ``cfg`` (a :class:`~recipes.config.Recipe`) outside its
-    range: counts and sizes, learning rate and weights, choices, the tail-drop fractions, the resume path, the data
-    path and whether the results folder can be written. Writes nothing."""
+    range: counts and sizes, learning rate and weights, choices, the tail-drop fractions, and (``data``) the input
+    paths (data, upcycling source), (``outputs``) the resume path and whether the results folder can be written.
+    Writes nothing."""
     import chunkformer as cf
 
     m, d, o, f, b, u, t = cfg.model, cfg.data, cfg.optim, cfg.diffusion, cfg.budget, cfg.upcycle, cfg.train
@@ -107,13 +108,13 @@ def validate(cfg) -> None:
 
     # data
     check_choice("data.dataset", d.dataset, ("mnist", "folder", "latents"))
-    if d.dataset == "folder" and not (d.path and Path(d.path).is_dir()):
+    if data and d.dataset == "folder" and not (d.path and Path(d.path).is_dir()):
         raise ConfigError(f"data.path={d.path!r}: data.dataset=folder needs an existing image folder "
                           "(one sub-folder per class)")
-    if d.dataset == "latents" and not (Path(d.path) / "latents.safetensors").is_file():
+    if data and d.dataset == "latents" and not (Path(d.path) / "latents.safetensors").is_file():
         raise ConfigError(f"data.path={d.path!r} holds no latents.safetensors: write the cache with "
                           f"`python -m recipes.extract_latents --images DIR --vae VAE_DIR --out {d.path or 'DIR'}`")
-    if d.dataset == "mnist" and d.path and not Path(d.path).is_file():
+    if data and d.dataset == "mnist" and d.path and not Path(d.path).is_file():
         raise ConfigError(f"data.path={d.path!r}: for data.dataset=mnist leave it empty (the built-in digits) "
                           "or name a mnist_5k.csv.gz file")
     check_range("data.image_size", d.image_size, lo=1, integer=True)
@@ -152,7 +153,7 @@ def validate(cfg) -> None:
                     hint="a tail-drop fraction of the kept tokens")
 
     # upcycling
-    if u.source and not Path(u.source).exists():
+    if data and u.source and not Path(u.source).exists():
         raise ConfigError(f"upcycle.source={u.source!r} does not exist: expected a save_pretrained folder, an "
                           "original-DiT .pt / .safetensors or a diffusers folder")
     check_range("upcycle.distill_steps", u.distill_steps, lo=0, integer=True)
@@ -179,6 +180,8 @@ def validate(cfg) -> None:
         raise ConfigError(str(err)) from None
     if "/" in t.run_name or t.run_name in (".", ".."):
         raise ConfigError(f"train.run_name={t.run_name!r}: expected a plain folder name (no '/')")
+    if not outputs:
+        return
     if t.resume not in ("", "auto") and not Path(t.resume).exists():
         raise ConfigError(f"train.resume={t.resume!r} does not exist: expected '' (start fresh), 'auto' (the "
                           "latest checkpoint of this run) or the path of a checkpoint file")
