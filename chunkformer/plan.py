@@ -220,7 +220,7 @@ class ChunkPlan:
         the plan read when it was built, else (a device read) unless inside ``value_checks(False)``."""
         B = self.lengths.shape[0]
         total = self._derived(("total",), lambda: None)
-        if total is None and value_checks_enabled():
+        if total is None and value_checks_enabled() and not x.is_meta:
             total = int(self.lengths.sum())
         if total is not None and x.shape[0] != total:
             raise ValueError(f"unpack needs the plan's {total} packed tokens (sum of lengths) as (total, dim), "

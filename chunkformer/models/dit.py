@@ -454,7 +454,7 @@ def _check_input(model: nn.Module, x: Tensor, t: Tensor | None = None, y: Tensor
         from ..budget import check_rho
 
         check_rho(rho, batch=B, ranges=False)  # the router reads a tensor's range (once)
-    if not value_checks_enabled() or (t is None and y is None):
+    if not value_checks_enabled() or (t is None and y is None) or x.is_meta:  # meta tensors hold no values
         return
     T = getattr(model, "num_timesteps", None)
     top = model.num_classes if model.null_class is not None else model.num_classes - 1
