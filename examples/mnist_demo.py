@@ -198,7 +198,7 @@ def main(argv=None):
 
         bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True)
     start = time.perf_counter()
-    for step in bar or progress(range(args.steps), desc="train"):
+    for step in bar or progress(range(args.steps), desc="train", unit="step"):
         idx = train[torch.randint(len(train), (args.batch,))]
         x0, y = images[idx], labels[idx]  # (B, 1, 32, 32), (B,)
         t, eps = torch.rand(args.batch), torch.randn_like(x0)  # (B,), (B, 1, 32, 32)
