@@ -78,7 +78,8 @@ def _model_keywords(name: str) -> set[str] | None:
     if name not in _REGISTRY:
         return None
     cls = _REGISTRY[name][0]
-    return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "device", "dtype")}
+    accepted = {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "device", "dtype")}
+    return accepted | {"pretrained"}  # create_model's own keyword
 
 
 def validate(cfg, *, data: bool = True, outputs: bool = True) -> None:
@@ -93,7 +94,14 @@ def validate(cfg, *, data: bool = True, outputs: bool = True) -> None:
     # model
     if not isinstance(m.overrides, dict):
         raise ConfigError(f"model.overrides must be a mapping of create_model keywords, got {m.overrides!r}")
-    if not u.source:
+    if u.source:
+        from recipes.train import WRAP_OPTIONS
+
+        unknown = sorted(set(m.overrides) - set(WRAP_OPTIONS))
+        if unknown:
+            raise ConfigError(f"model.overrides.{unknown[0]}: when upcycling, model.overrides are chunkformer.wrap "
+                              f"options ({', '.join(WRAP_OPTIONS)}); the rest comes from upcycle.source")
+    elif not (Path(m.name) / "config.json").is_file():  # a save_pretrained folder takes its own config
         accepted = _model_keywords(m.name)
         if accepted is None:
             raise ConfigError(f"model.name={m.name!r} is not a registered model: expected one of "
