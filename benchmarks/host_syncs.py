@@ -6,7 +6,8 @@
 On a GPU a host sync stalls the launch queue and every dispatched op is at least one kernel
 launch; at small sizes (32x32, width 384) the step is bound by these, not by FLOPs. The
 counts do not depend on the device, so this runs anywhere. ``value checks`` are the NaN /
-budget-range checks (``chunkformer.value_checks``); the sampling hot path turns them off.
+budget-range / timestep and label range checks (``chunkformer.value_checks``); the sampling hot path
+turns them off.
 """
 
 import argparse

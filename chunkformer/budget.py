@@ -11,6 +11,7 @@ kept tokens of a sample on top of that (elastic inference, multi-budget training
     loss = diffusion_loss + budget.ratio_weight * budget.ratio_loss(out)
 """
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,10 +25,22 @@ __all__ = ["TimestepAdaptiveBudget", "ratio_loss", "tail_drop", "check_rho"]
 Rho = float | int | Float[Tensor, "batch"] | Float[Tensor, ""]
 
 
-def check_rho(rho: "float | Tensor", *, name: str = "rho") -> None:
-    """Raise ``ValueError`` unless every tail-drop fraction lies in ``[0, 1)``."""
+def check_rho(rho: "float | Tensor", *, name: str = "rho", batch: int | None = None, ranges: bool = True) -> None:
+    """Raise ``ValueError`` unless every tail-drop fraction lies in ``[0, 1)``.
+
+    A tensor must be floating point and of shape ``()`` or ``(batch,)`` (any 1-D length when ``batch`` is
+    ``None``), checked always (no device read). Its range costs a device read: skipped inside
+    ``value_checks(False)`` and with ``ranges=False``.
+    """
+    if isinstance(rho, bool) or not (torch.is_tensor(rho) or isinstance(rho, (int, float))):
+        raise ValueError(f"{name} must be a number in [0, 1) or a float tensor of them, got {type(rho).__name__}")
     if torch.is_tensor(rho):
-        if not value_checks_enabled():  # reading a tensor's range costs a device round trip
+        shape_ok = rho.ndim == 0 or (rho.ndim == 1 and batch in (None, rho.shape[0]))
+        if not rho.dtype.is_floating_point or not shape_ok:
+            shapes = "() or (batch,)" if batch is None else f"() or ({batch},)"
+            raise ValueError(f"{name} must be a float tensor of shape {shapes} (one tail-drop fraction per sample), "
+                             f"got shape {tuple(rho.shape)} {rho.dtype}")
+        if not ranges or not value_checks_enabled():  # reading a tensor's range costs a device round trip
             return
         check_finite(name, rho)
         lo, hi = (float(rho.min()), float(rho.max())) if rho.numel() else (0.0, 0.0)
@@ -58,7 +71,7 @@ def tail_drop(
     drop itself is computed on the device.
     """
     check_finite("probs", probs)
-    check_rho(rho)
+    check_rho(rho, batch=probs.shape[0])
     return _tail_drop(probs, mask, rho, protected)
 
 
@@ -142,6 +155,15 @@ class TimestepAdaptiveBudget:
 
     def __post_init__(self) -> None:
         _check_target_ratio(self.target_ratio)
+        if not (isinstance(self.ratio_weight, (int, float)) and math.isfinite(self.ratio_weight)
+                and self.ratio_weight >= 0):
+            raise ValueError(f"ratio_weight must be a finite number >= 0 (the paper uses 0.03), got {self.ratio_weight}")
+        for name in ("group_size", "warmup_steps"):
+            value, lo = getattr(self, name), 1 if name == "group_size" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}"
+                                 + (" (samples per ratio-loss group; the paper uses 16)" if lo else " (steps)")
+                                 + f", got {value!r}")
         if not self.fractions:
             raise ValueError("fractions must hold at least one tail-drop fraction, e.g. (0.0,)")
         for f in self.fractions:
@@ -178,7 +200,7 @@ class TimestepAdaptiveBudget:
         """Per-sample tail drop for timesteps ``t`` (B,): ``rho`` if given, else the schedule."""
         B = t.shape[0]
         if rho is not None:
-            check_rho(rho)
+            check_rho(rho, batch=B)
             return torch.as_tensor(rho, device=t.device, dtype=torch.float32).expand(B).clone()
         if self.schedule is None:
             return torch.zeros(B, device=t.device)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ._typing import Float, Tensor, typechecked
+from .progress import progress as track
 
 __all__ = [
     "FEATURE_DIM",
@@ -321,7 +322,8 @@ def fid_features(
         batch_size: images per forward pass.
         device: default ``cuda`` when available, else ``cpu``. On CUDA, TF32 is switched off for
             the convolutions so features match CPU ones to float32 precision.
-        progress: show a tqdm bar.
+        progress: report progress (:func:`chunkformer.progress.progress`: a bar on a terminal, else a line
+            every 30 s).
         cache_dir: where the converted weights live (see :func:`resolve_cache_dir`).
     """
     if batch_size < 1:
@@ -329,11 +331,7 @@ def fid_features(
     x = _as_nchw_uint8(images)  # (N, 3, H, W) uint8
     device = _default_device(device)
     model = load_inception(device, cache_dir)
-    starts = range(0, x.shape[0], batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="FID features", unit="batch", total=len(starts), file=sys.stderr)
+    starts = track(range(0, x.shape[0], batch_size), progress, desc="FID features", unit="batch")
     out = []
     with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for i in starts:

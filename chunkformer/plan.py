@@ -40,7 +40,7 @@ import torch
 from tensordict import tensorclass
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._typing import Bool, Float, Int, Tensor, check_finite, typechecked
+from ._typing import Bool, Float, Int, Tensor, check_finite, typechecked, value_checks_enabled
 from .grid import GridShape, check_grid, grid_coords, sincos_table
 
 __all__ = ["ChunkPlan", "PlanMode", "PLAN_MODES", "nearest_kept"]
@@ -216,8 +216,15 @@ class ChunkPlan:
     @typechecked
     def unpack(self, x: Float[Tensor, "total dim"]) -> Float[Tensor, "batch width dim"]:
         """``(T, d)`` -> ``(B, M, d)`` with zeros in the padding slots; inverse of :meth:`pack`
-        (no host sync: ``T`` is ``x``'s length)."""
+        (no host sync: ``T`` is ``x``'s length). ``x`` must hold ``sum(lengths)`` rows: checked against the total
+        the plan read when it was built, else (a device read) unless inside ``value_checks(False)``."""
         B = self.lengths.shape[0]
+        total = self._derived(("total",), lambda: None)
+        if total is None and value_checks_enabled() and not x.is_meta:
+            total = int(self.lengths.sum())
+        if total is not None and x.shape[0] != total:
+            raise ValueError(f"unpack needs the plan's {total} packed tokens (sum of lengths) as (total, dim), "
+                             f"got {tuple(x.shape)}: was x packed by another plan?")
         out = x.new_zeros(B * self.width, x.shape[-1]).index_copy(0, self._flat_index(x.shape[0]), x)
         return out.view(B, self.width, x.shape[-1])
 
@@ -243,6 +250,10 @@ class ChunkPlan:
     @typechecked
     def plug_back(self, y: Float[Tensor, "batch width dim"]) -> Float[Tensor, "batch tokens dim"]:
         """``(B, M, d)`` -> ``(B, L, d)``: every position takes its nearest kept token's value."""
+        B = self.lengths.shape[0]
+        if y.ndim != 3 or y.shape[0] != B or y.shape[1] != self.width:
+            raise ValueError(f"plug_back needs (batch={B}, width={self.width}, dim) slots (the plan's "
+                             f"unchunk layout), got {tuple(y.shape)}")
         idx = self.nearest()  # (B, L) slot index
         return torch.take_along_dim(y, idx[..., None], dim=1)
 

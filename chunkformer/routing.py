@@ -114,6 +114,10 @@ class Router(FP32Module):
         dtype = torch.float32 if dtype is not None and dtype.is_floating_point else dtype
         if ndim not in (1, 2, 3):
             raise ValueError(f"ndim must be 1, 2 or 3 (grid rank), got {ndim}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive integer (the token width), got {dim!r}")
+        if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+            raise ValueError(f"hidden must be a positive integer (the predictor's width) or None, got {hidden!r}")
         kind = kind or ("cosine1d" if ndim == 1 else "predictability")
         if kind not in ROUTER_KINDS:
             raise ValueError(f"kind must be one of {ROUTER_KINDS}, got {kind!r}")
@@ -202,7 +206,7 @@ class Router(FP32Module):
         p = torch.where(ends, torch.ones_like(p), p)  # first and last token always kept
         natural = p > 0.5
         if _nonzero(rho):
-            check_rho(rho)
+            check_rho(rho, batch=B)
             mask = _tail_drop(p, natural, rho, ends.expand(B, L))
         else:
             mask = natural

@@ -245,6 +245,14 @@ class DeChunkDecoder(nn.Module):
         De-chunking runs with autocast off; the residual projection keeps fp32 weights but runs
         under the caller's autocast, as in the authors' release (a bf16 GEMM when sampling in
         bf16: ``L d^2`` multiply-adds are too many for fp32)."""
+        B, L = plan.order.shape
+        if (tuple(router_out.probs.shape) != (B, L) or tuple(router_out.grid) != tuple(plan.grid)
+                or tuple(enc_tokens.shape[:2]) != (B, L)):
+            raise ValueError(
+                f"the plan covers {B} samples of grid {tuple(plan.grid)} but the router output is "
+                f"{tuple(router_out.probs.shape)} on grid {tuple(router_out.grid)} and the encoder tokens "
+                f"{tuple(enc_tokens.shape)}: pass the router output and tokens the plan was built from "
+                "(ChunkPlan.from_router(router_out))")
         dtype = torch.float32 if self.fp32 else y.dtype
         autocast = torch.is_autocast_enabled(enc_tokens.device.type)  # then the GEMM is bf16 anyway: no fp32 copy
         res = self.residual(enc_tokens if autocast else enc_tokens.float())  # (B, L, d)

@@ -44,6 +44,7 @@ class ChunkWrapper(nn.Module):
 
     supports_chunking = True
     step_cache = None  # a StepCache installs itself here while sampling
+    num_timesteps: int = 1000  # model timesteps accepted: [0, num_timesteps) (set to the diffusion's T)
 
     def __init__(
         self,
@@ -153,7 +154,7 @@ class ChunkWrapper(nn.Module):
         ``block_outputs=True`` fills its ``block_outputs``)."""
         from .models.dit import ForwardInfo, _check_input
 
-        _check_input(self, x)
+        _check_input(self, x, t, y, rho)
         grid = tuple(x.shape[2:])
         cond, c = self.condition(t, y, label_drop)  # c: (B, d)
         tokens = self.encoder(x, c)  # (B, L, d)

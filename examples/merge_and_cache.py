@@ -18,6 +18,7 @@ from chunkformer.data import load_mnist_digits
 from chunkformer.diffusion import create_diffusion
 from chunkformer.diffusion.guidance import model_fn
 from chunkformer.flops import FlopCounter
+from chunkformer.progress import progress
 
 
 def train(model, diffusion, steps: int, batch: int = 32, lr: float = 1e-3) -> list[float]:
@@ -26,7 +27,7 @@ def train(model, diffusion, steps: int, batch: int = 32, lr: float = 1e-3) -> li
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(steps):
+    for _ in progress(range(steps), desc="train", unit="step"):  # a bar on a terminal, else a line every 30 s
         idx = torch.randint(0, len(images), (batch,), generator=g)
         x0, y = images[idx], labels[idx]
         t, noise = diffusion.sample_timesteps(batch, generator=g), torch.randn(x0.shape, generator=g)

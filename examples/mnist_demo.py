@@ -32,6 +32,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import chunkformer as cf
 from chunkformer.data import load_mnist_digits
+from chunkformer.progress import progress
 
 GRID = (32, 32)
 EVAL_TIMESTEPS = (0.1, 0.5, 0.9)
@@ -191,14 +192,13 @@ def main(argv=None):
     print(f"TinyDCDiT: {sum(p.numel() for p in model.parameters()) / 1e3:.0f}K parameters, "
           f"{args.steps} steps at batch {args.batch}")
 
-    try:
+    bar = None
+    if sys.stderr.isatty():  # a bar with the losses; elsewhere a progress line every 30 s (and the log lines)
         from tqdm import tqdm
 
         bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True)
-    except ImportError:
-        bar = None
     start = time.perf_counter()
-    for step in bar or range(args.steps):
+    for step in bar or progress(range(args.steps), desc="train", unit="step"):
         idx = train[torch.randint(len(train), (args.batch,))]
         x0, y = images[idx], labels[idx]  # (B, 1, 32, 32), (B,)
         t, eps = torch.rand(args.batch), torch.randn_like(x0)  # (B,), (B, 1, 32, 32)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import chunkformer as cf
 from chunkformer.data import load_mnist_digits
 from chunkformer.diffusion import create_diffusion
+from chunkformer.progress import progress
 
 
 def train_wrapped(model: torch.nn.Module, steps: int, batch: int = 32, lr: float = 1e-3) -> list[float]:
@@ -21,7 +22,7 @@ def train_wrapped(model: torch.nn.Module, steps: int, batch: int = 32, lr: float
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(steps):
+    for _ in progress(range(steps), desc="train", unit="step"):  # a bar on a terminal, else a line every 30 s
         idx = torch.randint(0, len(images), (batch,), generator=g)
         x0, y = images[idx], labels[idx]
         t, noise = diffusion.sample_timesteps(batch, generator=g), torch.randn(x0.shape, generator=g)

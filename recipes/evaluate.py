@@ -7,14 +7,13 @@
 ``arr_0`` is accepted too). The sampling settings beside it (same stem, ``.json``) are copied
 into the result: ``kept_fraction`` and ``tflops_per_image`` at the top level, all of them under
 ``sampling``. ``--reference`` is ``mnist`` (the built-in digits, features cached after the first
-run, which takes about 11 minutes on a 2-core CPU) or an ``.npz`` of ``mu``/``sigma``,
+run, which takes about 11 minutes on a 2-core CPU, with a progress line every 30 s) or an ``.npz`` of ``mu``/``sigma``,
 ``features`` or uint8 ``samples``. The result goes to ``--out`` (default: ``<samples stem>.fid.json``);
 one summary line is printed. See docs/evaluation.md.
 """
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from chunkformer import fid
+from recipes.validate import usage_errors
 
 __all__ = ["main", "load_samples", "COPIED_FIELDS"]
 
@@ -45,7 +45,7 @@ def load_samples(path: str | Path, limit: int | None = None) -> np.ndarray:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--samples", required=True, help=".npz with uint8 'samples' (N, H, W, C)")
     p.add_argument("--reference", default="mnist", help="'mnist' (the 5000 built-in digits) or a .npz")
     p.add_argument("--out", default="", help="result JSON (default: <samples stem>.fid.json)")
@@ -55,14 +55,22 @@ def main(argv=None) -> dict:
     p.add_argument("--cache-dir", default=None, help="default: $CHUNKFORMER_CACHE or ~/.cache/chunkformer")
     args = p.parse_args(argv)
 
-    # 1. Inputs: samples and the sampling settings beside them
+    # 1. Inputs: samples and the sampling settings beside them (a bad one: a usage error, before any work)
     samples_path = Path(args.samples)
-    samples = load_samples(samples_path, args.limit)
+    if not samples_path.is_file():
+        p.error(f"--samples {args.samples}: no such file (give the .npz that recipes.sample writes)")
+    if args.reference != "mnist" and not Path(args.reference).is_file():
+        p.error(f"--reference {args.reference}: no such file (give 'mnist' or a .npz of mu/sigma, features or "
+                "uint8 samples)")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    with usage_errors(p, ValueError, KeyError, OSError):
+        samples = load_samples(samples_path, args.limit)
     settings_path = samples_path.with_suffix(".json")
     sampling = json.loads(settings_path.read_text()) if settings_path.is_file() else None
 
-    # 2. Features and statistics (progress bars only on a terminal)
-    progress = sys.stderr.isatty()
+    # 2. Features and statistics (a bar on a terminal, else a progress line every 30 s)
+    progress = True
     device = torch.device(args.device) if args.device else None
     start = time.perf_counter()
     features = fid.fid_features(

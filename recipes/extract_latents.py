@@ -15,7 +15,6 @@ class names, count); training reads the cache, sampling decodes with the same VA
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -39,7 +38,8 @@ def extract(images: str, vae_path: str, out: str, *, image_size: int = 256, batc
     """Encode ``images`` (an ImageFolder) into ``out``; returns the metadata written to ``meta.json``."""
     from safetensors.torch import save_file
     from torchvision import datasets, transforms
-    from tqdm.auto import tqdm
+
+    from chunkformer.progress import progress
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = _load_vae(vae_path, device)
@@ -55,7 +55,7 @@ def extract(images: str, vae_path: str, out: str, *, image_size: int = 256, batc
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     latents, labels = [], []
-    for x, y in tqdm(loader, desc="encode", disable=not os.isatty(2)):
+    for x, y in progress(loader, desc="encode", unit="batch"):
         dist = vae.encode(x.to(device)).latent_dist
         z = dist.sample() if sample else dist.mean
         latents.append((z * scale).half().cpu())
@@ -88,7 +88,7 @@ def decode(latents: torch.Tensor, cache_dir: str, *, device=None, batch_size: in
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.extract_latents", description=__doc__.split("\n")[0])
     p.add_argument("--images", required=True, help="ImageFolder root (one sub-folder per class)")
     p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory")
     p.add_argument("--out", required=True, help="output cache directory")
@@ -98,6 +98,17 @@ def main(argv=None) -> dict:
     p.add_argument("--sample", action="store_true", help="sample the posterior instead of its mean")
     p.add_argument("--limit", type=int, default=0)
     args = p.parse_args(argv)
+    if not Path(args.images).is_dir():
+        p.error(f"--images {args.images}: no such folder (give an ImageFolder root, one sub-folder per class)")
+    if not Path(args.vae).is_dir():
+        p.error(f"--vae {args.vae}: no such folder (give a local diffusers AutoencoderKL directory)")
+    for flag, value in (("--image-size", args.image_size), ("--batch-size", args.batch_size)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+    if args.limit < 0:
+        p.error(f"--limit must be >= 0 (0 = every image), got {args.limit}")
+    if args.scale is not None and not args.scale > 0:
+        p.error(f"--scale must be > 0, got {args.scale}")
     meta = extract(args.images, args.vae, args.out, image_size=args.image_size, batch_size=args.batch_size,
                    scale=args.scale, sample=args.sample, limit=args.limit)
     print(f"wrote {meta['num_images']} latents to {args.out} (scale {meta['scale_factor']})")

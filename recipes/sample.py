@@ -28,7 +28,6 @@ plain model.
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ import torch
 
 import chunkformer as cf
 from chunkformer import kernels
-from chunkformer.diffusion import create_diffusion
+from chunkformer.diffusion import FlowMatching, create_diffusion
 from chunkformer.viz import save_image_grid
 from recipes.checkpoints import is_checkpoint, latest_checkpoint, load_checkpoint
 from recipes.config import config_differences, from_dict
@@ -44,6 +43,7 @@ from recipes.data import to_display
 from recipes.parallel import barrier, init_distributed
 from recipes.sampling import check_compilable, generate, parse_compile_options
 from recipes.train import build_model
+from recipes.validate import usage_errors
 
 __all__ = ["main", "load_for_sampling", "set_serving_plan", "to_uint8"]
 
@@ -106,7 +106,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.sample", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="run folder, checkpoint file or save_pretrained directory")
     p.add_argument("--out", default="", help="output stem (default: <run>/samples/eval-...)")
     p.add_argument("--num-samples", type=int, default=64)
@@ -136,6 +136,20 @@ def main(argv=None) -> dict:
                         "literal), e.g. inplace_buffers=False; repeatable")
     args = p.parse_args(argv)
 
+    for flag, value, lo in (("--num-samples", args.num_samples, 1), ("--batch", args.batch, 1),
+                            ("--steps", args.steps, 1), ("--capacity", args.capacity, 1)):
+        if value is not None and value < lo:
+            p.error(f"{flag} must be >= {lo}, got {value}")
+    for flag, value in (("--rho", args.rho), ("--uncond-rho", args.uncond_rho), ("--merge-ratio", args.merge_ratio)):
+        if value is not None and not 0 <= value < 1:
+            p.error(f"{flag} must be in [0, 1), got {value}")
+    if not math.isfinite(args.guidance):
+        p.error(f"--guidance must be a finite number (1 = no guidance), got {args.guidance}")
+    if not args.cache_threshold >= 0:
+        p.error(f"--cache-threshold must be >= 0 (0 = off), got {args.cache_threshold}")
+    if not Path(args.ckpt).exists():
+        p.error(f"--ckpt {args.ckpt}: no such file or folder (give a run folder, a checkpoint file or a "
+                "save_pretrained folder)")
     if args.bf16_routing and args.precision != "bf16":
         p.error("--bf16-routing needs --precision bf16 (in fp32 the router and de-chunk run fp32 either way)")
     if args.compile_option and not args.compile:
@@ -145,23 +159,36 @@ def main(argv=None) -> dict:
     except ValueError as e:
         p.error(str(e))
     d = init_distributed()
-    model, diffusion, cfg, path = load_for_sampling(args.ckpt, ema=not args.no_ema, device=d.device)
-    set_serving_plan(model, args.capacity, fill=args.fill)
-    if args.compile:
-        check_compilable(model)  # before any work: a packed DC-DiT would recompile at every step
+    with usage_errors(p, FileNotFoundError):
+        model, diffusion, cfg, path = load_for_sampling(args.ckpt, ema=not args.no_ema, device=d.device)
+    # settings that depend on the model: refused before any sampling work
+    with usage_errors(p, ValueError):
+        set_serving_plan(model, args.capacity, fill=args.fill)
+        if args.compile:
+            try:
+                check_compilable(model)  # a packed DC-DiT would recompile at every step
+            except ValueError:
+                raise ValueError("--compile needs static shapes: for this DC-DiT pass --capacity N (tokens per "
+                                 "sample, e.g. a quarter of the grid) and optionally --fill") from None
+        if args.bf16_routing:
+            kernels.set_fp32_router_dechunk(model, False)  # raises for a model that does not route
+    num_classes = model.num_classes
+    if args.class_label is not None and not 0 <= args.class_label < num_classes:
+        p.error(f"--class-label must be in [0, {num_classes - 1}] (this model has {num_classes} classes), "
+                f"got {args.class_label}")
+    sampler = args.sampler or (cfg.diffusion.sampler if cfg else "ddpm")
+    accepted = ("euler",) if isinstance(diffusion, FlowMatching) else ("ddpm", "ddim")
+    if sampler not in accepted:
+        p.error(f"--sampler {sampler}: this model's diffusion samples with {' or '.join(accepted)}")
+    steps = args.steps if args.steps is not None else (cfg.diffusion.sample_steps if cfg else 250)
     if args.precision == "bf16":
         model.to(torch.bfloat16)  # FP32Module keeps DC-DiT's router and de-chunk residual in fp32
-    if args.bf16_routing:
-        kernels.set_fp32_router_dechunk(model, False)  # raises for a model that does not route
-    sampler = args.sampler or (cfg.diffusion.sampler if cfg else "ddpm")
-    steps = args.steps or (cfg.diffusion.sample_steps if cfg else 250)
-    num_classes = model.num_classes
     labels = torch.full((args.num_samples,), args.class_label) if args.class_label is not None else torch.arange(args.num_samples) % num_classes
     share = torch.arange(args.num_samples)[d.rank :: d.world]  # this rank's samples (interleaved, stable per seed)
     out = generate(model, diffusion, num=len(share), shape=(model.in_channels, *model.grid), num_classes=num_classes,
                    device=d.device, seed=args.seed * 1000 + d.rank, sampler=sampler, steps=steps,
                    guidance=args.guidance, rho=args.rho, uncond_rho=args.uncond_rho, labels=labels[share],
-                   batch_size=args.batch, progress=d.is_main and os.isatty(2), merge_ratio=args.merge_ratio,
+                   batch_size=args.batch, progress=d.is_main, merge_ratio=args.merge_ratio,
                    cache_threshold=args.cache_threshold,
                    autocast=torch.bfloat16 if args.precision == "bf16" else None, compile=args.compile,
                    compile_options=compile_options, fast_paths=not args.no_kernels)

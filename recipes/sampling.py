@@ -8,6 +8,7 @@
 """
 
 import ast
+import math
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import chunkformer as cf
 from chunkformer import kernels
 from chunkformer.diffusion import FlowMatching, guided_model_fn
 from chunkformer.flops import FlopCounter
+from chunkformer.progress import Progress
 from chunkformer.viz import (
     plot_boundary_maps,
     plot_flops_by_component,
@@ -141,6 +143,9 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
     ``fast_paths``: on a CUDA ``device``, sample with :func:`chunkformer.kernels.apply`'s GPU fast paths (removed
     afterwards; ``False`` samples the plain model)."""
     model.eval()
+    if num < 1 or steps < 1 or batch_size < 1:
+        raise ValueError(f"num, steps and batch_size must be >= 1 (samples, sampling steps, samples per batch), "
+                         f"got {num}, {steps}, {batch_size}")
     if compile_options and not compile:
         raise ValueError("compile_options apply to the compiled model: pass compile=True too")
     if compile:
@@ -163,11 +168,15 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
             counting = nullcontext(counter)
         else:
             denoiser, counting = model, FlopCounter(model)
+        bar = Progress(math.ceil(num / batch_size) * steps, desc=f"sample {num} ({sampler})",
+                       unit="step") if progress else False
         with counting as counter:
             outs, kept_rows, skipped = _sample_batches(
                 denoiser, model, diffusion, noise, labels, num=num, shape=shape, device=device, sampler=sampler,
                 steps=steps, guidance=guidance, rho=rho, uncond_rho=uncond_rho, batch_size=batch_size,
-                progress=progress, cache_threshold=cache_threshold, chunking=chunking)
+                progress=bar, cache_threshold=cache_threshold, chunking=chunking)
+        if bar:
+            bar.close()
     kept = torch.cat(kept_rows, dim=1)  # (forwards per sample, N or 2N with CFG)
     return {
         "samples": torch.cat(outs),

@@ -51,7 +51,7 @@ from recipes.config import (
     to_dict,
     to_yaml,
 )
-from recipes.data import StepBatches, build_source
+from recipes.data import DataError, StepBatches, build_source
 from recipes.parallel import (
     Dist,
     all_reduce_mean,
@@ -64,17 +64,23 @@ from recipes.parallel import (
     parallelize,
 )
 from recipes.sampling import make_report_figures, plan_mode, plot_router_maps, sample_images
+from recipes.validate import usage_errors, validate
 
 __all__ = ["main", "train", "build_model"]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m recipes.train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--recipe", default="tiny-cpu", choices=sorted(PRESETS), help="named preset")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true", help="build the model, print params and FLOPs, exit")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=1000 model.overrides.depth=4")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def build_model(cfg: Recipe, source_shape: tuple[int, ...] | None, num_classes: int | None,
@@ -85,14 +91,17 @@ def build_model(cfg: Recipe, source_shape: tuple[int, ...] | None, num_classes: 
     every checkpoint rebuilds exactly this model.
     """
     if cfg.upcycle.source:
-        return build_upcycled(cfg, source_shape, device)
-    kw = cfg.model.overrides
-    if source_shape is not None:
-        kw.setdefault("in_channels", source_shape[0])
-        kw.setdefault("input_size", list(source_shape[1:]))
-    if num_classes is not None:
-        kw.setdefault("num_classes", num_classes)
-    return cf.create_model(cfg.model.name, **kw).to(device)
+        model = build_upcycled(cfg, source_shape, device)
+    else:
+        kw = cfg.model.overrides
+        if source_shape is not None:
+            kw.setdefault("in_channels", source_shape[0])
+            kw.setdefault("input_size", list(source_shape[1:]))
+        if num_classes is not None:
+            kw.setdefault("num_classes", num_classes)
+        model = cf.create_model(cfg.model.name, **kw).to(device)
+    model.num_timesteps = cfg.diffusion.num_timesteps  # the timesteps its forward accepts: [0, T)
+    return model
 
 
 WRAP_OPTIONS = ("target_ratio", "router", "encoder_depth", "decoder_depth", "scaffold_width", "sigma", "smoothing",
@@ -148,7 +157,8 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
     counts neither in ``steps_per_sec`` nor against ``train.max_minutes``.
     """
     # 1. setup ---------------------------------------------------------------------
-    snapshots = parse_snapshots(cfg.train.snapshots)  # bad marks fail before any work
+    validate(cfg, data=not dry_run, outputs=not dry_run)  # settings in range, paths there: before any work
+    snapshots = parse_snapshots(cfg.train.snapshots)
     run_name = cfg.train.run_name or default_run_name(cfg)  # before build_model fills in the data's shapes
     d = init_distributed()
     device = d.device
@@ -161,7 +171,8 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
 
     # 2. data, model and EMA (a dry run needs no data: the recipe's model overrides give the shapes)
     source = None if dry_run else build_source(cfg.data.dataset, cfg.data.path, cfg.data.image_size,
-                                               cfg.data.pixel_unshuffle, cfg.data.limit)
+                                               cfg.data.pixel_unshuffle, cfg.data.limit,
+                                               bad_images=cfg.data.bad_images)
     model = build_model(cfg, source and source.sample_shape, source and source.num_classes, device)
     chunking = getattr(model, "supports_chunking", False)
     if chunking:
@@ -233,7 +244,7 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
     if resume == "auto":
         found = latest_checkpoint(ckpt_dir, log=notes.append)
         if found is None:
-            notes.append(f"train.resume=auto: no loadable checkpoint in {ckpt_dir}; starting at step 0")
+            notes.append(f"train.resume=auto: no loadable checkpoint in {ckpt_dir}; starting fresh at step 0")
     elif resume:
         found = (Path(resume), load_checkpoint(resume))
     train_flops = 0.0  # training FLOPs so far, all ranks: 3x each forward's (backward ~ 2x forward)
@@ -308,7 +319,12 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
         noise_all = torch.randn((B, *sample_shape), generator=g)
         drop_all = torch.rand(B, generator=g) < p_drop
         sl = slice(r * b, (r + 1) * b)
-        x0, y = (v.to(device, non_blocking=True) for v in source.get(batches.indices(step)))
+        try:
+            x0, y = (v.to(device, non_blocking=True) for v in source.get(batches.indices(step)))
+        except DataError as err:  # a file that went bad mid-run: keep the finished steps, then stop
+            checkpoint()
+            raise DataError(f"{err} (step {step}); the {step} finished steps are checkpointed in {ckpt_dir}. "
+                            "Fix or remove the file, then continue with train.resume=auto") from err
         t, noise, drop = t_all[sl].to(device), noise_all[sl].to(device), drop_all[sl].to(device)
         x_t, _ = diffusion.q_sample(x0, t, noise)
         rho = budget.training_rho(step) if (chunking and cfg.budget.multi_budget) else 0.0
@@ -532,12 +548,19 @@ def _progress(d: Dist, total: int, initial: int):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    cfg = apply_overrides(get_recipe(args.recipe), args.overrides)
+    p = parser()
+    args = p.parse_args(argv)
+    with usage_errors(p):  # a bad key or value: one line and exit status 2, before any work
+        cfg = apply_overrides(get_recipe(args.recipe), args.overrides)
+        run = not (args.print_config or args.dry_run)
+        validate(cfg, data=run, outputs=run)
     if args.print_config:
         print(to_yaml(cfg))
         return {}
-    return train(cfg, dry_run=args.dry_run)
+    try:
+        return train(cfg, dry_run=args.dry_run)
+    except DataError as err:  # an unreadable image: its path, without a traceback (exit status 1)
+        p.exit(1, f"{p.prog}: error: {err}\n")
 
 
 if __name__ == "__main__":

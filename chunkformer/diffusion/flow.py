@@ -16,10 +16,11 @@ from contextlib import nullcontext
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from .._typing import Float, Tensor, typechecked
 from ..caching import StepCache
+from ..progress import Progress
+from ..progress import progress as track
 from .gaussian import ModelFn, StepCallback, initial_noise, mean_flat
 
 __all__ = ["FlowMatching"]
@@ -124,7 +125,7 @@ class FlowMatching:
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
-        progress: bool = False,
+        progress: "bool | Progress" = False,
         callback: StepCallback | None = None,
         clip_denoised: bool = False,
         device: "torch.device | str | None" = None,
@@ -149,7 +150,7 @@ class FlowMatching:
         B, C = x.shape[:2]
         times = [1 - i / steps for i in range(steps + 1)]  # host floats: 1, ..., 0
         with nullcontext() if cache is None else cache.sampling(steps):
-            for step in tqdm(range(steps), disable=not progress, desc="euler"):
+            for step in track(range(steps), progress, desc="euler"):
                 t = self.model_timesteps(torch.full((B,), times[step], device=x.device))  # (B,) in [0, 999]
                 if cache is not None:
                     cache.at(step)

@@ -23,10 +23,11 @@ from contextlib import nullcontext
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from .._typing import Float, Int, Tensor, typechecked
 from ..caching import StepCache
+from ..progress import Progress
+from ..progress import progress as track
 from .respace import respaced_betas, space_timesteps
 
 __all__ = [
@@ -382,7 +383,7 @@ class GaussianDiffusion:
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
-        progress: bool = False,
+        progress: "bool | Progress" = False,
         callback: StepCallback | None = None,
         clip_denoised: bool = False,
         device: "torch.device | str | None" = None,
@@ -406,7 +407,7 @@ class GaussianDiffusion:
         x = initial_noise(shape, noise, generator, device)  # x_T
         B = x.shape[0]
         with nullcontext() if cache is None else cache.sampling(steps):
-            for step, i in enumerate(tqdm(range(steps - 1, -1, -1), disable=not progress, desc=sampler)):
+            for step, i in enumerate(track(range(steps - 1, -1, -1), progress, desc=sampler)):
                 t = torch.full((B,), process.timestep_map[i], device=x.device, dtype=torch.long)
                 if cache is not None:
                     cache.at(step)

@@ -150,7 +150,7 @@ class DCDiT(LabelledModel):
         timestep schedule if it has one, else keeps the router's natural choice.
         ``label_drop``: ``(B,)`` bool labels to replace by the null class (default: random in training).
         """
-        _check_input(self, x)
+        _check_input(self, x, t, y, rho)
         grid = tuple(x.shape[2:])
         # 1. conditioning and encoder
         c = self.t_embedder(t) + self.y_embedder(y, x.shape[0], x.device, label_drop)  # (B, d)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .._typing import Bool, Float, Int, Tensor, typechecked
+from .._typing import Bool, Float, Int, Tensor, typechecked, value_checks_enabled
 from ..attention import Backend, Sdpa, chunk_attention, dense_attention
 from ..caching import run_with_cache, skipped_last
 from ..grid import conv_nd, sincos_table
@@ -220,7 +220,13 @@ def as_grid(size: "int | tuple[int, ...] | list[int]") -> tuple[int, ...]:
 
 
 class LabelledModel(nn.Module):
-    """Label facts of a model with a :class:`LabelEmbedder` at ``y_embedder`` (DiT and DC-DiT)."""
+    """Label facts of a model with a :class:`LabelEmbedder` at ``y_embedder`` (DiT and DC-DiT).
+
+    ``num_timesteps``: the model timesteps ``t`` accepted, ``[0, num_timesteps)`` (DDPM's index scale; a flow's
+    ``t * 999`` falls in it too); set it to the diffusion's ``T`` for another length.
+    """
+
+    num_timesteps: int = 1000
 
     @property
     def null_class(self) -> int | None:
@@ -340,7 +346,7 @@ class DiT(LabelledModel):
         ``label_drop``: ``(B,)`` bool, labels to replace by the null class (CFG training); by
         default a random ``class_dropout_prob`` fraction in training mode.
         """
-        _check_input(self, x)
+        _check_input(self, x, t, y)
         if rho is not None and not (isinstance(rho, (int, float)) and rho == 0):
             raise ValueError("a plain DiT keeps every token: rho must be None or 0 (use a DC-DiT for budgets)")
         h, c = self.embed(x, t, y, label_drop)  # (B, L, d), (B, d)
@@ -375,7 +381,15 @@ def position_table(model: nn.Module, grid: tuple[int, ...]) -> Tensor:
     return sincos_table(grid, model.hidden_size, device=model.pos_table.device)
 
 
-def _check_input(model: nn.Module, x: Tensor) -> None:
+def _check_input(model: nn.Module, x: Tensor, t: Tensor | None = None, y: Tensor | None = None,
+                 rho: "float | Tensor | None" = None) -> None:
+    """Refuse inputs a model cannot take, with the same message whether ``CHUNKFORMER_TYPECHECK`` is on or off.
+
+    Shapes and dtypes of ``x`` ``(B, C, *grid)``, ``t`` ``(B,)``, ``y`` ``(B,)`` integer and ``rho`` (a number, or a
+    float tensor ``()`` / ``(B,)``) are always checked (no device read). The ranges, ``t`` in
+    ``[0, model.num_timesteps)`` and ``y`` in ``[0, num_classes]`` (``num_classes`` is the null label, where the
+    model has one), cost one device-to-host read together and are skipped inside ``value_checks(False)``.
+    """
     if x.ndim != model.ndim + 2:
         raise ValueError(
             f"x must be (batch, {model.in_channels}, *grid) with a rank-{model.ndim} grid, got {tuple(x.shape)}"
@@ -385,6 +399,35 @@ def _check_input(model: nn.Module, x: Tensor) -> None:
     P = getattr(model, "patch_size", 1)
     if any(s % P for s in x.shape[2:]):
         raise ValueError(f"grid {tuple(x.shape[2:])} must be divisible by patch_size={P}")
+    B = x.shape[0]
+    if t is not None and (not torch.is_tensor(t) or t.shape != (B,) or t.dtype == torch.bool or t.is_complex()):
+        got = f"{tuple(t.shape)} {t.dtype}" if torch.is_tensor(t) else type(t).__name__
+        raise ValueError(f"t must be a ({B},) int or float tensor of timesteps (one per sample of x), got {got}")
+    if y is not None and (not torch.is_tensor(y) or y.shape != (B,) or y.dtype.is_floating_point
+                          or y.dtype in (torch.bool, torch.uint8) or y.is_complex()):
+        got = f"{tuple(y.shape)} {y.dtype}" if torch.is_tensor(y) else type(y).__name__
+        raise ValueError(f"y must be a ({B},) integer tensor of class labels (int64), got {got}")
+    if rho is not None:
+        from ..budget import check_rho
+
+        check_rho(rho, batch=B, ranges=False)  # the router reads a tensor's range (once)
+    if not value_checks_enabled() or (t is None and y is None) or x.is_meta:  # meta tensors hold no values
+        return
+    T = getattr(model, "num_timesteps", None)
+    top = model.num_classes if model.null_class is not None else model.num_classes - 1
+    checks = []
+    if t is not None and T is not None:
+        checks.append(((t < 0) | (t >= T)).any())
+    if y is not None:
+        checks.append(((y < 0) | (y > top)).any())
+    if not checks or not bool(torch.stack(checks).any()):  # one device read for both ranges
+        return
+    if t is not None and T is not None and bool(checks[0]):
+        raise ValueError(f"t must lie in [0, {T}) (the diffusion's model timesteps, model.num_timesteps={T}), got "
+                         f"values in [{float(t.min())}, {float(t.max())}]")
+    null = f"; {model.num_classes} is the null label" if model.null_class is not None else ""
+    raise ValueError(f"y must lie in [0, {top}] (class labels of a {model.num_classes}-class model{null}), got "
+                     f"values in [{int(y.min())}, {int(y.max())}]")
 
 
 # ---------------------------------------------------------------------------- init
