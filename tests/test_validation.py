@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import chunkformer as cf
 from chunkformer.progress import Progress, progress
+from chunkformer._typing import value_checks
 from recipes import evaluate as evaluate_cli
 from recipes import sample as sample_cli
 from recipes import train as train_cli
@@ -195,9 +196,9 @@ def test_a_data_error_mid_run_checkpoints_the_finished_steps(tmp_path, capsys, m
                         f"train.results_dir={tmp_path / 'results'}", "train.run_name=r"])
     assert exit_info.value.code == 1
     out, err = capsys.readouterr()
-    assert "train.resume=auto: no checkpoint" in out and "starting fresh" in out
+    assert "train.resume=auto: no loadable checkpoint" in out and "starting fresh" in out
     assert "cannot read image" in err and ".png" in err and "checkpointed" in err and "Traceback" not in err
-    assert [p.name for p in (tmp_path / "results" / "r" / "checkpoints").glob("step-*.pt")] == ["step-0000001.pt"]
+    assert [p.name for p in (tmp_path / "results" / "r" / "checkpoints").glob("step-*")] == ["step-0000001"]
 
 
 # ---------------------------------------------------------------------------- recipes.sample / evaluate
@@ -237,7 +238,7 @@ def test_sample_refuses_missing_checkpoints_with_a_usage_error(tmp_path, capsys)
     assert "--ckpt" in line and "nope" in line
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     line = usage_error(capsys, sample_cli.main, ["--ckpt", str(tmp_path / "run")])
-    assert "no checkpoint" in line
+    assert "no loadable checkpoint" in line
 
 
 def test_evaluate_refuses_missing_or_wrong_npz_with_a_usage_error(tmp_path, capsys):
@@ -336,7 +337,7 @@ def test_range_checks_follow_num_timesteps_and_skip_under_value_checks_off():
     model.num_timesteps = 50
     with pytest.raises(ValueError, match=r"\[0, 50\)"):
         model(X, torch.tensor([10.0, 60.0]), torch.tensor([1, 2]))
-    with cf.value_checks(False), torch.no_grad():  # no device read: ranges unchecked
+    with value_checks(False), torch.no_grad():  # no device read: ranges unchecked
         model(X, torch.tensor([10.0, 60.0]), torch.tensor([1, 2]))
 
 
@@ -349,7 +350,7 @@ BAD_RHO = [torch.tensor([0.1]), torch.tensor([0, 0]), torch.zeros(2, 2), torch.t
 def test_a_rho_of_the_wrong_shape_or_dtype_is_refused_even_with_value_checks_off(kind, rho):
     model = MODELS[kind]
     for checks in (True, False):
-        with cf.value_checks(checks), pytest.raises(ValueError, match="rho must be"):
+        with value_checks(checks), pytest.raises(ValueError, match="rho must be"):
             model(X, torch.tensor([1.0, 2.0]), torch.tensor([1, 2]), rho=rho)
 
 
