@@ -1,4 +1,4 @@
-"""What do the result files in benchmarks/results/ say? The tables and figure of docs/performance.md.
+"""What do the result files in benchmarks/results/ say, as the tables and figure of docs/performance.md?
 
     python benchmarks/report.py                 # prints every generated region of docs/performance.md
     python benchmarks/report.py --write-docs    # fills those regions in place and redraws docs/img/step_speed.png
