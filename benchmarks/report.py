@@ -149,7 +149,30 @@ def host_syncs(res: dict) -> str:
     return "\n".join(lines)
 
 
-REGIONS = {"speed-table": speed_table, "host-syncs": host_syncs, "sources": sources, "tie": tie, "steady": steady, "training": training}
+def composition(res: dict) -> str:
+    """Whole sampling runs with merging and caching stacked on chunking, against DiT-XL/2 (eager; with
+    ``merging.apply(..., compile=True)`` in the last column where that run exists)."""
+    name = next((n for n in sorted(res) if n.startswith("composition_xl256_") and "compiled" not in n), None)
+    if name is None:
+        return ""
+    data, compiled = res[name], res.get(name.replace("xl256_", "xl256_compiled-merge_"))
+    merged = {r["variant"]: r for r in compiled["rows"]} if compiled else {}
+    lines = [f"{card_label(data)}, batch {data['batch']}, {data['steps']} DDIM steps, 256px, eager, DC-DiT with packed plans; speed-ups over "
+             "DiT-XL/2, measured (FLOP-predicted); `dev`: relative distance of the samples from DC-DiT-XL's", "",
+             "| variant | TFLOPs/image | speed-up | skipped steps | dev |" + (" speed-up, merging compiled |" if merged else ""),
+             "|---|---|---|---|---|" + ("---|" if merged else "")]
+    for r in data["rows"]:
+        dev = "" if r["deviation_from_dcdit"] is None else f"{r['deviation_from_dcdit']:.3f}"
+        extra = ""
+        if merged:
+            m = merged.get(r["variant"])
+            extra = f" {_x(m['measured_speedup']) if m else '-'} |"
+        lines.append(f"| {r['variant']} | {r['tflops_per_image']:.2f} | **{_x(r['measured_speedup'])}** "
+                     f"({_x(r['flop_speedup'])}) | {r['skipped_steps']} of {data['steps']} | {dev} |{extra}")
+    return "\n".join(lines)
+
+
+REGIONS = {"speed-table": speed_table, "composition": composition, "host-syncs": host_syncs, "sources": sources, "tie": tie, "steady": steady, "training": training}
 
 
 def fill(text: str, res: dict) -> str:
