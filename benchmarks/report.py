@@ -1,8 +1,8 @@
 """What do the result files in benchmarks/results/ say, as the tables and figure of docs/performance.md?
 
-    python benchmarks/report.py                 # prints every generated region of docs/performance.md
+    python benchmarks/report.py                 # prints every generated region of docs/performance.md and README.md
     python benchmarks/report.py --write-docs    # fills those regions in place and redraws docs/img/step_speed.png
-    python benchmarks/report.py --check         # exits 1 if a region of docs/performance.md is out of date (CPU)
+    python benchmarks/report.py --check         # exits 1 if a region of either page is out of date (CPU)
 
 A generated region of a page is the text between ``<!-- generated:NAME -->`` and ``<!-- end -->``; every
 number in those regions is read from a result file here, never typed by hand. Needs no GPU.
@@ -17,6 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PAGE = ROOT / "docs" / "performance.md"
+README = ROOT / "README.md"
+PAGES = (PAGE, README)  # the pages whose generated regions this script fills
 FIGURE = ROOT / "docs" / "img" / "step_speed.png"
 REGION = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end -->)", re.DOTALL)
 CARDS = ("h100", "h200")
@@ -172,7 +174,28 @@ def composition(res: dict) -> str:
     return "\n".join(lines)
 
 
-REGIONS = {"speed-table": speed_table, "composition": composition, "host-syncs": host_syncs, "sources": sources, "tie": tie, "steady": steady, "training": training}
+def readme_status(res: dict) -> str:
+    """The README's speed bullets: sampling against DiT-XL/2, against the authors' release, and training."""
+    def speedups(size: int, row: str) -> list[float]:
+        return [_rows(res[n])[row]["measured_speedup"] for n in sorted(res) if n.startswith(f"step_speed_{size}_serving_")]
+    cards = sorted({card_label(res[n]) for n in res if n.startswith("step_speed_")})
+    release = [x["ours_over_release"] for n in sorted(res) if n.startswith("vs_release_") for x in res[n]["rows"]]
+    train = [next(x for x in res[n]["rows"] if x["model"] == "DC-DiT-XL") for n in sorted(res)
+             if n.startswith("train_speed_256_compiled_")]
+    return "\n".join([
+        f"- **Sampling speed**: compiled, DC-DiT-XL's sampling step runs {_range(speedups(256, 'DC-DiT-XL rho=0.4'))} "
+        f"DiT-XL/2's speed at rho 0.4 and 256px ({_range(speedups(512, 'DC-DiT-XL rho=0.4'))} at 512px), and "
+        f"{_range(speedups(256, 'DC-DiT-XL Lite-CFG (0 / 0.9)') + speedups(512, 'DC-DiT-XL Lite-CFG (0 / 0.9)'))} "
+        f"with Lite-CFG against classifier-free guidance ({' and '.join(cards)}). At rho 0.2 it ties at 256px "
+        f"({_range(speedups(256, 'DC-DiT-XL rho=0.2'))}) and is {_range(speedups(512, 'DC-DiT-XL rho=0.2'))} at 512px "
+        "([docs/performance.md](docs/performance.md)).",
+        f"- **Against the authors' release**: {_range(release)} faster at the same kept tokens.",
+        f"- **Training speed**: {_range([x['measured_speedup'] for x in train])} DiT-XL/2's, where the FLOPs predict "
+        f"{_range([x['flop_speedup'] for x in train])}.",
+    ])
+
+
+REGIONS = {"speed-table": speed_table, "readme-status": readme_status, "composition": composition, "host-syncs": host_syncs, "sources": sources, "tie": tie, "steady": steady, "training": training}
 
 
 def fill(text: str, res: dict) -> str:
@@ -224,16 +247,16 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 if docs/performance.md's regions are out of date")
     args = ap.parse_args(argv)
     res = load()
-    text = PAGE.read_text()
-    new = fill(text, res)
+    stale = [page for page in PAGES if fill(page.read_text(), res) != page.read_text()]
     if args.check:
-        if new != text:
-            print(f"{PAGE.relative_to(ROOT)} is out of date: run python benchmarks/report.py --write-docs", file=sys.stderr)
-            return 1
-        return 0
+        for page in stale:
+            print(f"{page.relative_to(ROOT)} is out of date: run python benchmarks/report.py --write-docs", file=sys.stderr)
+        return 1 if stale else 0
     if args.write_docs:
-        PAGE.write_text(new)
-        print(f"wrote {PAGE.relative_to(ROOT)} and {plot(res).relative_to(ROOT)}", file=sys.stderr)
+        for page in PAGES:
+            page.write_text(fill(page.read_text(), res))
+            print(f"wrote {page.relative_to(ROOT)}", file=sys.stderr)
+        print(f"wrote {plot(res).relative_to(ROOT)}", file=sys.stderr)
         return 0
     for name, generate in REGIONS.items():
         print(f"<!-- {name} -->\n{generate(res)}\n")

@@ -243,11 +243,13 @@ def test_every_result_file_records_where_it_came_from(path):
     assert path.name == common.result_path(data["benchmark"], data["config"], data["card"]).name
 
 
-def test_report_regenerates_docs_performance_unchanged():
-    """Every number in docs/performance.md comes from a result file: regenerating its regions changes nothing."""
+@pytest.mark.parametrize("page", ["docs/performance.md", "README.md"])
+def test_report_regenerates_each_page_unchanged(page):
+    """Every number in a generated region comes from a result file: regenerating the regions changes nothing."""
     report = _load("report")
-    text = report.PAGE.read_text()
-    assert report.REGION.search(text), "docs/performance.md has no generated region"
+    assert ROOT / page in report.PAGES
+    text = (ROOT / page).read_text()
+    assert report.REGION.search(text), f"{page} has no generated region"
     assert report.fill(text, report.load()) == text, "run python benchmarks/report.py --write-docs"
 
 
