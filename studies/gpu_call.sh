@@ -11,7 +11,7 @@ set -u
 limit=$1; shift
 python3 -m pip install --no-deps --no-index -q .wheels/*.whl 2>&1 | grep -v "^WARNING\|already" || true
 export CHUNKFORMER_CACHE=/tmp/fidcache PYTHONUNBUFFERED=1
-# a machine's /tmp can outlive its lease: work older than any one lease (30 min) is another session's
+# a machine's /tmp can outlive its lease: work older than any one lease (30 min) belongs to an earlier run
 if [ -f /tmp/study/.started ] && [ -n "$(find /tmp/study/.started -mmin +45)" ]; then rm -rf /tmp/study; fi
 mkdir -p /tmp/study && [ -f /tmp/study/.started ] || touch /tmp/study/.started
 mkdir -p "$CHUNKFORMER_CACHE" /tmp/fidw /tmp/study/out

@@ -1,4 +1,4 @@
-"""The fidelity study (issue 8), one GPU call at a time: train arms, sample them, measure the router, score.
+"""The fidelity study, one GPU call at a time: train arms, sample them, measure the router, score.
 
     python studies/mnist_study.py --seed 0 --arms dit,dcdit --minutes 2 --work /tmp/study --out $OUT/s0
     python studies/mnist_study.py --seed 0 --arms dcdit-single,dcdit-random --work /tmp/study --out $OUT/s0b
