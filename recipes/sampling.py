@@ -122,7 +122,7 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
     recipes.sample ``--precision bf16``). ``compile``: ``torch.compile`` the model for the run; it needs
     static shapes (DiT, or DC-DiT with ``plan_mode="fixed"``), so every forward does the same work, and
     FLOPs are counted once, eagerly, on the first batch and added per forward. ``compile_options``: inductor
-    settings for that compile (``torch.compile(options=...)``; docs/recipes.md has one that steadies H100 step times)."""
+    settings for that compile (``torch.compile(options=...)``; docs/recipes.md has one that steadies step times)."""
     model.eval()
     if compile_options and not compile:
         raise ValueError("compile_options apply to the compiled model: pass compile=True too")

@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 start=$(date +%s)
 if [ "${1:-}" = "--each" ]; then  # --each a,b,c: one process per arm, side by side on one GPU: only for
   arms=$2; shift 2               # equal-FLOPs arms, and only where they fit (one DC-DiT-S training run keeps
-                                 # an H100 busy, and two padded ones ran out of its memory)
+                                 # a GPU busy, and two padded ones can run out of its memory)
   for arm in ${arms//,/ }; do
     timeout "$limit" python3 studies/mnist_study.py --work /tmp/study --out /tmp/study/out --arms "$arm" "$@" \
       > "/tmp/study/out/log-$arm.txt" 2>&1 &
