@@ -189,3 +189,13 @@ def test_the_docs_speak_of_the_project_only():
     for page in PAGES + [ROOT / "benchmarks" / "README.md"]:
         for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
             assert not pattern.search(line), f"{page.name}:{n}: {line.strip()[:100]}"
+
+
+def test_results_prose_types_no_numbers():
+    """docs/results.md's hand-written conclusions quote no measured number: those live in its generated tables."""
+    text = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
+    prose = text[text.index("## What we conclude"):]
+    prose = re.sub(r"^```.*?^```", "", prose, flags=re.DOTALL | re.MULTILINE)  # code blocks
+    prose = re.sub(r"`[^`]*`", "", prose)  # inline code: settings and file names
+    typed = re.findall(r"\d+\.\d+|\d+(?:\.\d+)?\s*%|\d+(?:\.\d+)?x\b|\b\d{3,}\b", prose)
+    assert not typed, f"numbers typed by hand in docs/results.md's conclusions: {typed[:10]}"
