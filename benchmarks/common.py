@@ -130,7 +130,10 @@ def card_slug(card: str) -> str:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit (``+dirty`` when tracked files differ from it), or None outside a git checkout."""
+    """The checkout's commit (``+dirty`` when tracked files under chunkformer/, benchmarks/ or recipes/ differ
+    from it); outside a git checkout ``$CHUNKFORMER_COMMIT`` (set it when running from a copied tree), else None."""
+    if not (ROOT / ".git").exists():
+        return os.environ.get("CHUNKFORMER_COMMIT")
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
