@@ -61,6 +61,7 @@ def bucket(tokens: float, multiple: int = 8) -> int:
 
 
 def _sync() -> None:
+    """Wait for the GPU, if there is one."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -168,6 +169,7 @@ def save_result(benchmark: str, config: str, card: str, out: Path | None = None,
 
 
 def _script_path() -> str:
+    """The running script's path relative to the repository root, as a user would type it."""
     script = Path(sys.argv[0])
     try:
         return str(script.resolve().relative_to(ROOT))

@@ -43,6 +43,7 @@ PRESETS = {
 
 
 def build(name: str, size: int, device, seed: int = 0):
+    """A registry model for ``(B, 4, size, size)`` latents and 1000 classes, its weights perturbed off the zero init."""
     torch.manual_seed(seed)
     model = cf.create_model(name, input_size=size, in_channels=4, num_classes=1000).to(device)
     with torch.no_grad():
@@ -68,6 +69,7 @@ def calibrate(model, noise, y, target: float = 0.25) -> float:
 
 @torch.no_grad()
 def run(model, noise, y, steps, cache_threshold=None):
+    """One DDIM sampling run from ``noise``: ``(samples (B, 4, H, W), mean kept fraction, steps the cache skipped)``."""
     diffusion = create_diffusion()
     kept = []
     fn = model_fn(model, y, on_info=lambda info: kept.append(info.kept_fraction.float().mean()))
@@ -79,6 +81,7 @@ def run(model, noise, y, steps, cache_threshold=None):
 
 
 def timed(model, noise, y, steps, cache_threshold=None, reps=3):
+    """Median seconds of ``reps`` sampling runs after one warm-up run."""
     run(model, noise, y, steps, cache_threshold)  # warm-up
     times = []
     for _ in range(reps):

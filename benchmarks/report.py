@@ -31,14 +31,17 @@ def load(results: Path = RESULTS) -> dict[str, dict]:
 
 
 def _rows(data: dict) -> dict[str, dict]:
+    """A result file's rows by name."""
     return {r["row"]: r for r in data["rows"]}
 
 
 def _x(v: float | None) -> str:
+    """A speed-up as ``1.23x`` (``-`` for None)."""
     return "-" if v is None else f"{v:.2f}x"
 
 
 def _range(values: list[float], fmt: str = ".2f", unit: str = "x") -> str:
+    """``lo-hi`` of ``values`` with ``unit``, or one value where both round alike."""
     lo, hi = min(values), max(values)
     return f"{lo:{fmt}}{unit}" if f"{lo:{fmt}}" == f"{hi:{fmt}}" else f"{lo:{fmt}}-{hi:{fmt}}{unit}"
 

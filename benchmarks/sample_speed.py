@@ -64,6 +64,7 @@ def main(argv=None) -> dict:
     diffusion = create_diffusion("flow", learn_sigma=False)
 
     def build(name: str, bf16: bool, fixed: bool, low_routing: bool):
+        """The model under one setting: bf16 weights, fixed-capacity filled plans, bf16 routing."""
         torch.manual_seed(0)
         if name == "DiT-XL/2":
             model = cf.create_model(name, input_size=latent, learn_sigma=False, **sizes)
@@ -101,6 +102,7 @@ def main(argv=None) -> dict:
                 torch.cuda.empty_cache()
 
     def find(model: str, setting: str) -> dict | None:
+        """The row of ``model`` under ``setting``, or None."""
         return next((r for r in rows if r["model"] == model and r["setting"] == setting), None)
 
     for r in rows:

@@ -112,6 +112,7 @@ def main(argv=None) -> dict:
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
 
     def build(name: str, **kw) -> torch.nn.Module:
+        """A seeded registry model in the run's configuration (DC-DiT: keeps every token, the capacity cuts)."""
         torch.manual_seed(0)
         m = cf.create_model(name, input_size=latent, **{**sizes, **kw}).to(device).eval()
         if name.startswith("DC"):
@@ -121,6 +122,7 @@ def main(argv=None) -> dict:
         return m.to(torch.bfloat16) if serving else m
 
     def compiled(m):
+        """``m`` through ``torch.compile`` with the run's options, or ``m`` itself when eager."""
         return (torch.compile(m, options=options) if options else torch.compile(m)) if compile_ else m
 
     dit = build("DiT-XL/2")
@@ -130,6 +132,7 @@ def main(argv=None) -> dict:
     dit_fn, dc_fn, scaffold_fn = compiled(dit), compiled(dc), compiled(scaffold)
 
     def at(capacity: int, labels=None):
+        """A step of DC-DiT-XL at ``capacity`` tokens per sample (one compiled graph per capacity)."""
         def step():
             dc.capacity = capacity
             return dc_fn(x, t, y if labels is None else labels)

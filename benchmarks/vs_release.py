@@ -46,6 +46,7 @@ def _sdpa(q, k, v):
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
             causal=False, **_):
+    """flash-attn's ``flash_attn_varlen_func`` on packed ``(T, H, d)`` q, k, v, computed by SDPA per sequence."""
     if causal or dropout_p or softmax_scale is not None:
         raise NotImplementedError("the stand-in covers DC-DiT's non-causal, dropout-free attention only")
     n = cu_seqlens_q.numel() - 1
@@ -59,12 +60,14 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
 
 
 def _qkvpacked(qkv, dropout_p=0.0, softmax_scale=None, causal=False, **_):
+    """flash-attn's ``flash_attn_qkvpacked_func``: ``(B, N, 3, H, d) -> (B, N, H, d)`` by SDPA."""
     if causal or dropout_p or softmax_scale is not None:
         raise NotImplementedError("the stand-in covers DC-DiT's non-causal, dropout-free attention only")
     return _sdpa(*qkv.unbind(2))  # (B, N, 3, H, d) -> (B, N, H, d)
 
 
 def _unpad(hidden, mask, *_):
+    """flash-attn's ``unpad_input``: ``(B, N, ...)`` and a ``(B, N)`` mask -> ``(kept, ...)``, flat index, cu_seqlens, longest, lengths."""
     mask = mask.bool()
     lengths = mask.sum(-1, dtype=torch.int32)
     index = mask.flatten().nonzero().flatten()
@@ -73,6 +76,7 @@ def _unpad(hidden, mask, *_):
 
 
 def _pad(hidden, index, batch, seqlen):
+    """flash-attn's ``pad_input``: the inverse of ``_unpad``, zeros where the mask was false."""
     out = hidden.new_zeros(batch * seqlen, *hidden.shape[1:])
     out[index] = hidden
     return out.reshape(batch, seqlen, *hidden.shape[1:])
@@ -122,6 +126,7 @@ def import_release(root: Path):
 
 
 def build_release(release_config, release_models, latent: int, tiny: bool, device):
+    """The release's DC-DiT at XL widths (or tiny ones), eager, its router biased to keep every token."""
     width, depth, heads = (128, 2, 2) if tiny else (1152, 28, 16)
     hnet = release_config.HNetConfig(arch_layout=["c2", [f"D{depth}"], "c2"], d_model=[width, width],
                                      num_heads=[heads, heads], enc_dec_dim_factor=[4, None],
