@@ -199,3 +199,16 @@ def test_results_prose_types_no_numbers():
     prose = re.sub(r"`[^`]*`", "", prose)  # inline code: settings and file names
     typed = re.findall(r"\d+\.\d+|\d+(?:\.\d+)?\s*%|\d+(?:\.\d+)?x\b|\b\d{3,}\b", prose)
     assert not typed, f"numbers typed by hand in docs/results.md's conclusions: {typed[:10]}"
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of ``page``'s headings: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.DOTALL | re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.MULTILINE)}
+
+
+def test_every_link_to_a_section_finds_its_heading():
+    for page in PAGES:
+        for target, anchor in re.findall(r"\]\(((?:docs/)?[\w.-]+\.md)#([\w-]+)\)", page.read_text(encoding="utf-8")):
+            linked = page.parent / target
+            assert anchor in _anchors(linked), f"{page.name} links {target}#{anchor}, which has no such heading"
