@@ -2,7 +2,8 @@
 
     python benchmarks/composition.py --preset xl256       # GPU: writes results/composition_xl256_<card>.json
     python benchmarks/composition.py --preset xl256 --compile-merge
-    python benchmarks/composition.py --preset tiny        # CPU (DiT-S/2 and DC-DiT-S, a few minutes on 2 cores)
+    python benchmarks/composition.py --preset tiny        # CPU: DiT-S/2 and DC-DiT-S, a few minutes
+    python benchmarks/composition.py --preset tiny --smoke --steps 2 --batch 1 --reps 1 --out /tmp/c.json   # smoke run
 
 Every row is one whole sampling run (DDIM, ``--steps`` steps, no guidance, the same noise and
 labels) of a randomly initialised model; weights are perturbed away from the zero init so
@@ -42,10 +43,10 @@ PRESETS = {
 }
 
 
-def build(name: str, size: int, device, seed: int = 0):
+def build(name: str, size: int, device, seed: int = 0, **sizes):
     """A registry model for ``(B, 4, size, size)`` latents and 1000 classes, its weights perturbed off the zero init."""
     torch.manual_seed(seed)
-    model = cf.create_model(name, input_size=size, in_channels=4, num_classes=1000).to(device)
+    model = cf.create_model(name, input_size=size, in_channels=4, num_classes=1000, **sizes).to(device)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -98,6 +99,7 @@ def timed(model, noise, y, steps, cache_threshold=None, reps=3):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--smoke", action="store_true", help="the preset's models at toy width and depth (a fast CPU check)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--threshold", type=float, default=None, help="step-cache threshold")
@@ -113,7 +115,8 @@ def main(argv=None) -> dict:
     noise = torch.randn(batch, 4, size, size, generator=g).to(device)
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
 
-    dit, dc = build(dit_name, size, device), build(dc_name, size, device)
+    sizes = dict(hidden_size=64, depth=2, num_heads=2) if args.smoke else {}
+    dit, dc = build(dit_name, size, device, **sizes), build(dc_name, size, device, **sizes)
     calibrate(dc, noise, y)
     variants = [  # label, model, merge ratio, cache threshold
         (dit_name, dit, 0.0, None),

@@ -134,7 +134,7 @@ def test_train_speed_sets_each_dc_dit_against_the_dit_of_its_width(benchmarks):
 
 
 def test_composition_stacks_merging_and_caching_on_chunking(tmp_path, benchmarks):
-    result = _load("composition").main(["--preset", "tiny", "--steps", "2", "--batch", "1", "--reps", "1",
+    result = _load("composition").main(["--preset", "tiny", "--smoke", "--steps", "2", "--batch", "1", "--reps", "1",
                                         "--out", str(tmp_path / "c.json")])
     rows = {r["variant"]: r for r in result["rows"]}
     assert list(rows)[0] == "DiT-S/2" and rows["DiT-S/2"]["measured_speedup"] == 1.0
