@@ -1,7 +1,9 @@
-"""Chunking, token merging and step caching, alone and stacked: FLOPs and wall-clock of sampling.
+"""How much do token merging and step caching save on top of chunking, alone and stacked?
 
-    python benchmarks/composition.py --preset tiny                 # CPU, a few minutes on 2 cores
-    python benchmarks/composition.py --preset xl256 --out benchmarks/results/composition_xl256.json   # GPU
+    python benchmarks/composition.py --preset xl256       # GPU: writes results/composition_xl256_<card>.json
+    python benchmarks/composition.py --preset xl256 --compile-merge
+    python benchmarks/composition.py --preset tiny        # CPU: DiT-S/2 and DC-DiT-S, a few minutes
+    python benchmarks/composition.py --preset tiny --smoke --steps 2 --batch 1 --reps 1 --out /tmp/c.json   # smoke run
 
 Every row is one whole sampling run (DDIM, ``--steps`` steps, no guidance, the same noise and
 labels) of a randomly initialised model; weights are perturbed away from the zero init so
@@ -11,7 +13,8 @@ Columns: TFLOPs per image (FlopCounter over the whole run, so skipped steps coun
 milliseconds per image, the measured and the FLOP-predicted speed-up over DiT, backbone
 passes skipped, and how far each run's samples land from the un-accelerated DC-DiT's
 (relative L2; random weights, so this only shows that the approximations stay small, not
-image quality: docs/results.md measures FID on trained models).
+image quality: docs/results.md measures FID on trained models). Prints one row per variant with
+those columns.
 
 The DC-DiT router's keep bias is calibrated (bisection on the noise at mid-trajectory) so that
 about a quarter of the grid passes, the ``1/N`` a trained DC-DiT with ``N = 4`` keeps, and the
@@ -20,20 +23,17 @@ eager, in bf16 autocast on CUDA (fp32 on the CPU), with the default attention ba
 """
 
 import argparse
-import json
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import chunkformer as cf  # noqa: E402
-from chunkformer.diffusion import create_diffusion  # noqa: E402
-from chunkformer.diffusion.guidance import model_fn  # noqa: E402
-from chunkformer.flops import FlopCounter  # noqa: E402
+from common import save_result
+
+import chunkformer as cf
+from chunkformer.diffusion import create_diffusion
+from chunkformer.diffusion.guidance import model_fn
+from chunkformer.flops import FlopCounter
 
 PRESETS = {
     # name: (DiT, DC-DiT, latent size, batch, steps, cache threshold)
@@ -43,9 +43,10 @@ PRESETS = {
 }
 
 
-def build(name: str, size: int, device, seed: int = 0):
+def build(name: str, size: int, device, seed: int = 0, **sizes):
+    """A registry model for ``(B, 4, size, size)`` latents and 1000 classes, its weights perturbed off the zero init."""
     torch.manual_seed(seed)
-    model = cf.create_model(name, input_size=size, in_channels=4, num_classes=1000).to(device)
+    model = cf.create_model(name, input_size=size, in_channels=4, num_classes=1000, **sizes).to(device)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -69,6 +70,7 @@ def calibrate(model, noise, y, target: float = 0.25) -> float:
 
 @torch.no_grad()
 def run(model, noise, y, steps, cache_threshold=None):
+    """One DDIM sampling run from ``noise``: ``(samples (B, 4, H, W), mean kept fraction, steps the cache skipped)``."""
     diffusion = create_diffusion()
     kept = []
     fn = model_fn(model, y, on_info=lambda info: kept.append(info.kept_fraction.float().mean()))
@@ -80,6 +82,7 @@ def run(model, noise, y, steps, cache_threshold=None):
 
 
 def timed(model, noise, y, steps, cache_threshold=None, reps=3):
+    """Median seconds of ``reps`` sampling runs after one warm-up run."""
     run(model, noise, y, steps, cache_threshold)  # warm-up
     times = []
     for _ in range(reps):
@@ -93,16 +96,17 @@ def timed(model, noise, y, steps, cache_threshold=None, reps=3):
     return sorted(times)[len(times) // 2]
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--smoke", action="store_true", help="the preset's models at toy width and depth (a fast CPU check)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--threshold", type=float, default=None, help="step-cache threshold")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--compile-merge", action="store_true", help="merging.apply(..., compile=True)")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/<name>.json)")
+    args = ap.parse_args(argv)
     dit_name, dc_name, size, batch, steps, threshold = PRESETS[args.preset]
     batch, steps = args.batch or batch, args.steps or steps
     threshold = args.threshold if args.threshold is not None else threshold
@@ -111,7 +115,8 @@ def main() -> None:
     noise = torch.randn(batch, 4, size, size, generator=g).to(device)
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
 
-    dit, dc = build(dit_name, size, device), build(dc_name, size, device)
+    sizes = dict(hidden_size=64, depth=2, num_heads=2) if args.smoke else {}
+    dit, dc = build(dit_name, size, device, **sizes), build(dc_name, size, device, **sizes)
     calibrate(dc, noise, y)
     variants = [  # label, model, merge ratio, cache threshold
         (dit_name, dit, 0.0, None),
@@ -145,19 +150,16 @@ def main() -> None:
         sample = r.pop("_sample")
         r["deviation_from_dcdit"] = (None if r["variant"].startswith(dit_name) else
                                      float((sample - reference).norm() / reference.norm()))
-    card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{args.preset}: {card}, torch {torch.__version__}, batch {batch}, {steps} DDIM steps, latent {size}x{size}")
     print(f"{'variant':<34}{'TFLOPs/img':>11}{'ms/img':>9}{'speed-up':>9}{'FLOP pred':>10}{'kept':>6}{'skip':>6}{'dev':>8}")
     for r in rows:
         dev = "-" if r["deviation_from_dcdit"] is None else f"{r['deviation_from_dcdit']:.3f}"
         print(f"{r['variant']:<34}{r['tflops_per_image']:>11.3f}{r['ms_per_image']:>9.2f}{r['measured_speedup']:>9.2f}"
               f"{r['flop_speedup']:>10.2f}{r['kept_fraction']:>6.2f}{r['skipped_steps']:>6}{dev:>8}")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "card": card, "torch": torch.__version__, "command": "python " + shlex.join(sys.argv),
-            "preset": args.preset, "compile_merge": args.compile_merge, "batch": batch, "steps": steps, "latent": size, "rows": rows,
-        }, indent=1))
+    config = args.preset + ("_compiled-merge" if args.compile_merge else "")
+    return save_result("composition", config, card, out=args.out, preset=args.preset, compile_merge=args.compile_merge,
+                       batch=batch, steps=steps, latent=size, rows=rows)
 
 
 if __name__ == "__main__":

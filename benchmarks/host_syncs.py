@@ -1,28 +1,29 @@
-"""Host syncs and dispatched ops per forward / training step, counted on any device (CPU is fine).
+"""How often does a forward / training step make the host wait for the GPU, per plan mode?
 
-    python benchmarks/host_syncs.py                       # MNIST-S sizes: DiT-S/2 vs DC-DiT-S per plan mode
-    python benchmarks/host_syncs.py --out benchmarks/results/host_syncs_cpu.json
+    python benchmarks/host_syncs.py       # any device (the counts do not depend on it): writes results/host_syncs_s_<card>.json
+    python benchmarks/host_syncs.py --batch 2 --out /tmp/syncs.json      # the same, as a quick smoke run
 
 On a GPU a host sync stalls the launch queue and every dispatched op is at least one kernel
 launch; at small sizes (32x32, width 384) the step is bound by these, not by FLOPs. The
 counts do not depend on the device, so this runs anywhere. ``value checks`` are the NaN /
-budget-range / timestep and label range checks (``chunkformer.value_checks``); the sampling hot path
-turns them off.
+budget-range / timestep and label range checks (``chunkformer._typing.value_checks``); the sampling hot path turns them off. Prints a
+markdown table: host syncs forward / backward, the same without value checks, and dispatched ops,
+for DiT-S/2 and DC-DiT-S in packed, padded and fixed-capacity plan modes (MNIST sizes, 32x32x1).
 """
 
 import argparse
-import json
 import platform
-import shlex
-import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import chunkformer as cf  # noqa: E402
+from common import card_name, save_result
+
+import chunkformer as cf
+from chunkformer._typing import value_checks
+from chunkformer.hostsync import count_host_syncs
 
 
 class OpCounter(TorchDispatchMode):
@@ -38,13 +39,14 @@ class OpCounter(TorchDispatchMode):
 
 
 def measure(model, x, t, y, kwargs: dict) -> dict:
+    """Host syncs (with and without value checks) and dispatched ops of one training-mode forward and backward."""
     model.train()
     model(x, t, y, **kwargs)  # warm-up (lazy init, caches)
     row = {}
     for checks in (True, False):
-        with cf.value_checks(checks), cf.count_host_syncs() as fwd:
+        with value_checks(checks), count_host_syncs() as fwd:
             out = model(x, t, y, **kwargs)
-        with cf.value_checks(checks), cf.count_host_syncs() as bwd:
+        with value_checks(checks), count_host_syncs() as bwd:
             out.float().square().mean().backward()
         row[f"syncs_fwd{'' if checks else '_unchecked'}"] = fwd.total
         row[f"syncs_bwd{'' if checks else '_unchecked'}"] = bwd.total
@@ -59,7 +61,7 @@ def measure(model, x, t, y, kwargs: dict) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/<name>.json)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     B = args.batch
@@ -71,19 +73,14 @@ def main(argv=None) -> dict:
         model = cf.create_model("DC-DiT-S", input_size=32, in_channels=1, num_classes=10, plan_mode=mode,
                                 attn_backend="sdpa", **kw)
         rows[f"DC-DiT-S {mode}"] = measure(model, x, t, y, {"rho": 0.2})
-    result = {"device": "cpu (counts do not depend on the device)", "torch": torch.__version__,
-              "python": platform.python_version(), "command": "python " + shlex.join(sys.argv), "batch": B,
-              "rows": rows}
     print(f"MNIST-S sizes (32x32x1, width 384, 12 blocks), batch {B}, training mode, rho 0.2 for DC-DiT\n")
     print("| model | host syncs fwd / bwd | without value checks | dispatched ops fwd / bwd |")
     print("|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['syncs_fwd']} / {r['syncs_bwd']} | {r['syncs_fwd_unchecked']} / "
               f"{r['syncs_bwd_unchecked']} | {r['ops_fwd']} / {r['ops_bwd']} |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-    return result
+    return save_result("host_syncs", "s", card_name(), out=args.out, python=platform.python_version(), batch=B,
+                       rows=rows)
 
 
 if __name__ == "__main__":

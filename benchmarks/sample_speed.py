@@ -1,7 +1,7 @@
-"""Images per second of the recipes' sampling path under its speed settings (recipes.sample's flags).
+"""How many images per second does ``recipes.sample`` make under each of its speed flags?
 
-    python benchmarks/sample_speed.py --out benchmarks/results/sample_speed_256_h100.json   # GPU, ~5 min
-    python benchmarks/sample_speed.py --tiny                                                 # CPU smoke run
+    python benchmarks/sample_speed.py         # GPU, about 5 min: writes results/sample_speed_256_<card>.json
+    python benchmarks/sample_speed.py --tiny  # CPU smoke run (nothing written)
 
 ``recipes.sampling.generate`` (what ``recipes.sample`` runs: Euler steps, FLOP counting, samples
 copied to the host) for DiT-XL/2 and DC-DiT-XL at 256px, batch 64, under each setting:
@@ -16,24 +16,22 @@ The DC-DiT router is biased to keep every token, and the budget is a quarter of 
 (``capacity = L / 4``, an upper bound for packed plans), so every DC-DiT row sees 256 tokens per
 sample whatever its plan mode, as a trained router at DC-DiT's N = 4 does. Weights are random:
 this measures time, not images. Columns: images/s, speed-up over the same model's defaults and
-over DiT-XL/2 with the same settings, and TFLOPs per image as ``generate`` counted them.
+over DiT-XL/2 with the same settings, and TFLOPs per image as ``generate`` counted them; the
+table is printed at the end.
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import chunkformer as cf  # noqa: E402
-from chunkformer.diffusion import create_diffusion  # noqa: E402
-from recipes.sample import set_serving_plan  # noqa: E402
-from recipes.sampling import generate  # noqa: E402
-from step_speed import save_result  # noqa: E402
+from common import card_name, fast_paths, router_precision, save_result
+
+import chunkformer as cf
+from chunkformer.diffusion import create_diffusion
+from recipes.sample import set_serving_plan
+from recipes.sampling import generate
 
 SETTINGS = {  # name: (bf16, fixed-capacity filled plans, compile, bf16 routing, the DiT-XL/2 row it is set against)
     "fp32, eager (defaults)": (False, False, False, False, "fp32, eager (defaults)"),
@@ -53,7 +51,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=10, help="Euler steps per image")
     ap.add_argument("--tiny", action="store_true", help="small models on the CPU (a smoke run)")
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled rows")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/<name>.json)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     latent, sizes = 32, {}
@@ -66,6 +64,7 @@ def main(argv=None) -> dict:
     diffusion = create_diffusion("flow", learn_sigma=False)
 
     def build(name: str, bf16: bool, fixed: bool, low_routing: bool):
+        """The model under one setting: bf16 weights, fixed-capacity filled plans, bf16 routing."""
         torch.manual_seed(0)
         if name == "DiT-XL/2":
             model = cf.create_model(name, input_size=latent, learn_sigma=False, **sizes)
@@ -74,8 +73,8 @@ def main(argv=None) -> dict:
             torch.nn.init.constant_(model.router.scorer[-1].bias, 30.0)  # keep everything: the capacity cuts
             if fixed:
                 set_serving_plan(model, L // 4, fill=True)
-            cf.set_fp32_router_dechunk(model, not low_routing)
-        model = model.to(device).eval()
+            router_precision(model, fp32=not low_routing)
+        model = fast_paths(model.to(device).eval(), on=True)
         return model.to(torch.bfloat16) if bf16 else model
 
     rows = []
@@ -102,6 +101,7 @@ def main(argv=None) -> dict:
                 torch.cuda.empty_cache()
 
     def find(model: str, setting: str) -> dict | None:
+        """The row of ``model`` under ``setting``, or None."""
         return next((r for r in rows if r["model"] == model and r["setting"] == setting), None)
 
     for r in rows:
@@ -109,14 +109,14 @@ def main(argv=None) -> dict:
         dit = find("DiT-XL/2", SETTINGS[r["setting"]][-1])
         r["dit_setting"] = dit["setting"]  # (present: a DC-DiT row is compiled only when DiT-XL/2's is)
         r["speedup_vs_dit"] = r["images_per_s"] / dit["images_per_s"]
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    card = card_name()
     print(f"\n{card}, torch {torch.__version__}, {latent * 8}px (latent {latent}x{latent}), batch {args.batch}, "
           f"{args.num} images x {args.steps} Euler steps, no guidance")
     print(f"{'model':<11}{'setting':<56}{'images/s':>10}{'vs defaults':>13}{'vs DiT':>8}{'TFLOPs/img':>12}")
     for r in rows:
         print(f"{r['model']:<11}{r['setting']:<56}{r['images_per_s']:>10.2f}{r['speedup_vs_defaults']:>13.2f}"
               f"{r['speedup_vs_dit']:>8.2f}{r['tflops_per_image']:>12.3f}")
-    return save_result(args.out, card, batch=args.batch, num=args.num, steps=args.steps, latent=latent, rows=rows)
+    return save_result("sample_speed", str(latent * 8), card, out=args.out, write=not args.tiny, batch=args.batch, num=args.num, steps=args.steps, latent=latent, rows=rows)
 
 
 if __name__ == "__main__":

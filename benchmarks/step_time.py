@@ -1,31 +1,32 @@
-"""Backend agreement on CUDA and step times of DC-DiT against DiT at the paper's sizes.
+"""Do the attention backends agree, and how long does an eager training step of DC-DiT-XL take per rho?
 
-    python benchmarks/step_time.py --out benchmarks/results/step_time.json            # GPU
-    python benchmarks/step_time.py --tiny                                               # CPU smoke run
+    python benchmarks/step_time.py            # GPU: writes results/step_time_256_<card>.json
+    python benchmarks/step_time.py --tiny     # CPU smoke run (nothing written)
 
 Part 1 checks that the packed attention backends (sdpa, math, flex, and flash when installed)
 give the same forward outputs and gradients on CUDA. Part 2 times a full training step
 (forward + backward, bf16 autocast) of DiT-XL/2 and DC-DiT-XL at 256px (batch 64) for
 several tail-drop fractions, with the router's keep bias set so that about a quarter of the
-tokens pass (as the trained model does), and reports measured and FLOP-predicted speed-ups
-from one run on one card.
+tokens pass (as the trained model does). Prints the backends' largest differences from the math
+backend (GPU), then one row per model and rho: kept tokens, ms per step, GFLOPs per sample, and
+the measured and FLOP-predicted speed-ups over DiT-XL/2.
 """
 
 import argparse
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import chunkformer as cf  # noqa: E402
-from chunkformer.attention import chunk_attention  # noqa: E402
+from common import card_name, save_result
+
+import chunkformer as cf
+from chunkformer.attention import chunk_attention
 
 
 def backend_agreement(device) -> dict:
+    """Largest output and gradient differences of each packed attention backend from the math backend."""
     torch.manual_seed(0)
     mask = torch.rand(8, 1024, device=device) < 0.25
     mask[:, 0] = True
@@ -49,6 +50,7 @@ def backend_agreement(device) -> dict:
 
 
 def time_step(model, x, t, y, steps=10, warmup=3, **kw) -> float:
+    """Host-clock ms per training step (forward, backward, AdamW) over ``steps`` steps after ``warmup``."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.is_cuda)
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
@@ -68,17 +70,16 @@ def time_step(model, x, t, y, steps=10, warmup=3, **kw) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default="")
-    p.add_argument("--tiny", action="store_true")
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/<name>.json)")
+    p.add_argument("--tiny", action="store_true", help="small models on the CPU (a smoke run; writes nothing)")
     p.add_argument("--batch", type=int, default=64)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    report = {"card": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-              "torch": torch.__version__, "command": " ".join(["python"] + sys.argv)}
+    report = {}
     if device.type == "cuda":
         report["backends"] = backend_agreement(device)
         print("backend agreement:", json.dumps(report["backends"], indent=1))
@@ -114,9 +115,8 @@ def main():
     for r in rows:
         print(f"{r['model']:<22}{str(r['rho']):>5}{r['kept']:>8.1f}{r['ms']:>10.1f}{r['gflops_per_sample']:>9.1f}"
               f"{r['measured_speedup_vs_dit']:>9.2f}{r['flop_predicted_speedup_vs_dit']:>10.2f}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    card = card_name() if device.type == "cuda" else "cpu"
+    return save_result("step_time", "256", card, out=args.out, write=not args.tiny, **report)
 
 
 if __name__ == "__main__":

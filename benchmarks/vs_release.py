@@ -1,7 +1,7 @@
-"""Our DC-DiT-XL sampling step against the authors' release (AMD-AGI/DynamicChunkingDiT), one card, one run.
+"""How much faster is chunkformer's DC-DiT-XL sampling step than the authors' release (AMD-AGI/DynamicChunkingDiT)?
 
-    python benchmarks/vs_release.py --reference .ref/DynamicChunkingDiT --size 256 --out benchmarks/results/vs_release_256.json
-    python benchmarks/vs_release.py --reference /path/to/release --tiny           # CPU smoke run
+    python benchmarks/vs_release.py --reference /path/to/DynamicChunkingDiT --size 256   # GPU: results/vs_release_256_<card>.json
+    python benchmarks/vs_release.py --reference /path/to/DynamicChunkingDiT --tiny       # CPU smoke run (nothing written)
 
 The release is imported from a local checkout (``--reference`` or ``$CHUNKFORMER_DCDIT_REFERENCE``;
 nothing is downloaded) and runs unmodified, except that flash-attn, which it imports, is replaced
@@ -11,14 +11,14 @@ attention by SDPA, and flash-attn's fused RMSNorm by torch's ``rms_norm`` in fp3
 built from its own config classes at DiT-XL widths (1152 wide, 28 blocks, 16 heads, conv
 scaffold at d/4, fp32 router and de-chunk; sigma 1 at 256px, 2 at 512px) and runs eager under
 bf16 autocast, as its sampler does. Its router is biased to keep every token and its tail drop
-set to ``1 - (1 - rho) / 4``, so a quarter of the grid times ``1 - rho`` is kept, as issue 7
-prescribes.
+set to ``1 - (1 - rho) / 4``, so a quarter of the grid times ``1 - rho`` is kept.
 
 Ours: DC-DiT-XL through ``torch.compile`` in fixed-capacity mode at the same kept counts (rounded
 up to a multiple of 8, so ours keeps a few tokens more), and chunkformer's DiT-XL/2 (compiled) as
 the common yardstick. Rows: rho 0 / 0.2 / 0.4 and Lite-CFG (conditional pass at rho 0,
 unconditional at rho 0.9; DiT: two full passes). Columns: ms of the release and of ours, ours'
-speed-up over the release, and each one's speed-up over DiT-XL/2. Batch 64 at 256px, 16 at 512px.
+speed-up over the release, and each one's speed-up over DiT-XL/2 (printed as a table). Batch 64 at
+256px, 16 at 512px.
 ``--fill-capacity`` builds ours with ``fill_capacity=True`` (the same tokens; attention unmasked).
 """
 
@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import chunkformer as cf  # noqa: E402
-from step_speed import save_result, step_ms  # noqa: E402  (benchmarks/ is on the path when run as a script)
+from common import bucket, card_name, save_result, step_ms
+
+import chunkformer as cf
 
 SCORER_BIAS = "hnet.routing_module.residual_scorer.3.bias"  # the release router's last conv bias
 
@@ -46,6 +46,7 @@ def _sdpa(q, k, v):
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
             causal=False, **_):
+    """flash-attn's ``flash_attn_varlen_func`` on packed ``(T, H, d)`` q, k, v, computed by SDPA per sequence."""
     if causal or dropout_p or softmax_scale is not None:
         raise NotImplementedError("the stand-in covers DC-DiT's non-causal, dropout-free attention only")
     n = cu_seqlens_q.numel() - 1
@@ -59,12 +60,14 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
 
 
 def _qkvpacked(qkv, dropout_p=0.0, softmax_scale=None, causal=False, **_):
+    """flash-attn's ``flash_attn_qkvpacked_func``: ``(B, N, 3, H, d) -> (B, N, H, d)`` by SDPA."""
     if causal or dropout_p or softmax_scale is not None:
         raise NotImplementedError("the stand-in covers DC-DiT's non-causal, dropout-free attention only")
     return _sdpa(*qkv.unbind(2))  # (B, N, 3, H, d) -> (B, N, H, d)
 
 
 def _unpad(hidden, mask, *_):
+    """flash-attn's ``unpad_input``: ``(B, N, ...)`` and a ``(B, N)`` mask -> ``(kept, ...)``, flat index, cu_seqlens, longest, lengths."""
     mask = mask.bool()
     lengths = mask.sum(-1, dtype=torch.int32)
     index = mask.flatten().nonzero().flatten()
@@ -73,6 +76,7 @@ def _unpad(hidden, mask, *_):
 
 
 def _pad(hidden, index, batch, seqlen):
+    """flash-attn's ``pad_input``: the inverse of ``_unpad``, zeros where the mask was false."""
     out = hidden.new_zeros(batch * seqlen, *hidden.shape[1:])
     out[index] = hidden
     return out.reshape(batch, seqlen, *hidden.shape[1:])
@@ -122,6 +126,7 @@ def import_release(root: Path):
 
 
 def build_release(release_config, release_models, latent: int, tiny: bool, device):
+    """The release's DC-DiT at XL widths (or tiny ones), eager, its router biased to keep every token."""
     width, depth, heads = (128, 2, 2) if tiny else (1152, 28, 16)
     hnet = release_config.HNetConfig(arch_layout=["c2", [f"D{depth}"], "c2"], d_model=[width, width],
                                      num_heads=[heads, heads], enc_dec_dim_factor=[4, None],
@@ -139,10 +144,6 @@ def build_release(release_config, release_models, latent: int, tiny: bool, devic
     return model.eval()
 
 
-def bucket(tokens: float, multiple: int = 8) -> int:
-    return max(multiple, -(-round(tokens) // multiple) * multiple)
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", type=Path, default=os.environ.get("CHUNKFORMER_DCDIT_REFERENCE"),
@@ -152,7 +153,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="small models on the CPU, eager (a smoke run)")
     ap.add_argument("--fill-capacity", action="store_true",
                     help="ours with fill_capacity=True: the same tokens, attention without a key mask")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/<name>.json)")
     args = ap.parse_args(argv)
     if args.reference is None:
         ap.error("pass --reference PATH (a local checkout of the release) or set CHUNKFORMER_DCDIT_REFERENCE")
@@ -210,7 +211,7 @@ def main(argv=None) -> dict:
     for r in rows:
         r["ours_over_release"] = r["release_ms"] / r["ours_ms"]
         r["release_over_dit"], r["ours_over_dit"] = r["dit_ms"] / r["release_ms"], r["dit_ms"] / r["ours_ms"]
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    card = card_name() if device.type == "cuda" else "cpu"
     print(f"\n{card}, torch {torch.__version__}, {args.size}px (latent {latent}x{latent}), batch {batch}, bf16 autocast; "
           f"release eager, ours and DiT-XL/2 {'eager' if compile_ is not torch.compile else 'compiled'}"
           f"{'; ours filled (fill_capacity=True)' if args.fill_capacity else ''}")
@@ -219,7 +220,8 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"| {r['row']} | {r['release_kept']} / {r['ours_kept']} | {r['release_ms']:.2f} | {r['ours_ms']:.2f} "
               f"| {r['ours_over_release']:.2f}x | {r['release_over_dit']:.2f}x | {r['ours_over_dit']:.2f}x |")
-    return save_result(args.out, card, size=args.size, batch=batch, reference=str(args.reference),
+    config = f"{args.size}" + ("_filled" if args.fill_capacity else "")
+    return save_result("vs_release", config, card, out=args.out, write=not args.tiny, size=args.size, batch=batch, reference=str(args.reference),
                        fill_capacity=args.fill_capacity, rows=rows)
 
 

@@ -163,7 +163,7 @@ def _imagenet(name: str, model: str) -> Recipe:
 def _mnist_gpu(name: str, model: str) -> Recipe:
     kwargs = {"input_size": 32, "in_channels": 1, "num_classes": 10}
     if model.startswith("DC"):  # memory guard: the untrained router can keep most of the 1024 pixels of a
-        kwargs["capacity"] = 512  # batch of 256 for a few steps, which ran out of an 80 GB H100 (at most half)
+        kwargs["capacity"] = 512  # batch of 256 for a few steps, more than one GPU's memory (at most half)
     return Recipe(
         name=name,
         model=ModelConfig(model, kwargs),
@@ -182,7 +182,7 @@ def _upcycle(recipe: Recipe) -> Recipe:
 
 
 PRESETS: dict[str, Recipe] = {
-    # The README's main job: 2000 steps in 4.8 minutes on an idle 2-core CPU (measured).
+    # The README's main job: 2000 steps, a few minutes on a laptop CPU.
     "tiny-cpu": Recipe(
         name="tiny-cpu",
         model=ModelConfig(

@@ -7,7 +7,7 @@
 ``arr_0`` is accepted too). The sampling settings beside it (same stem, ``.json``) are copied
 into the result: ``kept_fraction`` and ``tflops_per_image`` at the top level, all of them under
 ``sampling``. ``--reference`` is ``mnist`` (the built-in digits, features cached after the first
-run, which takes about 11 minutes on a 2-core CPU, with a progress line every 30 s) or an ``.npz`` of ``mu``/``sigma``,
+run, which takes minutes on a CPU, with a progress line every 30 s) or an ``.npz`` of ``mu``/``sigma``,
 ``features`` or uint8 ``samples``. The result goes to ``--out`` (default: ``<samples stem>.fid.json``);
 one summary line is printed. See docs/evaluation.md.
 """

@@ -11,7 +11,7 @@ set -u
 limit=$1; shift
 python3 -m pip install --no-deps --no-index -q .wheels/*.whl 2>&1 | grep -v "^WARNING\|already" || true
 export CHUNKFORMER_CACHE=/tmp/fidcache PYTHONUNBUFFERED=1
-# a machine's /tmp can outlive its lease: work older than any one lease (30 min) is another session's
+# a machine's /tmp can outlive its lease: work older than any one lease (30 min) belongs to an earlier run
 if [ -f /tmp/study/.started ] && [ -n "$(find /tmp/study/.started -mmin +45)" ]; then rm -rf /tmp/study; fi
 mkdir -p /tmp/study && [ -f /tmp/study/.started ] || touch /tmp/study/.started
 mkdir -p "$CHUNKFORMER_CACHE" /tmp/fidw /tmp/study/out
@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 start=$(date +%s)
 if [ "${1:-}" = "--each" ]; then  # --each a,b,c: one process per arm, side by side on one GPU: only for
   arms=$2; shift 2               # equal-FLOPs arms, and only where they fit (one DC-DiT-S training run keeps
-                                 # an H100 busy, and two padded ones ran out of its memory)
+                                 # a GPU busy, and two padded ones can run out of its memory)
   for arm in ${arms//,/ }; do
     timeout "$limit" python3 studies/mnist_study.py --work /tmp/study --out /tmp/study/out --arms "$arm" "$@" \
       > "/tmp/study/out/log-$arm.txt" 2>&1 &

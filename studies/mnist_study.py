@@ -1,4 +1,4 @@
-"""The fidelity study (issue 8), one GPU call at a time: train arms, sample them, measure the router, score.
+"""The fidelity study, one GPU call at a time: train arms, sample them, measure the router, score.
 
     python studies/mnist_study.py --seed 0 --arms dit,dcdit --minutes 2 --work /tmp/study --out $OUT/s0
     python studies/mnist_study.py --seed 0 --arms dcdit-single,dcdit-random --work /tmp/study --out $OUT/s0b
@@ -117,16 +117,16 @@ ARMS: dict[str, Arm] = {
     "dcdit-random": Arm("mnist-dcdit-s", ("model.overrides.router=random",)),
     "dcdit-cosine": Arm("mnist-dcdit-s", ("model.overrides.router=cosine",)),
     # fixed capacity (half the grid) bounds memory: during distillation the upcycled router swings between
-    # ~4% and ~79% kept within a few steps (on the CPU, batch 8), and 79% of a batch of 256 did not fit in
-    # an 80 GB H100; the ratio loss still sees the router's own choice
+    # ~4% and ~79% kept within a few steps (on the CPU, batch 8), and 79% of a batch of 256 does not fit in
+    # one GPU's memory; the ratio loss still sees the router's own choice
     "upcycled": Arm("mnist-upcycle-dcdit-s", ("model.overrides.plan_mode=fixed", "model.overrides.capacity=512"),
                     upcycle=True, sample_layout="packed"),
     # equal wall-clock with compiled training steps: both for --minutes (from the end of the compiling first
     # step), FLOPs not counted (counting hooks and torch.compile exclude each other); run them one after the other
     "dit-compiled": Arm("mnist-dit-s", COMPILED, budget="minutes"),
     # static shapes for the compiler: fixed capacity 320 (31% of the grid; the trained router keeps 17-27%), and
-    # rho reaches the model as a tensor. Packed plans change shape every step: on an H100 the compiled packed
-    # arm recompiled through its 2 minutes (17 steps)
+    # rho reaches the model as a tensor. Packed plans change shape every step, so a compiled packed arm
+    # keeps recompiling
     "dcdit-compiled": Arm("mnist-dcdit-s", (*COMPILED, "model.overrides.plan_mode=fixed", "model.overrides.capacity=320"),
                           budget="minutes", sample_layout="packed"),
 }

@@ -375,7 +375,7 @@ def render(data: dict, img: Path = IMG) -> str:
                     points.append((f"{LABEL[a]} (seed {s})", e["tflops_per_image"], fid_at(e, n4)))
         if not any(a == "dcdit-single" for a, _ in elastic):
             lines += ["", "Without multi-budget training (arm `dcdit-single`): not run yet, so the comparison the "
-                      "issue asks for is missing."]
+                      "paper makes is missing."]
         fig = plot_pareto(points, img / "elastic_pareto.png", n4 or 0)
         if fig:
             lines += ["", f"![elastic Pareto curve]({rel(fig)})"]

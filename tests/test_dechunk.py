@@ -170,7 +170,7 @@ def test_windowed_smoothing_on_a_tiled_grid_is_close_to_dense():
     for sigma in (1.0, 2.0, 4.0):
         dense, fast = smooth_dense(h, p, plan, sigma), smooth_windowed(h, p, plan, sigma)
         v = plan.valid
-        assert (dense - fast)[v].abs().max() / dense[v].abs().max() < 1e-4, sigma  # issue 7's bound
+        assert (dense - fast)[v].abs().max() / dense[v].abs().max() < 1e-4, sigma  # the bound docs/scaffold.md states
 
 
 def test_blur_tiles_on_the_cpu_only_and_its_flop_count_follows():
