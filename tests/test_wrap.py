@@ -197,12 +197,44 @@ def test_summary_reports_added_parameters_and_flops_saved(layout):
     lines = []
     info = cf.summary(w, x, t, y, rho=0.2, print_fn=lines.append)
     text = "\n".join(lines)
-    assert f"{w.backbone.name!r} adapter" in text and "saved" in text
+    assert f"{w.backbone.name!r} adapter" in text and "the original" in text
     added = sum(p.numel() for n, p in w.named_parameters() if not n.startswith("backbone."))
     assert info["added_params"] == added
     assert info["original_gflops"] > 0 and 0 < info["kept_fraction"] < 1
     less = cf.summary(w, x, t, y, rho=0.6, print_fn=None)
     assert less["gflops"] < info["gflops"] and less["kept_fraction"] < info["kept_fraction"]
+
+
+@pytest.mark.parametrize("bias, depth", [(3.0, 2), (-3.0, 12)])  # keeps most tokens, shallow / few tokens, deep
+def test_summary_states_the_flop_ratio_against_the_original(bias, depth):
+    import re
+
+    from chunkformer.flops import FlopCounter
+
+    torch.manual_seed(0)
+    model = OriginalLayoutDiT(depth=depth)
+    w = cf.wrap(model)
+    torch.nn.init.constant_(w.router.scorer[-1].bias, bias)
+    x, t, y = inputs()
+    lines = []
+    info = cf.summary(w, x, t, y, print_fn=lines.append)
+    text = "\n".join(lines)
+    wrapped = cf.count_flops(w.eval(), x, t, y).per_sample
+    with FlopCounter(model) as base:
+        call(model.eval(), x, t, y)
+    ratio = wrapped / (base.total / len(x))
+    assert info["flops_ratio"] == pytest.approx(ratio)
+    assert "saved" not in text and not re.search(r"-[0-9]", text)  # no negative savings
+    if bias > 0:  # costs more: the multiple, and why (the P=1 scaffold, more kept tokens than patches, the router)
+        assert ratio > 1
+        stated = float(re.search(r"([0-9.]+)x the FLOPs of the original at this kept fraction", text).group(1))
+        assert stated == pytest.approx(ratio, abs=0.006)
+        assert "P=1 scaffold" in text and "16 patches of 2x2" in text and "untrained router" in text
+    else:  # costs less: the saving, as a positive share and a factor
+        assert ratio < 1
+        share, factor = re.search(r"([0-9.]+)% fewer FLOPs than the original \(([0-9.]+)x less\)", text).groups()
+        assert float(share) / 100 == pytest.approx(1 - ratio, abs=0.0006)
+        assert float(factor) == pytest.approx(1 / ratio, abs=0.006) and "why" not in text
 
 
 def test_wrapped_flops_count_backbone_attention_on_kept_tokens():
