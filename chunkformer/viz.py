@@ -121,15 +121,17 @@ def plot_kept_vs_timestep(
     return _save(fig, path)
 
 
-def plot_flops_by_component(by_component: Mapping[str, float], path: str | Path, *, title: str = "") -> Path:
-    """Horizontal bars of GFLOPs per component (zero entries omitted)."""
+def plot_flops_by_component(by_component: Mapping[str, float], path: str | Path, *, title: str = "",
+                            xlabel: str = "GFLOPs per forward") -> Path:
+    """Horizontal bars of GFLOPs per component (zero entries omitted); ``by_component`` holds the FLOPs of
+    one forward (e.g. :attr:`FlopReport.by_component` divided by its batch); say which in ``title``."""
     plt = _plt()
     items = [(k, v / 1e9) for k, v in by_component.items() if v > 0]
     fig, ax = plt.subplots(figsize=(5, 0.35 * len(items) + 1))
     ax.barh([k for k, _ in items], [v for _, v in items], color="tab:purple")
     ax.invert_yaxis()
-    ax.set_xlabel("GFLOPs")
-    ax.set_title(title or "FLOPs by component", fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title or "FLOPs by component, per forward", fontsize=9)
     return _save(fig, path)
 
 

@@ -324,7 +324,8 @@ def _cost_lines(wrapped: ChunkWrapper, report, info: dict, tokens: int) -> list[
     scaffold = report.per_sample - backbone
     lines = [head + f"{ratio:.2f}x the FLOPs of the original at this kept fraction ({kept:.1%})",
              f"  why more: the P=1 scaffold (encoder, router, de-chunk, decoder, conditioning) runs on all {tokens} "
-             f"tokens: {scaffold / 1e9:.3f} GFLOPs, {scaffold / report.per_sample:.0%} of the wrapped model's"]
+             f"tokens: {scaffold / 1e9:.3f} GFLOPs, {scaffold / report.per_sample:.0%} of the wrapped model's, whatever "
+             f"the router keeps (it weighs less against a deeper backbone than these {len(wrapped.blocks)} blocks)"]
     if kept * tokens > patches:
         lines.append(f"  and the backbone runs on {kept * tokens:.0f} kept tokens per sample where the original runs on "
                      f"{patches} patches of {p}x{p} (fewer only below {patches / tokens:.0%} kept)")

@@ -222,6 +222,29 @@ def test_dry_run_prints_params_and_flops(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "parameters" in res.stdout and "backbone attention" in res.stdout
+    # at the recipe's target kept fraction (1/N of the 32x32 latent grid), whatever the fresh router keeps
+    assert "target kept fraction 1/N = 1/4 = 25.0% of 1024 tokens" in res.stdout
+    assert "at rho = 0.6 (kept 10.0%)" in res.stdout
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.1, 0.6])
+def test_dry_run_flops_use_the_stated_kept_fraction(fraction):
+    from chunkformer.diffusion import create_diffusion
+    from recipes.config import apply_overrides, get_recipe
+    from recipes.train import build_model, dry_run_report, flops_at_kept_fraction
+
+    cfg = apply_overrides(get_recipe("DC-DiT-S"), ["model.overrides.depth=2", "model.overrides.input_size=[8,8]"])
+    model = build_model(cfg, None, None, torch.device("cpu"))
+    torch.nn.init.constant_(model.router.scorer[-1].bias, -30.0)  # the router alone keeps almost nothing
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 2])
+    report = flops_at_kept_fraction(model, x, t, y, fraction)
+    kept = round(fraction * 64)
+    assert torch.equal(report.kept, torch.full((2,), kept))
+    d = model.hidden_size  # two MLP linears d -> 4d -> d per block, on the kept tokens only
+    assert report.by_component["backbone MLP"] / 2 == pytest.approx(2 * 2 * kept * (d * 4 * d + 4 * d * d))
+    assert model.plan_mode == "packed" and model.capacity is None  # the model is left as it was
+    out = dry_run_report(cfg, model, create_diffusion("ddpm"), torch.device("cpu"), is_main=False)
+    assert out["kept_fraction"] == 0.25
 
 
 def test_pareto_plot_from_evaluation_jsons(tmp_path):
