@@ -137,14 +137,29 @@ def plot_flops_by_component(by_component: Mapping[str, float], path: str | Path,
 
 def plot_pareto(curves: Mapping[str, Sequence[tuple[float, float, str]]], path: str | Path, *,
                 title: str = "elastic inference") -> Path:
-    """FID (y) against TFLOPs per image (x); ``curves[name] = [(tflops, fid, label), ...]``."""
+    """FID (y) against TFLOPs per image (x); ``curves[name] = [(tflops, fid, label), ...]``.
+
+    Label parts (``", "``-separated) shared by every point of a curve go to its legend entry; the rest
+    annotate the points, slanted so neighbouring labels do not run together.
+    """
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in curves.items():
         pts = sorted(points)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        for x, y, lab in pts:
-            ax.annotate(lab, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        parts = [lab.split(", ") for _, _, lab in pts]
+        common = [part for part in parts[0] if all(part in other for other in parts)] if len(pts) > 1 else []
+        legend = name + (f" ({', '.join(common)})" if common else "")
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=legend)
+        for (x, y, _), lab in zip(pts, parts):
+            text = ", ".join(part for part in lab if part not in common)
+            ax.annotate(text, (x, y), fontsize=7, xytext=(2, 4), textcoords="offset points", rotation=35,
+                        color=line.get_color())
+    ax.margins(x=0.12, y=0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    ax.tick_params(axis="x", labelrotation=30)
     ax.set_xlabel("TFLOPs per image")
     ax.set_ylabel("FID (lower is better)")
     ax.set_title(title, fontsize=9)
