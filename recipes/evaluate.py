@@ -45,7 +45,7 @@ def load_samples(path: str | Path, limit: int | None = None) -> np.ndarray:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--samples", required=True, help=".npz with uint8 'samples' (N, H, W, C)")
     p.add_argument("--reference", default="mnist", help="'mnist' (the 5000 built-in digits) or a .npz")
     p.add_argument("--out", default="", help="result JSON (default: <samples stem>.fid.json)")

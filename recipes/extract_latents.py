@@ -88,7 +88,7 @@ def decode(latents: torch.Tensor, cache_dir: str, *, device=None, batch_size: in
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.extract_latents", description=__doc__.split("\n")[0])
     p.add_argument("--images", required=True, help="ImageFolder root (one sub-folder per class)")
     p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory")
     p.add_argument("--out", required=True, help="output cache directory")

@@ -103,7 +103,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.sample", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="run folder, checkpoint file or save_pretrained directory")
     p.add_argument("--out", default="", help="output stem (default: <run>/samples/eval-...)")
     p.add_argument("--num-samples", type=int, default=64)

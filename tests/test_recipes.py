@@ -578,3 +578,13 @@ def test_ddp_broadcasts_buffers_only_when_there_is_more_than_a_position_table():
         assert parallelize(with_norm, d).broadcast_buffers is True
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["train", "sample", "evaluate", "pareto", "extract_latents"])
+def test_help_names_the_module_command(name, capsys):
+    import importlib
+
+    module = importlib.import_module(f"recipes.{name}")
+    with pytest.raises(SystemExit):
+        (module.parse_args if hasattr(module, "parse_args") else module.main)(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: python -m recipes.{name} ")
