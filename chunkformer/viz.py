@@ -82,9 +82,9 @@ def plot_boundary_maps(
         for i in range(n):
             img = x_t[j][i].float()
             img = img[0] if img.shape[0] == 1 else img[:3].permute(1, 2, 0)
-            axes[2 * i, j].imshow(img.cpu().clamp(-1.5, 1.5), cmap="gray")
+            axes[2 * i, j].imshow(img.cpu().clamp(-1.5, 1.5).numpy(), cmap="gray")
             shown = (probs[j][i] if probs is not None else masks[j][i].float()).reshape(H, W)
-            axes[2 * i + 1, j].imshow(shown.cpu(), cmap="magma", vmin=0, vmax=1)
+            axes[2 * i + 1, j].imshow(shown.cpu().numpy(), cmap="magma", vmin=0, vmax=1)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -102,7 +102,7 @@ def plot_kept_vs_timestep(
     t = timesteps.float().flatten().cpu()
     f = kept_fraction.float().flatten().cpu()
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.scatter(t, f, s=3, alpha=0.25, color="tab:blue")
+    ax.scatter(t.numpy(), f.numpy(), s=3, alpha=0.25, color="tab:blue")  # numpy: matplotlib's own array type
     edges = torch.linspace(float(t.min()), float(t.max()) + 1e-6, bins + 1)
     centers, means, lo, hi = [], [], [], []
     for a, b in zip(edges[:-1], edges[1:]):

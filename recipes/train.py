@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -191,6 +191,11 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
     (e.g. what the router keeps of a fixed batch, to see when it settles). Its time is not training time: it
     counts neither in ``steps_per_sec`` nor against ``train.max_minutes``.
     """
+    with ExitStack() as files:  # the run's log file closes however the run ends (a failed step raises)
+        return _train(cfg, files, dry_run=dry_run, probe=probe)
+
+
+def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
     # 1. setup ---------------------------------------------------------------------
     snapshots = parse_snapshots(cfg.train.snapshots)  # bad marks fail before any work
     run_name = cfg.train.run_name or default_run_name(cfg)  # before build_model fills in the data's shapes
@@ -296,7 +301,7 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        log_file = open(run_dir / "log.txt", "a")
+        log_file = files.enter_context(open(run_dir / "log.txt", "a"))
     _log(d, log_file, f"run folder {run_dir} | {cfg.model.name} {n_params / 1e6:.2f}M params | "
                       f"world {d.world} on {device} | data {cfg.data.dataset} ({len(source)} samples)")
     for note in notes:

@@ -573,9 +573,13 @@ def test_ddp_broadcasts_buffers_only_when_there_is_more_than_a_position_table():
         d = Dist(world=2)  # "enabled": wrap, though this group has one process
         model = cf.create_model("DC-DiT-S", input_size=8, depth=1)
         assert [n for n, _ in model.named_buffers()] == ["pos_table"]
-        assert parallelize(model, d).broadcast_buffers is False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # no deprecated DDP argument
+            ddp = parallelize(model, d)
+        assert getattr(ddp, "forward_sync_buffers", ddp.broadcast_buffers) is False
         with_norm = torch.nn.Sequential(model, torch.nn.BatchNorm1d(3))
-        assert parallelize(with_norm, d).broadcast_buffers is True
+        ddp = parallelize(with_norm, d)
+        assert getattr(ddp, "forward_sync_buffers", ddp.broadcast_buffers) is True
     finally:
         dist.destroy_process_group()
 
