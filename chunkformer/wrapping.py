@@ -261,7 +261,9 @@ def _count(params) -> int:
 def summary(wrapped: ChunkWrapper, x: Tensor | None = None, t: Tensor | None = None, y: Tensor | None = None,
             *, rho: float = 0.0, print_fn=print) -> dict:
     """Print (and return) what was wrapped, the parameters added, and, given an input, the
-    kept tokens and the FLOPs saved against the original model on the same input."""
+    kept tokens and the wrapped model's FLOPs against the original's on the same input: a multiple
+    with the reasons when it costs more, the saving when it costs less (``flops_ratio`` = wrapped /
+    original, ``flops_saved`` = ``1 - flops_ratio``)."""
     from .flops import FlopCounter, count_flops
 
     b = wrapped.backbone
