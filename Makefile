@@ -28,4 +28,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check chunkformer tests examples
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .hypothesis
+	rm -rf $(VENV) outputs results .pytest_cache .hypothesis

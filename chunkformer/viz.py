@@ -82,9 +82,9 @@ def plot_boundary_maps(
         for i in range(n):
             img = x_t[j][i].float()
             img = img[0] if img.shape[0] == 1 else img[:3].permute(1, 2, 0)
-            axes[2 * i, j].imshow(img.cpu().clamp(-1.5, 1.5), cmap="gray")
+            axes[2 * i, j].imshow(img.cpu().clamp(-1.5, 1.5).numpy(), cmap="gray")
             shown = (probs[j][i] if probs is not None else masks[j][i].float()).reshape(H, W)
-            axes[2 * i + 1, j].imshow(shown.cpu(), cmap="magma", vmin=0, vmax=1)
+            axes[2 * i + 1, j].imshow(shown.cpu().numpy(), cmap="magma", vmin=0, vmax=1)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -102,7 +102,7 @@ def plot_kept_vs_timestep(
     t = timesteps.float().flatten().cpu()
     f = kept_fraction.float().flatten().cpu()
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.scatter(t, f, s=3, alpha=0.25, color="tab:blue")
+    ax.scatter(t.numpy(), f.numpy(), s=3, alpha=0.25, color="tab:blue")  # numpy: matplotlib's own array type
     edges = torch.linspace(float(t.min()), float(t.max()) + 1e-6, bins + 1)
     centers, means, lo, hi = [], [], [], []
     for a, b in zip(edges[:-1], edges[1:]):
@@ -121,28 +121,45 @@ def plot_kept_vs_timestep(
     return _save(fig, path)
 
 
-def plot_flops_by_component(by_component: Mapping[str, float], path: str | Path, *, title: str = "") -> Path:
-    """Horizontal bars of GFLOPs per component (zero entries omitted)."""
+def plot_flops_by_component(by_component: Mapping[str, float], path: str | Path, *, title: str = "",
+                            xlabel: str = "GFLOPs per forward") -> Path:
+    """Horizontal bars of GFLOPs per component (zero entries omitted); ``by_component`` holds the FLOPs of
+    one forward (e.g. :attr:`FlopReport.by_component` divided by its batch); say which in ``title``."""
     plt = _plt()
     items = [(k, v / 1e9) for k, v in by_component.items() if v > 0]
     fig, ax = plt.subplots(figsize=(5, 0.35 * len(items) + 1))
     ax.barh([k for k, _ in items], [v for _, v in items], color="tab:purple")
     ax.invert_yaxis()
-    ax.set_xlabel("GFLOPs")
-    ax.set_title(title or "FLOPs by component", fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title or "FLOPs by component, per forward", fontsize=9)
     return _save(fig, path)
 
 
 def plot_pareto(curves: Mapping[str, Sequence[tuple[float, float, str]]], path: str | Path, *,
                 title: str = "elastic inference") -> Path:
-    """FID (y) against TFLOPs per image (x); ``curves[name] = [(tflops, fid, label), ...]``."""
+    """FID (y) against TFLOPs per image (x); ``curves[name] = [(tflops, fid, label), ...]``.
+
+    Label parts (``", "``-separated) shared by every point of a curve go to its legend entry; the rest
+    annotate the points, slanted so neighbouring labels do not run together.
+    """
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in curves.items():
         pts = sorted(points)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        for x, y, lab in pts:
-            ax.annotate(lab, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        parts = [lab.split(", ") for _, _, lab in pts]
+        common = [part for part in parts[0] if all(part in other for other in parts)] if len(pts) > 1 else []
+        legend = name + (f" ({', '.join(common)})" if common else "")
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=legend)
+        for (x, y, _), lab in zip(pts, parts):
+            text = ", ".join(part for part in lab if part not in common)
+            ax.annotate(text, (x, y), fontsize=7, xytext=(2, 4), textcoords="offset points", rotation=35,
+                        color=line.get_color())
+    ax.margins(x=0.12, y=0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    ax.tick_params(axis="x", labelrotation=30)
     ax.set_xlabel("TFLOPs per image")
     ax.set_ylabel("FID (lower is better)")
     ax.set_title(title, fontsize=9)

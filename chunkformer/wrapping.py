@@ -262,7 +262,9 @@ def _count(params) -> int:
 def summary(wrapped: ChunkWrapper, x: Tensor | None = None, t: Tensor | None = None, y: Tensor | None = None,
             *, rho: float = 0.0, print_fn=print) -> dict:
     """Print (and return) what was wrapped, the parameters added, and, given an input, the
-    kept tokens and the FLOPs saved against the original model on the same input."""
+    kept tokens and the wrapped model's FLOPs against the original's on the same input: a multiple
+    with the reasons when it costs more, the saving when it costs less (``flops_ratio`` = wrapped /
+    original, ``flops_saved`` = ``1 - flops_ratio``)."""
     from .flops import FlopCounter, count_flops
 
     b = wrapped.backbone
@@ -298,14 +300,39 @@ def summary(wrapped: ChunkWrapper, x: Tensor | None = None, t: Tensor | None = N
                 b.call_original(wrapped._original, x, t, y)
         finally:
             wrapped.train(was_training)
-        kept = report.kept.float() / math.prod(x.shape[2:])
+        tokens = math.prod(x.shape[2:])
+        kept = report.kept.float() / tokens
         base_per_sample = base.total / x.shape[0]
+        ratio = report.per_sample / base_per_sample  # wrapped FLOPs over the original's, same input
         info.update(kept_fraction=float(kept.mean()), gflops=report.per_sample / 1e9,
-                    original_gflops=base_per_sample / 1e9, flops_saved=1 - report.per_sample / base_per_sample)
-        lines.append(f"  on {tuple(x.shape)} at rho={rho}: kept {kept.mean():.1%} of {math.prod(x.shape[2:])} "
+                    original_gflops=base_per_sample / 1e9, flops_ratio=ratio, flops_saved=1 - ratio)
+        lines.append(f"  on {tuple(x.shape)} at rho={rho}: kept {kept.mean():.1%} of {tokens} "
                      f"P=1 tokens ({info['gflops']:.3f} GFLOPs/sample)")
-        lines.append(f"  original model: {info['original_gflops']:.3f} GFLOPs/sample -> "
-                     f"{info['flops_saved']:.1%} saved ({base_per_sample / report.per_sample:.2f}x fewer)")
+        lines.extend(_cost_lines(wrapped, report, info, tokens))
     if print_fn is not None:
         print_fn("\n".join(lines))
     return info
+
+
+def _cost_lines(wrapped: ChunkWrapper, report, info: dict, tokens: int) -> list[str]:
+    """The wrapped model's FLOPs against the original's, in words; why, when the wrapped model costs more."""
+    ratio, kept = info["flops_ratio"], info["kept_fraction"]
+    head = f"  original model: {info['original_gflops']:.3f} GFLOPs/sample -> "
+    if ratio <= 1:
+        return [head + f"{1 - ratio:.1%} fewer FLOPs than the original ({1 / ratio:.2f}x less) "
+                       f"at this kept fraction ({kept:.1%})"]
+    p, target = wrapped.backbone.patch_size, 1 / wrapped.budget.target_ratio
+    patches = tokens // p ** len(wrapped.grid)
+    backbone = sum(v for k, v in report.by_component.items() if k.startswith("backbone")) / report.batch
+    scaffold = report.per_sample - backbone
+    lines = [head + f"{ratio:.2f}x the FLOPs of the original at this kept fraction ({kept:.1%})",
+             f"  why more: the P=1 scaffold (encoder, router, de-chunk, decoder, conditioning) runs on all {tokens} "
+             f"tokens: {scaffold / 1e9:.3f} GFLOPs, {scaffold / report.per_sample:.0%} of the wrapped model's, whatever "
+             f"the router keeps (it weighs less against a deeper backbone than these {len(wrapped.blocks)} blocks)"]
+    if kept * tokens > patches:
+        lines.append(f"  and the backbone runs on {kept * tokens:.0f} kept tokens per sample where the original runs on "
+                     f"{patches} patches of {p}x{p} (fewer only below {patches / tokens:.0%} kept)")
+    if kept > target:
+        lines.append(f"  the router keeps more than its target 1/N = {target:.0%}, as an untrained router does: "
+                     "training with the ratio loss pulls it there, and rho tail-drops more at inference")
+    return lines

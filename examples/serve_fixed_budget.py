@@ -69,19 +69,20 @@ def main(argv=None) -> dict:
     losses = train_wrapped(model, args.steps)
     model = model.eval().to(device)
     capacity = 16 * 16 // 4  # the budget: a quarter of the grid
-    folder = Path(tempfile.mkdtemp()) / "dcdit"
-    cf.save_pretrained(model, folder)  # config.json + model.safetensors; a serving process starts here
     fixed = dict(plan_mode="fixed", capacity=capacity)
-
     noise = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(1)).to(device)
     y = torch.arange(8, device=device)
-    settings = {
-        "packed (as trained)": (model, False, False),
-        f"fixed, capacity {capacity}": (served(folder, **fixed), True, False),
-        "+ fill_capacity": (served(folder, **fixed, fill_capacity=True), True, False),
-        "+ bf16 weights (autocast)": (served(folder, **fixed, fill_capacity=True).to(torch.bfloat16), True, True),
-        "+ bf16 routing (autocast)": (served(folder, **fixed, fill_capacity=True, fp32_router_dechunk=False), True, True),
-    }
+    with tempfile.TemporaryDirectory() as tmp:  # removed on exit, errors included
+        folder = Path(tmp) / "dcdit"
+        cf.save_pretrained(model, folder)  # config.json + model.safetensors; a serving process starts here
+        settings = {
+            "packed (as trained)": (model, False, False),
+            f"fixed, capacity {capacity}": (served(folder, **fixed), True, False),
+            "+ fill_capacity": (served(folder, **fixed, fill_capacity=True), True, False),
+            "+ bf16 weights (autocast)": (served(folder, **fixed, fill_capacity=True).to(torch.bfloat16), True, True),
+            "+ bf16 routing (autocast)": (served(folder, **fixed, fill_capacity=True, fp32_router_dechunk=False),
+                                          True, True),
+        }
     rows, reference = {}, None
     for name, (m, static, autocast) in settings.items():
         x, kept, tflops, seconds = sample(m.to(device), diffusion, noise, y, args.sample_steps,
@@ -89,11 +90,12 @@ def main(argv=None) -> dict:
         reference = x if reference is None else reference
         rows[name] = (kept, tflops, seconds, float((x - reference).norm() / reference.norm()))
 
-    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps; saved to {folder}, rebuilt per setting")
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps; saved with save_pretrained to a "
+          "temporary folder (removed), rebuilt from it per setting")
     print(f"{'sampling':<28}{'tokens':>8}{'TFLOPs/img':>12}{'seconds':>9}{'rel. change':>13}")
     for name, (kept, tf, s, dev) in rows.items():
         print(f"{name:<28}{kept:>8.1f}{tf:>12.5f}{s:>9.2f}{dev:>13.4f}")
-    return {"losses": losses, "rows": rows, "capacity": capacity}
+    return {"losses": losses, "rows": rows, "capacity": capacity, "folder": folder}
 
 
 if __name__ == "__main__":

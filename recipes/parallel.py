@@ -4,6 +4,7 @@ A plain ``python -m recipes.train`` runs one process (no launcher needed); under
 ``torchrun`` every process joins the group (NCCL on CUDA, gloo on CPU).
 """
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -68,7 +69,11 @@ def parallelize(model: nn.Module, d: Dist, *, parallel: str = "ddp", compile: bo
     # position tables (DiT's and DC-DiT's `pos_table`) are a function of the config, equal on every rank: when
     # they are the only buffers, broadcasting them before each forward would be a collective for nothing
     tables_only = all(name.rsplit(".", 1)[-1] == "pos_table" for name, _ in model.named_buffers())
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=not tables_only)
+    # torch >= 2.13 names the per-forward sync `forward_sync_buffers` (`broadcast_buffers` is deprecated there);
+    # either way the tables are still synced once at construction, which is harmless
+    sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers")
+    return DistributedDataParallel(model, device_ids=ids, **{sync: not tables_only})
 
 
 def unwrap(model: nn.Module) -> nn.Module:

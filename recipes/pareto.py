@@ -39,7 +39,7 @@ def collect(paths: list[str], label_by: str = "checkpoint") -> dict[str, list[tu
 
 
 def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.pareto", description=__doc__.split("\n")[0])
     p.add_argument("results", nargs="+", help="*.fid.json files written by recipes.evaluate")
     p.add_argument("--out", default="pareto.png")
     p.add_argument("--label-by", default="checkpoint", help="sampling setting that separates curves")

@@ -304,7 +304,15 @@ def make_report_figures(model, diffusion, cfg, run_dir: Path, *, device, source)
     metrics["kept_fraction_clean"] = float(clean.mean()) if clean.numel() else None
     metrics["kept_fraction_noisy"] = float(noisy.mean()) if noisy.numel() else None
 
-    # 4. FLOPs by component for one forward at mid noise
-    report = cf.count_flops(model, x_t[:1], diffusion.model_timesteps(t[:1]), y[:1])
-    metrics["flops_by_component"] = str(plot_flops_by_component(report.by_component, figures / "flops_by_component.png"))
+    # 4. FLOPs by component for one forward of one image at mid noise (t at half the schedule)
+    t_mid = torch.tensor(_timestep_values(diffusion, [0.5]), device=device)
+    x_mid, _ = diffusion.q_sample(x0[:1], t_mid, torch.randn(x0[:1].shape, generator=g).to(device))
+    report = cf.count_flops(model, x_mid, diffusion.model_timesteps(t_mid), y[:1])
+    kept_mid = float(report.kept[0]) / math.prod(model.grid)
+    steps = cfg.diffusion.sample_steps
+    title = (f"FLOPs by component, per forward of one image at mid noise (kept {kept_mid:.1%} of "
+             f"{math.prod(model.grid)} tokens)\n{report.per_sample / 1e9:.3g} GFLOPs per forward; x {steps} "
+             f"sampling steps at this kept fraction = {report.tflops_per_image(steps):.3g} TFLOPs per image")
+    metrics["flops_by_component"] = str(plot_flops_by_component(report.by_component, figures / "flops_by_component.png",
+                                                                title=title, xlabel="GFLOPs per forward, one image"))
     return metrics

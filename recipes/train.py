@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -148,6 +148,50 @@ def _oom_hint(model) -> str:
     return "Lower train.global_batch (or model.overrides.capacity for a chunking model)."
 
 
+@torch.no_grad()
+def flops_at_kept_fraction(model: torch.nn.Module, x, t, y, fraction: float) -> "cf.FlopReport":
+    """``count_flops`` of one forward with every sample keeping ``round(fraction * L)`` of its ``L`` tokens
+    (a filled fixed-capacity plan, whatever the router's scores), so the figure does not depend on how
+    many tokens an untrained router happens to keep."""
+    tokens = math.prod(x.shape[2:])
+    saved = model.plan_mode, model.capacity, model.fill_capacity
+    model.plan_mode, model.capacity, model.fill_capacity = "fixed", max(1, round(fraction * tokens)), True
+    try:
+        return cf.count_flops(model, x, t, y)
+    finally:
+        model.plan_mode, model.capacity, model.fill_capacity = saved
+
+
+def dry_run_report(cfg: Recipe, model: torch.nn.Module, diffusion, device, *, is_main: bool = True) -> dict:
+    """Parameters and FLOPs per forward of ``model``; a chunking model's at the recipe's target kept fraction
+    ``1 / target_ratio`` of the tokens (and, with multi-budget training, at the largest trained tail drop
+    ``rho``: ``(1 - rho) / target_ratio``), since an untrained router keeps an arbitrary share."""
+    n_params = sum(p.numel() for p in model.parameters())
+    x = torch.randn(1, model.in_channels, *model.grid, device=device)
+    t = diffusion.model_timesteps(diffusion.sample_timesteps(1, device))
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    model.eval()
+    steps = cfg.diffusion.sample_steps
+    if not getattr(model, "supports_chunking", False):
+        report, fraction, where = cf.count_flops(model, x, t, y), 1.0, "every token"
+    else:
+        fraction = 1 / model.budget.target_ratio
+        report = flops_at_kept_fraction(model, x, t, y, fraction)
+        where = (f"the target kept fraction 1/N = 1/{model.budget.target_ratio:g} = {fraction:.1%} of "
+                 f"{math.prod(model.grid)} tokens (rho = 0)")
+    if is_main:
+        print(f"{cfg.model.name}: {n_params / 1e6:.2f}M parameters")
+        print(f"FLOPs per forward at {where}:")
+        print(report.table())
+        print(f"per image, {steps} sampling steps: {report.tflops_per_image(steps):.4f} TFLOPs")
+        rho = max(cfg.budget.fractions) if cfg.budget.multi_budget else 0.0
+        if getattr(model, "supports_chunking", False) and rho > 0:
+            low = flops_at_kept_fraction(model, x, t, y, fraction * (1 - rho))
+            print(f"at rho = {rho:g} (kept {fraction * (1 - rho):.1%}): {low.per_sample / 1e9:.3f} GFLOPs/sample, "
+                  f"{low.tflops_per_image(steps):.4f} TFLOPs per image")
+    return {"params": n_params, "flops_per_sample": report.per_sample, "kept_fraction": fraction}
+
+
 def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Module, int], dict] | None = None) -> dict:
     """Run the recipe; returns the final metrics (rank 0) or an empty dict.
 
@@ -156,6 +200,11 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
     (e.g. what the router keeps of a fixed batch, to see when it settles). Its time is not training time: it
     counts neither in ``steps_per_sec`` nor against ``train.max_minutes``.
     """
+    with ExitStack() as files:  # the run's log file closes however the run ends (a failed step raises)
+        return _train(cfg, files, dry_run=dry_run, probe=probe)
+
+
+def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
     # 1. setup ---------------------------------------------------------------------
     validate(cfg, data=not dry_run, outputs=not dry_run)  # settings in range, paths there: before any work
     snapshots = parse_snapshots(cfg.train.snapshots)
@@ -186,17 +235,7 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
                                  schedule=cfg.diffusion.schedule, learn_sigma=learn_sigma)
     n_params = sum(p.numel() for p in model.parameters())
     if dry_run:
-        x = torch.randn(1, model.in_channels, *model.grid, device=device)
-        t = diffusion.model_timesteps(diffusion.sample_timesteps(1, device))
-        y = torch.zeros(1, dtype=torch.long, device=device)
-        with torch.no_grad():
-            report = cf.count_flops(model.eval(), x, t, y)
-        if d.is_main:
-            print(f"{cfg.model.name}: {n_params / 1e6:.2f}M parameters")
-            print(report.table())
-            print(f"per image, {cfg.diffusion.sample_steps} sampling steps: "
-                  f"{report.tflops_per_image(cfg.diffusion.sample_steps):.4f} TFLOPs (untrained router)")
-        return {"params": n_params, "flops_per_sample": report.per_sample}
+        return dry_run_report(cfg, model, diffusion, device, is_main=d.is_main)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     teacher = None
     if cfg.upcycle.source and cfg.upcycle.distill_steps > 0:
@@ -272,7 +311,7 @@ def train(cfg: Recipe, *, dry_run: bool = False, probe: Callable[[torch.nn.Modul
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        log_file = open(run_dir / "log.txt", "a")
+        log_file = files.enter_context(open(run_dir / "log.txt", "a"))
     _log(d, log_file, f"run folder {run_dir} | {cfg.model.name} {n_params / 1e6:.2f}M params | "
                       f"world {d.world} on {device} | data {cfg.data.dataset} ({len(source)} samples)")
     for note in notes:

