@@ -74,6 +74,7 @@ class DiffusionConfig:
     schedule: str = "linear"
     sample_steps: int = 250  # for periodic samples and recipes.sample defaults
     sampler: str = "ddpm"  # "ddpm", "ddim" or "euler" (flow)
+    guidance: float = 1.0  # classifier-free guidance scale of the end-of-run samples (1 = none)
 
 
 @dataclass
