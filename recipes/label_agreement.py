@@ -6,7 +6,8 @@
 The classifier trains on 4500 of the 5000 built-in digits (a fixed split, seed 0) and reports its
 accuracy on the other 500: the ceiling of the agreement any generator can reach under this judge.
 Training is deterministic on the CPU (one thread, fixed seeds), so every run is judged by the same
-classifier; :func:`classifier_for_run` caches its weights in a run folder as safetensors.
+classifier; :func:`classifier_for_run` caches its weights in a run folder as safetensors (and
+in memory, so a process that finishes several runs trains it once).
 """
 
 from pathlib import Path
@@ -20,6 +21,7 @@ from chunkformer.data import load_mnist_digits
 
 __all__ = ["DigitClassifier", "train_digit_classifier", "label_agreement", "classifier_for_run", "HELD_OUT"]
 
+_TRAINED: dict[str, tuple["DigitClassifier", float]] = {}
 HELD_OUT = 500  # digits kept out of the classifier's training set, to measure its accuracy
 SPLIT_SEED = 0
 
@@ -71,20 +73,26 @@ def train_digit_classifier(path: str | Path | None = None, *, epochs: int = 5, b
             model = DigitClassifier()
         opt = torch.optim.Adam(model.parameters(), lr=2e-3)
         model.train()
-        for _ in range(epochs):
-            order = train[torch.randperm(len(train), generator=g)]
-            for s in range(0, len(order), batch):
-                idx = order[s : s + batch]
-                dy, dx = torch.randint(-2, 3, (2,), generator=g).tolist()
-                x = torch.roll(images[idx], shifts=(dy, dx), dims=(2, 3))  # (b, 1, 32, 32), 2-pixel margin
-                loss = F.cross_entropy(model(x), labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        with torch.enable_grad():  # callers may be under no_grad (the end-of-run report is)
+            _fit(model, opt, images, labels, train, epochs, batch, g)
         acc = accuracy(model, images[held], labels[held])
     finally:
         torch.set_num_threads(threads)
     return model.eval(), acc
+
+
+def _fit(model, opt, images, labels, train, epochs, batch, g) -> None:
+    """``epochs`` passes over the ``train`` indices in shuffled batches, each shifted by up to 2 pixels."""
+    for _ in range(epochs):
+        order = train[torch.randperm(len(train), generator=g)]
+        for s in range(0, len(order), batch):
+            idx = order[s : s + batch]
+            dy, dx = torch.randint(-2, 3, (2,), generator=g).tolist()
+            x = torch.roll(images[idx], shifts=(dy, dx), dims=(2, 3))  # (b, 1, 32, 32), 2-pixel margin
+            loss = F.cross_entropy(model(x), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
 
 def classifier_for_run(run_dir: str | Path, path: str | Path | None = None) -> tuple[DigitClassifier, float]:
@@ -95,7 +103,10 @@ def classifier_for_run(run_dir: str | Path, path: str | Path | None = None) -> t
         model = DigitClassifier()
         model.load_state_dict(load_file(weights))
         return model.eval(), float(acc_file.read_text())
-    model, acc = train_digit_classifier(path)
+    key = str(path)
+    if key not in _TRAINED:  # deterministic: one training per process serves every run
+        _TRAINED[key] = train_digit_classifier(path)
+    model, acc = _TRAINED[key]
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
     acc_file.write_text(f"{acc}\n")
