@@ -258,7 +258,7 @@ def make_report_figures(model, diffusion, cfg, run_dir: Path, *, device, source)
     metrics["sampling_tflops_per_image"] = out["tflops_per_image"]
     metrics["sampler"] = {"sampler": cfg.diffusion.sampler, "steps": cfg.diffusion.sample_steps, "ema": True,
                           "guidance": guidance, "seed": cfg.train.seed}
-    if cfg.data.dataset == "mnist" and classes == 10 and tuple(images.shape[1:]) == (1, 32, 32):
+    if cfg.data.dataset == "mnist" and classes == 10 and num >= classes and tuple(images.shape[1:]) == (1, 32, 32):
         clf, ceiling = classifier_for_run(run_dir)  # a small CNN trained on 4500 real digits
         metrics["label_agreement"] = label_agreement(clf, images, out["labels"])
         metrics["classifier_heldout_accuracy"] = ceiling  # the same judge on 500 held-out real digits
