@@ -193,7 +193,8 @@ class Router(FP32Module):
         neighbours = torch.full((3,) * self.ndim, 1.0 / (taps - 1))
         neighbours[centre] = 0.0
         self.predictor.weight.zero_()
-        self.predictor.weight[torch.arange(hidden), torch.arange(hidden)] = neighbours.to(self.predictor.weight)
+        channel = torch.arange(hidden)
+        self.predictor.weight[channel, channel] = neighbours.to(self.predictor.weight)
         self.predictor.bias.zero_()
         conv, norm, _, head = self.scorer
         per_group = hidden // norm.num_groups

@@ -27,7 +27,7 @@ SPLIT_SEED = 0
 
 
 class DigitClassifier(nn.Module):
-    """``(B, 1, 32, 32)`` digits in ``[-1, 1]`` -> ``(B, 10)`` logits: three strided convs and a linear head."""
+    """``(B, 1, 32, 32)`` digits in ``[-1, 1]`` -> ``(B, 10)`` logits: three strided convs, a linear head."""
 
     def __init__(self, width: int = 16, num_classes: int = 10) -> None:
         super().__init__()
@@ -96,7 +96,7 @@ def _fit(model, opt, images, labels, train, epochs, batch, g) -> None:
 
 
 def classifier_for_run(run_dir: str | Path, path: str | Path | None = None) -> tuple[DigitClassifier, float]:
-    """The judge for a run folder: loaded from ``<run_dir>/classifier/`` when there, else trained and saved there."""
+    """The judge for a run folder: loaded from ``<run_dir>/classifier/``, else trained and saved there."""
     folder = Path(run_dir) / "classifier"
     weights, acc_file = folder / "digit_classifier.safetensors", folder / "held_out_accuracy.txt"
     if weights.is_file() and acc_file.is_file():
@@ -115,7 +115,7 @@ def classifier_for_run(run_dir: str | Path, path: str | Path | None = None) -> t
 
 @torch.no_grad()
 def label_agreement(model: nn.Module, samples: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of ``samples`` (N, 1, 32, 32) in ``[-1, 1]`` that ``model`` assigns to their conditioning ``labels``."""
+    """Fraction of ``samples`` (N, 1, 32, 32) in ``[-1, 1]`` that ``model`` assigns to ``labels`` (N,)."""
     if samples.shape[1:] != (1, 32, 32):
         raise ValueError(f"the digit classifier reads (N, 1, 32, 32) images, got {tuple(samples.shape)}")
     return accuracy(model, samples.detach().cpu().clamp(-1, 1), labels.cpu())

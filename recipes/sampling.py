@@ -252,13 +252,15 @@ def make_report_figures(model, diffusion, cfg, run_dir: Path, *, device, source)
                    guidance=guidance, labels=labels)
     r = cfg.data.pixel_unshuffle
     images = to_display(out["samples"], r).clamp(-1, 1)
-    shown = images.repeat_interleave(3, -1).repeat_interleave(3, -2) if max(images.shape[-2:]) <= 32 else images
+    small = max(images.shape[-2:]) <= 32  # digits: shown 3x
+    shown = images.repeat_interleave(3, -1).repeat_interleave(3, -2) if small else images
     metrics["samples"] = str(save_image_grid(shown, Path(run_dir) / "samples" / "final.png", nrow=per_row))
     metrics["sampling_kept_fraction"] = out["kept_fraction"]
     metrics["sampling_tflops_per_image"] = out["tflops_per_image"]
     metrics["sampler"] = {"sampler": cfg.diffusion.sampler, "steps": cfg.diffusion.sample_steps, "ema": True,
                           "guidance": guidance, "seed": cfg.train.seed}
-    if cfg.data.dataset == "mnist" and classes == 10 and num >= classes and tuple(images.shape[1:]) == (1, 32, 32):
+    digits = cfg.data.dataset == "mnist" and tuple(images.shape[1:]) == (1, 32, 32)
+    if digits and classes == 10 and num >= classes:
         clf, ceiling = classifier_for_run(run_dir)  # a small CNN trained on 4500 real digits
         metrics["label_agreement"] = label_agreement(clf, images, out["labels"])
         metrics["classifier_heldout_accuracy"] = ceiling  # the same judge on 500 held-out real digits

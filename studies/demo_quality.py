@@ -38,7 +38,8 @@ def main(argv=None):
                        device="cpu", seed=args.seed, sampler=cfg.diffusion.sampler, steps=steps, guidance=g)
         images = to_display(out["samples"], cfg.data.pixel_unshuffle).clamp(-1, 1)
         print(f"guidance {g:<4} {cfg.diffusion.sampler} {steps} steps: label agreement "
-              f"{label_agreement(clf, images, out['labels']):.3f} (classifier on held-out digits {ceiling:.3f})",
+              f"{label_agreement(clf, images, out['labels']):.3f} "
+              f"(classifier on held-out digits {ceiling:.3f})",
               flush=True)
 
 

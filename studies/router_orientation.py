@@ -51,7 +51,8 @@ def probe(demo, model, x0, y, t_val=0.1, seed=0):
     }
 
 
-def run(demo, images, labels, seed, init, steps, batch, dim, probe_every, ablate, init_bias=-1.1, gate="keep"):
+def run(demo, images, labels, seed, init, steps, batch, dim, probe_every, ablate, init_bias=-1.1,
+        gate="keep"):
     torch.manual_seed(seed)
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     train, held = perm[:-500], perm[-64:]
@@ -106,8 +107,8 @@ def main(argv=None):
             trace = run(demo, images, labels, seed, init, args.steps, args.batch, args.dim, args.probe_every,
                         args.ablate, args.init_bias, args.gate)
             end = trace[-1]
-            record = {"init": init, "init_bias": args.init_bias, "gate": args.gate, "seed": seed, "ablate": args.ablate, "steps": args.steps, "batch": args.batch,
-                      "dim": args.dim, "seconds": round(time.perf_counter() - start, 1),
+            record = {"init": init, "init_bias": args.init_bias, "gate": args.gate, "seed": seed,
+                      "ablate": args.ablate, "steps": args.steps, "batch": args.batch, "dim": args.dim, "seconds": round(time.perf_counter() - start, 1),
                       "inverted": end["background_density"] > end["stroke_density"], "trace": trace}
             print(f"{init:9s} b{args.init_bias} {args.gate} seed {seed} {record['seconds']}s " + "  ".join(
                 f"s{r['step']}: {r['stroke_density']:.2f}/{r['background_density']:.2f} "

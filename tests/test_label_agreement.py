@@ -31,7 +31,8 @@ def short_run(digits, tmp_path_factory):
     from recipes.train import train
 
     root = tmp_path_factory.mktemp("runs")
-    cfg = apply_overrides(get_recipe("tiny-cpu"), [*SHORT, f"train.results_dir={root}", "train.run_name=short"])
+    overrides = [*SHORT, f"train.results_dir={root}", "train.run_name=short"]
+    cfg = apply_overrides(get_recipe("tiny-cpu"), overrides)
     train(cfg)
     return root / "short"
 

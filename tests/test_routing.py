@@ -161,12 +161,13 @@ def test_router_options_leave_the_forward_of_given_weights_unchanged(init):
     other.load_state_dict(state)
     x = torch.randn(2, 64, 32)
     a, b = reference(x, (8, 8)), other(x, (8, 8))
-    assert torch.equal(a.probs, b.probs) and torch.equal(a.mask, b.mask) and torch.equal(a.confidence, b.confidence)
+    assert torch.equal(a.probs, b.probs) and torch.equal(a.mask, b.mask)
+    assert torch.equal(a.confidence, b.confidence)
 
 
 def _spot_tokens(seed: int, d: int = 32, size: int = 16):
-    """A flat grid of one token value with a 3x3 patch of other content: tokens (1, L, d), patch mask and the
-    mask of the tokens the router's two 3x3 convs see as flat (>= 3 cells from the patch and 2 from the edge)."""
+    """A flat grid of one token value with a 3x3 patch of other content: tokens (1, L, d), the patch's
+    mask, and the tokens the router's two 3x3 convs see as flat (>= 3 cells from the patch, 2 from edges)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 1, d, generator=g).expand(1, size * size, d).clone()  # one value everywhere
     r, c = torch.randint(2, size - 5, (2,), generator=g).tolist()
