@@ -108,7 +108,8 @@ def main(argv=None):
                         args.ablate, args.init_bias, args.gate)
             end = trace[-1]
             record = {"init": init, "init_bias": args.init_bias, "gate": args.gate, "seed": seed,
-                      "ablate": args.ablate, "steps": args.steps, "batch": args.batch, "dim": args.dim, "seconds": round(time.perf_counter() - start, 1),
+                      "ablate": args.ablate, "steps": args.steps, "batch": args.batch, "dim": args.dim,
+                      "seconds": round(time.perf_counter() - start, 1),
                       "inverted": end["background_density"] > end["stroke_density"], "trace": trace}
             print(f"{init:9s} b{args.init_bias} {args.gate} seed {seed} {record['seconds']}s " + "  ".join(
                 f"s{r['step']}: {r['stroke_density']:.2f}/{r['background_density']:.2f} "
