@@ -5,9 +5,8 @@
 Trains ``examples/mnist_demo.py``'s tiny DC-DiT (CPU, one thread) per seed and router init, and every
 ``--probe-every`` steps records, over 64 held-out digits at ``t = 0.1``: the kept density on strokes
 (clean pixel > 0) and on background, and the mean keep probability ``p`` on each. A router is
-*inverted* when it keeps background more densely than strokes. ``--ablate`` switches off one
-candidate cause at a time: ``ratio`` (no ratio loss; the head bias is then set to keep ~1/4 at step 0
-by hand), ``gate`` (the STE gate's gradient), ``smoothing`` (no confidence-weighted smoothing).
+*inverted* when it keeps background more densely than strokes. ``--inits`` and ``--gate`` pick the
+router's ``init`` and ``gate_grad`` (docs/routing.md, "Orientation").
 Writes one JSON line per run to ``--out`` (default: stdout only).
 """
 
@@ -51,15 +50,12 @@ def probe(demo, model, x0, y, t_val=0.1, seed=0):
     }
 
 
-def run(demo, images, labels, seed, init, steps, batch, dim, probe_every, ablate, init_bias=-1.1,
-        gate="keep"):
+def run(demo, images, labels, seed, init, steps, batch, dim, probe_every, init_bias=-1.1, gate="keep"):
     torch.manual_seed(seed)
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     train, held = perm[:-500], perm[-64:]
     model = demo.TinyDCDiT(dim, 4)
     model.router = cf.Router(dim, init=init, init_bias=init_bias, gate_grad=gate)
-    if ablate == "smoothing":
-        model.decoder.smoothing = "none"
     budget = cf.TimestepAdaptiveBudget(target_ratio=4, ratio_weight=0.03)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     trace = [dict(step=0, **probe(demo, model, images[held], labels[held], seed=seed))]
@@ -68,17 +64,9 @@ def run(demo, images, labels, seed, init, steps, batch, dim, probe_every, ablate
         x0, y = images[idx], labels[idx]
         t, eps = torch.rand(batch), torch.randn_like(x0)
         eps_hat, routed = model(demo.noisy(x0, t, eps), t, y)
-        loss = F.mse_loss(eps_hat, eps)
-        if ablate != "ratio":
-            loss = loss + budget.ratio_weight * budget.ratio_loss(routed)
+        loss = F.mse_loss(eps_hat, eps) + budget.ratio_weight * budget.ratio_loss(routed)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if ablate == "gate":  # keep only the ratio loss's gradient on the router
-            ratio_grads = torch.autograd.grad(budget.ratio_weight * budget.ratio_loss(
-                model.router(model.encoder(demo.noisy(x0, t, eps), model.cond(t, y)), grid=demo.GRID)),
-                list(model.router.parameters()))
-            for prm, g in zip(model.router.parameters(), ratio_grads):
-                prm.grad = g
         opt.step()
         if step % probe_every == 0 or step == steps:
             trace.append(dict(step=step, **probe(demo, model, images[held], labels[held], seed=seed)))
@@ -93,7 +81,6 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--probe-every", type=int, default=25)
-    p.add_argument("--ablate", default="none", choices=["none", "ratio", "gate", "smoothing"])
     p.add_argument("--init-bias", type=float, default=-1.1)
     p.add_argument("--gate", default="keep", choices=["keep", "selected"], help="Router(gate_grad=...)")
     p.add_argument("--out", default=None)
@@ -105,10 +92,10 @@ def main(argv=None):
         for seed in map(int, args.seeds.split(",")):
             start = time.perf_counter()
             trace = run(demo, images, labels, seed, init, args.steps, args.batch, args.dim, args.probe_every,
-                        args.ablate, args.init_bias, args.gate)
+                        args.init_bias, args.gate)
             end = trace[-1]
             record = {"init": init, "init_bias": args.init_bias, "gate": args.gate, "seed": seed,
-                      "ablate": args.ablate, "steps": args.steps, "batch": args.batch, "dim": args.dim,
+                      "steps": args.steps, "batch": args.batch, "dim": args.dim,
                       "seconds": round(time.perf_counter() - start, 1),
                       "inverted": end["background_density"] > end["stroke_density"], "trace": trace}
             print(f"{init:9s} b{args.init_bias} {args.gate} seed {seed} {record['seconds']}s " + "  ".join(
