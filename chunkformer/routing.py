@@ -39,10 +39,18 @@ from .grid import GridShape, check_grid, conv_nd, to_grid
 from .grid import norm_groups as group_count
 from .precision import FP32Module
 
-__all__ = ["Router", "RouterOutput", "RouterKind", "ROUTER_KINDS"]
+__all__ = ["Router", "RouterOutput", "RouterKind", "ROUTER_KINDS", "RouterInit", "ROUTER_INITS", "GateGrad",
+           "GATE_GRADS"]
 
 RouterKind = Literal["predictability", "cosine", "cosine1d", "random"]
 ROUTER_KINDS: tuple[str, ...] = ("predictability", "cosine", "cosine1d", "random")
+RouterInit = Literal["oriented", "release"]
+ROUTER_INITS: tuple[str, ...] = ("oriented", "release")
+GateGrad = Literal["keep", "selected"]
+GATE_GRADS: tuple[str, ...] = ("keep", "selected")
+# E[SiLU(a)] for a ~ N(0, 1): the mean a scorer channel adds after GroupNorm, subtracted from the
+# oriented head's bias so that the mean keep logit starts near ``init_bias``
+_SILU_GAUSSIAN_MEAN = 0.2066
 
 
 @tensorclass
@@ -54,7 +62,8 @@ class RouterOutput:
         mask: ``(B, L)`` bool, the tokens the backbone sees (after tail drop).
         natural_mask: ``(B, L)`` bool, ``p > 0.5`` before tail drop (the ratio loss uses it).
         confidence: ``(B, L)`` fp32 ``c_sel = p`` where the natural mask keeps a token, else
-            ``1 - p``; the de-chunker gates its output with ``STE(c_sel)``.
+            ``1 - p``; the de-chunker gates its output with ``STE(c_sel)``. Its gradient to ``p`` is
+            ``+1`` everywhere by default (``Router(gate_grad="keep")``), ``+-1`` with ``"selected"``.
         grid: the grid shape the ``L`` tokens came from.
     """
 
@@ -86,7 +95,24 @@ class Router(FP32Module):
             ``"cosine1d"`` for rank 1, else ``"predictability"``.
         hidden: bottleneck width of the predictability router (default ``dim // 4``).
         norm_groups: GroupNorm groups in the scorer (default 8; reduced to divide ``hidden``).
-        init_bias: initial keep-logit bias (``-1.1``: ``sigmoid ~ 0.25`` at start).
+        init_bias: initial keep-logit bias (``-1.1``: ``sigmoid ~ 0.25`` at start); with
+            ``init="oriented"`` the mean logit over GroupNorm-normalised channels.
+        init: how the predictability router starts. ``"oriented"`` (default): the predictor is the
+            mean of each token's neighbours (``r`` is a discrete Laplacian, 0 on flat regions), the
+            scorer's 3x3 conv comes in sign-flipped channel pairs and its head weighs every channel
+            equally and positively, so the keep logit starts as an even, increasing function of the
+            residual (``SiLU(a) + SiLU(-a) = a tanh(a / 2)``): tokens the neighbours predict badly
+            start with the higher ``p``. ``"release"``: PyTorch's default init with the head bias at
+            ``init_bias``, as in the authors' release, whose scorer may start (and stay) keeping the
+            predictable tokens instead. Same parameters and forward either way (docs/routing.md).
+        gate_grad: the gradient ``confidence`` carries back to ``p`` (its value is ``c_sel`` either
+            way, and the de-chunker's gate is exactly 1 forward, so outputs do not depend on it).
+            ``"keep"`` (default): ``d c / d p = +1`` at every token, so the diffusion loss raises
+            ``p`` where the backbone's output helps and lowers it where it hurts: it can only ever
+            pull detail into the kept set. ``"selected"``: ``c_sel = p`` or ``1 - p``, ``d c / d p =
+            +-1`` as in the paper and the release, which rewards confidence in whatever the router
+            already decided and so holds an inverted router (background kept, detail dropped) as
+            firmly as an oriented one.
         keep_fraction: expected fraction of tokens the ``"random"`` router keeps (``1/N``).
         fp32: score in fp32 with autocast off (default, DC-DiT's policy: a boundary flips on tiny
             changes of ``p`` near 0.5). ``False`` runs the convs / projections under the caller's
@@ -107,6 +133,8 @@ class Router(FP32Module):
         init_bias: float = -1.1,
         keep_fraction: float = 0.25,
         fp32: bool = True,
+        init: RouterInit = "oriented",
+        gate_grad: GateGrad = "keep",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -126,9 +154,14 @@ class Router(FP32Module):
                              "use kind='cosine' for images and video")
         if kind == "cosine" and ndim == 1:
             raise ValueError("kind='cosine' needs a grid of rank >= 2; use kind='cosine1d' for sequences")
+        if init not in ROUTER_INITS:
+            raise ValueError(f"init must be one of {ROUTER_INITS}, got {init!r}")
+        if gate_grad not in GATE_GRADS:
+            raise ValueError(f"gate_grad must be one of {GATE_GRADS}, got {gate_grad!r}")
         if not 0.0 < keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
         self.dim, self.ndim, self.kind, self.keep_fraction, self.fp32 = dim, ndim, kind, keep_fraction, fp32
+        self.init, self.gate_grad = init, gate_grad
         fk = {"device": device, "dtype": dtype}
 
         if kind == "predictability":
@@ -142,6 +175,8 @@ class Router(FP32Module):
                 conv_nd(ndim, hidden, 1, 1, **fk),
             )
             nn.init.constant_(self.scorer[-1].bias, init_bias)
+            if init == "oriented":
+                self._orient(init_bias)
         elif kind != "random":
             self.q_proj = nn.Linear(dim, dim, bias=False, **fk)
             self.k_proj = nn.Linear(dim, dim, bias=False, **fk)
@@ -152,6 +187,33 @@ class Router(FP32Module):
                 # depthwise 3^n neighbourhood average of k, learnable, uniform at start
                 self.k_average = conv_nd(ndim, dim, dim, 3, padding=1, groups=dim, bias=False, **fk)
                 nn.init.constant_(self.k_average.weight, 1.0 / 3**ndim)
+
+    @torch.no_grad()
+    def _orient(self, init_bias: float) -> None:
+        """Start the predictability scorer with ``p`` increasing in ``|r|`` (see ``init``)."""
+        hidden, taps = self.predictor.out_channels, 3**self.ndim
+        centre = (1,) * self.ndim
+        neighbours = torch.full((3,) * self.ndim, 1.0 / (taps - 1))
+        neighbours[centre] = 0.0
+        self.predictor.weight.zero_()
+        channel = torch.arange(hidden)
+        self.predictor.weight[channel, channel] = neighbours.to(self.predictor.weight)
+        self.predictor.bias.zero_()
+        conv, norm, _, head = self.scorer
+        per_group = hidden // norm.num_groups
+        if hidden >= 2:
+            # pairs (k, k') with w_k' = -w_k, both in one group or in mirrored groups, so GroupNorm keeps
+            # a_k' = -a_k and the pair adds SiLU(a) + SiLU(-a) = a tanh(a / 2), even in a
+            if per_group % 2 == 0:
+                first, second = torch.arange(0, hidden - 1, 2), torch.arange(1, hidden, 2)
+            else:
+                half = hidden // 2 if norm.num_groups % 2 == 0 else 0
+                first, second = torch.arange(half), torch.arange(half, 2 * half)
+            conv.weight[second] = -conv.weight[first]
+        conv.bias.zero_()
+        scale = 2.0  # logit spread: a stroke-like token (|a| ~ 2) starts about 1.5 above a flat one
+        head.weight.fill_(scale / hidden)
+        head.bias.fill_(init_bias - scale * _SILU_GAUSSIAN_MEAN)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, ndim={self.ndim}, kind={self.kind!r}" + ("" if self.fp32 else ", fp32=False")
@@ -211,6 +273,8 @@ class Router(FP32Module):
         else:
             mask = natural
         confidence = torch.where(natural, p, 1 - p)
+        if self.gate_grad == "keep" and confidence.requires_grad:  # value c_sel, gradient +1 to p everywhere
+            confidence = confidence.detach() + (p - p.detach())
         return RouterOutput(
             probs=p, mask=mask, natural_mask=natural, confidence=confidence, grid=grid,
             batch_size=[B],

@@ -78,12 +78,14 @@ class Block(nn.Module):
 class TinyDCDiT(nn.Module):
     """x_t (B, 1, 32, 32), t (B,), y (B,) -> eps_hat (B, 1, 32, 32), RouterOutput."""
 
-    def __init__(self, dim=64, heads=4, depth=2):
+    def __init__(self, dim=64, heads=4, depth=2, router_init="oriented", gate_grad="keep"):
         super().__init__()
         self.dim = dim
         self.cond = Conditioning(dim)
         self.encoder = cf.ChunkEncoder(in_channels=1, dim=dim)
-        self.router = cf.Router(dim)
+        # the defaults start the scorer oriented and let the diffusion loss pull detail in;
+        # router_init="release", gate_grad="selected" train as the authors' release does (docs/routing.md)
+        self.router = cf.Router(dim, init=router_init, gate_grad=gate_grad)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         # at 32x32 with ~256 kept tokens the dense (B, M, M) smoothing kernel is tiny, and on CPU it
         # runs faster than the default windowed form
@@ -170,6 +172,9 @@ def parse_args(argv):
     p.add_argument("--heads", type=int, default=4)
     # DC-DiT's 0.03 suffices here: kept tokens go from ~2 to ~250 / 1024 within ~15 steps
     p.add_argument("--ratio-weight", type=float, default=0.03)
+    p.add_argument("--router-init", choices=["oriented", "release"], default="oriented")
+    p.add_argument("--gate-grad", choices=["keep", "selected"], default="keep",
+                   help="'selected' with --router-init release trains the router as the paper's release")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--out", type=str, default=None, help="folder for a PNG of the boundary maps")
@@ -186,7 +191,7 @@ def main(argv=None):
     eval_idx = torch.stack([held[labels[held] == d][0] for d in range(8)])  # one held-out 0..7
     x_eval, y_eval = images[eval_idx], labels[eval_idx]  # (8, 1, 32, 32), (8,)
 
-    model = TinyDCDiT(args.dim, args.heads)
+    model = TinyDCDiT(args.dim, args.heads, router_init=args.router_init, gate_grad=args.gate_grad)
     budget = cf.TimestepAdaptiveBudget(target_ratio=4, ratio_weight=args.ratio_weight)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     print(f"TinyDCDiT: {sum(p.numel() for p in model.parameters()) / 1e3:.0f}K parameters, "

@@ -1,6 +1,6 @@
 """Sample from a trained model: a PNG grid, and for evaluation an .npz of uint8 samples + a JSON of every setting.
 
-    python -m recipes.sample --ckpt results/tiny-cpu-DC-DiT-S --num-samples 64
+    python -m recipes.sample --ckpt results/tiny-cpu-DC-DiT-tiny --num-samples 64
     python -m recipes.sample --ckpt results/run/checkpoints/step-0005000 --num-samples 5000 \\
         --sampler ddim --steps 50 --guidance 1.5 --uncond-rho 0.9 --rho 0.2 --out samples/run-rho0.2
     torchrun --nproc_per_node 8 -m recipes.sample --ckpt ... --num-samples 50000   # each rank a share, merged on rank 0

@@ -26,6 +26,7 @@ from chunkformer.viz import (
     save_image_grid,
 )
 from recipes.data import to_display
+from recipes.label_agreement import classifier_for_run, label_agreement
 
 __all__ = ["generate", "inductor_setting", "parse_compile_options", "sample_images", "plot_router_maps",
            "make_report_figures"]
@@ -267,17 +268,28 @@ def make_report_figures(model, diffusion, cfg, run_dir: Path, *, device, source)
     shape = (model.in_channels, *model.grid)
     metrics: dict = {}
 
-    # 1. samples
-    out = generate(model, diffusion, num=cfg.train.num_sample_images, shape=shape,
-                   num_classes=model.num_classes, device=device, sampler=cfg.diffusion.sampler,
-                   steps=cfg.diffusion.sample_steps, seed=cfg.train.seed)
+    # 1. samples: one class per row when the count allows it
+    num, classes = cfg.train.num_sample_images, model.num_classes
+    per_row = num // classes if classes and num >= classes and num % classes == 0 else None
+    labels = torch.arange(classes).repeat_interleave(per_row) if per_row else None
+    guidance = cfg.diffusion.guidance
+    out = generate(model, diffusion, num=num, shape=shape, num_classes=classes, device=device,
+                   sampler=cfg.diffusion.sampler, steps=cfg.diffusion.sample_steps, seed=cfg.train.seed,
+                   guidance=guidance, labels=labels)
     r = cfg.data.pixel_unshuffle
     images = to_display(out["samples"], r).clamp(-1, 1)
-    metrics["samples"] = str(save_image_grid(images, Path(run_dir) / "samples" / "final.png"))
+    small = max(images.shape[-2:]) <= 32  # digits: shown 3x
+    shown = images.repeat_interleave(3, -1).repeat_interleave(3, -2) if small else images
+    metrics["samples"] = str(save_image_grid(shown, Path(run_dir) / "samples" / "final.png", nrow=per_row))
     metrics["sampling_kept_fraction"] = out["kept_fraction"]
     metrics["sampling_tflops_per_image"] = out["tflops_per_image"]
     metrics["sampler"] = {"sampler": cfg.diffusion.sampler, "steps": cfg.diffusion.sample_steps, "ema": True,
-                          "guidance": 1.0, "seed": cfg.train.seed}
+                          "guidance": guidance, "seed": cfg.train.seed}
+    digits = cfg.data.dataset == "mnist" and tuple(images.shape[1:]) == (1, 32, 32)
+    if digits and classes == 10 and num >= classes:
+        clf, ceiling = classifier_for_run(run_dir)  # a small CNN trained on 4500 real digits
+        metrics["label_agreement"] = label_agreement(clf, images, out["labels"])
+        metrics["classifier_heldout_accuracy"] = ceiling  # the same judge on 500 held-out real digits
     if not chunking:
         return metrics
 

@@ -55,3 +55,16 @@ def test_mnist_demo_smoke():
     assert ((kept >= 2) & (kept <= 1024)).all()
     for density in out["stroke_density"] + out["background_density"]:
         assert 0.0 <= density <= 1.0
+
+
+def test_mnist_demo_router_keeps_strokes_not_background():
+    """A short run of the example (a tiny model, 100 steps of 16 digits) must already route the detail:
+    at t = 0.1 it keeps stroke pixels more densely than background (an inverted router does the opposite)."""
+    _require_digits()
+    spec = importlib.util.spec_from_file_location("mnist_demo", DEMO)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = demo.main(["--steps", "100", "--batch", "16", "--dim", "32", "--log-every", "100"])
+    assert out["timesteps"][0] == 0.1
+    stroke, background = out["stroke_density"][0], out["background_density"][0]
+    assert stroke > 2 * background and stroke > 0.3, (stroke, background)

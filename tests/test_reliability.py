@@ -323,11 +323,11 @@ def test_resuming_an_older_step_moves_later_checkpoints_aside_and_metrics_keep_o
 # ---------------------------------------------------------------------------- one configuration per run folder
 def test_each_configuration_gets_its_own_default_folder():
     base = get_recipe("tiny-cpu")
-    assert default_run_name(base) == "tiny-cpu-DC-DiT-S"
-    assert default_run_name(apply_overrides(base, ["train.steps=500", "train.log_every=7"])) == "tiny-cpu-DC-DiT-S"
+    assert default_run_name(base) == "tiny-cpu-DC-DiT-tiny"
+    assert default_run_name(apply_overrides(base, ["train.steps=500", "train.log_every=7"])) == "tiny-cpu-DC-DiT-tiny"
     deeper = default_run_name(apply_overrides(base, ["model.overrides.depth=2"]))
     lr = default_run_name(apply_overrides(base, ["optim.lr=1e-3"]))
-    assert len({deeper, lr, "tiny-cpu-DC-DiT-S"}) == 3 and deeper.startswith("tiny-cpu-DC-DiT-S-")
+    assert len({deeper, lr, "tiny-cpu-DC-DiT-tiny"}) == 3 and deeper.startswith("tiny-cpu-DC-DiT-tiny-")
 
 
 @needs_digits

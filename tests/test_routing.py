@@ -135,3 +135,61 @@ def test_random_router_checks_keep_fraction_and_dcdit_uses_the_target_ratio():
     model = DCDiT(input_size=8, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3,
                   router="random", target_ratio=2.0)
     assert model.router.kind == "random" and model.router.keep_fraction == 0.5
+
+
+@given(st.sampled_from(["keep", "selected"]), st.integers(0, 2**31 - 1))
+def test_gate_grad_sets_the_confidence_gradient_and_never_the_value(gate_grad, seed):
+    torch.manual_seed(seed % 1000)
+    router = Router(16, init_bias=0.0, gate_grad=gate_grad)
+    x = torch.randn(2, 36, 16)
+    out = router(x, (6, 6))
+    inner = torch.ones(36, dtype=torch.bool)
+    inner[[0, -1]] = False  # the ends are forced to p = 1: no gradient there
+    (grad,) = torch.autograd.grad(out.confidence.sum(), out.probs)  # d sum(c) / d p, per token
+    sign = torch.ones_like(grad) if gate_grad == "keep" else torch.where(out.natural_mask, 1.0, -1.0)
+    assert torch.equal(grad[:, inner], sign[:, inner])
+    assert torch.equal(out.confidence, torch.where(out.natural_mask, out.probs, 1 - out.probs))
+
+
+@pytest.mark.parametrize("init", ["oriented", "release"])
+def test_router_options_leave_the_forward_of_given_weights_unchanged(init):
+    torch.manual_seed(0)
+    reference = Router(32, init="release", gate_grad="selected")
+    state = {k: v + 0.1 * torch.randn_like(v) for k, v in reference.state_dict().items()}
+    reference.load_state_dict(state)
+    other = Router(32, init=init, gate_grad="keep")
+    other.load_state_dict(state)
+    x = torch.randn(2, 64, 32)
+    a, b = reference(x, (8, 8)), other(x, (8, 8))
+    assert torch.equal(a.probs, b.probs) and torch.equal(a.mask, b.mask)
+    assert torch.equal(a.confidence, b.confidence)
+
+
+def _spot_tokens(seed: int, d: int = 32, size: int = 16):
+    """A flat grid of one token value with a 3x3 patch of other content: tokens (1, L, d), the patch's
+    mask, and the tokens the router's two 3x3 convs see as flat (>= 3 cells from the patch, 2 from edges)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, d, generator=g).expand(1, size * size, d).clone()  # one value everywhere
+    r, c = torch.randint(2, size - 5, (2,), generator=g).tolist()
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    spot = (rows >= r) & (rows < r + 3) & (cols >= c) & (cols < c + 3)
+    x[0, spot.flatten()] = 3 * torch.randn(9, d, generator=g)
+    near = (rows >= r - 3) & (rows < r + 6) & (cols >= c - 3) & (cols < c + 6)
+    inner = (rows >= 2) & (rows < size - 2) & (cols >= 2) & (cols < size - 2)
+    return x, spot.flatten(), (inner & ~near).flatten()
+
+
+@given(st.integers(0, 2**31 - 1))
+def test_oriented_router_starts_keeping_what_its_neighbours_do_not_predict(seed):
+    torch.manual_seed(seed % 10_000)
+    x, spot, flat = _spot_tokens(seed)
+    p = Router(32, init="oriented").scores(x, (16, 16))[0]
+    assert flat.sum() > 20
+    assert p[spot].mean() > p[flat].mean() + 0.1  # the patch is what its neighbours do not predict
+    assert p[flat].std() < 1e-4 and (p[flat] < 0.5).all()  # a flat region: r = 0, one low score
+
+
+def test_oriented_router_builds_on_the_meta_device_with_any_group_layout():
+    for dim in (4, 8, 24, 64, 96):
+        Router(dim, device="meta")
+        Router(dim, norm_groups=3)
