@@ -155,11 +155,11 @@ def flops_at_kept_fraction(model: torch.nn.Module, x, t, y, fraction: float) -> 
     many tokens an untrained router happens to keep."""
     tokens = math.prod(x.shape[2:])
     saved = model.plan_mode, model.capacity, model.fill_capacity
-    model.plan_mode, model.capacity, model.fill_capacity = "fixed", max(1, round(fraction * tokens)), True
+    model.set_plan(mode="fixed", capacity=max(1, round(fraction * tokens)), fill=True)
     try:
         return cf.count_flops(model, x, t, y)
     finally:
-        model.plan_mode, model.capacity, model.fill_capacity = saved
+        model.set_plan(*saved)
 
 
 def dry_run_report(cfg: Recipe, model: torch.nn.Module, diffusion, device, *, is_main: bool = True) -> dict:

@@ -346,3 +346,23 @@ def test_auto_attention_prefers_flash_then_torchs_varlen_kernels_on_a_gpu(monkey
     assert attention.resolve_backend("auto", cuda, torch.bfloat16) == "sdpa"
     monkeypatch.setattr(attention, "_HAS_FLASH", True)
     assert attention.resolve_backend("auto", cuda, torch.bfloat16) == "flash"
+
+
+def test_set_plan_validates_the_settings_together_and_attribute_assignment_is_refused():
+    model = tiny("DC-DiT-S")
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.tensor([1, 2])
+    assert model.set_plan(mode="fixed", capacity=20, fill=True) is model
+    with torch.no_grad():
+        _, info = model(x, t, y, return_info=True)
+    assert info.plan.mode == "fixed" and torch.equal(info.plan.lengths, torch.full((2,), 20))
+    model.set_plan(mode="packed", capacity=None, fill=False)
+    with torch.no_grad():
+        _, info = model(x, t, y, return_info=True)
+    assert info.plan.mode == "packed"
+    for bad in ({"mode": "fixed"}, {"fill": True}, {"capacity": 0}, {"mode": "dense"}):
+        with pytest.raises(ValueError):
+            model.set_plan(**bad)
+    assert (model.plan_mode, model.capacity, model.fill_capacity) == ("packed", None, False)  # unchanged by refusals
+    for name in ("plan_mode", "capacity", "fill_capacity"):
+        with pytest.raises(AttributeError, match="set_plan"):
+            setattr(model, name, 8)
