@@ -3,8 +3,8 @@
 Data flows one way (shapes for a 2D grid, ``L = H W``, ``T = sum_b M_b``)::
 
     x (B, C, H, W) --ChunkEncoder(c)--> tokens (B, L, d) --Router--> RouterOutput
-        --ChunkPlan--> plan.chunk(tokens) + pos (T, d) --backbone blocks(c), RMSNorm--> (T, d)
-        --DeChunkDecoder(c)--> (B, out, H, W)
+        --Chunked.from_router--> plan.chunk(tokens) + pos (T, d) --backbone blocks(c), RMSNorm--> (T, d)
+        --DeChunkDecoder(h, chunked, c)--> (B, out, H, W)
 
 :class:`ChunkPipeline` is that pipeline, written once: one scaffold constructor, one forward,
 one :meth:`~ChunkPipeline.set_plan`. A subclass says only how its backbone is conditioned,
@@ -16,6 +16,7 @@ The patch size is 1: the scaffold's convs see every latent pixel and the router
 decides how many tokens the backbone gets.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -24,8 +25,8 @@ from torch import nn
 from .._typing import Bool, Float, Int, Tensor, typechecked
 from ..attention import Backend
 from ..budget import TimestepAdaptiveBudget
-from ..caching import run_with_cache, skipped_last
-from ..dechunk import Smoothing
+from ..caching import cached_backbone, skipped_last
+from ..dechunk import Chunked, Smoothing
 from ..plan import ChunkPlan, PlanMode
 from ..precision import RMSNorm
 from ..routing import Router, RouterKind
@@ -179,6 +180,25 @@ class ChunkPipeline(nn.Module):
     def _backbone_name(self) -> str:
         return f"this {type(self).__name__}"
 
+    # ------------------------------------------------------------------ budget
+    def set_budget(self, **settings) -> TimestepAdaptiveBudget:
+        """Configure the model's :class:`~chunkformer.budget.TimestepAdaptiveBudget`, the one owner of the
+        ratio loss, tail drop, multi-budget draws and schedules; returns it.
+
+        ``settings``: any of its fields but ``target_ratio`` (``ratio_weight``, ``group_size``, ``fractions``,
+        ``warmup_steps``, ``seed``, ``cfg_rho``, ``schedule``), validated by the budget itself. The target
+        ratio is fixed at construction: the router is built with it.
+        """
+        if "target_ratio" in settings and settings["target_ratio"] != self.budget.target_ratio:
+            raise ValueError(f"target_ratio is fixed when the model is built (this one: {self.budget.target_ratio}); "
+                             "build the model with the target_ratio you want")
+        fields = {f.name for f in dataclasses.fields(TimestepAdaptiveBudget)}
+        unknown = sorted(set(settings) - fields)
+        if unknown:
+            raise ValueError(f"unknown budget settings {unknown}; TimestepAdaptiveBudget has {sorted(fields)}")
+        self.budget = dataclasses.replace(self.budget, **settings)
+        return self.budget
+
     # ------------------------------------------------------------------ backbone hooks
     def condition(self, t: Tensor, y: Tensor | None, label_drop: Tensor | None = None):
         """``(cond, c)``: what the backbone is conditioned on, and the scaffold's ``(B, d)`` vector."""
@@ -227,16 +247,16 @@ class ChunkPipeline(nn.Module):
         if rho is None:
             rho = self.budget.rho_at(t) if self.budget.schedule is not None else 0.0
         routed = self.router(tokens, grid, rho=rho)  # RouterOutput, (B, L) fields
-        plan = ChunkPlan.from_router(routed, mode=self.plan_mode, capacity=self.capacity, fill=self.fill_capacity)
+        chunked = Chunked.from_router(routed, tokens, mode=self.plan_mode, capacity=self.capacity,
+                                      fill=self.fill_capacity)  # the plan and what de-chunking needs
+        plan = chunked.plan
         # 3. backbone on the kept tokens, at their original positions
         pos = plan.take(self.position_table(grid, tokens.device)).to(tokens.dtype)  # (T, d) | (B, M, d)
         h = plan.chunk(tokens) + pos
         keep = [] if block_outputs else None
-        h = run_with_cache(self, h, plan, lambda h: self.run_backbone(h, cond, plan, keep),
-                           lambda: self.block_input(tokens, cond))
-        h = self.norm(h)
+        h = self.norm(cached_backbone(self, h, cond, plan, tokens, keep))
         # 4. de-chunk and decode
-        out = self.decoder(h, plan, routed, tokens, c)  # (B, out, *grid)
+        out = self.decoder(h, chunked, c)  # (B, out, *grid)
         if not return_info:
             return out
         info = ForwardInfo(
