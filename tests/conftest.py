@@ -1,6 +1,15 @@
-"""Test-suite setup: shape checks on, deterministic hypothesis profile, shared strategies."""
+"""Test-suite setup: shape checks on, deterministic hypothesis profile, shared strategies.
+
+Layout: ``tests/unit`` (the core and the kernels layer on the CPU, properties first), ``tests/integration``
+(recipes, CLIs, examples, studies, benchmark smoke runs, docs) and ``tests/gpu`` (marked ``gpu``, skipped
+without CUDA). Shared helpers stay here: this file, ``backbones.py`` and ``data/``.
+"""
 
 import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest / backbones importable from every folder
 
 os.environ.setdefault("CHUNKFORMER_TYPECHECK", "1")  # before chunkformer is imported anywhere
 

@@ -18,7 +18,7 @@ import chunkformer as cf
 from chunkformer import kernels
 from chunkformer.kernels import norms
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @settings(max_examples=40, deadline=None)

@@ -15,7 +15,7 @@ from recipes.checkpoints import latest_checkpoint, list_checkpoints, load_checkp
 from recipes.config import apply_overrides, from_dict, get_recipe, to_dict, to_yaml
 from recipes.data import StepBatches
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "model.overrides.hidden_size=32", "model.overrides.depth=1", "model.overrides.num_heads=2",
     "train.global_batch=8", "train.log_every=2", "train.ckpt_every=2", "train.num_sample_images=4",

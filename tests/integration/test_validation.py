@@ -23,7 +23,7 @@ from recipes.config import apply_overrides, get_recipe
 from recipes.data import DataError, build_source, scan_images
 from recipes.validate import ConfigError, validate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "model.overrides.hidden_size=32", "model.overrides.depth=1", "model.overrides.num_heads=2",
     "train.global_batch=8", "train.log_every=1", "train.ckpt_every=100", "train.num_sample_images=2",

@@ -17,7 +17,7 @@ from chunkformer.kernels.gelu import Mlp as FusedMlp
 from chunkformer.kernels.gelu import gelu_linear
 from chunkformer.models.dit import Mlp
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _model(name="DC-DiT-S", seed=0, **kw):
