@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import chunkformer as cf
-from chunkformer.progress import Progress, progress
 from chunkformer._typing import value_checks
+from chunkformer.progress import Progress, progress
 from recipes import evaluate as evaluate_cli
 from recipes import sample as sample_cli
 from recipes import train as train_cli

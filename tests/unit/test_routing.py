@@ -8,7 +8,7 @@ from conftest import grids
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chunkformer import ChunkEncoder, Chunked, DeChunkDecoder, Router, TimestepAdaptiveBudget
+from chunkformer import Chunked, ChunkEncoder, DeChunkDecoder, Router, TimestepAdaptiveBudget
 
 
 def kinds_for(ndim):

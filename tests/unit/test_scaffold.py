@@ -8,7 +8,7 @@ from conftest import grids
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chunkformer import ChunkEncoder, Chunked, ChunkPlan, DeChunkDecoder, Router, TimestepAdaptiveBudget
+from chunkformer import Chunked, ChunkEncoder, DeChunkDecoder, Router, TimestepAdaptiveBudget
 
 
 @given(grids(max_tokens=64), st.integers(1, 3), st.sampled_from(["packed", "padded", "fixed"]), st.floats(0, 0.6))
