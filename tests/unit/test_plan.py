@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from chunkformer import ChunkPlan
 from chunkformer import plan as plan_module
-from chunkformer.grid import grid_coords
 from chunkformer.dechunk import Chunked, dechunk
+from chunkformer.grid import grid_coords
 from chunkformer.plan import PLAN_MODES, _nearest_kept_dense, nearest_kept
 from chunkformer.routing import RouterOutput
 

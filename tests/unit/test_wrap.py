@@ -337,8 +337,8 @@ def test_wrap_original_dit_example_wraps_a_checkpoint_in_the_original_layout(tmp
     import importlib.util
     from pathlib import Path
 
-    from safetensors.torch import save_file
     from conftest import have_digits
+    from safetensors.torch import save_file
 
     from chunkformer.models.interop import to_original_dit
 
