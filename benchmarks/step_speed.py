@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     def at(capacity: int, labels=None):
         """A step of DC-DiT-XL at ``capacity`` tokens per sample (one compiled graph per capacity)."""
         def step():
-            dc.capacity = capacity
+            dc.set_plan(capacity=capacity)
             return dc_fn(x, t, y if labels is None else labels)
         return step
 
@@ -143,12 +143,12 @@ def main(argv=None) -> dict:
         dit_flops = cf.count_flops(dit, x, t, y).per_sample
         dc_flops, flop_shares = {}, {}
         for rho, cap in [*caps.items(), (LITE_CFG_UNCONDITIONAL_RHO, u_cap)]:
-            dc.capacity = cap
+            dc.set_plan(capacity=cap)
             report = cf.count_flops(dc, x, t, null if rho == LITE_CFG_UNCONDITIONAL_RHO else y)
             dc_flops[rho] = report.per_sample
             blocks = sum(v for k, v in report.by_component.items() if k.startswith("backbone"))
             flop_shares[rho] = 1 - blocks / report.total
-        dc.capacity = caps[0.0]
+        dc.set_plan(capacity=caps[0.0])
         # (row, step, FLOPs per sample, kept tokens per sample, baseline row)
         cases = [("DiT-XL/2", lambda: dit_fn(x, t, y), dit_flops, L // 4, "DiT-XL/2"),
                  ("DiT-XL/2 CFG", lambda: (dit_fn(x, t, y), dit_fn(x, t, null)), 2 * dit_flops, L // 4, "DiT-XL/2 CFG")]

@@ -193,16 +193,16 @@ def main(argv=None) -> dict:
             _, info = release(x, t, y, return_chunking_info=True, tail_dropping_fraction=1 - (1 - rho) / 4)
             kept = int(info[0].boundary_mask.sum(-1).max())
             ref_ms = step_ms(lambda: release_step(y, rho), reps)
-            ours.capacity = bucket(L / 4 * (1 - rho))
+            ours.set_plan(capacity=bucket(L / 4 * (1 - rho)))
             our_ms = step_ms(lambda: ours_fn(x, t, y), reps)
             rows.append({"row": f"rho={rho:g}", "release_kept": kept, "ours_kept": ours.capacity,
                          "release_ms": ref_ms, "ours_ms": our_ms, "dit_ms": dit_ms})
         caps = (bucket(L / 4), bucket(L / 4 * 0.1))
 
         def ours_lite():
-            ours.capacity = caps[0]
+            ours.set_plan(capacity=caps[0])
             ours_fn(x, t, y)
-            ours.capacity = caps[1]
+            ours.set_plan(capacity=caps[1])
             ours_fn(x, t, null)
 
         rows.append({"row": "Lite-CFG (0 / 0.9)", "release_kept": L // 4, "ours_kept": caps[0],

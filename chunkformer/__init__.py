@@ -6,9 +6,10 @@
     x, c = torch.randn(2, 4, 16, 16), torch.randn(2, 64)
     tokens = enc(x, c)                                  # (2, 256, 64)
     routed = router(tokens, grid=(16, 16))              # RouterOutput
-    plan = cf.ChunkPlan.from_router(routed)             # packed by default
+    chunked = cf.Chunked.from_router(routed, tokens)    # the plan (packed by default) and what de-chunking needs
+    plan = chunked.plan
     y = plan.chunk(tokens) + plan.position_embedding(64)  # (T, 64): run any backbone here
-    assert dec(y, plan, routed, tokens, c).shape == (2, 8, 16, 16)
+    assert dec(y, chunked, c).shape == (2, 8, 16, 16)
 
 The top level holds the components, the models and their registry, ``wrap``, token merging, step
 caching and the FLOP count; everything else is importable from its submodule (``chunkformer.grid``,
@@ -20,6 +21,7 @@ from . import merging
 from .attention import chunk_attention
 from .budget import TimestepAdaptiveBudget
 from .caching import StepCache
+from .dechunk import Chunked
 from .flops import count_flops
 from .models import DCDiT, DiT, create_model, list_models, load_weights, save_pretrained
 from .plan import ChunkPlan
@@ -35,6 +37,7 @@ __all__ = [
     "ChunkEncoder",
     "DeChunkDecoder",
     "ChunkPlan",
+    "Chunked",
     "TimestepAdaptiveBudget",
     "chunk_attention",
     "DCDiT",

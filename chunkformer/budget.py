@@ -60,6 +60,7 @@ def tail_drop(
     rho: Rho,
     *,
     protected: Bool[Tensor, "batch tokens"] | None = None,
+    check: bool = True,
 ) -> Bool[Tensor, "batch tokens"]:
     """Drop the ``floor(rho * |B|)`` lowest-probability kept tokens of each sample.
 
@@ -67,16 +68,13 @@ def tail_drop(
     (the first and last grid position, by default) are never dropped; if a sample
     keeps fewer unprotected tokens than the drop count, all of them go.
     Ties in probability drop the earlier raster position first.
-    Validates ``probs`` and ``rho`` (one host sync each when they are tensors); the
-    drop itself is computed on the device.
+    Validates ``probs`` and ``rho`` (one host sync each when they are tensors) unless
+    ``check=False`` (a caller that has validated both, as the router does); the drop itself is
+    computed on the device.
     """
-    check_finite("probs", probs)
-    check_rho(rho, batch=probs.shape[0])
-    return _tail_drop(probs, mask, rho, protected)
-
-
-def _tail_drop(probs: Tensor, mask: Tensor, rho: "float | Tensor", protected: Tensor | None) -> Tensor:
-    """:func:`tail_drop` without input validation (callers have validated)."""
+    if check:
+        check_finite("probs", probs)
+        check_rho(rho, batch=probs.shape[0])
     B, L = probs.shape
     if protected is None:
         protected = torch.zeros_like(mask)

@@ -21,7 +21,7 @@ The sampler calls the model once per step (CFG halves travel in one batch); the 
 assumes so. A call whose batch or grid differs from the last one always runs.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
@@ -29,7 +29,7 @@ from torch import nn
 
 from .plan import ChunkPlan
 
-__all__ = ["StepCache", "run_with_cache", "skipped_last"]
+__all__ = ["StepCache", "cached_backbone", "skipped_last"]
 
 
 class StepCache:
@@ -90,14 +90,19 @@ class StepCache:
             return False
         return self._step < self.keep or self._step >= self._steps - self.keep
 
-    def __call__(self, h: torch.Tensor, plan: ChunkPlan | None, run: Callable[[torch.Tensor], torch.Tensor],
-                 indicator: Callable[[], torch.Tensor]) -> torch.Tensor:
+    @property
+    def measures(self) -> bool:
+        """Whether :meth:`decide` reads a change signal (``threshold > 0``); else every step runs."""
+        return self.threshold > 0
+
+    def decide(self, signal: torch.Tensor | None) -> bool:
+        """Record this step and say whether to skip the blocks; ``signal``: block 0's ``(B, L, d)`` input on the
+        grid, whatever was kept (``None`` when :attr:`measures` is off)."""
         self.last_skipped = False
-        if self.threshold <= 0:  # exactly the uncached forward
-            self.computed += 1
+        if not self.measures:  # exactly the uncached forward
             self.history.append((0.0, False))
-            return run(h)
-        current = indicator().float()  # (B, L, d) on the grid, whatever was kept
+            return False
+        current = signal.float()
         skip = False
         if self._prev is not None and self._prev.shape == current.shape and not self._forced():
             change = float((current - self._prev).abs().mean() / self._prev.abs().mean().clamp_min(1e-12))
@@ -107,25 +112,41 @@ class StepCache:
             skip = self._acc < self.threshold and (self.max_skips is None or self._streak < self.max_skips)
         self._prev = current
         self.history.append((self._acc, skip))
-        if skip:
-            self._streak += 1
-            self.skipped += 1
-            self.last_skipped = True
-            residual = self._residual if plan is None else plan.chunk(self._residual)
-            return h + residual.to(h.dtype)
-        out = run(h)
+        return skip
+
+    def reuse(self, h: torch.Tensor, plan: ChunkPlan | None) -> torch.Tensor:
+        """The skipped blocks' output: ``h`` plus the stored residual at the tokens ``plan`` keeps now."""
+        self._streak += 1
+        self.skipped += 1
+        self.last_skipped = True
+        residual = self._residual if plan is None else plan.chunk(self._residual)
+        return h + residual.to(h.dtype)
+
+    def store(self, h: torch.Tensor, out: torch.Tensor, plan: ChunkPlan | None) -> None:
+        """The blocks ran (``h`` -> ``out``): keep their residual on the grid, ``(B, L, d)``."""
         self._acc, self._streak = 0.0, 0
         self.computed += 1
+        if not self.measures:
+            return
         residual = out - h
         self._residual = residual if plan is None else plan.plug_back(plan.unchunk(residual))  # (B, L, d)
-        return out
 
 
-def run_with_cache(model: nn.Module, h: torch.Tensor, plan: ChunkPlan | None,
-                   run: Callable[[torch.Tensor], torch.Tensor], indicator: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``run(h)``, or the installed :class:`StepCache`'s decision (models call this around their blocks)."""
+def cached_backbone(model: nn.Module, h: torch.Tensor, cond, plan: ChunkPlan | None, tokens: torch.Tensor,
+                    keep: list | None = None) -> torch.Tensor:
+    """``model.run_backbone(h, cond, plan, keep)``, or the installed :class:`StepCache`'s stored residual.
+
+    ``h``: the blocks' input (``plan.chunk`` layout, or dense ``(B, L, d)`` with ``plan=None``);
+    ``tokens``: ``(B, L, d)`` on the grid, from which ``model.block_input(tokens, cond)`` gives the change signal.
+    """
     cache = model.step_cache
-    return run(h) if cache is None else cache(h, plan, run, indicator)
+    if cache is None:
+        return model.run_backbone(h, cond, plan, keep)
+    if cache.decide(model.block_input(tokens, cond) if cache.measures else None):
+        return cache.reuse(h, plan)
+    out = model.run_backbone(h, cond, plan, keep)
+    cache.store(h, out, plan)
+    return out
 
 
 def skipped_last(model: nn.Module) -> bool:

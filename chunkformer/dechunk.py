@@ -20,20 +20,55 @@ precision, the weights and probabilities still computed in fp32):
 2. **Plug-back**: every grid position takes its nearest kept token (:meth:`ChunkPlan.plug_back`).
 3. **Gate**: multiply by ``STE(c_sel)`` (:func:`ste_ones`), which is exactly 1 in the
    forward pass and passes the gradient to the router's confidence unchanged.
+
+:class:`Chunked` carries what these steps need from the stages before the backbone (the
+plan, the probabilities, the confidence and the encoder's tokens) to the decoder in one object::
+
+    chunked = Chunked.from_router(routed, tokens, mode="packed")    # routing -> plan
+    out = decoder(backbone(chunked.plan.chunk(tokens)), chunked, c)  # (B, out, *grid)
 """
 
 import math
 from typing import Literal, get_args
 
 import torch
+from tensordict import tensorclass
 
 from ._typing import Bool, Float, Tensor, typechecked
-from .plan import ChunkPlan
+from .plan import ChunkPlan, PlanMode
 
-__all__ = ["smooth_dense", "smooth_windowed", "smoothing_weights", "ste_ones", "dechunk", "Smoothing",
+__all__ = ["Chunked", "smooth_dense", "smooth_windowed", "smoothing_weights", "ste_ones", "dechunk", "Smoothing",
            "resolve_smoothing"]
 
 Smoothing = Literal["auto", "windowed", "dense", "none"]
+
+
+@tensorclass
+class Chunked:
+    """What de-chunking needs from routing, batch dimension first: routing's one hand-off to the decoder.
+
+    Attributes:
+        plan: the :class:`~chunkformer.plan.ChunkPlan` the backbone's tokens are laid out by.
+        probs: ``(B, L)`` fp32 keep probabilities ``p`` (the smoothing weights).
+        confidence: ``(B, L)`` fp32 ``c_sel`` (the gate's ``STE(c_sel)``).
+        tokens: ``(B, L, d)`` the encoder's tokens, before the backbone (the residual path).
+
+    A tensorclass: ``torch.cat`` joins two along the batch (classifier-free guidance's halves), plans included.
+    """
+
+    plan: ChunkPlan
+    probs: torch.Tensor
+    confidence: torch.Tensor
+    tokens: torch.Tensor
+
+    @classmethod
+    def from_router(cls, routed, tokens: Tensor, *, mode: PlanMode = "packed", capacity: int | None = None,
+                    fill: bool = False) -> "Chunked":
+        """Plan the kept tokens of a :class:`~chunkformer.routing.RouterOutput` (:meth:`ChunkPlan.from_router`)
+        and bundle the plan with what the decoder needs; ``tokens``: ``(B, L, d)`` the router scored."""
+        plan = ChunkPlan.from_router(routed, mode=mode, capacity=capacity, fill=fill)
+        return cls(plan=plan, probs=routed.probs, confidence=routed.confidence, tokens=tokens,
+                   batch_size=[tokens.shape[0]])
 SMOOTHINGS: tuple[str, ...] = get_args(Smoothing)
 # "auto" smooths densely (on CUDA) while M^2 <= this * L: where DC-DiT-XL's compiled scaffold measured the
 # dense form ahead of the windowed one (benchmarks/scaffold_profile.py; docs/performance.md)

@@ -161,7 +161,7 @@ def _attention_modules() -> tuple:
 
 def _dechunk_flops(module: DeChunkDecoder, args, kwargs, output) -> float:
     """Smoothing (the residual projection is an nn.Linear, counted by its own hook)."""
-    plan = args[1] if len(args) > 1 else kwargs["plan"]
+    plan = (args[1] if len(args) > 1 else kwargs["chunked"]).plan
     B, L, d = plan.order.shape[0], plan.num_tokens, module.dim
     flops = 0.0
     dtype = torch.float32 if module.fp32 else args[0].dtype  # the de-chunk's precision (DeChunkDecoder.merge)

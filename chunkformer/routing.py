@@ -34,7 +34,7 @@ from tensordict import tensorclass
 from torch import nn
 
 from ._typing import Float, Tensor, check_finite, typechecked
-from .budget import Rho, _tail_drop, check_rho
+from .budget import Rho, check_rho, tail_drop
 from .grid import GridShape, check_grid, conv_nd, to_grid
 from .grid import norm_groups as group_count
 from .precision import FP32Module
@@ -269,7 +269,7 @@ class Router(FP32Module):
         natural = p > 0.5
         if _nonzero(rho):
             check_rho(rho, batch=B)
-            mask = _tail_drop(p, natural, rho, ends.expand(B, L))
+            mask = tail_drop(p, natural, rho, protected=ends.expand(B, L), check=False)  # both checked above
         else:
             mask = natural
         confidence = torch.where(natural, p, 1 - p)

@@ -3,23 +3,23 @@
     enc = ChunkEncoder(in_channels=4, dim=384)            # 3x3 embed + 2 ResBlocks at d/4 -> d
     dec = DeChunkDecoder(dim=384, out_channels=8)         # de-chunk + 2 ResBlocks d -> d/4 + final layer
     tokens = enc(x, c)                                    # (B, L, 384)
-    ...                                                   # router, plan, backbone on plan.chunk(tokens)
-    out = dec(backbone_out, plan, router_out, tokens, c)  # (B, 8, H, W)
+    chunked = Chunked.from_router(router(tokens, grid), tokens)  # the plan, p, c_sel and tokens
+    out = dec(backbone(chunked.plan.chunk(tokens)), chunked, c)  # (B, 8, H, W)
 
 Both work on grids of rank 1, 2 or 3 (``Conv1d/2d/3d``). Conditioning ``c`` is the
 ``(B, cond_dim)`` vector a DiT feeds its adaLN (timestep + label embedding).
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._typing import Float, Tensor, typechecked
-from .dechunk import SMOOTHINGS, Smoothing, dechunk, ste_ones
+from .dechunk import SMOOTHINGS, Chunked, Smoothing, dechunk, ste_ones
 from .grid import conv_nd, norm_groups, to_grid, to_tokens
-from .plan import ChunkPlan
 from .precision import FP32Module, RMSNorm
-from .routing import RouterOutput
 
 __all__ = ["ResBlock", "ChunkEncoder", "DeChunkDecoder", "FinalLayer"]
 
@@ -232,37 +232,31 @@ class DeChunkDecoder(nn.Module):
         self.norm = RMSNorm(width, eps=1e-5, **fk)
         self.final = FinalLayer(width, out_channels, cond_dim, **fk)
 
-    def merge(
-        self,
-        y: Tensor,
-        plan: ChunkPlan,
-        router_out: RouterOutput,
-        enc_tokens: Float[Tensor, "batch tokens dim"],
-    ) -> Float[Tensor, "batch tokens dim"]:
+    def merge(self, y: Tensor, chunked: Chunked) -> Float[Tensor, "batch tokens dim"]:
         """Backbone output (``plan.chunk`` layout) -> gated, residual-added ``(B, L, d)`` in fp32
         (``fp32=False``: in the backbone output's dtype).
 
         De-chunking runs with autocast off; the residual projection keeps fp32 weights but runs
         under the caller's autocast, as in the authors' release (a bf16 GEMM when sampling in
         bf16: ``L d^2`` multiply-adds are too many for fp32)."""
+        plan, enc_tokens = chunked.plan, chunked.tokens
         B, L = plan.order.shape
-        if (tuple(router_out.probs.shape) != (B, L) or tuple(router_out.grid) != tuple(plan.grid)
-                or tuple(enc_tokens.shape[:2]) != (B, L)):
+        if (tuple(chunked.probs.shape) != (B, L) or tuple(chunked.confidence.shape) != (B, L)
+                or tuple(enc_tokens.shape[:2]) != (B, L) or math.prod(plan.grid) != L):
             raise ValueError(
-                f"the plan covers {B} samples of grid {tuple(plan.grid)} but the router output is "
-                f"{tuple(router_out.probs.shape)} on grid {tuple(router_out.grid)} and the encoder tokens "
-                f"{tuple(enc_tokens.shape)}: pass the router output and tokens the plan was built from "
-                "(ChunkPlan.from_router(router_out))")
+                f"the plan covers {B} samples of grid {tuple(plan.grid)} but the probabilities are "
+                f"{tuple(chunked.probs.shape)}, the confidence {tuple(chunked.confidence.shape)} and the encoder "
+                f"tokens {tuple(enc_tokens.shape)}: build them together with Chunked.from_router(router_out, tokens)")
         dtype = torch.float32 if self.fp32 else y.dtype
         autocast = torch.is_autocast_enabled(enc_tokens.device.type)  # then the GEMM is bf16 anyway: no fp32 copy
         res = self.residual(enc_tokens if autocast else enc_tokens.float())  # (B, L, d)
         with torch.autocast(device_type=enc_tokens.device.type, enabled=False):
             full = dechunk(
-                plan.unchunk(y), router_out.probs, plan,
+                plan.unchunk(y), chunked.probs, plan,
                 sigma=self.sigma, smoothing=self.smoothing, truncate=self.truncate, dtype=dtype,
             )  # (B, L, d)
             full = full.float()
-            confidence = router_out.confidence
+            confidence = chunked.confidence
             if torch.is_grad_enabled() and confidence.requires_grad:  # else the gate, exactly 1, is left out
                 full = full * ste_ones(confidence.float())[..., None]  # (B, L, d) * (B, L, 1)
             # summed in fp32 and rounded once (the same bf16 values as a bf16 sum, since the gate is 1); it also
@@ -273,15 +267,13 @@ class DeChunkDecoder(nn.Module):
     def forward(
         self,
         y: Tensor,
-        plan: ChunkPlan,
-        router_out: RouterOutput,
-        enc_tokens: Float[Tensor, "batch tokens dim"],
+        chunked: Chunked,
         c: Float[Tensor, "batch cond"] | None = None,
     ) -> Float[Tensor, "batch out *grid"]:
-        """``y``: backbone output in ``plan.chunk`` layout; returns ``(B, out_channels, *grid)``."""
-        z = self.merge(y, plan, router_out, enc_tokens).to(enc_tokens.dtype)  # (B, L, d)
-        h = to_grid(z, plan.grid)  # (B, d, *grid)
+        """``y``: backbone output in ``chunked.plan.chunk`` layout; returns ``(B, out_channels, *grid)``."""
+        z = self.merge(y, chunked).to(chunked.tokens.dtype)  # (B, L, d)
+        h = to_grid(z, chunked.plan.grid)  # (B, d, *grid)
         for block in self.blocks:
             h = block(h, c)  # (B, width, *grid)
         out = self.final(self.norm(to_tokens(h)), c)  # (B, L, out)
-        return to_grid(out, plan.grid)  # (B, out, *grid)
+        return to_grid(out, chunked.plan.grid)  # (B, out, *grid)

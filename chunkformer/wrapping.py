@@ -20,31 +20,25 @@ import math
 import torch
 from torch import nn
 
-from ._typing import Bool, Float, Int, Tensor, typechecked
+from ._typing import Tensor
 from .adapters import BackboneAdapter, find_adapter
-from .budget import TimestepAdaptiveBudget
-from .caching import run_with_cache, skipped_last
 from .dechunk import Smoothing
 from .grid import grid_coords
+from .models.dcdit import ChunkPipeline
 from .plan import ChunkPlan
-from .precision import RMSNorm
-from .routing import Router, RouterKind
-from .scaffold import ChunkEncoder, DeChunkDecoder
+from .routing import RouterKind
 
 __all__ = ["ChunkWrapper", "wrap", "unwrap", "summary"]
 
 
-class ChunkWrapper(nn.Module):
-    """A DC-DiT around a foreign backbone; build it with :func:`wrap`.
+class ChunkWrapper(ChunkPipeline):
+    """The DC-DiT pipeline (:class:`~chunkformer.models.dcdit.ChunkPipeline`) around a foreign
+    backbone, driven through an adapter; build it with :func:`wrap`.
 
     Submodules: ``backbone`` (the adapter, holding the shared blocks and embedders),
     ``cond_adaptor`` (a LayerNorm on the scaffold's conditioning, or identity), ``encoder``,
     ``router``, ``norm`` (RMSNorm on the backbone's output), ``decoder``; ``budget`` holds the ratio-loss / tail-drop settings.
     """
-
-    supports_chunking = True
-    step_cache = None  # a StepCache installs itself here while sampling
-    num_timesteps: int = 1000  # model timesteps accepted: [0, num_timesteps) (set to the diffusion's T)
 
     def __init__(
         self,
@@ -72,40 +66,26 @@ class ChunkWrapper(nn.Module):
         super().__init__()
         self.__dict__["_original"] = model  # not a submodule: state_dict holds the blocks once, via backbone
         self.backbone = adapter
-        d = adapter.hidden_size
-        self.hidden_size, self.in_channels = d, adapter.in_channels
-        self.out_channels = out_channels or adapter.out_channels
-        self.grid = tuple(grid or adapter.grid or ())
-        if not self.grid:
+        grid = tuple(grid or adapter.grid or ())
+        if not grid:
             raise ValueError("the adapter does not know the backbone's latent grid: pass wrap(..., grid=(H, W))")
-        self.ndim = len(self.grid)
-        if plan_mode == "auto":
-            plan_mode = "packed" if adapter.attention_known else "padded"
-        if plan_mode not in ("packed", "padded", "fixed"):
-            raise ValueError(f"plan_mode must be 'auto', 'packed', 'padded' or 'fixed', got {plan_mode!r}")
-        if plan_mode == "packed" and not adapter.attention_known:
-            raise ValueError(
-                f"the {adapter.name!r} adapter cannot restrict this backbone's attention to a sample's tokens "
-                "(unknown attention implementation): use plan_mode='padded' or 'fixed', whose pad slots are real tokens"
-            )
-        if plan_mode == "fixed" and capacity is None:
-            raise ValueError("plan_mode='fixed' needs capacity (tokens per sample), e.g. capacity=L // 4")
-        if fill_capacity and plan_mode != "fixed":
-            raise ValueError(f"fill_capacity=True needs plan_mode='fixed' (and a capacity), got {plan_mode!r}")
-        self.plan_mode, self.capacity, self.fill_capacity = plan_mode, capacity, fill_capacity
         self.coord_scale = 1.0 / adapter.patch_size if coord_scale is None else coord_scale
-        sigma = max(1.0, max(self.grid) / 32) if sigma is None else sigma
-        fk = {"device": device, "dtype": dtype}
-        self.budget = TimestepAdaptiveBudget(target_ratio=target_ratio)
-        self.cond_adaptor = nn.LayerNorm(d, eps=1e-6, **fk) if cond_adaptor else nn.Identity()
-        self.encoder = ChunkEncoder(self.in_channels, d, ndim=self.ndim, depth=encoder_depth, width=scaffold_width,
-                                    **fk)
-        self.router = Router(d, ndim=self.ndim, kind=router, keep_fraction=1 / target_ratio,
-                             fp32=fp32_router_dechunk, **fk)
-        self.norm = RMSNorm(d, eps=1e-5, **fk)  # backbone output norm, as in DC-DiT
-        self.decoder = DeChunkDecoder(d, self.out_channels, ndim=self.ndim, depth=decoder_depth,
-                                      width=scaffold_width, sigma=sigma, smoothing=smoothing,
-                                      fp32=fp32_router_dechunk, **fk)
+        d = adapter.hidden_size
+        self.cond_adaptor = nn.LayerNorm(d, eps=1e-6, device=device, dtype=dtype) if cond_adaptor else nn.Identity()
+        self.build_scaffold(
+            in_channels=adapter.in_channels, hidden_size=d, out_channels=out_channels or adapter.out_channels,
+            grid=grid, target_ratio=target_ratio, router=router, encoder_depth=encoder_depth,
+            decoder_depth=decoder_depth, scaffold_width=scaffold_width, sigma=sigma, smoothing=smoothing,
+            plan_mode=plan_mode, capacity=capacity, fill_capacity=fill_capacity,
+            fp32_router_dechunk=fp32_router_dechunk, device=device, dtype=dtype,
+        )
+
+    @property
+    def attention_known(self) -> bool:
+        return self.backbone.attention_known
+
+    def _backbone_name(self) -> str:
+        return f"the {self.backbone.name!r} adapter"
 
     @property
     def null_class(self) -> int | None:
@@ -128,60 +108,22 @@ class ChunkWrapper(nn.Module):
         cond = self.backbone.condition(t, y, label_drop)
         return cond, self.cond_adaptor(cond.vector)
 
+    def position_table(self, grid: tuple[int, ...], device: torch.device) -> Tensor:
+        """``(L, d)``: the backbone's position embedding at every P = 1 cell, in backbone-patch units."""
+        return self.backbone.position_embedding(grid_coords(grid, device=device) * self.coord_scale)
+
     def run_backbone(self, h: Tensor, cond, plan: ChunkPlan | None, keep: list | None = None) -> Tensor:
-        """Every block on ``h`` (``plan.chunk`` layout, or dense ``(B, L, d)`` with ``plan=None``);
-        each block's output is appended to ``keep`` if given."""
         for i in range(len(self.backbone.blocks)):
             h = self.backbone.run_block(i, h, cond, plan)
             if keep is not None:
                 keep.append(h)
         return h
 
-    @typechecked
-    def forward(
-        self,
-        x: Float[Tensor, "batch channels *grid"],
-        t: Float[Tensor, "batch"] | Int[Tensor, "batch"],
-        y: Int[Tensor, "batch"] | None = None,
-        *,
-        rho: float | Tensor | None = None,
-        return_info: bool = False,
-        label_drop: Bool[Tensor, "batch"] | None = None,
-        block_outputs: bool = False,
-    ):
-        """Same contract as :class:`~chunkformer.models.dcdit.DCDiT`: ``(B, out, *grid)``
-        (and a :class:`~chunkformer.models.dit.ForwardInfo` with ``return_info=True``;
-        ``block_outputs=True`` fills its ``block_outputs``)."""
-        from .models.dit import ForwardInfo, _check_input
-
-        _check_input(self, x, t, y, rho)
-        grid = tuple(x.shape[2:])
-        cond, c = self.condition(t, y, label_drop)  # c: (B, d)
-        tokens = self.encoder(x, c)  # (B, L, d)
-        if rho is None:
-            rho = self.budget.rho_at(t) if self.budget.schedule is not None else 0.0
-        routed = self.router(tokens, grid, rho=rho)
-        plan = ChunkPlan.from_router(routed, mode=self.plan_mode, capacity=self.capacity, fill=self.fill_capacity)
-        coords = grid_coords(plan.grid, device=tokens.device) * self.coord_scale  # (L, ndim); once per position
-        pos = plan.take(self.backbone.position_embedding(coords)).to(tokens.dtype)  # (T, d) | (B, M, d)
-        h = plan.chunk(tokens) + pos
-        keep = [] if block_outputs else None
-        h = run_with_cache(self, h, plan, lambda h: self.run_backbone(h, cond, plan, keep),
-                           lambda: self.backbone.block_input(tokens, cond))
-        h = self.norm(h)
-        out = self.decoder(h, plan, routed, tokens, c)  # (B, out, *grid)
-        if not return_info:
-            return out
-        info = ForwardInfo(ratio_loss=self.budget.ratio_loss(routed), kept=plan.lengths, tokens=math.prod(grid),
-                           router=routed, plan=plan, block_outputs=keep,
-                           cached=skipped_last(self))
-        return out, info
+    def block_input(self, tokens: Tensor, cond) -> Tensor:
+        return self.backbone.block_input(tokens, cond)
 
     def extra_repr(self) -> str:
-        return (f"adapter={self.backbone.name!r}, grid={self.grid}, target_ratio={self.budget.target_ratio}, "
-                f"plan_mode={self.plan_mode!r}"
-                + ("" if self.capacity is None else f", capacity={self.capacity}" + (", filled" if self.fill_capacity else ""))
-                + f", coord_scale={self.coord_scale:g}")
+        return f"adapter={self.backbone.name!r}, " + self.plan_repr() + f", coord_scale={self.coord_scale:g}"
 
 
 def wrap(

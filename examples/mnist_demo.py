@@ -95,12 +95,13 @@ class TinyDCDiT(nn.Module):
         c = self.cond(t, y)  # (B, d)
         tokens = self.encoder(x_t, c)  # (B, 1024, d)
         routed = self.router(tokens, grid=GRID)  # probs / mask: (B, 1024)
-        plan = cf.ChunkPlan.from_router(routed)  # packed: T = sum of kept tokens
+        chunked = cf.Chunked.from_router(routed, tokens)  # the plan (packed: T = sum of kept tokens) and p, c_sel
+        plan = chunked.plan
         h = plan.chunk(tokens) + plan.position_embedding(self.dim)  # (T, d)
         h = h + c[plan.segment_ids()]  # every token sees its sample's conditioning
         for block in self.blocks:
             h = block(h, plan)  # (T, d)
-        return self.decoder(h, plan, routed, tokens, c), routed  # (B, 1, 32, 32)
+        return self.decoder(h, chunked, c), routed  # (B, 1, 32, 32)
 
 
 def noisy(x0, t, eps):

@@ -97,7 +97,7 @@ def set_serving_plan(model, capacity: int | None, *, fill: bool = False) -> None
     L = math.prod(model.grid)
     if not 1 <= capacity <= L:
         raise ValueError(f"--capacity must be in [1, {L}] (the grid has {L} positions), got {capacity}")
-    model.plan_mode, model.capacity, model.fill_capacity = "fixed", capacity, fill
+    model.set_plan(mode="fixed", capacity=capacity, fill=fill)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -90,7 +90,7 @@ def check_compilable(model) -> None:
         raise ValueError(
             f"compiled sampling needs static shapes, but this DC-DiT plans {mode!r}: the kept-token count changes "
             "every step and each new count would compile another graph. Sample with fixed-capacity plans "
-            "(recipes.sample --capacity N [--fill]; in Python model.plan_mode = 'fixed'; model.capacity = N)")
+            "(recipes.sample --capacity N [--fill]; in Python model.set_plan(mode='fixed', capacity=N))")
 
 
 def inductor_setting(key: str) -> tuple[object, str] | None:

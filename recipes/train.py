@@ -155,11 +155,11 @@ def flops_at_kept_fraction(model: torch.nn.Module, x, t, y, fraction: float) -> 
     many tokens an untrained router happens to keep."""
     tokens = math.prod(x.shape[2:])
     saved = model.plan_mode, model.capacity, model.fill_capacity
-    model.plan_mode, model.capacity, model.fill_capacity = "fixed", max(1, round(fraction * tokens)), True
+    model.set_plan(mode="fixed", capacity=max(1, round(fraction * tokens)), fill=True)
     try:
         return cf.count_flops(model, x, t, y)
     finally:
-        model.plan_mode, model.capacity, model.fill_capacity = saved
+        model.set_plan(*saved)
 
 
 def dry_run_report(cfg: Recipe, model: torch.nn.Module, diffusion, device, *, is_main: bool = True) -> dict:
@@ -224,8 +224,10 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
                                                bad_images=cfg.data.bad_images)
     model = build_model(cfg, source and source.sample_shape, source and source.num_classes, device)
     chunking = getattr(model, "supports_chunking", False)
-    if chunking:
-        model.budget.group_size = cfg.budget.group_size
+    if chunking:  # the model's budget is the one owner of the ratio loss and the multi-budget draws
+        model.set_budget(ratio_weight=cfg.budget.ratio_weight, group_size=cfg.budget.group_size,
+                         fractions=tuple(cfg.budget.fractions), warmup_steps=cfg.budget.warmup_steps,
+                         seed=cfg.train.seed)
     if cfg.train.compile and plan_mode(model) != "fixed":
         warnings.warn(f"train.compile with plan_mode={model.plan_mode!r}: the kept-token count changes every step, "
                       "so the compiled step keeps recompiling. Compile fixed-capacity plans: "
@@ -265,11 +267,6 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
         return 1.0
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    budget = cf.TimestepAdaptiveBudget(
-        target_ratio=model.budget.target_ratio if chunking else 4.0, ratio_weight=cfg.budget.ratio_weight,
-        group_size=cfg.budget.group_size, fractions=tuple(cfg.budget.fractions),
-        warmup_steps=cfg.budget.warmup_steps, seed=cfg.train.seed,
-    )
 
     # 5. data -------------------------------------------------------------------------------------
     batches = StepBatches(len(source), cfg.train.global_batch, cfg.train.seed, d.rank, d.world)
@@ -365,7 +362,7 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
                             "Fix or remove the file, then continue with train.resume=auto") from err
         t, noise, drop = t_all[sl].to(device), noise_all[sl].to(device), drop_all[sl].to(device)
         x_t, _ = diffusion.q_sample(x0, t, noise)
-        rho = budget.training_rho(step) if (chunking and cfg.budget.multi_budget) else 0.0
+        rho = model.budget.training_rho(step) if (chunking and cfg.budget.multi_budget) else 0.0
 
         distill = teacher is not None and step < cfg.upcycle.distill_steps
         label_drop = drop if null_class is not None else None

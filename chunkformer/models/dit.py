@@ -21,7 +21,7 @@ from torch import nn
 
 from .._typing import Bool, Float, Int, Tensor, typechecked, value_checks_enabled
 from ..attention import Backend, Sdpa, chunk_attention, dense_attention
-from ..caching import run_with_cache, skipped_last
+from ..caching import cached_backbone, skipped_last
 from ..grid import conv_nd, sincos_table
 from ..plan import ChunkPlan
 from ..routing import RouterOutput
@@ -321,6 +321,18 @@ class DiT(LabelledModel):
         sizes.update({p: self.patch_size for p in patches})
         return rearrange(x, f"{src} -> {dst}", **sizes)
 
+    def run_backbone(self, h: Tensor, c: Tensor, plan: ChunkPlan | None = None, keep: list | None = None) -> Tensor:
+        """Every block on ``h`` (dense ``(B, L, d)``, or a plan's layout); each output appended to ``keep`` if given."""
+        for block in self.blocks:
+            h = block(h, c, plan)
+            if keep is not None:
+                keep.append(h)
+        return h
+
+    def block_input(self, tokens: Tensor, c: Tensor) -> Tensor:
+        """Block 0's attention input for ``(B, L, d)`` tokens (step caching's change signal)."""
+        return block_input(self.blocks[0], tokens, c)
+
     def embed(self, x: Tensor, t: Tensor, y: Tensor | None, label_drop: Tensor | None = None
               ) -> tuple[Tensor, Tensor]:
         """Shared by DiT and wrappers: patch tokens ``(B, L, d)`` (with position) and ``c`` ``(B, d)``."""
@@ -350,13 +362,7 @@ class DiT(LabelledModel):
         if rho is not None and not (isinstance(rho, (int, float)) and rho == 0):
             raise ValueError("a plain DiT keeps every token: rho must be None or 0 (use a DC-DiT for budgets)")
         h, c = self.embed(x, t, y, label_drop)  # (B, L, d), (B, d)
-
-        def blocks(h):
-            for block in self.blocks:
-                h = block(h, c)  # (B, L, d)
-            return h
-
-        h = run_with_cache(self, h, None, blocks, lambda: block_input(self.blocks[0], h, c))
+        h = cached_backbone(self, h, c, None, h)
         out = self.unpatchify(self.final_layer(h, c), x.shape[2:])  # (B, out, *grid)
         if not return_info:
             return out

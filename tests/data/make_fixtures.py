@@ -4,7 +4,7 @@
 
 A tiny DC-DiT-S, chunkformer.wrap() around diffusers' ``DiTTransformer2DModel`` and around the original DiT
 layout (the stand-ins of ``tests/backbones.py``), each on fixed inputs at two token budgets ``rho``. Every
-parameter is redrawn from a fixed seed, so no zero-initialised layer hides a path. ``tests/test_fixtures.py``
+parameter is redrawn from a fixed seed, so no zero-initialised layer hides a path. ``tests/unit/test_fixtures.py``
 compares the current code against the stored tensors.
 """
 

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import chunkformer as cf
-from chunkformer.progress import Progress, progress
 from chunkformer._typing import value_checks
+from chunkformer.progress import Progress, progress
 from recipes import evaluate as evaluate_cli
 from recipes import sample as sample_cli
 from recipes import train as train_cli
@@ -23,7 +23,7 @@ from recipes.config import apply_overrides, get_recipe
 from recipes.data import DataError, build_source, scan_images
 from recipes.validate import ConfigError, validate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "model.overrides.hidden_size=32", "model.overrides.depth=1", "model.overrides.num_heads=2",
     "train.global_batch=8", "train.log_every=1", "train.ckpt_every=100", "train.num_sample_images=2",
@@ -406,19 +406,23 @@ def test_unpack_with_the_wrong_total_is_refused():
             plan.unpack(torch.randn(wrong, 4))
 
 
-def test_a_dechunk_decoder_handed_another_batch_s_router_output_is_refused():
+def test_a_dechunk_decoder_handed_a_bundle_whose_parts_disagree_is_refused():
     torch.manual_seed(0)
     router = cf.Router(8, ndim=2)
     decoder = cf.DeChunkDecoder(8, 1, ndim=2, depth=1, cond_dim=0)
-    tokens, other = torch.randn(2, 12, 8), torch.randn(3, 12, 8)
-    routed, routed_other = router(tokens, (3, 4)), router(other, (3, 4))
-    plan = cf.ChunkPlan.from_router(routed, mode="padded")
-    y = plan.chunk(tokens)
-    assert decoder(y, plan, routed, tokens).shape == (2, 1, 3, 4)
-    with pytest.raises(ValueError, match="router output"):
-        decoder(y, plan, routed_other, tokens)
-    with pytest.raises(ValueError, match="router output"):
-        decoder(y, plan, router(torch.randn(2, 12, 8), (4, 3)), tokens)
+    tokens = torch.randn(2, 12, 8)
+    routed = router(tokens, (3, 4))
+    chunked = cf.Chunked.from_router(routed, tokens, mode="padded")
+    y = chunked.plan.chunk(tokens)
+    assert decoder(y, chunked).shape == (2, 1, 3, 4)
+    other_tokens = cf.Chunked(plan=chunked.plan, probs=routed.probs, confidence=routed.confidence,
+                              tokens=torch.randn(2, 10, 8), batch_size=[2])
+    with pytest.raises(ValueError, match="Chunked.from_router"):
+        decoder(y, other_tokens)
+    other_probs = cf.Chunked(plan=chunked.plan, probs=routed.probs[:, :10], confidence=routed.confidence,
+                             tokens=tokens, batch_size=[2])
+    with pytest.raises(ValueError, match="Chunked.from_router"):
+        decoder(y, other_probs)
 
 
 @pytest.mark.parametrize("kwargs,name", [({"group_size": 0}, "group_size"), ({"ratio_weight": float("nan")},

@@ -20,7 +20,7 @@ import torch
 
 from chunkformer import fid
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 _missing = [
     f"{module} (`{cmd}`)"

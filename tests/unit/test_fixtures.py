@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 sys.path.insert(0, str(DATA))
 
 import make_fixtures  # noqa: E402

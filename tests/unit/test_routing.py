@@ -8,7 +8,7 @@ from conftest import grids
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chunkformer import ChunkEncoder, ChunkPlan, DeChunkDecoder, Router, TimestepAdaptiveBudget
+from chunkformer import Chunked, ChunkEncoder, DeChunkDecoder, Router, TimestepAdaptiveBudget
 
 
 def kinds_for(ndim):
@@ -75,9 +75,9 @@ def test_router_gets_gradients_through_ste_and_ratio_loss(kind, grid):
     x, c = torch.randn(2, 3, *grid), torch.randn(2, d)
     tokens = enc(x, c)
     out = router(tokens, grid)
-    plan = ChunkPlan.from_router(out)
-    y = plan.chunk(tokens) * 2.0  # stand-in backbone
-    (dec(y, plan, out, tokens, c) ** 2).mean().backward()
+    chunked = Chunked.from_router(out, tokens)
+    y = chunked.plan.chunk(tokens) * 2.0  # stand-in backbone
+    (dec(y, chunked, c) ** 2).mean().backward()
     grads = [p.grad for p in router.parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum() for g in grads) > 0  # through STE(c_sel)
     router.zero_grad()

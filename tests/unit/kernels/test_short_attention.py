@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from chunkformer.kernels import short_attention
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @given(head_dim=st.integers(16, 512))
@@ -101,53 +101,5 @@ assert torch.allclose(out, plain, atol=1e-5)
 print('ok')
 """
     env = {**os.environ, "TRITON_INTERPRET": "1", "CHUNKFORMER_TYPECHECK": "0"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-500:] + res.stderr[-3000:]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel runs on a GPU (here: interpreter tests only)")
-def test_on_a_gpu_the_kernel_matches_sdpa_alone_in_a_model_and_compiled():  # pragma: no cover - GPU runs
-    """DC-DiT-XL's shapes (16 heads of 72, 160 kept tokens): one call against fp32 SDPA; a two-block DC-DiT-XL with
-    the kernel against the same model on SDPA; and compiled, where the op is traced in."""
-    torch.manual_seed(0)
-    q, k, v = torch.randn(64, 160, 3, 16, 72, device="cuda", dtype=torch.bfloat16).unbind(2)
-    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v)))
-    with torch.no_grad():
-        assert short_attention.runs_here(q.transpose(1, 2), k.transpose(1, 2), None)
-        out = short_attention.attend(*(t.transpose(1, 2) for t in (q, k, v)))
-    assert (out.float() - ref).abs().max() < 1e-2
-
-    code = """
-import torch, chunkformer as cf
-from chunkformer import kernels
-from chunkformer.kernels import short_attention
-torch.manual_seed(0)
-m = cf.create_model("DC-DiT-XL", input_size=32, depth=2, plan_mode="fixed", capacity=160, fill_capacity=True).cuda().eval()
-with torch.no_grad():  # adaLN-zero and the zero final layer would make every output 0
-    for p in m.parameters():
-        if not p.any():
-            p.normal_(0, 0.02)
-x = torch.randn(4, 4, 32, 32, device="cuda")
-t, y = torch.tensor([1, 200, 500, 900], device="cuda"), torch.tensor([1, 2, 3, 4], device="cuda")
-kernels.apply(m)
-calls, real = [], short_attention.forward
-short_attention.forward = lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw)
-with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-    fast = m(x, t, y).float()
-    assert len(calls) == 2, calls  # one per block
-    compiled = torch.compile(m)(x, t, y).float()
-    short_attention.set_short_attention(False)
-    slow = m(x, t, y).float()
-    torch._dynamo.reset()
-    compiled_slow = torch.compile(m)(x, t, y).float()
-scale = slow.abs().max()
-print((fast - slow).abs().max().item(), (compiled - compiled_slow).abs().max().item(), (compiled - fast).abs().max().item(), scale.item())
-assert scale > 0 and (fast - slow).abs().max() <= 2e-2 * scale, ((fast - slow).abs().max(), scale)
-assert (compiled - compiled_slow).abs().max() <= 2e-2 * scale, ((compiled - compiled_slow).abs().max(), scale)
-short_attention.set_short_attention(True)
-print('ok')
-"""
-    env = {**os.environ, "CHUNKFORMER_TYPECHECK": "0"}  # compiled models run without the jaxtyping wrappers
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-500:] + res.stderr[-3000:]

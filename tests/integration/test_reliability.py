@@ -31,7 +31,7 @@ from recipes.checkpoints import (
 )
 from recipes.config import apply_overrides, default_run_name, get_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "model.overrides.hidden_size=32", "model.overrides.depth=1", "model.overrides.num_heads=2",
     "train.global_batch=8", "train.log_every=1", "train.ckpt_every=2", "train.num_sample_images=4",

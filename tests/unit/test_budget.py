@@ -128,3 +128,19 @@ def test_bad_budget_settings_are_rejected():
         TimestepAdaptiveBudget(cfg_rho=(0.0, 1.0))
     with pytest.raises(ValueError, match="schedule"):
         TimestepAdaptiveBudget(schedule=[(0, 0.1), (999, -0.5)])
+
+
+def test_a_model_s_budget_is_configured_through_set_budget_which_validates():
+    import chunkformer as cf
+
+    model = cf.create_model("DC-DiT-S", input_size=8, num_classes=3, hidden_size=32, num_heads=2, depth=1)
+    budget = model.set_budget(group_size=4, fractions=(0.0, 0.3), warmup_steps=2, seed=5)
+    assert budget is model.budget and (budget.group_size, budget.warmup_steps, budget.seed) == (4, 2, 5)
+    assert budget.training_rho(0) == 0.0 and {budget.training_rho(s) for s in range(2, 40)} == {0.0, 0.3}
+    with pytest.raises(ValueError, match="target_ratio is fixed"):
+        model.set_budget(target_ratio=8.0)
+    with pytest.raises(ValueError, match="unknown budget settings"):
+        model.set_budget(group=4)
+    with pytest.raises(ValueError, match="group_size"):
+        model.set_budget(group_size=0)
+    assert model.budget.group_size == 4  # a refused setting leaves the budget as it was

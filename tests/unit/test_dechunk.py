@@ -193,6 +193,7 @@ def test_tiled_blur_gradient_is_the_band_matrix_transposed():
 def test_merge_gates_with_the_ste_only_where_the_router_learns(inputs):
     """With grad, ``z = dechunk(y) * STE(c) + W e``: c's gradient is the de-chunked value summed over channels. Without
     (sampling), the gate, exactly 1, is left out: a NaN confidence cannot reach z."""
+    from chunkformer.dechunk import Chunked
     from chunkformer.routing import RouterOutput
 
     grid, mask, probs, seed = inputs
@@ -206,11 +207,16 @@ def test_merge_gates_with_the_ste_only_where_the_router_learns(inputs):
         return RouterOutput(probs=probs, mask=mask, natural_mask=mask, confidence=confidence, grid=tuple(grid),
                             batch_size=[mask.shape[0]])
 
+    def chunked(confidence):
+        routed = route(confidence)
+        return Chunked(plan=plan, probs=routed.probs, confidence=routed.confidence, tokens=enc,
+                       batch_size=[mask.shape[0]])
+
     confidence = torch.rand(mask.shape, generator=g).requires_grad_()
-    z = dec.merge(y, plan, route(confidence), enc)
+    z = dec.merge(y, chunked(confidence))
     z.sum().backward()
     full = dechunk(plan.unchunk(y), probs, plan, sigma=dec.sigma)  # (B, L, 8)
     torch.testing.assert_close(confidence.grad, full.sum(-1))
     with torch.no_grad():
-        sampled = dec.merge(y, plan, route(torch.full(mask.shape, float("nan"))), enc)
+        sampled = dec.merge(y, chunked(torch.full(mask.shape, float("nan"))))
     torch.testing.assert_close(sampled, z.detach(), rtol=0, atol=0)

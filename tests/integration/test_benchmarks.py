@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
 SCRIPTS = ("step_speed", "sample_speed", "train_speed", "vs_release", "composition", "host_syncs", "step_time", "report")
 MODULES = (*SCRIPTS, "common")  # studies/ has a report.py too: load these by path, never by name

@@ -8,7 +8,7 @@ import torch
 
 from chunkformer.data import MNISTDigits, load_mnist_digits, mnist_digits_path
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "mnist_demo.py"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "mnist_demo.py"
 
 
 def _require_digits():

@@ -8,7 +8,7 @@ from conftest import grids
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chunkformer import ChunkEncoder, ChunkPlan, DeChunkDecoder, Router, TimestepAdaptiveBudget
+from chunkformer import Chunked, ChunkEncoder, DeChunkDecoder, Router, TimestepAdaptiveBudget
 
 
 @given(grids(max_tokens=64), st.integers(1, 3), st.sampled_from(["packed", "padded", "fixed"]), st.floats(0, 0.6))
@@ -22,9 +22,10 @@ def test_encoder_router_plan_decoder_shapes_on_every_rank(grid, B, mode, rho):
     assert tokens.shape == (B, L, d)
     out = router(tokens, grid, rho=rho)
     capacity = max(1, L // 2) if mode == "fixed" else None
-    plan = ChunkPlan.from_router(out, mode=mode, capacity=capacity)
+    chunked = Chunked.from_router(out, tokens, mode=mode, capacity=capacity)
+    plan = chunked.plan
     y = plan.chunk(tokens) + plan.position_embedding(d)
-    assert dec(y, plan, out, tokens, c).shape == (B, 2 * C, *grid)
+    assert dec(y, chunked, c).shape == (B, 2 * C, *grid)
 
 
 def test_encoder_widths_follow_the_paper():
@@ -44,9 +45,10 @@ def test_new_decoder_starts_from_zero_output_and_zero_residual():
     x, c = torch.randn(2, 4, 8, 8), torch.randn(2, 32)
     tokens = enc(x, c)
     out = router(tokens, (8, 8))
-    plan = ChunkPlan.from_router(out)
-    assert torch.equal(dec(plan.chunk(tokens), plan, out, tokens, c), torch.zeros(2, 8, 8, 8))
-    merged = dec.merge(plan.chunk(tokens), plan, out, tokens)  # residual starts at zero
+    chunked = Chunked.from_router(out, tokens)
+    plan = chunked.plan
+    assert torch.equal(dec(plan.chunk(tokens), chunked, c), torch.zeros(2, 8, 8, 8))
+    merged = dec.merge(plan.chunk(tokens), chunked)  # residual starts at zero
     assert torch.allclose(merged, plan.plug_back(plan.gather(tokens)), atol=1e-6)
 
 
@@ -64,8 +66,8 @@ def test_a_few_steps_of_training_lower_the_loss():
     for _ in range(30):
         tokens = enc(x, c)
         out = router(tokens, grid)
-        plan = ChunkPlan.from_router(out)
-        pred = dec(plan.chunk(tokens), plan, out, tokens, c)
+        chunked = Chunked.from_router(out, tokens)
+        pred = dec(chunked.plan.chunk(tokens), chunked, c)
         loss = ((pred - target) ** 2).mean() + budget.ratio_weight * budget.ratio_loss(out)
         opt.zero_grad()
         loss.backward()

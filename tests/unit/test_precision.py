@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import chunkformer as cf
 import chunkformer.kernels
-from chunkformer.dechunk import dechunk
+from chunkformer.dechunk import Chunked, dechunk
 from chunkformer.plan import ChunkPlan
 from chunkformer.routing import Router
 
@@ -70,9 +70,9 @@ def test_merge_keeps_the_backbone_precision_only_when_asked():
             c = m.t_embedder(t) + m.y_embedder(y, 2, x.device, None)
             tokens = m.encoder(x, c)
             routed = m.router(tokens, (8, 8))
-            plan = ChunkPlan.from_router(routed, mode="packed")
-            h = plan.chunk(tokens).to(torch.bfloat16)  # a bf16 backbone output stand-in
-            merged[name] = m.decoder.merge(h, plan, routed, tokens)
+            chunked = Chunked.from_router(routed, tokens, mode="packed")
+            h = chunked.plan.chunk(tokens).to(torch.bfloat16)  # a bf16 backbone output stand-in
+            merged[name] = m.decoder.merge(h, chunked)
     assert merged["strict"].dtype == torch.float32 and merged["low"].dtype == torch.bfloat16
     rel = (merged["low"].float() - merged["strict"]).abs().max() / merged["strict"].abs().max()
     assert 0 < rel < 2e-2
@@ -90,9 +90,10 @@ def test_half_precision_merge_is_the_correctly_rounded_sum_of_its_bf16_parts():
         c = low.t_embedder(t) + low.y_embedder(y, 2, x.device, None)
         tokens = low.encoder(x, c)
         routed = low.router(tokens, (8, 8))
-        plan = ChunkPlan.from_router(routed, mode="packed")
+        chunked = Chunked.from_router(routed, tokens, mode="packed")
+        plan = chunked.plan
         h = plan.chunk(tokens).to(torch.bfloat16)
-        merged = low.decoder.merge(h, plan, routed, tokens)
+        merged = low.decoder.merge(h, chunked)
         res = low.decoder.residual(tokens)  # bf16 under autocast
     dec = low.decoder
     full = dechunk(plan.unchunk(h), routed.probs, plan, sigma=dec.sigma, smoothing=dec.smoothing,

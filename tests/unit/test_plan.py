@@ -1,4 +1,4 @@
-"""ChunkPlan: chunk / pack / plug-back round trips, nearest-kept reference, modes, concatenation."""
+"""ChunkPlan: chunk / pack / plug-back / de-chunk round trips first (the properties the algorithm rests on), then\nthe nearest-kept reference, modes, concatenation and the Chunked hand-off."""
 
 import itertools
 import math
@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 
 from chunkformer import ChunkPlan
 from chunkformer import plan as plan_module
+from chunkformer.dechunk import Chunked, dechunk
 from chunkformer.grid import grid_coords
 from chunkformer.plan import PLAN_MODES, _nearest_kept_dense, nearest_kept
+from chunkformer.routing import RouterOutput
 
 
 def brute_force_nearest(mask_row: torch.Tensor, grid) -> list[int]:
@@ -53,6 +55,37 @@ def test_pack_unpack_and_chunk_unchunk_round_trip(inputs, mode, dtype):
     cu = plan.cu_seqlens
     assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == mask.sum()
     assert torch.equal(cu.diff().long(), mask.sum(1))
+
+
+@given(plan_inputs(), st.sampled_from(["packed", "padded", "fixed"]))
+def test_chunk_then_dechunk_of_every_token_kept_is_the_identity(inputs, mode):
+    """With every token kept (p = 1) the decoder's de-chunk inverts the chunking: plug-back puts every token back
+    where it came from (exactly), and smoothing weighs its neighbours by ``1 - p = 0`` (to fp32 rounding)."""
+    grid, mask, _, seed = inputs
+    B, L = mask.shape
+    every = torch.ones_like(mask)
+    plan = ChunkPlan.from_mask(every, torch.ones(B, L), grid=grid, mode=mode, capacity=L if mode == "fixed" else None)
+    x = torch.randn(B, L, 3, generator=torch.Generator().manual_seed(seed))
+    slots, ones = plan.unchunk(plan.chunk(x)), torch.ones(B, L)
+    assert torch.equal(dechunk(slots, ones, plan, smoothing="none"), x)
+    torch.testing.assert_close(dechunk(slots, ones, plan, sigma=1.0), x, rtol=0, atol=1e-3)
+
+
+@given(plan_inputs(max_batch=3), st.sampled_from(["packed", "padded"]))
+def test_chunked_bundles_the_router_s_plan_and_cat_joins_every_part(inputs, mode):
+    grid, mask, probs, seed = inputs
+    B, L = mask.shape
+    conf = torch.where(mask, probs, 1 - probs)
+    routed = RouterOutput(probs=probs, mask=mask, natural_mask=mask, confidence=conf, grid=tuple(grid), batch_size=[B])
+    tokens = torch.randn(B, L, 4, generator=torch.Generator().manual_seed(seed))
+    one = Chunked.from_router(routed, tokens, mode=mode)
+    assert torch.equal(one.plan.order, ChunkPlan.from_router(routed, mode=mode).order)
+    both = torch.cat([one, one])
+    assert both.batch_size[0] == 2 * B and both.plan.mode == mode
+    assert torch.equal(both.plan.lengths, mask.sum(1).repeat(2)) and torch.equal(both.tokens, torch.cat([tokens, tokens]))
+    assert torch.equal(both.probs, torch.cat([probs, probs])) and torch.equal(both.confidence, torch.cat([conf, conf]))
+    first = both.plan.chunk(both.tokens)[: int(mask.sum()) if mode == "packed" else B]  # the first copy's tokens
+    assert torch.equal(first, one.plan.chunk(tokens))
 
 
 @given(plan_inputs())

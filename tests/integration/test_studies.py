@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_recipes import needs_digits
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODULES = ("mnist_study", "score", "report", "from_log", "bootstrap", "collect")
 
 
