@@ -71,3 +71,12 @@ def test_classifier_reads_held_out_digits_and_agreement_follows_the_labels(short
     assert label_agreement(clf, images[held], (labels[held] + 1) % 10) < 0.1  # wrong labels: rarely agreed
     with pytest.raises(ValueError, match=r"\(N, 1, 32, 32\)"):
         label_agreement(clf, torch.zeros(2, 4, 16, 16), torch.zeros(2, dtype=torch.long))
+
+
+def test_cpu_threads_below_zero_is_refused_with_its_meaning():
+    from recipes.validate import ConfigError
+
+    cfg = apply_overrides(get_recipe("tiny-cpu"), ["train.cpu_threads=-1"])
+    with pytest.raises(ConfigError, match=r"train\.cpu_threads.*0 = torch's default"):
+        cfg.validate(data=False, outputs=False)
+    assert apply_overrides(get_recipe("tiny-cpu"), ["train.cpu_threads=0"]).validate(data=False, outputs=False)
