@@ -211,6 +211,9 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
     run_name = cfg.train.run_name or default_run_name(cfg)  # before build_model fills in the data's shapes
     d = init_distributed()
     device = d.device
+    if device.type == "cpu" and cfg.train.cpu_threads:  # the caller's thread count returns when the run ends
+        files.callback(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(cfg.train.cpu_threads)
     torch.manual_seed(cfg.train.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

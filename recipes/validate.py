@@ -180,6 +180,7 @@ def validate(cfg, *, data: bool = True, outputs: bool = True) -> None:
     check_range("train.num_sample_images", t.num_sample_images, lo=1, integer=True)
     check_range("train.max_minutes", t.max_minutes, lo=0, hint="0 = no limit")
     check_range("train.max_tflops", t.max_tflops, lo=0, hint="0 = no limit")
+    check_range("train.cpu_threads", t.cpu_threads, lo=0, integer=True, hint="0 = torch's default")
     try:
         from recipes.train import parse_snapshots
 

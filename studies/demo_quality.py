@@ -2,7 +2,7 @@
 
     python studies/demo_quality.py --run results/tiny-cpu-DC-DiT-tiny --guidance 1,1.5,2,3 --num 200
 
-Loads a run folder's newest weights (or a checkpoint ``.pt`` of it; EMA weights) and its config,
+Loads a run folder's newest weights (or one of its ``checkpoints/step-NNNNNNN`` folders; EMA weights) and its config,
 draws ``--num`` samples per guidance scale (a tenth of them per class, the recipe's sampler and
 steps unless given) and prints the fraction the run's digit classifier (:mod:`recipes.label_agreement`)
 assigns to their conditioning label, beside its accuracy on held-out real digits.
@@ -22,6 +22,13 @@ from recipes.sample import load_for_sampling  # noqa: E402
 from recipes.sampling import generate  # noqa: E402
 
 
+def run_folder(path: str | Path) -> Path:
+    """The run folder of ``path``: a run folder itself, or the one above ``<run>/checkpoints/step-NNNNNNN``
+    (folder or legacy ``.pt``), where the run's digit classifier is cached."""
+    path = Path(path)
+    return path.parent.parent if path.parent.name == "checkpoints" else path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True)
@@ -33,9 +40,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     model, diffusion, cfg, _ = load_for_sampling(args.run, ema=True, device="cpu")
-    run = Path(args.run)
-    run_dir = run if run.is_dir() else run.parent.parent  # <run>/checkpoints/step-N.pt
-    clf, ceiling = classifier_for_run(run_dir)
+    clf, ceiling = classifier_for_run(run_folder(args.run))
     steps = args.steps or cfg.diffusion.sample_steps
     for g in map(float, args.guidance.split(",")):
         out = generate(model, diffusion, num=args.num, shape=(model.in_channels, *model.grid), num_classes=10,

@@ -33,18 +33,34 @@ def short_run(digits, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     overrides = [*SHORT, f"train.results_dir={root}", "train.run_name=short"]
     cfg = apply_overrides(get_recipe("tiny-cpu"), overrides)
-    train(cfg)
-    return root / "short"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # the probe records the thread count the run steps with
+        train(cfg, probe=lambda model, step: {"threads": float(torch.get_num_threads())})
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    return root / "short", after
 
 
 def test_short_run_reports_label_agreement_and_its_ceiling(short_run):
+    short_run, _ = short_run
     metrics = json.loads((short_run / "metrics.json").read_text())
     assert 0.0 <= metrics["label_agreement"] <= 1.0
     assert 0.9 < metrics["classifier_heldout_accuracy"] <= 1.0
     assert (short_run / "classifier" / "digit_classifier.safetensors").is_file()
 
 
+def test_tiny_cpu_steps_on_its_cpu_threads_and_gives_the_caller_its_own_back(short_run):
+    short_run, after = short_run
+    logged = [json.loads(line) for line in (short_run / "metrics.jsonl").read_text().splitlines()]
+    threads = [row["threads"] for row in logged if "threads" in row]
+    assert threads and set(threads) == {float(get_recipe("tiny-cpu").train.cpu_threads)}
+    assert after == 2
+
+
 def test_classifier_reads_held_out_digits_and_agreement_follows_the_labels(short_run, digits):
+    short_run, _ = short_run
     images, labels = digits
     clf, stored = classifier_for_run(short_run)  # the run's cached judge, loaded from safetensors
     _, held = _split(labels)
@@ -55,3 +71,12 @@ def test_classifier_reads_held_out_digits_and_agreement_follows_the_labels(short
     assert label_agreement(clf, images[held], (labels[held] + 1) % 10) < 0.1  # wrong labels: rarely agreed
     with pytest.raises(ValueError, match=r"\(N, 1, 32, 32\)"):
         label_agreement(clf, torch.zeros(2, 4, 16, 16), torch.zeros(2, dtype=torch.long))
+
+
+def test_cpu_threads_below_zero_is_refused_with_its_meaning():
+    from recipes.validate import ConfigError
+
+    cfg = apply_overrides(get_recipe("tiny-cpu"), ["train.cpu_threads=-1"])
+    with pytest.raises(ConfigError, match=r"train\.cpu_threads.*0 = torch's default"):
+        cfg.validate(data=False, outputs=False)
+    assert apply_overrides(get_recipe("tiny-cpu"), ["train.cpu_threads=0"]).validate(data=False, outputs=False)
