@@ -135,6 +135,10 @@ def test_switching_a_built_model_equals_building_it_that_way(seed, enabled):
     """set_fp32_router_dechunk on a built model gives the model the flag builds (outputs under bf16 autocast,
     the captured config), and switching back restores it."""
     strict, low = pair()
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(strict.router.scorer[-1].weight, std=1.0)  # p spread around 0.5, away from its start
+    torch.nn.init.zeros_(strict.router.scorer[-1].bias)  # value, so the router's precision shows in the output
+    low.load_state_dict(strict.state_dict())
     built, other = (strict, low) if enabled else (low, strict)
     assert cf.kernels.set_fp32_router_dechunk(other, enabled) == 2  # the router and the decoder
     assert other.config["fp32_router_dechunk"] is enabled
