@@ -142,9 +142,9 @@ def load_torch_file(path: str | Path, what: str = "checkpoint"):
         raise UnsafeCheckpointError(
             f"{path}: refused to load this pickled {what}: it asks to import or run code ({reason}). chunkformer "
             "reads .pt/.pth files with torch.load(weights_only=True) only (tensors, numbers, strings, lists, "
-            "dicts), because unpickling anything else can execute code. If you trust its source, convert it once in "
-            "a separate process: torch.load(path, weights_only=False), keep the state dict of tensors, and write it "
-            "with safetensors.torch.save_file (or cf.save_pretrained).") from None
+            "dicts), because unpickling anything else can execute code. Ask its source for the weights as a "
+            "safetensors file (safetensors.torch.save_file or cf.save_pretrained), or for a .pt that holds only "
+            "a dict of tensors.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         if isinstance(err, FileNotFoundError):
             raise

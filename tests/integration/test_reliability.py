@@ -60,7 +60,7 @@ def tiny_dit():
 
 # ---------------------------------------------------------------------------- malicious pickles
 class Payload:
-    """Unpickled with weights_only=False, this creates ``marker``: proof that loading ran code."""
+    """Unpickled by an unrestricted loader, this creates ``marker``: proof that loading ran code."""
 
     def __init__(self, marker: Path):
         self.marker = str(marker)
