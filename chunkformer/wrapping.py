@@ -26,7 +26,7 @@ from .dechunk import Smoothing
 from .grid import grid_coords
 from .models.dcdit import ChunkPipeline
 from .plan import ChunkPlan
-from .routing import RouterKind
+from .routing import GateGrad, RouterInit, RouterKind
 
 __all__ = ["ChunkWrapper", "wrap", "unwrap", "summary"]
 
@@ -60,6 +60,8 @@ class ChunkWrapper(ChunkPipeline):
         out_channels: int | None = None,
         fill_capacity: bool = False,
         fp32_router_dechunk: bool = True,
+        router_init: RouterInit = "oriented",
+        gate_grad: GateGrad = "keep",
         device=None,
         dtype=None,
     ) -> None:
@@ -77,7 +79,8 @@ class ChunkWrapper(ChunkPipeline):
             grid=grid, target_ratio=target_ratio, router=router, encoder_depth=encoder_depth,
             decoder_depth=decoder_depth, scaffold_width=scaffold_width, sigma=sigma, smoothing=smoothing,
             plan_mode=plan_mode, capacity=capacity, fill_capacity=fill_capacity,
-            fp32_router_dechunk=fp32_router_dechunk, device=device, dtype=dtype,
+            fp32_router_dechunk=fp32_router_dechunk, router_init=router_init, gate_grad=gate_grad,
+            device=device, dtype=dtype,
         )
 
     @property
@@ -153,7 +156,8 @@ def wrap(
             attention is known, else padded with real tokens), ``capacity``, ``fill_capacity``
             (fixed mode: exactly ``capacity`` tokens per sample, attention unmasked),
             ``fp32_router_dechunk`` (default on; ``False``: router and de-chunk in the caller's
-            precision, as the release's flag of that name), ``cond_adaptor``
+            precision, as the release's flag of that name), ``router_init`` / ``gate_grad`` (the
+            router's ``init`` / ``gate_grad``: ``"release"`` / ``"selected"`` as the paper), ``cond_adaptor``
             (LayerNorm on the scaffold's conditioning, default on), ``coord_scale`` (default
             ``1 / patch_size``: positions in the backbone's patch units), ``grid``,
             ``out_channels``, ``device``, ``dtype``.

@@ -105,7 +105,7 @@ def build_model(cfg: Recipe, source_shape: tuple[int, ...] | None, num_classes: 
 
 
 WRAP_OPTIONS = ("target_ratio", "router", "encoder_depth", "decoder_depth", "scaffold_width", "sigma", "smoothing",
-                "plan_mode", "capacity", "cond_adaptor", "coord_scale")
+                "plan_mode", "capacity", "cond_adaptor", "coord_scale", "router_init", "gate_grad")
 
 
 def _pretrained(cfg: Recipe):

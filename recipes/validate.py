@@ -113,6 +113,11 @@ def validate(cfg, *, data: bool = True, outputs: bool = True) -> None:
         for key in ("depth", "hidden_size", "num_heads", "num_classes", "in_channels", "capacity"):
             if m.overrides.get(key) is not None:
                 check_range(f"model.overrides.{key}", m.overrides[key], lo=1, integer=True)
+    from chunkformer.routing import GATE_GRADS, ROUTER_INITS, ROUTER_KINDS
+
+    for key, choices in (("router", ROUTER_KINDS), ("router_init", ROUTER_INITS), ("gate_grad", GATE_GRADS)):
+        if m.overrides.get(key) is not None:
+            check_choice(f"model.overrides.{key}", m.overrides[key], choices)
 
     # data
     check_choice("data.dataset", d.dataset, ("mnist", "folder", "latents"))

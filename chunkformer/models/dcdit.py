@@ -29,7 +29,7 @@ from ..caching import cached_backbone, skipped_last
 from ..dechunk import Chunked, Smoothing
 from ..plan import ChunkPlan, PlanMode
 from ..precision import RMSNorm
-from ..routing import Router, RouterKind
+from ..routing import GateGrad, Router, RouterInit, RouterKind
 from ..scaffold import ChunkEncoder, DeChunkDecoder
 from .checkpoint import capture_config
 from .dit import (
@@ -87,6 +87,8 @@ class ChunkPipeline(nn.Module):
         capacity: int | None,
         fill_capacity: bool,
         fp32_router_dechunk: bool,
+        router_init: RouterInit = "oriented",
+        gate_grad: GateGrad = "keep",
         build_backbone=None,
         device=None,
         dtype=None,
@@ -103,7 +105,7 @@ class ChunkPipeline(nn.Module):
         self.encoder = ChunkEncoder(in_channels, hidden_size, ndim=self.ndim, depth=encoder_depth,
                                     width=scaffold_width, **fk)
         self.router = Router(hidden_size, ndim=self.ndim, kind=router, keep_fraction=1 / target_ratio,
-                             fp32=fp32_router_dechunk, **fk)
+                             fp32=fp32_router_dechunk, init=router_init, gate_grad=gate_grad, **fk)
         if build_backbone is not None:
             build_backbone()
         self.norm = RMSNorm(hidden_size, eps=1e-5, **fk)  # the main network's output norm (H-Net)
@@ -298,6 +300,9 @@ class DCDiT(ChunkPipeline, LabelledModel):
             policy, as the release's flag of that name). ``False`` runs both in the caller's precision (bf16
             GEMMs and merge under autocast; ``p`` itself still fp32): a faster scaffold, with ``p`` and the
             de-chunked tokens at bf16 rounding (docs/performance.md measures both).
+        router_init, gate_grad: the predictability router's ``init`` and ``gate_grad``
+            (:class:`~chunkformer.routing.Router`; ``"release"`` / ``"selected"`` train as the paper
+            and the authors' release do; docs/routing.md, "Orientation").
     """
 
     def __init__(
@@ -324,6 +329,8 @@ class DCDiT(ChunkPipeline, LabelledModel):
         *,
         fill_capacity: bool = False,
         fp32_router_dechunk: bool = True,
+        router_init: RouterInit = "oriented",
+        gate_grad: GateGrad = "keep",
         device=None,
         dtype=None,
     ) -> None:
@@ -344,7 +351,8 @@ class DCDiT(ChunkPipeline, LabelledModel):
             grid=grid, target_ratio=target_ratio, router=router, encoder_depth=encoder_depth,
             decoder_depth=decoder_depth, scaffold_width=scaffold_width, sigma=sigma, smoothing=smoothing,
             plan_mode=plan_mode, capacity=capacity, fill_capacity=fill_capacity,
-            fp32_router_dechunk=fp32_router_dechunk, build_backbone=build_blocks, **fk,
+            fp32_router_dechunk=fp32_router_dechunk, router_init=router_init, gate_grad=gate_grad,
+            build_backbone=build_blocks, **fk,
         )
         register_position_table(self, self.grid, device)
         init_backbone_weights(self)

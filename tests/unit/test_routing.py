@@ -193,3 +193,21 @@ def test_oriented_router_builds_on_the_meta_device_with_any_group_layout():
     for dim in (4, 8, 24, 64, 96):
         Router(dim, device="meta")
         Router(dim, norm_groups=3)
+
+
+@pytest.mark.parametrize("init,gate_grad", [("oriented", "keep"), ("release", "selected"), ("oriented", "selected")])
+def test_models_pass_the_router_settings_through_and_keep_them_in_their_config(init, gate_grad, tmp_path):
+    import chunkformer as cf
+    torch.manual_seed(0)
+    model = cf.create_model("DC-DiT-S", input_size=8, in_channels=1, depth=1, num_classes=3, router_init=init,
+                            gate_grad=gate_grad)
+    wrapped = cf.wrap(cf.create_model("DiT-S/2", input_size=8, in_channels=1, depth=1, num_classes=3),
+                      router_init=init, gate_grad=gate_grad)
+    for m in (model, wrapped):
+        assert (m.router.init, m.router.gate_grad) == (init, gate_grad)
+    # the oriented predictor starts as the neighbours' mean: zero at its centre tap; PyTorch's init is not
+    centre = model.router.predictor.weight[:, :, 1, 1]
+    assert (centre.abs().max() == 0) == (init == "oriented")
+    cf.save_pretrained(model, tmp_path / "ckpt")
+    again = cf.create_model(str(tmp_path / "ckpt"))
+    assert (again.router.init, again.router.gate_grad) == (init, gate_grad)
