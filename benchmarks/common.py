@@ -6,6 +6,7 @@ overwritten when the benchmark is run again; it records the card, the torch vers
 command line and the script's rows.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -102,6 +104,53 @@ def replay_ms(graph: "torch.cuda.CUDAGraph", reps: int, replays: int = 5) -> flo
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / (replays * reps)
+
+
+# ----------------------------------------------------------------------------------- other projects' code
+def checkout_on_path(root: Path, itself: bool = True) -> None:
+    """Put a local checkout of another project at the front of ``sys.path``: ``root/_vendor`` (where a
+    ``pip install --target root/_vendor`` of its dependencies may sit) and, if ``itself``, ``root``."""
+    for extra in (root / "_vendor", *([root] if itself else [])):
+        if extra.is_dir() and str(extra) not in sys.path:
+            sys.path.insert(0, str(extra))
+
+
+def load_original_dit(root: Path) -> ModuleType:
+    """The original DiT code's ``models.py`` (facebookresearch/DiT) from the local checkout ``root``, run as
+    it is: nothing is downloaded or copied. Imported under the name ``original_dit_models``, so another
+    checkout's ``models`` module is not shadowed; its dependencies (torch, timm, numpy) must be importable,
+    from the environment or from ``root/_vendor``. The module must expose ``DiT`` and ``DiT_models``."""
+    root = Path(root).expanduser().resolve()
+    if not (root / "models.py").is_file():
+        raise FileNotFoundError(f"{root} does not look like a checkout of the original DiT code (facebookresearch/DiT): "
+                                "it has no models.py; pass --original PATH or set CHUNKFORMER_ORIGINAL_DIT")
+    checkout_on_path(root, itself=False)
+    spec = importlib.util.spec_from_file_location("original_dit_models", root / "models.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except ModuleNotFoundError as e:
+        del sys.modules[spec.name]
+        raise ModuleNotFoundError(f"the original DiT code at {root} imports {e.name!r}, which is not installed: "
+                                  f"pip install {e.name} (or pip install --target {root / '_vendor'} {e.name})",
+                                  name=e.name) from e
+    missing = [name for name in ("DiT", "DiT_models") if not hasattr(module, name)]
+    if missing:
+        del sys.modules[spec.name]
+        raise AttributeError(f"{root / 'models.py'} has no {' or '.join(missing)}: is it the original DiT code?")
+    return module
+
+
+def checkout_commit(root: Path) -> str | None:
+    """The commit of the git checkout whose top folder is ``root``, or None where it is not one."""
+    if not (Path(root) / ".git").exists():
+        return None
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------ compile options

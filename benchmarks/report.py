@@ -54,7 +54,8 @@ def card_label(data: dict) -> str:
 
 def speed_table(res: dict) -> str:
     """The table of what a user gets: DC-DiT-XL's speed-up over DiT-XL/2 per operating point, size and card
-    (host clock, with the FLOP-predicted speed-up), against the authors' release, and for training."""
+    (host clock, with the FLOP-predicted speed-up), against the authors' release and the original DiT-XL/2
+    code (where a step_speed run timed it; "not measured" elsewhere), and for training."""
     cols = [(size, card) for size in SIZES for card in CARDS if f"step_speed_{size}_serving_{card}" in res]
     steps = {c: res[f"step_speed_{c[0]}_serving_{c[1]}"] for c in cols}
     head = [f"{size}px, {card_label(steps[(size, card)])}, batch {steps[(size, card)]['batch']}" for size, card in cols]
@@ -74,7 +75,12 @@ def speed_table(res: dict) -> str:
         r = res.get(f"vs_release_{size}_{card}")
         release.append("-" if r is None else _range([x["ours_over_release"] for x in r["rows"]]))
     lines.append("| the authors' release, rho 0 / 0.2 / 0.4 / Lite-CFG | " + " | ".join(release) + " |")
-    lines.append("| the original DiT-XL/2 code | " + " | ".join("not measured" for _ in cols) + " |")
+    original = []
+    for size, card in cols:  # the step_speed rows of a run with --original
+        rows = _rows(steps[(size, card)])
+        found = [rows[row]["speedup_over_original"] for row in labels if "speedup_over_original" in rows.get(row, {})]
+        original.append(_range(found) if found else "not measured")
+    lines.append("| the original DiT-XL/2 code, rho 0 / 0.2 / 0.4 / Lite-CFG | " + " | ".join(original) + " |")
     sample = []
     for size, card in cols:
         r = res.get(f"sample_speed_{size}_{card}")

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import bucket, card_name, save_result, step_ms
+from common import bucket, card_name, checkout_on_path, save_result, step_ms
 
 import chunkformer as cf
 
@@ -116,9 +116,7 @@ def import_release(root: Path):
     mods["flash_attn.bert_padding"].unpad_input = _unpad
     mods["flash_attn.bert_padding"].pad_input = _pad
     mods["flash_attn.ops.triton.layer_norm"].RMSNorm = _RMSNorm
-    for extra in (root / "_vendor", root):  # a --target install of timm may sit in _vendor
-        if extra.is_dir() and str(extra) not in sys.path:
-            sys.path.insert(0, str(extra))
+    checkout_on_path(root)  # a --target install of timm may sit in _vendor
     import config as release_config
     import models as release_models
 

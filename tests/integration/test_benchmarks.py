@@ -93,6 +93,58 @@ def test_step_speed_rows_keep_fewer_tokens_at_tighter_budgets(benchmarks):
     assert result["benchmark"] == "step_speed" and result["config"] == "256_serving" and result["card"] == "cpu"
 
 
+ORIGINAL_STAND_IN = ROOT / "tests" / "data" / "original_dit"  # DiT, DiT_models, as the original's models.py
+
+
+def test_step_speed_times_the_original_dit_from_a_local_checkout(benchmarks):
+    result = _load("step_speed").main(["--tiny", "--rounds", "2", "--original", str(ORIGINAL_STAND_IN)])
+    rows = {r["row"]: r for r in result["rows"]}
+    assert list(rows)[:4] == ["DiT-XL/2", "DiT-XL/2 CFG", "original DiT-XL/2", "original DiT-XL/2 CFG"]
+    assert len(rows) == 9 and result["original"] == str(ORIGINAL_STAND_IN)
+    original, original_cfg = rows["original DiT-XL/2"], rows["original DiT-XL/2 CFG"]
+    # the same network at the same widths: the same FLOPs; its CFG step runs the doubled batch once
+    assert original["flops"] == pytest.approx(rows["DiT-XL/2"]["flops"], rel=1e-6)
+    assert original_cfg["flops"] == pytest.approx(2 * original["flops"], rel=1e-6)
+    assert original["base"] == "DiT-XL/2" and original_cfg["base"] == "DiT-XL/2 CFG"
+    assert "speedup_over_original" not in original and "speedup_over_original" not in original_cfg
+    for name, r in rows.items():
+        if name.startswith("original"):
+            continue
+        ref = original_cfg if "CFG" in name else original
+        assert r["original_base"] == ref["row"] and r["original_ms"] == ref["ms"]
+        assert r["speedup_over_original"] == pytest.approx(ref["ms"] / r["ms"])
+        assert r["flop_speedup_over_original"] == pytest.approx(ref["flops"] / r["flops"])
+    assert all(len(r["ms_rounds"]) == 2 for r in rows.values())  # timed in the same interleaved rounds
+
+
+def test_step_speed_without_the_original_records_no_speedup_over_it():
+    step_speed = _load("step_speed")
+    rows = [{"row": "DiT-XL/2", "ms": 30.0, "flops": 240e9, "base": "DiT-XL/2"},
+            {"row": "DC-DiT-XL rho=0.4", "ms": 20.0, "flops": 160e9, "base": "DiT-XL/2"}]
+    step_speed.add_original_speedups(rows)
+    assert all("speedup_over_original" not in r for r in rows)
+    rows.insert(1, {"row": "original DiT-XL/2", "ms": 36.0, "gpu_ms": 35.0, "flops": 240e9,
+                    "base": "DiT-XL/2"})
+    rows[2]["gpu_ms"] = 17.5
+    step_speed.add_original_speedups(rows)
+    assert rows[2]["speedup_over_original"] == pytest.approx(1.8)
+    assert rows[2]["gpu_speedup_over_original"] == 2.0
+    assert rows[0]["speedup_over_original"] == pytest.approx(1.2)
+    assert "gpu_speedup_over_original" not in rows[0]
+
+
+def test_a_checkout_without_the_original_code_is_refused_with_what_to_do(tmp_path, benchmarks):
+    common = _load("common")
+    with pytest.raises(FileNotFoundError, match="--original PATH or set CHUNKFORMER_ORIGINAL_DIT"):
+        common.load_original_dit(tmp_path)
+    (tmp_path / "models.py").write_text("import no_such_package_here\n")
+    with pytest.raises(ModuleNotFoundError, match="pip install --target .*_vendor no_such_package_here"):
+        common.load_original_dit(tmp_path)
+    (tmp_path / "models.py").write_text("DiT = object\n")
+    with pytest.raises(AttributeError, match="no DiT_models"):
+        common.load_original_dit(tmp_path)
+
+
 def test_step_speed_names_each_configuration_apart():
     step_speed = _load("step_speed")
     names = {step_speed.config_name(size, config, options, fast)
@@ -274,6 +326,34 @@ def test_report_table_reads_each_cell_from_its_file(tmp_path):
     changed = json.loads(json.dumps(res))
     next(r for r in changed["step_speed_256_serving_h100"]["rows"] if r["row"] == "DC-DiT-XL rho=0.4")["measured_speedup"] /= 2
     assert report.speed_table(changed) != table
+
+
+def test_report_fills_the_original_dit_row_from_runs_that_timed_it():
+    report = _load("report")
+    bare = json.loads(json.dumps(report.load()))
+    for data in bare.values():  # the result files as runs without --original write them
+        for row in data.get("rows", []) if isinstance(data.get("rows"), list) else []:
+            row.pop("speedup_over_original", None)
+
+    def cells(table):
+        line = next(x for x in table.splitlines() if x.startswith("| the original DiT-XL/2 code"))
+        return line.strip("| ").split(" | ")[1:]
+
+    assert set(cells(report.speed_table(bare))) == {"not measured"}
+    changed = json.loads(json.dumps(bare))
+    speedups = {"DC-DiT-XL rho=0": 1.07, "DC-DiT-XL rho=0.2": 1.25, "DC-DiT-XL rho=0.4": 1.5,
+                "DC-DiT-XL Lite-CFG (0 / 0.9)": 1.66,
+                "DC-DiT-XL scaffold only": 9.0}  # not an operating point: not in the cell
+    for row in changed["step_speed_512_serving_h100"]["rows"]:
+        if row["row"] in speedups:
+            row["speedup_over_original"] = speedups[row["row"]]
+    table = report.speed_table(changed)
+    head = next(x for x in table.splitlines() if x.startswith("| DC-DiT-XL against"))
+    column = [c for c in head.strip("| ").split(" | ")[1:]].index("512px, H100, batch 16")
+    filled = cells(table)
+    assert filled[column] == "1.07-1.66x"
+    assert [c for i, c in enumerate(filled) if i != column] == ["not measured"] * (len(filled) - 1)
+    assert table.replace("1.07-1.66x", "not measured") == report.speed_table(bare)  # nothing else moves
 
 
 def test_report_check_passes_from_the_command_line():
