@@ -99,7 +99,8 @@ def speed_table(res: dict) -> str:
 
 def sources(res: dict) -> str:
     """The result files behind the table, each with its card, torch version and commit."""
-    names = [n for n in res if n.startswith(("step_speed_", "vs_release_", "sample_speed_", "train_speed_"))]
+    names = [n for n in res if n.startswith(("step_speed_", "vs_release_", "sample_speed_", "train_speed_"))
+             and n != "train_speed_account_cpu"]
     return "\n".join(f"- `{n}.json`: {res[n]['card']}, torch {res[n]['torch']}, commit {(res[n].get('commit') or '?')[:8]}"
                      for n in names)
 
@@ -160,6 +161,37 @@ def host_syncs(res: dict) -> str:
     return "\n".join(lines)
 
 
+def train_account(res: dict) -> str:
+    """Where one training step's FLOPs, held memory and ops go, per component, from ``train_speed.py --account``."""
+    r = res.get("train_speed_account_cpu")
+    if r is None:
+        return ""
+    cols = [(size, c) for size in ("256px", "digits") for c in r["account"][size]]
+    short = {"DC-DiT-XL + checkpoint_scaffold": "+ checkpoint", "DC-DiT-S + checkpoint_scaffold": "+ checkpoint"}
+    lines = ["| component | " + " | ".join(short.get(c["model"], c["model"]) for _, c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+
+    def cell(x: dict) -> str:
+        return f"{x['train_gflops_per_image']:.1f} · {x['held_gib']:.2f} · {x['ops_fwd'] + x['ops_bwd']}"
+
+    for comp in cols[0][1]["components"]:
+        cells = [c["components"][comp] for _, c in cols]
+        if any(x["ops_fwd"] + x["ops_bwd"] for x in cells):
+            lines.append(f"| {comp} | " + " | ".join(cell(x) for x in cells) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{cell(c)}**" for _, c in cols) + " |")
+    counts = r["compiled"]
+    breaks = sorted({x["graph_breaks"] for x in counts.values()})
+    recompiles = sorted({x["recompiles"] for x in counts.values()})
+    syncs = ", ".join(f"{k} {x['host_syncs']} ({x['host_syncs_unchecked']} without value checks)"
+                      for k, x in counts.items())
+    state = " / ".join(f"{c['state_gib']:.2f}" for _, c in cols)
+    lines.append(f"\nWeights, gradients and AdamW's moments add {state} GiB. The recomputed components' ops count "
+                 f"twice, their memory goes. Compiled on toy sizes of the same models, the training step has {'/'.join(map(str, breaks))} graph "
+                 f"breaks and {'/'.join(map(str, recompiles))} recompiles over four multi-budget `rho` draws. Host "
+                 f"syncs per forward and backward: {syncs}.")
+    return "\n".join(lines)
+
+
 def composition(res: dict) -> str:
     """Whole sampling runs with merging and caching stacked on chunking, against DiT-XL/2 (eager; with
     ``merging.apply(..., compile=True)`` in the last column where that run exists)."""
@@ -204,7 +236,7 @@ def readme_status(res: dict) -> str:
     ])
 
 
-REGIONS = {"speed-table": speed_table, "readme-status": readme_status, "composition": composition, "host-syncs": host_syncs, "sources": sources, "tie": tie, "steady": steady, "training": training}
+REGIONS = {"speed-table": speed_table, "readme-status": readme_status, "composition": composition, "host-syncs": host_syncs, "train-account": train_account, "sources": sources, "tie": tie, "steady": steady, "training": training}
 
 
 def fill(text: str, res: dict) -> str:

@@ -3,6 +3,9 @@
     python benchmarks/train_speed.py --compile    # GPU, about 3 min: writes results/train_speed_256_compiled_<card>.json
     python benchmarks/train_speed.py              # eager (the recipes' packed plans): train_speed_256_eager_<card>.json
     python benchmarks/train_speed.py --tiny       # CPU smoke run (nothing written)
+    python benchmarks/train_speed.py --account    # CPU, about 1 min: where a training step's FLOPs, memory and ops go
+                                                  # writes results/train_speed_account_cpu.json
+
 
 Training throughput (forward + backward + AdamW) and peak memory.
 
@@ -13,17 +16,35 @@ quarter of the grid, the budget rule a trained DC-DiT with N = 4 follows, so bot
 256 tokens in the backbone. Columns: images/s, the measured and the FLOP-predicted speed-up
 over the DiT of the same width (training FLOPs taken as 3x the forward's), and peak memory; one
 printed row per model. ``--compile`` compiles both models, DC-DiT in fixed-capacity mode.
+
+``--account`` times nothing and needs no GPU: it takes one training step (bf16 autocast, forward, loss,
+backward) of DiT-XL/2 and DC-DiT-XL at 256px, batch 64, and of the digit study's DiT-S/2 and DC-DiT-S
+(32x32x1, batch 256), DC-DiT with fixed-capacity plans of a quarter of the grid, apart per component
+(conditioning, embed, encoder, router, plan/pack, backbone, de-chunk, decoder, loss): training FLOPs per
+image, the memory the forward leaves held for backward (on fake tensors, so no memory is used), and the aten
+ops dispatched forward / backward (each at least one kernel launch on a GPU, eager). A third column per size
+turns on ``checkpoint_scaffold``. Then, on toy sizes of the same models (the counts do not depend on size):
+graph breaks and recompiles of ``torch.compile`` over four steps of multi-budget ``rho`` (a ``(B,)`` tensor,
+as the recipe passes it), and host syncs of a forward and backward with and without value checks.
 """
 
 import argparse
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import card_name, save_result
 
 import chunkformer as cf
+from chunkformer._typing import value_checks
+from chunkformer.hostsync import count_host_syncs
 
 
 def throughput(model, x, t, y, steps: int, **kw) -> tuple[float, float]:
@@ -58,6 +79,243 @@ def time_steps(step, steps: int, cuda: bool, warmup: int = 3) -> tuple[float, fl
     return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
 
 
+# ------------------------------------------------------------------------------------ the CPU account
+COMPONENTS = ("conditioning", "embed", "encoder", "router", "plan/pack", "backbone", "de-chunk", "decoder", "loss",
+              "other")
+FLOP_COMPONENTS = {"embed": "embed", "conditioning": "conditioning", "encoder": "encoder", "router": "router",
+                   "chunk": "plan/pack", "backbone attention": "backbone", "backbone MLP": "backbone",
+                   "backbone modulation": "backbone", "merging": "backbone", "de-chunk": "de-chunk",
+                   "decoder": "decoder", "final layer": "decoder", "other": "other"}
+AFTER = {"router": "plan/pack", "de-chunk": "loss"}  # what the model's own code does after a component
+
+
+def component_modules(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
+    """Which submodule of a DiT or DC-DiT belongs to which component of the account."""
+    if getattr(model, "supports_chunking", False):
+        named = {"conditioning": [model.t_embedder, model.y_embedder], "embed": [model.encoder.embed],
+                 "encoder": [*model.encoder.blocks, model.encoder.norm], "router": [model.router],
+                 "backbone": [*model.blocks, model.norm], "de-chunk": [model.decoder],
+                 "decoder": [*model.decoder.blocks, model.decoder.norm, model.decoder.final]}
+    else:
+        named = {"conditioning": [model.t_embedder, model.y_embedder], "embed": [model.x_embedder],
+                 "backbone": [*model.blocks], "decoder": [model.final_layer]}
+    return {m: name for name, ms in named.items() for m in ms}
+
+
+class Account(TorchFunctionMode):
+    """Per component of one training step: aten ops dispatched forward and backward, and the memory held for backward.
+
+    Module hooks say which component runs; ops outside every component's module belong to the one that ran
+    last (:data:`AFTER` maps the router to plan/pack and the de-chunk to the loss). A backward op belongs to
+    the component whose forward made the autograd node running it (recomputation included). :meth:`held`: the
+    bytes of every storage made in the forward that is still alive, by the component that made it; the
+    parameters are left out, autocast's low-precision weight copies are not (they are held too).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.stack, self.base = model, [], "embed"
+        self.fwd_ops, self.bwd_ops = Counter(), Counter()
+        self.nodes: dict = {}  # autograd node -> component
+        self.made: dict = {}  # storage -> (component, bytes)
+        self.params = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
+        self.dispatch = _Dispatch(self)
+
+    @property
+    def label(self) -> str:
+        return self.stack[-1] if self.stack else self.base
+
+    def __enter__(self):
+        def pre(module, args):
+            self.stack.append(names[module])
+
+        def post(module, args, out):
+            name = self.stack.pop()
+            if not self.stack and name != "conditioning":
+                self.base = AFTER.get(name, name)
+
+        names = component_modules(self.model)
+        self.handles = [h for m in names for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+        self.dispatch.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.dispatch.__exit__(*exc)
+        for h in self.handles:
+            h.remove()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        todo = [t.grad_fn for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        while todo:  # label the autograd nodes this call made (the walk stops at nodes labelled before)
+            node = todo.pop()
+            if node is not None and node not in self.nodes:
+                self.nodes[node] = self.label
+                todo.extend(n for n, _ in node.next_functions)
+        return out
+
+    def loss(self) -> None:
+        """Ops from here on belong to the loss."""
+        self.base = "loss"
+
+    def held(self) -> Counter:
+        """Bytes per component of the forward's storages still alive."""
+        out = Counter()
+        for ref, (label, nbytes) in self.made.items():
+            if not ref.expired():
+                out[label] += nbytes
+        return out
+
+
+class _Dispatch(TorchDispatchMode):
+    def __init__(self, account: Account) -> None:
+        super().__init__()
+        self.account = account
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        acc, node = self.account, torch._C._current_autograd_node()
+        if node is not None:
+            acc.bwd_ops[acc.nodes.get(node, "other")] += 1
+            return func(*args, **(kwargs or {}))
+        acc.fwd_ops[acc.label] += 1
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                ref = StorageWeakRef(t.untyped_storage())
+                if ref not in acc.made and ref not in acc.params:
+                    acc.made[ref] = (acc.label, t.untyped_storage().nbytes())
+        return out
+
+
+def _build(name: str, size: dict, kw: dict, checkpoint: bool, **sizes) -> torch.nn.Module:
+    torch.manual_seed(0)
+    fixed = {"plan_mode": "fixed", "capacity": size["latent"] ** 2 // 4} if name.startswith("DC") else {}
+    model = cf.create_model(name, input_size=size["latent"], in_channels=size["channels"],
+                            num_classes=size["classes"], **fixed, **sizes, **kw).train()
+    if model.supports_chunking:
+        torch.nn.init.constant_(model.router.scorer[-1].bias, 30.0)  # keep all: the capacity is the budget
+        model.checkpoint_scaffold = checkpoint
+    return model
+
+
+def _inputs(size: dict, batch: int):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, size["channels"], size["latent"], size["latent"], generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    return x, t, torch.randint(0, size["classes"], (batch,), generator=g)
+
+
+def _step(model, x, t, y, rho: float, acc: Account | None = None) -> torch.Tensor:
+    """One training step's forward, loss and backward, as the recipe runs it compiled (``rho`` a (B,) tensor)."""
+    kw = {"rho": torch.full((x.shape[0],), rho)} if model.supports_chunking else {}
+    out, info = model(x, t, y, return_info=True, **kw)
+    if acc is not None:
+        acc.loss()
+    loss = out.float().square().mean() + 0.03 * info.ratio_loss
+    held = acc.held() if acc is not None else None
+    loss.backward()
+    return held
+
+
+def account(name: str, size: dict, batch: int, checkpoint: bool = False, **sizes) -> dict:
+    """One column of the account: FLOPs, held memory and ops per component (see the module docstring)."""
+    real = _build(name, size, {}, False, **{**sizes, "depth": 1})  # FLOPs per image; the backbone's scale with depth
+    with torch.no_grad():
+        flops = cf.count_flops(real, *_inputs(size, 1)).by_component
+    del real
+    with FakeTensorMode():  # shapes and dtypes only: paper sizes cost no memory
+        model = _build(name, size, {}, checkpoint, **sizes)
+        blocks = len(model.blocks)
+        acc = Account(model)
+        with value_checks(False), torch.autocast("cpu", dtype=torch.bfloat16), acc:
+            held = _step(model, *_inputs(size, batch), rho=0.0, acc=acc)
+        state = 16 * sum(p.numel() for p in model.parameters())  # fp32 weights, grads and AdamW's two moments
+    rows = {}
+    for c in COMPONENTS:
+        f = sum(v for k, v in flops.items() if FLOP_COMPONENTS.get(k, "other") == c)
+        rows[c] = {"train_gflops_per_image": 3 * f * (blocks if c == "backbone" else 1) / 1e9,
+                   "held_gib": held[c] / 2**30, "ops_fwd": acc.fwd_ops[c], "ops_bwd": acc.bwd_ops[c]}
+    return {"model": name + (" + checkpoint_scaffold" if checkpoint else ""), "batch": batch, "components": rows,
+            "state_gib": state / 2**30, "held_gib": sum(r["held_gib"] for r in rows.values()),
+            "train_gflops_per_image": sum(r["train_gflops_per_image"] for r in rows.values()),
+            "ops_fwd": sum(acc.fwd_ops.values()), "ops_bwd": sum(acc.bwd_ops.values())}
+
+
+def compile_counts(name: str, checkpoint: bool = False, steps: int = 4) -> dict:
+    """Graph breaks and graphs compiled by ``torch.compile`` over ``steps`` training steps of a toy-size model,
+    ``rho`` drawn as the recipe's multi-budget training does; host syncs of a forward and backward."""
+    import torch._dynamo as dynamo
+
+    size = {"latent": 16, "channels": 4, "classes": 10}
+    model = _build(name, size, {}, checkpoint, depth=2, hidden_size=64, num_heads=2)
+    x, t, y = _inputs(size, 2)
+    graphs = []
+
+    def backend(gm, example_inputs):  # runs the captured graph as it is: only the count matters
+        graphs.append(gm)
+        return gm.forward
+
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    compiled = torch.compile(model, backend=backend)
+    first = None
+    budget = cf.budget.TimestepAdaptiveBudget()
+    for step in range(steps):
+        _step(compiled, x, t, y, rho=budget.fractions[step % len(budget.fractions)])
+        first = len(graphs) if first is None else first
+    breaks = sum(dynamo.utils.counters["graph_break"].values())
+    dynamo.reset()
+    syncs = {}
+    for checks in (True, False):
+        with value_checks(checks), count_host_syncs() as found:
+            _step(model, x, t, y, rho=0.2)
+        syncs["host_syncs" if checks else "host_syncs_unchecked"] = found.total
+    return {"graph_breaks": breaks, "graphs_first_step": first, "recompiles": len(graphs) - first, **syncs}
+
+
+ACCOUNT_SIZES = {"256px": ({"latent": 32, "channels": 4, "classes": 1000}, 64, "XL", "XL/2"),
+                 "digits": ({"latent": 32, "channels": 1, "classes": 10}, 256, "S", "S/2")}
+
+
+def run_account(args) -> dict:
+    """``--account``: the per-component tables and the compile / host-sync counts."""
+    tiny = dict(depth=2, hidden_size=64, num_heads=2) if args.tiny else {}
+    results = {}
+    for label, (size, batch, dc, dit) in ACCOUNT_SIZES.items():
+        batch = 2 if args.tiny else batch
+        cols = [account(f"DiT-{dit}", size, batch, **tiny), account(f"DC-DiT-{dc}", size, batch, **tiny),
+                account(f"DC-DiT-{dc}", size, batch, checkpoint=True, **tiny)]
+        results[label] = cols
+        print(f"\n{label}, batch {batch}, bf16 autocast, one training step (fake tensors: nothing is allocated)")
+        print("| component | " + " | ".join(c["model"] for c in cols) + " |")
+        print("|---|" + "---|" * len(cols))
+        for comp in COMPONENTS:
+            cells = [(c["components"][comp]) for c in cols]
+            if not any(r["ops_fwd"] + r["ops_bwd"] for r in cells):
+                continue
+            print(f"| {comp} | " + " | ".join(_cell(r) for r in cells) + " |")
+        print("| **total** | " + " | ".join(_cell(c) for c in cols) + " |")
+        print("| weights, grads, AdamW | " + " | ".join(f"{c['state_gib']:.2f} GiB" for c in cols) + " |")
+    counts = {}
+    for name, checkpoint in (("DiT-S/2", False), ("DC-DiT-S", False), ("DC-DiT-S", True)):
+        key = name + (" + checkpoint_scaffold" if checkpoint else "")
+        counts[key] = compile_counts(name, checkpoint)
+    print("\n| toy size, compiled training | graph breaks | graphs, first step | recompiles, 3 more steps "
+          "| host syncs fwd+bwd | without value checks |\n|---|---|---|---|---|---|")
+    for key, r in counts.items():
+        print(f"| {key} | {r['graph_breaks']} | {r['graphs_first_step']} | {r['recompiles']} | {r['host_syncs']} "
+              f"| {r['host_syncs_unchecked']} |")
+    return save_result("train_speed", "account", "cpu", out=args.out, write=not args.tiny, account=results,
+                       compiled=counts)
+
+
+def _cell(r: dict) -> str:
+    """``GFLOPs/img · GiB held · ops fwd+bwd`` of one component."""
+    return f"{r['train_gflops_per_image']:.1f} · {r['held_gib']:.2f} · {r['ops_fwd']}+{r['ops_bwd']}"
+
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
@@ -65,8 +323,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile both models; DC-DiT in fixed-capacity mode (capacity L/4, static shapes)")
+    ap.add_argument("--account", action="store_true",
+                    help="CPU: FLOPs, held memory and ops per component, graph breaks, recompiles, host syncs")
     ap.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/<name>.json)")
     args = ap.parse_args(argv)
+    if args.account:
+        return run_account(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     latent, batch, steps = (16, 2, 2) if args.tiny else (32, args.batch, args.steps)
     sizes = dict(depth=2, hidden_size=64, num_heads=2) if args.tiny else {}

@@ -109,12 +109,18 @@ def ratio_loss(
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     N = float(target_ratio)
-    losses = []
-    for p, m in zip(probs.split(group_size), natural_mask.split(group_size)):
-        F = m.float().mean().detach()
-        G = p.float().mean()
-        losses.append(N / (N - 1) * ((N - 1) * F * G + (1 - F) * (1 - G)))
-    return torch.stack(losses).mean()
+    B, L = probs.shape
+    groups = -(-B // group_size)
+    pad = groups * group_size - B  # the last group may be short: zero rows, left out of its count
+
+    def group_means(v: Tensor) -> Tensor:  # (B, L) -> (groups,): one reduction for every group at once
+        sums = torch.nn.functional.pad(v.float().sum(1), (0, pad)).reshape(groups, group_size).sum(1)
+        counts = (B - group_size * torch.arange(groups, device=v.device)).clamp(max=group_size) * L
+        return sums / counts
+
+    F = group_means(natural_mask).detach()
+    G = group_means(probs)
+    return (N / (N - 1) * ((N - 1) * F * G + (1 - F) * (1 - G))).mean()
 
 
 def _check_target_ratio(target_ratio: float) -> None:

@@ -113,6 +113,9 @@ class TrainConfig:
     seed: int = 0
     precision: str = "bf16"  # "bf16" (autocast, CUDA) or "fp32"
     compile: bool = False
+    # DC-DiT: recompute the encoder, router and de-chunk decoder in backward instead of holding their
+    # full-grid activations (ChunkPipeline.checkpoint_scaffold; the same gradients, about a third more scaffold work)
+    checkpoint_scaffold: bool = False
     parallel: str = "ddp"  # "ddp" or "fsdp" (FSDP2), used under torchrun
     results_dir: str = "results"
     run_name: str = ""  # default: <preset>-<model>

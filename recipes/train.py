@@ -231,6 +231,11 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
         model.set_budget(ratio_weight=cfg.budget.ratio_weight, group_size=cfg.budget.group_size,
                          fractions=tuple(cfg.budget.fractions), warmup_steps=cfg.budget.warmup_steps,
                          seed=cfg.train.seed)
+    if cfg.train.checkpoint_scaffold:
+        if not chunking:
+            raise ValueError(f"train.checkpoint_scaffold recomputes a DC-DiT's scaffold; {cfg.model.name} has none. "
+                             "Leave it off for a DiT (its activations are the blocks')")
+        model.checkpoint_scaffold = True
     if cfg.train.compile and plan_mode(model) != "fixed":
         warnings.warn(f"train.compile with plan_mode={model.plan_mode!r}: the kept-token count changes every step, "
                       "so the compiled step keeps recompiling. Compile fixed-capacity plans: "

@@ -21,6 +21,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .._typing import Bool, Float, Int, Tensor, typechecked
 from ..attention import Backend
@@ -62,9 +63,15 @@ class ChunkPipeline(nn.Module):
 
     The plan settings (``plan_mode``, ``capacity``, ``fill_capacity``) are read-only attributes;
     :meth:`set_plan` validates and changes them.
+
+    ``checkpoint_scaffold = True`` recomputes the encoder, the router and the de-chunk decoder in the
+    backward pass instead of keeping their activations (non-reentrant :func:`torch.utils.checkpoint.checkpoint`,
+    in training mode with gradients on): they run at full grid resolution, ``(B, L, d)`` and
+    ``(B, d, *grid)`` tensors where the backbone's are ``(T, d)``. The gradients are the same.
     """
 
     supports_chunking = True
+    checkpoint_scaffold: bool = False  # recompute encoder, router and decoder in backward (see above)
     step_cache = None  # a StepCache installs itself here while sampling
     num_timesteps: int = 1000  # model timesteps accepted: [0, num_timesteps) (set to the diffusion's T)
     attention_known: bool = True  # the backbone restricts attention to a sample's tokens (packed plans work)
@@ -244,11 +251,11 @@ class ChunkPipeline(nn.Module):
         grid = tuple(x.shape[2:])
         # 1. conditioning and encoder
         cond, c = self.condition(t, y, label_drop)  # c: (B, d)
-        tokens = self.encoder(x, c)  # (B, L, d)
+        tokens = self._scaffold(self.encoder, x, c)  # (B, L, d)
         # 2. route and plan
         if rho is None:
             rho = self.budget.rho_at(t) if self.budget.schedule is not None else 0.0
-        routed = self.router(tokens, grid, rho=rho)  # RouterOutput, (B, L) fields
+        routed = self._scaffold(self.router, tokens, grid, rho=rho)  # RouterOutput, (B, L) fields
         chunked = Chunked.from_router(routed, tokens, mode=self.plan_mode, capacity=self.capacity,
                                       fill=self.fill_capacity)  # the plan and what de-chunking needs
         plan = chunked.plan
@@ -258,7 +265,7 @@ class ChunkPipeline(nn.Module):
         keep = [] if block_outputs else None
         h = self.norm(cached_backbone(self, h, cond, plan, tokens, keep))
         # 4. de-chunk and decode
-        out = self.decoder(h, chunked, c)  # (B, out, *grid)
+        out = self._scaffold(self.decoder, h, chunked, c)  # (B, out, *grid)
         if not return_info:
             return out
         info = ForwardInfo(
@@ -266,6 +273,12 @@ class ChunkPipeline(nn.Module):
             router=routed, plan=plan, block_outputs=keep, cached=skipped_last(self),
         )
         return out, info
+
+    def _scaffold(self, module: nn.Module, *args, **kwargs):
+        """``module(*args, **kwargs)``, recomputed in backward under :attr:`checkpoint_scaffold`."""
+        if self.checkpoint_scaffold and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False, **kwargs)
+        return module(*args, **kwargs)
 
     def plan_repr(self) -> str:
         cap = "" if self.capacity is None else f", capacity={self.capacity}" + (", filled" if self.fill_capacity else "")

@@ -187,6 +187,22 @@ def test_train_speed_sets_each_dc_dit_against_the_dit_of_its_width(benchmarks):
     assert all(r["images_per_s"] > 0 and r["train_gflops_per_image"] > 0 for r in result["rows"])
 
 
+def test_train_account_splits_a_step_by_component_and_checkpointing_holds_less(benchmarks):
+    result = _load("train_speed").main(["--account", "--tiny"])
+    for size, (dit, dc, ck) in result["account"].items():
+        assert dit["held_gib"] > 0 and dc["components"]["router"]["ops_fwd"] > 0
+        assert dit["components"]["router"]["ops_fwd"] == 0  # a DiT has no router
+        assert ck["held_gib"] < dc["held_gib"]  # the scaffold recomputed ...
+        assert ck["ops_bwd"] > dc["ops_bwd"]  # ... in the backward pass
+        assert ck["train_gflops_per_image"] == dc["train_gflops_per_image"]
+    from chunkformer._typing import TYPECHECK
+
+    for counts in result["compiled"].values():
+        assert counts["host_syncs_unchecked"] == 0
+        if not TYPECHECK:  # the runtime type checks (off by default, on in this suite) break graphs
+            assert counts["graph_breaks"] == 0 and counts["recompiles"] == 0
+
+
 def test_composition_stacks_merging_and_caching_on_chunking(tmp_path, benchmarks):
     result = _load("composition").main(["--preset", "tiny", "--smoke", "--steps", "2", "--batch", "1", "--reps", "1",
                                         "--out", str(tmp_path / "c.json")])

@@ -148,6 +148,25 @@ def test_two_processes_make_the_same_update_as_one(tmp_path, parallel):
 
 
 @needs_digits
+def test_checkpointing_the_scaffold_makes_the_same_updates(tmp_path):
+    plain = final_state(run_train(tmp_path, "train.steps=3", name="plain"))
+    recomputed = final_state(run_train(tmp_path, "train.steps=3", "train.checkpoint_scaffold=true", name="ck"))
+    assert any(not torch.equal(t, plain["ema"][n]) for n, t in plain["model"].items() if n.startswith("encoder."))
+    for key in ("model", "ema"):
+        for name, tensor in plain[key].items():
+            assert torch.equal(tensor, recomputed[key][name]), (key, name)
+
+
+def test_checkpoint_scaffold_needs_a_scaffold(tmp_path):
+    from recipes.train import train
+
+    cfg = apply_overrides(get_recipe("tiny-cpu"), [*TINY, "model.name=DiT-S/2", f"train.results_dir={tmp_path}",
+                                                   "train.checkpoint_scaffold=true"])
+    with pytest.raises(ValueError, match="checkpoint_scaffold.*DiT-S/2 has none"):
+        train(cfg, dry_run=True)
+
+
+@needs_digits
 def test_loss_falls_when_overfitting_64_images_and_outputs_are_written(tmp_path):
     run = run_train(tmp_path, "train.steps=60", "train.global_batch=16", "train.log_every=10",
                     "optim.lr=2e-3", "data.limit=64", "train.sample_every=30", name="overfit")

@@ -74,6 +74,31 @@ def test_ratio_loss_is_averaged_over_groups_of_samples():
     assert ratio_loss(probs, mask, N, group_size=16).item() == pytest.approx(pooled)
 
 
+@given(st.integers(1, 40), st.integers(2, 12), st.integers(1, 20), st.integers(0, 2**16))
+def test_ratio_loss_matches_each_group_written_out_and_dispatches_a_fixed_number_of_ops(B, L, group_size, seed):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.count += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(B, L, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, L, generator=g) < 0.3
+    N, each = 4.0, []
+    for start in range(0, B, group_size):  # the paper's per-group loss, one group at a time
+        F = mask[start:start + group_size].double().mean()
+        G = probs[start:start + group_size].mean()
+        each.append(N / (N - 1) * ((N - 1) * F * G + (1 - F) * (1 - G)))
+    with Ops():
+        loss = ratio_loss(probs, mask, N, group_size=group_size)
+    assert loss.item() == pytest.approx(float(sum(each) / len(each)), rel=1e-6)
+    assert Ops.count < 40  # one reduction for all groups: the count does not grow with B / group_size
+
+
 def test_ratio_loss_gradient_flows_to_probabilities_only_through_G():
     probs = torch.rand(4, 16, requires_grad=True)
     ratio_loss(probs, probs.detach() > 0.5, 4.0).backward()

@@ -126,3 +126,38 @@ def test_rmsnorm_keeps_the_fused_path_under_autocast_and_matches_fp32():
 
     model = cf.create_model("DC-DiT-S", hidden_size=32, depth=1, num_heads=2, input_size=8, num_classes=3)
     assert all(type(m) is RMSNorm for m in model.modules() if isinstance(m, torch.nn.RMSNorm))
+
+
+@given(st.sampled_from([(8, 8), (6, 10), (16,)]), st.integers(1, 3), st.sampled_from(["packed", "padded", "fixed"]),
+       st.sampled_from([None, "random"]), st.floats(0, 0.6))
+def test_checkpoint_scaffold_gives_the_same_gradients_and_holds_less(grid, B, mode, router, rho):
+    from chunkformer import create_model
+
+    torch.manual_seed(0)
+    L = math.prod(grid)
+    model = create_model("DC-DiT-tiny", input_size=grid, in_channels=2, num_classes=5, router=router,
+                         plan_mode=mode, capacity=max(1, L // 2) if mode == "fixed" else None).train()
+    with torch.no_grad():  # every weight random: zero-init output layers would leave the scaffold without gradients
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    x, t, y = torch.randn(B, 2, *grid), torch.randint(0, 1000, (B,)), torch.randint(0, 5, (B,))
+    drop = torch.zeros(B, dtype=torch.bool)
+
+    def step(checkpointed: bool):
+        model.checkpoint_scaffold = checkpointed
+        model.zero_grad(set_to_none=True)
+        held = []
+        torch.manual_seed(1)  # the random router draws: the same in both runs (and in the recomputation)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: held.append(t.numel()) or t, lambda t: t):
+            out, info = model(x, t, y, rho=rho, return_info=True, label_drop=drop)
+            loss = out.square().mean() + 0.03 * info.ratio_loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(held)
+
+    loss, grads, held = step(False)
+    loss_ck, grads_ck, held_ck = step(True)
+    assert torch.equal(loss, loss_ck) and grads.keys() == grads_ck.keys()
+    assert any(n.startswith("encoder.") and g.abs().sum() > 0 for n, g in grads.items())  # the scaffold learns
+    for name, g in grads.items():
+        assert torch.equal(g, grads_ck[name]), name
+    assert held_ck < held
