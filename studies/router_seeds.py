@@ -10,6 +10,9 @@ output path) and, at every log step, measures over 256 fixed real digits what th
 ``t = 25`` and ``t = 500``: the kept density on strokes and on background (``studies.mnist_study.orientation_probe``).
 Writes the curve and the final stroke / background ratio at ``t = 25`` to the JSON file and prints a one-line
 summary. The router finds the detail when strokes are kept at least 3x as densely as background.
+``model.overrides.router_init=release model.overrides.gate_grad=selected`` trains with the paper's router
+settings; ``--selected-after=K`` (among the overrides) switches to the paper's gate gradient at the first log
+step at or after step ``K``. On a GPU, ``train.checkpoint_scaffold=true`` lets eight runs share one card.
 """
 
 import json
@@ -27,6 +30,8 @@ from studies.mnist_study import orientation_probe  # noqa: E402
 
 def main(argv: list[str]) -> dict:
     seed, steps, out, extra = int(argv[0]), int(argv[1]), Path(argv[2]), argv[3:]
+    switch = next((int(a.split("=", 1)[1]) for a in extra if a.startswith("--selected-after=")), None)
+    extra = [a for a in extra if not a.startswith("--selected-after=")]
     cfg = apply_overrides(get_recipe("mnist-dcdit-s"), [
         f"train.steps={steps}", f"train.seed={seed}", "train.log_every=50", f"train.results_dir={out.parent}/runs-{seed}",
         "train.sample_every=0", "train.num_sample_images=10", f"train.ckpt_every={steps}", *extra])
@@ -34,6 +39,8 @@ def main(argv: list[str]) -> dict:
     rows = []
 
     def record(model, step):
+        if switch is not None and step >= switch:  # the paper's gate gradient from here on
+            model.router.gate_grad = "selected"
         r = probe(model, step)
         rows.append({"step": step, **r})
         return r
@@ -41,7 +48,7 @@ def main(argv: list[str]) -> dict:
     start = time.time()
     train(cfg, probe=record)
     last = rows[-1]
-    result = {"seed": seed, "steps": steps, "overrides": extra, "seconds": time.time() - start, "curve": rows,
+    result = {"seed": seed, "steps": steps, "overrides": extra, "selected_after": switch, "seconds": time.time() - start, "curve": rows,
               "stroke_t25": last["stroke_t25"], "background_t25": last["background_t25"],
               "ratio_t25": last["stroke_t25"] / max(last["background_t25"], 1e-6)}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -335,7 +335,8 @@ def test_router_seeds_records_what_the_router_keeps_on_strokes_and_background(tm
     out = tmp_path / "seed0.json"
     result = router_seeds.main(["0", "4", str(out), "train.precision=fp32", "model.overrides.hidden_size=32",
                                 "model.overrides.depth=1", "model.overrides.num_heads=2", "train.global_batch=8",
-                                "train.log_every=2", "budget.group_size=4"])
+                                "train.log_every=2", "budget.group_size=4", "--selected-after=4"])
     assert [r["step"] for r in result["curve"]] == [2, 4]
+    assert result["selected_after"] == 4 and not any(o.startswith("--") for o in result["overrides"])
     assert 0 <= result["stroke_t25"] <= 1 and 0 <= result["background_t25"] <= 1
     assert json.loads(out.read_text())["ratio_t25"] == result["ratio_t25"]
