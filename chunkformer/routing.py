@@ -63,7 +63,7 @@ class RouterOutput:
         natural_mask: ``(B, L)`` bool, ``p > 0.5`` before tail drop (the ratio loss uses it).
         confidence: ``(B, L)`` fp32 ``c_sel = p`` where the natural mask keeps a token, else
             ``1 - p``; the de-chunker gates its output with ``STE(c_sel)``. Its gradient to ``p`` is
-            ``+1`` everywhere by default (``Router(gate_grad="keep")``), ``+-1`` with ``"selected"``.
+            ``+-1`` by default (``Router(gate_grad="selected")``), ``+1`` everywhere with ``"keep"``.
         grid: the grid shape the ``L`` tokens came from.
     """
 
@@ -107,12 +107,13 @@ class Router(FP32Module):
             predictable tokens instead. Same parameters and forward either way (docs/routing.md).
         gate_grad: the gradient ``confidence`` carries back to ``p`` (its value is ``c_sel`` either
             way, and the de-chunker's gate is exactly 1 forward, so outputs do not depend on it).
-            ``"keep"`` (default): ``d c / d p = +1`` at every token, so the diffusion loss raises
-            ``p`` where the backbone's output helps and lowers it where it hurts: it can only ever
-            pull detail into the kept set. ``"selected"``: ``c_sel = p`` or ``1 - p``, ``d c / d p =
-            +-1`` as in the paper and the release, which rewards confidence in whatever the router
-            already decided and so holds an inverted router (background kept, detail dropped) as
-            firmly as an oriented one.
+            ``"selected"`` (default): ``c_sel = p`` or ``1 - p``, ``d c / d p = +-1`` as in the
+            paper and the release. It rewards confidence in whatever the router decided, so routers
+            split sharply, to the side picked early in training. ``"keep"``: ``d c / d p = +1`` at
+            every token, so the diffusion loss raises ``p`` where the backbone's output helps and
+            lowers it where it hurts; it never locks onto the background, and it orients small models
+            that start keeping almost nothing, but at DiT-S width it leaves low-noise routing close to
+            content-blind (docs/routing.md, "Orientation").
         keep_fraction: expected fraction of tokens the ``"random"`` router keeps (``1/N``).
         fp32: score in fp32 with autocast off (default, DC-DiT's policy: a boundary flips on tiny
             changes of ``p`` near 0.5). ``False`` runs the convs / projections under the caller's
@@ -134,7 +135,7 @@ class Router(FP32Module):
         keep_fraction: float = 0.25,
         fp32: bool = True,
         init: RouterInit = "oriented",
-        gate_grad: GateGrad = "keep",
+        gate_grad: GateGrad = "selected",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:

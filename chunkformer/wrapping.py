@@ -61,7 +61,7 @@ class ChunkWrapper(ChunkPipeline):
         fill_capacity: bool = False,
         fp32_router_dechunk: bool = True,
         router_init: RouterInit = "oriented",
-        gate_grad: GateGrad = "keep",
+        gate_grad: GateGrad = "selected",
         device=None,
         dtype=None,
     ) -> None:

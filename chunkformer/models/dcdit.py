@@ -95,7 +95,7 @@ class ChunkPipeline(nn.Module):
         fill_capacity: bool,
         fp32_router_dechunk: bool,
         router_init: RouterInit = "oriented",
-        gate_grad: GateGrad = "keep",
+        gate_grad: GateGrad = "selected",
         build_backbone=None,
         device=None,
         dtype=None,
@@ -343,7 +343,7 @@ class DCDiT(ChunkPipeline, LabelledModel):
         fill_capacity: bool = False,
         fp32_router_dechunk: bool = True,
         router_init: RouterInit = "oriented",
-        gate_grad: GateGrad = "keep",
+        gate_grad: GateGrad = "selected",
         device=None,
         dtype=None,
     ) -> None:

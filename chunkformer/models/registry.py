@@ -33,8 +33,9 @@ for _size, _shape in MODEL_SIZES.items():
     for _patch in (2, 4, 8):
         _REGISTRY[f"DiT-{_size}/{_patch}"] = (DiT, {**_shape, "patch_size": _patch})
     _REGISTRY[f"DC-DiT-{_size}"] = (DCDiT, dict(_shape))
-# the CPU demo's size (recipes' tiny-cpu): 0.4M parameters, a quarter-million-step toy, not a paper size
-_REGISTRY["DC-DiT-tiny"] = (DCDiT, {"hidden_size": 64, "num_heads": 4, "depth": 4})
+# the CPU demo's size (recipes' tiny-cpu): 0.4M parameters, a quarter-million-step toy, not a paper size;
+# a router this small starts keeping almost nothing and orients under the keep gradient (docs/routing.md)
+_REGISTRY["DC-DiT-tiny"] = (DCDiT, {"hidden_size": 64, "num_heads": 4, "depth": 4, "gate_grad": "keep"})
 
 
 def list_models(pattern: str = "") -> list[str]:
