@@ -6,7 +6,6 @@
     python benchmarks/train_speed.py --account    # CPU, about 1 min: where a training step's FLOPs, memory and ops go
                                                   # writes results/train_speed_account_cpu.json
 
-
 Training throughput (forward + backward + AdamW) and peak memory.
 
 DC-DiT-B / DC-DiT-XL against DiT-B/2 / DiT-XL/2 at 256px (32x32 latents), batch 64, bf16
@@ -188,11 +187,11 @@ class _Dispatch(TorchDispatchMode):
         return out
 
 
-def _build(name: str, size: dict, kw: dict, checkpoint: bool, **sizes) -> torch.nn.Module:
+def _build(name: str, size: dict, checkpoint: bool, **sizes) -> torch.nn.Module:
     torch.manual_seed(0)
     fixed = {"plan_mode": "fixed", "capacity": size["latent"] ** 2 // 4} if name.startswith("DC") else {}
     model = cf.create_model(name, input_size=size["latent"], in_channels=size["channels"],
-                            num_classes=size["classes"], **fixed, **sizes, **kw).train()
+                            num_classes=size["classes"], **fixed, **sizes).train()
     if model.supports_chunking:
         torch.nn.init.constant_(model.router.scorer[-1].bias, 30.0)  # keep all: the capacity is the budget
         model.checkpoint_scaffold = checkpoint
@@ -220,12 +219,12 @@ def _step(model, x, t, y, rho: float, acc: Account | None = None) -> torch.Tenso
 
 def account(name: str, size: dict, batch: int, checkpoint: bool = False, **sizes) -> dict:
     """One column of the account: FLOPs, held memory and ops per component (see the module docstring)."""
-    real = _build(name, size, {}, False, **{**sizes, "depth": 1})  # FLOPs per image; the backbone's scale with depth
+    real = _build(name, size, False, **{**sizes, "depth": 1})  # FLOPs per image; the backbone's scale with depth
     with torch.no_grad():
         flops = cf.count_flops(real, *_inputs(size, 1)).by_component
     del real
     with FakeTensorMode():  # shapes and dtypes only: paper sizes cost no memory
-        model = _build(name, size, {}, checkpoint, **sizes)
+        model = _build(name, size, checkpoint, **sizes)
         blocks = len(model.blocks)
         acc = Account(model)
         with value_checks(False), torch.autocast("cpu", dtype=torch.bfloat16), acc:
@@ -248,7 +247,7 @@ def compile_counts(name: str, checkpoint: bool = False, steps: int = 4) -> dict:
     import torch._dynamo as dynamo
 
     size = {"latent": 16, "channels": 4, "classes": 10}
-    model = _build(name, size, {}, checkpoint, depth=2, hidden_size=64, num_heads=2)
+    model = _build(name, size, checkpoint, depth=2, hidden_size=64, num_heads=2)
     x, t, y = _inputs(size, 2)
     graphs = []
 
@@ -291,7 +290,7 @@ def run_account(args) -> dict:
         print("| component | " + " | ".join(c["model"] for c in cols) + " |")
         print("|---|" + "---|" * len(cols))
         for comp in COMPONENTS:
-            cells = [(c["components"][comp]) for c in cols]
+            cells = [c["components"][comp] for c in cols]
             if not any(r["ops_fwd"] + r["ops_bwd"] for r in cells):
                 continue
             print(f"| {comp} | " + " | ".join(_cell(r) for r in cells) + " |")
@@ -313,7 +312,6 @@ def run_account(args) -> dict:
 def _cell(r: dict) -> str:
     """``GFLOPs/img · GiB held · ops fwd+bwd`` of one component."""
     return f"{r['train_gflops_per_image']:.1f} · {r['held_gib']:.2f} · {r['ops_fwd']}+{r['ops_bwd']}"
-
 
 
 def main(argv=None) -> dict:

@@ -113,9 +113,8 @@ def validate(cfg, *, data: bool = True, outputs: bool = True) -> None:
         for key in ("depth", "hidden_size", "num_heads", "num_classes", "in_channels", "capacity"):
             if m.overrides.get(key) is not None:
                 check_range(f"model.overrides.{key}", m.overrides[key], lo=1, integer=True)
-    from chunkformer.routing import GATE_GRADS, ROUTER_INITS, ROUTER_KINDS
-
-    for key, choices in (("router", ROUTER_KINDS), ("router_init", ROUTER_INITS), ("gate_grad", GATE_GRADS)):
+    for key, choices in (("router", cf.routing.ROUTER_KINDS), ("router_init", cf.routing.ROUTER_INITS),
+                         ("gate_grad", cf.routing.GATE_GRADS)):
         if m.overrides.get(key) is not None:
             check_choice(f"model.overrides.{key}", m.overrides[key], choices)
 
