@@ -172,10 +172,12 @@ class StepBatches:
 
     def global_indices(self, step: int) -> torch.Tensor:
         """Indices of the whole global batch of ``step`` (epochs roll over seamlessly)."""
-        start = step * self.global_batch
-        pos = torch.arange(start, start + self.global_batch)
-        epochs, offsets = pos // self.size, pos % self.size
-        return torch.stack([self._permutation(int(e))[int(o)] for e, o in zip(epochs, offsets)])
+        start, stop = step * self.global_batch, (step + 1) * self.global_batch
+        pieces = []  # one slice of each epoch's permutation the batch spans (usually one, at a boundary two)
+        for epoch in range(start // self.size, (stop - 1) // self.size + 1):
+            lo, hi = max(start, epoch * self.size), min(stop, (epoch + 1) * self.size)
+            pieces.append(self._permutation(epoch)[lo - epoch * self.size : hi - epoch * self.size])
+        return torch.cat(pieces)
 
     def indices(self, step: int) -> torch.Tensor:
         """This rank's ``local_batch`` indices for ``step``."""

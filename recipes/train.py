@@ -260,9 +260,9 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
     check_run_folder(run_dir, cfg)
 
     # 4. optimiser ------------------------------------------------------------------------------
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}  # one kernel per step on a GPU
+    # fused: one kernel per step, and it skips a step on the device when told its gradients are not finite
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                            betas=tuple(cfg.optim.betas), **fused)
+                            betas=tuple(cfg.optim.betas), fused=True)
     warm, total = max(cfg.optim.warmup_steps, 0), cfg.train.steps
     if cfg.optim.schedule not in ("constant", "cosine"):
         raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.optim.schedule!r}")
@@ -353,6 +353,8 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
     t0, t_last, steps_since = time.time(), time.time(), 0
     first_step, compile_seconds = step, None
     running: dict[str, float] = {}
+    skipped = torch.zeros((), dtype=torch.long, device=device)  # steps skipped for non-finite values, and the first
+    first_skipped = torch.full((), -1, dtype=torch.long, device=device)
     model.train()
     while step < cfg.train.steps:
         # the global batch's randomness, identical on every rank; this rank takes its slice
@@ -388,10 +390,6 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
             losses = diffusion.training_losses(out.float(), x0, x_t, t, noise)
             loss = (losses["loss"].mean() + cfg.budget.ratio_weight * info.ratio_loss
                     + cfg.upcycle.distill_weight * distill_loss.float())
-            if not torch.isfinite(loss):
-                checkpoint()
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good state checkpointed in "
-                                         f"{ckpt_dir}. Lower optim.lr or check the data.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
         except torch.OutOfMemoryError as err:
@@ -403,7 +401,16 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
             raise torch.OutOfMemoryError(f"out of memory at step {step} (batch {batches.local_batch} per process); "
                                          f"{saved} in {ckpt_dir}. {_oom_hint(model)}") from err
         grad_norm = full_tensors([torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)])[0]
+        # A step whose loss or gradients are not finite changes no weight and no optimiser state: fused AdamW
+        # skips it on the device (GradScaler's found_inf protocol). The host reads the count at the next log
+        # step, so no step waits for the device. The norm is the same on every rank; the loss is this rank's.
+        bad = ~torch.isfinite(grad_norm)
+        if d.world == 1:
+            bad = bad | ~torch.isfinite(loss.detach())
+        opt.found_inf = bad.float()
         opt.step()
+        skipped += bad
+        first_skipped = torch.where(bad & (first_skipped < 0), step, first_skipped)
         sched.step()
         decay = cfg.optim.ema_decay
         if cfg.optim.ema_warmup:
@@ -432,6 +439,12 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
         if progress is not None:
             progress.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps or stop:
+            if skipped.item():
+                checkpoint()
+                raise FloatingPointError(
+                    f"the loss or its gradients were not finite at step {first_skipped.item()} ({skipped.item()} "
+                    f"step(s) up to step {step}, each skipped: no weight changed); the state at step {step} is "
+                    f"checkpointed in {ckpt_dir}. Lower optim.lr or check the data.")
             now = time.time()
             stats = {k: all_reduce_mean(v / steps_since, d).item() for k, v in running.items()}
             stats.update(step=step, rho=rho, lr=sched.get_last_lr()[0], steps_per_sec=steps_since / (now - t_last))

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from recipes.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from recipes.config import apply_overrides, from_dict, get_recipe, to_dict, to_yaml
@@ -71,6 +73,40 @@ def test_step_batches_are_a_function_of_the_step_and_split_across_ranks():
         assert torch.equal(StepBatches(50, 8, seed=3).indices(step), one.indices(step))
     first_epoch = torch.cat([one.global_indices(s) for s in range(6)])[:48]
     assert len(set(first_epoch.tolist())) == 48  # a permutation: no repeats within an epoch
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(1, 40), batch=st.integers(1, 90), step=st.integers(0, 30), seed=st.integers(0, 5))
+def test_a_global_batch_is_the_next_stretch_of_the_per_epoch_permutations(size, batch, step, seed):
+    """Position p of the stream is element p % size of epoch p // size's permutation, batches included
+    that span several epochs."""
+    batches = StepBatches(size, batch, seed=seed)
+    expected = [StepBatches(size, batch, seed=seed)._permutation(p // size)[p % size].item()
+                for p in range(step * batch, (step + 1) * batch)]
+    assert batches.global_indices(step).tolist() == expected
+
+
+def test_a_training_step_between_log_steps_makes_the_host_wait_only_for_a_packed_plan(tmp_path, monkeypatch):
+    """The recipe's step (data, forward, loss, backward, clipping, the non-finite check, AdamW, EMA) reads
+    nothing back from the device; a packed plan reads its per-sample lengths once per forward."""
+    from chunkformer._typing import value_checks
+    from chunkformer.hostsync import count_host_syncs
+    from recipes.train import train
+
+    monkeypatch.setenv("CHUNKFORMER_TYPECHECK", "0")
+    per_step = {}
+    for plan in (["model.overrides.plan_mode=fixed", "model.overrides.capacity=16"], []):
+        seen = []
+        for steps in (2, 4):
+            cfg = apply_overrides(get_recipe("tiny-cpu"), [
+                *TINY, *plan, f"train.results_dir={tmp_path / str(len(plan))}", f"train.run_name=s{steps}",
+                f"train.steps={steps}", "train.log_every=100", "train.ckpt_every=100"])
+            with value_checks(False), count_host_syncs() as syncs:
+                train(cfg)
+            seen.append(syncs.by_site)
+        per_step[bool(plan)] = seen[1] - seen[0]  # the two extra steps; logging and saving happen once in both
+    assert sum(per_step[True].values()) == 0, per_step[True]
+    assert list(per_step[False].values()) == [2] and "plan.py" in next(iter(per_step[False])), per_step[False]
 
 
 def test_atomic_checkpoint_survives_a_killed_write(tmp_path):
@@ -363,7 +399,7 @@ def test_out_of_memory_checkpoints_and_says_what_to_bound(tmp_path, monkeypatch,
     assert final_state(tmp_path / "oom")["step"] == 1  # the step that finished
 
 
-def test_a_non_finite_loss_checkpoints_and_stops(tmp_path, monkeypatch):
+def test_a_non_finite_step_is_skipped_then_the_run_checkpoints_and_stops_at_the_next_log_step(tmp_path, monkeypatch):
     import chunkformer as cf
     from recipes.train import train
 
@@ -378,9 +414,13 @@ def test_a_non_finite_loss_checkpoints_and_stops(tmp_path, monkeypatch):
         return (out * float("nan") if len(calls) == 3 else out), info
 
     monkeypatch.setattr(cf.DCDiT, "forward", forward)
-    with pytest.raises(FloatingPointError, match="loss is nan at step 2.*optim.lr"):
+    with pytest.raises(FloatingPointError, match="not finite at step 2 .*no weight changed.*at step 4.*optim.lr"):
         train(cfg)
-    assert final_state(tmp_path / "nan")["step"] == 2
+    state = final_state(tmp_path / "nan")
+    assert state["step"] == 4  # the next log step (log_every=2)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    steps_taken = {int(s["step"]) for s in state["opt"]["state"].values()}
+    assert steps_taken == {3}  # steps 0, 1 and 3: the non-finite step 2 left AdamW's state alone
 
 
 def test_a_probe_logs_at_every_log_step_in_eval_mode_without_counting_as_training_time(tmp_path, monkeypatch):
