@@ -2,19 +2,24 @@
 
     python benchmarks/train_speed.py --compile    # GPU, about 3 min: writes results/train_speed_256_compiled_<card>.json
     python benchmarks/train_speed.py              # eager (the recipes' packed plans): train_speed_256_eager_<card>.json
+    python benchmarks/train_speed.py --compile --size digits   # the digit study's S models: ..._digits_compiled_<card>.json
+    python benchmarks/train_speed.py --compile --cuda-graphs   # compiled with mode='reduce-overhead'
     python benchmarks/train_speed.py --tiny       # CPU smoke run (nothing written)
     python benchmarks/train_speed.py --account    # CPU, about 1 min: where a training step's FLOPs, memory and ops go
                                                   # writes results/train_speed_account_cpu.json
 
 Training throughput (forward + backward + AdamW) and peak memory.
 
-DC-DiT-B / DC-DiT-XL against DiT-B/2 / DiT-XL/2 at 256px (32x32 latents), batch 64, bf16
-autocast, fused AdamW, eager (the recipes' training path: packed plans, default attention
-backend). The DC-DiT router is biased to keep every token and a tail drop of 0.75 leaves a
-quarter of the grid, the budget rule a trained DC-DiT with N = 4 follows, so both models see
-256 tokens in the backbone. Columns: images/s, the measured and the FLOP-predicted speed-up
-over the DiT of the same width (training FLOPs taken as 3x the forward's), and peak memory; one
-printed row per model. ``--compile`` compiles both models, DC-DiT in fixed-capacity mode.
+DC-DiT-B / DC-DiT-XL against DiT-B/2 / DiT-XL/2 at 256px (32x32 latents), batch 64 (``--size digits``:
+DC-DiT-S against DiT-S/2 on the digit study's 32x32x1 images, batch 256), bf16 autocast, fused AdamW,
+eager (the recipes' training path: packed plans, default attention backend). The DC-DiT router is
+biased to keep every token and a tail drop of 0.75 leaves a quarter of the grid, the budget rule a
+trained DC-DiT with N = 4 follows, so both models see as many backbone tokens. Per width: the DiT,
+DC-DiT, DC-DiT with ``checkpoint_scaffold`` (scaffold recomputed in backward), and DC-DiT's scaffold
+alone (no blocks), whose time against DC-DiT's is the scaffold's share of the step, printed beside its
+share of the FLOPs. Columns: images/s, the measured and the FLOP-predicted speed-up over the DiT of the
+same width (training FLOPs taken as 3x the forward's), their ratio, and peak memory. ``--compile``
+compiles every model, DC-DiT in fixed-capacity mode; ``--cuda-graphs`` replays them from CUDA graphs.
 
 ``--account`` times nothing and needs no GPU: it takes one training step (bf16 autocast, forward, loss,
 backward) of DiT-XL/2 and DC-DiT-XL at 256px, batch 64, and of the digit study's DiT-S/2 and DC-DiT-S
@@ -314,59 +319,98 @@ def _cell(r: dict) -> str:
     return f"{r['train_gflops_per_image']:.1f} · {r['held_gib']:.2f} · {r['ops_fwd']}+{r['ops_bwd']}"
 
 
+SIZES = {  # --size: (widths, latent side, channels, classes, default batch)
+    "256": (("B", "XL"), 32, 4, 1000, 64),
+    "digits": (("S",), 32, 1, 10, 256),  # the digit study's models: 32x32 pixels, 1 channel, 10 classes
+}
+
+
+def training_rows(width: str, x, t, y, steps: int, *, compile: bool, cuda_graphs: bool, sizes: dict) -> list[dict]:
+    """DiT, DC-DiT, DC-DiT with ``checkpoint_scaffold`` and DC-DiT's scaffold alone (no blocks) of one width:
+    images/s, training GFLOPs per image (3x the forward's) and peak memory of each."""
+    latent, rows = x.shape[-1], []
+    variants = [(f"DiT-{width}/2", {}), (f"DC-DiT-{width}", {}),
+                (f"DC-DiT-{width} + checkpoint_scaffold", {}), (f"DC-DiT-{width} scaffold only", {"depth": 0})]
+    for label, extra in variants:
+        name = label.split(" ")[0]
+        torch.manual_seed(0)
+        dc = "DC" in name
+        fixed = dict(plan_mode="fixed", capacity=latent * latent // 4) if compile and dc else {}
+        model = cf.create_model(name, input_size=latent, in_channels=x.shape[1], **{**sizes, **extra},
+                                **fixed).to(x.device).train()
+        kw = {}
+        if dc:
+            torch.nn.init.constant_(model.router.scorer[-1].bias, 30.0)  # keep all, then drop 3/4
+            kw = {} if fixed else {"rho": 0.75}  # fixed mode: the capacity is the budget
+            model.checkpoint_scaffold = "checkpoint_scaffold" in label
+        flops = cf.count_flops(model, x, t, y, **kw).per_sample * 3  # forward + backward
+        run = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None) if compile else model
+        ips, peak = throughput(run, x, t, y, steps, **kw)
+        rows.append({"model": label, "images_per_s": ips, "train_gflops_per_image": flops / 1e9, "peak_gib": peak})
+        del model, run
+        if x.is_cuda:
+            torch.cuda.empty_cache()
+    dit = rows[0]
+    for r in rows:
+        r["measured_speedup"] = r["images_per_s"] / dit["images_per_s"]
+        r["flop_speedup"] = dit["train_gflops_per_image"] / r["train_gflops_per_image"]
+        r["ratio"] = r["measured_speedup"] / r["flop_speedup"]  # share of the FLOP-predicted speed-up realised
+    dc, scaffold = rows[1], rows[3]  # the scaffold's share of DC-DiT's step time beside its share of the FLOPs
+    dc["scaffold_time_share"] = dc["images_per_s"] / scaffold["images_per_s"]
+    dc["scaffold_flop_share"] = scaffold["train_gflops_per_image"] / dc["train_gflops_per_image"]
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--size", choices=tuple(SIZES), default="256",
+                    help="256: B and XL at 256px (32x32x4 latents); digits: S on the digit study's 32x32x1 images")
+    ap.add_argument("--batch", type=int, default=None, help="default: 64 at 256px, 256 for digits")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--compile", action="store_true",
-                    help="torch.compile both models; DC-DiT in fixed-capacity mode (capacity L/4, static shapes)")
+                    help="torch.compile every model; DC-DiT in fixed-capacity mode (capacity L/4, static shapes)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="with --compile: mode='reduce-overhead' (forward and backward replayed from CUDA graphs)")
     ap.add_argument("--account", action="store_true",
                     help="CPU: FLOPs, held memory and ops per component, graph breaks, recompiles, host syncs")
     ap.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/<name>.json)")
     args = ap.parse_args(argv)
     if args.account:
         return run_account(args)
+    if args.cuda_graphs and not args.compile:
+        ap.error("--cuda-graphs needs --compile")
+    if args.batch is not None and args.batch < 1:
+        ap.error(f"--batch must be >= 1, got {args.batch}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    latent, batch, steps = (16, 2, 2) if args.tiny else (32, args.batch, args.steps)
+    widths, latent, channels, classes, batch = SIZES[args.size]
+    batch, steps = (2, 2) if args.tiny else (args.batch or batch, args.steps)
+    latent = 16 if args.tiny else latent
     sizes = dict(depth=2, hidden_size=64, num_heads=2) if args.tiny else {}
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
+    x = torch.randn(batch, channels, latent, latent, generator=g).to(device)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    y = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    rows = []
-    for width in ("B", "XL"):
-        pair = {}
-        for name in (f"DiT-{width}/2", f"DC-DiT-{width}"):
-            torch.manual_seed(0)
-            fixed = dict(plan_mode="fixed", capacity=latent * latent // 4) if args.compile and "DC" in name else {}
-            model = cf.create_model(name, input_size=latent, **sizes, **fixed).to(device).train()
-            kw = {}
-            if model.supports_chunking:
-                torch.nn.init.constant_(model.router.scorer[-1].bias, 30.0)  # keep all, then drop 3/4
-                kw = {} if fixed else {"rho": 0.75}  # fixed mode: the capacity is the budget
-            flops = cf.count_flops(model, x, t, y, **kw).per_sample * 3  # forward + backward
-            ips, peak = throughput(torch.compile(model) if args.compile else model, x, t, y, steps, **kw)
-            pair[name] = {"model": name, "images_per_s": ips, "train_gflops_per_image": flops / 1e9,
-                          "peak_gib": peak}
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        dit, dc = pair[f"DiT-{width}/2"], pair[f"DC-DiT-{width}"]
-        for r in (dit, dc):
-            r["measured_speedup"] = r["images_per_s"] / dit["images_per_s"]
-            r["flop_speedup"] = dit["train_gflops_per_image"] / r["train_gflops_per_image"]
-            rows.append(r)
+    y = torch.randint(0, classes, (batch,), generator=g).to(device)
+    rows = [r for width in widths for r in training_rows(width, x, t, y, steps, compile=args.compile,
+                                                          cuda_graphs=args.cuda_graphs,
+                                                          sizes={**sizes, "num_classes": classes})]
     card = card_name() if device.type == "cuda" else "cpu"
-    mode = "torch.compile, DC-DiT fixed capacity" if args.compile else "eager"
-    print(f"\n{card}, torch {torch.__version__}, 256px (latent {latent}x{latent}), batch {batch}, {mode}, bf16 autocast")
-    print(f"{'model':<12}{'img/s':>9}{'GFLOPs/img':>12}{'speed-up':>10}{'FLOP pred':>10}{'peak GiB':>10}")
+    mode = ("torch.compile" + (" + CUDA graphs" if args.cuda_graphs else "") + ", DC-DiT fixed capacity"
+            if args.compile else "eager")
+    print(f"\n{card}, torch {torch.__version__}, {args.size} ({channels}x{latent}x{latent}), batch {batch}, {mode}, "
+          "bf16 autocast, fused AdamW")
+    print(f"{'model':<34}{'img/s':>9}{'GFLOPs/img':>12}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}{'peak GiB':>10}")
     for r in rows:
-        print(f"{r['model']:<12}{r['images_per_s']:>9.1f}{r['train_gflops_per_image']:>12.1f}"
-              f"{r['measured_speedup']:>10.2f}{r['flop_speedup']:>10.2f}{r['peak_gib']:>10.2f}")
-    config = f"{latent * 8}_{'compiled' if args.compile else 'eager'}"
+        print(f"{r['model']:<34}{r['images_per_s']:>9.1f}{r['train_gflops_per_image']:>12.2f}"
+              f"{r['measured_speedup']:>10.2f}{r['flop_speedup']:>10.2f}{r['ratio']:>7.2f}{r['peak_gib']:>10.2f}")
+    for r in rows:
+        if "scaffold_time_share" in r:
+            print(f"{r['model']}: the scaffold takes {r['scaffold_time_share']:.1%} of the step's time for "
+                  f"{r['scaffold_flop_share']:.1%} of its FLOPs")
+    config = f"{latent * 8 if args.size == '256' else args.size}_{'compiled' if args.compile else 'eager'}"
+    config += "_cudagraphs" if args.cuda_graphs else ""
     return save_result("train_speed", config, card, out=args.out, write=not args.tiny, batch=batch,
-                       compiled=args.compile, rows=rows)
+                       compiled=args.compile, cuda_graphs=args.cuda_graphs, rows=rows)
 
 
 if __name__ == "__main__":

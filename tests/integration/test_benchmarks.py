@@ -182,9 +182,16 @@ def test_sample_speed_times_each_setting_of_the_sampling_recipe(tmp_path, benchm
 def test_train_speed_sets_each_dc_dit_against_the_dit_of_its_width(benchmarks):
     result = _load("train_speed").main(["--tiny"])
     models = [r["model"] for r in result["rows"]]
-    assert models == ["DiT-B/2", "DC-DiT-B", "DiT-XL/2", "DC-DiT-XL"]
-    assert [r["measured_speedup"] for r in result["rows"][::2]] == [1.0, 1.0]
+    assert models == [f"{m}{w}{v}" for w in ("B", "XL") for m, v in (
+        ("DiT-", "/2"), ("DC-DiT-", ""), ("DC-DiT-", " + checkpoint_scaffold"), ("DC-DiT-", " scaffold only"))]
+    assert [r["measured_speedup"] for r in result["rows"][::4]] == [1.0, 1.0]
     assert all(r["images_per_s"] > 0 and r["train_gflops_per_image"] > 0 for r in result["rows"])
+    for dit, dc, ck, scaffold in (result["rows"][:4], result["rows"][4:]):
+        assert ck["train_gflops_per_image"] == dc["train_gflops_per_image"]  # recomputation is not counted
+        assert scaffold["train_gflops_per_image"] < dc["train_gflops_per_image"]
+        assert 0 < dc["scaffold_flop_share"] < 1 and dc["scaffold_time_share"] > 0
+    digits = _load("train_speed").main(["--tiny", "--size", "digits"])
+    assert [r["model"] for r in digits["rows"]][:2] == ["DiT-S/2", "DC-DiT-S"]
 
 
 def test_train_account_splits_a_step_by_component_and_checkpointing_holds_less(benchmarks):
