@@ -398,7 +398,7 @@ def main(argv=None) -> dict:
     mode = ("torch.compile" + (" + CUDA graphs" if args.cuda_graphs else "") + ", DC-DiT fixed capacity"
             if args.compile else "eager")
     print(f"\n{card}, torch {torch.__version__}, {args.size} ({channels}x{latent}x{latent}), batch {batch}, {mode}, "
-          "bf16 autocast, fused AdamW")
+          + ("bf16 autocast, " if device.type == "cuda" else "fp32, ") + "fused AdamW")
     print(f"{'model':<34}{'img/s':>9}{'GFLOPs/img':>12}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}{'peak GiB':>10}")
     for r in rows:
         print(f"{r['model']:<34}{r['images_per_s']:>9.1f}{r['train_gflops_per_image']:>12.2f}"
