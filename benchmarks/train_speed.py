@@ -192,9 +192,11 @@ class _Dispatch(TorchDispatchMode):
         return out
 
 
-def _build(name: str, size: dict, checkpoint: bool, **sizes) -> torch.nn.Module:
+def _build(name: str, size: dict, checkpoint: bool, fixed: bool = True, **sizes) -> torch.nn.Module:
+    """A seeded model in training mode; a DC-DiT's router biased to keep every token, in fixed-capacity mode
+    (a quarter of the grid) when ``fixed``, with ``checkpoint_scaffold`` set to ``checkpoint``."""
     torch.manual_seed(0)
-    fixed = {"plan_mode": "fixed", "capacity": size["latent"] ** 2 // 4} if name.startswith("DC") else {}
+    fixed = {"plan_mode": "fixed", "capacity": size["latent"] ** 2 // 4} if fixed and name.startswith("DC") else {}
     model = cf.create_model(name, input_size=size["latent"], in_channels=size["channels"],
                             num_classes=size["classes"], **fixed, **sizes).train()
     if model.supports_chunking:
@@ -319,30 +321,24 @@ def _cell(r: dict) -> str:
     return f"{r['train_gflops_per_image']:.1f} · {r['held_gib']:.2f} · {r['ops_fwd']}+{r['ops_bwd']}"
 
 
-SIZES = {  # --size: (widths, latent side, channels, classes, default batch)
-    "256": (("B", "XL"), 32, 4, 1000, 64),
-    "digits": (("S",), 32, 1, 10, 256),  # the digit study's models: 32x32 pixels, 1 channel, 10 classes
+SIZES = {  # --size: (widths, the account's size of those models, default batch)
+    "256": (("B", "XL"), ACCOUNT_SIZES["256px"][0], 64),
+    "digits": (("S",), ACCOUNT_SIZES["digits"][0], 256),  # the digit study's models
 }
 
 
-def training_rows(width: str, x, t, y, steps: int, *, compile: bool, cuda_graphs: bool, sizes: dict) -> list[dict]:
+def training_rows(width: str, size: dict, x, t, y, steps: int, *, compile: bool, cuda_graphs: bool,
+                  sizes: dict) -> list[dict]:
     """DiT, DC-DiT, DC-DiT with ``checkpoint_scaffold`` and DC-DiT's scaffold alone (no blocks) of one width:
     images/s, training GFLOPs per image (3x the forward's) and peak memory of each."""
-    latent, rows = x.shape[-1], []
+    rows = []
     variants = [(f"DiT-{width}/2", {}), (f"DC-DiT-{width}", {}),
                 (f"DC-DiT-{width} + checkpoint_scaffold", {}), (f"DC-DiT-{width} scaffold only", {"depth": 0})]
     for label, extra in variants:
         name = label.split(" ")[0]
-        torch.manual_seed(0)
-        dc = "DC" in name
-        fixed = dict(plan_mode="fixed", capacity=latent * latent // 4) if compile and dc else {}
-        model = cf.create_model(name, input_size=latent, in_channels=x.shape[1], **{**sizes, **extra},
-                                **fixed).to(x.device).train()
-        kw = {}
-        if dc:
-            torch.nn.init.constant_(model.router.scorer[-1].bias, 30.0)  # keep all, then drop 3/4
-            kw = {} if fixed else {"rho": 0.75}  # fixed mode: the capacity is the budget
-            model.checkpoint_scaffold = "checkpoint_scaffold" in label
+        model = _build(name, size, "checkpoint_scaffold" in label, fixed=compile, **{**sizes, **extra}).to(x.device)
+        # the router keeps every token; eager, a tail drop of 3/4 leaves the budget (fixed mode: the capacity)
+        kw = {"rho": 0.75} if model.supports_chunking and not compile else {}
         flops = cf.count_flops(model, x, t, y, **kw).per_sample * 3  # forward + backward
         run = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None) if compile else model
         ips, peak = throughput(run, x, t, y, steps, **kw)
@@ -383,17 +379,14 @@ def main(argv=None) -> dict:
     if args.batch is not None and args.batch < 1:
         ap.error(f"--batch must be >= 1, got {args.batch}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    widths, latent, channels, classes, batch = SIZES[args.size]
+    widths, size, batch = SIZES[args.size]
     batch, steps = (2, 2) if args.tiny else (args.batch or batch, args.steps)
-    latent = 16 if args.tiny else latent
+    size = {**size, "latent": 16} if args.tiny else size
     sizes = dict(depth=2, hidden_size=64, num_heads=2) if args.tiny else {}
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, channels, latent, latent, generator=g).to(device)
-    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    y = torch.randint(0, classes, (batch,), generator=g).to(device)
-    rows = [r for width in widths for r in training_rows(width, x, t, y, steps, compile=args.compile,
-                                                          cuda_graphs=args.cuda_graphs,
-                                                          sizes={**sizes, "num_classes": classes})]
+    x, t, y = (v.to(device) for v in _inputs(size, batch))
+    rows = [r for width in widths for r in training_rows(width, size, x, t, y, steps, compile=args.compile,
+                                                          cuda_graphs=args.cuda_graphs, sizes=sizes)]
+    latent, channels = size["latent"], size["channels"]
     card = card_name() if device.type == "cuda" else "cpu"
     mode = ("torch.compile" + (" + CUDA graphs" if args.cuda_graphs else "") + ", DC-DiT fixed capacity"
             if args.compile else "eager")
