@@ -98,11 +98,14 @@ def speed_table(res: dict) -> str:
 
 
 def sources(res: dict) -> str:
-    """The result files behind the table, each with its card, torch version and commit."""
+    """The result files behind the table, by card and torch version, each with its commit."""
     names = [n for n in res if n.startswith(("step_speed_", "vs_release_", "sample_speed_", "train_speed_"))
-             and n != "train_speed_account_cpu"]
-    return "\n".join(f"- `{n}.json`: {res[n]['card']}, torch {res[n]['torch']}, commit {(res[n].get('commit') or '?')[:8]}"
-                     for n in names)
+             and not n.startswith(("train_speed_account_", "train_speed_profile_"))]
+    groups: dict[tuple, list[str]] = {}
+    for n in names:
+        groups.setdefault((res[n]["card"], res[n]["torch"]), []).append(
+            f"`{n}.json` ({(res[n].get('commit') or '?')[:8]})")
+    return "\n".join(f"- {card}, torch {torch}: " + ", ".join(files) for (card, torch), files in groups.items())
 
 
 def tie(res: dict) -> str:
@@ -192,6 +195,44 @@ def train_account(res: dict) -> str:
     return "\n".join(lines)
 
 
+def train_profile(res: dict) -> str:
+    """Where a compiled training step's time goes per component, beside its FLOP share, from ``train_speed.py
+    --profile``."""
+    name = next((n for n in sorted(res) if n.startswith("train_speed_profile_digits_")), None)
+    if name is None:
+        return ""
+    r = res[name]
+    dit, dc = r["rows"]
+    comps = [c for c in dc["component_ms"]]
+    lines = [f"| {card_label(r)}, batch {dc['batch']}, ms | " + " | ".join(comps) + " | whole step |",
+             "|---|" + "---|" * (len(comps) + 1)]
+    for row in (dit, dc):
+        cells = [f"{row['component_ms'][c]:.2f}" if c in row["component_ms"] else "-" for c in comps]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {row['step_ms']['compiled']:.2f} |")
+    lines.append(f"| {dc['model']}: share of time · of FLOPs | " + " | ".join(
+        f"{dc['component_ms'][c] / dc['parts_ms']:.0%} · {dc['flop_share'].get(c, 0.0):.0%}" for c in comps) + " | |")
+    graphs = "compiled + CUDA graphs"
+    measured = dit["step_ms"]["compiled"] / dc["step_ms"]["compiled"]
+    predicted = dit["train_gflops_per_image"] / dc["train_gflops_per_image"]
+    kind = [row["profile"]["ms_per_step_by_kind"] for row in (dit, dc)]
+    layout = sum(ms for k, ms in dc["profile"]["top_kernels_ms_per_step"].items() if "nchwToNhwc" in k or "nhwcToNchw" in k)
+    scaffold = ("encoder", "router", "plan/pack", "de-chunk", "decoder")
+    time_share = sum(dc["component_ms"][c] for c in scaffold) / dc["parts_ms"]
+    flop_share = sum(dc["flop_share"].get(c, 0.0) for c in scaffold)
+    text = (f"\nDC-DiT-S trains at {_x(measured)} DiT-S/2's speed where its FLOPs predict {_x(predicted)}. Replayed "
+            f"from CUDA graphs the steps take {dit['step_ms'][graphs]:.1f} and {dc['step_ms'][graphs]:.1f} ms: at batch "
+            f"{dc['batch']} the step is not launch-bound. The scaffold (encoder to decoder, without the backbone) takes "
+            f"{time_share:.0%} of the time for {flop_share:.0%} of the FLOPs; its convolutions take "
+            f"{kind[1]['convolution']:.1f} ms of kernel time a step, with {layout:.1f} ms more of layout copies between "
+            f"NCHW and NHWC. The backbone, on as many tokens as DiT-S/2's, takes {dc['component_ms']['backbone']:.1f} "
+            f"against {dit['component_ms']['backbone']:.1f} ms: a fixed plan with padding slots needs a key mask, and "
+            f"masked attention that will be differentiated runs on the memory-efficient kernel "
+            f"({kind[1]['attention']:.1f} ms of kernel time a step, against {kind[0]['attention']:.1f} ms of cuDNN's "
+            f"flash kernel in DiT-S/2). Each component is compiled on its own here, so the parts sum to a little more "
+            f"than the whole step.")
+    return "\n".join(lines) + "\n" + text
+
+
 def composition(res: dict) -> str:
     """Whole sampling runs with merging and caching stacked on chunking, against DiT-XL/2 (eager; with
     ``merging.apply(..., compile=True)`` in the last column where that run exists)."""
@@ -244,7 +285,7 @@ def readme_status(res: dict) -> str:
     ])
 
 
-REGIONS = {"speed-table": speed_table, "readme-status": readme_status, "composition": composition, "host-syncs": host_syncs, "train-account": train_account, "sources": sources, "tie": tie, "steady": steady, "training": training}
+REGIONS = {"speed-table": speed_table, "readme-status": readme_status, "composition": composition, "host-syncs": host_syncs, "train-account": train_account, "train-profile": train_profile, "sources": sources, "tie": tie, "steady": steady, "training": training}
 
 
 def fill(text: str, res: dict) -> str:

@@ -7,6 +7,8 @@
     python benchmarks/train_speed.py --tiny       # CPU smoke run (nothing written)
     python benchmarks/train_speed.py --account    # CPU, about 1 min: where a training step's FLOPs, memory and ops go
                                                   # writes results/train_speed_account_cpu.json
+    python benchmarks/train_speed.py --profile --size digits --cuda-graphs --steps 20   # GPU, about 6 min: where a
+                                                  # compiled step's time goes: results/train_speed_profile_digits_<card>.json
 
 Training throughput (forward + backward + AdamW) and peak memory.
 
@@ -30,6 +32,14 @@ ops dispatched forward / backward (each at least one kernel launch on a GPU, eag
 turns on ``checkpoint_scaffold``. Then, on toy sizes of the same models (the counts do not depend on size):
 graph breaks and recompiles of ``torch.compile`` over four steps of multi-budget ``rho`` (a ``(B,)`` tensor,
 as the recipe passes it), and host syncs of a forward and backward with and without value checks.
+
+``--profile`` (DiT and DC-DiT of one width, the models, inputs and precision above, ``rho`` a ``(B,)`` tensor of
+the multi-budget draws) looks at one compiled training step three ways: each component (conditioning, embed,
+encoder, router, plan/pack, backbone, de-chunk, decoder, loss) compiled on its own and timed forward + backward on
+the inputs it sees in a real step, beside its share of the step's FLOPs, and AdamW's update; the whole step,
+compiled (and replayed from CUDA graphs with ``--cuda-graphs``); and a ``torch.profiler`` profile of the compiled
+step: kernels per step, the GPU's busy time against the wall-clock (well below 100%: a launch-bound step), and GPU
+time by kind of kernel (GEMM, attention, convolution, generated Triton, other).
 """
 
 import argparse
@@ -48,7 +58,10 @@ from common import card_name, save_result
 
 import chunkformer as cf
 from chunkformer._typing import value_checks
+from chunkformer.dechunk import Chunked
 from chunkformer.hostsync import count_host_syncs
+from chunkformer.plan import ChunkPlan
+from chunkformer.routing import RouterOutput
 
 
 def throughput(model, x, t, y, steps: int, **kw) -> tuple[float, float]:
@@ -357,6 +370,303 @@ def training_rows(width: str, size: dict, x, t, y, steps: int, *, compile: bool,
     return rows
 
 
+# ---------------------------------------------------------------------- --profile: where the time goes
+KINDS = {  # kernel name fragments (lower case) -> kind; the first match wins
+    "attention": ("flash", "fmha", "attention", "sdpa"),
+    "convolution": ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd"),
+    "GEMM": ("gemm", "cutlass", "nvjet", "xmma", "sm90", "sm80", "cublas", "matmul"),
+    "generated Triton": ("triton",),
+}
+
+
+# ---------------------------------------------------------------------------------- the step in stages
+def dcdit_stages(model, rho: torch.Tensor) -> list:
+    """DC-DiT's forward and loss as stages ``(component, fn(values) -> new values, inputs)``: tensors only
+    cross a boundary, so each stage compiles and runs backward on its own (``DCDiT.forward``, unrolled)."""
+    enc, dec = model.encoder, model.decoder
+    grid, capacity = model.grid, model.capacity
+
+    def routed(v):
+        return RouterOutput(probs=v["probs"], mask=v["mask"], natural_mask=v["natural"], confidence=v["conf"],
+                            grid=grid, batch_size=[v["probs"].shape[0]])
+
+    def plan(v):
+        B, L = v["order"].shape
+        return ChunkPlan(order=v["order"], lengths=v["lengths"], grid=grid, width=capacity, mode="fixed",
+                         batch_size=[B])
+
+    def route(v):
+        r = model.router(v["tokens"], grid, rho=rho)
+        return {"probs": r.probs, "mask": r.mask, "natural": r.natural_mask, "conf": r.confidence}
+
+    def pack(v):
+        p = Chunked.from_router(routed(v), v["tokens"], mode="fixed", capacity=capacity).plan
+        pos = p.take(model.position_table(grid, v["tokens"].device)).to(v["tokens"].dtype)
+        return {"order": p.order, "lengths": p.lengths, "h": p.chunk(v["tokens"]) + pos}
+
+    def dechunk(v):
+        chunked = Chunked(plan=plan(v), probs=v["probs"], confidence=v["conf"], tokens=v["tokens"],
+                          batch_size=[v["probs"].shape[0]])
+        return {"z": dec.merge(v["hb"], chunked).to(v["tokens"].dtype)}
+
+    def decode(v):
+        h = cf.grid.to_grid(v["z"], grid)
+        for block in dec.blocks:
+            h = block(h, v["c"])
+        return {"out": cf.grid.to_grid(dec.final(dec.norm(cf.grid.to_tokens(h)), v["c"]), grid)}
+
+    return [
+        ("conditioning", lambda v: {"c": model.condition(v["t"], v["y"])[1]}, ("t", "y")),
+        ("embed", lambda v: {"e": enc.embed(v["x"])}, ("x",)),
+        ("encoder", lambda v: {"tokens": _encode(enc, v["e"], v["c"])}, ("e", "c")),
+        ("router", route, ("tokens",)),
+        ("plan/pack", pack, ("probs", "mask", "natural", "conf", "tokens")),
+        ("backbone", lambda v: {"hb": model.norm(model.run_backbone(v["h"], v["c"], plan(v)))},
+         ("h", "c", "order", "lengths")),
+        ("de-chunk", dechunk, ("hb", "order", "lengths", "probs", "conf", "tokens")),
+        ("decoder", decode, ("z", "c")),
+        ("loss", lambda v: {"loss": _loss(v["out"]) + 0.03 * model.budget.ratio_loss(routed(v))},
+         ("out", "probs", "mask", "natural", "conf")),
+    ]
+
+
+def _encode(enc, h, c):
+    for block in enc.blocks:
+        h = block(h, c)
+    return enc.norm(cf.grid.to_tokens(h))
+
+
+def _loss(out):
+    return out.float().square().mean()
+
+
+def dit_stages(model, rho=None) -> list:
+    """DiT's forward and loss as stages (see :func:`dcdit_stages`)."""
+
+    def backbone(v):
+        h = v["h"]
+        for block in model.blocks:
+            h = block(h, v["c"])
+        return {"hb": h}
+
+    return [
+        ("conditioning", lambda v: {"c": model.t_embedder(v["t"]) + model.y_embedder(v["y"], v["t"].shape[0],
+                                                                                     v["t"].device)}, ("t", "y")),
+        ("embed", lambda v: {"h": model.x_embedder(v["x"]).flatten(2).transpose(1, 2) + model.pos_table.to(
+            v["x"].dtype)}, ("x",)),
+        ("backbone", backbone, ("h", "c")),
+        ("decoder", lambda v: {"out": model.unpatchify(model.final_layer(v["hb"], v["c"]), v["x"].shape[2:])},
+         ("hb", "c", "x")),
+        ("loss", lambda v: {"loss": _loss(v["out"])}, ("out",)),
+    ]
+
+
+# ------------------------------------------------------------------------------------------- timing
+def _timer(cuda: bool):
+    """``time(fn, reps) -> ms per call`` on the GPU's clock (CUDA events), else the host's."""
+    def run(fn, reps: int) -> float:
+        for _ in range(3):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / reps
+        return (time.perf_counter() - t0) * 1e3 / reps
+
+    return run
+
+
+def stage_times(model, stages, values: dict, reps: int, cuda: bool, compile: bool):
+    """Yield ``(component, ms)`` per forward + backward of each stage, compiled on its own (``compile``), on the
+    step's own inputs."""
+    timer, params = _timer(cuda), list(model.parameters())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    for name, fn, inputs in stages:
+        args = {k: values[k].detach().requires_grad_(values[k].requires_grad) for k in inputs}
+        with autocast:
+            out = fn(args)  # eager: which outputs carry a gradient, and grads of their shape
+        grads = {k: torch.randn_like(o) for k, o in out.items() if o.requires_grad}
+        run = torch.compile(fn) if compile else fn
+
+        def step():
+            res = run(args)
+            if grads:
+                torch.autograd.backward([res[k] for k in grads], [grads[k] for k in grads])
+            for p in params:
+                p.grad = None
+            for a in args.values():
+                a.grad = None
+
+        with autocast:
+            yield name, timer(step, reps)
+
+
+def run_values(stages, values: dict, cuda: bool) -> dict:
+    """Run the stages eagerly, in order, from ``x``, ``t`` and ``y``: every value a stage passes on."""
+    values = dict(values)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        for _, fn, inputs in stages:
+            values.update(fn({k: values[k] for k in inputs}))
+    return values
+
+
+def kernel_profile(step, steps: int) -> dict:
+    """Kernels per step, GPU busy time against wall-clock, and GPU time by kind of kernel, over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+    kinds, kernels, count = Counter(), Counter(), 0
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA or "memcpy" in e.name.lower() or "memset" in e.name.lower():
+            continue
+        count += 1
+        kinds[_kind(e.name)] += e.device_time_total / 1e3  # us -> ms
+        kernels[e.name[:100]] += e.device_time_total / 1e3
+    busy = sum(kinds.values())
+    wall = start.elapsed_time(end)
+    return {"kernels_per_step": count / steps, "busy_ms_per_step": busy / steps, "wall_ms_per_step": wall / steps,
+            "busy_fraction": busy / wall, "ms_per_step_by_kind": {k: v / steps for k, v in kinds.most_common()},
+            "top_kernels_ms_per_step": {k: v / steps for k, v in kernels.most_common(25)}}
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, frags in KINDS.items() if any(f in low for f in frags)), "other")
+
+
+class Subject:
+    """One model of the comparison, built and seeded, with a step's inputs (see :mod:`train_speed`)."""
+
+    def __init__(self, name: str, size: dict, batch: int, tiny: dict) -> None:
+        self.cuda = torch.cuda.is_available()
+        device = torch.device("cuda" if self.cuda else "cpu")
+        self.name, self.model = name, _build(name, size, False, **tiny).to(device)
+        self.x, self.t, self.y = (v.to(device) for v in _inputs(size, batch))
+        fractions = cf.budget.TimestepAdaptiveBudget().fractions  # rho: the multi-budget draws, a (B,) tensor
+        chunking = self.model.supports_chunking
+        self.kw = {"rho": torch.tensor([fractions[i % len(fractions)] for i in range(batch)], device=device)
+                   } if chunking else {}
+        with torch.no_grad():
+            report = cf.count_flops(self.model, self.x, self.t, self.y, **self.kw)
+        share = Counter()
+        for k, v in report.by_component.items():
+            share[FLOP_COMPONENTS.get(k, "other")] += v / report.total
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=self.cuda)
+        self.result = {"model": name, "batch": batch, "train_gflops_per_image": 3 * report.per_sample / 1e9,
+                       "flop_share": dict(share), "step_ms": {}, "component_ms": {}}
+
+    def step_fn(self, run):
+        """One training step of ``run`` (the model, or a compiled one): forward, loss, backward, AdamW."""
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+                out, info = run(self.x, self.t, self.y, return_info=True, **self.kw)
+                loss = _loss(out) + 0.03 * info.ratio_loss
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return step
+
+    def whole_step(self, reps: int, mode: str | None = None, profile: bool = False) -> None:
+        """Time the whole step compiled (``mode``: torch.compile's), and profile its kernels."""
+        key = ("compiled" + (" + CUDA graphs" if mode == "reduce-overhead" else "")) if self.cuda else "eager"
+        torch.compiler.reset()
+        step = self.step_fn(torch.compile(self.model, mode=mode) if self.cuda else self.model)
+        self.result["step_ms"][key] = ms = _timer(self.cuda)(step, reps)
+        print(f"{self.name}: whole step, {key}: {ms:.2f} ms", flush=True)
+        if profile and self.cuda:
+            self.result["profile"] = prof = kernel_profile(step, 5)
+            print(f"{self.name}: {prof['kernels_per_step']:.0f} kernels per step, GPU busy "
+                  f"{prof['busy_fraction']:.0%} of {prof['wall_ms_per_step']:.2f} ms", flush=True)
+
+    def components(self, reps: int) -> None:
+        """Time each component on its own (compiled on a GPU) and AdamW's update."""
+        model, timer = self.model, _timer(self.cuda)
+        stages = (dcdit_stages if model.supports_chunking else dit_stages)(model, self.kw.get("rho"))
+        values = run_values(stages, {"x": self.x, "t": self.t, "y": self.y}, self.cuda)
+        times = self.result["component_ms"]
+        for name, ms in stage_times(model, stages, values, reps, self.cuda, compile=self.cuda):
+            times[name] = times.get(name, 0.0) + ms
+            print(f"{self.name}: {name}: {ms:.2f} ms", flush=True)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        times["AdamW"] = timer(self.opt.step, reps)
+        self.opt.zero_grad(set_to_none=True)
+        self.result["parts_ms"] = sum(times.values())
+
+
+def run_profile(args) -> dict:
+    """``--profile``: each component's time beside its FLOP share, the whole step, the kernel profile."""
+    size, batch, dc, dit = ACCOUNT_SIZES["256px" if args.size == "256" else args.size]
+    tiny = dict(depth=2, hidden_size=64, num_heads=2) if args.tiny else {}
+    size, batch, reps = ({**size, "latent": 16}, 2, 2) if args.tiny else (size, args.batch or batch, args.steps)
+    subjects = [Subject(n, size, batch, tiny) for n in (f"DiT-{dit}", f"DC-DiT-{dc}")]
+    for s in subjects:  # most telling first: each figure is printed as soon as it is measured
+        s.whole_step(reps, profile=True)
+    if args.cuda_graphs and subjects[0].cuda:
+        for s in subjects:
+            s.whole_step(reps, mode="reduce-overhead")
+    if not args.no_components:
+        for s in reversed(subjects):
+            s.components(reps)
+    rows = [s.result for s in subjects]
+    card = card_name() if subjects[0].cuda else "cpu"
+    print_profile(rows, card, args.size, batch)
+    return save_result("train_speed", f"profile_{args.size}", card, out=args.out, write=not args.tiny, batch=batch,
+                       rows=rows)
+
+
+def print_profile(rows: list[dict], card: str, size: str, batch: int) -> None:
+    """``--profile``'s tables: components beside their FLOP share, whole steps, the kernel profile."""
+    print(f"\n{card}, torch {torch.__version__}, {size}, batch {batch}, ms per training step"
+          + (", each component compiled on its own" if card != "cpu" else ", eager"))
+    comps = [c for c in (*COMPONENTS, "AdamW") if any(c in r["component_ms"] for r in rows)]
+    if comps:
+        print("| component | " + " | ".join(f"{r['model']} ms | time | FLOPs" for r in rows) + " |")
+        print("|---|" + "---|---|---|" * len(rows))
+        for comp in comps:
+            cells = []
+            for r in rows:
+                ms = r["component_ms"].get(comp)
+                cells.append("- | - | -" if ms is None else f"{ms:.2f} | {ms / r['parts_ms']:.1%} | "
+                             f"{r['flop_share'].get(comp, 0.0):.1%}")
+            print(f"| {comp} | " + " | ".join(cells) + " |")
+        print("| **parts' sum** | " + " | ".join(f"{r['parts_ms']:.2f} | | " for r in rows) + " |")
+    dit, dc = rows
+    predicted = dit["train_gflops_per_image"] / dc["train_gflops_per_image"]
+    for key in dit["step_ms"]:
+        measured = dit["step_ms"][key] / dc["step_ms"][key]
+        print(f"whole step, {key}: DiT {dit['step_ms'][key]:.2f} ms, DC-DiT {dc['step_ms'][key]:.2f} ms: DC-DiT at "
+              f"{measured:.2f}x DiT's speed, FLOPs predict {predicted:.2f}x (ratio {measured / predicted:.2f})")
+    if "profile" not in dit:
+        return
+    print("\n| kernel profile, compiled step | " + " | ".join(r["model"] for r in rows) + " |\n|---|---|---|")
+    for key in ("kernels_per_step", "busy_ms_per_step", "wall_ms_per_step", "busy_fraction"):
+        print(f"| {key} | " + " | ".join(f"{r['profile'][key]:.3g}" for r in rows) + " |")
+    for kind in [*KINDS, "other"]:
+        print(f"| GPU ms, {kind} | " + " | ".join(
+            f"{r['profile']['ms_per_step_by_kind'].get(kind, 0.0):.2f}" for r in rows) + " |")
+    for r in rows:
+        print(f"\n{r['model']}: the kernels with the most GPU time, ms per step")
+        for k, ms in list(r["profile"]["top_kernels_ms_per_step"].items())[:15]:
+            print(f"  {ms:7.3f}  {k}")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=tuple(SIZES), default="256",
@@ -368,16 +678,24 @@ def main(argv=None) -> dict:
                     help="torch.compile every model; DC-DiT in fixed-capacity mode (capacity L/4, static shapes)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="with --compile: mode='reduce-overhead' (forward and backward replayed from CUDA graphs)")
+    ap.add_argument("--profile", action="store_true",
+                    help="GPU: each component compiled and timed on its own beside its FLOP share, the whole compiled "
+                         "step (with --cuda-graphs also from CUDA graphs) and its kernel profile")
+    ap.add_argument("--no-components", action="store_true", help="with --profile: the whole step only")
     ap.add_argument("--account", action="store_true",
                     help="CPU: FLOPs, held memory and ops per component, graph breaks, recompiles, host syncs")
     ap.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/<name>.json)")
     args = ap.parse_args(argv)
     if args.account:
         return run_account(args)
-    if args.cuda_graphs and not args.compile:
-        ap.error("--cuda-graphs needs --compile")
     if args.batch is not None and args.batch < 1:
         ap.error(f"--batch must be >= 1, got {args.batch}")
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
+    if args.profile:
+        return run_profile(args)
+    if args.cuda_graphs and not args.compile:
+        ap.error("--cuda-graphs needs --compile (or --profile)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     widths, size, batch = SIZES[args.size]
     batch, steps = (2, 2) if args.tiny else (args.batch or batch, args.steps)

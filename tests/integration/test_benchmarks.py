@@ -194,6 +194,38 @@ def test_train_speed_sets_each_dc_dit_against_the_dit_of_its_width(benchmarks):
     assert [r["model"] for r in digits["rows"]][:2] == ["DiT-S/2", "DC-DiT-S"]
 
 
+def test_train_profile_stages_compute_the_models_own_loss(benchmarks):
+    """The profile's staged step (each component on its own) is the model's forward and loss, unrolled."""
+    ts = _load("train_speed")
+    size = {"latent": 16, "channels": 1, "classes": 10}
+    for name in ("DiT-S/2", "DC-DiT-S"):
+        s = ts.Subject(name, size, 3, dict(depth=2, hidden_size=64, num_heads=2))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # no zero-initialised layer: every output depends on every component
+            for p in s.model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        stages = (ts.dcdit_stages if s.model.supports_chunking else ts.dit_stages)(s.model, s.kw.get("rho"))
+        torch.manual_seed(2)  # label dropout draws alike in both
+        staged = ts.run_values(stages, {"x": s.x, "t": s.t, "y": s.y}, cuda=False)["loss"]
+        torch.manual_seed(2)
+        out, info = s.model(s.x, s.t, s.y, return_info=True, **s.kw)
+        torch.testing.assert_close(staged, ts._loss(out) + 0.03 * info.ratio_loss)
+        assert staged > 0
+
+
+def test_train_profile_times_every_component_beside_its_flop_share(benchmarks):
+    result = _load("train_speed").main(["--profile", "--tiny", "--size", "digits"])
+    dit, dc = result["rows"]
+    assert (dit["model"], dc["model"]) == ("DiT-S/2", "DC-DiT-S")
+    assert set(dc["component_ms"]) == {"conditioning", "embed", "encoder", "router", "plan/pack", "backbone",
+                                       "de-chunk", "decoder", "loss", "AdamW"}
+    assert "router" not in dit["component_ms"] and dit["component_ms"]["backbone"] > 0
+    for r in (dit, dc):
+        assert r["parts_ms"] == pytest.approx(sum(r["component_ms"].values()))
+        assert sum(r["flop_share"].values()) == pytest.approx(1.0) and r["step_ms"]["eager"] > 0
+    assert dc["flop_share"]["encoder"] > 0 and dit["flop_share"].get("encoder", 0.0) == 0
+
+
 def test_train_account_splits_a_step_by_component_and_checkpointing_holds_less(benchmarks):
     result = _load("train_speed").main(["--account", "--tiny"])
     for size, (dit, dc, ck) in result["account"].items():
