@@ -137,11 +137,12 @@ EVERY = tuple(a for a in ARMS if "train.compile=true" not in ARMS[a].overrides) 
 @torch.no_grad()
 def router_statistics(model, diffusion, images: torch.Tensor, labels: torch.Tensor, device, seed: int,
                       timesteps: tuple[int, ...] = PROBE_T) -> dict:
-    """Kept fraction and kept density on strokes / background per timestep, over ``images`` (N, 1, 32, 32)."""
+    """Kept fraction, kept density and mean keep logit ``log(p / (1 - p))`` on strokes / background per timestep,
+    over ``images`` (N, 1, 32, 32). The logits show which side the router leans to before it keeps anything."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for t in timesteps:
-        kept = stroke_kept = stroke = bg_kept = bg = 0.0
+        kept = stroke_kept = stroke = bg_kept = bg = stroke_logit = bg_logit = 0.0
         for start in range(0, len(images), 500):
             x0, y = images[start:start + 500].to(device), labels[start:start + 500].to(device)
             tt = torch.full((len(x0),), t, device=device, dtype=torch.long)
@@ -149,6 +150,9 @@ def router_statistics(model, diffusion, images: torch.Tensor, labels: torch.Tens
             _, info = model(x_t, diffusion.model_timesteps(tt), y, return_info=True)
             mask = info.router.mask.float()  # (B, L), L = 32 * 32
             strokes = (x0.flatten(1) > 0).float()  # pixel above half intensity in [-1, 1]
+            logit = torch.logit(info.router.probs.float(), eps=1e-6)  # (B, L)
+            stroke_logit += float((logit * strokes).sum())
+            bg_logit += float((logit * (1 - strokes)).sum())
             kept += float(mask.sum())
             stroke_kept += float((mask * strokes).sum())
             stroke += float(strokes.sum())
@@ -156,7 +160,8 @@ def router_statistics(model, diffusion, images: torch.Tensor, labels: torch.Tens
             bg += float((1 - strokes).sum())
         total = stroke + bg
         rows.append({"t": t, "kept_fraction": kept / total, "stroke_density": stroke_kept / max(stroke, 1.0),
-                     "background_density": bg_kept / max(bg, 1.0)})
+                     "background_density": bg_kept / max(bg, 1.0), "stroke_logit": stroke_logit / max(stroke, 1.0),
+                     "background_logit": bg_logit / max(bg, 1.0)})
     return {"per_timestep": rows, "probe_images": len(images)}
 
 
@@ -165,7 +170,8 @@ ORIENTATION_T = (25, 500)  # low and mid noise: where the router's stroke / back
 
 def orientation_probe(cfg, seed: int, device, images: int = 256):
     """A ``train(probe=...)`` for chunking arms: what the router keeps of ``images`` fixed real digits at
-    ``ORIENTATION_T`` during training (``stroke_t25``, ``background_t25``, ...), to see when it picks its side."""
+    ``ORIENTATION_T`` during training (``stroke_t25``, ``background_t25``, ...) and its mean keep logit there
+    (``stroke_logit_t25``, ...), to see when it picks its side."""
     digits, labels = load_mnist_digits()
     digits, labels = digits[:images], labels[:images]
     diffusion = create_diffusion(cfg.diffusion.kind, num_timesteps=cfg.diffusion.num_timesteps,
@@ -173,7 +179,8 @@ def orientation_probe(cfg, seed: int, device, images: int = 256):
 
     def probe(model, step: int) -> dict:
         rows = router_statistics(model, diffusion, digits, labels, device, seed, ORIENTATION_T)["per_timestep"]
-        return {f"{key}_t{r['t']}": r[f"{key}_density"] for r in rows for key in ("stroke", "background")}
+        return {f"{key}{kind}_t{r['t']}": r[f"{key}_{'density' if not kind else 'logit'}"]
+                for r in rows for key in ("stroke", "background") for kind in ("", "_logit")}
     return probe
 
 

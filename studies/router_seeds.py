@@ -8,8 +8,9 @@
 Trains ``mnist-dcdit-s`` for the given steps with the given seed (extra ``key=value`` overrides after the
 output path) and, at every log step, measures over 256 fixed real digits what the router keeps at
 ``t = 25`` and ``t = 500``: the kept density on strokes and on background (``studies.mnist_study.orientation_probe``).
-Writes the curve and the final stroke / background ratio at ``t = 25`` to the JSON file and prints a one-line
-summary. The router finds the detail when strokes are kept at least 3x as densely as background.
+Writes the curve (with the mean keep logit on strokes and on background, which shows the side the router leans to
+before it keeps anything) and the final stroke / background ratio and logit gap at ``t = 25`` to the JSON file and
+prints a one-line summary. The router finds the detail when strokes are kept at least 3x as densely as background.
 ``model.overrides.router_init=release model.overrides.gate_grad=selected`` trains with the paper's router
 settings; ``--selected-after=K`` (among the overrides) switches to the paper's gate gradient at the first log
 step at or after step ``K``. On a GPU, ``train.checkpoint_scaffold=true`` lets eight runs share one card.
@@ -50,7 +51,8 @@ def main(argv: list[str]) -> dict:
     last = rows[-1]
     result = {"seed": seed, "steps": steps, "overrides": extra, "selected_after": switch, "seconds": time.time() - start, "curve": rows,
               "stroke_t25": last["stroke_t25"], "background_t25": last["background_t25"],
-              "ratio_t25": last["stroke_t25"] / max(last["background_t25"], 1e-6)}
+              "ratio_t25": last["stroke_t25"] / max(last["background_t25"], 1e-6),
+              "logit_gap_t25": last["stroke_logit_t25"] - last["background_logit_t25"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result))
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}))

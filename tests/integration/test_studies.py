@@ -1,6 +1,7 @@
 """The fidelity-study scripts (studies/): tiny arms end to end, scoring, log recovery and the generated report."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -340,3 +341,7 @@ def test_router_seeds_records_what_the_router_keeps_on_strokes_and_background(tm
     assert result["selected_after"] == 4 and not any(o.startswith("--") for o in result["overrides"])
     assert 0 <= result["stroke_t25"] <= 1 and 0 <= result["background_t25"] <= 1
     assert json.loads(out.read_text())["ratio_t25"] == result["ratio_t25"]
+    last = result["curve"][-1]  # the mean keep logits: below 0 where the router keeps less than half
+    assert result["logit_gap_t25"] == last["stroke_logit_t25"] - last["background_logit_t25"]
+    for side in ("stroke", "background"):
+        assert math.isfinite(last[f"{side}_logit_t25"]) and (last[f"{side}_logit_t25"] < 0) == (last[f"{side}_t25"] < 0.5)
