@@ -551,7 +551,7 @@ def _kind(name: str) -> str:
 
 
 class Subject:
-    """One model of the comparison, built and seeded, with a step's inputs (see :mod:`train_speed`)."""
+    """One model of ``--profile``: built and seeded as the timed rows build theirs, with a step's inputs."""
 
     def __init__(self, name: str, size: dict, batch: int, tiny: dict) -> None:
         self.cuda = torch.cuda.is_available()
