@@ -66,11 +66,20 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def step_ms(fn, reps: int, *args, warmup: int = 3) -> float:
-    """Host-clock ms per call of ``fn(*args)`` over ``reps`` calls after ``warmup`` calls (GPU work included)."""
+def step_ms(fn, reps: int, *args, warmup: int = 3, gpu_clock: bool = False) -> float:
+    """Host-clock ms per call of ``fn(*args)`` over ``reps`` calls after ``warmup`` calls (GPU work included);
+    ``gpu_clock``: on the GPU's clock (CUDA events around the calls) instead."""
     for _ in range(warmup):
         fn(*args)
     _sync()
+    if gpu_clock:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn(*args)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps
     start = time.perf_counter()
     for _ in range(reps):
         fn(*args)

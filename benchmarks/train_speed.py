@@ -54,7 +54,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from common import card_name, save_result
+from common import card_name, save_result, step_ms
 
 import chunkformer as cf
 from chunkformer._typing import value_checks
@@ -64,20 +64,27 @@ from chunkformer.plan import ChunkPlan
 from chunkformer.routing import RouterOutput
 
 
-def throughput(model, x, t, y, steps: int, **kw) -> tuple[float, float]:
-    """(images per second, peak memory in GiB) of ``steps`` training steps after a warm-up."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.is_cuda)  # (a compiled model shares them)
-    cuda = x.is_cuda
+def _loss(out):
+    return out.float().square().mean()
 
-    def step():  # one training step
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+
+def training_step(model, opt, x, t, y, **kw):
+    """One training step of ``model`` (or a compiled one) as a closure: bf16 autocast on a GPU, forward, loss,
+    backward, ``opt``'s update."""
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
             out, info = model(x, t, y, return_info=True, **kw)
-            loss = out.float().square().mean() + 0.03 * info.ratio_loss
+            loss = _loss(out) + 0.03 * info.ratio_loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return step
 
-    seconds, peak = time_steps(step, steps, cuda)
+
+def throughput(model, x, t, y, steps: int, **kw) -> tuple[float, float]:
+    """(images per second, peak memory in GiB) of ``steps`` training steps after a warm-up."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.is_cuda)  # (a compiled model shares them)
+    seconds, peak = time_steps(training_step(model, opt, x, t, y, **kw), steps, x.is_cuda)
     return x.shape[0] * steps / seconds, peak
 
 
@@ -231,7 +238,7 @@ def _step(model, x, t, y, rho: float, acc: Account | None = None) -> torch.Tenso
     out, info = model(x, t, y, return_info=True, **kw)
     if acc is not None:
         acc.loss()
-    loss = out.float().square().mean() + 0.03 * info.ratio_loss
+    loss = _loss(out) + 0.03 * info.ratio_loss
     held = acc.held() if acc is not None else None
     loss.backward()
     return held
@@ -391,16 +398,15 @@ def dcdit_stages(model, rho: torch.Tensor) -> list:
                             grid=grid, batch_size=[v["probs"].shape[0]])
 
     def plan(v):
-        B, L = v["order"].shape
         return ChunkPlan(order=v["order"], lengths=v["lengths"], grid=grid, width=capacity, mode="fixed",
-                         batch_size=[B])
+                         batch_size=[v["order"].shape[0]])
 
     def route(v):
         r = model.router(v["tokens"], grid, rho=rho)
         return {"probs": r.probs, "mask": r.mask, "natural": r.natural_mask, "conf": r.confidence}
 
     def pack(v):
-        p = Chunked.from_router(routed(v), v["tokens"], mode="fixed", capacity=capacity).plan
+        p = ChunkPlan.from_router(routed(v), mode="fixed", capacity=capacity)
         pos = p.take(model.position_table(grid, v["tokens"].device)).to(v["tokens"].dtype)
         return {"order": p.order, "lengths": p.lengths, "h": p.chunk(v["tokens"]) + pos}
 
@@ -436,10 +442,6 @@ def _encode(enc, h, c):
     return enc.norm(cf.grid.to_tokens(h))
 
 
-def _loss(out):
-    return out.float().square().mean()
-
-
 def dit_stages(model, rho=None) -> list:
     """DiT's forward and loss as stages (see :func:`dcdit_stages`)."""
 
@@ -462,31 +464,10 @@ def dit_stages(model, rho=None) -> list:
 
 
 # ------------------------------------------------------------------------------------------- timing
-def _timer(cuda: bool):
-    """``time(fn, reps) -> ms per call`` on the GPU's clock (CUDA events), else the host's."""
-    def run(fn, reps: int) -> float:
-        for _ in range(3):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        if cuda:
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / reps
-        return (time.perf_counter() - t0) * 1e3 / reps
-
-    return run
-
-
 def stage_times(model, stages, values: dict, reps: int, cuda: bool, compile: bool):
     """Yield ``(component, ms)`` per forward + backward of each stage, compiled on its own (``compile``), on the
     step's own inputs."""
-    timer, params = _timer(cuda), list(model.parameters())
+    params = list(model.parameters())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     for name, fn, inputs in stages:
         args = {k: values[k].detach().requires_grad_(values[k].requires_grad) for k in inputs}
@@ -505,7 +486,7 @@ def stage_times(model, stages, values: dict, reps: int, cuda: bool, compile: boo
                 a.grad = None
 
         with autocast:
-            yield name, timer(step, reps)
+            yield name, step_ms(step, reps, gpu_clock=cuda)
 
 
 def run_values(stages, values: dict, cuda: bool) -> dict:
@@ -571,23 +552,13 @@ class Subject:
         self.result = {"model": name, "batch": batch, "train_gflops_per_image": 3 * report.per_sample / 1e9,
                        "flop_share": dict(share), "step_ms": {}, "component_ms": {}}
 
-    def step_fn(self, run):
-        """One training step of ``run`` (the model, or a compiled one): forward, loss, backward, AdamW."""
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
-                out, info = run(self.x, self.t, self.y, return_info=True, **self.kw)
-                loss = _loss(out) + 0.03 * info.ratio_loss
-            loss.backward()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        return step
-
     def whole_step(self, reps: int, mode: str | None = None, profile: bool = False) -> None:
         """Time the whole step compiled (``mode``: torch.compile's), and profile its kernels."""
         key = ("compiled" + (" + CUDA graphs" if mode == "reduce-overhead" else "")) if self.cuda else "eager"
         torch.compiler.reset()
-        step = self.step_fn(torch.compile(self.model, mode=mode) if self.cuda else self.model)
-        self.result["step_ms"][key] = ms = _timer(self.cuda)(step, reps)
+        run = torch.compile(self.model, mode=mode) if self.cuda else self.model
+        step = training_step(run, self.opt, self.x, self.t, self.y, **self.kw)
+        self.result["step_ms"][key] = ms = step_ms(step, reps, gpu_clock=self.cuda)
         print(f"{self.name}: whole step, {key}: {ms:.2f} ms", flush=True)
         if profile and self.cuda:
             self.result["profile"] = prof = kernel_profile(step, 5)
@@ -596,7 +567,7 @@ class Subject:
 
     def components(self, reps: int) -> None:
         """Time each component on its own (compiled on a GPU) and AdamW's update."""
-        model, timer = self.model, _timer(self.cuda)
+        model = self.model
         stages = (dcdit_stages if model.supports_chunking else dit_stages)(model, self.kw.get("rho"))
         values = run_values(stages, {"x": self.x, "t": self.t, "y": self.y}, self.cuda)
         times = self.result["component_ms"]
@@ -605,7 +576,7 @@ class Subject:
             print(f"{self.name}: {name}: {ms:.2f} ms", flush=True)
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
-        times["AdamW"] = timer(self.opt.step, reps)
+        times["AdamW"] = step_ms(self.opt.step, reps, gpu_clock=self.cuda)
         self.opt.zero_grad(set_to_none=True)
         self.result["parts_ms"] = sum(times.values())
 
