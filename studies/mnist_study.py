@@ -246,7 +246,12 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
     if compiled and args.tflops > 0:
         raise ValueError(f"arm {name!r} trains compiled for --minutes (FLOPs cannot be counted under torch.compile); "
                          "run it without --tflops")
-    if args.tflops > 0 and not arm.upcycle:  # a fixed budget for every arm (arms may then run side by side)
+    fixed_steps = args.steps > 0 and not arm.upcycle
+    if fixed_steps:  # a step budget for every arm (equal wall-clock from rates measured in one call: see --steps)
+        overrides.append(f"train.steps={args.steps}")
+        if name.startswith("dcdit"):  # multi-budget draws start after an eighth, as in the paper (50K of 400K)
+            overrides.append(f"budget.warmup_steps={max(1, args.steps // 8)}")
+    elif args.tflops > 0 and not arm.upcycle:  # a fixed budget for every arm (arms may then run side by side)
         overrides.append(f"train.max_tflops={args.tflops}")
     elif arm.budget == "minutes":
         overrides.append(f"train.max_minutes={args.minutes}")
@@ -255,9 +260,9 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
                                 f"'dit' with --seed {args.seed} first on this machine (same --work), or give --tflops")
     elif not arm.upcycle:  # the upcycled arm's budget is steps (--upcycle-fractions of the scratch arm's), not FLOPs
         overrides.append(f"train.max_tflops={reference['train_tflops']}")
-    if arm.budget == "minutes" and name.startswith("dcdit"):  # multi-budget draws start after an eighth
+    if arm.budget == "minutes" and name.startswith("dcdit") and not fixed_steps:  # draws start after an eighth
         overrides.append(f"budget.warmup_steps={max(1, args.warmup_hint // 8)}")
-    if arm.budget != "minutes":
+    if arm.budget != "minutes" and not fixed_steps:
         marks = []
         if not arm.upcycle and reference is not None and args.tflops <= 0:  # (side by side, minutes mean nothing)
             marks.append(f"{reference['train_seconds'] / 60:.6f}min")  # equal wall-clock
@@ -344,6 +349,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--minutes", type=float, default=2.0, help="training minutes of the DiT arm (the budget)")
     ap.add_argument("--tflops", type=float, default=0.0,
                     help="training TFLOPs of every arm (default: the DiT arm trains --minutes, the others its TFLOPs)")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="training steps of every arm but 'upcycled', instead of --minutes / --tflops: trains a "
+                         "compiled arm in a call of its own, to the steps its measured rate gives in the "
+                         "wall-clock budget (docs/results.md)")
     ap.add_argument("--warmup-hint", type=int, default=1450,
                     help="expected training steps when no DiT record sets them (multi-budget warm-up = 1/8)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -373,6 +382,8 @@ def main(argv=None) -> dict:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         ap.error(f"unknown arm(s) {unknown}; choose from {', '.join(ORDER)}")
+    if args.steps < 0:
+        ap.error(f"--steps must be >= 0 (0: the --minutes / --tflops budgets), got {args.steps}")
     if args.tiny:
         args.samples, args.sample_steps, args.probe, args.batch = min(args.samples, 8), 2, min(args.probe, 16), 8
         args.minutes = min(args.minutes, 0.05)
