@@ -643,6 +643,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", choices=tuple(SIZES), default="256",
                     help="256: B and XL at 256px (32x32x4 latents); digits: S on the digit study's 32x32x1 images")
     ap.add_argument("--batch", type=int, default=None, help="default: 64 at 256px, 256 for digits")
+    ap.add_argument("--widths", default=None, help="comma-separated model widths of --size to run (default: all, "
+                    "B,XL at 256px, S for digits)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--compile", action="store_true",
@@ -669,6 +671,11 @@ def main(argv=None) -> dict:
         ap.error("--cuda-graphs needs --compile (or --profile)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     widths, size, batch = SIZES[args.size]
+    if args.widths is not None:
+        unknown = set(args.widths.split(",")) - set(widths)
+        if unknown:
+            ap.error(f"--widths {args.widths}: --size {args.size} has widths {','.join(widths)}")
+        widths = tuple(w for w in widths if w in args.widths.split(","))
     batch, steps = (2, 2) if args.tiny else (args.batch or batch, args.steps)
     size = {**size, "latent": 16} if args.tiny else size
     sizes = dict(depth=2, hidden_size=64, num_heads=2) if args.tiny else {}
@@ -691,6 +698,7 @@ def main(argv=None) -> dict:
                   f"{r['scaffold_flop_share']:.1%} of its FLOPs")
     config = f"{latent * 8 if args.size == '256' else args.size}_{'compiled' if args.compile else 'eager'}"
     config += "_cudagraphs" if args.cuda_graphs else ""
+    config += "" if args.widths is None else "_" + "_".join(widths).lower()
     return save_result("train_speed", config, card, out=args.out, write=not args.tiny, batch=batch,
                        compiled=args.compile, cuda_graphs=args.cuda_graphs, rows=rows)
 

@@ -192,6 +192,14 @@ def test_train_speed_sets_each_dc_dit_against_the_dit_of_its_width(benchmarks):
         assert 0 < dc["scaffold_flop_share"] < 1 and dc["scaffold_time_share"] > 0
     digits = _load("train_speed").main(["--tiny", "--size", "digits"])
     assert [r["model"] for r in digits["rows"]][:2] == ["DiT-S/2", "DC-DiT-S"]
+    xl = _load("train_speed").main(["--tiny", "--widths", "XL"])
+    assert [r["model"] for r in xl["rows"]][:2] == ["DiT-XL/2", "DC-DiT-XL"] and len(xl["rows"]) == 4
+
+
+def test_train_speed_names_the_widths_a_size_has(benchmarks, capsys):
+    with pytest.raises(SystemExit):
+        _load("train_speed").main(["--tiny", "--size", "digits", "--widths", "XL"])
+    assert "--size digits has widths S" in capsys.readouterr().err
 
 
 def test_train_profile_stages_compute_the_models_own_loss(benchmarks):
