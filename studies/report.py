@@ -8,6 +8,7 @@ steps) and ``studies/results/runs/s<seed>-<arm>-metrics.json`` (the recipe's end
 """
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -43,6 +44,7 @@ def load(results: Path = RESULTS) -> dict:
     out["reruns"] = [json.loads(path.read_text()) for path in sorted((results / "raw").glob("s*-*-rerun.json"))]
     for path in sorted(results.glob("bootstrap-*.json")):
         out["bootstrap"].append(json.loads(path.read_text()))
+    out["regime"] = [json.loads(path.read_text()) for path in sorted((results / "regime").glob("s*-*.json"))]
     for path in sorted((results / "runs").glob("s*-*-metrics.json")):
         seed, arm = path.name[1: -len("-metrics.json")].split("-", 1)
         out["metrics"][(int(seed), arm)] = json.loads(path.read_text())
@@ -435,8 +437,34 @@ def render(data: dict, img: Path = IMG) -> str:
                   f"| {fmt(fid_at(e, nc))} |" for s, a, k, e in comp]
     else:
         lines.append("Not run yet.")
+    lines += ["", *regime_section(data.get("regime", []))]
     lines.append("")
     return "\n".join(lines)
+
+
+def regime_section(runs: list[dict]) -> list[str]:
+    """Section 8: how far DiT-S/2 gets with more training, FID at each snapshot and at the end of each run."""
+    lines = ["## 8. A trained regime: DiT-S/2 to FID 12 and below", "",
+             "The sections above compare models after two minutes of training. Here DiT-S/2 trains longer, with the "
+             "learning rate and warm-up a row names (the recipe's otherwise); FID of the EMA model at snapshots on "
+             "the way and at the end. Training minutes start after the first (compiling) step.", ""]
+    if not runs:
+        return lines + ["Not run yet (`mnist_study.py --arms dit-compiled --minutes 6.3 --override optim.lr=6e-4`)."]
+    lines += ["| seed | card | training | lr, warm-up steps | steps | training min | FID (5000) |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        extra = dict(o.split("=", 1) for o in r.get("overrides", []) if "=" in o)
+        optim = r.get("recipe", {}).get("optim", {})
+        lr = f"{float(extra.get('optim.lr', optim.get('lr', 'nan'))):.0e}".replace("e-0", "e-")
+        lr += f", warm-up {extra.get('optim.warmup_steps', optim.get('warmup_steps', '-'))}"
+        how = "compiled" if extra.get("train.compile") == "true" else "eager"
+        points = [(snap["step"], snap["minutes"], snap["sets"].get("base", {})) for snap in r["snapshots"].values()]
+        points.append((r["train_steps"], r["train_seconds"] / 60, r["sets"].get("base", {})))
+        lines += [f"| {r['seed']} | {r.get('device', '?').replace('NVIDIA ', '')} | {how} | {lr} | {step} "
+                  f"| {minutes:.1f} | {fmt(fid_at(base, 5000))} |" for step, minutes, base in sorted(points, key=lambda p: p[0])]
+    commands = sorted({re.sub(r"(\S+=\[\S*\])", r"'\1'", r["command"].replace(" --out /root/out", " --out OUT"))
+                       for r in runs if r.get("command")})  # a list override quoted for the shell
+    lines += ["", "Commands:", "", *[f"    {c}" for c in commands]]
+    return lines
 
 
 GUIDANCE_SCALE = 1.25

@@ -141,6 +141,11 @@ def test_compiled_arms_train_for_the_minutes_without_counting(tmp_path, studies,
     refused = mnist_study.main([*args, "--arms", "dcdit-compiled", "--tflops", "100"])
     assert "without --tflops" in refused["dcdit-compiled"]["error"]
     assert "dit-compiled" not in mnist_study.EVERY and "dcdit" in mnist_study.EVERY  # "--arms all" keeps one rule
+    seen.clear()  # --steps: a step budget for each arm instead of the minutes
+    mnist_study.main([*args, "--arms", "dit-compiled,dcdit-compiled", "--steps", "40"])
+    for name, (cfg, _) in seen.items():
+        assert cfg.train.steps == 40 and cfg.train.max_minutes == 0 and cfg.train.compile
+    assert set(seen) == {"DiT-S/2", "DC-DiT-S"}
 
 
 @needs_digits
@@ -252,6 +257,17 @@ def test_report_tables_come_from_the_records(tmp_path, studies):
     text = report.render(data | {"curves": data["curves"] | {(0, "dcdit"): probed}}, img=tmp_path)
     assert "![router orientation](" in text and (tmp_path / "router_orientation.png").is_file()
     assert "No study runs yet" in report.render({"records": {}, "curves": {}, "metrics": {}}, img=tmp_path)
+    assert "Not run yet (`mnist_study.py --arms dit-compiled" in text  # no longer DiT run
+    # the trained regime: each snapshot and the end of each longer DiT run, in step order
+    snap = {"mark": "1.5min", "step": 2000, "minutes": 1.5, "sets": {"base": {"fid_by_samples": {"5000": 14.0}}}}
+    long = _record(0, "dit-compiled", {}, [], kept=1.0) | {
+        "sets": {"base": {"fid_by_samples": {"5000": 9.5}}}, "snapshots": {"1.5min": snap}, "train_steps": 4000,
+        "train_seconds": 180.0, "overrides": ["train.compile=true", "optim.lr=6e-4", "optim.warmup_steps=200"],
+        "command": "python studies/mnist_study.py --override train.snapshots=[\"1.5min\"] --out /root/out"}
+    text = report.render(data | {"regime": [long]}, img=tmp_path)
+    assert text.index("| 0 | H200 | compiled | 6e-4, warm-up 200 | 2000 | 1.5 | 14.00 |") < text.index(
+        "| 0 | H200 | compiled | 6e-4, warm-up 200 | 4000 | 3.0 | 9.50 |")
+    assert "--override 'train.snapshots=[\"1.5min\"]' --out OUT" in text
 
 
 @needs_digits
