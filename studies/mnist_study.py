@@ -21,7 +21,12 @@ An *arm* is one trained model and the sample sets drawn from it (:data:`ARMS`):
 * ``dit-compiled`` and ``dcdit-compiled``: equal wall-clock with compiled training steps
   (``train.compile=true``), each for ``--minutes`` counted from the end of its first (compiling)
   step; FLOPs are not counted (counting hooks and torch.compile exclude each other). Run them one
-  after the other on one card: ``--arms dit-compiled,dcdit-compiled --minutes 2``.
+  after the other on one card: ``--arms dit-compiled,dcdit-compiled --minutes 2``. Their sets are the
+  speed-quality frontier: DiT-S/2 at 50, 35, 25 and 15 DDIM steps, DC-DiT-S at rho 0 to 0.6 and with
+  Lite-CFG, and ``dcdit-single-compiled`` (no multi-budget training) at rho 0 to 0.6.
+* ``--steps N`` trains every arm N steps instead: for budgets longer than one call allows, each arm
+  trains in a call of its own, to the steps its compiled rate (measured for both in one call) reaches
+  in the wall-clock budget.
 * Each sample set draws ``--samples`` images from the EMA model with DDIM (``--sample-steps``)
   at a kept-token budget ``rho``, optionally with guidance (standard CFG, or Lite-CFG: the
   unconditional pass at rho 0.9), token merging or step caching, and records TFLOPs per image
@@ -88,6 +93,7 @@ class SampleSet:
     uncond_rho: float | None = None  # Lite-CFG: the unconditional pass's rho
     merge_ratio: float = 0.0
     cache_threshold: float = 0.0
+    ddim_steps: int | None = None  # sampling steps (None: --sample-steps)
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,7 @@ class Arm:
 
 
 ELASTIC = tuple(SampleSet(f"rho{r:g}", rho=r) for r in (0.2, 0.4, 0.6))
+FEWER_STEPS = tuple(SampleSet(f"ddim{n}", ddim_steps=n) for n in (35, 25, 15))  # what a DiT user does to go faster
 COMPILED = ("train.compile=true", "train.count_flops=false")
 ARMS: dict[str, Arm] = {
     "dit": Arm("mnist-dit-s", budget="minutes", sets=(
@@ -123,12 +130,16 @@ ARMS: dict[str, Arm] = {
                     upcycle=True, sample_layout="packed"),
     # equal wall-clock with compiled training steps: both for --minutes (from the end of the compiling first
     # step), FLOPs not counted (counting hooks and torch.compile exclude each other); run them one after the other
-    "dit-compiled": Arm("mnist-dit-s", COMPILED, budget="minutes"),
+    "dit-compiled": Arm("mnist-dit-s", COMPILED, budget="minutes", sets=(SampleSet("base"), *FEWER_STEPS)),
     # static shapes for the compiler: fixed capacity 320 (31% of the grid; the trained router keeps 17-27%), and
     # rho reaches the model as a tensor. Packed plans change shape every step, so a compiled packed arm
     # keeps recompiling
     "dcdit-compiled": Arm("mnist-dcdit-s", (*COMPILED, "model.overrides.plan_mode=fixed", "model.overrides.capacity=320"),
-                          budget="minutes", sample_layout="packed"),
+                          budget="minutes", sample_layout="packed", sets=(
+                              SampleSet("base"), *ELASTIC, SampleSet("lite-cfg", guidance=GUIDANCE, uncond_rho=0.9))),
+    "dcdit-single-compiled": Arm("mnist-dcdit-s", (*COMPILED, "budget.multi_budget=false",
+                                                   "model.overrides.plan_mode=fixed", "model.overrides.capacity=320"),
+                                 budget="minutes", sample_layout="packed", sets=(SampleSet("base"), *ELASTIC)),
 }
 ORDER = tuple(ARMS)
 EVERY = tuple(a for a in ARMS if "train.compile=true" not in ARMS[a].overrides)  # "--arms all": one budget rule
@@ -209,11 +220,11 @@ def draw(model, diffusion, s: SampleSet, args, device, where: Path, score: bool)
     start = time.time()
     out = generate(model, diffusion, num=args.samples, shape=(model.in_channels, *model.grid),
                    num_classes=model.num_classes, device=device, seed=args.seed, sampler="ddim",
-                   steps=args.sample_steps, guidance=s.guidance, rho=s.rho, uncond_rho=s.uncond_rho,
+                   steps=s.ddim_steps or args.sample_steps, guidance=s.guidance, rho=s.rho, uncond_rho=s.uncond_rho,
                    batch_size=args.batch, merge_ratio=s.merge_ratio, cache_threshold=s.cache_threshold)
     images = to_uint8(out["samples"])
     np.savez_compressed(where / f"{s.name}.npz", samples=images, labels=out["labels"].numpy())
-    record = {**{k: v for k, v in vars(s).items()}, "sampler": "ddim", "steps": args.sample_steps, "ema": True,
+    record = {**{k: v for k, v in vars(s).items()}, "sampler": "ddim", "steps": s.ddim_steps or args.sample_steps, "ema": True,
               "num_samples": args.samples, "seed": args.seed, "kept_fraction": out["kept_fraction"],
               "kept_by_step": out["kept_by_step"], "tflops_per_image": out["tflops_per_image"],
               "skipped_steps": out["skipped_steps"], "seconds": time.time() - start}

@@ -127,7 +127,8 @@ def plot_curves(data: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_pareto(points: list[tuple[str, float, float]], path: Path, n: int) -> Path | None:
+def plot_pareto(points: list[tuple[str, float, float]], path: Path, n: int,
+                xlabel: str = "TFLOPs per image (50 DDIM steps)", title: str = "elastic inference") -> Path | None:
     if not points:
         return None
     import matplotlib
@@ -142,7 +143,7 @@ def plot_pareto(points: list[tuple[str, float, float]], path: Path, n: int) -> P
     for series, xy in by_series.items():
         xy.sort()
         ax.plot(*zip(*xy), "o-" if len(xy) > 1 else "s", label=series)
-    ax.set(xlabel="TFLOPs per image (50 DDIM steps)", ylabel=f"FID ({n} samples)", title="elastic inference")
+    ax.set(xlabel=xlabel, ylabel=f"FID ({n} samples)", title=title)
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -437,20 +438,22 @@ def render(data: dict, img: Path = IMG) -> str:
                   f"| {fmt(fid_at(e, nc))} |" for s, a, k, e in comp]
     else:
         lines.append("Not run yet.")
-    lines += ["", *regime_section(data.get("regime", []))]
+    lines += ["", *regime_section(data.get("regime", []), img)]
     lines.append("")
     return "\n".join(lines)
 
 
-def regime_section(runs: list[dict]) -> list[str]:
-    """Section 8: how far DiT-S/2 gets with more training, FID at each snapshot and at the end of each run."""
+def regime_section(runs: list[dict], img: Path) -> list[str]:
+    """Sections 8 and 9, from ``studies/results/regime/``: FID on the way to and in the trained regime, and the
+    speed-quality frontier of sampling there (images/s beside FID)."""
     lines = ["## 8. A trained regime: DiT-S/2 to FID 12 and below", "",
-             "The sections above compare models after two minutes of training. Here DiT-S/2 trains longer, with the "
-             "learning rate and warm-up a row names (the recipe's otherwise); FID of the EMA model at snapshots on "
-             "the way and at the end. Training minutes start after the first (compiling) step.", ""]
+             "The sections above compare models after two minutes of training. Here the models train longer, with "
+             "the learning rate and warm-up a row names (the recipe's otherwise); FID of the EMA model at snapshots "
+             "on the way and at the end. Training minutes start after the first (compiling) step.", ""]
     if not runs:
         return lines + ["Not run yet (`mnist_study.py --arms dit-compiled --minutes 6.3 --override optim.lr=6e-4`)."]
-    lines += ["| seed | card | training | lr, warm-up steps | steps | training min | FID (5000) |", "|---|---|---|---|---|---|---|"]
+    lines += ["| seed | model | card | training | lr, warm-up steps | steps | training min | FID (5000) |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         extra = dict(o.split("=", 1) for o in r.get("overrides", []) if "=" in o)
         optim = r.get("recipe", {}).get("optim", {})
@@ -459,11 +462,36 @@ def regime_section(runs: list[dict]) -> list[str]:
         how = "compiled" if extra.get("train.compile") == "true" else "eager"
         points = [(snap["step"], snap["minutes"], snap["sets"].get("base", {})) for snap in r["snapshots"].values()]
         points.append((r["train_steps"], r["train_seconds"] / 60, r["sets"].get("base", {})))
-        lines += [f"| {r['seed']} | {r.get('device', '?').replace('NVIDIA ', '')} | {how} | {lr} | {step} "
-                  f"| {minutes:.1f} | {fmt(fid_at(base, 5000))} |" for step, minutes, base in sorted(points, key=lambda p: p[0])]
+        lines += [f"| {r['seed']} | {LABEL.get(r['arm'], r['arm'])} | {r.get('device', '?').replace('NVIDIA ', '')} "
+                  f"| {how} | {lr} | {step} | {minutes:.1f} | {fmt(fid_at(base, 5000))} |"
+                  for step, minutes, base in sorted(points, key=lambda p: p[0])]
     commands = sorted({re.sub(r"(\S+=\[\S*\])", r"'\1'", r["command"].replace(" --out /root/out", " --out OUT"))
                        for r in runs if r.get("command")})  # a list override quoted for the shell
     lines += ["", "Commands:", "", *[f"    {c}" for c in commands]]
+
+    lines += ["", "## 9. The speed-quality frontier of sampling", "",
+              "What a user chooses from, in the trained regime: each model's sample sets, images per second (5000 "
+              "samples drawn as the FID set is: eager, fp32, with the GPU fast paths and FLOP counting, on the card "
+              "named) beside FID. DiT-S/2 goes faster with fewer DDIM steps, DC-DiT-S with a tighter budget rho.", ""]
+    rows = [(r, name, e) for r in runs if set(r["sets"]) - {"base"}  # the runs that drew their frontier sets
+            for name, e in r["sets"].items() if fid_at(e, 5000) is not None and e.get("seconds") and e.get("num_samples")]
+    if not rows:
+        return lines + ["Not run yet (arms `dit-compiled`, `dcdit-compiled`, `dcdit-single-compiled` with `--sets` of "
+                        "their frontier, in the trained regime)."]
+    lines += ["| seed | model | card | sampling | DDIM steps | images/s | TFLOPs/img | FID (5000) |",
+              "|---|---|---|---|---|---|---|---|"]
+    points = []
+    for r, name, e in rows:
+        rate = e["num_samples"] / e["seconds"]
+        lines.append(f"| {r['seed']} | {LABEL.get(r['arm'], r['arm'])} | {r.get('device', '?').replace('NVIDIA ', '')} "
+                     f"| {name} | {e.get('steps', '-')} | {rate:.0f} | {e['tflops_per_image']:.3f} "
+                     f"| {fmt(fid_at(e, 5000))} |")
+        series = LABEL.get(r["arm"], r["arm"]) + (", Lite-CFG" if name == "lite-cfg" else "")
+        points.append((f"{series} (seed {r['seed']})", rate, fid_at(e, 5000)))
+    figure = plot_pareto(points, img / "frontier.png", 5000, xlabel="images per second", title="sampling frontier")
+    if figure is not None:
+        rel = figure.relative_to(ROOT / "docs").as_posix() if figure.is_relative_to(ROOT / "docs") else figure
+        lines += ["", f"![sampling frontier]({rel})"]
     return lines
 
 

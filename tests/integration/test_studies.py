@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_recipes import needs_digits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -265,9 +266,19 @@ def test_report_tables_come_from_the_records(tmp_path, studies):
         "train_seconds": 180.0, "overrides": ["train.compile=true", "optim.lr=6e-4", "optim.warmup_steps=200"],
         "command": "python studies/mnist_study.py --override train.snapshots=[\"1.5min\"] --out /root/out"}
     text = report.render(data | {"regime": [long]}, img=tmp_path)
-    assert text.index("| 0 | H200 | compiled | 6e-4, warm-up 200 | 2000 | 1.5 | 14.00 |") < text.index(
-        "| 0 | H200 | compiled | 6e-4, warm-up 200 | 4000 | 3.0 | 9.50 |")
+    assert text.index("| 0 | DiT-S/2, compiled training | H200 | compiled | 6e-4, warm-up 200 | 2000 | 1.5 | 14.00 |") < text.index(
+        "| 0 | DiT-S/2, compiled training | H200 | compiled | 6e-4, warm-up 200 | 4000 | 3.0 | 9.50 |")
     assert "--override 'train.snapshots=[\"1.5min\"]' --out OUT" in text
+    assert "## 9. The speed-quality frontier of sampling" in text and "Not run yet (arms `dit-compiled`" in text
+    # the frontier: every set of a run that drew more than its base set, images/s beside FID, and the figure
+    fewer = {"fid_by_samples": {"5000": 12.5}, "num_samples": 5000, "seconds": 25.0, "steps": 15,
+             "tflops_per_image": 0.18}
+    long["sets"] |= {"ddim15": fewer}
+    long["sets"]["base"] |= {"num_samples": 5000, "seconds": 50.0, "steps": 50, "tflops_per_image": 0.6}
+    text = report.render(data | {"regime": [long]}, img=tmp_path)
+    assert "| 0 | DiT-S/2, compiled training | H200 | ddim15 | 15 | 200 | 0.180 | 12.50 |" in text
+    assert "| 0 | DiT-S/2, compiled training | H200 | base | 50 | 100 | 0.600 | 9.50 |" in text
+    assert (tmp_path / "frontier.png").is_file() and "![sampling frontier](" in text
 
 
 @needs_digits
@@ -361,3 +372,26 @@ def test_router_seeds_records_what_the_router_keeps_on_strokes_and_background(tm
     assert result["logit_gap_t25"] == last["stroke_logit_t25"] - last["background_logit_t25"]
     for side in ("stroke", "background"):
         assert math.isfinite(last[f"{side}_logit_t25"]) and (last[f"{side}_logit_t25"] < 0) == (last[f"{side}_t25"] < 0.5)
+
+
+def test_a_sample_set_draws_with_its_own_ddim_steps(tmp_path, studies, monkeypatch):
+    """The frontier's DiT sets sample with fewer DDIM steps than --sample-steps, and record the steps they used."""
+    import argparse
+
+    import mnist_study
+
+    seen = []
+
+    def fake_generate(model, diffusion, *, num, steps, **kw):
+        seen.append(steps)
+        return {"samples": torch.zeros(num, 1, 4, 4), "labels": torch.zeros(num, dtype=torch.long),
+                "kept_fraction": 1.0, "kept_by_step": [1.0] * steps, "tflops_per_image": 0.1, "skipped_steps": 0.0}
+    monkeypatch.setattr(mnist_study, "generate", fake_generate)
+    model = argparse.Namespace(in_channels=1, grid=(4, 4), num_classes=10)
+    args = argparse.Namespace(samples=2, sample_steps=50, seed=0, batch=2)
+    sets = {s.name: s for s in mnist_study.ARMS["dit-compiled"].sets}
+    assert list(sets) == ["base", "ddim35", "ddim25", "ddim15"]
+    records = [mnist_study.draw(model, None, sets[k], args, "cpu", tmp_path, score=False) for k in ("base", "ddim15")]
+    assert seen == [50, 15] and [r["steps"] for r in records] == [50, 15]
+    assert (tmp_path / "ddim15.npz").is_file()
+    assert [s.name for s in mnist_study.ARMS["dcdit-single-compiled"].sets] == ["base", "rho0.2", "rho0.4", "rho0.6"]
