@@ -342,3 +342,37 @@ def test_set_plan_validates_the_settings_together_and_attribute_assignment_is_re
     for name in ("plan_mode", "capacity", "fill_capacity"):
         with pytest.raises(AttributeError, match="set_plan"):
             setattr(model, name, 8)
+
+
+def test_a_compiled_training_step_recomputes_the_checkpointed_scaffold_to_the_same_gradients():
+    """checkpoint_scaffold under torch.compile (dynamo and AOT autograd trace the checkpointed regions; fixed
+    capacity): the loss and every gradient of the eager step without checkpointing."""
+    code = """
+        import torch, chunkformer as cf
+        torch.manual_seed(0)
+        model = cf.create_model("DC-DiT-S", hidden_size=32, depth=1, num_heads=2, input_size=8, num_classes=3,
+                                plan_mode="fixed", capacity=16).train()
+        with torch.no_grad():  # zero-init output layers would leave the scaffold without gradients
+            for p in model.parameters():
+                p.normal_(0, 0.2)
+        x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([0, 2])
+        rho = torch.tensor([0.0, 0.3])
+        def step(run):
+            model.zero_grad(set_to_none=True)
+            out, info = run(x, t, y, rho=rho, return_info=True)
+            loss = out.square().mean() + 0.03 * info.ratio_loss
+            loss.backward()
+            return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        loss, grads = step(model)
+        model.checkpoint_scaffold = True
+        loss_ck, grads_ck = step(torch.compile(model, backend="aot_eager"))
+        assert grads.keys() == grads_ck.keys() and any(n.startswith("encoder.") for n in grads)
+        worst = max(float((grads_ck[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in grads.items())
+        print(float((loss_ck - loss).abs()), worst)
+    """
+    env = {**os.environ, "CHUNKFORMER_TYPECHECK": "0"}  # compiled models run without the jaxtyping wrappers
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    loss_gap, worst = map(float, res.stdout.strip().splitlines()[-1].split())
+    assert loss_gap < 1e-5 and worst < 1e-4
