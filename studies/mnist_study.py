@@ -14,7 +14,7 @@ An *arm* is one trained model and the sample sets drawn from it (:data:`ARMS`):
   snapshot when it passes the DiT's minutes; ``dcdit-single`` (no multi-budget training),
   ``dcdit-random`` (content-blind boundaries at the same expected kept count) and
   ``dcdit-cosine`` (the v1 2-D cosine router) train to the same FLOPs;
-  ``upcycled`` starts from this seed's trained DiT (``upcycle.source``), saves snapshots at
+  ``upcycled`` starts from this seed's trained DiT (``dit``, else ``dit-compiled``), saves snapshots at
   1/16, 1/8 and 1/4 of the from-scratch ``dcdit`` steps and stops at 1/2 (``--upcycle-fractions``
   sets them; its budget is these steps, not the DiT's FLOPs), to find the steps it needs to match it
   (``--scratch-steps`` gives that count when the ``dcdit`` arm ran elsewhere).
@@ -266,10 +266,12 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
         overrides.append(f"train.max_tflops={args.tflops}")
     elif arm.budget == "minutes":
         overrides.append(f"train.max_minutes={args.minutes}")
+    elif arm.upcycle:  # its budget is steps (--upcycle-fractions of the scratch arm's), not the DiT's FLOPs
+        pass
     elif reference is None:
         raise FileNotFoundError(f"{ref_path} is missing: arm {name!r} trains to the DiT's budget, so run arm "
                                 f"'dit' with --seed {args.seed} first on this machine (same --work), or give --tflops")
-    elif not arm.upcycle:  # the upcycled arm's budget is steps (--upcycle-fractions of the scratch arm's), not FLOPs
+    else:
         overrides.append(f"train.max_tflops={reference['train_tflops']}")
     if arm.budget == "minutes" and name.startswith("dcdit") and not fixed_steps:  # draws start after an eighth
         overrides.append(f"budget.warmup_steps={max(1, args.warmup_hint // 8)}")
@@ -284,7 +286,12 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
             scratch = args.scratch_steps or json.loads((seed_dir / "dcdit" / "record.json").read_text())["train_steps"]
             *early, last = [max(1, round(f * scratch)) for f in args.upcycle_fractions]  # ascending
             marks = [f"{s}steps" for s in early]
-            overrides += [f"upcycle.source={seed_dir / 'dit' / 'run' / 'final'}", f"train.steps={last}",
+            source = next((seed_dir / d / "run" / "final" for d in ("dit", "dit-compiled")
+                           if (seed_dir / d / "run" / "final").is_dir()), None)
+            if source is None:
+                raise FileNotFoundError(f"arm 'upcycled' starts from this seed's trained DiT: run arm 'dit' or "
+                                        f"'dit-compiled' with --seed {args.seed} first on this machine (same --work)")
+            overrides += [f"upcycle.source={source}", f"train.steps={last}",
                           f"upcycle.distill_steps={max(1, scratch // 10)}",
                           f"budget.warmup_steps={max(0, scratch // 10)}"]
         overrides.append("train.snapshots=" + json.dumps(marks))

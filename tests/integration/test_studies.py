@@ -91,6 +91,10 @@ def test_upcycle_fractions_set_the_snapshots_and_the_end(tiny_study, tmp_path):
     scratch = results["dcdit"]["train_steps"]
     for arm in ("dit", "dcdit"):  # a fresh work folder holding the two arms the upcycled one reads
         shutil.copytree(work / "s3" / arm, tmp_path / "w" / "s3" / arm)
+    missing = mnist_study.main(["--tiny", "--seed", "3", "--arms", "upcycled", "--scratch-steps", "4",
+                                "--work", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--fid", "off"])
+    assert "run arm 'dit' or 'dit-compiled' with --seed 3" in missing["upcycled"]["error"]
+    (tmp_path / "w" / "s3" / "dit").rename(tmp_path / "w" / "s3" / "dit-compiled")  # a compiled DiT serves as well
     up = mnist_study.main(["--tiny", "--seed", "3", "--arms", "upcycled", "--upcycle-fractions", "1,0.5",
                            "--sets", "base", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"),
                            "--fid", "off"])["upcycled"]
