@@ -220,14 +220,16 @@ def draw(model, diffusion, s: SampleSet, args, device, where: Path, score: bool)
     start = time.time()
     out = generate(model, diffusion, num=args.samples, shape=(model.in_channels, *model.grid),
                    num_classes=model.num_classes, device=device, seed=args.seed, sampler="ddim",
-                   steps=s.ddim_steps or args.sample_steps, guidance=s.guidance, rho=s.rho, uncond_rho=s.uncond_rho,
-                   batch_size=args.batch, merge_ratio=s.merge_ratio, cache_threshold=s.cache_threshold)
+                   steps=s.ddim_steps or args.sample_steps, guidance=s.guidance, rho=s.rho,
+                   uncond_rho=s.uncond_rho, batch_size=args.batch, merge_ratio=s.merge_ratio,
+                   cache_threshold=s.cache_threshold)
+    seconds = time.time() - start  # sampling only: images/s on the frontier
     images = to_uint8(out["samples"])
     np.savez_compressed(where / f"{s.name}.npz", samples=images, labels=out["labels"].numpy())
-    record = {**{k: v for k, v in vars(s).items()}, "sampler": "ddim", "steps": s.ddim_steps or args.sample_steps, "ema": True,
-              "num_samples": args.samples, "seed": args.seed, "kept_fraction": out["kept_fraction"],
+    record = {**{k: v for k, v in vars(s).items()}, "sampler": "ddim", "steps": s.ddim_steps or args.sample_steps,
+              "ema": True, "num_samples": args.samples, "seed": args.seed, "kept_fraction": out["kept_fraction"],
               "kept_by_step": out["kept_by_step"], "tflops_per_image": out["tflops_per_image"],
-              "skipped_steps": out["skipped_steps"], "seconds": time.time() - start}
+              "skipped_steps": out["skipped_steps"], "seconds": seconds}
     if score:
         from chunkformer.fid import compute_fid
 
@@ -370,7 +372,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=0,
                     help="training steps of every arm but 'upcycled', instead of --minutes / --tflops: trains a "
                          "compiled arm in a call of its own, to the steps its measured rate gives in the "
-                         "wall-clock budget (docs/results.md)")
+                         "wall-clock budget (docs/recipes.md#studies)")
     ap.add_argument("--warmup-hint", type=int, default=1450,
                     help="expected training steps when no DiT record sets them (multi-budget warm-up = 1/8)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
