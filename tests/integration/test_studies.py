@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_recipes import needs_digits
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ("mnist_study", "score", "report", "from_log", "bootstrap", "collect")
+MODULES = ("mnist_study", "score", "report", "from_log", "bootstrap", "collect", "kept_sets")
 
 
 @pytest.fixture
@@ -399,3 +401,39 @@ def test_a_sample_set_draws_with_its_own_ddim_steps(tmp_path, studies, monkeypat
     assert seen == [50, 15] and [r["steps"] for r in records] == [50, 15]
     assert (tmp_path / "ddim15.npz").is_file()
     assert [s.name for s in mnist_study.ARMS["dcdit-single-compiled"].sets] == ["base", "rho0.2", "rho0.4", "rho0.6"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(kept=st.lists(st.integers(2, 16), min_size=1, max_size=3), seed=st.integers(0, 2**16),
+       policy=st.sampled_from(["strokes", "background", "random"]))
+def test_forced_kept_sets_keep_the_routers_count_and_its_ends(kept, seed, policy):
+    if str(ROOT / "studies") not in sys.path:
+        sys.path.insert(0, str(ROOT / "studies"))
+    import kept_sets
+
+    g = torch.Generator().manual_seed(seed)
+    L = 16
+    own = torch.rand(len(kept), L, generator=g).argsort(1).argsort(1) < torch.tensor(kept)[:, None]
+    strokes = torch.rand(len(kept), L, generator=g) < 0.3
+    mask = kept_sets.forced_mask(own, strokes, policy)
+    assert torch.equal(mask.sum(1), own.sum(1)) and mask[:, 0].all() and mask[:, -1].all()
+    inner, inner_strokes = mask[:, 1:-1], strokes[:, 1:-1]
+    for b, k in enumerate(kept):  # the inner tokens it keeps come from the preferred side while that side lasts
+        chosen, pool = inner[b], inner_strokes[b] if policy == "strokes" else ~inner_strokes[b]
+        if policy != "random":
+            assert int((chosen & pool).sum()) == min(k - 2, int(pool.sum()))
+
+
+@needs_digits
+def test_kept_sets_compares_a_trained_runs_own_set_with_forced_ones(tiny_study, studies, capsys):
+    import kept_sets
+
+    _, work, _ = tiny_study
+    result = kept_sets.main([str(work / "s3" / "dcdit" / "run"), "--images", "16"])
+    for t, rows in result["by_t"].items():
+        assert set(rows) == set(kept_sets.POLICIES) and len({r["kept"] for r in rows.values()}) == 1  # same count
+        assert rows["strokes"]["stroke_kept"] >= rows["random"]["stroke_kept"] >= rows["background"]["stroke_kept"]
+        assert all(r["mse"] > 0 for r in rows.values())
+    assert "| 25 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        kept_sets.main([str(work / "s3"), "--images", "16"])  # not a run folder
