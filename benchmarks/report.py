@@ -203,7 +203,7 @@ def train_profile(res: dict) -> str:
         return ""
     r = res[name]
     dit, dc = r["rows"]
-    comps = [c for c in dc["component_ms"]]
+    comps = list(dc["component_ms"])
     lines = [f"| {card_label(r)}, batch {dc['batch']}, ms | " + " | ".join(comps) + " | whole step |",
              "|---|" + "---|" * (len(comps) + 1)]
     for row in (dit, dc):

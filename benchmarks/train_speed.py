@@ -506,12 +506,7 @@ def kernel_profile(step, steps: int) -> dict:
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        torch.cuda.synchronize()
+        wall = step_ms(step, steps, warmup=0, gpu_clock=True) * steps  # warmed up above, outside the profile
     kinds, kernels, count = Counter(), Counter(), 0
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA or "memcpy" in e.name.lower() or "memset" in e.name.lower():
@@ -520,7 +515,6 @@ def kernel_profile(step, steps: int) -> dict:
         kinds[_kind(e.name)] += e.device_time_total / 1e3  # us -> ms
         kernels[e.name[:100]] += e.device_time_total / 1e3
     busy = sum(kinds.values())
-    wall = start.elapsed_time(end)
     return {"kernels_per_step": count / steps, "busy_ms_per_step": busy / steps, "wall_ms_per_step": wall / steps,
             "busy_fraction": busy / wall, "ms_per_step_by_kind": {k: v / steps for k, v in kinds.most_common()},
             "top_kernels_ms_per_step": {k: v / steps for k, v in kernels.most_common(25)}}

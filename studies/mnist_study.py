@@ -217,16 +217,16 @@ def fid_available() -> bool:
 
 def draw(model, diffusion, s: SampleSet, args, device, where: Path, score: bool) -> dict:
     """Sample set ``s`` from ``model``; saves ``<where>/<s.name>.npz``; returns its record (FID if ``score``)."""
-    start = time.time()
+    start, steps = time.time(), s.ddim_steps or args.sample_steps
     out = generate(model, diffusion, num=args.samples, shape=(model.in_channels, *model.grid),
                    num_classes=model.num_classes, device=device, seed=args.seed, sampler="ddim",
-                   steps=s.ddim_steps or args.sample_steps, guidance=s.guidance, rho=s.rho,
+                   steps=steps, guidance=s.guidance, rho=s.rho,
                    uncond_rho=s.uncond_rho, batch_size=args.batch, merge_ratio=s.merge_ratio,
                    cache_threshold=s.cache_threshold)
     seconds = time.time() - start  # sampling only: images/s on the frontier
     images = to_uint8(out["samples"])
     np.savez_compressed(where / f"{s.name}.npz", samples=images, labels=out["labels"].numpy())
-    record = {**{k: v for k, v in vars(s).items()}, "sampler": "ddim", "steps": s.ddim_steps or args.sample_steps,
+    record = {**{k: v for k, v in vars(s).items()}, "sampler": "ddim", "steps": steps,
               "ema": True, "num_samples": args.samples, "seed": args.seed, "kept_fraction": out["kept_fraction"],
               "kept_by_step": out["kept_by_step"], "tflops_per_image": out["tflops_per_image"],
               "skipped_steps": out["skipped_steps"], "seconds": seconds}
@@ -260,16 +260,16 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
         raise ValueError(f"arm {name!r} trains compiled for --minutes (FLOPs cannot be counted under torch.compile); "
                          "run it without --tflops")
     fixed_steps = args.steps > 0 and not arm.upcycle
-    if fixed_steps:  # a step budget for every arm (equal wall-clock from rates measured in one call: see --steps)
+    if arm.upcycle:  # its budget is steps (--upcycle-fractions of the scratch arm's, below), not the DiT's FLOPs
+        pass
+    elif fixed_steps:  # a step budget for every arm (equal wall-clock from rates measured in one call: see --steps)
         overrides.append(f"train.steps={args.steps}")
         if name.startswith("dcdit"):  # multi-budget draws start after an eighth, as in the paper (50K of 400K)
             overrides.append(f"budget.warmup_steps={max(1, args.steps // 8)}")
-    elif args.tflops > 0 and not arm.upcycle:  # a fixed budget for every arm (arms may then run side by side)
+    elif args.tflops > 0:  # a fixed budget for every arm (arms may then run side by side)
         overrides.append(f"train.max_tflops={args.tflops}")
     elif arm.budget == "minutes":
         overrides.append(f"train.max_minutes={args.minutes}")
-    elif arm.upcycle:  # its budget is steps (--upcycle-fractions of the scratch arm's), not the DiT's FLOPs
-        pass
     elif reference is None:
         raise FileNotFoundError(f"{ref_path} is missing: arm {name!r} trains to the DiT's budget, so run arm "
                                 f"'dit' with --seed {args.seed} first on this machine (same --work), or give --tflops")
