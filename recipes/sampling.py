@@ -129,7 +129,7 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
              rho: float = 0.0, uncond_rho: float | None = None, labels: torch.Tensor | None = None,
              batch_size: int = 64, progress: bool = False, merge_ratio: float = 0.0,
              cache_threshold: float = 0.0, autocast: torch.dtype | None = None, compile: bool = False,
-             compile_options: dict | None = None, fast_paths: bool = True) -> dict:
+             compile_options: dict | None = None, fast_paths: bool = True, count_flops: bool = True) -> dict:
     """Generate ``num`` samples; returns ``samples`` (N, C, *grid) float, ``labels``, ``kept_fraction``
     (mean over forwards and samples), ``kept_by_t`` (per-step means), ``tflops_per_image`` and
     ``skipped_steps`` (backbone passes step caching skipped, per batch on average).
@@ -142,7 +142,8 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
     FLOPs are counted once, eagerly, on the first batch and added per forward. ``compile_options``: inductor
     settings for that compile (``torch.compile(options=...)``; docs/recipes.md has one that steadies step times).
     ``fast_paths``: on a CUDA ``device``, sample with :func:`chunkformer.kernels.apply`'s GPU fast paths (removed
-    afterwards; ``False`` samples the plain model)."""
+    afterwards; ``False`` samples the plain model). ``count_flops=False``: no FLOP counting (its hooks run the
+    plain layers, not the fast paths): ``tflops_per_image`` is None, for timing a run."""
     model.eval()
     if num < 1 or steps < 1 or batch_size < 1:
         raise ValueError(f"num, steps and batch_size must be >= 1 (samples, sampling steps, samples per batch), "
@@ -160,11 +161,14 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
     noise = torch.randn((num, *shape), generator=g)
     amp = torch.autocast(torch.device(device).type, dtype=autocast) if autocast is not None else nullcontext()
     with _fast_paths(model, fast_paths, device), _merging(model, merge_ratio), amp:
-        if compile:  # a fixed plan's compute does not depend on the content: count one eager forward
+        compiled = (torch.compile(model, options=compile_options) if compile_options else torch.compile(model)) \
+            if compile else None
+        if not count_flops:
+            denoiser, counting = compiled or model, nullcontext()
+        elif compile:  # a fixed plan's compute does not depend on the content: count one eager forward
             probe = noise[: min(batch_size, num)].to(device)
             report = cf.count_flops(model, probe, torch.zeros(len(probe), device=device),
                                     labels[: len(probe)].to(device))
-            compiled = torch.compile(model, options=compile_options) if compile_options else torch.compile(model)
             denoiser = counter = _CountedForward(model, compiled, report)
             counting = nullcontext(counter)
         else:
@@ -184,9 +188,9 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
         "labels": labels,
         "kept_fraction": float(kept.mean()),
         "kept_by_step": kept.mean(1).tolist(),
-        "tflops_per_image": counter.total / num / 1e12,
+        "tflops_per_image": counter.total / num / 1e12 if counter is not None else None,
         "skipped_steps": sum(skipped) / len(skipped),
-        "flops_by_component": dict(counter.by_component),
+        "flops_by_component": dict(counter.by_component) if counter is not None else {},
     }
 
 

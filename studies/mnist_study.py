@@ -216,20 +216,35 @@ def fid_available() -> bool:
 
 
 def draw(model, diffusion, s: SampleSet, args, device, where: Path, score: bool) -> dict:
-    """Sample set ``s`` from ``model``; saves ``<where>/<s.name>.npz``; returns its record (FID if ``score``)."""
-    start, steps = time.time(), s.ddim_steps or args.sample_steps
-    out = generate(model, diffusion, num=args.samples, shape=(model.in_channels, *model.grid),
-                   num_classes=model.num_classes, device=device, seed=args.seed, sampler="ddim",
-                   steps=steps, guidance=s.guidance, rho=s.rho,
-                   uncond_rho=s.uncond_rho, batch_size=args.batch, merge_ratio=s.merge_ratio,
-                   cache_threshold=s.cache_threshold)
-    seconds = time.time() - start  # sampling only: images/s on the frontier
-    images = to_uint8(out["samples"])
-    np.savez_compressed(where / f"{s.name}.npz", samples=images, labels=out["labels"].numpy())
+    """Sample set ``s`` from ``model``; saves ``<where>/<s.name>.npz``; returns its record (FID if ``score``).
+
+    FLOPs are counted on the first batch (its hooks run the plain layers), and the rest is sampled uncounted
+    with the GPU fast paths and timed: ``images_per_second``, the frontier's rate, from a warm model."""
+    steps, count = s.ddim_steps or args.sample_steps, min(args.batch, args.samples)
+    kw = dict(shape=(model.in_channels, *model.grid), num_classes=model.num_classes, device=device,
+              sampler="ddim", steps=steps, guidance=s.guidance, rho=s.rho, uncond_rho=s.uncond_rho,
+              batch_size=args.batch, merge_ratio=s.merge_ratio, cache_threshold=s.cache_threshold,
+              autocast=torch.bfloat16 if args.sample_precision == "bf16" else None)
+    start = time.time()
+    outs = [generate(model, diffusion, num=count, seed=args.seed, **kw)]
+    timed = time.time()
+    if args.samples > count:  # the same labels in the same order as one run; noise from the next seed
+        labels = torch.arange(count, args.samples) % model.num_classes
+        outs.append(generate(model, diffusion, num=args.samples - count, seed=args.seed + 1, labels=labels,
+                             count_flops=False, **kw))
+    end = time.time()
+    rate = (args.samples - count) / (end - timed) if args.samples > count else count / (timed - start)
+    images = to_uint8(torch.cat([o["samples"] for o in outs]))
+    labels = torch.cat([o["labels"] for o in outs])
+    np.savez_compressed(where / f"{s.name}.npz", samples=images, labels=labels.numpy())
+    sizes = [len(o["labels"]) for o in outs]
+    mean = lambda key: sum(o[key] * n for o, n in zip(outs, sizes)) / sum(sizes)  # noqa: E731
+    by_step = [sum(k * n for k, n in zip(ks, sizes)) / sum(sizes) for ks in zip(*(o["kept_by_step"] for o in outs))]
     record = {**{k: v for k, v in vars(s).items()}, "sampler": "ddim", "steps": steps,
-              "ema": True, "num_samples": args.samples, "seed": args.seed, "kept_fraction": out["kept_fraction"],
-              "kept_by_step": out["kept_by_step"], "tflops_per_image": out["tflops_per_image"],
-              "skipped_steps": out["skipped_steps"], "seconds": seconds}
+              "precision": args.sample_precision, "ema": True, "num_samples": args.samples, "seed": args.seed,
+              "kept_fraction": mean("kept_fraction"), "kept_by_step": by_step,
+              "tflops_per_image": outs[0]["tflops_per_image"], "skipped_steps": mean("skipped_steps"),
+              "seconds": end - start, "images_per_second": rate}
     if score:
         from chunkformer.fid import compute_fid
 
@@ -237,6 +252,18 @@ def draw(model, diffusion, s: SampleSet, args, device, where: Path, score: bool)
     print(f"  {s.name}: {record['tflops_per_image']:.4f} TFLOPs/img, kept {record['kept_fraction']:.1%}"
           + (f", FID {record['fid']:.2f}" if "fid" in record else ""), flush=True)
     return record
+
+
+def training_gflops(model, device, batch: int = 8) -> float:
+    """Forward GFLOPs per image of ``model`` in its own plan layout (:func:`chunkformer.count_flops`), on a batch
+    of noise at mixed timesteps."""
+    from chunkformer import count_flops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, model.in_channels, *model.grid), generator=g).to(device)
+    t = torch.linspace(0, 999, batch).to(device)
+    y = (torch.arange(batch) % model.num_classes).to(device)
+    return count_flops(model, x, t, y).per_sample / 1e9
 
 
 def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
@@ -266,6 +293,12 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
         overrides.append(f"train.steps={args.steps}")
         if name.startswith("dcdit"):  # multi-budget draws start after an eighth, as in the paper (50K of 400K)
             overrides.append(f"budget.warmup_steps={max(1, args.steps // 8)}")
+        if args.wallclock_of is not None:  # equal wall-clock: a snapshot at the reference's training minutes
+            ref = json.loads(args.wallclock_of.read_text())
+            if ref.get("device") != header["device"]:
+                raise ValueError(f"--wallclock-of {args.wallclock_of} trained on {ref.get('device')!r}, this call "
+                                 f"runs on {header['device']!r}: equal wall-clock needs the same kind of card")
+            overrides.append("train.snapshots=" + json.dumps([f"{ref['train_seconds'] / 60:.6f}min"]))
     elif args.tflops > 0:  # a fixed budget for every arm (arms may then run side by side)
         overrides.append(f"train.max_tflops={args.tflops}")
     elif arm.budget == "minutes":
@@ -313,10 +346,11 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
               "sample_layout": arm.sample_layout,
               "train_steps": metrics["step"], "train_tflops": metrics.get("train_tflops"),
               "train_seconds": metrics["wall_seconds"], "sets": {}, "snapshots": {}, "complete": False,
-              **({"first_step_seconds": metrics["first_step_seconds"]} if "first_step_seconds" in metrics else {})}
+              **({"first_step_seconds": metrics["first_step_seconds"]} if "first_step_seconds" in metrics else {}),
+              **({"wallclock_of": args.wallclock_of.name} if fixed_steps and args.wallclock_of else {})}
     if trained and (arm_dir / "record.json").is_file():
         done = json.loads((arm_dir / "record.json").read_text())
-        record.update({k: done[k] for k in ("sets", "snapshots", "router") if k in done})
+        record.update({k: done[k] for k in ("sets", "snapshots", "router", "train_gflops_per_image") if k in done})
 
     def save() -> None:
         (arm_dir / "record.json").write_text(json.dumps(record, indent=1))
@@ -325,6 +359,9 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
     save()
     spent = "FLOPs not counted" if record["train_tflops"] is None else f"{record['train_tflops']:.1f} TFLOPs"
     print(f"[{name}] {metrics['step']} steps, {spent}, {metrics['wall_seconds'] / 60:.2f} min", flush=True)
+    if "train_gflops_per_image" not in record:  # the training layout's forward FLOPs: equal-FLOP budgets by steps
+        record["train_gflops_per_image"] = training_gflops(load_weights(cfg, run_dir / "final", device), device)
+        save()
     model = load_weights(cfg, run_dir / "final", device, arm.sample_layout)
     diffusion = create_diffusion(cfg.diffusion.kind, num_timesteps=cfg.diffusion.num_timesteps,
                                  schedule=cfg.diffusion.schedule, learn_sigma=model.out_channels != model.in_channels)
@@ -373,6 +410,9 @@ def main(argv=None) -> dict:
                     help="training steps of every arm but 'upcycled', instead of --minutes / --tflops: trains a "
                          "compiled arm in a call of its own, to the steps its measured rate gives in the "
                          "wall-clock budget (docs/recipes.md#studies)")
+    ap.add_argument("--wallclock-of", type=Path, default=None, metavar="RECORD.json",
+                    help="with --steps: snapshot at this record's training minutes (a DiT arm trained on the same kind "
+                         "of card in an earlier call): the equal-wall-clock point of a run trained to equal FLOPs")
     ap.add_argument("--warmup-hint", type=int, default=1450,
                     help="expected training steps when no DiT record sets them (multi-budget warm-up = 1/8)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -388,6 +428,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--samples", type=int, default=5000)
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=1000, help="sampling batch")
+    ap.add_argument("--sample-precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: every set sampled under bf16 autocast (DC-DiT's router and de-chunk stay fp32)")
     ap.add_argument("--probe", type=int, default=1000, help="real digits for the router statistics")
     ap.add_argument("--work", type=Path, required=True, help="models and samples (kept for later arms)")
     ap.add_argument("--out", type=Path, required=True, help="one JSON per arm and its figures")
@@ -402,6 +444,8 @@ def main(argv=None) -> dict:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         ap.error(f"unknown arm(s) {unknown}; choose from {', '.join(ORDER)}")
+    if args.wallclock_of is not None and args.steps <= 0:
+        ap.error("--wallclock-of marks a snapshot in a --steps run: give --steps too")
     if args.steps < 0:
         ap.error(f"--steps must be >= 0 (0: the --minutes / --tflops budgets), got {args.steps}")
     if args.tiny:

@@ -44,11 +44,18 @@ def load(results: Path = RESULTS) -> dict:
     out["reruns"] = [json.loads(path.read_text()) for path in sorted((results / "raw").glob("s*-*-rerun.json"))]
     for path in sorted(results.glob("bootstrap-*.json")):
         out["bootstrap"].append(json.loads(path.read_text()))
-    out["regime"] = [json.loads(path.read_text()) for path in sorted((results / "regime").glob("s*-*.json"))]
+    out["regime"] = [json.loads(path.read_text()) | {"file": path.name}
+                     for path in sorted((results / "regime").glob("s*-*.json"))]
     for path in sorted((results / "runs").glob("s*-*-metrics.json")):
         seed, arm = path.name[1: -len("-metrics.json")].split("-", 1)
         out["metrics"][(int(seed), arm)] = json.loads(path.read_text())
     return out
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% Student t interval of ``values`` (two or more)."""
+    half = T975[min(len(values) - 1, len(T975)) - 1] * statistics.stdev(values) / len(values) ** 0.5
+    return statistics.mean(values), half
 
 
 def fid_at(s: dict | None, n: int) -> float | None:
@@ -241,7 +248,7 @@ def render(data: dict, img: Path = IMG) -> str:
     pairs = [(s, a, b) for s, a, b in pairs if a is not None and b is not None]
     if len(pairs) > 1:
         gap = [a - b for _, a, b in pairs]
-        mean, half = statistics.mean(gap), T975[min(len(gap) - 1, len(T975)) - 1] * statistics.stdev(gap) / len(gap) ** 0.5
+        mean, half = t_interval(gap)
         lines += ["", f"Across training seeds (each seed's pair at its own budget, {n} samples): DiT-S/2 minus DC-DiT-S "
                   f"FID {', '.join(f'{g:.2f} (seed {s})' for g, (s, _, _) in zip(gap, pairs))}; mean {mean:.2f}, "
                   f"95% t-interval [{mean - half:.2f}, {mean + half:.2f}] over {len(gap)} seeds; DC-DiT-S is better in "
@@ -476,28 +483,69 @@ def regime_section(runs: list[dict], img: Path) -> list[str]:
                        for r in runs if r.get("command")})  # a list override quoted for the shell
     lines += ["", "Commands:", "", *[f"    {c}" for c in commands]]
 
+    lines += ["", *equal_compute(runs)]
+
     lines += ["", "## 9. The speed-quality frontier of sampling", "",
-              "What a user chooses from, in the trained regime: each model's sample sets, images per second (5000 "
-              "samples drawn as the FID set is: eager, fp32, with the GPU fast paths and FLOP counting, on the card "
-              "named) beside FID. DiT-S/2 goes faster with fewer DDIM steps, DC-DiT-S with a tighter budget rho.", ""]
+              "What a user chooses from, in the trained regime: each model's sample sets, images per second beside "
+              "FID (5000 samples). The rate is timed on the FID set itself, eager, batch 1000, on the card named, "
+              "with the GPU fast paths: FLOPs are counted on its first batch and the rest is timed uncounted. "
+              "DiT-S/2 goes faster with fewer DDIM steps, DC-DiT-S with a tighter budget rho.", ""]
     rows = [(r, name, e) for r in runs if set(r["sets"]) - {"base"}  # the runs that drew their frontier sets
             for name, e in r["sets"].items() if fid_at(e, 5000) is not None and e.get("seconds") and e.get("num_samples")]
     if not rows:
         return lines + ["Not run yet (arms `dit-compiled`, `dcdit-compiled`, `dcdit-single-compiled` with `--sets` of "
                         "their frontier, in the trained regime)."]
-    lines += ["| seed | model | card | sampling | DDIM steps | images/s | TFLOPs/img | FID (5000) |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| seed | model | card | sampling | precision | DDIM steps | images/s | TFLOPs/img | FID (5000) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     points = []
     for r, name, e in rows:
-        rate = e["num_samples"] / e["seconds"]
+        rate = e.get("images_per_second") or e["num_samples"] / e["seconds"]
         lines.append(f"| {r['seed']} | {LABEL.get(r['arm'], r['arm'])} | {card(r)} "
-                     f"| {name} | {e.get('steps', '-')} | {rate:.0f} | {e['tflops_per_image']:.3f} "
+                     f"| {name} | {e.get('precision', 'fp32')} | {e.get('steps', '-')} | {rate:.0f} "
+                     f"| {e['tflops_per_image']:.3f} "
                      f"| {fmt(fid_at(e, 5000))} |")
         series = LABEL.get(r["arm"], r["arm"]) + (", Lite-CFG" if name == "lite-cfg" else "")
         points.append((f"{series} (seed {r['seed']})", rate, fid_at(e, 5000)))
     figure = plot_pareto(points, img / "frontier.png", 5000, xlabel="images per second", title="sampling frontier")
     if figure is not None:
         lines += ["", f"![sampling frontier]({_rel(figure)})"]
+    return lines
+
+
+def equal_compute(runs: list[dict]) -> list[str]:
+    """DC-DiT-S against DiT-S/2 in the trained regime: each DC-DiT-S run trained to equal FLOPs (its steps) with a
+    snapshot at the DiT run's training minutes (``--wallclock-of``), FID of the EMA model on 5000 samples."""
+    lines = ["### At equal training compute", "",
+             "Each DC-DiT-S run (`--steps`, compiled, fixed capacity) trains as many steps as DiT-S/2's training "
+             "FLOPs buy it, with a snapshot at DiT-S/2's training minutes on the same kind of card "
+             "(`--wallclock-of`, the DiT run's record). FLOPs: forward FLOPs per image in the training layout "
+             "(`count_flops`) times steps; the batch is the same.", ""]
+    by_file = {r["file"]: r for r in runs if "file" in r}
+    pairs = [(by_file[r["wallclock_of"]], r) for r in runs if r.get("wallclock_of") in by_file]
+    if not pairs:
+        return lines + ["Not run yet (`mnist_study.py --arms dcdit-compiled --steps N --wallclock-of DIT.json`)."]
+    lines += ["| seed | card | DiT-S/2 steps | min | FID | DC-DiT-S, equal wall-clock: steps | FID "
+              "| equal FLOPs: steps | FLOPs / DiT's | FID |", "|---|---|---|---|---|---|---|---|---|---|"]
+    gaps: dict[str, list[float]] = {"wall-clock": [], "FLOPs": []}
+    for dit, dc in sorted(pairs, key=lambda p: p[1]["seed"]):
+        base = fid_at(dit["sets"].get("base"), 5000)
+        wall = next(iter(dc["snapshots"].values()), None)
+        wall_fid = fid_at(wall["sets"].get("base"), 5000) if wall else None
+        flops_fid = fid_at(dc["sets"].get("base"), 5000)
+        ratio = (dc["train_steps"] * dc["train_gflops_per_image"] / (dit["train_steps"] * dit["train_gflops_per_image"])
+                 if dit.get("train_gflops_per_image") and dc.get("train_gflops_per_image") else None)
+        lines.append(f"| {dc['seed']} | {dit.get('device', '?').replace('NVIDIA ', '')} | {dit['train_steps']} "
+                     f"| {dit['train_seconds'] / 60:.1f} | {fmt(base)} | {wall['step'] if wall else '-'} "
+                     f"| {fmt(wall_fid)} | {dc['train_steps']} | {fmt(ratio)} | {fmt(flops_fid)} |")
+        for key, fid in (("wall-clock", wall_fid), ("FLOPs", flops_fid)):
+            if base is not None and fid is not None:
+                gaps[key].append(base - fid)
+    for key, gap in gaps.items():
+        if len(gap) > 1:
+            mean, half = t_interval(gap)
+            lines += ["", f"At equal {key}, DiT-S/2 minus DC-DiT-S FID: mean {mean:.2f}, 95% t-interval "
+                      f"[{mean - half:.2f}, {mean + half:.2f}] over {len(gap)} seeds; DC-DiT-S is better in "
+                      f"{sum(g > 0 for g in gap)} of {len(gap)}."]
     return lines
 
 

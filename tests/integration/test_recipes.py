@@ -520,6 +520,21 @@ def test_compiled_sampling_matches_eager_sampling_and_counts_the_same_flops(monk
     assert fast["flops_by_component"]["encoder"] == pytest.approx(eager["flops_by_component"]["encoder"], rel=1e-6)
 
 
+def test_uncounted_sampling_draws_the_same_samples_and_reports_no_flops():
+    """count_flops=False (a timing run): the counted run's samples and kept fractions, no FLOP figures."""
+    from chunkformer.diffusion import create_diffusion
+    from recipes.sampling import generate
+
+    model = _tiny_sampler_model()
+    kw = dict(num=3, shape=(2, 16, 16), num_classes=4, device="cpu", sampler="euler", steps=3, guidance=2.0,
+              uncond_rho=0.9, batch_size=2, seed=5)
+    counted = generate(model, create_diffusion("flow", learn_sigma=False), **kw)
+    timed = generate(model, create_diffusion("flow", learn_sigma=False), count_flops=False, **kw)
+    assert counted["tflops_per_image"] > 0 and timed["tflops_per_image"] is None and timed["flops_by_component"] == {}
+    assert torch.allclose(timed["samples"], counted["samples"], atol=1e-6)
+    assert timed["kept_by_step"] == pytest.approx(counted["kept_by_step"])
+
+
 def test_compile_options_reach_torch_compile_and_bad_ones_are_refused_up_front(monkeypatch, tmp_path):
     from chunkformer.diffusion import create_diffusion
     from recipes import sample

@@ -278,13 +278,37 @@ def test_report_tables_come_from_the_records(tmp_path, studies):
     assert "## 9. The speed-quality frontier of sampling" in text and "Not run yet (arms `dit-compiled`" in text
     # the frontier: every set of a run that drew more than its base set, images/s beside FID, and the figure
     fewer = {"fid_by_samples": {"5000": 12.5}, "num_samples": 5000, "seconds": 25.0, "steps": 15,
-             "tflops_per_image": 0.18}
+             "tflops_per_image": 0.18, "images_per_second": 250.0, "precision": "bf16"}  # the timed rest's rate
     long["sets"] |= {"ddim15": fewer}
     long["sets"]["base"] |= {"num_samples": 5000, "seconds": 50.0, "steps": 50, "tflops_per_image": 0.6}
     text = report.render(data | {"regime": [long]}, img=tmp_path)
-    assert "| 0 | DiT-S/2, compiled training | H200 | ddim15 | 15 | 200 | 0.180 | 12.50 |" in text
-    assert "| 0 | DiT-S/2, compiled training | H200 | base | 50 | 100 | 0.600 | 9.50 |" in text
+    assert "| 0 | DiT-S/2, compiled training | H200 | ddim15 | bf16 | 15 | 250 | 0.180 | 12.50 |" in text
+    assert "| 0 | DiT-S/2, compiled training | H200 | base | fp32 | 50 | 100 | 0.600 | 9.50 |" in text  # an older record
     assert (tmp_path / "frontier.png").is_file() and "![sampling frontier](" in text
+
+
+def test_equal_compute_pairs_each_dcdit_run_with_the_dit_run_it_names(tmp_path, studies):
+    """Section 8's comparison: a DC-DiT-S run names its DiT run (--wallclock-of); its snapshot is the equal
+    wall-clock point, its end the equal-FLOP one; the FLOP ratio is steps x forward GFLOPs; seeds give intervals."""
+    import report
+
+    def run(seed, arm, steps, gflops, fid, snapshots=None, **extra):
+        return {"seed": seed, "arm": arm, "device": "NVIDIA H100 80GB HBM3", "train_steps": steps,
+                "train_seconds": 300.0, "train_gflops_per_image": gflops, "overrides": [], "file": f"s{seed}-{arm}.json",
+                "sets": {"base": {"fid_by_samples": {"5000": fid}}}, "snapshots": snapshots or {}, **extra}
+
+    runs = []
+    for seed, (dit_fid, wall_fid, flops_fid) in enumerate([(10.0, 14.0, 9.0), (11.0, 13.0, 10.5), (9.5, 12.5, 9.0)]):
+        snap = {"5.000000min": {"step": 3500, "minutes": 5.0, "sets": {"base": {"fid_by_samples": {"5000": wall_fid}}}}}
+        runs += [run(seed, "dit-compiled", 6500, 12.0, dit_fid),
+                 run(seed, "dcdit-compiled", 4160, 18.75, flops_fid, snap, wallclock_of=f"s{seed}-dit-compiled.json")]
+    text = "\n".join(report.equal_compute(runs))
+    assert "| 1 | H100 80GB HBM3 | 6500 | 5.0 | 11.00 | 3500 | 13.00 | 4160 | 1.00 | 10.50 |" in text
+    # wall-clock gaps -4, -2, -3: mean -3.00, t(2) 4.303 * 1 / sqrt 3 = 2.48
+    assert "At equal wall-clock, DiT-S/2 minus DC-DiT-S FID: mean -3.00, 95% t-interval [-5.48, -0.52] over 3 seeds; " \
+           "DC-DiT-S is better in 0 of 3." in text
+    assert "At equal FLOPs" in text and "better in 3 of 3" in text
+    assert "Not run yet" in "\n".join(report.equal_compute(runs[:1]))  # a DiT run alone: nothing to pair
 
 
 @needs_digits
@@ -381,25 +405,32 @@ def test_router_seeds_records_what_the_router_keeps_on_strokes_and_background(tm
 
 
 def test_a_sample_set_draws_with_its_own_ddim_steps(tmp_path, studies, monkeypatch):
-    """The frontier's DiT sets sample with fewer DDIM steps than --sample-steps, and record the steps they used."""
+    """The frontier's DiT sets sample with fewer DDIM steps than --sample-steps, and record the steps they used;
+    FLOPs come from the counted first batch, the rate from the uncounted rest, labels run on as in one call."""
     import argparse
 
     import mnist_study
 
     seen = []
 
-    def fake_generate(model, diffusion, *, num, steps, **kw):
-        seen.append(steps)
-        return {"samples": torch.zeros(num, 1, 4, 4), "labels": torch.zeros(num, dtype=torch.long),
-                "kept_fraction": 1.0, "kept_by_step": [1.0] * steps, "tflops_per_image": 0.1, "skipped_steps": 0.0}
+    def fake_generate(model, diffusion, *, num, steps, seed, labels=None, count_flops=True, **kw):
+        seen.append((steps, num, count_flops))
+        labels = torch.arange(num) % 10 if labels is None else labels
+        return {"samples": torch.zeros(num, 1, 4, 4), "labels": labels, "kept_fraction": 0.5 if count_flops else 0.2,
+                "kept_by_step": [0.5 if count_flops else 0.2] * steps,
+                "tflops_per_image": 0.1 if count_flops else None, "skipped_steps": 0.0}
     monkeypatch.setattr(mnist_study, "generate", fake_generate)
     model = argparse.Namespace(in_channels=1, grid=(4, 4), num_classes=10)
-    args = argparse.Namespace(samples=2, sample_steps=50, seed=0, batch=2)
+    args = argparse.Namespace(samples=5, sample_steps=50, seed=0, batch=2, sample_precision="fp32")
     sets = {s.name: s for s in mnist_study.ARMS["dit-compiled"].sets}
     assert list(sets) == ["base", "ddim35", "ddim25", "ddim15"]
     records = [mnist_study.draw(model, None, sets[k], args, "cpu", tmp_path, score=False) for k in ("base", "ddim15")]
-    assert seen == [50, 15] and [r["steps"] for r in records] == [50, 15]
-    assert (tmp_path / "ddim15.npz").is_file()
+    assert seen == [(50, 2, True), (50, 3, False), (15, 2, True), (15, 3, False)]
+    assert [r["steps"] for r in records] == [50, 15] and len(records[1]["kept_by_step"]) == 15
+    assert records[0]["tflops_per_image"] == 0.1 and records[0]["kept_fraction"] == pytest.approx((2 * 0.5 + 3 * 0.2) / 5)
+    assert records[0]["images_per_second"] > 0 and records[0]["precision"] == "fp32"
+    saved = np.load(tmp_path / "ddim15.npz")
+    assert saved["samples"].shape[0] == 5 and saved["labels"].tolist() == [0, 1, 2, 3, 4]
     assert [s.name for s in mnist_study.ARMS["dcdit-single-compiled"].sets] == ["base", "rho0.2", "rho0.4", "rho0.6"]
 
 
