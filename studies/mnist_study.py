@@ -370,7 +370,8 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
         record["router"] = router_statistics(model, diffusion, images[:args.probe], labels[:args.probe], device,
                                              args.seed)
         save()
-    for s in [s for s in arm.sets if (args.sets is None or s.name in args.sets) and s.name not in record["sets"]]:
+    wanted = [s for s in arm.sets if (args.sets is None or s.name in args.sets) and s.name not in record["sets"]]
+    for s in wanted[:1]:  # the base set, then the snapshots' (a call that runs out of time has both), then the rest
         record["sets"][s.name] = draw(model, diffusion, s, args, device, arm_dir, score)
         save()
     snap_log = run_dir / "snapshots" / "snapshots.jsonl"
@@ -387,6 +388,9 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
             snap["sets"][s.name] = draw(snap_model, diffusion, s, args, device, where, score)
             record["snapshots"][snap["mark"]] = snap
             save()
+    for s in wanted[1:]:
+        record["sets"][s.name] = draw(model, diffusion, s, args, device, arm_dir, score)
+        save()
     figures = {}
     for key in ("boundary_maps", "kept_vs_timestep", "samples"):
         if key in metrics and Path(metrics[key]).is_file():
