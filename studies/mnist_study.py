@@ -370,6 +370,8 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
         record["router"] = router_statistics(model, diffusion, images[:args.probe], labels[:args.probe], device,
                                              args.seed)
         save()
+    if args.sample_precision == "bf16":  # weights cast once, as recipes.sample --precision bf16 (router, de-chunk fp32)
+        model.to(torch.bfloat16)
     wanted = [s for s in arm.sets if (args.sets is None or s.name in args.sets) and s.name not in record["sets"]]
     for s in wanted[:1]:  # the base set, then the snapshots' (a call that runs out of time has both), then the rest
         record["sets"][s.name] = draw(model, diffusion, s, args, device, arm_dir, score)
@@ -382,6 +384,7 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
         if not todo:
             continue
         snap_model = load_weights(cfg, run_dir / "snapshots" / snap["mark"], device, arm.sample_layout)
+        snap_model.to(torch.bfloat16 if args.sample_precision == "bf16" else torch.float32)
         where = arm_dir / "snapshots" / snap["mark"]
         where.mkdir(parents=True, exist_ok=True)
         for s in todo:
@@ -433,7 +436,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=1000, help="sampling batch")
     ap.add_argument("--sample-precision", choices=("fp32", "bf16"), default="fp32",
-                    help="bf16: every set sampled under bf16 autocast (DC-DiT's router and de-chunk stay fp32)")
+                    help="bf16: every set sampled with bf16 weights under bf16 autocast, as recipes.sample --precision "
+                         "bf16 (DC-DiT's router and de-chunk stay fp32)")
     ap.add_argument("--probe", type=int, default=1000, help="real digits for the router statistics")
     ap.add_argument("--work", type=Path, required=True, help="models and samples (kept for later arms)")
     ap.add_argument("--out", type=Path, required=True, help="one JSON per arm and its figures")
