@@ -479,7 +479,8 @@ def regime_section(runs: list[dict], img: Path) -> list[str]:
         lines += [f"| {r['seed']} | {LABEL.get(r['arm'], r['arm'])} | {card(r)} "
                   f"| {how} | {lr} | {step} | {minutes:.1f} | {fmt(fid_at(base, 5000))} |"
                   for step, minutes, base in sorted(points, key=lambda p: p[0])]
-    commands = sorted({re.sub(r"(\S+=\[\S*\])", r"'\1'", r["command"].replace(" --out /root/out", " --out OUT"))
+    commands = sorted({re.sub(r"--wallclock-of \S*/", "--wallclock-of studies/results/regime/",  # the record here
+                              re.sub(r"(\S+=\[\S*\])", r"'\1'", r["command"].replace(" --out /root/out", " --out OUT")))
                        for r in runs if r.get("command")})  # a list override quoted for the shell
     lines += ["", "Commands:", "", *[f"    {c}" for c in commands]]
 
@@ -490,8 +491,9 @@ def regime_section(runs: list[dict], img: Path) -> list[str]:
               "FID (5000 samples). The rate is timed on the FID set itself, eager, batch 1000, on the card named, "
               "with the GPU fast paths: FLOPs are counted on its first batch and the rest is timed uncounted. "
               "DiT-S/2 goes faster with fewer DDIM steps, DC-DiT-S with a tighter budget rho.", ""]
-    rows = [(r, name, e) for r in runs if set(r["sets"]) - {"base"}  # the runs that drew their frontier sets
-            for name, e in r["sets"].items() if fid_at(e, 5000) is not None and e.get("seconds") and e.get("num_samples")]
+    rows = [(r, name, e) for r in runs for name, e in r["sets"].items() if fid_at(e, 5000) is not None
+            and (e.get("images_per_second")  # a timed set, or a set of an older run that drew its frontier
+                 or (set(r["sets"]) - {"base"} and e.get("seconds") and e.get("num_samples")))]
     if not rows:
         return lines + ["Not run yet (arms `dit-compiled`, `dcdit-compiled`, `dcdit-single-compiled` with `--sets` of "
                         "their frontier, in the trained regime)."]

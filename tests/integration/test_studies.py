@@ -285,6 +285,9 @@ def test_report_tables_come_from_the_records(tmp_path, studies):
     assert "| 0 | DiT-S/2, compiled training | H200 | ddim15 | bf16 | 15 | 250 | 0.180 | 12.50 |" in text
     assert "| 0 | DiT-S/2, compiled training | H200 | base | fp32 | 50 | 100 | 0.600 | 9.50 |" in text  # an older record
     assert (tmp_path / "frontier.png").is_file() and "![sampling frontier](" in text
+    timed = {**long, "arm": "dcdit-compiled", "sets": {"base": {**fewer, "steps": 50, "fid_by_samples": {"5000": 20.0}}}}
+    text = report.render(data | {"regime": [long, timed]}, img=tmp_path)  # a timed base set alone is a point too
+    assert "| 0 | DC-DiT-S, compiled training | H200 | base | bf16 | 50 | 250 | 0.180 | 20.00 |" in text
 
 
 def test_equal_compute_pairs_each_dcdit_run_with_the_dit_run_it_names(tmp_path, studies):
