@@ -9,6 +9,8 @@
                                                   # writes results/train_speed_account_cpu.json
     python benchmarks/train_speed.py --profile --size digits --cuda-graphs --steps 20   # GPU, about 6 min: where a
                                                   # compiled step's time goes: results/train_speed_profile_digits_<card>.json
+    python benchmarks/train_speed.py --attention --size digits --steps 20   # GPU, under a minute: one attention
+                                                  # layer, DiT's against DC-DiT's key-masked: ..._attention_digits_<card>.json
 
 Training throughput (forward + backward + AdamW) and peak memory.
 
@@ -57,6 +59,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from common import card_name, save_result, step_ms
 
 import chunkformer as cf
+from chunkformer import kernels
 from chunkformer._typing import value_checks
 from chunkformer.dechunk import Chunked
 from chunkformer.hostsync import count_host_syncs
@@ -222,7 +225,12 @@ def _build(name: str, size: dict, checkpoint: bool, fixed: bool = True, **sizes)
     if model.supports_chunking:
         torch.nn.init.constant_(model.router.scorer[-1].bias, 30.0)  # keep all: the capacity is the budget
         model.checkpoint_scaffold = checkpoint
+        if _PREFIX_ATTENTION:  # --prefix-attention: the backbone's masked attention through FlexAttention
+            kernels.apply(model, norms=False, taps=False, gemm=False, gelu=False, attention=True, force=True)
     return model
+
+
+_PREFIX_ATTENTION = False
 
 
 def _inputs(size: dict, batch: int):
@@ -592,7 +600,7 @@ def run_profile(args) -> dict:
     rows = [s.result for s in subjects]
     card = card_name() if subjects[0].cuda else "cpu"
     print_profile(rows, card, args.size, batch)
-    return save_result("train_speed", f"profile_{args.size}", card, out=args.out, write=not args.tiny, batch=batch,
+    return save_result("train_speed", f"profile_{args.size}" + ("_prefix" if args.prefix_attention else ""), card, out=args.out, write=not args.tiny, batch=batch,
                        rows=rows)
 
 
@@ -632,6 +640,62 @@ def print_profile(rows: list[dict], card: str, size: str, batch: int) -> None:
             print(f"  {ms:7.3f}  {k}")
 
 
+# ---------------------------------------------------------------------- --attention: the backbone's attention
+ATTENTION_SHAPES = {  # --size: (batch, heads, head dim, DiT tokens, DC-DiT slots, the kept lengths' range)
+    "digits": (256, 6, 64, 256, 320, (170, 280)),  # the study's compiled arm: capacity 320, routers keep 17-27%
+    "256": (64, 16, 72, 256, 256, (180, 256)),  # XL at 256px, a quarter of the grid
+}
+
+
+def attention_rows(size: str, reps: int, tiny: bool = False) -> list[dict]:
+    """One attention layer forward + backward (bf16 on a GPU), ms: DiT's (unmasked, SDPA's choice); DC-DiT's
+    key-masked attention as its training step runs it (:func:`chunkformer.attention.masked_sdpa`), and through
+    FlexAttention with a block mask from the kept lengths (``kernels.prefix_attention``, compiled)."""
+    from chunkformer.attention import masked_sdpa
+    from chunkformer.kernels.prefix_attention import prefix_attention
+
+    B, H, D, n_dit, slots, (lo, hi) = ATTENTION_SHAPES[size]
+    if tiny:
+        B, H, n_dit, slots, lo, hi = 2, 2, 16, 20, 5, 20
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(lo, hi + 1, (B,), generator=g).to(device)
+    keep = (torch.arange(slots, device=device) < lengths[:, None])[:, None, None]
+
+    def layer(n, attend):
+        q, k, v = (torch.randn(B, H, n, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+        grad = torch.randn(B, H, n, D, generator=g).to(device, dtype)
+        return lambda: torch.autograd.backward(attend(q, k, v), grad)
+
+    flex = torch.compile(prefix_attention) if cuda else prefix_attention
+    variants = [("DiT: unmasked", n_dit, lambda q, k, v: masked_sdpa(q, k, v, None)),
+                ("DC-DiT: key mask, SDPA", slots, lambda q, k, v: masked_sdpa(q, k, v, keep)),
+                ("DC-DiT: FlexAttention block mask", slots, lambda q, k, v: flex(q, k, v, lengths))]
+    if not cuda:  # FlexAttention has no CPU backward: a smoke run times its forward
+
+        def forward_only(q, k, v):
+            return flex(q.detach(), k.detach(), v.detach(), lengths).requires_grad_()
+        variants[2] = (variants[2][0] + " (forward)", slots, forward_only)
+    rows = []
+    for label, n, attend in variants:
+        ms = step_ms(layer(n, attend), reps, gpu_clock=cuda)
+        rows.append({"variant": label, "tokens": n, "ms": ms})
+        print(f"{label:<40}{n:>7}{ms:>10.3f}", flush=True)
+    return rows
+
+
+def run_attention(args) -> dict:
+    """``--attention``: the backbone's attention layer alone, DiT against DC-DiT's masked variants."""
+    B, H, D, *_ = ATTENTION_SHAPES[args.size]
+    card = card_name() if torch.cuda.is_available() else "cpu"
+    print(f"{card}, torch {torch.__version__}, --size {args.size}: batch {B}, {H} heads of {D}, one attention "
+          "layer forward + backward, ms\n" + f"{'variant':<40}{'tokens':>7}{'ms':>10}")
+    rows = attention_rows(args.size, 2 if args.tiny else args.steps, tiny=args.tiny)
+    return save_result("train_speed", f"attention_{args.size}", card, out=args.out, write=not args.tiny,
+                       batch=B, heads=H, head_dim=D, rows=rows)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=tuple(SIZES), default="256",
@@ -649,10 +713,19 @@ def main(argv=None) -> dict:
                     help="GPU: each component compiled and timed on its own beside its FLOP share, the whole compiled "
                          "step (with --cuda-graphs also from CUDA graphs) and its kernel profile")
     ap.add_argument("--no-components", action="store_true", help="with --profile: the whole step only")
+    ap.add_argument("--prefix-attention", action="store_true",
+                    help="DC-DiT's key-masked backbone attention through FlexAttention in compiled training steps "
+                         "(chunkformer.kernels.set_prefix_attention), with --compile or --profile")
+    ap.add_argument("--attention", action="store_true",
+                    help="one backbone attention layer, forward + backward: DiT's against DC-DiT's key-masked one "
+                         "through SDPA and through FlexAttention (kernels.set_prefix_attention)")
     ap.add_argument("--account", action="store_true",
                     help="CPU: FLOPs, held memory and ops per component, graph breaks, recompiles, host syncs")
     ap.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/<name>.json)")
     args = ap.parse_args(argv)
+    global _PREFIX_ATTENTION
+    _PREFIX_ATTENTION = args.prefix_attention
+    kernels.set_prefix_attention(args.prefix_attention)  # process-wide: off again for a run without the flag
     if args.account:
         return run_account(args)
     if args.batch is not None and args.batch < 1:
@@ -661,6 +734,8 @@ def main(argv=None) -> dict:
         ap.error(f"--steps must be >= 1, got {args.steps}")
     if args.profile:
         return run_profile(args)
+    if args.attention:
+        return run_attention(args)
     if args.cuda_graphs and not args.compile:
         ap.error("--cuda-graphs needs --compile (or --profile)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -692,6 +767,7 @@ def main(argv=None) -> dict:
                   f"{r['scaffold_flop_share']:.1%} of its FLOPs")
     config = f"{latent * 8 if args.size == '256' else args.size}_{'compiled' if args.compile else 'eager'}"
     config += "_cudagraphs" if args.cuda_graphs else ""
+    config += "_prefix" if args.prefix_attention else ""
     config += "" if args.widths is None else "_" + "_".join(widths).lower()
     return save_result("train_speed", config, card, out=args.out, write=not args.tiny, batch=batch,
                        compiled=args.compile, cuda_graphs=args.cuda_graphs, rows=rows)

@@ -23,13 +23,16 @@ name             fast path (sampling on CUDA: no grad)                        pl
                  shifted sum (on for ``TAPS_FASTER`` by default)
 ``gemm``         a 1x1 conv on a channels-last grid as one GEMM               ``nn.Conv2d`` (cuDNN)
 ``gelu``         the MLP's GELU in fc1's GEMM epilogue                         ``Linear -> GELU -> Linear``
-``attention``    a Triton attention forward for short unmasked sequences      ``F.scaled_dot_product_attention``
+``attention``    a Triton attention forward for short unmasked sequences;     ``F.scaled_dot_product_attention``
+                 with ``set_prefix_attention(True)``, a compiled training
+                 step's key-masked attention through FlexAttention (a block
+                 mask from the kept lengths: ``prefix_attention``)
 ===============  ===========================================================  ================================
 
 Every fast path checks its conditions at each call and otherwise runs the plain layer's computation, so
 a patched model still trains (with grad it takes torch's paths) and runs on the CPU. The switches below
-(``set_*``) change a patched model's choices; :func:`set_short_attention` and :func:`set_fp32_router_dechunk`
-are this package's only process-wide / policy switches.
+(``set_*``) change a patched model's choices; :func:`set_short_attention`, :func:`set_prefix_attention` and
+:func:`set_fp32_router_dechunk` are this package's only process-wide / policy switches.
 """
 
 import warnings
@@ -49,6 +52,7 @@ from .norms import RMSNorm as KernelRMSNorm
 from .scaffold import ChunkEncoder as KernelChunkEncoder
 from .scaffold import ResBlock as KernelResBlock
 from .short_attention import Attention as KernelAttention
+from .prefix_attention import set_prefix_attention
 from .short_attention import set_short_attention
 from .tapconv import TAPS_FASTER, PointwiseConv2d, TapConv2d
 
@@ -61,6 +65,7 @@ __all__ = [
     "set_taps_narrowing",
     "set_fused_gelu",
     "set_short_attention",
+    "set_prefix_attention",
     "set_fp32_router_dechunk",
 ]
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..attention import masked_sdpa
 from ..models.dit import Attention as PlainAttention
+from . import prefix_attention as prefix
 from ._triton import kernel_op, launcher, tl, triton
 
 __all__ = ["Attention", "AttentionTiles", "WINS", "attend", "forward", "runs_here", "sdpa", "set_short_attention",
@@ -89,9 +90,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """:func:`~chunkformer.attention.masked_sdpa` on ``(B, H, M, dh)``, through the kernel where :func:`runs_here`."""
+    """:func:`~chunkformer.attention.masked_sdpa` on ``(B, H, M, dh)``, through the kernel where :func:`runs_here`,
+    and a compiled training step's key-masked attention through FlexAttention where
+    :func:`~chunkformer.kernels.prefix_attention.runs_here` (off unless ``set_prefix_attention(True)``)."""
     if runs_here(q, k, mask):
         return attend(q, k, v)
+    if prefix.runs_here(q, mask):
+        return prefix.prefix_attention(q, k, v, prefix.prefix_lengths(mask))
     return masked_sdpa(q, k, v, mask)
 
 

@@ -143,3 +143,22 @@ print('ok')
     env = {**os.environ, "CHUNKFORMER_TYPECHECK": "0"}  # compiled models run without the jaxtyping wrappers
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-500:] + res.stderr[-3000:]
+
+
+def test_on_a_gpu_compiled_prefix_attention_matches_masked_sdpa_forward_and_backward():  # pragma: no cover - GPU
+    """The compiled training step's FlexAttention path: SDPA's outputs and gradients with the same key mask (bf16),
+    at the study's shapes with kept lengths off the block size."""
+    from chunkformer.kernels import prefix_attention as prefix
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([320, 250, 128, 1, 200, 129] * 4, device="cuda")
+    q, k, v = (torch.randn(24, 6, 320, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    keep = (torch.arange(320, device="cuda") < lengths[:, None])[:, None, None]
+    grad = torch.randn(24, 6, 320, 64, device="cuda", dtype=torch.bfloat16)
+    out = torch.compile(prefix.prefix_attention)(q, k, v, lengths)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    theirs = torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in ((out, ref), *zip(ours, theirs)):
+        scale = b.float().abs().max()
+        assert scale > 0 and (a.float() - b.float()).abs().max() <= 2e-2 * scale

@@ -234,6 +234,14 @@ def test_train_profile_times_every_component_beside_its_flop_share(benchmarks):
     assert dc["flop_share"]["encoder"] > 0 and dit["flop_share"].get("encoder", 0.0) == 0
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_train_attention_times_dits_layer_against_dcdits_masked_ones(benchmarks):
+    result = _load("train_speed").main(["--attention", "--tiny", "--size", "digits"])
+    assert [r["variant"].split(" (")[0] for r in result["rows"]] == [
+        "DiT: unmasked", "DC-DiT: key mask, SDPA", "DC-DiT: FlexAttention block mask"]
+    assert all(r["ms"] > 0 for r in result["rows"]) and result["heads"] == 6 and result["head_dim"] == 64
+
+
 def test_train_account_splits_a_step_by_component_and_checkpointing_holds_less(benchmarks):
     result = _load("train_speed").main(["--account", "--tiny"])
     for size, (dit, dc, ck) in result["account"].items():
