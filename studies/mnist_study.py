@@ -384,7 +384,8 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
         if not todo:
             continue
         snap_model = load_weights(cfg, run_dir / "snapshots" / snap["mark"], device, arm.sample_layout)
-        snap_model.to(torch.bfloat16 if args.sample_precision == "bf16" else torch.float32)
+        if args.sample_precision == "bf16":
+            snap_model.to(torch.bfloat16)
         where = arm_dir / "snapshots" / snap["mark"]
         where.mkdir(parents=True, exist_ok=True)
         for s in todo:

@@ -49,10 +49,10 @@ from ..scaffold import ResBlock as PlainResBlock
 from .gelu import Mlp as KernelMlp
 from .norms import GroupNorm as KernelGroupNorm
 from .norms import RMSNorm as KernelRMSNorm
+from .prefix_attention import set_prefix_attention
 from .scaffold import ChunkEncoder as KernelChunkEncoder
 from .scaffold import ResBlock as KernelResBlock
 from .short_attention import Attention as KernelAttention
-from .prefix_attention import set_prefix_attention
 from .short_attention import set_short_attention
 from .tapconv import TAPS_FASTER, PointwiseConv2d, TapConv2d
 

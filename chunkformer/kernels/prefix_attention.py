@@ -77,5 +77,5 @@ def runs_here(q: Tensor, mask: Tensor | None) -> bool:
     """Whether :func:`prefix_attention` takes this call: on, a boolean ``(B, 1, 1, M)`` key mask, CUDA,
     differentiated, inside a compiled graph. The mask must be a prefix one: the backbone's masks are."""
     return (_enabled and mask is not None and mask.dtype == torch.bool and mask.ndim == 4
-            and mask.shape[1] == mask.shape[2] == 1 and q.is_cuda and q.requires_grad and torch.is_grad_enabled()
-            and torch.compiler.is_compiling())
+            and mask.shape[1] == mask.shape[2] == 1 and q.is_cuda and q.requires_grad
+            and torch.is_grad_enabled() and torch.compiler.is_compiling())

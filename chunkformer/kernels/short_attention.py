@@ -90,8 +90,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """:func:`~chunkformer.attention.masked_sdpa` on ``(B, H, M, dh)``, through the kernel where :func:`runs_here`,
-    and a compiled training step's key-masked attention through FlexAttention where
+    """:func:`~chunkformer.attention.masked_sdpa` on ``(B, H, M, dh)``, through the kernel where
+    :func:`runs_here`, and a compiled training step's key-masked attention through FlexAttention where
     :func:`~chunkformer.kernels.prefix_attention.runs_here` (off unless ``set_prefix_attention(True)``)."""
     if runs_here(q, k, mask):
         return attend(q, k, v)

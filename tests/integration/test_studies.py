@@ -315,6 +315,26 @@ def test_equal_compute_pairs_each_dcdit_run_with_the_dit_run_it_names(tmp_path, 
 
 
 @needs_digits
+def test_wallclock_of_snapshots_at_the_reference_minutes_on_the_same_card_only(tmp_path, studies):
+    """--wallclock-of: the snapshot mark is the reference run's minutes, the record names the reference file and
+    holds its training forward GFLOPs; a reference from another card is refused (the arm records the error)."""
+    import mnist_study
+
+    ref = tmp_path / "s0-dit-compiled-steps6500.json"
+    ref.write_text(json.dumps({"device": "cpu", "train_seconds": 0.001}))
+    common = ["--tiny", "--seed", "0", "--arms", "dcdit", "--steps", "3", "--sets", "base", "--fid", "off",
+              "--work", str(tmp_path / "w"), "--wallclock-of", str(ref)]
+    r = mnist_study.main([*common, "--out", str(tmp_path / "o")])["dcdit"]
+    assert r["wallclock_of"] == ref.name and list(r["snapshots"]) == ["0.000017min"]
+    assert r["train_gflops_per_image"] > 0 and r["sets"]["base"]["images_per_second"] > 0
+    ref.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "train_seconds": 0.3}))
+    r = mnist_study.main([*common, "--out", str(tmp_path / "o2")])["dcdit"]
+    assert "same kind of card" in r["error"] and not r.get("sets")
+    with pytest.raises(SystemExit):  # a wall-clock mark needs a step budget
+        mnist_study.main(["--tiny", "--arms", "dcdit", "--wallclock-of", str(ref), "--work", "w", "--out", "o"])
+
+
+@needs_digits
 def test_resume_keeps_the_trained_arm_and_draws_only_what_is_missing(tmp_path, studies):
     """A call that ran out of time mid-sampling: the arm's record holds what was drawn; --resume
     skips training and the finished sets, and draws the rest."""
