@@ -520,14 +520,22 @@ def equal_compute(runs: list[dict]) -> list[str]:
     lines = ["### At equal training compute", "",
              "Each DC-DiT-S run (`--steps`, compiled, fixed capacity) trains as many steps as DiT-S/2's training "
              "FLOPs buy it, with a snapshot at DiT-S/2's training minutes on the same kind of card "
-             "(`--wallclock-of`, the DiT run's record). FLOPs: forward FLOPs per image in the training layout "
-             "(`count_flops`) times steps; the batch is the same.", ""]
+             "(`--wallclock-of`, the DiT run's record). FLOPs / DiT's: steps times forward FLOPs per image, "
+             "first as trained (the fixed layout's padding slots included: what the compiled step computes), then "
+             "as the model needs them (the packed layout of its base sample set at rho 0, per forward: kept tokens "
+             "only); the batch is the same.", ""]
     by_file = {r["file"]: r for r in runs if "file" in r}
     pairs = [(by_file[r["wallclock_of"]], r) for r in runs if r.get("wallclock_of") in by_file]
     if not pairs:
         return lines + ["Not run yet (`mnist_study.py --arms dcdit-compiled --steps N --wallclock-of DIT.json`)."]
     lines += ["| seed | card | DiT-S/2 steps | min | FID | DC-DiT-S, equal wall-clock: steps | FID "
-              "| equal FLOPs: steps | FLOPs / DiT's | FID |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| equal FLOPs: steps | FLOPs / DiT's: trained · packed | FID |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def per_forward(r: dict) -> float | None:  # GFLOPs of one forward of the base set (packed, rho 0)
+        base = r["sets"].get("base", {})
+        return base["tflops_per_image"] * 1e3 / base["steps"] if base.get("tflops_per_image") and base.get("steps") \
+            else None
+
     gaps: dict[str, list[float]] = {"wall-clock": [], "FLOPs": []}
     for dit, dc in sorted(pairs, key=lambda p: p[1]["seed"]):
         base = fid_at(dit["sets"].get("base"), 5000)
@@ -536,9 +544,11 @@ def equal_compute(runs: list[dict]) -> list[str]:
         flops_fid = fid_at(dc["sets"].get("base"), 5000)
         ratio = (dc["train_steps"] * dc["train_gflops_per_image"] / (dit["train_steps"] * dit["train_gflops_per_image"])
                  if dit.get("train_gflops_per_image") and dc.get("train_gflops_per_image") else None)
+        packed = (dc["train_steps"] * per_forward(dc) / (dit["train_steps"] * per_forward(dit))
+                  if per_forward(dc) and per_forward(dit) else None)
         lines.append(f"| {dc['seed']} | {dit.get('device', '?').replace('NVIDIA ', '')} | {dit['train_steps']} "
                      f"| {dit['train_seconds'] / 60:.1f} | {fmt(base)} | {wall['step'] if wall else '-'} "
-                     f"| {fmt(wall_fid)} | {dc['train_steps']} | {fmt(ratio)} | {fmt(flops_fid)} |")
+                     f"| {fmt(wall_fid)} | {dc['train_steps']} | {fmt(ratio)} · {fmt(packed)} | {fmt(flops_fid)} |")
         for key, fid in (("wall-clock", wall_fid), ("FLOPs", flops_fid)):
             if base is not None and fid is not None:
                 gaps[key].append(base - fid)

@@ -295,10 +295,11 @@ def test_equal_compute_pairs_each_dcdit_run_with_the_dit_run_it_names(tmp_path, 
     wall-clock point, its end the equal-FLOP one; the FLOP ratio is steps x forward GFLOPs; seeds give intervals."""
     import report
 
-    def run(seed, arm, steps, gflops, fid, snapshots=None, **extra):
+    def run(seed, arm, steps, gflops, fid, snapshots=None, **extra):  # the base set: 50 forwards of 12.5 GFLOPs
+        base = {"fid_by_samples": {"5000": fid}, "tflops_per_image": 0.625, "steps": 50}
         return {"seed": seed, "arm": arm, "device": "NVIDIA H100 80GB HBM3", "train_steps": steps,
                 "train_seconds": 300.0, "train_gflops_per_image": gflops, "overrides": [], "file": f"s{seed}-{arm}.json",
-                "sets": {"base": {"fid_by_samples": {"5000": fid}}}, "snapshots": snapshots or {}, **extra}
+                "sets": {"base": base}, "snapshots": snapshots or {}, **extra}
 
     runs = []
     for seed, (dit_fid, wall_fid, flops_fid) in enumerate([(10.0, 14.0, 9.0), (11.0, 13.0, 10.5), (9.5, 12.5, 9.0)]):
@@ -306,7 +307,8 @@ def test_equal_compute_pairs_each_dcdit_run_with_the_dit_run_it_names(tmp_path, 
         runs += [run(seed, "dit-compiled", 6500, 12.0, dit_fid),
                  run(seed, "dcdit-compiled", 4160, 18.75, flops_fid, snap, wallclock_of=f"s{seed}-dit-compiled.json")]
     text = "\n".join(report.equal_compute(runs))
-    assert "| 1 | H100 80GB HBM3 | 6500 | 5.0 | 11.00 | 3500 | 13.00 | 4160 | 1.00 | 10.50 |" in text
+    # as trained 4160 x 18.75 / (6500 x 12) = 1.00; packed (both 12.5 per forward) 4160 / 6500 = 0.64
+    assert "| 1 | H100 80GB HBM3 | 6500 | 5.0 | 11.00 | 3500 | 13.00 | 4160 | 1.00 · 0.64 | 10.50 |" in text
     # wall-clock gaps -4, -2, -3: mean -3.00, t(2) 4.303 * 1 / sqrt 3 = 2.48
     assert "At equal wall-clock, DiT-S/2 minus DC-DiT-S FID: mean -3.00, 95% t-interval [-5.48, -0.52] over 3 seeds; " \
            "DC-DiT-S is better in 0 of 3." in text
