@@ -9,6 +9,8 @@
                                                   # writes results/train_speed_account_cpu.json
     python benchmarks/train_speed.py --profile --size digits --cuda-graphs --steps 20   # GPU, about 6 min: where a
                                                   # compiled step's time goes: results/train_speed_profile_digits_<card>.json
+    python benchmarks/train_speed.py --profile --size digits --prefix-attention --channels-last   # the same with
+                                                  # training fast paths: ..._profile_digits_prefix_channels_last_<card>.json
     python benchmarks/train_speed.py --attention --size digits --steps 20   # GPU, under a minute: one attention
                                                   # layer, DiT's against DC-DiT's key-masked: ..._attention_digits_<card>.json
 
@@ -227,10 +229,12 @@ def _build(name: str, size: dict, checkpoint: bool, fixed: bool = True, **sizes)
         model.checkpoint_scaffold = checkpoint
         if _PREFIX_ATTENTION:  # --prefix-attention: the backbone's masked attention through FlexAttention
             kernels.apply(model, norms=False, taps=False, gemm=False, gelu=False, attention=True, force=True)
+    if _CHANNELS_LAST:  # --channels-last: conv weights NHWC, the layout the (B, L, C) tokens already have as a grid
+        model.to(memory_format=torch.channels_last)
     return model
 
 
-_PREFIX_ATTENTION = False
+_PREFIX_ATTENTION = _CHANNELS_LAST = False
 
 
 def _inputs(size: dict, batch: int):
@@ -600,7 +604,8 @@ def run_profile(args) -> dict:
     rows = [s.result for s in subjects]
     card = card_name() if subjects[0].cuda else "cpu"
     print_profile(rows, card, args.size, batch)
-    return save_result("train_speed", f"profile_{args.size}" + ("_prefix" if args.prefix_attention else ""), card, out=args.out, write=not args.tiny, batch=batch,
+    variant = ("_prefix" if args.prefix_attention else "") + ("_channels_last" if args.channels_last else "")
+    return save_result("train_speed", f"profile_{args.size}{variant}", card, out=args.out, write=not args.tiny, batch=batch,
                        rows=rows)
 
 
@@ -716,6 +721,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--prefix-attention", action="store_true",
                     help="DC-DiT's key-masked backbone attention through FlexAttention in compiled training steps "
                          "(chunkformer.kernels.set_prefix_attention), with --compile or --profile")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="every model's conv weights in channels-last memory format (the scaffold's grids are "
+                         "channels-last views of its tokens), with --compile or --profile")
     ap.add_argument("--attention", action="store_true",
                     help="one backbone attention layer, forward + backward: DiT's against DC-DiT's key-masked one "
                          "through SDPA and through FlexAttention (kernels.set_prefix_attention)")
@@ -723,8 +731,8 @@ def main(argv=None) -> dict:
                     help="CPU: FLOPs, held memory and ops per component, graph breaks, recompiles, host syncs")
     ap.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/<name>.json)")
     args = ap.parse_args(argv)
-    global _PREFIX_ATTENTION
-    _PREFIX_ATTENTION = args.prefix_attention
+    global _PREFIX_ATTENTION, _CHANNELS_LAST
+    _PREFIX_ATTENTION, _CHANNELS_LAST = args.prefix_attention, args.channels_last
     kernels.set_prefix_attention(args.prefix_attention)  # process-wide: off again for a run without the flag
     if args.account:
         return run_account(args)
@@ -767,7 +775,7 @@ def main(argv=None) -> dict:
                   f"{r['scaffold_flop_share']:.1%} of its FLOPs")
     config = f"{latent * 8 if args.size == '256' else args.size}_{'compiled' if args.compile else 'eager'}"
     config += "_cudagraphs" if args.cuda_graphs else ""
-    config += "_prefix" if args.prefix_attention else ""
+    config += ("_prefix" if args.prefix_attention else "") + ("_channels_last" if args.channels_last else "")
     config += "" if args.widths is None else "_" + "_".join(widths).lower()
     return save_result("train_speed", config, card, out=args.out, write=not args.tiny, batch=batch,
                        compiled=args.compile, cuda_graphs=args.cuda_graphs, rows=rows)

@@ -242,6 +242,18 @@ def test_train_attention_times_dits_layer_against_dcdits_masked_ones(benchmarks)
     assert all(r["ms"] > 0 for r in result["rows"]) and result["heads"] == 6 and result["head_dim"] == 64
 
 
+def test_train_speed_fast_path_flags_reach_the_built_models(benchmarks, monkeypatch):
+    ts = _load("train_speed")
+    size = {"latent": 8, "channels": 1, "classes": 10}
+    plain = ts._build("DC-DiT-S", size, False, depth=1, hidden_size=64, num_heads=2)
+    monkeypatch.setattr(ts, "_PREFIX_ATTENTION", True)
+    monkeypatch.setattr(ts, "_CHANNELS_LAST", True)
+    fast = ts._build("DC-DiT-S", size, False, depth=1, hidden_size=64, num_heads=2)
+    convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.ndim == 4]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
+    assert ts.kernels.applied(fast).get("attention", 0) > 0 and not ts.kernels.applied(plain)
+
+
 def test_train_account_splits_a_step_by_component_and_checkpointing_holds_less(benchmarks):
     result = _load("train_speed").main(["--account", "--tiny"])
     for size, (dit, dc, ck) in result["account"].items():
