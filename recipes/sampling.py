@@ -161,8 +161,9 @@ def generate(model, diffusion, *, num: int, shape: tuple[int, ...], num_classes:
     noise = torch.randn((num, *shape), generator=g)
     amp = torch.autocast(torch.device(device).type, dtype=autocast) if autocast is not None else nullcontext()
     with _fast_paths(model, fast_paths, device), _merging(model, merge_ratio), amp:
-        compiled = (torch.compile(model, options=compile_options) if compile_options else torch.compile(model)) \
-            if compile else None
+        compiled = None
+        if compile:
+            compiled = torch.compile(model, options=compile_options) if compile_options else torch.compile(model)
         if not count_flops:
             denoiser, counting = compiled or model, nullcontext()
         elif compile:  # a fixed plan's compute does not depend on the content: count one eager forward

@@ -25,8 +25,8 @@ An *arm* is one trained model and the sample sets drawn from it (:data:`ARMS`):
   speed-quality frontier: DiT-S/2 at 50, 35, 25 and 15 DDIM steps, DC-DiT-S at rho 0 to 0.6 and with
   Lite-CFG, and ``dcdit-single-compiled`` (no multi-budget training) at rho 0 to 0.6.
 * ``--steps N`` trains every arm N steps instead: for budgets longer than one call allows, each arm
-  trains in a call of its own, to the steps its compiled rate (measured for both in one call) reaches
-  in the wall-clock budget.
+  trains in a call of its own. DC-DiT-S trains the steps DiT-S/2's training FLOPs buy it, and
+  ``--wallclock-of DIT.json`` adds a snapshot at the DiT run's training minutes (equal wall-clock).
 * Each sample set draws ``--samples`` images from the EMA model with DDIM (``--sample-steps``)
   at a kept-token budget ``rho``, optionally with guidance (standard CFG, or Lite-CFG: the
   unconditional pass at rho 0.9), token merging or step caching, and records TFLOPs per image
@@ -202,6 +202,11 @@ def load_weights(cfg, directory: Path, device, layout: str | None = None) -> tor
         model = cf.create_model(str(directory)).to(device).eval()
     else:
         model = cf.load_weights(build_model(cfg, None, None, device), directory).to(device).eval()
+    return in_layout(model, layout)
+
+
+def in_layout(model: torch.nn.Module, layout: str | None) -> torch.nn.Module:
+    """``model`` switched to plan ``layout`` (None: as it is)."""
     if layout is not None:
         model.set_plan(mode=layout, capacity=None, fill=False)
     return model
@@ -359,10 +364,11 @@ def run_arm(name: str, args, device, score: bool, header: dict) -> dict:
     save()
     spent = "FLOPs not counted" if record["train_tflops"] is None else f"{record['train_tflops']:.1f} TFLOPs"
     print(f"[{name}] {metrics['step']} steps, {spent}, {metrics['wall_seconds'] / 60:.2f} min", flush=True)
+    model = load_weights(cfg, run_dir / "final", device)
     if "train_gflops_per_image" not in record:  # the training layout's forward FLOPs: equal-FLOP budgets by steps
-        record["train_gflops_per_image"] = training_gflops(load_weights(cfg, run_dir / "final", device), device)
+        record["train_gflops_per_image"] = training_gflops(model, device)
         save()
-    model = load_weights(cfg, run_dir / "final", device, arm.sample_layout)
+    model = in_layout(model, arm.sample_layout)
     diffusion = create_diffusion(cfg.diffusion.kind, num_timesteps=cfg.diffusion.num_timesteps,
                                  schedule=cfg.diffusion.schedule, learn_sigma=model.out_channels != model.in_channels)
     if getattr(model, "supports_chunking", False) and "router" not in record:  # cheap: before the samples
@@ -416,8 +422,8 @@ def main(argv=None) -> dict:
                     help="training TFLOPs of every arm (default: the DiT arm trains --minutes, the others its TFLOPs)")
     ap.add_argument("--steps", type=int, default=0,
                     help="training steps of every arm but 'upcycled', instead of --minutes / --tflops: trains a "
-                         "compiled arm in a call of its own, to the steps its measured rate gives in the "
-                         "wall-clock budget (docs/recipes.md#studies)")
+                         "compiled arm in a call of its own, e.g. DC-DiT-S to the steps DiT-S/2's training FLOPs buy "
+                         "it, with --wallclock-of for the equal-wall-clock point (docs/recipes.md#studies)")
     ap.add_argument("--wallclock-of", type=Path, default=None, metavar="RECORD.json",
                     help="with --steps: snapshot at this record's training minutes (a DiT arm trained on the same kind "
                          "of card in an earlier call): the equal-wall-clock point of a run trained to equal FLOPs")
