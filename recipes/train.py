@@ -390,6 +390,10 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
             losses = diffusion.training_losses(out.float(), x0, x_t, t, noise)
             loss = (losses["loss"].mean() + cfg.budget.ratio_weight * info.ratio_loss
                     + cfg.upcycle.distill_weight * distill_loss.float())
+            if chunking and step < cfg.budget.orient_steps:  # the router's side: keep the detail
+                loss = loss + cfg.budget.orient_weight * cf.routing.orientation_loss(
+                    info.router.probs, cf.routing.unpredictability(x_t, info.router.grid),
+                    1.0 / model.budget.target_ratio)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         except torch.OutOfMemoryError as err:

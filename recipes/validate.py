@@ -158,6 +158,8 @@ def validate(cfg, *, data: bool = True, outputs: bool = True) -> None:
     check_range("budget.ratio_weight", b.ratio_weight, lo=0)
     check_range("budget.group_size", b.group_size, lo=1, integer=True)
     check_range("budget.warmup_steps", b.warmup_steps, lo=0, integer=True)
+    check_range("budget.orient_steps", b.orient_steps, lo=0, integer=True)
+    check_range("budget.orient_weight", b.orient_weight, lo=0)
     if not b.fractions:
         raise ConfigError("budget.fractions is empty: expected at least one tail-drop fraction in [0, 1), e.g. [0.0]")
     for i, frac in enumerate(b.fractions):

@@ -4,8 +4,9 @@
 
 For each built-in digit (1 x 32 x 32 in [-1, 1]), optionally with Gaussian noise of standard deviation ``sigma``
 added, every pixel is scored by how badly its 3x3 neighbours' mean predicts it (``|x - mean3x3(x)|``, replicate
-padding), and the top ``fraction`` of pixels per image is kept: what a router whose keep probability rises with
-the unpredictability of the token would keep, on pixels instead of learned features. Prints and writes, per
+padding; :func:`chunkformer.routing.unpredictability`), and the top ``fraction`` of pixels per image is kept:
+what a router whose keep probability rises with the unpredictability of the token would keep, on pixels instead
+of learned features. Prints and writes, per
 ``sigma`` and ``fraction``, the share of stroke pixels (above half intensity) and of background pixels kept, and
 their ratio: the density of strokes against background that the study's router statistics report at t = 25.
 """
@@ -16,18 +17,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chunkformer.data import load_mnist_digits  # noqa: E402
+from chunkformer.routing import unpredictability  # noqa: E402
 
 SIGMAS = (0.0, 0.1)  # clean, and about the noise of t = 25 on the study's schedule
 FRACTIONS = (0.18, 0.25, 0.31)  # the trained routers' kept fractions and the compiled arm's capacity
-
-
-def unpredictability(x: torch.Tensor) -> torch.Tensor:
-    """``(N, 1, H, W) -> (N, 1, H, W)``: ``|x - mean of its 3x3 neighbourhood|`` (replicate padding)."""
-    return (x - F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)).abs()
 
 
 def densities(score: torch.Tensor, strokes: torch.Tensor, fraction: float) -> tuple[float, float]:
@@ -41,7 +37,7 @@ def measure(images: torch.Tensor, sigmas=SIGMAS, fractions=FRACTIONS, seed: int 
     """One row per ``(sigma, fraction)``: stroke and background densities of the rule's kept set and their ratio."""
     strokes, g, rows = images > 0, torch.Generator().manual_seed(seed), []
     for sigma in sigmas:
-        score = unpredictability(images + sigma * torch.randn(images.shape, generator=g))
+        score = unpredictability(images + sigma * torch.randn(images.shape, generator=g), images.shape[2:])
         for fraction in fractions:
             stroke, background = densities(score, strokes, fraction)
             rows.append({"sigma": sigma, "fraction": fraction, "stroke_density": stroke,

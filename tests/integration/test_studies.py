@@ -336,21 +336,6 @@ def test_wallclock_of_snapshots_at_the_reference_minutes_on_the_same_card_only(t
         mnist_study.main(["--tiny", "--arms", "dcdit", "--wallclock-of", str(ref), "--work", "w", "--out", "o"])
 
 
-@settings(max_examples=20, deadline=None)
-@given(level=st.floats(-1, 1), size=st.integers(3, 12))
-def test_the_predictability_rule_scores_a_flat_image_zero_and_an_isolated_pixel_highest(level, size):
-    if str(ROOT / "studies") not in sys.path:
-        sys.path.insert(0, str(ROOT / "studies"))
-    import predictability_rule
-
-    flat = torch.full((1, 1, size, size), level)
-    assert torch.allclose(predictability_rule.unpredictability(flat), torch.zeros_like(flat), atol=1e-6)
-    dot = flat.clone()
-    dot[0, 0, size // 2, size // 2] += 1.0
-    score = predictability_rule.unpredictability(dot)
-    assert score.flatten().argmax() == (size // 2) * size + size // 2
-
-
 @needs_digits
 def test_the_predictability_rule_keeps_strokes_far_denser_than_background_and_chance_does_not(studies):
     import predictability_rule

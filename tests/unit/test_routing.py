@@ -211,3 +211,63 @@ def test_models_pass_the_router_settings_through_and_keep_them_in_their_config(i
     cf.save_pretrained(model, tmp_path / "ckpt")
     again = cf.create_model(str(tmp_path / "ckpt"))
     assert (again.router.init, again.router.gate_grad) == (init, gate_grad)
+
+
+# ---------------------------------------------------------------------------- orientation prior
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**31 - 1), st.floats(-3, 3))
+def test_unpredictability_is_zero_on_flat_input_and_blind_to_a_constant_shift(ndim, channels, seed, shift):
+    from chunkformer.routing import unpredictability
+    g = torch.Generator().manual_seed(seed)
+    grid = (8,) * ndim
+    x = torch.randn(2, channels, *grid, generator=g)
+    assert unpredictability(torch.full_like(x, shift), grid).abs().max() < 1e-5
+    torch.testing.assert_close(unpredictability(x + shift, grid), unpredictability(x, grid), atol=1e-5, rtol=1e-5)
+
+
+@given(st.integers(0, 7), st.integers(0, 7), st.sampled_from([1, 2, 4]))
+def test_unpredictability_peaks_at_an_isolated_pixel_on_the_token_grid(i, j, patch):
+    from chunkformer.routing import unpredictability
+    x = torch.zeros(1, 1, 8 * patch, 8 * patch)
+    x[0, 0, i * patch, j * patch] = 1.0
+    score = unpredictability(x, (8, 8))
+    assert score.shape == (1, 64) and score.argmax().item() == i * 8 + j
+
+
+def test_unpredictability_rejects_a_grid_it_cannot_pool_onto():
+    from chunkformer.routing import unpredictability
+    with pytest.raises(ValueError, match="not a multiple"):
+        unpredictability(torch.zeros(1, 1, 10, 10), (4, 4))
+    with pytest.raises(ValueError, match="rank 2"):
+        unpredictability(torch.zeros(1, 10, 10), (10, 10))
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([0.25, 0.5]))
+def test_orientation_loss_vanishes_on_an_oriented_router_and_a_step_on_it_orients_an_inverted_one(seed, keep):
+    from chunkformer.routing import orientation_loss
+    g = torch.Generator().manual_seed(seed)
+    score = torch.rand(3, 64, generator=g)
+    rank = score.argsort(1).argsort(1).float() / 63  # 0 .. 1, by score
+    oriented = torch.sigmoid(8 * (rank - 0.5))
+    assert orientation_loss(oriented, score, keep) == 0
+    logits = (-8 * (rank - 0.5)).requires_grad_()  # keeps the predictable tokens
+    before = orientation_loss(torch.sigmoid(logits), score, keep)
+    before.backward()
+    assert before > 1.0
+    after = orientation_loss(torch.sigmoid(logits.detach() - 50 * logits.grad), score, keep)
+    assert after < before
+    inner = torch.arange(1, 63)
+    corr = torch.corrcoef(torch.stack([-logits.grad[0, inner], score[0, inner]]))[0, 1]
+    assert corr > 0.5  # the step raises the unpredictable tokens' logits
+
+
+def test_orientation_loss_ignores_the_always_kept_ends_and_checks_its_input():
+    from chunkformer.routing import orientation_loss
+    score = torch.linspace(0, 1, 16)[None]
+    p = torch.sigmoid(4 * (score - 0.5))
+    p_ends = p.clone()
+    p_ends[:, 0] = p_ends[:, -1] = 1.0
+    assert orientation_loss(p_ends, score, 0.25, margin=10.0) == orientation_loss(p, score, 0.25, margin=10.0)
+    with pytest.raises(ValueError, match="keep_fraction"):
+        orientation_loss(p, score, 1.0)
+    with pytest.raises(ValueError, match=r"\(B, L\)"):
+        orientation_loss(p, score[0], 0.25)
