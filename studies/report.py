@@ -474,6 +474,7 @@ def regime_section(runs: list[dict], img: Path) -> list[str]:
         lr = f"{float(extra.get('optim.lr', optim.get('lr', 'nan'))):.0e}".replace("e-0", "e-")
         lr += f", warm-up {extra.get('optim.warmup_steps', optim.get('warmup_steps', '-'))}"
         how = "compiled" if extra.get("train.compile") == "true" else "eager"
+        how += f", router prior {orient_steps(r)} steps" if orient_steps(r) else ""
         points = [(snap["step"], snap["minutes"], snap["sets"].get("base", {})) for snap in r["snapshots"].values()]
         points.append((r["train_steps"], r["train_seconds"] / 60, r["sets"].get("base", {})))
         lines += [f"| {r['seed']} | {LABEL.get(r['arm'], r['arm'])} | {card(r)} "
@@ -514,6 +515,12 @@ def regime_section(runs: list[dict], img: Path) -> list[str]:
     return lines
 
 
+def orient_steps(r: dict) -> int:
+    """The steps a run trained with the router's orientation prior (``budget.orient_steps``; 0 in older records)."""
+    extra = dict(o.split("=", 1) for o in r.get("overrides", []) if "=" in o)
+    return int(extra.get("budget.orient_steps", r.get("recipe", {}).get("budget", {}).get("orient_steps", 0)))
+
+
 def equal_compute(runs: list[dict]) -> list[str]:
     """DC-DiT-S against DiT-S/2 in the trained regime: each DC-DiT-S run trained to equal FLOPs (its steps) with a
     snapshot at the DiT run's training minutes (``--wallclock-of``), FID of the EMA model on 5000 samples."""
@@ -528,15 +535,16 @@ def equal_compute(runs: list[dict]) -> list[str]:
     pairs = [(by_file[r["wallclock_of"]], r) for r in runs if r.get("wallclock_of") in by_file]
     if not pairs:
         return lines + ["Not run yet (`mnist_study.py --arms dcdit-compiled --steps N --wallclock-of DIT.json`)."]
-    lines += ["| seed | card | DiT-S/2 steps | min | FID | DC-DiT-S, equal wall-clock: steps | FID "
-              "| equal FLOPs: steps | FLOPs / DiT's: trained · packed | FID |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| seed | card | DiT-S/2 steps | min | FID | DC-DiT-S router prior steps | equal wall-clock: steps | FID "
+              "| equal FLOPs: steps | FLOPs / DiT's: trained · packed | FID |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def per_forward(r: dict) -> float | None:  # GFLOPs of one forward of the base set (packed, rho 0)
         base = r["sets"].get("base", {})
         return base["tflops_per_image"] * 1e3 / base["steps"] if base.get("tflops_per_image") and base.get("steps") \
             else None
 
-    gaps: dict[str, list[float]] = {"wall-clock": [], "FLOPs": []}
+    gaps: dict[tuple[str, int], list[float]] = {}  # (comparison, prior steps): one interval per configuration
     for dit, dc in sorted(pairs, key=lambda p: p[1]["seed"]):
         base = fid_at(dit["sets"].get("base"), 5000)
         wall = next(iter(dc["snapshots"].values()), None)
@@ -547,15 +555,16 @@ def equal_compute(runs: list[dict]) -> list[str]:
         packed = (dc["train_steps"] * per_forward(dc) / (dit["train_steps"] * per_forward(dit))
                   if per_forward(dc) and per_forward(dit) else None)
         lines.append(f"| {dc['seed']} | {dit.get('device', '?').replace('NVIDIA ', '')} | {dit['train_steps']} "
-                     f"| {dit['train_seconds'] / 60:.1f} | {fmt(base)} | {wall['step'] if wall else '-'} "
+                     f"| {dit['train_seconds'] / 60:.1f} | {fmt(base)} | {orient_steps(dc)} | {wall['step'] if wall else '-'} "
                      f"| {fmt(wall_fid)} | {dc['train_steps']} | {fmt(ratio)} · {fmt(packed)} | {fmt(flops_fid)} |")
         for key, fid in (("wall-clock", wall_fid), ("FLOPs", flops_fid)):
             if base is not None and fid is not None:
-                gaps[key].append(base - fid)
-    for key, gap in gaps.items():
+                gaps.setdefault((key, orient_steps(dc)), []).append(base - fid)
+    for (key, prior), gap in sorted(gaps.items(), key=lambda g: (g[0][1], g[0][0] != "wall-clock")):
         if len(gap) > 1:
             mean, half = t_interval(gap)
-            lines += ["", f"At equal {key}, DiT-S/2 minus DC-DiT-S FID: mean {mean:.2f}, 95% t-interval "
+            which = f" (router prior {prior} steps)" if prior else ""
+            lines += ["", f"At equal {key}{which}, DiT-S/2 minus DC-DiT-S FID: mean {mean:.2f}, 95% t-interval "
                       f"[{mean - half:.2f}, {mean + half:.2f}] over {len(gap)} seeds; DC-DiT-S is better in "
                       f"{sum(g > 0 for g in gap)} of {len(gap)}."]
     return lines
