@@ -94,10 +94,10 @@ class BudgetConfig:
     multi_budget: bool = True
     warmup_steps: int = 0  # steps at rho = 0 before multi-budget draws start
     fractions: tuple = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-    # steps that add weight x chunkformer.routing.orientation_loss: the router's keep logits must rank the
-    # input's unpredictable tokens (chunkformer.routing.unpredictability) above the rest; 0 = the paper's losses only
-    orient_steps: int = 0
-    orient_weight: float = 1.0
+    # weight of chunkformer.routing.orientation_loss, a hinge asking the router's keep logits to rank the input's
+    # unpredictable tokens (chunkformer.routing.unpredictability) above the rest; 0 = the paper's losses only
+    orient_weight: float = 0.0
+    orient_steps: int = 0  # the prior's first steps only (0 = every step)
 
 
 @dataclass
@@ -180,9 +180,9 @@ def _mnist_gpu(name: str, model: str) -> Recipe:
         model=ModelConfig(model, kwargs),
         optim=OptimConfig(lr=2e-4, ema_decay=0.999),
         diffusion=DiffusionConfig(sample_steps=50, sampler="ddim"),
-        # the first 300 steps orient the router towards the strokes (docs/routing.md, "Orientation")
+        # the orientation prior keeps the router on the strokes (docs/routing.md, "Orientation")
         budget=BudgetConfig(warmup_steps=1000, multi_budget=model.startswith("DC"),
-                            orient_steps=300 if model.startswith("DC") else 0),
+                            orient_weight=1.0 if model.startswith("DC") else 0.0),
         train=TrainConfig(steps=5000, global_batch=256, log_every=100, ckpt_every=2500, sample_every=2500),
     )
 

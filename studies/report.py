@@ -474,7 +474,7 @@ def regime_section(runs: list[dict], img: Path) -> list[str]:
         lr = f"{float(extra.get('optim.lr', optim.get('lr', 'nan'))):.0e}".replace("e-0", "e-")
         lr += f", warm-up {extra.get('optim.warmup_steps', optim.get('warmup_steps', '-'))}"
         how = "compiled" if extra.get("train.compile") == "true" else "eager"
-        how += f", router prior {orient_steps(r)} steps" if orient_steps(r) else ""
+        how += f", router prior {router_prior(r)}" if router_prior(r) != "-" else ""
         points = [(snap["step"], snap["minutes"], snap["sets"].get("base", {})) for snap in r["snapshots"].values()]
         points.append((r["train_steps"], r["train_seconds"] / 60, r["sets"].get("base", {})))
         lines += [f"| {r['seed']} | {LABEL.get(r['arm'], r['arm'])} | {card(r)} "
@@ -515,10 +515,14 @@ def regime_section(runs: list[dict], img: Path) -> list[str]:
     return lines
 
 
-def orient_steps(r: dict) -> int:
-    """The steps a run trained with the router's orientation prior (``budget.orient_steps``; 0 in older records)."""
+def router_prior(r: dict) -> str:
+    """When a run trained with the router's orientation prior: "-" (never; older records), "all steps" or
+    "first K steps" (``budget.orient_weight``, ``budget.orient_steps``)."""
     extra = dict(o.split("=", 1) for o in r.get("overrides", []) if "=" in o)
-    return int(extra.get("budget.orient_steps", r.get("recipe", {}).get("budget", {}).get("orient_steps", 0)))
+    budget = r.get("recipe", {}).get("budget", {})
+    weight = float(extra.get("budget.orient_weight", budget.get("orient_weight", 0.0)))
+    steps = int(extra.get("budget.orient_steps", budget.get("orient_steps", 0)))
+    return "-" if weight <= 0 else "all steps" if steps == 0 else f"first {steps} steps"
 
 
 def equal_compute(runs: list[dict]) -> list[str]:
@@ -535,7 +539,7 @@ def equal_compute(runs: list[dict]) -> list[str]:
     pairs = [(by_file[r["wallclock_of"]], r) for r in runs if r.get("wallclock_of") in by_file]
     if not pairs:
         return lines + ["Not run yet (`mnist_study.py --arms dcdit-compiled --steps N --wallclock-of DIT.json`)."]
-    lines += ["| seed | card | DiT-S/2 steps | min | FID | DC-DiT-S router prior steps | equal wall-clock: steps | FID "
+    lines += ["| seed | card | DiT-S/2 steps | min | FID | DC-DiT-S router prior | equal wall-clock: steps | FID "
               "| equal FLOPs: steps | FLOPs / DiT's: trained · packed | FID |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -544,7 +548,7 @@ def equal_compute(runs: list[dict]) -> list[str]:
         return base["tflops_per_image"] * 1e3 / base["steps"] if base.get("tflops_per_image") and base.get("steps") \
             else None
 
-    gaps: dict[tuple[str, int], list[float]] = {}  # (comparison, prior steps): one interval per configuration
+    gaps: dict[tuple[str, str], list[float]] = {}  # (comparison, router prior): one interval per configuration
     for dit, dc in sorted(pairs, key=lambda p: p[1]["seed"]):
         base = fid_at(dit["sets"].get("base"), 5000)
         wall = next(iter(dc["snapshots"].values()), None)
@@ -555,15 +559,15 @@ def equal_compute(runs: list[dict]) -> list[str]:
         packed = (dc["train_steps"] * per_forward(dc) / (dit["train_steps"] * per_forward(dit))
                   if per_forward(dc) and per_forward(dit) else None)
         lines.append(f"| {dc['seed']} | {dit.get('device', '?').replace('NVIDIA ', '')} | {dit['train_steps']} "
-                     f"| {dit['train_seconds'] / 60:.1f} | {fmt(base)} | {orient_steps(dc)} | {wall['step'] if wall else '-'} "
+                     f"| {dit['train_seconds'] / 60:.1f} | {fmt(base)} | {router_prior(dc)} | {wall['step'] if wall else '-'} "
                      f"| {fmt(wall_fid)} | {dc['train_steps']} | {fmt(ratio)} · {fmt(packed)} | {fmt(flops_fid)} |")
         for key, fid in (("wall-clock", wall_fid), ("FLOPs", flops_fid)):
             if base is not None and fid is not None:
-                gaps.setdefault((key, orient_steps(dc)), []).append(base - fid)
-    for (key, prior), gap in sorted(gaps.items(), key=lambda g: (g[0][1], g[0][0] != "wall-clock")):
+                gaps.setdefault((key, router_prior(dc)), []).append(base - fid)
+    for (key, prior), gap in sorted(gaps.items(), key=lambda g: (g[0][1] != "-", g[0][1], g[0][0] != "wall-clock")):
         if len(gap) > 1:
             mean, half = t_interval(gap)
-            which = f" (router prior {prior} steps)" if prior else ""
+            which = f" (router prior: {prior})" if prior != "-" else ""
             lines += ["", f"At equal {key}{which}, DiT-S/2 minus DC-DiT-S FID: mean {mean:.2f}, 95% t-interval "
                       f"[{mean - half:.2f}, {mean + half:.2f}] over {len(gap)} seeds; DC-DiT-S is better in "
                       f"{sum(g > 0 for g in gap)} of {len(gap)}."]

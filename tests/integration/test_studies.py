@@ -308,7 +308,7 @@ def test_equal_compute_pairs_each_dcdit_run_with_the_dit_run_it_names(tmp_path, 
                  run(seed, "dcdit-compiled", 4160, 18.75, flops_fid, snap, wallclock_of=f"s{seed}-dit-compiled.json")]
     text = "\n".join(report.equal_compute(runs))
     # as trained 4160 x 18.75 / (6500 x 12) = 1.00; packed (both 12.5 per forward) 4160 / 6500 = 0.64
-    assert "| 1 | H100 80GB HBM3 | 6500 | 5.0 | 11.00 | 0 | 3500 | 13.00 | 4160 | 1.00 · 0.64 | 10.50 |" in text
+    assert "| 1 | H100 80GB HBM3 | 6500 | 5.0 | 11.00 | - | 3500 | 13.00 | 4160 | 1.00 · 0.64 | 10.50 |" in text
     # wall-clock gaps -4, -2, -3: mean -3.00, t(2) 4.303 * 1 / sqrt 3 = 2.48
     assert "At equal wall-clock, DiT-S/2 minus DC-DiT-S FID: mean -3.00, 95% t-interval [-5.48, -0.52] over 3 seeds; " \
            "DC-DiT-S is better in 0 of 3." in text
@@ -317,10 +317,10 @@ def test_equal_compute_pairs_each_dcdit_run_with_the_dit_run_it_names(tmp_path, 
     # runs with the router's orientation prior are a configuration of their own: their seeds make their own interval
     snap = {"5.000000min": {"step": 3500, "minutes": 5.0, "sets": {"base": {"fid_by_samples": {"5000": 8.0}}}}}
     prior = [run(seed, "dcdit-compiled", 4160, 18.75, 7.0, snap, wallclock_of=f"s{seed}-dit-compiled.json",
-                 file=f"s{seed}-prior.json", recipe={"budget": {"orient_steps": 300}}) for seed in (0, 1)]
+                 file=f"s{seed}-prior.json", recipe={"budget": {"orient_weight": 1.0, "orient_steps": 0}}) for seed in (0, 1)]
     text = "\n".join(report.equal_compute(runs + prior))
-    assert "| 0 | H100 80GB HBM3 | 6500 | 5.0 | 10.00 | 300 | 3500 | 8.00 | 4160 | 1.00 · 0.64 | 7.00 |" in text
-    assert "over 3 seeds" in text and "At equal wall-clock (router prior 300 steps)" in text
+    assert "| 0 | H100 80GB HBM3 | 6500 | 5.0 | 10.00 | all steps | 3500 | 8.00 | 4160 | 1.00 · 0.64 | 7.00 |" in text
+    assert "over 3 seeds" in text and "At equal wall-clock (router prior: all steps)" in text
     assert "DC-DiT-S is better in 2 of 2." in text
 
 
