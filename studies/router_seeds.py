@@ -13,7 +13,10 @@ before it keeps anything) and the final stroke / background ratio and logit gap 
 prints a one-line summary. The router finds the detail when strokes are kept at least 3x as densely as background.
 ``model.overrides.router_init=release model.overrides.gate_grad=selected`` trains with the paper's router
 settings; ``--selected-after=K`` (among the overrides) switches to the paper's gate gradient at the first log
-step at or after step ``K``. On a GPU, ``train.checkpoint_scaffold=true`` lets eight runs share one card.
+step at or after step ``K``. ``budget.orient_weight=0`` trains without the router's orientation prior (the paper's
+losses only), ``budget.orient_steps=K`` with it for the first ``K`` steps only. On a GPU,
+``train.checkpoint_scaffold=true`` lets eight runs share one 141 GB card; on an 80 GB card run two at a time (the
+eager packed step of one run can pass 26 GB: three at once ran out of memory).
 """
 
 import json
