@@ -534,7 +534,9 @@ def equal_compute(runs: list[dict]) -> list[str]:
              "(`--wallclock-of`, the DiT run's record). FLOPs / DiT's: steps times forward FLOPs per image, "
              "first as trained (the fixed layout's padding slots included: what the compiled step computes), then "
              "as the model needs them (the packed layout of its base sample set at rho 0, per forward: kept tokens "
-             "only); the batch is the same.", ""]
+             "only); the batch is the same. Router prior: whether the DC-DiT-S run trained with the router's "
+             "orientation prior (routing.md); a run with `-` had the paper's losses alone, which "
+             "`--override budget.orient_weight=0` repeats.", ""]
     by_file = {r["file"]: r for r in runs if "file" in r}
     pairs = [(by_file[r["wallclock_of"]], r) for r in runs if r.get("wallclock_of") in by_file]
     if not pairs:
