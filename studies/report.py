@@ -208,7 +208,9 @@ def render(data: dict, img: Path = IMG) -> str:
              "learned variance, AdamW 2e-4, batch 256, EMA 0.999 with warm-up, bf16 autocast), eager PyTorch on one",
              "GPU. Evaluation: EMA weights, DDIM 50 steps, no guidance unless a row says so, FID of N samples",
              "(N stated per column) against the 5000 digits with the offline Inception-v3 (pool3, TF-FID weights).",
-             "FID grows as N shrinks, so only numbers at the same N are compared.", ""]
+             "FID grows as N shrinks, so only numbers at the same N are compared. The DC-DiT-S runs trained with",
+             "the paper's losses alone unless a row names the router's orientation prior (routing.md), which the",
+             "`mnist-dcdit-s` recipe adds: `--override budget.orient_weight=0` repeats them.", ""]
     if not recs and not curves:
         return "\n".join(lines + ["No study runs yet.", ""])
     devices = sorted({r.get("device", "?") for r in recs.values()})
