@@ -322,7 +322,8 @@ def orientation_loss(probs: Tensor, score: Tensor, keep_fraction: float, margin:
     background (docs/routing.md, "Orientation") and leaves the paper's losses to decide the rest.
     """
     if probs.shape != score.shape or probs.dim() != 2:
-        raise ValueError(f"probs and score must both be (B, L), got {tuple(probs.shape)} and {tuple(score.shape)}")
+        raise ValueError(f"probs and score must both be (B, L), got {tuple(probs.shape)} "
+                         f"and {tuple(score.shape)}")
     B, L = probs.shape
     if L < 4:
         raise ValueError(f"orientation_loss needs at least 4 tokens per sample, got {L}")

@@ -94,8 +94,9 @@ class BudgetConfig:
     multi_budget: bool = True
     warmup_steps: int = 0  # steps at rho = 0 before multi-budget draws start
     fractions: tuple = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-    # weight of chunkformer.routing.orientation_loss, a hinge asking the router's keep logits to rank the input's
-    # unpredictable tokens (chunkformer.routing.unpredictability) above the rest; 0 = the paper's losses only
+    # weight of chunkformer.routing.orientation_loss, a hinge asking the router's keep logits to rank the
+    # input's unpredictable tokens (chunkformer.routing.unpredictability) above the rest; 0 = the paper's
+    # losses only
     orient_weight: float = 0.0
     orient_steps: int = 0  # the prior's first steps only (0 = every step)
 

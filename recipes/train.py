@@ -390,8 +390,8 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
             losses = diffusion.training_losses(out.float(), x0, x_t, t, noise)
             loss = (losses["loss"].mean() + cfg.budget.ratio_weight * info.ratio_loss
                     + cfg.upcycle.distill_weight * distill_loss.float())
-            prior = cfg.budget.orient_weight > 0 and (cfg.budget.orient_steps == 0 or step < cfg.budget.orient_steps)
-            if chunking and prior:  # the router's side: keep the detail
+            orient = cfg.budget.orient_steps == 0 or step < cfg.budget.orient_steps
+            if chunking and cfg.budget.orient_weight > 0 and orient:  # the router's side: keep the detail
                 loss = loss + cfg.budget.orient_weight * cf.routing.orientation_loss(
                     info.router.probs, cf.routing.unpredictability(x_t, info.router.grid),
                     1.0 / model.budget.target_ratio)

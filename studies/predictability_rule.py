@@ -5,8 +5,8 @@
 For each built-in digit (1 x 32 x 32 in [-1, 1]), optionally with Gaussian noise of standard deviation ``sigma``
 added, every pixel is scored by how badly its 3x3 neighbours' mean predicts it (``|x - mean3x3(x)|``, replicate
 padding; :func:`chunkformer.routing.unpredictability`), and the top ``fraction`` of pixels per image is kept:
-what a router whose keep probability rises with the unpredictability of the token would keep, on pixels instead
-of learned features. Prints and writes, per
+what a router whose keep probability rises with the unpredictability of the token would keep, on pixels
+instead of learned features. Prints and writes, per
 ``sigma`` and ``fraction``, the share of stroke pixels (above half intensity) and of background pixels kept, and
 their ratio: the density of strokes against background that the study's router statistics report at t = 25.
 """

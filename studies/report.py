@@ -208,9 +208,9 @@ def render(data: dict, img: Path = IMG) -> str:
              "learned variance, AdamW 2e-4, batch 256, EMA 0.999 with warm-up, bf16 autocast), eager PyTorch on one",
              "GPU. Evaluation: EMA weights, DDIM 50 steps, no guidance unless a row says so, FID of N samples",
              "(N stated per column) against the 5000 digits with the offline Inception-v3 (pool3, TF-FID weights).",
-             "FID grows as N shrinks, so only numbers at the same N are compared. The DC-DiT-S runs trained with",
-             "the paper's losses alone unless a row names the router's orientation prior (routing.md), which the",
-             "`mnist-dcdit-s` recipe adds: `--override budget.orient_weight=0` repeats them.", ""]
+             "FID grows as N shrinks, so only numbers at the same N are compared. The DC-DiT-S runs trained",
+             "with the paper's losses alone unless a row names the router's orientation prior (routing.md),",
+             "which the `mnist-dcdit-s` recipe adds: `--override budget.orient_weight=0` repeats them.", ""]
     if not recs and not curves:
         return "\n".join(lines + ["No study runs yet.", ""])
     devices = sorted({r.get("device", "?") for r in recs.values()})
@@ -543,8 +543,8 @@ def equal_compute(runs: list[dict]) -> list[str]:
     pairs = [(by_file[r["wallclock_of"]], r) for r in runs if r.get("wallclock_of") in by_file]
     if not pairs:
         return lines + ["Not run yet (`mnist_study.py --arms dcdit-compiled --steps N --wallclock-of DIT.json`)."]
-    lines += ["| seed | card | DiT-S/2 steps | min | FID | DC-DiT-S router prior | equal wall-clock: steps | FID "
-              "| equal FLOPs: steps | FLOPs / DiT's: trained · packed | FID |",
+    lines += ["| seed | card | DiT-S/2 steps | min | FID | DC-DiT-S router prior | equal wall-clock: steps "
+              "| FID | equal FLOPs: steps | FLOPs / DiT's: trained · packed | FID |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def per_forward(r: dict) -> float | None:  # GFLOPs of one forward of the base set (packed, rho 0)
@@ -552,7 +552,7 @@ def equal_compute(runs: list[dict]) -> list[str]:
         return base["tflops_per_image"] * 1e3 / base["steps"] if base.get("tflops_per_image") and base.get("steps") \
             else None
 
-    gaps: dict[tuple[str, str], list[float]] = {}  # (comparison, router prior): one interval per configuration
+    gaps: dict[tuple[str, str], list[float]] = {}  # (comparison, router prior): an interval per configuration
     for dit, dc in sorted(pairs, key=lambda p: p[1]["seed"]):
         base = fid_at(dit["sets"].get("base"), 5000)
         wall = next(iter(dc["snapshots"].values()), None)
@@ -563,16 +563,19 @@ def equal_compute(runs: list[dict]) -> list[str]:
         packed = (dc["train_steps"] * per_forward(dc) / (dit["train_steps"] * per_forward(dit))
                   if per_forward(dc) and per_forward(dit) else None)
         lines.append(f"| {dc['seed']} | {dit.get('device', '?').replace('NVIDIA ', '')} | {dit['train_steps']} "
-                     f"| {dit['train_seconds'] / 60:.1f} | {fmt(base)} | {router_prior(dc)} | {wall['step'] if wall else '-'} "
+                     f"| {dit['train_seconds'] / 60:.1f} | {fmt(base)} | {router_prior(dc)} "
+                     f"| {wall['step'] if wall else '-'} "
                      f"| {fmt(wall_fid)} | {dc['train_steps']} | {fmt(ratio)} · {fmt(packed)} | {fmt(flops_fid)} |")
         for key, fid in (("wall-clock", wall_fid), ("FLOPs", flops_fid)):
             if base is not None and fid is not None:
                 gaps.setdefault((key, router_prior(dc)), []).append(base - fid)
-    for (key, prior), gap in sorted(gaps.items(), key=lambda g: (g[0][1] != "-", g[0][1], g[0][0] != "wall-clock")):
+    for key, prior in sorted(gaps, key=lambda k: (k[1] != "-", k[1], k[0] != "wall-clock")):  # no prior first
+        gap = gaps[key, prior]
         if len(gap) > 1:
             mean, half = t_interval(gap)
             which = f" (router prior: {prior})" if prior != "-" else ""
-            lines += ["", f"At equal {key}{which}, DiT-S/2 minus DC-DiT-S FID: mean {mean:.2f}, 95% t-interval "
+            lines += ["", f"At equal {key}{which}, DiT-S/2 minus DC-DiT-S FID: mean {mean:.2f}, "
+                      f"95% t-interval "
                       f"[{mean - half:.2f}, {mean + half:.2f}] over {len(gap)} seeds; DC-DiT-S is better in "
                       f"{sum(g > 0 for g in gap)} of {len(gap)}."]
     return lines

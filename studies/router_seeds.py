@@ -9,14 +9,15 @@ Trains ``mnist-dcdit-s`` for the given steps with the given seed (extra ``key=va
 output path) and, at every log step, measures over 256 fixed real digits what the router keeps at
 ``t = 25`` and ``t = 500``: the kept density on strokes and on background (``studies.mnist_study.orientation_probe``).
 Writes the curve (with the mean keep logit on strokes and on background, which shows the side the router leans to
-before it keeps anything) and the final stroke / background ratio and logit gap at ``t = 25`` to the JSON file and
+before it keeps anything) and the last probe's stroke / background ratio and logit gap at ``t = 25`` to the
+JSON file after every probe (``"complete": false`` until the run ends, so a run cut short keeps its curve) and
 prints a one-line summary. The router finds the detail when strokes are kept at least 3x as densely as background.
 ``model.overrides.router_init=release model.overrides.gate_grad=selected`` trains with the paper's router
 settings; ``--selected-after=K`` (among the overrides) switches to the paper's gate gradient at the first log
-step at or after step ``K``. ``budget.orient_weight=0`` trains without the router's orientation prior (the paper's
-losses only), ``budget.orient_steps=K`` with it for the first ``K`` steps only. On a GPU,
-``train.checkpoint_scaffold=true`` lets eight runs share one 141 GB card; on an 80 GB card run two at a time (the
-eager packed step of one run can pass 26 GB: three at once ran out of memory).
+step at or after step ``K``. ``budget.orient_weight=0`` trains without the router's orientation prior (the
+paper's losses only), ``budget.orient_steps=K`` with it for the first ``K`` steps only. On a GPU,
+``train.checkpoint_scaffold=true`` lets eight runs share one 141 GB card; on an 80 GB card run two at a time
+(the eager packed step of one run can pass 26 GB: three at once ran out of memory).
 """
 
 import json
@@ -40,27 +41,30 @@ def main(argv: list[str]) -> dict:
         f"train.steps={steps}", f"train.seed={seed}", "train.log_every=50", f"train.results_dir={out.parent}/runs-{seed}",
         "train.sample_every=0", "train.num_sample_images=10", f"train.ckpt_every={steps}", *extra])
     probe = orientation_probe(cfg, seed, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    rows = []
+    rows, start = [], time.time()
+
+    def summary(complete: bool) -> dict:  # the last probe's figures; written after every probe
+        last = rows[-1]
+        return {"seed": seed, "steps": steps, "overrides": extra, "selected_after": switch,
+                "complete": complete, "seconds": time.time() - start, "curve": rows,
+                "stroke_t25": last["stroke_t25"], "background_t25": last["background_t25"],
+                "ratio_t25": last["stroke_t25"] / max(last["background_t25"], 1e-6),
+                "logit_gap_t25": last["stroke_logit_t25"] - last["background_logit_t25"]}
 
     def record(model, step):
         if switch is not None and step >= switch:  # the paper's gate gradient from here on
             model.router.gate_grad = "selected"
         r = probe(model, step)
         rows.append({"step": step, **r})
+        out.write_text(json.dumps(summary(complete=False)))  # a run cut short keeps its curve so far
         return r
 
-    start = time.time()
-    train(cfg, probe=record)
-    last = rows[-1]
-    result = {"seed": seed, "steps": steps, "overrides": extra, "selected_after": switch, "seconds": time.time() - start, "curve": rows,
-              "stroke_t25": last["stroke_t25"], "background_t25": last["background_t25"],
-              "ratio_t25": last["stroke_t25"] / max(last["background_t25"], 1e-6),
-              "logit_gap_t25": last["stroke_logit_t25"] - last["background_logit_t25"]}
     out.parent.mkdir(parents=True, exist_ok=True)
+    train(cfg, probe=record)
+    result = summary(complete=True)
     out.write_text(json.dumps(result))
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}))
     return result
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -308,18 +308,22 @@ def test_equal_compute_pairs_each_dcdit_run_with_the_dit_run_it_names(tmp_path, 
                  run(seed, "dcdit-compiled", 4160, 18.75, flops_fid, snap, wallclock_of=f"s{seed}-dit-compiled.json")]
     text = "\n".join(report.equal_compute(runs))
     # as trained 4160 x 18.75 / (6500 x 12) = 1.00; packed (both 12.5 per forward) 4160 / 6500 = 0.64
-    assert "| 1 | H100 80GB HBM3 | 6500 | 5.0 | 11.00 | - | 3500 | 13.00 | 4160 | 1.00 · 0.64 | 10.50 |" in text
+    assert ("| 1 | H100 80GB HBM3 | 6500 | 5.0 | 11.00 | - | 3500 | 13.00 | 4160 | 1.00 · 0.64 | 10.50 |"
+            in text)
     # wall-clock gaps -4, -2, -3: mean -3.00, t(2) 4.303 * 1 / sqrt 3 = 2.48
     assert "At equal wall-clock, DiT-S/2 minus DC-DiT-S FID: mean -3.00, 95% t-interval [-5.48, -0.52] over 3 seeds; " \
            "DC-DiT-S is better in 0 of 3." in text
     assert "At equal FLOPs" in text and "better in 3 of 3" in text
     assert "Not run yet" in "\n".join(report.equal_compute(runs[:1]))  # a DiT run alone: nothing to pair
-    # runs with the router's orientation prior are a configuration of their own: their seeds make their own interval
-    snap = {"5.000000min": {"step": 3500, "minutes": 5.0, "sets": {"base": {"fid_by_samples": {"5000": 8.0}}}}}
+    # runs with the router's orientation prior are a configuration of their own, with an interval of their own
+    snap = {"5.000000min": {"step": 3500, "minutes": 5.0,
+                            "sets": {"base": {"fid_by_samples": {"5000": 8.0}}}}}
+    on = {"budget": {"orient_weight": 1.0, "orient_steps": 0}}
     prior = [run(seed, "dcdit-compiled", 4160, 18.75, 7.0, snap, wallclock_of=f"s{seed}-dit-compiled.json",
-                 file=f"s{seed}-prior.json", recipe={"budget": {"orient_weight": 1.0, "orient_steps": 0}}) for seed in (0, 1)]
+                 file=f"s{seed}-prior.json", recipe=on) for seed in (0, 1)]
     text = "\n".join(report.equal_compute(runs + prior))
-    assert "| 0 | H100 80GB HBM3 | 6500 | 5.0 | 10.00 | all steps | 3500 | 8.00 | 4160 | 1.00 · 0.64 | 7.00 |" in text
+    assert ("| 0 | H100 80GB HBM3 | 6500 | 5.0 | 10.00 | all steps | 3500 | 8.00 | 4160 | 1.00 · 0.64 "
+            "| 7.00 |" in text)
     assert "over 3 seeds" in text and "At equal wall-clock (router prior: all steps)" in text
     assert "DC-DiT-S is better in 2 of 2." in text
 
@@ -431,18 +435,27 @@ def test_collect_copies_records_figures_and_logs_and_skips_failed_arms(tmp_path,
 
 
 @needs_digits
-def test_router_seeds_records_what_the_router_keeps_on_strokes_and_background(tmp_path):
+def test_router_seeds_records_what_the_router_keeps_on_strokes_and_background(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT))
     from studies import router_seeds
 
-    out = tmp_path / "seed0.json"
+    out, seen = tmp_path / "seed0.json", []  # the file as each probe finds it: a run cut short keeps it
+    real = router_seeds.orientation_probe
+
+    def watched(*args):
+        inner = real(*args)
+        return lambda model, step: (seen.append(json.loads(out.read_text()) if out.exists() else None),
+                                    inner(model, step))[1]
+
+    monkeypatch.setattr(router_seeds, "orientation_probe", watched)
     result = router_seeds.main(["0", "4", str(out), "train.precision=fp32", "model.overrides.hidden_size=32",
                                 "model.overrides.depth=1", "model.overrides.num_heads=2", "train.global_batch=8",
                                 "train.log_every=2", "budget.group_size=4", "--selected-after=4"])
     assert [r["step"] for r in result["curve"]] == [2, 4]
     assert result["selected_after"] == 4 and not any(o.startswith("--") for o in result["overrides"])
     assert 0 <= result["stroke_t25"] <= 1 and 0 <= result["background_t25"] <= 1
-    assert json.loads(out.read_text())["ratio_t25"] == result["ratio_t25"]
+    assert json.loads(out.read_text())["ratio_t25"] == result["ratio_t25"] and result["complete"]
+    assert seen[0] is None and not seen[1]["complete"] and [r["step"] for r in seen[1]["curve"]] == [2]
     last = result["curve"][-1]  # the mean keep logits: below 0 where the router keeps less than half
     assert result["logit_gap_t25"] == last["stroke_logit_t25"] - last["background_logit_t25"]
     for side in ("stroke", "background"):
@@ -460,8 +473,9 @@ def test_the_orientation_prior_makes_a_tiny_dcdit_keep_the_strokes_where_the_pap
     from studies import router_seeds
 
     result = router_seeds.main([str(seed), "300", str(tmp_path / "r.json"), "train.precision=fp32",
-                                "model.overrides.hidden_size=32", "model.overrides.depth=1", "model.overrides.num_heads=2",
-                                "train.global_batch=16", "train.log_every=300", "train.cpu_threads=1"])
+                                "model.overrides.hidden_size=32", "model.overrides.depth=1",
+                                "model.overrides.num_heads=2", "train.global_batch=16", "train.log_every=300",
+                                "train.cpu_threads=1"])
     assert result["stroke_t25"] >= 3 * result["background_t25"], result
 
 

@@ -221,7 +221,8 @@ def test_unpredictability_is_zero_on_flat_input_and_blind_to_a_constant_shift(nd
     grid = (8,) * ndim
     x = torch.randn(2, channels, *grid, generator=g)
     assert unpredictability(torch.full_like(x, shift), grid).abs().max() < 1e-5
-    torch.testing.assert_close(unpredictability(x + shift, grid), unpredictability(x, grid), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unpredictability(x + shift, grid), unpredictability(x, grid),
+                               atol=1e-5, rtol=1e-5)
 
 
 @given(st.integers(0, 7), st.integers(0, 7), st.sampled_from([1, 2, 4]))
