@@ -575,9 +575,8 @@ def equal_compute(runs: list[dict]) -> list[str]:
             mean, half = t_interval(gap)
             which = f" (router prior: {prior})" if prior != "-" else ""
             lines += ["", f"At equal {key}{which}, DiT-S/2 minus DC-DiT-S FID: mean {mean:.2f}, "
-                      f"95% t-interval "
-                      f"[{mean - half:.2f}, {mean + half:.2f}] over {len(gap)} seeds; DC-DiT-S is better in "
-                      f"{sum(g > 0 for g in gap)} of {len(gap)}."]
+                      f"95% t-interval [{mean - half:.2f}, {mean + half:.2f}] over {len(gap)} seeds; "
+                      f"DC-DiT-S is better in {sum(g > 0 for g in gap)} of {len(gap)}."]
     return lines
 
 
