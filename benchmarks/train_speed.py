@@ -237,6 +237,11 @@ def _build(name: str, size: dict, checkpoint: bool, fixed: bool = True, **sizes)
 _PREFIX_ATTENTION = _CHANNELS_LAST = False
 
 
+def _variant(args) -> str:
+    """The result name's suffix for the training fast-path flags."""
+    return ("_prefix" if args.prefix_attention else "") + ("_channels_last" if args.channels_last else "")
+
+
 def _inputs(size: dict, batch: int):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, size["channels"], size["latent"], size["latent"], generator=g)
@@ -604,9 +609,8 @@ def run_profile(args) -> dict:
     rows = [s.result for s in subjects]
     card = card_name() if subjects[0].cuda else "cpu"
     print_profile(rows, card, args.size, batch)
-    variant = ("_prefix" if args.prefix_attention else "") + ("_channels_last" if args.channels_last else "")
-    return save_result("train_speed", f"profile_{args.size}{variant}", card, out=args.out, write=not args.tiny, batch=batch,
-                       rows=rows)
+    return save_result("train_speed", f"profile_{args.size}{_variant(args)}", card, out=args.out,
+                       write=not args.tiny, batch=batch, rows=rows)
 
 
 def print_profile(rows: list[dict], card: str, size: str, batch: int) -> None:
@@ -775,7 +779,7 @@ def main(argv=None) -> dict:
                   f"{r['scaffold_flop_share']:.1%} of its FLOPs")
     config = f"{latent * 8 if args.size == '256' else args.size}_{'compiled' if args.compile else 'eager'}"
     config += "_cudagraphs" if args.cuda_graphs else ""
-    config += ("_prefix" if args.prefix_attention else "") + ("_channels_last" if args.channels_last else "")
+    config += _variant(args)
     config += "" if args.widths is None else "_" + "_".join(widths).lower()
     return save_result("train_speed", config, card, out=args.out, write=not args.tiny, batch=batch,
                        compiled=args.compile, cuda_graphs=args.cuda_graphs, rows=rows)

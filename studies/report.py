@@ -471,7 +471,7 @@ def regime_section(runs: list[dict], img: Path) -> list[str]:
     lines += ["| seed | model | card | training | lr, warm-up steps | steps | training min | FID (5000) |",
               "|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        extra = dict(o.split("=", 1) for o in r.get("overrides", []) if "=" in o)
+        extra = overrides(r)
         optim = r.get("recipe", {}).get("optim", {})
         lr = f"{float(extra.get('optim.lr', optim.get('lr', 'nan'))):.0e}".replace("e-0", "e-")
         lr += f", warm-up {extra.get('optim.warmup_steps', optim.get('warmup_steps', '-'))}"
@@ -517,10 +517,15 @@ def regime_section(runs: list[dict], img: Path) -> list[str]:
     return lines
 
 
+def overrides(r: dict) -> dict:
+    """A record's ``key=value`` overrides as a dict."""
+    return dict(o.split("=", 1) for o in r.get("overrides", []) if "=" in o)
+
+
 def router_prior(r: dict) -> str:
     """When a run trained with the router's orientation prior: "-" (never; older records), "all steps" or
     "first K steps" (``budget.orient_weight``, ``budget.orient_steps``)."""
-    extra = dict(o.split("=", 1) for o in r.get("overrides", []) if "=" in o)
+    extra = overrides(r)
     budget = r.get("recipe", {}).get("budget", {})
     weight = float(extra.get("budget.orient_weight", budget.get("orient_weight", 0.0)))
     steps = int(extra.get("budget.orient_steps", budget.get("orient_steps", 0)))
