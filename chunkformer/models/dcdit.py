@@ -30,7 +30,7 @@ from ..caching import cached_backbone, skipped_last
 from ..dechunk import Chunked, Smoothing
 from ..plan import ChunkPlan, PlanMode
 from ..precision import RMSNorm
-from ..routing import GateGrad, Router, RouterInit, RouterKind
+from ..routing import GateGrad, Router, RouterInit, RouterKind, RouterOutput
 from ..scaffold import ChunkEncoder, DeChunkDecoder
 from .checkpoint import capture_config
 from .dit import (
@@ -276,9 +276,17 @@ class ChunkPipeline(nn.Module):
 
     def _scaffold(self, module: nn.Module, *args, **kwargs):
         """``module(*args, **kwargs)``, recomputed in backward under :attr:`checkpoint_scaffold`."""
-        if self.checkpoint_scaffold and self.training and torch.is_grad_enabled():
+        if not (self.checkpoint_scaffold and self.training and torch.is_grad_enabled()):
+            return module(*args, **kwargs)
+        if module is not self.router:
             return checkpoint(module, *args, use_reentrant=False, **kwargs)
-        return module(*args, **kwargs)
+        # the router's decision leaves the checkpoint as plain tensors: torch.compile (torch 2.11) loses
+        # track of the tensors of a tensorclass a checkpointed region returns
+        tokens, grid = args
+        probs, mask, natural, confidence = checkpoint(_router_tensors, module, tokens, grid, use_reentrant=False,
+                                                      **kwargs)
+        return RouterOutput(probs=probs, mask=mask, natural_mask=natural, confidence=confidence, grid=grid,
+                            batch_size=[tokens.shape[0]])
 
     def plan_repr(self) -> str:
         cap = "" if self.capacity is None else f", capacity={self.capacity}" + (", filled" if self.fill_capacity else "")
@@ -386,3 +394,9 @@ class DCDiT(ChunkPipeline, LabelledModel):
 
     def block_input(self, tokens, cond):
         return block_input(self.blocks[0], tokens, cond)
+
+
+def _router_tensors(router: nn.Module, tokens: Tensor, grid: tuple, **kwargs) -> tuple[Tensor, ...]:
+    """The router's ``(B, L)`` probs, mask, natural mask and confidence for ``tokens`` ``(B, L, d)``."""
+    routed = router(tokens, grid, **kwargs)
+    return routed.probs, routed.mask, routed.natural_mask, routed.confidence

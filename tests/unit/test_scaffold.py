@@ -161,3 +161,40 @@ def test_checkpoint_scaffold_gives_the_same_gradients_and_holds_less(grid, B, mo
     for name, g in grads.items():
         assert torch.equal(g, grads_ck[name]), name
     assert held_ck < held
+
+
+@given(st.sampled_from([None, "random", "cosine"]), st.sampled_from(["packed", "fixed"]))
+def test_checkpointed_scaffold_regions_hand_back_plain_tensors(router, mode):
+    """Each region checkpoint_scaffold recomputes returns a tensor or a tuple of tensors, never the router's
+    tensorclass (whose tensors torch.compile's tracer loses across a checkpoint in torch 2.11), and the
+    router's decision rebuilt from them is the one an unchecked forward makes."""
+    from chunkformer import create_model
+    from chunkformer.models import dcdit
+
+    returned = []
+
+    def watched(fn, *args, **kwargs):
+        out = torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)
+        returned.append(out)
+        return out
+
+    torch.manual_seed(0)
+    model = create_model("DC-DiT-tiny", input_size=(8, 8), in_channels=2, num_classes=5, router=router,
+                         plan_mode=mode, capacity=32 if mode == "fixed" else None).train()
+    x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 4])
+    infos = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dcdit, "checkpoint", watched)
+        for checkpointed in (False, True):
+            model.checkpoint_scaffold = checkpointed
+            torch.manual_seed(1)
+            out, info = model(x, t, y, rho=0.2, return_info=True, label_drop=torch.zeros(2, dtype=torch.bool))
+            infos.append(info.router)
+    assert len(returned) == 3  # encoder, router, decoder
+    for out in returned:
+        parts = out if isinstance(out, tuple) else (out,)
+        assert all(type(p) is torch.Tensor for p in parts), [type(p).__name__ for p in parts]
+    plain, rebuilt = infos
+    assert type(rebuilt) is type(plain) and rebuilt.grid == plain.grid and rebuilt.batch_size == plain.batch_size
+    for field in ("probs", "mask", "natural_mask", "confidence"):
+        assert torch.equal(getattr(rebuilt, field), getattr(plain, field)), field
