@@ -11,6 +11,7 @@
                                                   # compiled step's time goes: results/train_speed_profile_digits_<card>.json
     python benchmarks/train_speed.py --profile --size digits --prefix-attention --channels-last   # the same with
                                                   # training fast paths: ..._profile_digits_prefix_channels_last_<card>.json
+    python benchmarks/train_speed.py --profile --size digits --fill   # fixed plans filled to the capacity: no key mask
     python benchmarks/train_speed.py --attention --size digits --steps 20   # GPU, under a minute: one attention
                                                   # layer, DiT's against DC-DiT's key-masked: ..._attention_digits_<card>.json
 
@@ -221,7 +222,8 @@ def _build(name: str, size: dict, checkpoint: bool, fixed: bool = True, **sizes)
     """A seeded model in training mode; a DC-DiT's router biased to keep every token, in fixed-capacity mode
     (a quarter of the grid) when ``fixed``, with ``checkpoint_scaffold`` set to ``checkpoint``."""
     torch.manual_seed(0)
-    fixed = {"plan_mode": "fixed", "capacity": size["latent"] ** 2 // 4} if fixed and name.startswith("DC") else {}
+    fixed = ({"plan_mode": "fixed", "capacity": size["latent"] ** 2 // 4, "fill_capacity": _FILL}
+             if fixed and name.startswith("DC") else {})
     model = cf.create_model(name, input_size=size["latent"], in_channels=size["channels"],
                             num_classes=size["classes"], **fixed, **sizes).train()
     if model.supports_chunking:
@@ -234,12 +236,13 @@ def _build(name: str, size: dict, checkpoint: bool, fixed: bool = True, **sizes)
     return model
 
 
-_PREFIX_ATTENTION = _CHANNELS_LAST = False
+_PREFIX_ATTENTION = _CHANNELS_LAST = _FILL = False
 
 
 def _variant(args) -> str:
     """The result name's suffix for the training fast-path flags."""
-    return ("_prefix" if args.prefix_attention else "") + ("_channels_last" if args.channels_last else "")
+    return ("_prefix" if args.prefix_attention else "") + ("_channels_last" if args.channels_last else "") + (
+        "_fill" if args.fill else "")
 
 
 def _inputs(size: dict, batch: int):
@@ -408,14 +411,14 @@ def dcdit_stages(model, rho: torch.Tensor) -> list:
     """DC-DiT's forward and loss as stages ``(component, fn(values) -> new values, inputs)``: tensors only
     cross a boundary, so each stage compiles and runs backward on its own (``DCDiT.forward``, unrolled)."""
     enc, dec = model.encoder, model.decoder
-    grid, capacity = model.grid, model.capacity
+    grid, capacity, fill = model.grid, model.capacity, model.fill_capacity
 
     def routed(v):
         return RouterOutput(probs=v["probs"], mask=v["mask"], natural_mask=v["natural"], confidence=v["conf"],
                             grid=grid, batch_size=[v["probs"].shape[0]])
 
     def plan(v):
-        return ChunkPlan(order=v["order"], lengths=v["lengths"], grid=grid, width=capacity, mode="fixed",
+        return ChunkPlan(order=v["order"], lengths=v["lengths"], grid=grid, width=capacity, mode="fixed", full=fill,
                          batch_size=[v["order"].shape[0]])
 
     def route(v):
@@ -423,7 +426,7 @@ def dcdit_stages(model, rho: torch.Tensor) -> list:
         return {"probs": r.probs, "mask": r.mask, "natural": r.natural_mask, "conf": r.confidence}
 
     def pack(v):
-        p = ChunkPlan.from_router(routed(v), mode="fixed", capacity=capacity)
+        p = ChunkPlan.from_router(routed(v), mode="fixed", capacity=capacity, fill=fill)
         pos = p.take(model.position_table(grid, v["tokens"].device)).to(v["tokens"].dtype)
         return {"order": p.order, "lengths": p.lengths, "h": p.chunk(v["tokens"]) + pos}
 
@@ -728,6 +731,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--channels-last", action="store_true",
                     help="every model's conv weights in channels-last memory format (the scaffold's grids are "
                          "channels-last views of its tokens), with --compile or --profile")
+    ap.add_argument("--fill", action="store_true",
+                    help="DC-DiT's fixed plans filled to the capacity (fill_capacity=True): every slot holds a token, "
+                         "so the backbone's attention needs no key mask; with --compile or --profile")
     ap.add_argument("--attention", action="store_true",
                     help="one backbone attention layer, forward + backward: DiT's against DC-DiT's key-masked one "
                          "through SDPA and through FlexAttention (kernels.set_prefix_attention)")
@@ -735,8 +741,8 @@ def main(argv=None) -> dict:
                     help="CPU: FLOPs, held memory and ops per component, graph breaks, recompiles, host syncs")
     ap.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/<name>.json)")
     args = ap.parse_args(argv)
-    global _PREFIX_ATTENTION, _CHANNELS_LAST
-    _PREFIX_ATTENTION, _CHANNELS_LAST = args.prefix_attention, args.channels_last
+    global _PREFIX_ATTENTION, _CHANNELS_LAST, _FILL
+    _PREFIX_ATTENTION, _CHANNELS_LAST, _FILL = args.prefix_attention, args.channels_last, args.fill
     kernels.set_prefix_attention(args.prefix_attention)  # process-wide: off again for a run without the flag
     if args.account:
         return run_account(args)

@@ -248,7 +248,9 @@ def test_train_speed_fast_path_flags_reach_the_built_models(benchmarks, monkeypa
     plain = ts._build("DC-DiT-S", size, False, depth=1, hidden_size=64, num_heads=2)
     monkeypatch.setattr(ts, "_PREFIX_ATTENTION", True)
     monkeypatch.setattr(ts, "_CHANNELS_LAST", True)
+    monkeypatch.setattr(ts, "_FILL", True)
     fast = ts._build("DC-DiT-S", size, False, depth=1, hidden_size=64, num_heads=2)
+    assert fast.fill_capacity and not plain.fill_capacity and fast.plan_mode == "fixed"
     convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.ndim == 4]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
     assert ts.kernels.applied(fast).get("attention", 0) > 0 and not ts.kernels.applied(plain)
