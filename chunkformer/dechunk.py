@@ -215,15 +215,12 @@ def smooth_windowed(
     positions. Weights beyond ``r`` cells per axis (relative size ``exp(-truncate^2 / 2)``)
     are dropped; with ``r >= max(grid) - 1`` the result equals :func:`smooth_dense`.
     """
-    B, M, d = h.shape
-    L, grid = plan.num_tokens, tuple(plan.grid)
+    grid = tuple(plan.grid)
     radius = window_radius(sigma, truncate)
     w = (p * plan.valid)[..., None].to(h.dtype)  # (B, M, 1): padding slots weigh nothing
-    pos = plan.positions[..., None]  # (B, M, 1), distinct positions (a prefix of a permutation)
-    num = h.new_zeros(B, L, d).scatter_(1, pos.expand(-1, -1, d), w * h)  # (B, L, d)
-    den = h.new_zeros(B, L, 1).scatter_(1, pos, w)  # (B, L, 1)
+    num, den = plan.place(w * h), plan.place(w)  # (B, L, d), (B, L, 1): each slot at its (distinct) position
     num, den = _gaussian_blur(num, grid, sigma, radius), _gaussian_blur(den, grid, sigma, radius)
-    neighbours = torch.take_along_dim(num, pos, dim=1) / torch.take_along_dim(den, pos, dim=1).clamp_min(1e-30)
+    neighbours = plan.gather(num) / plan.gather(den).clamp_min(1e-30)
     p_ = p[..., None].to(h.dtype)
     return p_ * h + (1 - p_) * neighbours
 

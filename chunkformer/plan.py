@@ -197,7 +197,16 @@ class ChunkPlan:
     def gather(self, x: Float[Tensor, "batch tokens dim"]) -> Float[Tensor, "batch width dim"]:
         """``(B, L, d)`` -> ``(B, M, d)``: kept tokens first (raster order), real tokens as padding."""
         self._check_tokens(x)
-        return torch.take_along_dim(x, self.positions[..., None], dim=1)
+        B, M = self.positions.shape
+        return _select_rows(x.reshape(-1, x.shape[-1]), self._flat_positions()).view(B, M, x.shape[-1])
+
+    @typechecked
+    def place(self, y: Float[Tensor, "batch width dim"]) -> Float[Tensor, "batch tokens dim"]:
+        """``(B, M, d)`` -> ``(B, L, d)``: each slot's row at its grid position, zeros elsewhere (the
+        transpose of :meth:`gather`)."""
+        B, L = self.order.shape
+        out = y.new_zeros(B * L, y.shape[-1]).index_copy(0, self._flat_positions(), y.reshape(-1, y.shape[-1]))
+        return out.view(B, L, y.shape[-1])
 
     @typechecked
     def pack(self, x: Float[Tensor, "batch width dim"], total: int | None = None) -> Float[Tensor, "total dim"]:
@@ -228,6 +237,14 @@ class ChunkPlan:
         out = x.new_zeros(B * self.width, x.shape[-1]).index_copy(0, self._flat_index(x.shape[0]), x)
         return out.view(B, self.width, x.shape[-1])
 
+    def _flat_positions(self) -> Tensor:
+        """``(B * M,)`` row of every slot's grid position in the flattened ``(B * L)`` tokens. Moving tokens by
+        flat rows keeps this index, not one broadcast over the channels, for the backward pass."""
+        def make():
+            B, L = self.order.shape
+            return (self.positions + torch.arange(B, device=self.order.device)[:, None] * L).flatten()
+        return self._derived(("flat_positions",), make)
+
     def _flat_index(self, total: int) -> Tensor:
         """``(T,)`` position of every packed token in the flattened ``(B * M)`` slots."""
         return self._derived(("flat_index", total), lambda: self._make_flat_index(total))
@@ -255,7 +272,8 @@ class ChunkPlan:
             raise ValueError(f"plug_back needs (batch={B}, width={self.width}, dim) slots (the plan's "
                              f"unchunk layout), got {tuple(y.shape)}")
         idx = self.nearest()  # (B, L) slot index
-        return torch.take_along_dim(y, idx[..., None], dim=1)
+        rows = idx + torch.arange(B, device=idx.device)[:, None] * self.width  # (B, L) rows of the (B * M) slots
+        return y.reshape(-1, y.shape[-1]).index_select(0, rows.flatten()).view(B, -1, y.shape[-1])
 
     def nearest(self) -> Int[Tensor, "batch tokens"]:
         """``(B, L)`` slot index of each grid position's nearest kept token."""

@@ -357,3 +357,31 @@ def test_the_brute_force_in_small_chunks_matches_the_separable_form(B, M, seed):
     finally:
         plan_module.DENSE_NEAREST_MAX_PAIRS = old
     assert torch.equal(dense, nearest_kept(coords, valid, grid, method="separable"))
+
+
+@given(st.sampled_from([(8, 8), (6, 10), (16,)]), st.sampled_from(["packed", "padded", "fixed"]),
+       st.sampled_from(["dense", "windowed", "none"]))
+def test_moving_tokens_keeps_one_index_per_token_for_backward(grid, mode, smoothing):
+    """The backward pass of a DC-DiT forward keeps integer indices of at most one entry per grid position,
+    never one broadcast over the channels: a compiled graph materialises a broadcast index, at ``d`` times
+    the memory (a ``(B, M, d)`` int64 index for every gather)."""
+    from chunkformer import create_model
+
+    torch.manual_seed(0)
+    L = math.prod(grid)
+    model = create_model("DC-DiT-tiny", input_size=grid, in_channels=2, num_classes=5, smoothing=smoothing,
+                         plan_mode=mode, capacity=L // 2 if mode == "fixed" else None).train()
+    B = 3
+    x, t, y = torch.randn(B, 2, *grid), torch.randint(0, 1000, (B,)), torch.randint(0, 5, (B,))
+    indices = []
+
+    def keep(saved):
+        if not saved.is_floating_point() and saved.dtype != torch.bool:
+            indices.append(tuple(saved.shape))
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out, info = model(x, t, y, rho=0.3, return_info=True)
+    (out.square().mean() + info.ratio_loss).backward()
+    assert indices  # the plan's gathers do save their indices
+    assert all(math.prod(s) <= B * L for s in indices), [s for s in indices if math.prod(s) > B * L]
