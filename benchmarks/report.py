@@ -188,8 +188,11 @@ def train_account(res: dict) -> str:
     syncs = ", ".join(f"{k} {x['host_syncs']} ({x['host_syncs_unchecked']} without value checks)"
                       for k, x in counts.items())
     state = " / ".join(f"{c['state_gib']:.2f}" for _, c in cols)
-    lines.append(f"\nWeights, gradients and AdamW's moments add {state} GiB. The recomputed components' ops count "
-                 f"twice, their memory goes. Compiled on toy sizes of the same models, the training step has {'/'.join(map(str, breaks))} graph "
+    compiled = " / ".join(f"{c['compiled_held_gib']:.2f}" for _, c in cols if "compiled_held_gib" in c)
+    kept = (f" Compiled, the step keeps {compiled} GiB for backward (what inductor's partitioner saves, "
+            f"traced on the CPU, `train_speed.py --account`)." if compiled else "")
+    lines.append(f"\nWeights, gradients and AdamW's moments add {state} GiB.{kept} The recomputed components' ops "
+                 f"count twice, their memory goes. Compiled on toy sizes of the same models, the training step has {'/'.join(map(str, breaks))} graph "
                  f"breaks and {'/'.join(map(str, recompiles))} recompiles over four multi-budget `rho` draws. Host "
                  f"syncs per forward and backward: {syncs}.")
     return "\n".join(lines)

@@ -48,6 +48,7 @@ time by kind of kernel (GEMM, attention, convolution, generated Triton, other).
 """
 
 import argparse
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -288,6 +289,44 @@ def account(name: str, size: dict, batch: int, checkpoint: bool = False, **sizes
             "ops_fwd": sum(acc.fwd_ops.values()), "ops_bwd": sum(acc.bwd_ops.values())}
 
 
+class _Partitioned(Exception):
+    """Raised by :func:`compiled_held`'s forward compiler once the partition is known, so nothing runs."""
+
+
+def compiled_held(name: str, size: dict, batch: int, checkpoint: bool = False, **sizes) -> float:
+    """GiB a compiled training step keeps for backward: the tensors that AOT autograd's min-cut partitioner
+    (inductor's) saves from the forward graph, parameters excluded. Found by tracing alone (bf16 autocast on
+    the CPU, the account's plans); the weights are built for real."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    model = _build(name, size, checkpoint, **sizes)
+    saved = []
+
+    def forward_compiler(gm, _inputs):
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        for node in outputs:
+            v = node.meta.get("val") if isinstance(node, torch.fx.Node) and node.op != "placeholder" else None
+            if isinstance(v, torch.Tensor):  # a broadcast dimension (stride 0) takes no memory
+                saved.append(math.prod(n for n, st in zip(v.shape, v.stride()) if st) * v.element_size())
+        raise _Partitioned
+
+    def backend(gm, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=forward_compiler,
+                                     partition_fn=min_cut_rematerialization_partition)
+
+    torch._dynamo.reset()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _step(torch.compile(model, backend=backend), *_inputs(size, batch), rho=0.0)
+    except Exception:  # torch.compile wraps _Partitioned in its own error
+        if not saved:
+            raise
+    finally:
+        torch._dynamo.reset()
+    return sum(saved) / 2**30
+
+
 def compile_counts(name: str, checkpoint: bool = False, steps: int = 4) -> dict:
     """Graph breaks and graphs compiled by ``torch.compile`` over ``steps`` training steps of a toy-size model,
     ``rho`` drawn as the recipe's multi-budget training does; host syncs of a forward and backward."""
@@ -332,6 +371,9 @@ def run_account(args) -> dict:
         batch = 2 if args.tiny else batch
         cols = [account(f"DiT-{dit}", size, batch, **tiny), account(f"DC-DiT-{dc}", size, batch, **tiny),
                 account(f"DC-DiT-{dc}", size, batch, checkpoint=True, **tiny)]
+        names = ((f"DiT-{dit}", False), (f"DC-DiT-{dc}", False), (f"DC-DiT-{dc}", True))
+        for col, (name, ck) in zip(cols, names):
+            col["compiled_held_gib"] = compiled_held(name, size, batch, ck, **tiny)
         results[label] = cols
         print(f"\n{label}, batch {batch}, bf16 autocast, one training step (fake tensors: nothing is allocated)")
         print("| component | " + " | ".join(c["model"] for c in cols) + " |")
@@ -343,6 +385,8 @@ def run_account(args) -> dict:
             print(f"| {comp} | " + " | ".join(_cell(r) for r in cells) + " |")
         print("| **total** | " + " | ".join(_cell(c) for c in cols) + " |")
         print("| weights, grads, AdamW | " + " | ".join(f"{c['state_gib']:.2f} GiB" for c in cols) + " |")
+        compiled = " | ".join(f"{c['compiled_held_gib']:.2f} GiB" for c in cols)
+        print(f"| held for backward, compiled | {compiled} |")
     counts = {}
     for name, checkpoint in (("DiT-S/2", False), ("DC-DiT-S", False), ("DC-DiT-S", True)):
         key = name + (" + checkpoint_scaffold" if checkpoint else "")

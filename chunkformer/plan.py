@@ -240,10 +240,8 @@ class ChunkPlan:
     def _flat_positions(self) -> Tensor:
         """``(B * M,)`` row of every slot's grid position in the flattened ``(B * L)`` tokens. Moving tokens by
         flat rows keeps this index, not one broadcast over the channels, for the backward pass."""
-        def make():
-            B, L = self.order.shape
-            return (self.positions + torch.arange(B, device=self.order.device)[:, None] * L).flatten()
-        return self._derived(("flat_positions",), make)
+        B, L = self.order.shape
+        return (self.positions + torch.arange(B, device=self.order.device)[:, None] * L).flatten()
 
     def _flat_index(self, total: int) -> Tensor:
         """``(T,)`` position of every packed token in the flattened ``(B * M)`` slots."""
@@ -271,8 +269,7 @@ class ChunkPlan:
         if y.ndim != 3 or y.shape[0] != B or y.shape[1] != self.width:
             raise ValueError(f"plug_back needs (batch={B}, width={self.width}, dim) slots (the plan's "
                              f"unchunk layout), got {tuple(y.shape)}")
-        idx = self.nearest()  # (B, L) slot index
-        rows = idx + torch.arange(B, device=idx.device)[:, None] * self.width  # (B, L) rows of the (B * M) slots
+        rows = self.nearest() + torch.arange(B, device=y.device)[:, None] * self.width  # (B, L) of the B * M slots
         return y.reshape(-1, y.shape[-1]).index_select(0, rows.flatten()).view(B, -1, y.shape[-1])
 
     def nearest(self) -> Int[Tensor, "batch tokens"]:

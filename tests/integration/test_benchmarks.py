@@ -264,6 +264,7 @@ def test_train_account_splits_a_step_by_component_and_checkpointing_holds_less(b
         assert ck["held_gib"] < dc["held_gib"]  # the scaffold recomputed ...
         assert ck["ops_bwd"] > dc["ops_bwd"]  # ... in the backward pass
         assert ck["train_gflops_per_image"] == dc["train_gflops_per_image"]
+        assert all(c["compiled_held_gib"] > 0 for c in (dit, dc, ck))  # traced through inductor's partitioner
     from chunkformer._typing import TYPECHECK
 
     for counts in result["compiled"].values():
