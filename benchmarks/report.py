@@ -191,10 +191,11 @@ def train_account(res: dict) -> str:
     compiled = " / ".join(f"{c['compiled_held_gib']:.2f}" for _, c in cols if "compiled_held_gib" in c)
     kept = (f" Compiled, the step keeps {compiled} GiB for backward (what inductor's partitioner saves, "
             f"traced on the CPU, `train_speed.py --account`)." if compiled else "")
-    lines.append(f"\nWeights, gradients and AdamW's moments add {state} GiB.{kept} The recomputed components' ops "
-                 f"count twice, their memory goes. Compiled on toy sizes of the same models, the training step has {'/'.join(map(str, breaks))} graph "
-                 f"breaks and {'/'.join(map(str, recompiles))} recompiles over four multi-budget `rho` draws. Host "
-                 f"syncs per forward and backward: {syncs}.")
+    breaks, recompiles = "/".join(map(str, breaks)), "/".join(map(str, recompiles))
+    lines.append(f"\nWeights, gradients and AdamW's moments add {state} GiB.{kept} The recomputed "
+                 f"components' ops count twice, their memory goes. Compiled on toy sizes of the same models, "
+                 f"the training step has {breaks} graph breaks and {recompiles} recompiles over four "
+                 f"multi-budget `rho` draws. Host syncs per forward and backward: {syncs}.")
     return "\n".join(lines)
 
 

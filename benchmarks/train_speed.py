@@ -11,7 +11,7 @@
                                                   # compiled step's time goes: results/train_speed_profile_digits_<card>.json
     python benchmarks/train_speed.py --profile --size digits --prefix-attention --channels-last   # the same with
                                                   # training fast paths: ..._profile_digits_prefix_channels_last_<card>.json
-    python benchmarks/train_speed.py --profile --size digits --fill   # fixed plans filled to the capacity: no key mask
+    python benchmarks/train_speed.py --profile --size digits --fill   # filled plans: attention without a mask
     python benchmarks/train_speed.py --attention --size digits --steps 20   # GPU, under a minute: one attention
                                                   # layer, DiT's against DC-DiT's key-masked: ..._attention_digits_<card>.json
 
@@ -462,8 +462,8 @@ def dcdit_stages(model, rho: torch.Tensor) -> list:
                             grid=grid, batch_size=[v["probs"].shape[0]])
 
     def plan(v):
-        return ChunkPlan(order=v["order"], lengths=v["lengths"], grid=grid, width=capacity, mode="fixed", full=fill,
-                         batch_size=[v["order"].shape[0]])
+        return ChunkPlan(order=v["order"], lengths=v["lengths"], grid=grid, width=capacity, mode="fixed",
+                         full=fill, batch_size=[v["order"].shape[0]])
 
     def route(v):
         r = model.router(v["tokens"], grid, rho=rho)
@@ -776,8 +776,9 @@ def main(argv=None) -> dict:
                     help="every model's conv weights in channels-last memory format (the scaffold's grids are "
                          "channels-last views of its tokens), with --compile or --profile")
     ap.add_argument("--fill", action="store_true",
-                    help="DC-DiT's fixed plans filled to the capacity (fill_capacity=True): every slot holds a token, "
-                         "so the backbone's attention needs no key mask; with --compile or --profile")
+                    help="DC-DiT's fixed plans filled to the capacity (fill_capacity=True): every slot "
+                         "holds a token, so the backbone's attention needs no key mask; with --compile or "
+                         "--profile")
     ap.add_argument("--attention", action="store_true",
                     help="one backbone attention layer, forward + backward: DiT's against DC-DiT's key-masked one "
                          "through SDPA and through FlexAttention (kernels.set_prefix_attention)")

@@ -205,8 +205,8 @@ class ChunkPlan:
         """``(B, M, d)`` -> ``(B, L, d)``: each slot's row at its grid position, zeros elsewhere (the
         transpose of :meth:`gather`)."""
         B, L = self.order.shape
-        out = y.new_zeros(B * L, y.shape[-1]).index_copy(0, self._flat_positions(), y.reshape(-1, y.shape[-1]))
-        return out.view(B, L, y.shape[-1])
+        d = y.shape[-1]
+        return y.new_zeros(B * L, d).index_copy(0, self._flat_positions(), y.reshape(-1, d)).view(B, L, d)
 
     @typechecked
     def pack(self, x: Float[Tensor, "batch width dim"], total: int | None = None) -> Float[Tensor, "total dim"]:
@@ -238,8 +238,8 @@ class ChunkPlan:
         return out.view(B, self.width, x.shape[-1])
 
     def _flat_positions(self) -> Tensor:
-        """``(B * M,)`` row of every slot's grid position in the flattened ``(B * L)`` tokens. Moving tokens by
-        flat rows keeps this index, not one broadcast over the channels, for the backward pass."""
+        """``(B * M,)`` row of every slot's grid position in the flattened ``(B * L)`` tokens. Moving tokens
+        by flat rows keeps this index, not one broadcast over the channels, for the backward pass."""
         B, L = self.order.shape
         return (self.positions + torch.arange(B, device=self.order.device)[:, None] * L).flatten()
 
@@ -269,7 +269,7 @@ class ChunkPlan:
         if y.ndim != 3 or y.shape[0] != B or y.shape[1] != self.width:
             raise ValueError(f"plug_back needs (batch={B}, width={self.width}, dim) slots (the plan's "
                              f"unchunk layout), got {tuple(y.shape)}")
-        rows = self.nearest() + torch.arange(B, device=y.device)[:, None] * self.width  # (B, L) of the B * M slots
+        rows = self.nearest() + torch.arange(B, device=y.device)[:, None] * self.width  # (B, L) flat slots
         return y.reshape(-1, y.shape[-1]).index_select(0, rows.flatten()).view(B, -1, y.shape[-1])
 
     def nearest(self) -> Int[Tensor, "batch tokens"]:

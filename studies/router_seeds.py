@@ -16,8 +16,8 @@ prints a one-line summary. The router finds the detail when strokes are kept at 
 settings; ``--selected-after=K`` (among the overrides) switches to the paper's gate gradient at the first log
 step at or after step ``K``. ``budget.orient_weight=0`` trains without the router's orientation prior (the
 paper's losses only), ``budget.orient_steps=K`` with it for the first ``K`` steps only. On a GPU, with
-``train.checkpoint_scaffold=true``, one run holds up to about 24 GiB (``peak_gib`` in the record) and keeps the
-card busy: on an H100 a run alone takes about 3.5 minutes and two at once about 7.5.
+``train.checkpoint_scaffold=true``, one run holds up to about 24 GiB (``peak_gib`` in the record) and keeps
+the card busy: on an H100 a run alone takes about 3.5 minutes and two at once about 7.5.
 """
 
 import json

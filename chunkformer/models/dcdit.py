@@ -283,8 +283,8 @@ class ChunkPipeline(nn.Module):
         # the router's decision leaves the checkpoint as plain tensors: torch.compile (torch 2.11) loses
         # track of the tensors of a tensorclass a checkpointed region returns
         tokens, grid = args
-        probs, mask, natural, confidence = checkpoint(_router_tensors, module, tokens, grid, use_reentrant=False,
-                                                      **kwargs)
+        probs, mask, natural, confidence = checkpoint(_router_tensors, module, tokens, grid,
+                                                      use_reentrant=False, **kwargs)
         return RouterOutput(probs=probs, mask=mask, natural_mask=natural, confidence=confidence, grid=grid,
                             batch_size=[tokens.shape[0]])
 

@@ -195,6 +195,7 @@ def test_checkpointed_scaffold_regions_hand_back_plain_tensors(router, mode):
         parts = out if isinstance(out, tuple) else (out,)
         assert all(type(p) is torch.Tensor for p in parts), [type(p).__name__ for p in parts]
     plain, rebuilt = infos
-    assert type(rebuilt) is type(plain) and rebuilt.grid == plain.grid and rebuilt.batch_size == plain.batch_size
+    assert type(rebuilt) is type(plain) and rebuilt.grid == plain.grid
+    assert rebuilt.batch_size == plain.batch_size
     for field in ("probs", "mask", "natural_mask", "confidence"):
         assert torch.equal(getattr(rebuilt, field), getattr(plain, field)), field
