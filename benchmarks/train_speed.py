@@ -369,11 +369,10 @@ def run_account(args) -> dict:
     results = {}
     for label, (size, batch, dc, dit) in ACCOUNT_SIZES.items():
         batch = 2 if args.tiny else batch
-        cols = [account(f"DiT-{dit}", size, batch, **tiny), account(f"DC-DiT-{dc}", size, batch, **tiny),
-                account(f"DC-DiT-{dc}", size, batch, checkpoint=True, **tiny)]
-        names = ((f"DiT-{dit}", False), (f"DC-DiT-{dc}", False), (f"DC-DiT-{dc}", True))
-        for col, (name, ck) in zip(cols, names):
-            col["compiled_held_gib"] = compiled_held(name, size, batch, ck, **tiny)
+        cols = []
+        for name, ck in ((f"DiT-{dit}", False), (f"DC-DiT-{dc}", False), (f"DC-DiT-{dc}", True)):
+            cols.append(account(name, size, batch, checkpoint=ck, **tiny))
+            cols[-1]["compiled_held_gib"] = compiled_held(name, size, batch, ck, **tiny)
         results[label] = cols
         print(f"\n{label}, batch {batch}, bf16 autocast, one training step (fake tensors: nothing is allocated)")
         print("| component | " + " | ".join(c["model"] for c in cols) + " |")

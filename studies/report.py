@@ -475,8 +475,8 @@ def regime_section(runs: list[dict], img: Path) -> list[str]:
         optim = r.get("recipe", {}).get("optim", {})
         lr = f"{float(extra.get('optim.lr', optim.get('lr', 'nan'))):.0e}".replace("e-0", "e-")
         lr += f", warm-up {extra.get('optim.warmup_steps', optim.get('warmup_steps', '-'))}"
-        how = "compiled" if extra.get("train.compile") == "true" else "eager"
-        how += f", router prior {router_prior(r)}" if router_prior(r) != "-" else ""
+        how, prior = "compiled" if extra.get("train.compile") == "true" else "eager", router_prior(r)
+        how += f", router prior {prior}" if prior != "-" else ""
         points = [(snap["step"], snap["minutes"], snap["sets"].get("base", {})) for snap in r["snapshots"].values()]
         points.append((r["train_steps"], r["train_seconds"] / 60, r["sets"].get("base", {})))
         lines += [f"| {r['seed']} | {LABEL.get(r['arm'], r['arm'])} | {card(r)} "

@@ -67,5 +67,6 @@ def main(argv: list[str]) -> dict:
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}))
     return result
 
+
 if __name__ == "__main__":
     main(sys.argv[1:])
