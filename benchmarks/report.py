@@ -202,7 +202,9 @@ def train_account(res: dict) -> str:
 def train_profile(res: dict) -> str:
     """Where a compiled training step's time goes per component, beside its FLOP share, from ``train_speed.py
     --profile``."""
-    name = next((n for n in sorted(res) if n.startswith("train_speed_profile_digits_")), None)
+    variants = ("_prefix", "_channels_last", "_fill")
+    name = next((n for n in sorted(res) if n.startswith("train_speed_profile_digits_")
+                 and not any(v in n for v in variants)), None)
     if name is None:
         return ""
     r = res[name]
@@ -234,6 +236,15 @@ def train_profile(res: dict) -> str:
             f"({kind[1]['attention']:.1f} ms of kernel time a step, against {kind[0]['attention']:.1f} ms of cuDNN's "
             f"flash kernel in DiT-S/2). Each component is compiled on its own here, so the parts sum to a little more "
             f"than the whole step.")
+    filled = res.get(name.replace("_digits_", "_digits_fill_"))
+    if filled is not None:  # the same models with plans filled to the capacity: no key mask
+        fdit, fdc = filled["rows"]
+        attention = fdc["profile"]["ms_per_step_by_kind"]["attention"]
+        speed = fdit["step_ms"]["compiled"] / fdc["step_ms"]["compiled"]
+        text += (f" Filled to the capacity (`--fill`, `model.overrides.fill_capacity=true`: every slot holds a token, "
+                 f"so no key mask), DC-DiT-S's attention takes {attention:.1f} ms a step and it trains at {_x(speed)} "
+                 f"DiT-S/2's speed in the same run, {speed / predicted:.2f} of what its FLOPs predict; the filled "
+                 f"slots hold tokens the router did not choose, so that is a change of the model, off by default.")
     return "\n".join(lines) + "\n" + text
 
 

@@ -442,6 +442,23 @@ def test_report_fills_the_original_dit_row_from_runs_that_timed_it():
     assert table.replace("1.07-1.66x", "not measured") == report.speed_table(bare)  # nothing else moves
 
 
+def test_training_profile_reads_the_plain_run_and_adds_the_filled_one_beside_it():
+    report = _load("report")
+    res = report.load()
+    assert "train_speed_profile_digits_fill_h100" in res  # sorts before the plain run's file
+    text = report.train_profile(res)
+    plain = res["train_speed_profile_digits_h100"]["rows"]
+    assert f"| {plain[1]['model']} |" in text and f"{plain[1]['step_ms']['compiled']:.2f} |" in text
+    filled = res["train_speed_profile_digits_fill_h100"]["rows"]
+    speed = filled[0]["step_ms"]["compiled"] / filled[1]["step_ms"]["compiled"]
+    assert f"trains at {speed:.2f}x DiT-S/2's speed in the same run" in text
+    slower = json.loads(json.dumps(res))
+    slower["train_speed_profile_digits_fill_h100"]["rows"][1]["step_ms"]["compiled"] *= 2
+    assert f"trains at {speed / 2:.2f}x" in report.train_profile(slower)
+    del slower["train_speed_profile_digits_fill_h100"]
+    assert "Filled to the capacity" not in report.train_profile(slower)
+
+
 def test_report_check_passes_from_the_command_line():
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "report.py"), "--check"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
