@@ -1,6 +1,6 @@
 """What do the result files in benchmarks/results/ say, as the tables and figure of docs/performance.md?
 
-    python benchmarks/report.py                 # prints every generated region of docs/performance.md and README.md
+    python benchmarks/report.py                 # prints the generated regions of performance.md, README.md
     python benchmarks/report.py --write-docs    # fills those regions in place and redraws docs/img/step_speed.png
     python benchmarks/report.py --check         # exits 1 if a region of either page is out of date (CPU)
 
@@ -241,10 +241,11 @@ def train_profile(res: dict) -> str:
         fdit, fdc = filled["rows"]
         attention = fdc["profile"]["ms_per_step_by_kind"]["attention"]
         speed = fdit["step_ms"]["compiled"] / fdc["step_ms"]["compiled"]
-        text += (f" Filled to the capacity (`--fill`, `model.overrides.fill_capacity=true`: every slot holds a token, "
-                 f"so no key mask), DC-DiT-S's attention takes {attention:.1f} ms a step and it trains at {_x(speed)} "
-                 f"DiT-S/2's speed in the same run, {speed / predicted:.2f} of what its FLOPs predict; the filled "
-                 f"slots hold tokens the router did not choose, so that is a change of the model, off by default.")
+        text += (f" Filled to the capacity (`--fill`, `model.overrides.fill_capacity=true`: every slot holds a "
+                 f"token, so no key mask), DC-DiT-S's attention takes {attention:.1f} ms a step and it trains at "
+                 f"{_x(speed)} DiT-S/2's speed in the same run, {speed / predicted:.2f} of what its FLOPs predict; "
+                 f"the filled slots hold tokens the router did not choose, so that is a change of the model, off "
+                 f"by default ([recipes.md](recipes.md#multi-gpu)).")
     return "\n".join(lines) + "\n" + text
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from test_recipes import needs_digits
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ("mnist_study", "score", "report", "from_log", "bootstrap", "collect", "kept_sets")
+MODULES = ("mnist_study", "score", "report", "from_log", "bootstrap", "collect", "kept_sets", "fill_training")
 
 
 @pytest.fixture
@@ -460,6 +460,27 @@ def test_router_seeds_records_what_the_router_keeps_on_strokes_and_background(tm
     assert result["logit_gap_t25"] == last["stroke_logit_t25"] - last["background_logit_t25"]
     for side in ("stroke", "background"):
         assert math.isfinite(last[f"{side}_logit_t25"]) and (last[f"{side}_logit_t25"] < 0) == (last[f"{side}_t25"] < 0.5)
+
+
+@needs_digits
+def test_fill_training_trains_unfilled_and_filled_and_scores_each_model_in_three_layouts(tmp_path, studies,
+                                                                                         monkeypatch):
+    import fill_training
+
+    monkeypatch.setattr(fill_training, "EVAL_IMAGES", 32)
+    out = tmp_path / "seed0.json"
+    record = fill_training.main(["0", "4", str(out), "train.precision=fp32", "model.overrides.hidden_size=32",
+                                 "model.overrides.depth=1", "model.overrides.num_heads=2", "train.global_batch=8",
+                                 "train.log_every=2", "budget.group_size=4", "model.overrides.capacity=1024"])
+    assert json.loads(out.read_text()) == record and set(record["runs"]) == {"unfilled", "filled"}
+    kept = {}
+    for name, run in record["runs"].items():
+        assert run["capacity"] == 1024 and [r["step"] for r in run["curve"]] == [2, 4]
+        errors = run["denoising_mse"]  # a full-grid capacity holds the router's whole choice: packed = fixed
+        assert errors["packed"] == pytest.approx(errors["fixed"], rel=1e-5) and errors["filled"] != errors["packed"]
+        metrics = (tmp_path / "fill-runs-0" / name / "metrics.jsonl").read_text().splitlines()
+        kept[name] = [json.loads(line)["kept_fraction"] for line in metrics]
+    assert kept["filled"] == [1.0, 1.0] and max(kept["unfilled"]) < 1.0  # filled: every slot holds a token
 
 
 @needs_digits
