@@ -56,8 +56,8 @@ def main(argv: list[str]) -> dict:
     seed, steps, out, extra = int(argv[0]), int(argv[1]), Path(argv[2]), argv[3:]
     record = {"seed": seed, "steps": steps, "overrides": extra, "eval_images": EVAL_IMAGES, "runs": {}}
     out.parent.mkdir(parents=True, exist_ok=True)
+    runs = out.parent / f"fill-runs-{seed}"
     for name in ("unfilled", "filled"):
-        runs = out.parent / f"fill-runs-{seed}"
         cfg = apply_overrides(get_recipe("mnist-dcdit-s"), [
             f"train.steps={steps}", f"train.seed={seed}", f"train.results_dir={runs}",
             f"train.run_name={name}", "train.log_every=25", "train.sample_every=0",
