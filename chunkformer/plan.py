@@ -240,8 +240,7 @@ class ChunkPlan:
     def _flat_positions(self) -> Tensor:
         """``(B * M,)`` row of every slot's grid position in the flattened ``(B * L)`` tokens. Moving tokens
         by flat rows keeps this index, not one broadcast over the channels, for the backward pass."""
-        B, L = self.order.shape
-        return (self.positions + torch.arange(B, device=self.order.device)[:, None] * L).flatten()
+        return _flat_rows(self.positions, self.num_tokens)
 
     def _flat_index(self, total: int) -> Tensor:
         """``(T,)`` position of every packed token in the flattened ``(B * M)`` slots."""
@@ -269,8 +268,8 @@ class ChunkPlan:
         if y.ndim != 3 or y.shape[0] != B or y.shape[1] != self.width:
             raise ValueError(f"plug_back needs (batch={B}, width={self.width}, dim) slots (the plan's "
                              f"unchunk layout), got {tuple(y.shape)}")
-        rows = self.nearest() + torch.arange(B, device=y.device)[:, None] * self.width  # (B, L) flat slots
-        return y.reshape(-1, y.shape[-1]).index_select(0, rows.flatten()).view(B, -1, y.shape[-1])
+        rows = _flat_rows(self.nearest(), self.width)  # (B * L,) nearest kept slot, flattened
+        return y.reshape(-1, y.shape[-1]).index_select(0, rows).view(B, -1, y.shape[-1])
 
     def nearest(self) -> Int[Tensor, "batch tokens"]:
         """``(B, L)`` slot index of each grid position's nearest kept token."""
@@ -378,6 +377,12 @@ class _SelectRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (index,) = ctx.saved_tensors
         return grad.new_zeros(ctx.rows, *grad.shape[1:]).index_copy(0, index, grad), None
+
+
+def _flat_rows(index: Tensor, stride: int) -> Tensor:
+    """``(B, K)`` per-sample row indices into ``(B, stride, ...)`` -> ``(B * K,)`` rows of its flattened
+    ``(B * stride, ...)``."""
+    return (index + torch.arange(index.shape[0], device=index.device)[:, None] * stride).flatten()
 
 
 def _select_rows(x: Tensor, index: Tensor) -> Tensor:
