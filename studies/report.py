@@ -505,11 +505,12 @@ def regime_section(runs: list[dict], img: Path) -> list[str]:
     points = []
     for r, name, e in rows:
         rate = e.get("images_per_second") or e["num_samples"] / e["seconds"]
-        lines.append(f"| {r['seed']} | {LABEL.get(r['arm'], r['arm'])} | {card(r)} "
+        model = LABEL.get(r["arm"], r["arm"]) + (", router prior" if router_prior(r) != "-" else "")
+        lines.append(f"| {r['seed']} | {model} | {card(r)} "
                      f"| {name} | {e.get('precision', 'fp32')} | {e.get('steps', '-')} | {rate:.0f} "
                      f"| {e['tflops_per_image']:.3f} "
                      f"| {fmt(fid_at(e, 5000))} |")
-        series = LABEL.get(r["arm"], r["arm"]) + (", Lite-CFG" if name == "lite-cfg" else "")
+        series = model + (", Lite-CFG" if name == "lite-cfg" else "")
         points.append((f"{series} (seed {r['seed']})", rate, fid_at(e, 5000)))
     figure = plot_pareto(points, img / "frontier.png", 5000, xlabel="images per second", title="sampling frontier")
     if figure is not None:
@@ -543,14 +544,19 @@ def equal_compute(runs: list[dict]) -> list[str]:
              "as the model needs them (the packed layout of its base sample set at rho 0, per forward: kept tokens "
              "only); the batch is the same. Router prior: whether the DC-DiT-S run trained with the router's "
              "orientation prior (routing.md); a run with `-` had the paper's losses alone, which "
-             "`--override budget.orient_weight=0` repeats.", ""]
+             "`--override budget.orient_weight=0` repeats. Kept at t = 25: the fraction of stroke and of background "
+             "pixels the trained router keeps at low noise, over 1000 real digits.", ""]
     by_file = {r["file"]: r for r in runs if "file" in r}
     pairs = [(by_file[r["wallclock_of"]], r) for r in runs if r.get("wallclock_of") in by_file]
     if not pairs:
         return lines + ["Not run yet (`mnist_study.py --arms dcdit-compiled --steps N --wallclock-of DIT.json`)."]
-    lines += ["| seed | card | DiT-S/2 steps | min | FID | DC-DiT-S router prior | equal wall-clock: steps "
-              "| FID | equal FLOPs: steps | FLOPs / DiT's: trained · packed | FID |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| seed | card | DiT-S/2 steps | min | FID | DC-DiT-S router prior | kept at t = 25: strokes · background "
+              "| equal wall-clock: steps | FID | equal FLOPs: steps | FLOPs / DiT's: trained · packed | FID |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def kept(r: dict) -> str:  # the trained router's kept density on strokes and background at t = 25
+        row = next((p for p in r.get("router", {}).get("per_timestep", []) if p.get("t") == 25), None)
+        return "-" if row is None else f"{row['stroke_density']:.2f} · {row['background_density']:.2f}"
 
     def per_forward(r: dict) -> float | None:  # GFLOPs of one forward of the base set (packed, rho 0)
         base = r["sets"].get("base", {})
@@ -568,7 +574,7 @@ def equal_compute(runs: list[dict]) -> list[str]:
         packed = (dc["train_steps"] * per_forward(dc) / (dit["train_steps"] * per_forward(dit))
                   if per_forward(dc) and per_forward(dit) else None)
         lines.append(f"| {dc['seed']} | {dit.get('device', '?').replace('NVIDIA ', '')} | {dit['train_steps']} "
-                     f"| {dit['train_seconds'] / 60:.1f} | {fmt(base)} | {router_prior(dc)} "
+                     f"| {dit['train_seconds'] / 60:.1f} | {fmt(base)} | {router_prior(dc)} | {kept(dc)} "
                      f"| {wall['step'] if wall else '-'} "
                      f"| {fmt(wall_fid)} | {dc['train_steps']} | {fmt(ratio)} · {fmt(packed)} | {fmt(flops_fid)} |")
         for key, fid in (("wall-clock", wall_fid), ("FLOPs", flops_fid)):

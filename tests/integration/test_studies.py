@@ -288,6 +288,9 @@ def test_report_tables_come_from_the_records(tmp_path, studies):
     timed = {**long, "arm": "dcdit-compiled", "sets": {"base": {**fewer, "steps": 50, "fid_by_samples": {"5000": 20.0}}}}
     text = report.render(data | {"regime": [long, timed]}, img=tmp_path)  # a timed base set alone is a point too
     assert "| 0 | DC-DiT-S, compiled training | H200 | base | bf16 | 50 | 250 | 0.180 | 20.00 |" in text
+    prior = {**timed, "recipe": {"budget": {"orient_weight": 1.0, "orient_steps": 0}}}  # its own row and series
+    text = report.render(data | {"regime": [long, timed, prior]}, img=tmp_path)
+    assert "| 0 | DC-DiT-S, compiled training, router prior | H200 | base | bf16 | 50 | 250 | 0.180 | 20.00 |" in text
 
 
 def test_equal_compute_pairs_each_dcdit_run_with_the_dit_run_it_names(tmp_path, studies):
@@ -308,7 +311,7 @@ def test_equal_compute_pairs_each_dcdit_run_with_the_dit_run_it_names(tmp_path, 
                  run(seed, "dcdit-compiled", 4160, 18.75, flops_fid, snap, wallclock_of=f"s{seed}-dit-compiled.json")]
     text = "\n".join(report.equal_compute(runs))
     # as trained 4160 x 18.75 / (6500 x 12) = 1.00; packed (both 12.5 per forward) 4160 / 6500 = 0.64
-    assert ("| 1 | H100 80GB HBM3 | 6500 | 5.0 | 11.00 | - | 3500 | 13.00 | 4160 | 1.00 · 0.64 | 10.50 |"
+    assert ("| 1 | H100 80GB HBM3 | 6500 | 5.0 | 11.00 | - | - | 3500 | 13.00 | 4160 | 1.00 · 0.64 | 10.50 |"
             in text)
     # wall-clock gaps -4, -2, -3: mean -3.00, t(2) 4.303 * 1 / sqrt 3 = 2.48
     assert "At equal wall-clock, DiT-S/2 minus DC-DiT-S FID: mean -3.00, 95% t-interval [-5.48, -0.52] over 3 seeds; " \
@@ -319,10 +322,12 @@ def test_equal_compute_pairs_each_dcdit_run_with_the_dit_run_it_names(tmp_path, 
     snap = {"5.000000min": {"step": 3500, "minutes": 5.0,
                             "sets": {"base": {"fid_by_samples": {"5000": 8.0}}}}}
     on = {"budget": {"orient_weight": 1.0, "orient_steps": 0}}
+    router = {"per_timestep": [{"t": 100, "stroke_density": 0.5, "background_density": 0.5},
+                               {"t": 25, "stroke_density": 0.9, "background_density": 0.1}]}  # t = 25's row counts
     prior = [run(seed, "dcdit-compiled", 4160, 18.75, 7.0, snap, wallclock_of=f"s{seed}-dit-compiled.json",
-                 file=f"s{seed}-prior.json", recipe=on) for seed in (0, 1)]
+                 file=f"s{seed}-prior.json", recipe=on, router=router) for seed in (0, 1)]
     text = "\n".join(report.equal_compute(runs + prior))
-    assert ("| 0 | H100 80GB HBM3 | 6500 | 5.0 | 10.00 | all steps | 3500 | 8.00 | 4160 | 1.00 · 0.64 "
+    assert ("| 0 | H100 80GB HBM3 | 6500 | 5.0 | 10.00 | all steps | 0.90 · 0.10 | 3500 | 8.00 | 4160 | 1.00 · 0.64 "
             "| 7.00 |" in text)
     assert "over 3 seeds" in text and "At equal wall-clock (router prior: all steps)" in text
     assert "DC-DiT-S is better in 2 of 2." in text
