@@ -544,14 +544,15 @@ def equal_compute(runs: list[dict]) -> list[str]:
              "as the model needs them (the packed layout of its base sample set at rho 0, per forward: kept tokens "
              "only); the batch is the same. Router prior: whether the DC-DiT-S run trained with the router's "
              "orientation prior (routing.md); a run with `-` had the paper's losses alone, which "
-             "`--override budget.orient_weight=0` repeats. Kept at t = 25: the fraction of stroke and of background "
-             "pixels the trained router keeps at low noise, over 1000 real digits.", ""]
+             "`--override budget.orient_weight=0` repeats. Kept at t = 25: the fraction of stroke and of "
+             "background pixels the trained router keeps at low noise, over 1000 real digits.", ""]
     by_file = {r["file"]: r for r in runs if "file" in r}
     pairs = [(by_file[r["wallclock_of"]], r) for r in runs if r.get("wallclock_of") in by_file]
     if not pairs:
         return lines + ["Not run yet (`mnist_study.py --arms dcdit-compiled --steps N --wallclock-of DIT.json`)."]
-    lines += ["| seed | card | DiT-S/2 steps | min | FID | DC-DiT-S router prior | kept at t = 25: strokes · background "
-              "| equal wall-clock: steps | FID | equal FLOPs: steps | FLOPs / DiT's: trained · packed | FID |",
+    lines += ["| seed | card | DiT-S/2 steps | min | FID | DC-DiT-S router prior "
+              "| kept at t = 25: strokes · background | equal wall-clock: steps | FID | equal FLOPs: steps "
+              "| FLOPs / DiT's: trained · packed | FID |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def kept(r: dict) -> str:  # the trained router's kept density on strokes and background at t = 25

@@ -288,9 +288,11 @@ def test_report_tables_come_from_the_records(tmp_path, studies):
     timed = {**long, "arm": "dcdit-compiled", "sets": {"base": {**fewer, "steps": 50, "fid_by_samples": {"5000": 20.0}}}}
     text = report.render(data | {"regime": [long, timed]}, img=tmp_path)  # a timed base set alone is a point too
     assert "| 0 | DC-DiT-S, compiled training | H200 | base | bf16 | 50 | 250 | 0.180 | 20.00 |" in text
-    prior = {**timed, "recipe": {"budget": {"orient_weight": 1.0, "orient_steps": 0}}}  # its own row and series
+    # a run with the orientation prior: a row and a series of its own
+    prior = {**timed, "recipe": {"budget": {"orient_weight": 1.0, "orient_steps": 0}}}
     text = report.render(data | {"regime": [long, timed, prior]}, img=tmp_path)
-    assert "| 0 | DC-DiT-S, compiled training, router prior | H200 | base | bf16 | 50 | 250 | 0.180 | 20.00 |" in text
+    assert ("| 0 | DC-DiT-S, compiled training, router prior | H200 | base | bf16 | 50 | 250 | 0.180 "
+            "| 20.00 |" in text)
 
 
 def test_equal_compute_pairs_each_dcdit_run_with_the_dit_run_it_names(tmp_path, studies):
@@ -322,13 +324,13 @@ def test_equal_compute_pairs_each_dcdit_run_with_the_dit_run_it_names(tmp_path, 
     snap = {"5.000000min": {"step": 3500, "minutes": 5.0,
                             "sets": {"base": {"fid_by_samples": {"5000": 8.0}}}}}
     on = {"budget": {"orient_weight": 1.0, "orient_steps": 0}}
-    router = {"per_timestep": [{"t": 100, "stroke_density": 0.5, "background_density": 0.5},
-                               {"t": 25, "stroke_density": 0.9, "background_density": 0.1}]}  # t = 25's row counts
+    router = {"per_timestep": [{"t": 100, "stroke_density": 0.5, "background_density": 0.5},  # t = 25 counts
+                               {"t": 25, "stroke_density": 0.9, "background_density": 0.1}]}
     prior = [run(seed, "dcdit-compiled", 4160, 18.75, 7.0, snap, wallclock_of=f"s{seed}-dit-compiled.json",
                  file=f"s{seed}-prior.json", recipe=on, router=router) for seed in (0, 1)]
     text = "\n".join(report.equal_compute(runs + prior))
-    assert ("| 0 | H100 80GB HBM3 | 6500 | 5.0 | 10.00 | all steps | 0.90 · 0.10 | 3500 | 8.00 | 4160 | 1.00 · 0.64 "
-            "| 7.00 |" in text)
+    assert ("| 0 | H100 80GB HBM3 | 6500 | 5.0 | 10.00 | all steps | 0.90 · 0.10 | 3500 | 8.00 | 4160 "
+            "| 1.00 · 0.64 | 7.00 |" in text)
     assert "over 3 seeds" in text and "At equal wall-clock (router prior: all steps)" in text
     assert "DC-DiT-S is better in 2 of 2." in text
 
