@@ -261,7 +261,7 @@ def render(data: dict, img: Path = IMG) -> str:
         if router is None:  # seed 0's JSON was rebuilt from a log: its second run carries the probe
             again = next((r for r in data.get("reruns", []) if r["seed"] == sd and r["arm"] == "dcdit" and "router" in r), None)
             router, note = (again["router"], " (its second run)") if again else (None, "")
-        by_t = {row["t"]: row for row in router["per_timestep"]} if router else {}
+        by_t = by_timestep(router)
         seg.append((sd, a - b, by_t.get(25), by_t.get(200), note))
     if len(seg) > 1 and any(lo for _, _, lo, _, _ in seg):
         lines += ["", "The gap beside what each seed's DC-DiT-S router keeps of the clean digit at low noise "
@@ -341,7 +341,7 @@ def render(data: dict, img: Path = IMG) -> str:
                   "log step):", "", f"![router orientation]({_rel(orient)})"]
     routed = [(f"{LABEL[a]} (seed {s})", r) for (s, a), r in sorted(recs.items())]
     routed += [(f"{LABEL[r['arm']]} (seed {r['seed']}, another run)", r) for r in data.get("reruns", [])]
-    dens = {name: {row["t"]: row for row in r["router"]["per_timestep"]} for name, r in routed if "router" in r}
+    dens = {name: by_timestep(r["router"]) for name, r in routed if "router" in r}
     if dens:
         probes = next(r["router"]["probe_images"] for _, r in routed if "router" in r)
         lines += ["", f"Kept density on digit strokes / on background (strokes: pixels above half intensity in the "
@@ -518,6 +518,11 @@ def regime_section(runs: list[dict], img: Path) -> list[str]:
     return lines
 
 
+def by_timestep(router: dict | None) -> dict[int, dict]:
+    """A record's router statistics (``mnist_study.router_statistics``) by probed t; ``{}`` if none."""
+    return {row["t"]: row for row in (router or {}).get("per_timestep", [])}
+
+
 def overrides(r: dict) -> dict:
     """A record's ``key=value`` overrides as a dict."""
     return dict(o.split("=", 1) for o in r.get("overrides", []) if "=" in o)
@@ -556,7 +561,7 @@ def equal_compute(runs: list[dict]) -> list[str]:
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def kept(r: dict) -> str:  # the trained router's kept density on strokes and background at t = 25
-        row = next((p for p in r.get("router", {}).get("per_timestep", []) if p.get("t") == 25), None)
+        row = by_timestep(r.get("router")).get(25)
         return "-" if row is None else f"{row['stroke_density']:.2f} · {row['background_density']:.2f}"
 
     def per_forward(r: dict) -> float | None:  # GFLOPs of one forward of the base set (packed, rho 0)
