@@ -145,8 +145,13 @@ def training(res: dict) -> str:
             continue
         rows = {x["model"]: x for x in r["rows"]}
         dc, dit = rows["DC-DiT-XL"], rows["DiT-XL/2"]
+        ck = next((x for name, x in rows.items() if name.startswith("DC-DiT-XL + checkpoint_scaffold + ")), None)
+        with_ck = "" if ck is None else (
+            f" ({ck['peak_gib']:.1f} GiB at {_x(ck['measured_speedup'])} with the scaffold and "
+            f"{ck['model'].split(' + ')[-1]} checkpointed)")
         parts.append(f"{_x(dc['measured_speedup'])} DiT-XL/2's images/s on an {card_label(r)} where its FLOPs predict "
-                     f"{_x(dc['flop_speedup'])}, with {dc['peak_gib']:.1f} against {dit['peak_gib']:.1f} GiB of memory")
+                     f"{_x(dc['flop_speedup'])}, with {dc['peak_gib']:.1f}{with_ck} against {dit['peak_gib']:.1f} GiB "
+                     f"of memory")
     return ("Training is slower than its FLOPs predict today: compiled at 256px, batch 64, DC-DiT-XL trains at "
             + "; ".join(parts) + ".")
 
@@ -170,8 +175,8 @@ def train_account(res: dict) -> str:
     if r is None:
         return ""
     cols = [(size, c) for size in ("256px", "digits") for c in r["account"][size]]
-    short = {"DC-DiT-XL + checkpoint_scaffold": "+ checkpoint", "DC-DiT-S + checkpoint_scaffold": "+ checkpoint"}
-    lines = ["| component | " + " | ".join(short.get(c["model"], c["model"]) for _, c in cols) + " |",
+    lines = ["| component | " + " | ".join("+ checkpoint" if "checkpoint" in c["model"] else c["model"]
+                                         for _, c in cols) + " |",
              "|---|" + "---|" * len(cols)]
 
     def cell(x: dict) -> str:

@@ -22,8 +22,8 @@ DC-DiT-S against DiT-S/2 on the digit study's 32x32x1 images, batch 256), bf16 a
 eager (the recipes' training path: packed plans, default attention backend). The DC-DiT router is
 biased to keep every token and a tail drop of 0.75 leaves a quarter of the grid, the budget rule a
 trained DC-DiT with N = 4 follows, so both models see as many backbone tokens. Per width: the DiT,
-DC-DiT, DC-DiT with ``checkpoint_scaffold`` (scaffold recomputed in backward), and DC-DiT's scaffold
-alone (no blocks), whose time against DC-DiT's is the scaffold's share of the step, printed beside its
+DC-DiT, DC-DiT with ``checkpoint_scaffold`` and ``checkpoint_blocks = 2`` (the scaffold and the first two
+blocks recomputed in backward), and DC-DiT's scaffold alone (no blocks), whose time against DC-DiT's is the scaffold's share of the step, printed beside its
 share of the FLOPs. Columns: images/s, the measured and the FLOP-predicted speed-up over the DiT of the
 same width (training FLOPs taken as 3x the forward's), their ratio, and peak memory. ``--compile``
 compiles every model, DC-DiT in fixed-capacity mode; ``--cuda-graphs`` replays them from CUDA graphs.
@@ -34,7 +34,7 @@ backward) of DiT-XL/2 and DC-DiT-XL at 256px, batch 64, and of the digit study's
 (conditioning, embed, encoder, router, plan/pack, backbone, de-chunk, decoder, loss): training FLOPs per
 image, the memory the forward leaves held for backward (on fake tensors, so no memory is used), and the aten
 ops dispatched forward / backward (each at least one kernel launch on a GPU, eager). A third column per size
-turns on ``checkpoint_scaffold``. Then, on toy sizes of the same models (the counts do not depend on size):
+turns on ``checkpoint_scaffold`` and ``checkpoint_blocks = 2``. Then, on toy sizes of the same models (the counts do not depend on size):
 graph breaks and recompiles of ``torch.compile`` over four steps of multi-budget ``rho`` (a ``(B,)`` tensor,
 as the recipe passes it), and host syncs of a forward and backward with and without value checks.
 
@@ -219,9 +219,13 @@ class _Dispatch(TorchDispatchMode):
         return out
 
 
+CHECKPOINT_BLOCKS = 2  # backbone blocks recomputed beside the scaffold: DC-DiT-XL's memory under DiT-XL/2's
+CHECKPOINTED = f" + checkpoint_scaffold + {CHECKPOINT_BLOCKS} blocks"  # the checkpointed variant's name suffix
+
+
 def _build(name: str, size: dict, checkpoint: bool, fixed: bool = True, **sizes) -> torch.nn.Module:
     """A seeded model in training mode; a DC-DiT's router biased to keep every token, in fixed-capacity mode
-    (a quarter of the grid) when ``fixed``, with ``checkpoint_scaffold`` set to ``checkpoint``."""
+    (a quarter of the grid) when ``fixed``; ``checkpoint`` recomputes its scaffold and first blocks in backward."""
     torch.manual_seed(0)
     fixed = ({"plan_mode": "fixed", "capacity": size["latent"] ** 2 // 4, "fill_capacity": _FILL}
              if fixed and name.startswith("DC") else {})
@@ -230,6 +234,7 @@ def _build(name: str, size: dict, checkpoint: bool, fixed: bool = True, **sizes)
     if model.supports_chunking:
         torch.nn.init.constant_(model.router.scorer[-1].bias, 30.0)  # keep all: the capacity is the budget
         model.checkpoint_scaffold = checkpoint
+        model.checkpoint_blocks = min(CHECKPOINT_BLOCKS, len(model.blocks)) if checkpoint else 0
         if _PREFIX_ATTENTION:  # --prefix-attention: the backbone's masked attention through FlexAttention
             kernels.apply(model, norms=False, taps=False, gemm=False, gelu=False, attention=True, force=True)
     if _CHANNELS_LAST:  # --channels-last: conv weights NHWC, the layout the (B, L, C) tokens already have as a grid
@@ -283,7 +288,7 @@ def account(name: str, size: dict, batch: int, checkpoint: bool = False, **sizes
         f = sum(v for k, v in flops.items() if FLOP_COMPONENTS.get(k, "other") == c)
         rows[c] = {"train_gflops_per_image": 3 * f * (blocks if c == "backbone" else 1) / 1e9,
                    "held_gib": held[c] / 2**30, "ops_fwd": acc.fwd_ops[c], "ops_bwd": acc.bwd_ops[c]}
-    return {"model": name + (" + checkpoint_scaffold" if checkpoint else ""), "batch": batch, "components": rows,
+    return {"model": name + (CHECKPOINTED if checkpoint else ""), "batch": batch, "components": rows,
             "state_gib": state / 2**30, "held_gib": sum(r["held_gib"] for r in rows.values()),
             "train_gflops_per_image": sum(r["train_gflops_per_image"] for r in rows.values()),
             "ops_fwd": sum(acc.fwd_ops.values()), "ops_bwd": sum(acc.bwd_ops.values())}
@@ -388,7 +393,7 @@ def run_account(args) -> dict:
         print(f"| held for backward, compiled | {compiled} |")
     counts = {}
     for name, checkpoint in (("DiT-S/2", False), ("DC-DiT-S", False), ("DC-DiT-S", True)):
-        key = name + (" + checkpoint_scaffold" if checkpoint else "")
+        key = name + (CHECKPOINTED if checkpoint else "")
         counts[key] = compile_counts(name, checkpoint)
     print("\n| toy size, compiled training | graph breaks | graphs, first step | recompiles, 3 more steps "
           "| host syncs fwd+bwd | without value checks |\n|---|---|---|---|---|---|")
@@ -412,14 +417,14 @@ SIZES = {  # --size: (widths, the account's size of those models, default batch)
 
 def training_rows(width: str, size: dict, x, t, y, steps: int, *, compile: bool, cuda_graphs: bool,
                   sizes: dict) -> list[dict]:
-    """DiT, DC-DiT, DC-DiT with ``checkpoint_scaffold`` and DC-DiT's scaffold alone (no blocks) of one width:
-    images/s, training GFLOPs per image (3x the forward's) and peak memory of each."""
+    """DiT, DC-DiT, DC-DiT with its scaffold and first blocks checkpointed, and DC-DiT's scaffold alone (no blocks)
+    of one width: images/s, training GFLOPs per image (3x the forward's) and peak memory of each."""
     rows = []
     variants = [(f"DiT-{width}/2", {}), (f"DC-DiT-{width}", {}),
-                (f"DC-DiT-{width} + checkpoint_scaffold", {}), (f"DC-DiT-{width} scaffold only", {"depth": 0})]
+                (f"DC-DiT-{width}{CHECKPOINTED}", {}), (f"DC-DiT-{width} scaffold only", {"depth": 0})]
     for label, extra in variants:
         name = label.split(" ")[0]
-        model = _build(name, size, "checkpoint_scaffold" in label, fixed=compile, **{**sizes, **extra}).to(x.device)
+        model = _build(name, size, label.endswith(CHECKPOINTED), fixed=compile, **{**sizes, **extra}).to(x.device)
         # the router keeps every token; eager, a tail drop of 3/4 leaves the budget (fixed mode: the capacity)
         kw = {"rho": 0.75} if model.supports_chunking and not compile else {}
         flops = cf.count_flops(model, x, t, y, **kw).per_sample * 3  # forward + backward

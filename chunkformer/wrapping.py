@@ -15,6 +15,7 @@ patched: ``unwrap`` hands it back as it was (its blocks are shared unless ``shar
 """
 
 import copy
+import functools
 import math
 
 import torch
@@ -117,7 +118,7 @@ class ChunkWrapper(ChunkPipeline):
 
     def run_backbone(self, h: Tensor, cond, plan: ChunkPlan | None, keep: list | None = None) -> Tensor:
         for i in range(len(self.backbone.blocks)):
-            h = self.backbone.run_block(i, h, cond, plan)
+            h = self._block(i, functools.partial(self.backbone.run_block, i), h, cond, plan)
             if keep is not None:
                 keep.append(h)
         return h

@@ -236,6 +236,13 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
             raise ValueError(f"train.checkpoint_scaffold recomputes a DC-DiT's scaffold; {cfg.model.name} has none. "
                              "Leave it off for a DiT (its activations are the blocks')")
         model.checkpoint_scaffold = True
+    if cfg.train.checkpoint_blocks:
+        depth = len(model.blocks) if chunking else 0
+        if not 0 < cfg.train.checkpoint_blocks <= depth:
+            raise ValueError(f"train.checkpoint_blocks={cfg.train.checkpoint_blocks}: recomputes the first N blocks "
+                             f"of a DC-DiT's backbone, 1 <= N <= its depth ({cfg.model.name} has "
+                             f"{depth if chunking else 'no DC-DiT backbone'}). Use 0 (the default) to keep them all")
+        model.checkpoint_blocks = cfg.train.checkpoint_blocks
     if cfg.train.compile and plan_mode(model) != "fixed":
         warnings.warn(f"train.compile with plan_mode={model.plan_mode!r}: the kept-token count changes every step, "
                       "so the compiled step keeps recompiling. Compile fixed-capacity plans: "

@@ -68,10 +68,14 @@ class ChunkPipeline(nn.Module):
     backward pass instead of keeping their activations (non-reentrant :func:`torch.utils.checkpoint.checkpoint`,
     in training mode with gradients on): they run at full grid resolution, ``(B, L, d)`` and
     ``(B, d, *grid)`` tensors where the backbone's are ``(T, d)``. The gradients are the same.
+    ``checkpoint_blocks = N`` recomputes the first ``N`` backbone blocks alike (each keeps only its input for
+    backward, for one more forward of the block): with the scaffold checkpointed, one or two blocks bring a
+    DC-DiT's memory for backward below that of the DiT of its width (docs/recipes.md).
     """
 
     supports_chunking = True
     checkpoint_scaffold: bool = False  # recompute encoder, router and decoder in backward (see above)
+    checkpoint_blocks: int = 0  # recompute the first N backbone blocks in backward (see above)
     step_cache = None  # a StepCache installs itself here while sampling
     num_timesteps: int = 1000  # model timesteps accepted: [0, num_timesteps) (set to the diffusion's T)
     attention_known: bool = True  # the backbone restricts attention to a sample's tokens (packed plans work)
@@ -288,6 +292,16 @@ class ChunkPipeline(nn.Module):
         return RouterOutput(probs=probs, mask=mask, natural_mask=natural, confidence=confidence, grid=grid,
                             batch_size=[tokens.shape[0]])
 
+    def _block(self, i: int, block, h: Tensor, cond, plan: ChunkPlan | None) -> Tensor:
+        """``block(h, cond, plan)``, the backbone's ``i``-th block, recomputed in backward when
+        ``i < checkpoint_blocks``."""
+        if not (i < self.checkpoint_blocks and self.training and torch.is_grad_enabled()):
+            return block(h, cond, plan)
+        # the plan enters the checkpoint as its fields: torch.compile does not trace a tensorclass into one
+        fields = (None,) * 6 if plan is None else (plan.order, plan.lengths, plan.grid, plan.width, plan.mode,
+                                                   plan.full)
+        return checkpoint(_block_on_fields, block, h, cond, *fields, use_reentrant=False)
+
     def plan_repr(self) -> str:
         cap = "" if self.capacity is None else f", capacity={self.capacity}" + (", filled" if self.fill_capacity else "")
         return f"grid={self.grid}, target_ratio={self.budget.target_ratio}, plan_mode={self.plan_mode!r}{cap}"
@@ -386,14 +400,22 @@ class DCDiT(ChunkPipeline, LabelledModel):
         return position_table(self, grid)
 
     def run_backbone(self, h, cond, plan, keep=None):
-        for block in self.blocks:
-            h = block(h, cond, plan)
+        for i, block in enumerate(self.blocks):
+            h = self._block(i, block, h, cond, plan)
             if keep is not None:
                 keep.append(h)
         return h
 
     def block_input(self, tokens, cond):
         return block_input(self.blocks[0], tokens, cond)
+
+
+def _block_on_fields(block, h: Tensor, cond, order, lengths, grid, width, mode, full) -> Tensor:
+    """``block(h, cond, plan)`` with the plan rebuilt from its fields (``order=None``: no plan). The rebuilt
+    plan shares the original's derived indices: they are kept by its ``lengths`` tensor."""
+    plan = None if order is None else ChunkPlan(order=order, lengths=lengths, grid=grid, width=width, mode=mode,
+                                                full=full, batch_size=[order.shape[0]])
+    return block(h, cond, plan)
 
 
 def _router_tensors(router: nn.Module, tokens: Tensor, grid: tuple, **kwargs) -> tuple[Tensor, ...]:

@@ -184,9 +184,10 @@ def test_two_processes_make_the_same_update_as_one(tmp_path, parallel):
 
 
 @needs_digits
-def test_checkpointing_the_scaffold_makes_the_same_updates(tmp_path):
+def test_checkpointing_the_scaffold_and_a_block_makes_the_same_updates(tmp_path):
     plain = final_state(run_train(tmp_path, "train.steps=3", name="plain"))
-    recomputed = final_state(run_train(tmp_path, "train.steps=3", "train.checkpoint_scaffold=true", name="ck"))
+    recomputed = final_state(run_train(tmp_path, "train.steps=3", "train.checkpoint_scaffold=true",
+                                       "train.checkpoint_blocks=1", name="ck"))
     assert any(not torch.equal(t, plain["ema"][n]) for n, t in plain["model"].items() if n.startswith("encoder."))
     for key in ("model", "ema"):
         for name, tensor in plain[key].items():
@@ -199,6 +200,17 @@ def test_checkpoint_scaffold_needs_a_scaffold(tmp_path):
     cfg = apply_overrides(get_recipe("tiny-cpu"), [*TINY, "model.name=DiT-S/2", f"train.results_dir={tmp_path}",
                                                    "train.checkpoint_scaffold=true"])
     with pytest.raises(ValueError, match="checkpoint_scaffold.*DiT-S/2 has none"):
+        train(cfg, dry_run=True)
+
+
+@pytest.mark.parametrize("name, blocks, has", [("DiT-S/2", 1, "no DC-DiT backbone"), ("DC-DiT-S", -1, "1"),
+                                               ("DC-DiT-S", 2, "1")])
+def test_checkpoint_blocks_names_the_depth_it_can_take(tmp_path, name, blocks, has):
+    from recipes.train import train
+
+    cfg = apply_overrides(get_recipe("tiny-cpu"), [*TINY, f"model.name={name}", f"train.results_dir={tmp_path}",
+                                                   f"train.checkpoint_blocks={blocks}"])  # TINY: depth 1
+    with pytest.raises(ValueError, match=f"checkpoint_blocks={blocks}.*{name} has {has}\\)"):
         train(cfg, dry_run=True)
 
 

@@ -344,9 +344,9 @@ def test_set_plan_validates_the_settings_together_and_attribute_assignment_is_re
             setattr(model, name, 8)
 
 
-def test_a_compiled_training_step_recomputes_the_checkpointed_scaffold_to_the_same_gradients():
-    """checkpoint_scaffold under torch.compile (dynamo and AOT autograd trace the checkpointed regions; fixed
-    capacity): the loss and every gradient of the eager step without checkpointing."""
+def test_a_compiled_training_step_recomputes_the_checkpointed_scaffold_and_block_to_the_same_gradients():
+    """checkpoint_scaffold and checkpoint_blocks under torch.compile (one graph: dynamo and AOT autograd trace
+    the checkpointed regions; fixed capacity): the loss and every gradient of the eager step without them."""
     code = """
         import torch, chunkformer as cf
         torch.manual_seed(0)
@@ -364,8 +364,8 @@ def test_a_compiled_training_step_recomputes_the_checkpointed_scaffold_to_the_sa
             loss.backward()
             return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         loss, grads = step(model)
-        model.checkpoint_scaffold = True
-        loss_ck, grads_ck = step(torch.compile(model, backend="aot_eager"))
+        model.checkpoint_scaffold, model.checkpoint_blocks = True, 1
+        loss_ck, grads_ck = step(torch.compile(model, backend="aot_eager", fullgraph=True))
         assert grads.keys() == grads_ck.keys() and any(n.startswith("encoder.") for n in grads)
         worst = max(float((grads_ck[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in grads.items())
         print(float((loss_ck - loss).abs()), worst)

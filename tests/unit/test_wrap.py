@@ -72,6 +72,25 @@ def test_forward_backward_and_router_gradients(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_checkpointed_blocks_give_the_same_gradients(layout):
+    _, w = wrapped_model(layout)
+    torch.nn.init.constant_(w.router.scorer[-1].bias, 0.2)
+    x, t, y = inputs()
+    grads = []
+    for blocks in (0, len(w.blocks)):
+        w.checkpoint_blocks = blocks
+        w.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same label dropout in both runs
+        out, info = w(x, t, y, return_info=True, rho=0.4)
+        (out.square().mean() + info.ratio_loss).backward()
+        grads.append({n: p.grad for n, p in w.named_parameters() if p.grad is not None})
+    plain, recomputed = grads
+    assert plain.keys() == recomputed.keys() and any(n.startswith("backbone.") or ".blocks." in n for n in plain)
+    for name, g in plain.items():
+        assert torch.allclose(g, recomputed[name], atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_few_training_steps_lower_the_loss(layout):
     model, w = wrapped_model(layout)
     x, t, y = inputs(B=4)
