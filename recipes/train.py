@@ -140,12 +140,22 @@ def _log(d: Dist, log_file, message: str) -> None:
 
 
 def _oom_hint(model) -> str:
-    """What to try after running out of memory: a dynamic plan layout grows with what the router keeps."""
-    if plan_mode(model) != "fixed" and getattr(model, "capacity", None) is None:
+    """What to try after running out of memory: bound a dynamic plan layout (it grows with what the router
+    keeps), then recompute the scaffold and blocks in backward, then a smaller batch."""
+    if not getattr(model, "supports_chunking", False):
+        return "Lower train.global_batch."
+    if plan_mode(model) != "fixed" and model.capacity is None:
         return ("The plan layout grows with the tokens the router keeps, and an untrained router can keep most "
                 "of the grid for its first steps: bound it with model.overrides.capacity (e.g. half the grid's "
                 "positions), or lower train.global_batch.")
-    return "Lower train.global_batch (or model.overrides.capacity for a chunking model)."
+    if not model.checkpoint_scaffold:
+        return ("Recompute the scaffold in backward instead of holding its full-grid activations (the same "
+                "updates): train.checkpoint_scaffold=true; or lower train.global_batch.")
+    if model.checkpoint_blocks < len(model.blocks):
+        more = min(len(model.blocks), model.checkpoint_blocks + 2)
+        return (f"Recompute more backbone blocks in backward (the same updates): train.checkpoint_blocks={more}; "
+                "or lower train.global_batch.")
+    return "Lower train.global_batch (or model.overrides.capacity)."
 
 
 @torch.no_grad()

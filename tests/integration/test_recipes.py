@@ -194,6 +194,13 @@ def test_checkpointing_the_scaffold_and_a_block_makes_the_same_updates(tmp_path)
             assert torch.equal(tensor, recomputed[key][name]), (key, name)
 
 
+def test_out_of_memory_hint_for_a_dit_names_the_batch():
+    import chunkformer as cf
+    from recipes.train import _oom_hint
+
+    assert _oom_hint(cf.create_model("DiT-S/2", depth=1, input_size=8, num_classes=2)) == "Lower train.global_batch."
+
+
 def test_checkpoint_scaffold_needs_a_scaffold(tmp_path):
     from recipes.train import train
 
@@ -384,17 +391,23 @@ def test_bad_snapshot_marks_are_refused_before_any_work(mark):
         ("2.5min", "minutes", 2.5), ("10STEPS", "step", 10.0), ("3tflops", "tflops", 3.0)]
 
 
-@pytest.mark.parametrize("capacity", [None, 64])
-def test_out_of_memory_checkpoints_and_says_what_to_bound(tmp_path, monkeypatch, capacity):
-    """Running out of memory mid-run keeps the last finished step on disk and names the knob: the
-    dynamic plan layout grows with what an untrained router keeps (seed 1 of the study, on an H100)."""
+@pytest.mark.parametrize("overrides, hint", [
+    ([], "model.overrides.capacity (e.g. half"),
+    (["model.overrides.capacity=64"], "train.checkpoint_scaffold=true;"),
+    (["model.overrides.capacity=64", "train.checkpoint_scaffold=true"], "train.checkpoint_blocks=1;"),
+    (["model.overrides.capacity=64", "train.checkpoint_scaffold=true", "train.checkpoint_blocks=1"],
+     "Lower train.global_batch (or model.overrides.capacity)"),
+])
+def test_out_of_memory_checkpoints_and_says_what_to_bound(tmp_path, monkeypatch, overrides, hint):
+    """Running out of memory mid-run keeps the last finished step on disk and names the next knob: a bound on
+    the dynamic plan layout, which grows with what an untrained router keeps; then recomputing the scaffold,
+    then the blocks (TINY's one), then the batch."""
     import chunkformer as cf
     from recipes.train import train
 
     monkeypatch.setenv("CHUNKFORMER_TYPECHECK", "0")
     cfg = apply_overrides(get_recipe("tiny-cpu"), [*TINY, f"train.results_dir={tmp_path}", "train.run_name=oom",
-                                                   "train.steps=4", "train.ckpt_every=100",
-                                                   *([f"model.overrides.capacity={capacity}"] if capacity else [])])
+                                                   "train.steps=4", "train.ckpt_every=100", *overrides])
     real, calls = cf.DCDiT.forward, []
 
     def forward(self, *args, **kwargs):
@@ -406,7 +419,7 @@ def test_out_of_memory_checkpoints_and_says_what_to_bound(tmp_path, monkeypatch,
     monkeypatch.setattr(cf.DCDiT, "forward", forward)
     with pytest.raises(torch.OutOfMemoryError, match="at step 1") as err:
         train(cfg)
-    assert ("model.overrides.capacity (e.g. half" in str(err.value)) == (capacity is None)
+    assert hint in str(err.value)
     assert "last good state checkpointed" in str(err.value)
     assert final_state(tmp_path / "oom")["step"] == 1  # the step that finished
 
