@@ -145,13 +145,13 @@ def training(res: dict) -> str:
             continue
         rows = {x["model"]: x for x in r["rows"]}
         dc, dit = rows["DC-DiT-XL"], rows["DiT-XL/2"]
-        ck = next((x for name, x in rows.items() if name.startswith("DC-DiT-XL + checkpoint_scaffold + ")), None)
+        ck = next((x for n, x in rows.items() if n.startswith("DC-DiT-XL + checkpoint_scaffold + ")), None)
         with_ck = "" if ck is None else (
             f" ({ck['peak_gib']:.1f} GiB at {_x(ck['measured_speedup'])} with the scaffold and "
             f"{ck['model'].split(' + ')[-1]} checkpointed)")
-        parts.append(f"{_x(dc['measured_speedup'])} DiT-XL/2's images/s on an {card_label(r)} where its FLOPs predict "
-                     f"{_x(dc['flop_speedup'])}, with {dc['peak_gib']:.1f}{with_ck} against {dit['peak_gib']:.1f} GiB "
-                     f"of memory")
+        parts.append(f"{_x(dc['measured_speedup'])} DiT-XL/2's images/s on an {card_label(r)} where its "
+                     f"FLOPs predict {_x(dc['flop_speedup'])}, with {dc['peak_gib']:.1f}{with_ck} against "
+                     f"{dit['peak_gib']:.1f} GiB of memory")
     return ("Training is slower than its FLOPs predict today: compiled at 256px, batch 64, DC-DiT-XL trains at "
             + "; ".join(parts) + ".")
 

@@ -23,9 +23,10 @@ eager (the recipes' training path: packed plans, default attention backend). The
 biased to keep every token and a tail drop of 0.75 leaves a quarter of the grid, the budget rule a
 trained DC-DiT with N = 4 follows, so both models see as many backbone tokens. Per width: the DiT,
 DC-DiT, DC-DiT with ``checkpoint_scaffold`` and ``checkpoint_blocks = 2`` (the scaffold and the first two
-blocks recomputed in backward), and DC-DiT's scaffold alone (no blocks), whose time against DC-DiT's is the scaffold's share of the step, printed beside its
-share of the FLOPs. Columns: images/s, the measured and the FLOP-predicted speed-up over the DiT of the
-same width (training FLOPs taken as 3x the forward's), their ratio, and peak memory. ``--compile``
+blocks recomputed in backward), and DC-DiT's scaffold alone (no blocks), whose time against DC-DiT's is
+the scaffold's share of the step, printed beside its share of the FLOPs. Columns: images/s, the measured
+and the FLOP-predicted speed-up over the DiT of the same width (training FLOPs taken as 3x the forward's),
+their ratio, and peak memory. ``--compile``
 compiles every model, DC-DiT in fixed-capacity mode; ``--cuda-graphs`` replays them from CUDA graphs.
 
 ``--account`` times nothing and needs no GPU: it takes one training step (bf16 autocast, forward, loss,
@@ -34,9 +35,10 @@ backward) of DiT-XL/2 and DC-DiT-XL at 256px, batch 64, and of the digit study's
 (conditioning, embed, encoder, router, plan/pack, backbone, de-chunk, decoder, loss): training FLOPs per
 image, the memory the forward leaves held for backward (on fake tensors, so no memory is used), and the aten
 ops dispatched forward / backward (each at least one kernel launch on a GPU, eager). A third column per size
-turns on ``checkpoint_scaffold`` and ``checkpoint_blocks = 2``. Then, on toy sizes of the same models (the counts do not depend on size):
-graph breaks and recompiles of ``torch.compile`` over four steps of multi-budget ``rho`` (a ``(B,)`` tensor,
-as the recipe passes it), and host syncs of a forward and backward with and without value checks.
+turns on ``checkpoint_scaffold`` and ``checkpoint_blocks = 2``. Then, on toy sizes of the same models (the
+counts do not depend on size): graph breaks and recompiles of ``torch.compile`` over four steps of
+multi-budget ``rho`` (a ``(B,)`` tensor, as the recipe passes it), and host syncs of a forward and backward
+with and without value checks.
 
 ``--profile`` (DiT and DC-DiT of one width, the models, inputs and precision above, ``rho`` a ``(B,)`` tensor of
 the multi-budget draws) looks at one compiled training step three ways: each component (conditioning, embed,
@@ -219,13 +221,14 @@ class _Dispatch(TorchDispatchMode):
         return out
 
 
-CHECKPOINT_BLOCKS = 2  # backbone blocks recomputed beside the scaffold: DC-DiT-XL's memory under DiT-XL/2's
-CHECKPOINTED = f" + checkpoint_scaffold + {CHECKPOINT_BLOCKS} blocks"  # the checkpointed variant's name suffix
+CHECKPOINT_BLOCKS = 2  # blocks recomputed beside the scaffold: DC-DiT-XL's memory under DiT-XL/2's
+CHECKPOINTED = f" + checkpoint_scaffold + {CHECKPOINT_BLOCKS} blocks"  # the checkpointed variant's suffix
 
 
 def _build(name: str, size: dict, checkpoint: bool, fixed: bool = True, **sizes) -> torch.nn.Module:
     """A seeded model in training mode; a DC-DiT's router biased to keep every token, in fixed-capacity mode
-    (a quarter of the grid) when ``fixed``; ``checkpoint`` recomputes its scaffold and first blocks in backward."""
+    (a quarter of the grid) when ``fixed``; ``checkpoint`` recomputes its scaffold and first blocks in
+    backward."""
     torch.manual_seed(0)
     fixed = ({"plan_mode": "fixed", "capacity": size["latent"] ** 2 // 4, "fill_capacity": _FILL}
              if fixed and name.startswith("DC") else {})
@@ -417,14 +420,15 @@ SIZES = {  # --size: (widths, the account's size of those models, default batch)
 
 def training_rows(width: str, size: dict, x, t, y, steps: int, *, compile: bool, cuda_graphs: bool,
                   sizes: dict) -> list[dict]:
-    """DiT, DC-DiT, DC-DiT with its scaffold and first blocks checkpointed, and DC-DiT's scaffold alone (no blocks)
-    of one width: images/s, training GFLOPs per image (3x the forward's) and peak memory of each."""
+    """DiT, DC-DiT, DC-DiT with its scaffold and first blocks checkpointed, and DC-DiT's scaffold alone (no
+    blocks) of one width: images/s, training GFLOPs per image (3x the forward's) and peak memory of each."""
     rows = []
     variants = [(f"DiT-{width}/2", {}), (f"DC-DiT-{width}", {}),
                 (f"DC-DiT-{width}{CHECKPOINTED}", {}), (f"DC-DiT-{width} scaffold only", {"depth": 0})]
     for label, extra in variants:
         name = label.split(" ")[0]
-        model = _build(name, size, label.endswith(CHECKPOINTED), fixed=compile, **{**sizes, **extra}).to(x.device)
+        ck = label.endswith(CHECKPOINTED)
+        model = _build(name, size, ck, fixed=compile, **{**sizes, **extra}).to(x.device)
         # the router keeps every token; eager, a tail drop of 3/4 leaves the budget (fixed mode: the capacity)
         kw = {"rho": 0.75} if model.supports_chunking and not compile else {}
         flops = cf.count_flops(model, x, t, y, **kw).per_sample * 3  # forward + backward

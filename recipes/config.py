@@ -121,8 +121,8 @@ class TrainConfig:
     # DC-DiT: recompute the encoder, router and de-chunk decoder in backward instead of holding their
     # full-grid activations (ChunkPipeline.checkpoint_scaffold; the same gradients, about a third more scaffold work)
     checkpoint_scaffold: bool = False
-    # DC-DiT: recompute the first N backbone blocks in backward too (ChunkPipeline.checkpoint_blocks: each keeps
-    # only its input; one more forward of N blocks)
+    # DC-DiT: recompute the first N backbone blocks in backward too (ChunkPipeline.checkpoint_blocks:
+    # each keeps only its input; one more forward of N blocks)
     checkpoint_blocks: int = 0
     parallel: str = "ddp"  # "ddp" or "fsdp" (FSDP2), used under torchrun
     results_dir: str = "results"

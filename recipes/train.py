@@ -153,8 +153,8 @@ def _oom_hint(model) -> str:
                 "updates): train.checkpoint_scaffold=true; or lower train.global_batch.")
     if model.checkpoint_blocks < len(model.blocks):
         more = min(len(model.blocks), model.checkpoint_blocks + 2)
-        return (f"Recompute more backbone blocks in backward (the same updates): train.checkpoint_blocks={more}; "
-                "or lower train.global_batch.")
+        return (f"Recompute more backbone blocks in backward (the same updates): "
+                f"train.checkpoint_blocks={more}; or lower train.global_batch.")
     return "Lower train.global_batch (or model.overrides.capacity)."
 
 
@@ -246,13 +246,14 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
             raise ValueError(f"train.checkpoint_scaffold recomputes a DC-DiT's scaffold; {cfg.model.name} has none. "
                              "Leave it off for a DiT (its activations are the blocks')")
         model.checkpoint_scaffold = True
-    if cfg.train.checkpoint_blocks:
+    if blocks := cfg.train.checkpoint_blocks:
         depth = len(model.blocks) if chunking else 0
-        if not 0 < cfg.train.checkpoint_blocks <= depth:
-            raise ValueError(f"train.checkpoint_blocks={cfg.train.checkpoint_blocks}: recomputes the first N blocks "
-                             f"of a DC-DiT's backbone, 1 <= N <= its depth ({cfg.model.name} has "
-                             f"{depth if chunking else 'no DC-DiT backbone'}). Use 0 (the default) to keep them all")
-        model.checkpoint_blocks = cfg.train.checkpoint_blocks
+        if not 0 < blocks <= depth:
+            has = depth if chunking else "no DC-DiT backbone"
+            raise ValueError(f"train.checkpoint_blocks={blocks}: recomputes the first N blocks of a "
+                             f"DC-DiT's backbone, 1 <= N <= its depth ({cfg.model.name} has {has}). Use 0 "
+                             "(the default) to keep them all")
+        model.checkpoint_blocks = blocks
     if cfg.train.compile and plan_mode(model) != "fixed":
         warnings.warn(f"train.compile with plan_mode={model.plan_mode!r}: the kept-token count changes every step, "
                       "so the compiled step keeps recompiling. Compile fixed-capacity plans: "

@@ -413,8 +413,10 @@ class DCDiT(ChunkPipeline, LabelledModel):
 def _block_on_fields(block, h: Tensor, cond, order, lengths, grid, width, mode, full) -> Tensor:
     """``block(h, cond, plan)`` with the plan rebuilt from its fields (``order=None``: no plan). The rebuilt
     plan shares the original's derived indices: they are kept by its ``lengths`` tensor."""
-    plan = None if order is None else ChunkPlan(order=order, lengths=lengths, grid=grid, width=width, mode=mode,
-                                                full=full, batch_size=[order.shape[0]])
+    if order is None:
+        return block(h, cond, None)
+    plan = ChunkPlan(order=order, lengths=lengths, grid=grid, width=width, mode=mode, full=full,
+                     batch_size=[order.shape[0]])
     return block(h, cond, plan)
 
 

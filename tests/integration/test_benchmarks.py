@@ -183,7 +183,8 @@ def test_train_speed_sets_each_dc_dit_against_the_dit_of_its_width(benchmarks):
     result = _load("train_speed").main(["--tiny"])
     models = [r["model"] for r in result["rows"]]
     assert models == [f"{m}{w}{v}" for w in ("B", "XL") for m, v in (
-        ("DiT-", "/2"), ("DC-DiT-", ""), ("DC-DiT-", " + checkpoint_scaffold + 2 blocks"), ("DC-DiT-", " scaffold only"))]
+        ("DiT-", "/2"), ("DC-DiT-", ""), ("DC-DiT-", " + checkpoint_scaffold + 2 blocks"),
+        ("DC-DiT-", " scaffold only"))]
     assert [r["measured_speedup"] for r in result["rows"][::4]] == [1.0, 1.0]
     assert all(r["images_per_s"] > 0 and r["train_gflops_per_image"] > 0 for r in result["rows"])
     for dit, dc, ck, scaffold in (result["rows"][:4], result["rows"][4:]):
@@ -465,8 +466,8 @@ def test_training_caveat_adds_the_checkpointed_run_where_a_result_has_it():
     name = next(n for n in sorted(res) if n.startswith("train_speed_256_compiled_"))
     assert "checkpointed" not in report.training(res)  # the measured files predate the row
     rows = res[name]["rows"]
-    ck = {**next(r for r in rows if r["model"] == "DC-DiT-XL"), "model": "DC-DiT-XL + checkpoint_scaffold + 2 blocks",
-          "peak_gib": 26.4, "measured_speedup": 0.7}
+    ck = {**next(r for r in rows if r["model"] == "DC-DiT-XL"), "peak_gib": 26.4, "measured_speedup": 0.7,
+          "model": "DC-DiT-XL + checkpoint_scaffold + 2 blocks"}
     rows.insert(4, ck)
     assert "(26.4 GiB at 0.70x with the scaffold and 2 blocks checkpointed) against" in report.training(res)
 

@@ -198,7 +198,8 @@ def test_out_of_memory_hint_for_a_dit_names_the_batch():
     import chunkformer as cf
     from recipes.train import _oom_hint
 
-    assert _oom_hint(cf.create_model("DiT-S/2", depth=1, input_size=8, num_classes=2)) == "Lower train.global_batch."
+    dit = cf.create_model("DiT-S/2", depth=1, input_size=8, num_classes=2)
+    assert _oom_hint(dit) == "Lower train.global_batch."
 
 
 def test_checkpoint_scaffold_needs_a_scaffold(tmp_path):
@@ -215,8 +216,8 @@ def test_checkpoint_scaffold_needs_a_scaffold(tmp_path):
 def test_checkpoint_blocks_names_the_depth_it_can_take(tmp_path, name, blocks, has):
     from recipes.train import train
 
-    cfg = apply_overrides(get_recipe("tiny-cpu"), [*TINY, f"model.name={name}", f"train.results_dir={tmp_path}",
-                                                   f"train.checkpoint_blocks={blocks}"])  # TINY: depth 1
+    overrides = [*TINY, f"model.name={name}", f"train.checkpoint_blocks={blocks}"]  # TINY: depth 1
+    cfg = apply_overrides(get_recipe("tiny-cpu"), [*overrides, f"train.results_dir={tmp_path}"])
     with pytest.raises(ValueError, match=f"checkpoint_blocks={blocks}.*{name} has {has}\\)"):
         train(cfg, dry_run=True)
 

@@ -85,7 +85,7 @@ def test_checkpointed_blocks_give_the_same_gradients(layout):
         (out.square().mean() + info.ratio_loss).backward()
         grads.append({n: p.grad for n, p in w.named_parameters() if p.grad is not None})
     plain, recomputed = grads
-    assert plain.keys() == recomputed.keys() and any(n.startswith("backbone.") or ".blocks." in n for n in plain)
+    assert plain.keys() == recomputed.keys() and any(".blocks." in n for n in plain)  # the blocks learn
     for name, g in plain.items():
         assert torch.allclose(g, recomputed[name], atol=1e-6, rtol=1e-5), name
 
