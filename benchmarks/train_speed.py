@@ -12,6 +12,9 @@
     python benchmarks/train_speed.py --profile --size digits --prefix-attention --channels-last   # the same with
                                                   # training fast paths: ..._profile_digits_prefix_channels_last_<card>.json
     python benchmarks/train_speed.py --profile --size digits --fill   # filled plans: attention without a mask
+    python benchmarks/train_speed.py --ab --size digits --steps 20   # GPU, about 3 min: DC-DiT plain and with
+                                                  # each training fast path, one process: ..._ab_digits_<card>
+                                                  # (--size 256: DC-DiT-XL, five XL-size models held at once)
     python benchmarks/train_speed.py --attention --size digits --steps 20   # GPU, under a minute: one attention
                                                   # layer, DiT's against DC-DiT's key-masked: ..._attention_digits_<card>.json
 
@@ -47,10 +50,16 @@ the inputs it sees in a real step, beside its share of the step's FLOPs, and Ada
 compiled (and replayed from CUDA graphs with ``--cuda-graphs``); and a ``torch.profiler`` profile of the compiled
 step: kernels per step, the GPU's busy time against the wall-clock (well below 100%: a launch-bound step), and GPU
 time by kind of kernel (GEMM, attention, convolution, generated Triton, other).
+
+``--ab`` (the same models and inputs) compiles DC-DiT plain and with each training fast path (channels-last
+conv weights, the backbone's key-masked attention through FlexAttention, both) beside the DiT in one process,
+and times all of them in interleaved rounds: compiled step times move by a few percent from process to
+process, more than some of these paths change them.
 """
 
 import argparse
 import math
+import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -225,12 +234,15 @@ CHECKPOINT_BLOCKS = 2  # blocks recomputed beside the scaffold: DC-DiT-XL's memo
 CHECKPOINTED = f" + checkpoint_scaffold + {CHECKPOINT_BLOCKS} blocks"  # the checkpointed variant's suffix
 
 
-def _build(name: str, size: dict, checkpoint: bool, fixed: bool = True, **sizes) -> torch.nn.Module:
+def _build(name: str, size: dict, checkpoint: bool, fixed: bool = True, *, fast: dict | None = None,
+           **sizes) -> torch.nn.Module:
     """A seeded model in training mode; a DC-DiT's router biased to keep every token, in fixed-capacity mode
     (a quarter of the grid) when ``fixed``; ``checkpoint`` recomputes its scaffold and first blocks in
-    backward."""
+    backward. ``fast``: the training fast paths (``prefix``, ``channels_last``, ``fill``: booleans), by
+    default the command line's flags."""
+    fast = {"prefix": _PREFIX_ATTENTION, "channels_last": _CHANNELS_LAST, "fill": _FILL, **(fast or {})}
     torch.manual_seed(0)
-    fixed = ({"plan_mode": "fixed", "capacity": size["latent"] ** 2 // 4, "fill_capacity": _FILL}
+    fixed = ({"plan_mode": "fixed", "capacity": size["latent"] ** 2 // 4, "fill_capacity": fast["fill"]}
              if fixed and name.startswith("DC") else {})
     model = cf.create_model(name, input_size=size["latent"], in_channels=size["channels"],
                             num_classes=size["classes"], **fixed, **sizes).train()
@@ -238,9 +250,9 @@ def _build(name: str, size: dict, checkpoint: bool, fixed: bool = True, **sizes)
         torch.nn.init.constant_(model.router.scorer[-1].bias, 30.0)  # keep all: the capacity is the budget
         model.checkpoint_scaffold = checkpoint
         model.checkpoint_blocks = min(CHECKPOINT_BLOCKS, len(model.blocks)) if checkpoint else 0
-        if _PREFIX_ATTENTION:  # --prefix-attention: the backbone's masked attention through FlexAttention
+        if fast["prefix"]:  # --prefix-attention: the backbone's masked attention through FlexAttention
             kernels.apply(model, norms=False, taps=False, gemm=False, gelu=False, attention=True, force=True)
-    if _CHANNELS_LAST:  # --channels-last: conv weights NHWC, the layout the (B, L, C) tokens already have as a grid
+    if fast["channels_last"]:  # --channels-last: conv weights NHWC, the (B, L, C) tokens' layout as a grid
         model.to(memory_format=torch.channels_last)
     return model
 
@@ -600,10 +612,10 @@ def _kind(name: str) -> str:
 class Subject:
     """One model of ``--profile``: built and seeded as the timed rows build theirs, with a step's inputs."""
 
-    def __init__(self, name: str, size: dict, batch: int, tiny: dict) -> None:
+    def __init__(self, name: str, size: dict, batch: int, tiny: dict, fast: dict | None = None) -> None:
         self.cuda = torch.cuda.is_available()
         device = torch.device("cuda" if self.cuda else "cpu")
-        self.name, self.model = name, _build(name, size, False, **tiny).to(device)
+        self.name, self.model = name, _build(name, size, False, fast=fast, **tiny).to(device)
         self.x, self.t, self.y = (v.to(device) for v in _inputs(size, batch))
         fractions = cf.budget.TimestepAdaptiveBudget().fractions  # rho: the multi-budget draws, a (B,) tensor
         chunking = self.model.supports_chunking
@@ -704,6 +716,59 @@ def print_profile(rows: list[dict], card: str, size: str, batch: int) -> None:
             print(f"  {ms:7.3f}  {k}")
 
 
+# ---------------------------------------------------------------------- --ab: the training fast paths, A/B
+FAST_PATHS = {  # --ab's DC-DiT variants: _build's fast-path settings
+    "plain": {},
+    "channels-last": {"channels_last": True},
+    "prefix attention": {"prefix": True},
+    "channels-last + prefix attention": {"channels_last": True, "prefix": True},
+}
+
+
+def run_ab(args) -> dict:
+    """``--ab``: the DiT and the DC-DiT of one width, DC-DiT plain and with each training fast path
+    (:data:`FAST_PATHS`), compiled in one process and timed in ``--rounds`` interleaved rounds of ``--steps``
+    steps each (every model once a round), so that process and card are the same for all: each one's median
+    step time, its speed against the DiT's in the same rounds, and that speed against its FLOP prediction."""
+    size, batch, dc, dit = ACCOUNT_SIZES["256px" if args.size == "256" else args.size]
+    tiny = dict(depth=2, hidden_size=64, num_heads=2) if args.tiny else {}
+    if args.tiny:
+        size, batch, reps = {**size, "latent": 16}, 2, 1
+    else:
+        batch, reps = args.batch or batch, args.steps
+    kernels.set_prefix_attention(True)  # process-wide, but only the models patched for it consult it
+    subjects = [Subject(f"DiT-{dit}", size, batch, tiny)]
+    subjects += [Subject(f"DC-DiT-{dc}", size, batch, tiny, fast=fast) for fast in FAST_PATHS.values()]
+    labels = [subjects[0].name] + [f"{subjects[1].name}, {label}" for label in FAST_PATHS]
+    cuda = subjects[0].cuda
+    steps = [training_step(torch.compile(s.model) if cuda else s.model, s.opt, s.x, s.t, s.y, **s.kw)
+             for s in subjects]
+    times = [[] for _ in subjects]
+    for r in range(args.rounds):
+        for i, step in enumerate(steps):
+            times[i].append(step_ms(step, reps, warmup=3 if r == 0 else 1, gpu_clock=cuda))
+        last = ", ".join(f"{ms[-1]:.2f}" for ms in times)
+        print(f"round {r + 1} of {args.rounds}: {last} ms", flush=True)
+    dit_ms, dit_flops = times[0], subjects[0].result["train_gflops_per_image"]
+    rows = []
+    for label, s, ms in zip(labels, subjects, times):
+        speed = statistics.median(d / m for d, m in zip(dit_ms, ms))  # against the DiT in the same round
+        predicted = dit_flops / s.result["train_gflops_per_image"]
+        rows.append({"model": label, "step_ms": statistics.median(ms), "rounds_ms": ms, "speedup": speed,
+                     "flop_speedup": predicted, "ratio": speed / predicted,
+                     "train_gflops_per_image": s.result["train_gflops_per_image"]})
+    card = card_name() if cuda else "cpu"
+    print(f"\n{card}, torch {torch.__version__}, {args.size}, batch {batch}, "
+          f"{'compiled' if cuda else 'eager'}, median of {args.rounds} rounds of {reps} steps")
+    print(f"| model | ms per step | speed-up over {subjects[0].name} | FLOPs predict | ratio |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['step_ms']:.2f} | {r['speedup']:.2f}x | {r['flop_speedup']:.2f}x | "
+              f"{r['ratio']:.2f} |")
+    return save_result("train_speed", f"ab_{args.size}", card, out=args.out, write=not args.tiny, batch=batch,
+                       rounds=args.rounds, rows=rows)
+
+
 # ---------------------------------------------------------------------- --attention: the backbone's attention
 ATTENTION_SHAPES = {  # --size: (batch, heads, head dim, DiT tokens, DC-DiT slots, the kept lengths' range)
     "digits": (256, 6, 64, 256, 320, (170, 280)),  # the study's compiled arm: capacity 320, routers keep 17-27%
@@ -790,6 +855,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--attention", action="store_true",
                     help="one backbone attention layer, forward + backward: DiT's against DC-DiT's key-masked one "
                          "through SDPA and through FlexAttention (kernels.set_prefix_attention)")
+    ap.add_argument("--ab", action="store_true",
+                    help="GPU: DiT, and DC-DiT plain and with each training fast path (channels-last, prefix "
+                         "attention, both), compiled in one process and timed in interleaved rounds")
+    ap.add_argument("--rounds", type=int, default=5, help="with --ab: timing rounds (median)")
     ap.add_argument("--account", action="store_true",
                     help="CPU: FLOPs, held memory and ops per component, graph breaks, recompiles, host syncs")
     ap.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/<name>.json)")
@@ -805,6 +874,10 @@ def main(argv=None) -> dict:
         ap.error(f"--steps must be >= 1, got {args.steps}")
     if args.profile:
         return run_profile(args)
+    if args.ab:
+        if args.rounds < 1:
+            ap.error(f"--rounds must be >= 1, got {args.rounds}")
+        return run_ab(args)
     if args.attention:
         return run_attention(args)
     if args.cuda_graphs and not args.compile:

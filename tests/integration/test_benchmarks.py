@@ -255,6 +255,25 @@ def test_train_speed_fast_path_flags_reach_the_built_models(benchmarks, monkeypa
     convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.ndim == 4]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
     assert ts.kernels.applied(fast).get("attention", 0) > 0 and not ts.kernels.applied(plain)
+    prefix_only = ts._build("DC-DiT-S", size, False, fast={"channels_last": False, "fill": False}, depth=1,
+                            hidden_size=64, num_heads=2)  # an explicit setting wins over the flag
+    assert ts.kernels.applied(prefix_only) and not prefix_only.fill_capacity
+    assert not all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in prefix_only.modules()
+                   if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)
+
+
+def test_train_ab_times_each_fast_path_against_the_dit_in_the_same_rounds(benchmarks):
+    ts = _load("train_speed")
+    result = ts.main(["--ab", "--tiny", "--size", "digits", "--rounds", "2"])
+    rows = result["rows"]
+    assert [r["model"] for r in rows] == ["DiT-S/2"] + [f"DC-DiT-S, {label}" for label in ts.FAST_PATHS]
+    assert rows[0]["speedup"] == rows[0]["ratio"] == 1.0 and all(len(r["rounds_ms"]) == 2 for r in rows)
+    for r in rows[1:]:  # the fast paths change no FLOPs, the scaffold adds some
+        assert r["train_gflops_per_image"] == rows[1]["train_gflops_per_image"]
+        assert r["train_gflops_per_image"] > rows[0]["train_gflops_per_image"]
+        assert r["speedup"] > 0 and r["ratio"] == pytest.approx(r["speedup"] / r["flop_speedup"])
+    with pytest.raises(SystemExit):
+        ts.main(["--ab", "--tiny", "--rounds", "0"])
 
 
 def test_train_account_splits_a_step_by_component_and_checkpointing_holds_less(benchmarks):
