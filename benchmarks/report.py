@@ -196,6 +196,9 @@ def train_account(res: dict) -> str:
     compiled = " / ".join(f"{c['compiled_held_gib']:.2f}" for _, c in cols if "compiled_held_gib" in c)
     kept = (f" Compiled, the step keeps {compiled} GiB for backward (what inductor's partitioner saves, "
             f"traced on the CPU, `train_speed.py --account`)." if compiled else "")
+    peak = " / ".join(f"{c['peak_gib']:.2f}" for _, c in cols if "peak_gib" in c)
+    kept += (f" Eager, the step's peak is {peak} GiB with the weights and AdamW's moments (every storage "
+             "counted from the op that makes it to its release, on fake tensors)." if peak else "")
     breaks, recompiles = "/".join(map(str, breaks)), "/".join(map(str, recompiles))
     lines.append(f"\nWeights, gradients and AdamW's moments add {state} GiB.{kept} The recomputed "
                  f"components' ops count twice, their memory goes. Compiled on toy sizes of the same models, "

@@ -37,7 +37,8 @@ backward) of DiT-XL/2 and DC-DiT-XL at 256px, batch 64, and of the digit study's
 (32x32x1, batch 256), DC-DiT with fixed-capacity plans of a quarter of the grid, apart per component
 (conditioning, embed, encoder, router, plan/pack, backbone, de-chunk, decoder, loss): training FLOPs per
 image, the memory the forward leaves held for backward (on fake tensors, so no memory is used), and the aten
-ops dispatched forward / backward (each at least one kernel launch on a GPU, eager). A third column per size
+ops dispatched forward / backward (each at least one kernel launch on a GPU, eager); per model, the step's
+peak memory with the weights and AdamW's moments (:class:`PeakMemory`). A third column per size
 turns on ``checkpoint_scaffold`` and ``checkpoint_blocks = 2``. Then, on toy sizes of the same models (the
 counts do not depend on size): graph breaks and recompiles of ``torch.compile`` over four steps of
 multi-budget ``rho`` (a ``(B,)`` tensor, as the recipe passes it), and host syncs of a forward and backward
@@ -230,7 +231,7 @@ class _Dispatch(TorchDispatchMode):
         return out
 
 
-CHECKPOINT_BLOCKS = 2  # blocks recomputed beside the scaffold: DC-DiT-XL's memory under DiT-XL/2's
+CHECKPOINT_BLOCKS = 4  # blocks recomputed beside the scaffold: DC-DiT-XL's peak under DiT-XL/2's
 CHECKPOINTED = f" + checkpoint_scaffold + {CHECKPOINT_BLOCKS} blocks"  # the checkpointed variant's suffix
 
 
@@ -283,6 +284,40 @@ def _step(model, x, t, y, rho: float, acc: Account | None = None) -> torch.Tenso
     held = acc.held() if acc is not None else None
     loss.backward()
     return held
+
+
+class PeakMemory(TorchDispatchMode):
+    """The most bytes alive at once over the ops run under it: every storage an op makes counts from then
+    until it is freed (parameters left out). On fake tensors, a step's peak without allocating it."""
+
+    def __init__(self, params: set) -> None:
+        super().__init__()
+        self.params, self.live, self.now, self.peak = params, {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ref in [r for r in self.live if r.expired()]:
+            self.now -= self.live.pop(ref)
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                ref = StorageWeakRef(t.untyped_storage())
+                if ref not in self.params and ref not in self.live:
+                    self.live[ref] = t.untyped_storage().nbytes()
+                    self.now += self.live[ref]
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+def simulated_peak(name: str, size: dict, batch: int, checkpoint: bool = False, **sizes) -> float:
+    """GiB at the peak of one eager training step (bf16 autocast, forward, loss, backward) on fake tensors,
+    with the fp32 weights and AdamW's two moments: what ``torch.cuda.max_memory_allocated`` sees, allocator
+    slack aside."""
+    with FakeTensorMode():
+        model = _build(name, size, checkpoint, **sizes)
+        peak = PeakMemory({StorageWeakRef(p.untyped_storage()) for p in model.parameters()})
+        with value_checks(False), torch.autocast("cpu", dtype=torch.bfloat16), peak:
+            _step(model, *_inputs(size, batch), rho=0.0)
+        return (peak.peak + 12 * sum(p.numel() for p in model.parameters())) / 2**30
 
 
 def account(name: str, size: dict, batch: int, checkpoint: bool = False, **sizes) -> dict:
@@ -393,6 +428,7 @@ def run_account(args) -> dict:
         for name, ck in ((f"DiT-{dit}", False), (f"DC-DiT-{dc}", False), (f"DC-DiT-{dc}", True)):
             cols.append(account(name, size, batch, checkpoint=ck, **tiny))
             cols[-1]["compiled_held_gib"] = compiled_held(name, size, batch, ck, **tiny)
+            cols[-1]["peak_gib"] = simulated_peak(name, size, batch, ck, **tiny)
         results[label] = cols
         print(f"\n{label}, batch {batch}, bf16 autocast, one training step (fake tensors: nothing is allocated)")
         print("| component | " + " | ".join(c["model"] for c in cols) + " |")
@@ -406,6 +442,8 @@ def run_account(args) -> dict:
         print("| weights, grads, AdamW | " + " | ".join(f"{c['state_gib']:.2f} GiB" for c in cols) + " |")
         compiled = " | ".join(f"{c['compiled_held_gib']:.2f} GiB" for c in cols)
         print(f"| held for backward, compiled | {compiled} |")
+        peaks = " | ".join(f"{c['peak_gib']:.2f} GiB" for c in cols)
+        print(f"| peak, eager, with weights and AdamW | {peaks} |")
     counts = {}
     for name, checkpoint in (("DiT-S/2", False), ("DC-DiT-S", False), ("DC-DiT-S", True)):
         key = name + (CHECKPOINTED if checkpoint else "")

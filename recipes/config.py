@@ -118,8 +118,8 @@ class TrainConfig:
     seed: int = 0
     precision: str = "bf16"  # "bf16" (autocast, CUDA) or "fp32"
     compile: bool = False
-    # DC-DiT: recompute the encoder, router and de-chunk decoder in backward instead of holding their
-    # full-grid activations (ChunkPipeline.checkpoint_scaffold; the same gradients, about a third more scaffold work)
+    # DC-DiT: recompute the encoder and router in backward instead of holding their full-grid activations
+    # (ChunkPipeline.checkpoint_scaffold; the same gradients, about a sixth more scaffold work)
     checkpoint_scaffold: bool = False
     # DC-DiT: recompute the first N backbone blocks in backward too (ChunkPipeline.checkpoint_blocks:
     # each keeps only its input; one more forward of N blocks)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.multiprocessing.reductions import StorageWeakRef
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
@@ -183,7 +184,7 @@ def test_train_speed_sets_each_dc_dit_against_the_dit_of_its_width(benchmarks):
     result = _load("train_speed").main(["--tiny"])
     models = [r["model"] for r in result["rows"]]
     assert models == [f"{m}{w}{v}" for w in ("B", "XL") for m, v in (
-        ("DiT-", "/2"), ("DC-DiT-", ""), ("DC-DiT-", " + checkpoint_scaffold + 2 blocks"),
+        ("DiT-", "/2"), ("DC-DiT-", ""), ("DC-DiT-", " + checkpoint_scaffold + 4 blocks"),
         ("DC-DiT-", " scaffold only"))]
     assert [r["measured_speedup"] for r in result["rows"][::4]] == [1.0, 1.0]
     assert all(r["images_per_s"] > 0 and r["train_gflops_per_image"] > 0 for r in result["rows"])
@@ -262,6 +263,20 @@ def test_train_speed_fast_path_flags_reach_the_built_models(benchmarks, monkeypa
                    if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)
 
 
+def test_peak_memory_counts_each_storage_from_its_op_to_its_release(benchmarks):
+    ts = _load("train_speed")
+    kept = torch.zeros(10)
+    with ts.PeakMemory({StorageWeakRef(kept.untyped_storage())}) as peak:
+        a = torch.ones(1000)  # 4000 bytes
+        b = a * 2  # 8000 alive
+        del a
+        c = b + kept.sum()  # the sum's 4 bytes and c: a is gone, the parameter never counts
+        assert peak.now == 8004
+        del b, c
+        torch.ones(1)
+    assert peak.peak == 8004 and peak.now == 4
+
+
 def test_train_ab_times_each_fast_path_against_the_dit_in_the_same_rounds(benchmarks):
     ts = _load("train_speed")
     result = ts.main(["--ab", "--tiny", "--size", "digits", "--rounds", "2"])
@@ -285,6 +300,8 @@ def test_train_account_splits_a_step_by_component_and_checkpointing_holds_less(b
         assert ck["ops_bwd"] > dc["ops_bwd"]  # ... in the backward pass
         assert ck["train_gflops_per_image"] == dc["train_gflops_per_image"]
         assert all(c["compiled_held_gib"] > 0 for c in (dit, dc, ck))  # traced through inductor's partitioner
+        assert ck["peak_gib"] < dc["peak_gib"]
+        assert dit["peak_gib"] > dit["state_gib"] * 0.75  # the weights and moments: 12 of its 16 bytes
     from chunkformer._typing import TYPECHECK
 
     for counts in result["compiled"].values():
@@ -486,9 +503,9 @@ def test_training_caveat_adds_the_checkpointed_run_where_a_result_has_it():
     assert "checkpointed" not in report.training(res)  # the measured files predate the row
     rows = res[name]["rows"]
     ck = {**next(r for r in rows if r["model"] == "DC-DiT-XL"), "peak_gib": 26.4, "measured_speedup": 0.7,
-          "model": "DC-DiT-XL + checkpoint_scaffold + 2 blocks"}
+          "model": "DC-DiT-XL + checkpoint_scaffold + 4 blocks"}
     rows.insert(4, ck)
-    assert "(26.4 GiB at 0.70x with the scaffold and 2 blocks checkpointed) against" in report.training(res)
+    assert "(26.4 GiB at 0.70x with the scaffold and 4 blocks checkpointed) against" in report.training(res)
 
 
 def test_report_check_passes_from_the_command_line():
