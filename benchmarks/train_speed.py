@@ -25,12 +25,12 @@ DC-DiT-S against DiT-S/2 on the digit study's 32x32x1 images, batch 256), bf16 a
 eager (the recipes' training path: packed plans, default attention backend). The DC-DiT router is
 biased to keep every token and a tail drop of 0.75 leaves a quarter of the grid, the budget rule a
 trained DC-DiT with N = 4 follows, so both models see as many backbone tokens. Per width: the DiT,
-DC-DiT, DC-DiT with ``checkpoint_scaffold`` and ``checkpoint_blocks = 2`` (the scaffold and the first two
-blocks recomputed in backward), and DC-DiT's scaffold alone (no blocks), whose time against DC-DiT's is
-the scaffold's share of the step, printed beside its share of the FLOPs. Columns: images/s, the measured
-and the FLOP-predicted speed-up over the DiT of the same width (training FLOPs taken as 3x the forward's),
-their ratio, and peak memory. ``--compile``
-compiles every model, DC-DiT in fixed-capacity mode; ``--cuda-graphs`` replays them from CUDA graphs.
+DC-DiT, DC-DiT with ``checkpoint_scaffold`` and ``checkpoint_blocks = 4`` (the encoder, the router and the
+first four blocks recomputed in backward), and DC-DiT's scaffold alone (no blocks), whose time against
+DC-DiT's is the scaffold's share of the step, printed beside its share of the FLOPs. Columns: images/s, the
+measured and the FLOP-predicted speed-up over the DiT of the same width (training FLOPs taken as 3x the
+forward's), their ratio, and peak memory. ``--compile`` compiles every model, DC-DiT in fixed-capacity mode;
+``--cuda-graphs`` replays them from CUDA graphs.
 
 ``--account`` times nothing and needs no GPU: it takes one training step (bf16 autocast, forward, loss,
 backward) of DiT-XL/2 and DC-DiT-XL at 256px, batch 64, and of the digit study's DiT-S/2 and DC-DiT-S
@@ -39,7 +39,7 @@ backward) of DiT-XL/2 and DC-DiT-XL at 256px, batch 64, and of the digit study's
 image, the memory the forward leaves held for backward (on fake tensors, so no memory is used), and the aten
 ops dispatched forward / backward (each at least one kernel launch on a GPU, eager); per model, the step's
 peak memory with the weights and AdamW's moments (:class:`PeakMemory`). A third column per size
-turns on ``checkpoint_scaffold`` and ``checkpoint_blocks = 2``. Then, on toy sizes of the same models (the
+turns on ``checkpoint_scaffold`` and ``checkpoint_blocks = 4``. Then, on toy sizes of the same models (the
 counts do not depend on size): graph breaks and recompiles of ``torch.compile`` over four steps of
 multi-budget ``rho`` (a ``(B,)`` tensor, as the recipe passes it), and host syncs of a forward and backward
 with and without value checks.
