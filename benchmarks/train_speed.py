@@ -223,12 +223,19 @@ class _Dispatch(TorchDispatchMode):
             return func(*args, **(kwargs or {}))
         acc.fwd_ops[acc.label] += 1
         out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                ref = StorageWeakRef(t.untyped_storage())
-                if ref not in acc.made and ref not in acc.params:
-                    acc.made[ref] = (acc.label, t.untyped_storage().nbytes())
+        for ref, nbytes in _new_storages(out, acc.made, acc.params):
+            acc.made[ref] = (acc.label, nbytes)
         return out
+
+
+def _new_storages(out, *known):
+    """``(storage, bytes)`` of each of ``out``'s tensors whose storage is in none of ``known`` (containers of
+    ``StorageWeakRef``), each storage once as long as the caller records it before taking the next."""
+    for t in pytree.tree_leaves(out):
+        if isinstance(t, torch.Tensor):
+            ref = StorageWeakRef(t.untyped_storage())
+            if not any(ref in k for k in known):
+                yield ref, t.untyped_storage().nbytes()
 
 
 CHECKPOINT_BLOCKS = 4  # blocks recomputed beside the scaffold: DC-DiT-XL's peak under DiT-XL/2's
@@ -298,12 +305,9 @@ class PeakMemory(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for ref in [r for r in self.live if r.expired()]:
             self.now -= self.live.pop(ref)
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                ref = StorageWeakRef(t.untyped_storage())
-                if ref not in self.params and ref not in self.live:
-                    self.live[ref] = t.untyped_storage().nbytes()
-                    self.now += self.live[ref]
+        for ref, nbytes in _new_storages(out, self.live, self.params):
+            self.live[ref] = nbytes
+            self.now += nbytes
         self.peak = max(self.peak, self.now)
         return out
 
