@@ -29,7 +29,9 @@ DC-DiT, DC-DiT with ``checkpoint_scaffold`` and ``checkpoint_blocks = 4`` (the e
 first four blocks recomputed in backward), and DC-DiT's scaffold alone (no blocks), whose time against
 DC-DiT's is the scaffold's share of the step, printed beside its share of the FLOPs. Columns: images/s, the
 measured and the FLOP-predicted speed-up over the DiT of the same width (training FLOPs taken as 3x the
-forward's), their ratio, and peak memory. ``--compile`` compiles every model, DC-DiT in fixed-capacity mode;
+forward's), their ratio, and peak memory; on a GPU, one more step then gives the memory allocated at its start,
+the peak during and the memory left after each phase (forward, backward, update): where the peak falls, and
+what the forward leaves held for backward. ``--compile`` compiles every model, DC-DiT in fixed-capacity mode;
 ``--cuda-graphs`` replays them from CUDA graphs.
 
 ``--account`` times nothing and needs no GPU: it takes one training step (bf16 autocast, forward, loss,
@@ -89,22 +91,49 @@ def _loss(out):
 
 def training_step(model, opt, x, t, y, **kw):
     """One training step of ``model`` (or a compiled one) as a closure: bf16 autocast on a GPU, forward, loss,
-    backward, ``opt``'s update."""
-    def step():
+    backward, ``opt``'s update. ``step(mark)`` calls ``mark(phase)`` after each phase ("forward", "backward",
+    "update")."""
+    def step(mark=lambda phase: None):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
             out, info = model(x, t, y, return_info=True, **kw)
             loss = _loss(out) + 0.03 * info.ratio_loss
+        mark("forward")
         loss.backward()
+        mark("backward")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark("update")
     return step
 
 
-def throughput(model, x, t, y, steps: int, **kw) -> tuple[float, float]:
-    """(images per second, peak memory in GiB) of ``steps`` training steps after a warm-up."""
+class MemoryPhases:
+    """``mark`` for :func:`training_step`'s closure on a CUDA device: GiB allocated when the step starts, then per
+    phase the most allocated during it (``<phase> peak``) and what it leaves allocated (``after <phase>``). Where
+    a step's peak falls, and how much the forward leaves held for backward."""
+
+    def __init__(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.gib = {"start": torch.cuda.memory_allocated() / 2**30}
+
+    def __call__(self, phase: str) -> None:
+        torch.cuda.synchronize()
+        self.gib[f"{phase} peak"] = torch.cuda.max_memory_allocated() / 2**30
+        self.gib[f"after {phase}"] = torch.cuda.memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+
+
+def throughput(model, x, t, y, steps: int, **kw) -> tuple[float, float, dict | None]:
+    """(images per second, peak memory in GiB, :class:`MemoryPhases` of one more step on a GPU, else None) of
+    ``steps`` training steps after a warm-up."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.is_cuda)  # (a compiled model shares them)
-    seconds, peak = time_steps(training_step(model, opt, x, t, y, **kw), steps, x.is_cuda)
-    return x.shape[0] * steps / seconds, peak
+    step = training_step(model, opt, x, t, y, **kw)
+    seconds, peak = time_steps(step, steps, x.is_cuda)
+    phases = None
+    if x.is_cuda:
+        step(mark := MemoryPhases())
+        phases = mark.gib
+    return x.shape[0] * steps / seconds, peak, phases
 
 
 def time_steps(step, steps: int, cuda: bool, warmup: int = 3) -> tuple[float, float]:
@@ -487,8 +516,9 @@ def training_rows(width: str, size: dict, x, t, y, steps: int, *, compile: bool,
         kw = {"rho": 0.75} if model.supports_chunking and not compile else {}
         flops = cf.count_flops(model, x, t, y, **kw).per_sample * 3  # forward + backward
         run = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None) if compile else model
-        ips, peak = throughput(run, x, t, y, steps, **kw)
-        rows.append({"model": label, "images_per_s": ips, "train_gflops_per_image": flops / 1e9, "peak_gib": peak})
+        ips, peak, phases = throughput(run, x, t, y, steps, **kw)
+        rows.append({"model": label, "images_per_s": ips, "train_gflops_per_image": flops / 1e9, "peak_gib": peak,
+                     **({"memory_gib": phases} if phases else {})})
         del model, run
         if x.is_cuda:
             torch.cuda.empty_cache()
@@ -943,10 +973,15 @@ def main(argv=None) -> dict:
             if args.compile else "eager")
     print(f"\n{card}, torch {torch.__version__}, {args.size} ({channels}x{latent}x{latent}), batch {batch}, {mode}, "
           + ("bf16 autocast, " if device.type == "cuda" else "fp32, ") + "fused AdamW")
-    print(f"{'model':<34}{'img/s':>9}{'GFLOPs/img':>12}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}{'peak GiB':>10}")
+    print(f"{'model':<44}{'img/s':>9}{'GFLOPs/img':>12}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}{'peak GiB':>10}")
     for r in rows:
-        print(f"{r['model']:<34}{r['images_per_s']:>9.1f}{r['train_gflops_per_image']:>12.2f}"
+        print(f"{r['model']:<44}{r['images_per_s']:>9.1f}{r['train_gflops_per_image']:>12.2f}"
               f"{r['measured_speedup']:>10.2f}{r['flop_speedup']:>10.2f}{r['ratio']:>7.2f}{r['peak_gib']:>10.2f}")
+    if any("memory_gib" in r for r in rows):  # where each step's peak falls
+        phases = ("start", "forward peak", "after forward", "backward peak", "after backward", "update peak")
+        print(f"\nGiB allocated, one step\n{'model':<44}" + "".join(f"{p:>15}" for p in phases))
+        for r in rows:
+            print(f"{r['model']:<44}" + "".join(f"{r['memory_gib'][p]:>15.2f}" for p in phases))
     for r in rows:
         if "scaffold_time_share" in r:
             print(f"{r['model']}: the scaffold takes {r['scaffold_time_share']:.1%} of the step's time for "

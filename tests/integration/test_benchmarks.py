@@ -198,6 +198,23 @@ def test_train_speed_sets_each_dc_dit_against_the_dit_of_its_width(benchmarks):
     assert [r["model"] for r in xl["rows"]][:2] == ["DiT-XL/2", "DC-DiT-XL"] and len(xl["rows"]) == 4
 
 
+def test_train_speed_step_marks_each_phase_after_it_ran(benchmarks):
+    ts = _load("train_speed")
+    model = ts._build("DC-DiT-S", {"latent": 8, "channels": 1, "classes": 10}, False, depth=1, hidden_size=32,
+                      num_heads=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, t, y = ts._inputs({"latent": 8, "channels": 1, "classes": 10}, 2)
+    seen = []
+    before = model.blocks[0].attn.qkv.weight.detach().clone()
+
+    def mark(phase):  # what each phase has done by the time it is marked
+        grad = model.blocks[0].attn.qkv.weight.grad
+        seen.append((phase, grad is not None, torch.equal(model.blocks[0].attn.qkv.weight, before)))
+    ts.training_step(model, opt, x, t, y)(mark)
+    assert seen == [("forward", False, True), ("backward", True, True), ("update", False, False)]
+    assert "memory_gib" not in ts.main(["--tiny", "--widths", "B"])["rows"][0]  # measured on a GPU only
+
+
 def test_train_speed_names_the_widths_a_size_has(benchmarks, capsys):
     with pytest.raises(SystemExit):
         _load("train_speed").main(["--tiny", "--size", "digits", "--widths", "XL"])
@@ -499,13 +516,16 @@ def test_training_profile_reads_the_plain_run_and_adds_the_filled_one_beside_it(
 def test_training_caveat_adds_the_checkpointed_run_where_a_result_has_it():
     report = _load("report")
     res = json.loads(json.dumps(report.load()))
-    name = next(n for n in sorted(res) if n.startswith("train_speed_256_compiled_"))
-    assert "checkpointed" not in report.training(res)  # the measured files predate the row
-    rows = res[name]["rows"]
-    ck = {**next(r for r in rows if r["model"] == "DC-DiT-XL"), "peak_gib": 26.4, "measured_speedup": 0.7,
-          "model": "DC-DiT-XL + checkpoint_scaffold + 4 blocks"}
-    rows.insert(4, ck)
-    assert "(26.4 GiB at 0.70x with the scaffold and 4 blocks checkpointed) against" in report.training(res)
+    xl = {"model": "DiT-XL/2", "images_per_s": 500.0, "peak_gib": 25.0, "measured_speedup": 1.0, "flop_speedup": 1.0}
+    dc = {**xl, "model": "DC-DiT-XL", "peak_gib": 28.0, "measured_speedup": 0.75, "flop_speedup": 0.9}
+    ck = {**dc, "model": "DC-DiT-XL + checkpoint_scaffold + 4 blocks", "peak_gib": 24.5, "measured_speedup": 0.7}
+    res["train_speed_256_compiled_xl_h100"] = {**res["train_speed_256_compiled_h100"], "rows": [xl, dc]}
+    text = report.training(res)
+    assert "with 28.0 GiB of memory against DiT-XL/2's 25.0 GiB;" in text  # the XL run, over the all-widths one
+    assert "recomputed in backward" not in text
+    res["train_speed_256_compiled_xl_h100"]["rows"].append(ck)
+    assert "(24.5 GiB, at 0.70x, with the encoder, the router and the first 4 blocks recomputed in backward)" \
+        in report.training(res)
 
 
 def test_report_check_passes_from_the_command_line():
