@@ -146,9 +146,13 @@ def training(res: dict) -> str:
         rows = {x["model"]: x for x in r["rows"]}
         dc, dit = rows["DC-DiT-XL"], rows["DiT-XL/2"]
         ck = next((x for n, x in rows.items() if n.startswith("DC-DiT-XL + checkpoint_scaffold + ")), None)
-        with_ck = "" if ck is None else (
-            f" ({ck['peak_gib']:.1f} GiB, at {_x(ck['measured_speedup'])}, with the encoder, the router and the "
-            f"first {ck['model'].split(' + ')[-1]} recomputed in backward)")
+        budget = next((x for n, x in rows.items() if n.startswith("DC-DiT-XL + memory_budget ")), None)
+        saving = ([] if ck is None else [
+            f"{ck['peak_gib']:.1f} GiB, at {_x(ck['measured_speedup'])}, with the encoder, the router and the "
+            f"first {ck['model'].split(' + ')[-1]} recomputed in backward"]) + ([] if budget is None else [
+                f"{budget['peak_gib']:.1f} GiB, at {_x(budget['measured_speedup'])}, with "
+                f"`train.memory_budget={budget['model'].split()[-1]}`"])
+        with_ck = f" ({'; '.join(saving)})" if saving else ""
         parts.append(f"{_x(dc['measured_speedup'])} DiT-XL/2's images/s on an {card_label(r)} where its "
                      f"FLOPs predict {_x(dc['flop_speedup'])}, with {dc['peak_gib']:.1f} GiB of memory against "
                      f"DiT-XL/2's {dit['peak_gib']:.1f} GiB{with_ck}")
@@ -196,6 +200,10 @@ def train_account(res: dict) -> str:
     compiled = " / ".join(f"{c['compiled_held_gib']:.2f}" for _, c in cols if "compiled_held_gib" in c)
     kept = (f" Compiled, the step keeps {compiled} GiB for backward (what inductor's partitioner saves, "
             f"traced on the CPU, `train_speed.py --account`)." if compiled else "")
+    budgeted = [c for _, c in cols if "compiled_held_budget_gib" in c]
+    kept += (f" Under `train.memory_budget=0.9` (the compiled step recomputes in backward what it can without a "
+             f"matmul), " + ", ".join(f"{c['model']} keeps {c['compiled_held_budget_gib']:.2f}" for c in budgeted)
+             + " GiB." if budgeted else "")
     peak = " / ".join(f"{c['peak_gib']:.2f}" for _, c in cols if "peak_gib" in c)
     kept += (f" Eager, the step's peak is {peak} GiB with the weights and AdamW's moments (every storage "
              "counted from the op that makes it to its release, on fake tensors)." if peak else "")

@@ -26,7 +26,9 @@ eager (the recipes' training path: packed plans, default attention backend). The
 biased to keep every token and a tail drop of 0.75 leaves a quarter of the grid, the budget rule a
 trained DC-DiT with N = 4 follows, so both models see as many backbone tokens. Per width: the DiT,
 DC-DiT, DC-DiT with ``checkpoint_scaffold`` and ``checkpoint_blocks = 4`` (the encoder, the router and the
-first four blocks recomputed in backward), and DC-DiT's scaffold alone (no blocks), whose time against
+first four blocks recomputed in backward), compiled also DC-DiT under an activation memory budget of 0.9
+(recipes' ``train.memory_budget``: the compiled step recomputes in backward every activation it can without
+a matmul), and DC-DiT's scaffold alone (no blocks), whose time against
 DC-DiT's is the scaffold's share of the step, printed beside its share of the FLOPs. Columns: images/s, the
 measured and the FLOP-predicted speed-up over the DiT of the same width (training FLOPs taken as 3x the
 forward's), their ratio, and peak memory; on a GPU, one more step then gives the memory allocated at its start,
@@ -83,6 +85,7 @@ from chunkformer.dechunk import Chunked
 from chunkformer.hostsync import count_host_syncs
 from chunkformer.plan import ChunkPlan
 from chunkformer.routing import RouterOutput
+from recipes.parallel import with_memory_budget
 
 
 def _loss(out):
@@ -269,6 +272,8 @@ def _new_storages(out, *known):
 
 CHECKPOINT_BLOCKS = 4  # blocks recomputed beside the scaffold: DC-DiT-XL's peak under DiT-XL/2's
 CHECKPOINTED = f" + checkpoint_scaffold + {CHECKPOINT_BLOCKS} blocks"  # the checkpointed variant's suffix
+MEMORY_BUDGET = 0.9  # compiled: every activation the partitioner can recompute without a matmul is recomputed
+BUDGETED = f" + memory_budget {MEMORY_BUDGET}"  # the budgeted variant's suffix (compiled runs only)
 
 
 def _build(name: str, size: dict, checkpoint: bool, fixed: bool = True, *, fast: dict | None = None,
@@ -381,10 +386,12 @@ class _Partitioned(Exception):
     """Raised by :func:`compiled_held`'s forward compiler once the partition is known, so nothing runs."""
 
 
-def compiled_held(name: str, size: dict, batch: int, checkpoint: bool = False, **sizes) -> float:
+def compiled_held(name: str, size: dict, batch: int, checkpoint: bool = False, budget: float = 1.0,
+                  **sizes) -> float:
     """GiB a compiled training step keeps for backward: the tensors that AOT autograd's min-cut partitioner
-    (inductor's) saves from the forward graph, parameters excluded. Found by tracing alone (bf16 autocast on
-    the CPU, the account's plans); the weights are built for real."""
+    (inductor's) saves from the forward graph, parameters excluded, under the activation memory ``budget``
+    (:func:`recipes.parallel.with_memory_budget`). Found by tracing alone (bf16 autocast on the CPU, the
+    account's plans); the weights are built for real."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
@@ -406,7 +413,7 @@ def compiled_held(name: str, size: dict, batch: int, checkpoint: bool = False, *
     torch._dynamo.reset()
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            _step(torch.compile(model, backend=backend), *_inputs(size, batch), rho=0.0)
+            _step(with_memory_budget(torch.compile(model, backend=backend), budget), *_inputs(size, batch), rho=0.0)
     except Exception:  # torch.compile wraps _Partitioned in its own error
         if not saved:
             raise
@@ -461,6 +468,8 @@ def run_account(args) -> dict:
         for name, ck in ((f"DiT-{dit}", False), (f"DC-DiT-{dc}", False), (f"DC-DiT-{dc}", True)):
             cols.append(account(name, size, batch, checkpoint=ck, **tiny))
             cols[-1]["compiled_held_gib"] = compiled_held(name, size, batch, ck, **tiny)
+            if not ck:  # what the compiled step keeps under recipes' train.memory_budget
+                cols[-1]["compiled_held_budget_gib"] = compiled_held(name, size, batch, budget=MEMORY_BUDGET, **tiny)
             cols[-1]["peak_gib"] = simulated_peak(name, size, batch, ck, **tiny)
         results[label] = cols
         print(f"\n{label}, batch {batch}, bf16 autocast, one training step (fake tensors: nothing is allocated)")
@@ -475,6 +484,9 @@ def run_account(args) -> dict:
         print("| weights, grads, AdamW | " + " | ".join(f"{c['state_gib']:.2f} GiB" for c in cols) + " |")
         compiled = " | ".join(f"{c['compiled_held_gib']:.2f} GiB" for c in cols)
         print(f"| held for backward, compiled | {compiled} |")
+        budgeted = " | ".join(f"{c['compiled_held_budget_gib']:.2f} GiB" if "compiled_held_budget_gib" in c else "-"
+                              for c in cols)
+        print(f"| held for backward, compiled, memory budget {MEMORY_BUDGET} | {budgeted} |")
         peaks = " | ".join(f"{c['peak_gib']:.2f} GiB" for c in cols)
         print(f"| peak, eager, with weights and AdamW | {peaks} |")
     counts = {}
@@ -508,6 +520,8 @@ def training_rows(width: str, size: dict, x, t, y, steps: int, *, compile: bool,
     rows = []
     variants = [(f"DiT-{width}/2", {}), (f"DC-DiT-{width}", {}),
                 (f"DC-DiT-{width}{CHECKPOINTED}", {}), (f"DC-DiT-{width} scaffold only", {"depth": 0})]
+    if compile:  # torch.compile's activation memory budget: recipes' train.memory_budget
+        variants.insert(3, (f"DC-DiT-{width}{BUDGETED}", {}))
     for label, extra in variants:
         name = label.split(" ")[0]
         ck = label.endswith(CHECKPOINTED)
@@ -516,6 +530,8 @@ def training_rows(width: str, size: dict, x, t, y, steps: int, *, compile: bool,
         kw = {"rho": 0.75} if model.supports_chunking and not compile else {}
         flops = cf.count_flops(model, x, t, y, **kw).per_sample * 3  # forward + backward
         run = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None) if compile else model
+        if label.endswith(BUDGETED):
+            run = with_memory_budget(run, MEMORY_BUDGET)
         ips, peak, phases = throughput(run, x, t, y, steps, **kw)
         rows.append({"model": label, "images_per_s": ips, "train_gflops_per_image": flops / 1e9, "peak_gib": peak,
                      **({"memory_gib": phases} if phases else {})})
@@ -527,7 +543,7 @@ def training_rows(width: str, size: dict, x, t, y, steps: int, *, compile: bool,
         r["measured_speedup"] = r["images_per_s"] / dit["images_per_s"]
         r["flop_speedup"] = dit["train_gflops_per_image"] / r["train_gflops_per_image"]
         r["ratio"] = r["measured_speedup"] / r["flop_speedup"]  # share of the FLOP-predicted speed-up realised
-    dc, scaffold = rows[1], rows[3]  # the scaffold's share of DC-DiT's step time beside its share of the FLOPs
+    dc, scaffold = rows[1], rows[-1]  # the scaffold's share of DC-DiT's step time beside its share of the FLOPs
     dc["scaffold_time_share"] = dc["images_per_s"] / scaffold["images_per_s"]
     dc["scaffold_flop_share"] = scaffold["train_gflops_per_image"] / dc["train_gflops_per_image"]
     return rows

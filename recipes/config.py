@@ -124,6 +124,9 @@ class TrainConfig:
     # DC-DiT: recompute the first N backbone blocks in backward too (ChunkPipeline.checkpoint_blocks:
     # each keeps only its input; one more forward of N blocks)
     checkpoint_blocks: int = 0
+    # with compile: the share of its activations the compiled step may keep for backward (torch.compile's
+    # activation memory budget); below 1 it recomputes the cheapest of the rest in backward. Any model.
+    memory_budget: float = 1.0
     parallel: str = "ddp"  # "ddp" or "fsdp" (FSDP2), used under torchrun
     results_dir: str = "results"
     run_name: str = ""  # default: <preset>-<model>
@@ -352,7 +355,7 @@ def to_yaml(cfg: Recipe) -> str:
 RUN_CONTROL = {
     "train": {"steps", "stop_at", "resume", "results_dir", "run_name", "log_every", "ckpt_every", "sample_every",
               "keep_checkpoints", "num_sample_images", "max_minutes", "max_tflops", "count_flops", "snapshots",
-              "compile", "parallel", "cpu_threads"},
+              "compile", "memory_budget", "parallel", "cpu_threads"},
     "data": {"path", "workers"},
 }
 

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Dist", "init_distributed", "parallelize", "unwrap", "barrier", "all_reduce_mean", "full_tensors",
-           "model_state", "optimizer_state", "load_training_state"]
+__all__ = ["Dist", "init_distributed", "parallelize", "with_memory_budget", "unwrap",
+           "barrier", "all_reduce_mean", "full_tensors", "model_state", "optimizer_state", "load_training_state"]
 
 
 @dataclass
@@ -47,10 +47,14 @@ def init_distributed() -> Dist:
     return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
 
 
-def parallelize(model: nn.Module, d: Dist, *, parallel: str = "ddp", compile: bool = False) -> nn.Module:
-    """Compile (optional) and wrap for data parallelism: ``"ddp"`` or ``"fsdp"`` (FSDP2, per block)."""
+def parallelize(model: nn.Module, d: Dist, *, parallel: str = "ddp", compile: bool = False,
+                memory_budget: float = 1.0) -> nn.Module:
+    """Compile (optional) and wrap for data parallelism: ``"ddp"`` or ``"fsdp"`` (FSDP2, per block).
+    ``memory_budget`` < 1 (with ``compile``): see :func:`with_memory_budget`."""
+    if memory_budget != 1 and not compile:
+        raise ValueError(f"memory_budget={memory_budget} applies to a compiled model: pass compile=True")
     if compile:
-        model = torch.compile(model)
+        model = with_memory_budget(torch.compile(model), memory_budget)
     if not d.enabled:
         return model
     if parallel == "fsdp":
@@ -74,6 +78,33 @@ def parallelize(model: nn.Module, d: Dist, *, parallel: str = "ddp", compile: bo
     sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
             else "broadcast_buffers")
     return DistributedDataParallel(model, device_ids=ids, **{sync: not tables_only})
+
+
+def with_memory_budget(compiled: nn.Module, budget: float) -> nn.Module:
+    """``compiled`` (what ``torch.compile`` returned) with its training graphs partitioned under an activation
+    memory budget: each forward graph keeps at most about ``budget`` (0 < budget <= 1) of the activations the default
+    partition keeps for backward and recomputes the rest there, the cheapest by FLOPs first (pointwise and
+    normalisation ops before any matmul). This is ``torch._functorch.config.activation_memory_budget``, set only
+    while ``compiled`` runs a forward, where its graphs are traced and partitioned. The gradients are the same.
+    ``budget`` = 1 returns ``compiled`` as it is."""
+    if not 0 < budget <= 1:
+        raise ValueError(f"memory_budget={budget}: a share of the activations, 0 < budget <= 1")
+    if budget == 1:
+        return compiled
+    from torch._functorch import config
+
+    patches = []
+
+    def enter(module, args):
+        patches.append(config.patch(activation_memory_budget=budget))
+        patches[-1].__enter__()
+
+    def leave(module, args, out):
+        patches.pop().__exit__(None, None, None)
+
+    compiled.register_forward_pre_hook(enter)
+    compiled.register_forward_hook(leave, always_call=True)
+    return compiled
 
 
 def unwrap(model: nn.Module) -> nn.Module:

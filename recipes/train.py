@@ -270,7 +270,8 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
         from chunkformer.upcycling import DistillationTeacher
 
         teacher = DistillationTeacher(_pretrained(cfg)).to(device)
-    ddp_model = parallelize(model, d, parallel=cfg.train.parallel, compile=cfg.train.compile)
+    ddp_model = parallelize(model, d, parallel=cfg.train.parallel, compile=cfg.train.compile,
+                            memory_budget=cfg.train.memory_budget)
 
     # 3. run folder: where, and whether it holds this configuration (nothing is written before the resume loads)
     run_dir = Path(cfg.train.results_dir) / run_name

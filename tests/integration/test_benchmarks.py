@@ -198,6 +198,27 @@ def test_train_speed_sets_each_dc_dit_against_the_dit_of_its_width(benchmarks):
     assert [r["model"] for r in xl["rows"]][:2] == ["DiT-XL/2", "DC-DiT-XL"] and len(xl["rows"]) == 4
 
 
+def test_train_speed_compiled_adds_dc_dit_under_a_memory_budget(benchmarks, monkeypatch):
+    from torch._functorch import config
+
+    ts = _load("train_speed")
+    budgets = []
+    real = ts.throughput
+
+    def throughput(run, *args, **kwargs):  # the budget each model's forward runs under
+        run.register_forward_pre_hook(lambda *a: budgets.append(config.activation_memory_budget))
+        return real(run, *args, **kwargs)
+    # torch.compile is the identity here (compiling takes minutes on 2 cores): the budget wraps the model
+    monkeypatch.setattr(ts.torch, "compile", lambda model, **kw: model)
+    monkeypatch.setattr(ts, "throughput", throughput)
+    rows = ts.main(["--tiny", "--compile", "--widths", "B"])["rows"]
+    assert [r["model"] for r in rows] == ["DiT-B/2", "DC-DiT-B", "DC-DiT-B + checkpoint_scaffold + 4 blocks",
+                                          "DC-DiT-B + memory_budget 0.9", "DC-DiT-B scaffold only"]
+    assert rows[3]["train_gflops_per_image"] == rows[1]["train_gflops_per_image"]
+    assert sorted(set(budgets)) == [0.9, 1.0] and config.activation_memory_budget == 1.0
+    assert 0 < rows[1]["scaffold_flop_share"] < 1  # still against the scaffold-only row
+
+
 def test_train_speed_step_marks_each_phase_after_it_ran(benchmarks):
     ts = _load("train_speed")
     model = ts._build("DC-DiT-S", {"latent": 8, "channels": 1, "classes": 10}, False, depth=1, hidden_size=32,
@@ -317,6 +338,9 @@ def test_train_account_splits_a_step_by_component_and_checkpointing_holds_less(b
         assert ck["ops_bwd"] > dc["ops_bwd"]  # ... in the backward pass
         assert ck["train_gflops_per_image"] == dc["train_gflops_per_image"]
         assert all(c["compiled_held_gib"] > 0 for c in (dit, dc, ck))  # traced through inductor's partitioner
+        for c in (dit, dc):  # a budget keeps no more (that it keeps less: test_recipes); none where checkpointed
+            assert 0 < c["compiled_held_budget_gib"] <= c["compiled_held_gib"]
+        assert "compiled_held_budget_gib" not in ck
         assert ck["peak_gib"] < dc["peak_gib"]
         assert dit["peak_gib"] > dit["state_gib"] * 0.75  # the weights and moments: 12 of its 16 bytes
     from chunkformer._typing import TYPECHECK
@@ -526,6 +550,9 @@ def test_training_caveat_adds_the_checkpointed_run_where_a_result_has_it():
     res["train_speed_256_compiled_xl_h100"]["rows"].append(ck)
     assert "(24.5 GiB, at 0.70x, with the encoder, the router and the first 4 blocks recomputed in backward)" \
         in report.training(res)
+    res["train_speed_256_compiled_xl_h100"]["rows"].append({**dc, "model": "DC-DiT-XL + memory_budget 0.9",
+                                                            "peak_gib": 20.0, "measured_speedup": 0.74})
+    assert "in backward; 20.0 GiB, at 0.74x, with `train.memory_budget=0.9`)" in report.training(res)
 
 
 def test_report_check_passes_from_the_command_line():

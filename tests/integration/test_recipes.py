@@ -194,6 +194,73 @@ def test_checkpointing_the_scaffold_and_a_block_makes_the_same_updates(tmp_path)
             assert torch.equal(tensor, recomputed[key][name]), (key, name)
 
 
+def _compiled_step(model, budget: float):
+    """Loss, gradients and the bytes the forward graph saves for backward, of ``model`` compiled through AOT
+    autograd's min-cut partition (inductor's) and run eagerly, under ``with_memory_budget(., budget)``."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from recipes.parallel import with_memory_budget
+
+    saved = []
+
+    def forward_compiler(gm, inputs):
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        saved.append(sum(n.meta["val"].untyped_storage().nbytes() for n in outputs
+                         if isinstance(n, torch.fx.Node) and n.op != "placeholder"
+                         and isinstance(n.meta.get("val"), torch.Tensor)))
+        return gm
+    backend = aot_autograd(fw_compiler=forward_compiler, partition_fn=min_cut_rematerialization_partition)
+    torch._dynamo.reset()
+    compiled = with_memory_budget(torch.compile(model, backend=backend), budget)
+    torch.manual_seed(0)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.tensor([1, 3])
+    model.zero_grad(set_to_none=True)
+    loss = compiled(x, t, y).square().mean()
+    loss.backward()
+    torch._dynamo.reset()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(saved)
+
+
+def test_a_memory_budget_keeps_less_for_backward_and_makes_the_same_gradients():
+    from torch._functorch import config
+
+    import chunkformer as cf
+
+    torch.manual_seed(0)
+    model = cf.create_model("DC-DiT-tiny", input_size=8, in_channels=4, num_classes=10).train()
+    for p in model.parameters():  # no zero-initialised layer: every part of the step carries gradient
+        torch.nn.init.normal_(p, std=0.1)
+    loss, grads, kept = _compiled_step(model, 1.0)
+    loss_b, grads_b, kept_b = _compiled_step(model, 0.5)
+    assert config.activation_memory_budget == 1.0  # set only while the compiled forward runs
+    assert 0 < kept_b < kept
+    assert torch.allclose(loss, loss_b) and grads.keys() == grads_b.keys()
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("encoder."))  # a live scaffold
+    for name, g in grads.items():
+        assert torch.allclose(g, grads_b[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_a_memory_budget_is_a_share_and_is_unset_after_a_failed_forward():
+    from torch._functorch import config
+
+    from recipes.parallel import Dist, parallelize, with_memory_budget
+
+    class Fails(torch.nn.Module):
+        def forward(self, x):
+            assert config.activation_memory_budget == 0.3
+            raise RuntimeError("out of memory")
+    budgeted = with_memory_budget(Fails(), 0.3)  # the hooks do not need a compiled module
+    with pytest.raises(RuntimeError, match="out of memory"):
+        budgeted(torch.zeros(1))
+    assert config.activation_memory_budget == 1.0
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="0 < budget <= 1"):
+            with_memory_budget(Fails(), bad)
+    with pytest.raises(ValueError, match="compile=True"):
+        parallelize(Fails(), Dist(), memory_budget=0.5)
+
+
 def test_out_of_memory_hint_for_a_dit_names_the_batch():
     import chunkformer as cf
     from recipes.train import _oom_hint
@@ -482,7 +549,7 @@ def test_with_compile_the_minutes_budget_starts_after_the_first_step(tmp_path, m
 
     monkeypatch.setenv("CHUNKFORMER_TYPECHECK", "0")
     real_parallelize = rt.parallelize
-    monkeypatch.setattr(rt, "parallelize", lambda model, d, parallel, compile: real_parallelize(
+    monkeypatch.setattr(rt, "parallelize", lambda model, d, parallel, compile, memory_budget: real_parallelize(
         model, d, parallel=parallel, compile=False))
     import chunkformer as cf
 

@@ -89,6 +89,9 @@ BAD_TRAIN = [
     ("train.stepz=3", "'stepz'"),
     ("train.steps=many", "train.steps"),
     ("train.compile=maybe", "train.compile"),
+    ("train.memory_budget=0", "train.memory_budget"),
+    ("train.memory_budget=1.5", "train.memory_budget"),
+    ("train.memory_budget=0.5", "train.memory_budget"),  # without train.compile=true
 ]
 
 
