@@ -139,15 +139,20 @@ def _log(d: Dist, log_file, message: str) -> None:
             log_file.flush()
 
 
-def _oom_hint(model) -> str:
+def _oom_hint(model, memory_budget: float | None = None) -> str:
     """What to try after running out of memory: bound a dynamic plan layout (it grows with what the router
-    keeps), then recompute the scaffold and blocks in backward, then a smaller batch."""
+    keeps); compiled (``memory_budget`` given), a memory budget; then recompute the scaffold and blocks in
+    backward; then a smaller batch."""
+    budget = ("Let the compiled step recompute in backward what it can without a matmul (the same updates): "
+              "train.memory_budget=0.9; or lower train.global_batch.")
     if not getattr(model, "supports_chunking", False):
-        return "Lower train.global_batch."
+        return budget if memory_budget == 1 else "Lower train.global_batch."
     if plan_mode(model) != "fixed" and model.capacity is None:
         return ("The plan layout grows with the tokens the router keeps, and an untrained router can keep most "
                 "of the grid for its first steps: bound it with model.overrides.capacity (e.g. half the grid's "
                 "positions), or lower train.global_batch.")
+    if memory_budget == 1:
+        return budget
     if not model.checkpoint_scaffold:
         return ("Recompute the scaffold in backward instead of holding its full-grid activations (the same "
                 "updates): train.checkpoint_scaffold=true; or lower train.global_batch.")
@@ -423,7 +428,9 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
                 checkpoint()  # others may still be in a collective, so only the periodic checkpoints stand
             saved = "last good state checkpointed" if d.world == 1 else "periodic checkpoints"
             raise torch.OutOfMemoryError(f"out of memory at step {step} (batch {batches.local_batch} per process); "
-                                         f"{saved} in {ckpt_dir}. {_oom_hint(model)}") from err
+                                         f"{saved} in {ckpt_dir}. "
+                                         f"{_oom_hint(model, cfg.train.memory_budget if cfg.train.compile else None)}"
+                                         ) from err
         grad_norm = full_tensors([torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)])[0]
         # A step whose loss or gradients are not finite changes no weight and no optimiser state: fused AdamW
         # skips it on the device (GradScaler's found_inf protocol). The host reads the count at the next log

@@ -261,12 +261,17 @@ def test_a_memory_budget_is_a_share_and_is_unset_after_a_failed_forward():
         parallelize(Fails(), Dist(), memory_budget=0.5)
 
 
-def test_out_of_memory_hint_for_a_dit_names_the_batch():
+def test_out_of_memory_hint_names_a_memory_budget_when_compiled_and_the_batch_for_a_dit():
     import chunkformer as cf
     from recipes.train import _oom_hint
 
     dit = cf.create_model("DiT-S/2", depth=1, input_size=8, num_classes=2)
     assert _oom_hint(dit) == "Lower train.global_batch."
+    assert "train.memory_budget=0.9" in _oom_hint(dit, memory_budget=1.0)  # compiled, without a budget
+    assert _oom_hint(dit, memory_budget=0.9) == "Lower train.global_batch."
+    dc = cf.create_model("DC-DiT-S", depth=1, input_size=8, num_classes=2, plan_mode="fixed", capacity=16)
+    assert "train.memory_budget=0.9" in _oom_hint(dc, memory_budget=1.0)
+    assert "train.checkpoint_scaffold=true" in _oom_hint(dc, memory_budget=0.9)
 
 
 def test_checkpoint_scaffold_needs_a_scaffold(tmp_path):
