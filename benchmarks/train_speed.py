@@ -270,7 +270,7 @@ def _new_storages(out, *known):
                 yield ref, t.untyped_storage().nbytes()
 
 
-CHECKPOINT_BLOCKS = 4  # blocks recomputed beside the scaffold: DC-DiT-XL's peak under DiT-XL/2's
+CHECKPOINT_BLOCKS = 4  # blocks recomputed beside the scaffold: simulated eager, DC-DiT-XL peaks under DiT-XL/2
 CHECKPOINTED = f" + checkpoint_scaffold + {CHECKPOINT_BLOCKS} blocks"  # the checkpointed variant's suffix
 MEMORY_BUDGET = 0.9  # compiled: every activation the partitioner can recompute without a matmul is recomputed
 BUDGETED = f" + memory_budget {MEMORY_BUDGET}"  # the budgeted variant's suffix (compiled runs only)
