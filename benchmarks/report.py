@@ -139,7 +139,7 @@ def steady(res: dict) -> str:
 def training(res: dict) -> str:
     """The caveat on training speed against the FLOP prediction."""
     parts = []
-    for card in CARDS:  # the XL-only run, where there is one, has the checkpointed row beside the same-run DiT
+    for card in CARDS:  # the XL-only run, where there is one: the checkpointed row beside the same-run DiT
         r = res.get(f"train_speed_256_compiled_xl_{card}") or res.get(f"train_speed_256_compiled_{card}")
         if r is None:
             continue
@@ -147,15 +147,17 @@ def training(res: dict) -> str:
         dc, dit = rows["DC-DiT-XL"], rows["DiT-XL/2"]
         ck = next((x for n, x in rows.items() if n.startswith("DC-DiT-XL + checkpoint_scaffold + ")), None)
         budget = next((x for n, x in rows.items() if n.startswith("DC-DiT-XL + memory_budget ")), None)
-        saving = ([] if ck is None else [
-            f"{ck['peak_gib']:.1f} GiB, at {_x(ck['measured_speedup'])}, with the encoder, the router and the "
-            f"first {ck['model'].split(' + ')[-1]} recomputed in backward"]) + ([] if budget is None else [
-                f"{budget['peak_gib']:.1f} GiB, at {_x(budget['measured_speedup'])}, with "
-                f"`train.memory_budget={budget['model'].split()[-1]}`"])
+        saving = []
+        if ck is not None:
+            saving.append(f"{ck['peak_gib']:.1f} GiB, at {_x(ck['measured_speedup'])}, with the encoder, the "
+                          f"router and the first {ck['model'].split(' + ')[-1]} recomputed in backward")
+        if budget is not None:
+            saving.append(f"{budget['peak_gib']:.1f} GiB, at {_x(budget['measured_speedup'])}, with "
+                          f"`train.memory_budget={budget['model'].split()[-1]}`")
         with_ck = f" ({'; '.join(saving)})" if saving else ""
         parts.append(f"{_x(dc['measured_speedup'])} DiT-XL/2's images/s on an {card_label(r)} where its "
-                     f"FLOPs predict {_x(dc['flop_speedup'])}, with {dc['peak_gib']:.1f} GiB of memory against "
-                     f"DiT-XL/2's {dit['peak_gib']:.1f} GiB{with_ck}")
+                     f"FLOPs predict {_x(dc['flop_speedup'])}, with {dc['peak_gib']:.1f} GiB of memory "
+                     f"against DiT-XL/2's {dit['peak_gib']:.1f} GiB{with_ck}")
     return ("Training is slower than its FLOPs predict today: compiled at 256px, batch 64, DC-DiT-XL trains at "
             + "; ".join(parts) + ".")
 
@@ -201,9 +203,9 @@ def train_account(res: dict) -> str:
     kept = (f" Compiled, the step keeps {compiled} GiB for backward (what inductor's partitioner saves, "
             f"traced on the CPU, `train_speed.py --account`)." if compiled else "")
     budgeted = [c for _, c in cols if "compiled_held_budget_gib" in c]
-    kept += (f" Under `train.memory_budget=0.9` (the compiled step recomputes in backward what it can without a "
-             f"matmul), " + ", ".join(f"{c['model']} keeps {c['compiled_held_budget_gib']:.2f}" for c in budgeted)
-             + " GiB." if budgeted else "")
+    kept += (" Under `train.memory_budget=0.9` (the compiled step recomputes in backward what it can without "
+             "a matmul), " + ", ".join(f"{c['model']} keeps {c['compiled_held_budget_gib']:.2f}"
+                                       for c in budgeted) + " GiB." if budgeted else "")
     peak = " / ".join(f"{c['peak_gib']:.2f}" for _, c in cols if "peak_gib" in c)
     kept += (f" Eager, the step's peak is {peak} GiB with the weights and AdamW's moments (every storage "
              "counted from the op that makes it to its release, on fake tensors)." if peak else "")

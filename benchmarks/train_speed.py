@@ -31,10 +31,10 @@ first four blocks recomputed in backward), compiled also DC-DiT under an activat
 a matmul), and DC-DiT's scaffold alone (no blocks), whose time against
 DC-DiT's is the scaffold's share of the step, printed beside its share of the FLOPs. Columns: images/s, the
 measured and the FLOP-predicted speed-up over the DiT of the same width (training FLOPs taken as 3x the
-forward's), their ratio, and peak memory; on a GPU, one more step then gives the memory allocated at its start,
-the peak during and the memory left after each phase (forward, backward, update): where the peak falls, and
-what the forward leaves held for backward. ``--compile`` compiles every model, DC-DiT in fixed-capacity mode;
-``--cuda-graphs`` replays them from CUDA graphs.
+forward's), their ratio, and peak memory; on a GPU, one more step then gives the memory allocated at its
+start, the peak during and the memory left after each phase (forward, backward, update): where the peak
+falls, and what the forward leaves held for backward. ``--compile`` compiles every model, DC-DiT in
+fixed-capacity mode; ``--cuda-graphs`` replays them from CUDA graphs.
 
 ``--account`` times nothing and needs no GPU: it takes one training step (bf16 autocast, forward, loss,
 backward) of DiT-XL/2 and DC-DiT-XL at 256px, batch 64, and of the digit study's DiT-S/2 and DC-DiT-S
@@ -110,9 +110,9 @@ def training_step(model, opt, x, t, y, **kw):
 
 
 class MemoryPhases:
-    """``mark`` for :func:`training_step`'s closure on a CUDA device: GiB allocated when the step starts, then per
-    phase the most allocated during it (``<phase> peak``) and what it leaves allocated (``after <phase>``). Where
-    a step's peak falls, and how much the forward leaves held for backward."""
+    """``mark`` for :func:`training_step`'s closure on a CUDA device: GiB allocated when the step starts, then
+    per phase the most allocated during it (``<phase> peak``) and what it leaves allocated
+    (``after <phase>``): where a step's peak falls, and how much the forward leaves held for backward."""
 
     def __init__(self) -> None:
         torch.cuda.synchronize()
@@ -270,7 +270,7 @@ def _new_storages(out, *known):
                 yield ref, t.untyped_storage().nbytes()
 
 
-CHECKPOINT_BLOCKS = 4  # blocks recomputed beside the scaffold: simulated eager, DC-DiT-XL peaks under DiT-XL/2
+CHECKPOINT_BLOCKS = 4  # recomputed beside the scaffold: simulated eager, DC-DiT-XL peaks under DiT-XL/2
 CHECKPOINTED = f" + checkpoint_scaffold + {CHECKPOINT_BLOCKS} blocks"  # the checkpointed variant's suffix
 MEMORY_BUDGET = 0.9  # compiled: every activation the partitioner can recompute without a matmul is recomputed
 BUDGETED = f" + memory_budget {MEMORY_BUDGET}"  # the budgeted variant's suffix (compiled runs only)
@@ -413,7 +413,8 @@ def compiled_held(name: str, size: dict, batch: int, checkpoint: bool = False, b
     torch._dynamo.reset()
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            _step(with_memory_budget(torch.compile(model, backend=backend), budget), *_inputs(size, batch), rho=0.0)
+            compiled = with_memory_budget(torch.compile(model, backend=backend), budget)
+            _step(compiled, *_inputs(size, batch), rho=0.0)
     except Exception:  # torch.compile wraps _Partitioned in its own error
         if not saved:
             raise
@@ -469,7 +470,8 @@ def run_account(args) -> dict:
             cols.append(account(name, size, batch, checkpoint=ck, **tiny))
             cols[-1]["compiled_held_gib"] = compiled_held(name, size, batch, ck, **tiny)
             if not ck:  # what the compiled step keeps under recipes' train.memory_budget
-                cols[-1]["compiled_held_budget_gib"] = compiled_held(name, size, batch, budget=MEMORY_BUDGET, **tiny)
+                cols[-1]["compiled_held_budget_gib"] = compiled_held(name, size, batch, budget=MEMORY_BUDGET,
+                                                                     **tiny)
             cols[-1]["peak_gib"] = simulated_peak(name, size, batch, ck, **tiny)
         results[label] = cols
         print(f"\n{label}, batch {batch}, bf16 autocast, one training step (fake tensors: nothing is allocated)")
@@ -484,8 +486,8 @@ def run_account(args) -> dict:
         print("| weights, grads, AdamW | " + " | ".join(f"{c['state_gib']:.2f} GiB" for c in cols) + " |")
         compiled = " | ".join(f"{c['compiled_held_gib']:.2f} GiB" for c in cols)
         print(f"| held for backward, compiled | {compiled} |")
-        budgeted = " | ".join(f"{c['compiled_held_budget_gib']:.2f} GiB" if "compiled_held_budget_gib" in c else "-"
-                              for c in cols)
+        budgeted = " | ".join(f"{c['compiled_held_budget_gib']:.2f} GiB" if "compiled_held_budget_gib" in c
+                              else "-" for c in cols)
         print(f"| held for backward, compiled, memory budget {MEMORY_BUDGET} | {budgeted} |")
         peaks = " | ".join(f"{c['peak_gib']:.2f} GiB" for c in cols)
         print(f"| peak, eager, with weights and AdamW | {peaks} |")
@@ -533,8 +535,8 @@ def training_rows(width: str, size: dict, x, t, y, steps: int, *, compile: bool,
         if label.endswith(BUDGETED):
             run = with_memory_budget(run, MEMORY_BUDGET)
         ips, peak, phases = throughput(run, x, t, y, steps, **kw)
-        rows.append({"model": label, "images_per_s": ips, "train_gflops_per_image": flops / 1e9, "peak_gib": peak,
-                     **({"memory_gib": phases} if phases else {})})
+        rows.append({"model": label, "images_per_s": ips, "train_gflops_per_image": flops / 1e9,
+                     "peak_gib": peak, **({"memory_gib": phases} if phases else {})})
         del model, run
         if x.is_cuda:
             torch.cuda.empty_cache()
@@ -543,7 +545,7 @@ def training_rows(width: str, size: dict, x, t, y, steps: int, *, compile: bool,
         r["measured_speedup"] = r["images_per_s"] / dit["images_per_s"]
         r["flop_speedup"] = dit["train_gflops_per_image"] / r["train_gflops_per_image"]
         r["ratio"] = r["measured_speedup"] / r["flop_speedup"]  # share of the FLOP-predicted speed-up realised
-    dc, scaffold = rows[1], rows[-1]  # the scaffold's share of DC-DiT's step time beside its share of the FLOPs
+    dc, scaffold = rows[1], rows[-1]  # the scaffold's share of DC-DiT's step time beside its FLOP share
     dc["scaffold_time_share"] = dc["images_per_s"] / scaffold["images_per_s"]
     dc["scaffold_flop_share"] = scaffold["train_gflops_per_image"] / dc["train_gflops_per_image"]
     return rows
@@ -989,7 +991,8 @@ def main(argv=None) -> dict:
             if args.compile else "eager")
     print(f"\n{card}, torch {torch.__version__}, {args.size} ({channels}x{latent}x{latent}), batch {batch}, {mode}, "
           + ("bf16 autocast, " if device.type == "cuda" else "fp32, ") + "fused AdamW")
-    print(f"{'model':<44}{'img/s':>9}{'GFLOPs/img':>12}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}{'peak GiB':>10}")
+    print(f"{'model':<44}{'img/s':>9}{'GFLOPs/img':>12}{'speed-up':>10}{'FLOP pred':>10}{'ratio':>7}"
+          f"{'peak GiB':>10}")
     for r in rows:
         print(f"{r['model']:<44}{r['images_per_s']:>9.1f}{r['train_gflops_per_image']:>12.2f}"
               f"{r['measured_speedup']:>10.2f}{r['flop_speedup']:>10.2f}{r['ratio']:>7.2f}{r['peak_gib']:>10.2f}")

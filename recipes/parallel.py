@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Dist", "init_distributed", "parallelize", "with_memory_budget", "unwrap",
-           "barrier", "all_reduce_mean", "full_tensors", "model_state", "optimizer_state", "load_training_state"]
+__all__ = ["Dist", "init_distributed", "parallelize", "with_memory_budget", "unwrap", "barrier",
+           "all_reduce_mean", "full_tensors", "model_state", "optimizer_state", "load_training_state"]
 
 
 @dataclass
@@ -82,11 +82,11 @@ def parallelize(model: nn.Module, d: Dist, *, parallel: str = "ddp", compile: bo
 
 def with_memory_budget(compiled: nn.Module, budget: float) -> nn.Module:
     """``compiled`` (what ``torch.compile`` returned) with its training graphs partitioned under an activation
-    memory budget: each forward graph keeps at most about ``budget`` (0 < budget <= 1) of the activations the default
-    partition keeps for backward and recomputes the rest there, the cheapest by FLOPs first (pointwise and
-    normalisation ops before any matmul). This is ``torch._functorch.config.activation_memory_budget``, set only
-    while ``compiled`` runs a forward, where its graphs are traced and partitioned. The gradients are the same.
-    ``budget`` = 1 returns ``compiled`` as it is."""
+    memory budget: each forward graph keeps at most about ``budget`` (0 < budget <= 1) of the activations the
+    default partition keeps for backward and recomputes the rest there, the cheapest by FLOPs first (pointwise
+    and normalisation ops before any matmul). This is ``torch._functorch.config.activation_memory_budget``,
+    set only while ``compiled`` runs a forward, where its graphs are traced and partitioned. The gradients are
+    the same. ``budget`` = 1 returns ``compiled`` as it is."""
     if not 0 < budget <= 1:
         raise ValueError(f"memory_budget={budget}: a share of the activations, 0 < budget <= 1")
     if budget == 1:

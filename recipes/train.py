@@ -427,10 +427,9 @@ def _train(cfg: Recipe, files: ExitStack, *, dry_run: bool, probe) -> dict:
             if d.world == 1:  # the weights are those of the last finished step; with several processes the
                 checkpoint()  # others may still be in a collective, so only the periodic checkpoints stand
             saved = "last good state checkpointed" if d.world == 1 else "periodic checkpoints"
+            hint = _oom_hint(model, cfg.train.memory_budget if cfg.train.compile else None)
             raise torch.OutOfMemoryError(f"out of memory at step {step} (batch {batches.local_batch} per process); "
-                                         f"{saved} in {ckpt_dir}. "
-                                         f"{_oom_hint(model, cfg.train.memory_budget if cfg.train.compile else None)}"
-                                         ) from err
+                                         f"{saved} in {ckpt_dir}. {hint}") from err
         grad_norm = full_tensors([torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)])[0]
         # A step whose loss or gradients are not finite changes no weight and no optimiser state: fused AdamW
         # skips it on the device (GradScaler's found_inf protocol). The host reads the count at the next log

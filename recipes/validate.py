@@ -189,9 +189,9 @@ def validate(cfg, *, data: bool = True, outputs: bool = True) -> None:
     check_range("train.memory_budget", t.memory_budget, lo=0, hi=1, lo_open=True,
                 hint="the share of its activations a compiled step keeps; 1 keeps what torch.compile would")
     if t.memory_budget != 1 and not t.compile:
-        raise ConfigError(f"train.memory_budget={t.memory_budget} sets what a compiled step keeps for backward: "
-                          "expected train.compile=true with it (eager, a DC-DiT recomputes its activations with "
-                          "train.checkpoint_scaffold and train.checkpoint_blocks)")
+        raise ConfigError(f"train.memory_budget={t.memory_budget} sets what a compiled step keeps for "
+                          "backward: expected train.compile=true with it (eager, a DC-DiT recomputes its "
+                          "activations with train.checkpoint_scaffold and train.checkpoint_blocks)")
     check_range("train.cpu_threads", t.cpu_threads, lo=0, integer=True, hint="0 = torch's default")
     try:
         from recipes.train import parse_snapshots

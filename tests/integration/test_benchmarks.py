@@ -338,7 +338,7 @@ def test_train_account_splits_a_step_by_component_and_checkpointing_holds_less(b
         assert ck["ops_bwd"] > dc["ops_bwd"]  # ... in the backward pass
         assert ck["train_gflops_per_image"] == dc["train_gflops_per_image"]
         assert all(c["compiled_held_gib"] > 0 for c in (dit, dc, ck))  # traced through inductor's partitioner
-        for c in (dit, dc):  # a budget keeps no more (that it keeps less: test_recipes); none where checkpointed
+        for c in (dit, dc):  # a budget keeps no more (less: test_recipes); none where checkpointed
             assert 0 < c["compiled_held_budget_gib"] <= c["compiled_held_gib"]
         assert "compiled_held_budget_gib" not in ck
         assert ck["peak_gib"] < dc["peak_gib"]
@@ -540,16 +540,18 @@ def test_training_profile_reads_the_plain_run_and_adds_the_filled_one_beside_it(
 def test_training_caveat_adds_the_checkpointed_run_where_a_result_has_it():
     report = _load("report")
     res = json.loads(json.dumps(report.load()))
-    xl = {"model": "DiT-XL/2", "images_per_s": 500.0, "peak_gib": 25.0, "measured_speedup": 1.0, "flop_speedup": 1.0}
+    xl = {"model": "DiT-XL/2", "images_per_s": 500.0, "peak_gib": 25.0, "measured_speedup": 1.0,
+          "flop_speedup": 1.0}
     dc = {**xl, "model": "DC-DiT-XL", "peak_gib": 28.0, "measured_speedup": 0.75, "flop_speedup": 0.9}
-    ck = {**dc, "model": "DC-DiT-XL + checkpoint_scaffold + 4 blocks", "peak_gib": 24.5, "measured_speedup": 0.7}
+    ck = {**dc, "model": "DC-DiT-XL + checkpoint_scaffold + 4 blocks", "peak_gib": 24.5,
+          "measured_speedup": 0.7}
     res["train_speed_256_compiled_xl_h100"] = {**res["train_speed_256_compiled_h100"], "rows": [xl, dc]}
     text = report.training(res)
-    assert "with 28.0 GiB of memory against DiT-XL/2's 25.0 GiB;" in text  # the XL run, over the all-widths one
+    assert "with 28.0 GiB of memory against DiT-XL/2's 25.0 GiB;" in text  # the XL run, not all widths
     assert "recomputed in backward" not in text
     res["train_speed_256_compiled_xl_h100"]["rows"].append(ck)
-    assert "(24.5 GiB, at 0.70x, with the encoder, the router and the first 4 blocks recomputed in backward)" \
-        in report.training(res)
+    want = "(24.5 GiB, at 0.70x, with the encoder, the router and the first 4 blocks recomputed in backward)"
+    assert want in report.training(res)
     res["train_speed_256_compiled_xl_h100"]["rows"].append({**dc, "model": "DC-DiT-XL + memory_budget 0.9",
                                                             "peak_gib": 20.0, "measured_speedup": 0.74})
     assert "in backward; 20.0 GiB, at 0.74x, with `train.memory_budget=0.9`)" in report.training(res)

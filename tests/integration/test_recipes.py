@@ -219,7 +219,8 @@ def _compiled_step(model, budget: float):
     loss = compiled(x, t, y).square().mean()
     loss.backward()
     torch._dynamo.reset()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(saved)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, sum(saved)
 
 
 def test_a_memory_budget_keeps_less_for_backward_and_makes_the_same_gradients():
@@ -554,8 +555,8 @@ def test_with_compile_the_minutes_budget_starts_after_the_first_step(tmp_path, m
 
     monkeypatch.setenv("CHUNKFORMER_TYPECHECK", "0")
     real_parallelize = rt.parallelize
-    monkeypatch.setattr(rt, "parallelize", lambda model, d, parallel, compile, memory_budget: real_parallelize(
-        model, d, parallel=parallel, compile=False))
+    monkeypatch.setattr(rt, "parallelize", lambda model, d, parallel, compile, memory_budget:
+                        real_parallelize(model, d, parallel=parallel, compile=False))
     import chunkformer as cf
 
     real_forward, calls = cf.DCDiT.forward, []
