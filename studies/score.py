@@ -64,10 +64,10 @@ def main(argv=None) -> list[Path]:
             images = np.load(npz)["samples"][: args.limit]
             fid = compute_fid(images, reference="mnist", device=args.device)
             record_fid(s, fid, len(images))
+            path.write_text(json.dumps(record, indent=1))  # after each set: a stopped run keeps what it scored
             changed = True
             print(f"{path.name} {rel}: FID {fid:.2f} ({len(images)} samples)", flush=True)
         if changed:
-            path.write_text(json.dumps(record, indent=1))
             done.append(path)
     return done
 

@@ -179,6 +179,17 @@ def test_score_fills_missing_fids_per_sample_count(tiny_study, tmp_path, studies
     score.main([str(results), "--work", str(work)])
     assert len(seen) == 8  # nothing left to score
 
+    def stops(images, reference, device=None):  # a run stopped while scoring its second set
+        if len(seen) == 9:
+            raise KeyboardInterrupt
+        seen.append(len(images))
+        return 50.0
+    monkeypatch.setattr(score, "compute_fid", stops)
+    with pytest.raises(KeyboardInterrupt):
+        score.main([str(results), "--work", str(work), "--limit", "2"])
+    r = json.loads((results / "s3-dit.json").read_text())
+    assert sorted(len(s["fid_by_samples"]) for s in r["sets"].values()) == [2, 2, 2, 3]  # the first one kept
+
 
 def test_from_log_rebuilds_a_record_from_the_printed_lines(tmp_path, studies):
     import from_log
