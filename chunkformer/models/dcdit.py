@@ -70,7 +70,8 @@ class ChunkPipeline(nn.Module):
     backbone's are ``(T, d)``. ``checkpoint_blocks = N`` recomputes the first ``N`` backbone blocks alike
     (each keeps only its input). The gradients are the same. The de-chunk decoder is never recomputed: it
     runs last, so backward needs its activations first, and recomputing them there would not lower the peak.
-    With both, four blocks bring DC-DiT-XL's peak training memory below DiT-XL/2's (docs/recipes.md).
+    With both, four blocks bring DC-DiT-XL's peak below DiT-XL/2's in an eager step (simulated); a compiled
+    step does not gain from them (docs/recipes.md).
     """
 
     supports_chunking = True
